@@ -1,0 +1,139 @@
+"""Attention backends behind one signature.
+
+Every backend is a function `attn(q, k, v) -> out` with q: [B, Lq, H, D], k/v: [B, Lk, H, D]
+and out: [B, Lq, H, D] in q's dtype. The model resolves its backend once, when it is built
+(`get_attention`), and stores the function; a backend whose package is missing is an error
+then, never a silent fallback in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+__all__ = ["AttentionFn", "BACKENDS", "ALIASES", "get_attention", "resolve_name"]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # [B, L, H, D] -> [B, H, L, D] views; SDPA accepts the strided layout.
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _pinned_sdpa(backend) -> AttentionFn:
+    from torch.nn.attention import sdpa_kernel
+
+    def attn(q, k, v):
+        with sdpa_kernel([backend]):
+            return _sdpa(q, k, v)
+
+    attn.__name__ = f"sdpa_{backend.name.lower()}"
+    return attn
+
+
+def _flash_attn2() -> AttentionFn:
+    from flash_attn import flash_attn_func
+
+    def attn(q, k, v):
+        return flash_attn_func(q, k, v)
+
+    return attn
+
+
+def _flash_attn3() -> AttentionFn:
+    try:
+        from flash_attn_interface import flash_attn_func
+    except ImportError:  # some builds ship it under the flash_attn package
+        from flash_attn.flash_attn_interface import flash_attn_func
+
+    def attn(q, k, v):
+        out = flash_attn_func(q, k, v)
+        return out[0] if isinstance(out, tuple) else out
+
+    return attn
+
+
+def _sage() -> AttentionFn:
+    from sageattention import sageattn
+
+    def attn(q, k, v):
+        return sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+    return attn
+
+
+def _sdpa_factory(name: str) -> Callable[[], AttentionFn]:
+    def make():
+        if name == "sdpa":
+            return _sdpa
+        from torch.nn.attention import SDPBackend
+
+        table = {
+            "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+            "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+            "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "sdpa_math": SDPBackend.MATH,
+        }
+        return _pinned_sdpa(table[name])
+
+    return make
+
+
+# name -> (python package it needs or None, factory)
+BACKENDS: dict[str, tuple[str | None, Callable[[], AttentionFn]]] = {
+    "sdpa": (None, _sdpa_factory("sdpa")),
+    "sdpa_cudnn": (None, _sdpa_factory("sdpa_cudnn")),
+    "sdpa_flash": (None, _sdpa_factory("sdpa_flash")),
+    "sdpa_efficient": (None, _sdpa_factory("sdpa_efficient")),
+    "sdpa_math": (None, _sdpa_factory("sdpa_math")),
+    "flash_attn2": ("flash_attn", _flash_attn2),
+    "flash_attn3": ("flash_attn_interface", _flash_attn3),
+    "sage": ("sageattention", _sage),
+}
+
+# LightX2V's config names and other common spellings.
+ALIASES = {
+    "torch_sdpa": "sdpa",
+    "torch": "sdpa",
+    "cudnn": "sdpa_cudnn",
+    "flash_attn": "flash_attn2",
+    "flash_attn_2": "flash_attn2",
+    "flash_attn_3": "flash_attn3",
+    "sage_attn": "sage",
+    "sage_attn2": "sage",
+    "sageattention": "sage",
+}
+
+
+def resolve_name(name: str, device: str | torch.device | None = None) -> str:
+    """Canonical backend name; `auto` picks cuDNN SDPA on Hopper/Ada GPUs, plain SDPA elsewhere."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key == "auto":
+        dev = torch.device(device) if device is not None else None
+        if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+            major, _ = torch.cuda.get_device_capability(dev)
+            return "sdpa_cudnn" if major >= 9 else "sdpa"
+        return "sdpa"
+    if key not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)} (aliases: {sorted(ALIASES)})")
+    return key
+
+
+def get_attention(name: str, device: str | torch.device | None = None) -> AttentionFn:
+    """Resolve a backend once; a missing optional package is an ImportError naming it."""
+    key = resolve_name(name, device)
+    package, factory = BACKENDS[key]
+    if package is not None and importlib.util.find_spec(package.split(".")[0]) is None:
+        pip = {"flash_attn": "flash-attn", "flash_attn_interface": "flash-attn 3 (hopper build)", "sageattention": "sageattention"}
+        raise ImportError(
+            f"attention backend {name!r} needs the package {package!r}, which is not installed "
+            f"(pip install {pip.get(package, package)}), or choose 'sdpa'"
+        )
+    fn = factory()
+    fn.backend_name = key  # type: ignore[attr-defined]
+    return fn

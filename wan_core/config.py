@@ -1,0 +1,155 @@
+"""Architecture and run-time configuration.
+
+`WanConfig` describes a DiT architecture (frozen, the same for every run of a model); presets
+cover the three official models, and `from_state_dict` reads the dimensions off tensor shapes so
+that a checkpoint with a partial or missing `config.json` (some distill repositories ship one
+without `in_dim`) still builds the right model. `RunConfig` holds the choices made per run
+(dtype, device, attention backend); it is passed once when the model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["WanConfig", "RunConfig", "PRESETS", "config_from_json"]
+
+# Number of CLIP tokens the I2V model receives (ViT-H/14 at 224 px: 16 x 16 patches + class token).
+CLIP_TOKENS = 257
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    model_type: str = "t2v"  # "t2v" | "i2v" (i2v: in_dim 36, image cross-attention branch)
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    in_dim: int = 16
+    dim: int = 2048
+    ffn_dim: int = 8192
+    freq_dim: int = 256
+    text_dim: int = 4096
+    out_dim: int = 16
+    num_heads: int = 16
+    num_layers: int = 32
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    image_dim: int = 1280  # CLIP feature width consumed by img_emb (i2v only)
+
+    def __post_init__(self):
+        if self.model_type not in ("t2v", "i2v"):
+            raise ValueError(f"model_type must be 't2v' or 'i2v', got {self.model_type!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if (self.dim // self.num_heads) % 2:
+            raise ValueError(f"head dim {self.dim // self.num_heads} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def is_i2v(self) -> bool:
+        return self.model_type == "i2v"
+
+    def replace(self, **kw) -> WanConfig:
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def preset(cls, name: str) -> WanConfig:
+        key = name.lower().replace("_", "-")
+        aliases = {"i2v-14b-480p": "i2v-14b", "i2v-14b-720p": "i2v-14b", "wan2.1-t2v-14b": "t2v-14b"}
+        key = aliases.get(key, key)
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        return PRESETS[key]
+
+    @classmethod
+    def from_state_dict(cls, shapes: dict[str, Any], **overrides) -> WanConfig:
+        """Infer the architecture from a state dict (tensors) or a name -> shape mapping.
+
+        Keys must already be in the official layout (see `wan_core.loading.dit`).
+        """
+
+        def shape(k):
+            v = shapes[k]
+            return list(v.shape) if isinstance(v, torch.Tensor) else list(v)
+
+        required = ["patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight", "head.head.weight"]
+        missing = [k for k in required if k not in shapes]
+        if missing:
+            raise KeyError(f"not a Wan2.1 DiT state dict: missing {missing}")
+        dim, in_dim, *patch = shape("patch_embedding.weight")
+        text_dim = shape("text_embedding.0.weight")[1]
+        freq_dim = shape("time_embedding.0.weight")[1]
+        num_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks."))
+        ffn_dim = shape("blocks.0.ffn.0.weight")[0]
+        out_dim = shape("head.head.weight")[0] // (patch[0] * patch[1] * patch[2])
+        is_i2v = "blocks.0.cross_attn.k_img.weight" in shapes
+        kw: dict[str, Any] = dict(
+            model_type="i2v" if is_i2v else "t2v",
+            patch_size=tuple(patch),
+            in_dim=in_dim,
+            dim=dim,
+            ffn_dim=ffn_dim,
+            freq_dim=freq_dim,
+            text_dim=text_dim,
+            out_dim=out_dim,
+            num_layers=num_layers,
+            qk_norm="blocks.0.self_attn.norm_q.weight" in shapes,
+            cross_attn_norm="blocks.0.norm3.weight" in shapes,
+        )
+        if is_i2v and "img_emb.proj.1.weight" in shapes:
+            kw["image_dim"] = shape("img_emb.proj.1.weight")[1]
+        # Heads cannot be read off shapes: take the official value for known widths, else 128-wide heads.
+        kw["num_heads"] = {5120: 40, 1536: 12}.get(dim, max(1, dim // 128))
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+
+PRESETS: dict[str, WanConfig] = {
+    "t2v-14b": WanConfig(model_type="t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "i2v-14b": WanConfig(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "t2v-1.3b": WanConfig(model_type="t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+}
+
+_JSON_FIELDS = {f.name for f in dataclasses.fields(WanConfig)}
+
+
+def config_from_json(cfg: dict[str, Any], shapes: dict[str, Any] | None = None) -> WanConfig:
+    """A Wan-AI `config.json` (possibly missing fields) merged over what the tensors say.
+
+    Tensor shapes win for everything they determine; the json supplies what shapes cannot
+    (`num_heads`, `eps`, `text_len`). Without shapes, missing fields take the dataclass defaults.
+    """
+    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in _JSON_FIELDS}
+    if "model_type" in given and given["model_type"] not in ("t2v", "i2v"):
+        given.pop("model_type")  # flf2v / vace are not supported; shapes decide t2v vs i2v
+    if shapes is None:
+        return WanConfig(**given)
+    inferred = WanConfig.from_state_dict(shapes)
+    keep = {k: given[k] for k in ("num_heads", "eps", "text_len") if k in given}
+    return inferred.replace(**keep)
+
+
+@dataclass
+class RunConfig:
+    """Per-run choices, given once when a model is built.
+
+    attention: backend for self-attention (see `wan_core.attention.BACKENDS`; LightX2V names
+    such as `torch_sdpa`, `flash_attn2`, `flash_attn3`, `sage_attn2` are accepted);
+    cross_attention: backend for the text/image cross-attention (defaults to `attention`).
+    """
+
+    dtype: torch.dtype = torch.bfloat16
+    device: str | torch.device = "cpu"
+    attention: str = "auto"
+    cross_attention: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cross_attention_backend(self) -> str:
+        return self.cross_attention or self.attention

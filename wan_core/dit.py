@@ -1,0 +1,328 @@
+"""The Wan2.1 diffusion transformer (DiT), text-to-video and image-to-video.
+
+Module and parameter names are the official checkpoint names (`blocks.N.self_attn.q`,
+`norm_k`, `ffn.0`, `modulation`, `head.head`, `img_emb.proj.N`), so official files load with no
+renaming. This file is the single-GPU math only: FP8 linears, LoRA, offload, caching and
+sequence parallel are layered on after build (they swap modules or wrap `forward_blocks` /
+an attention module's `attn_fn`), never branched on in here.
+
+Precision follows the official code where accuracy needs it: the timestep embedding, the
+modulation vectors, the norms and the head run in float32, and the residual stream between
+the blocks is kept in float32; the large linears and the attention run in the model dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import AttentionFn, get_attention
+from .config import WanConfig
+
+__all__ = ["WanModel", "rope_tables", "apply_rope", "sinusoidal_embedding", "FP32_PARAM_PATTERNS"]
+
+# Parameters kept in float32 whatever the model dtype (small, and computed in float32 officially).
+FP32_PARAM_PATTERNS = ("modulation", "time_embedding.", "time_projection.", "head.head.", "norm")
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """[B] timesteps -> [B, dim] (cos half, then sin half), computed in float64 as the official code."""
+    half = dim // 2
+    t = t.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t, freqs)  # [B, half]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def _inv_freqs(n: int, theta: float = 10000.0) -> torch.Tensor:
+    # n rotation pairs spanning a sub-space of 2n channels: theta^(-2i / 2n)
+    return 1.0 / torch.pow(theta, torch.arange(0, 2 * n, 2, dtype=torch.float64) / (2 * n))
+
+
+def rope_tables(grid: tuple[int, int, int], head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of the 3-D RoPE for a (frames, height, width) token grid.
+
+    The head's D/2 rotation pairs are split between time, height and width as the official
+    code splits them (for D = 128: 22, 21, 21). Returns two float32 tensors [L, D/2],
+    L = F*H*W in (f, h, w) row-major order, the order of the patch tokens.
+    """
+    f, h, w = grid
+    c = head_dim // 2
+    n_h = n_w = c // 3
+    n_t = c - n_h - n_w
+    pos = [torch.arange(s, dtype=torch.float64) for s in (f, h, w)]
+    ang_t = torch.outer(pos[0], _inv_freqs(n_t))  # [F, n_t]
+    ang_h = torch.outer(pos[1], _inv_freqs(n_h))  # [H, n_h]
+    ang_w = torch.outer(pos[2], _inv_freqs(n_w))  # [W, n_w]
+    ang = torch.cat(
+        [
+            ang_t[:, None, None, :].expand(f, h, w, n_t),
+            ang_h[None, :, None, :].expand(f, h, w, n_h),
+            ang_w[None, None, :, :].expand(f, h, w, n_w),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, c)  # [L, D/2]
+    return ang.cos().float().to(device), ang.sin().float().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x [B, L, H, D] by the angles of cos/sin [L, D/2] (float32 math)."""
+    b, l, h, d = x.shape
+    xf = x.float().view(b, l, h, d // 2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]  # [B, L, H, D/2]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)  # [B, L, H, D/2, 2]
+    return out.view(b, l, h, d).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32, returning float32 (callers cast when they feed a linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.attn_fn: AttentionFn = get_attention("sdpa")
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b, s, _ = x.shape
+        n = self.num_heads
+        q = self.norm_q(self.q(x)).view(b, s, n, -1)  # [B, L, H, D]
+        k = self.norm_k(self.k(x)).view(b, s, n, -1)
+        v = self.v(x).view(b, s, n, -1)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return self.o(self.attn_fn(q, k, v).flatten(2))  # [B, L, H*D] -> [B, L, C]
+
+
+class CrossAttention(nn.Module):
+    """Attention from the video tokens to the text tokens, plus (I2V) to the 257 CLIP tokens.
+
+    The two branches share the query and the output projection; their results are summed.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, image: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        if image:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.attn_fn: AttentionFn = get_attention("sdpa")
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None) -> torch.Tensor:
+        b, n = x.shape[0], self.num_heads
+        q = self.norm_q(self.q(x)).view(b, -1, n, self.q.out_features // n)  # [B, L, H, D]
+        k = self.norm_k(self.k(context)).view(b, -1, n, q.shape[-1])  # [B, Lt, H, D]
+        v = self.v(context).view(b, -1, n, q.shape[-1])
+        out = self.attn_fn(q, k, v)
+        if context_img is not None:
+            k_img = self.norm_k_img(self.k_img(context_img)).view(b, -1, n, q.shape[-1])  # [B, 257, H, D]
+            v_img = self.v_img(context_img).view(b, -1, n, q.shape[-1])
+            out = out + self.attn_fn(q, k_img, v_img)
+        return self.o(out.flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        dim, eps = cfg.dim, cfg.eps
+        self.norm1 = LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.qk_norm, eps)
+        self.norm3 = LayerNorm(dim, eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.qk_norm, eps, image=cfg.is_i2v)
+        self.norm2 = LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, e0, context, context_img, rope):
+        """x: [B, L, C] float32 residual stream; e0: [B, 6, C] float32 time projection."""
+        dt = self.ffn[0].weight.dtype
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # 6 x [B, 1, C]
+        h = (self.norm1(x) * (1 + scale1) + shift1).to(dt)
+        x = x + self.self_attn(h, rope) * gate1
+        x = x + self.cross_attn(self.norm3(x).to(dt), context, context_img)
+        h = (self.norm2(x) * (1 + scale2) + shift2).to(dt)
+        return x + self.ffn(h) * gate2
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e[:, None, :].float()).unbind(1)  # 2 x [B, C]
+        h = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+        return F.linear(h, self.head.weight.float(), self.head.bias.float())
+
+
+class ImageProjection(nn.Module):
+    """CLIP tokens [B, 257, 1280] -> context tokens [B, 257, dim] (`img_emb.proj.{0..4}`)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(
+            LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim), LayerNorm(out_dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm_in, lin1, act, lin2, norm_out = self.proj
+        dt = lin1.weight.dtype
+        return norm_out(lin2(act(lin1(norm_in(x).to(dt))))).to(dt)
+
+
+class WanModel(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        if cfg.is_i2v:
+            self.img_emb = ImageProjection(cfg.image_dim, cfg.dim)
+        self._rope_cache: dict = {}
+
+    # ---- build-time choices -------------------------------------------------------------
+    def set_attention(self, self_attn: str = "auto", cross_attn: str | None = None, device=None) -> None:
+        """Resolve the attention backends once and store them on the attention modules."""
+        dev = device if device is not None else self.patch_embedding.weight.device
+        fn_self = get_attention(self_attn, dev)
+        fn_cross = get_attention(cross_attn or self_attn, dev)
+        for blk in self.blocks:
+            blk.self_attn.attn_fn = fn_self
+            blk.cross_attn.attn_fn = fn_cross
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0].ffn[0].weight.dtype
+
+    # ---- pieces of the forward ----------------------------------------------------------
+    def rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (grid, str(device))
+        if key not in self._rope_cache:
+            self._rope_cache = {key: rope_tables(grid, self.cfg.head_dim, device)}
+        return self._rope_cache[key]
+
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B] timesteps (0..1000) -> e [B, C] and e0 [B, 6, C], float32."""
+        te = sinusoidal_embedding(self.cfg.freq_dim, t).float()
+        lin1, act, lin2 = self.time_embedding
+        e = F.linear(act(F.linear(te, lin1.weight.float(), lin1.bias.float())), lin2.weight.float(), lin2.bias.float())
+        proj = self.time_projection[1]
+        e0 = F.linear(F.silu(e), proj.weight.float(), proj.bias.float()).unflatten(1, (6, self.cfg.dim))
+        return e, e0
+
+    def embed_context(self, context, clip_fea: torch.Tensor | None):
+        """Text [B, Lt<=text_len, text_dim] (or a list of [Li, text_dim]) -> ([B, text_len, C], image tokens or None).
+
+        Text is zero-padded to `text_len` before the projection, as the official model does, so
+        the padding positions are attended to (with the projection's bias as their value).
+        """
+        dt = self.dtype
+        if isinstance(context, torch.Tensor) and context.dim() == 2:
+            context = [context]
+        rows = []
+        for u in context:
+            if u.shape[0] > self.cfg.text_len:
+                raise ValueError(f"text context has {u.shape[0]} tokens, more than text_len {self.cfg.text_len}")
+            rows.append(torch.cat([u, u.new_zeros(self.cfg.text_len - u.shape[0], u.shape[1])]))
+        ctx = self.text_embedding(torch.stack(rows).to(dt))
+        ctx_img = None
+        if self.cfg.is_i2v:
+            if clip_fea is None:
+                raise ValueError("this is an image-to-video model: clip_fea (CLIP image tokens) is required")
+            ctx_img = self.img_emb(clip_fea)
+        return ctx, ctx_img
+
+    def embed_video(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Latent [B, C, F, H, W] (+ I2V condition y [B, 20, F, H, W]) -> tokens [B, L, C] float32, grid."""
+        if self.cfg.is_i2v:
+            if y is None:
+                raise ValueError("this is an image-to-video model: y (mask + first-frame latent) is required")
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        elif y is not None:
+            raise ValueError("y (image condition) was given to a text-to-video model")
+        if x.shape[1] != self.cfg.in_dim:
+            raise ValueError(f"the model expects {self.cfg.in_dim} input channels, got {x.shape[1]}")
+        pt, ph, pw = self.cfg.patch_size
+        if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
+            raise ValueError(f"latent size {tuple(x.shape[2:])} is not a multiple of the patch size {self.cfg.patch_size}")
+        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, C, F, H/2, W/2]
+        grid = tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2).float(), grid  # [B, L, C]
+
+    def forward_blocks(self, x, e0, context, context_img, rope) -> torch.Tensor:
+        """The block stack on tokens [B, L, C]; the seam where sequence parallel and caching attach."""
+        for block in self.blocks:
+            x = block(x, e0, context, context_img, rope)
+        return x
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        b = x.shape[0]
+        f, h, w = grid
+        pt, ph, pw = self.cfg.patch_size
+        c = self.cfg.out_dim
+        x = x.view(b, f, h, w, pt, ph, pw, c)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, c, F, pt, H, ph, W, pw]
+        return x.reshape(b, c, f * pt, h * ph, w * pw)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context,
+        clip_fea: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Flow velocity for a noisy latent.
+
+        x: [B, 16, F, H, W] latent; t: [B] (or scalar) timestep in 0..1000; context: [B, Lt, 4096]
+        T5 features (Lt <= text_len, zero-padded here) or a list of [Li, 4096]; I2V: clip_fea
+        [B, 257, 1280] and y [B, 20, F, H, W]. Returns float32 [B, 16, F, H, W].
+        """
+        t = torch.as_tensor(t, device=x.device).reshape(-1)
+        if t.numel() == 1 and x.shape[0] > 1:
+            t = t.expand(x.shape[0])
+        tokens, grid = self.embed_video(x, y)
+        e, e0 = self.embed_time(t)
+        ctx, ctx_img = self.embed_context(context, clip_fea)
+        tokens = self.forward_blocks(tokens, e0, ctx, ctx_img, self.rope(grid, x.device))
+        return self.unpatchify(self.head(tokens, e), grid)
