@@ -117,6 +117,13 @@ PRESETS: dict[str, WanConfig] = {
 }
 
 _JSON_FIELDS = {f.name for f in dataclasses.fields(WanConfig)}
+# diffusers' WanTransformer3DModel config names -> ours
+_DIFFUSERS_CONFIG_KEYS = {
+    "num_attention_heads": "num_heads",
+    "in_channels": "in_dim",
+    "out_channels": "out_dim",
+    "image_dim": "image_dim",
+}
 
 
 def config_from_json(cfg: dict[str, Any], shapes: dict[str, Any] | None = None) -> WanConfig:
@@ -125,6 +132,7 @@ def config_from_json(cfg: dict[str, Any], shapes: dict[str, Any] | None = None) 
     Tensor shapes win for everything they determine; the json supplies what shapes cannot
     (`num_heads`, `eps`, `text_len`). Without shapes, missing fields take the dataclass defaults.
     """
+    cfg = {_DIFFUSERS_CONFIG_KEYS.get(k, k): v for k, v in cfg.items()}
     given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in _JSON_FIELDS}
     if "model_type" in given and given["model_type"] not in ("t2v", "i2v"):
         given.pop("model_type")  # flf2v / vace are not supported; shapes decide t2v vs i2v

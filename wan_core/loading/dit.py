@@ -23,7 +23,7 @@ import torch
 
 from ..config import WanConfig, config_from_json
 from ..dit import FP32_PARAM_PATTERNS, WanModel
-from .io import CheckpointError, read_state_dict
+from .io import CheckpointError, read_metadata, read_state_dict
 
 __all__ = [
     "PREFIXES",
@@ -34,6 +34,7 @@ __all__ = [
     "build_model",
     "load_dit",
     "param_dtype",
+    "save_dit",
 ]
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.")
@@ -236,6 +237,12 @@ def load_dit(
     sd = to_official(read_state_dict(files))
     source = str(path)
     cfg_json = config if config is not None else folder_cfg
+    if cfg_json is None:
+        # Our own files (tiny demo models, converters) carry the config in the safetensors header.
+        first = files[0] if isinstance(files, list) else files
+        meta = read_metadata(first) if str(first).endswith(".safetensors") else {}
+        if "wan_config" in meta:
+            cfg_json = json.loads(meta["wan_config"])
     cfg = config_from_json(cfg_json or {}, sd)
     if task is not None and task != cfg.model_type:
         raise CheckpointError(
@@ -245,3 +252,66 @@ def load_dit(
     model = build_model(cfg, sd, dtype=dtype, device=device, source=source)
     model.set_attention(attention, cross_attention, device=device)
     return model
+
+
+def save_dit(
+    sd: dict[str, torch.Tensor],
+    out: str,
+    layout: str = "wan",
+    cfg: WanConfig | None = None,
+    shards: int = 1,
+) -> str:
+    """Write an official-named DiT state dict in a real layout users bring (for tests, the tiny
+    demo models and converters). Returns the path to hand to `load_dit`.
+
+    layout 'wan': a Wan-AI folder (config.json + diffusion_pytorch_model*.safetensors, an index
+    when sharded); 'comfyui': one file with the `model.diffusion_model.` prefix;
+    'diffusers': a diffusers `transformer/` folder; 'single': one plain file (lightx2v style).
+    """
+    from safetensors.torch import save_file as _save
+
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    meta = {"wan_config": json.dumps({k: getattr(cfg, k) for k in _CONFIG_JSON_KEYS})} if cfg is not None else None
+
+    def save_file(tensors, path):
+        _save(tensors, path, metadata=meta)
+
+    if layout == "comfyui":
+        path = out if out.endswith(".safetensors") else out + ".safetensors"
+        save_file({"model.diffusion_model." + k: v for k, v in sd.items()}, path)
+        return path
+    if layout == "single":
+        path = out if out.endswith(".safetensors") else out + ".safetensors"
+        save_file(sd, path)
+        return path
+    if layout == "diffusers":
+        folder = os.path.join(out, "transformer")
+        os.makedirs(folder, exist_ok=True)
+        save_file(official_to_diffusers(sd), os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+        if cfg is not None:
+            with open(os.path.join(folder, "config.json"), "w") as f:
+                json.dump({"_class_name": "WanTransformer3DModel", "num_attention_heads": cfg.num_heads}, f)
+        return out
+    if layout != "wan":
+        raise ValueError(f"unknown DiT layout {layout!r}: choose wan, comfyui, diffusers or single")
+    os.makedirs(out, exist_ok=True)
+    if cfg is not None:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump({"_class_name": "WanModel", **{k: getattr(cfg, k) for k in _CONFIG_JSON_KEYS}}, f, indent=1)
+    if shards <= 1:
+        save_file(sd, os.path.join(out, "diffusion_pytorch_model.safetensors"))
+        return out
+    names = list(sd)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: sd[k] for k in names[i * per : (i + 1) * per]}
+        save_file(part, os.path.join(out, fname))
+        weight_map.update(dict.fromkeys(part, fname))
+    with open(os.path.join(out, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    return out
+
+
+_CONFIG_JSON_KEYS = ("model_type", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim", "num_heads", "num_layers", "eps")
