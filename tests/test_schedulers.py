@@ -267,7 +267,9 @@ def test_distill_known_values():
     s = make_scheduler("distill", 4, 5.0, [999, 750, 500, 250])
     assert abs(s.timesteps[0].item() - 4995 / 4.996) < 1e-3
     # float entries that are whole numbers (LightX2V-style JSON 1000.0) are accepted
-    assert torch.equal(make_scheduler("distill", None, 5.0, [1000.0, 750.0]).timesteps, s.timesteps.new_tensor([1000, 937.5]))
+    assert torch.equal(
+        make_scheduler("distill", None, 5.0, [1000.0, 750.0]).timesteps, s.timesteps.new_tensor([1000, 937.5])
+    )
 
 
 def test_distill_euler_steps_by_hand():

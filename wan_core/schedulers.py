@@ -111,7 +111,11 @@ def check_denoising_step_list(step_list: Sequence[float], num_train_timesteps: i
         if not 1 <= x <= num_train_timesteps:
             raise ValueError(
                 f"denoising_step_list entries must lie in [1, {num_train_timesteps}], got {x!r} in {list(step_list)}"
-                + (" (0 would index past the table's last entry; the final step always ends at sigma 0)" if x == 0 else "")
+                + (
+                    " (0 would index past the table's last entry; the final step always ends at sigma 0)"
+                    if x == 0
+                    else ""
+                )
             )
         out.append(int(x))
     if any(b >= a for a, b in zip(out, out[1:])):
