@@ -1,0 +1,303 @@
+"""The umT5 tokenizer as Wan2.1 uses it: clean the prompt, add `</s>`, pad/truncate to 512.
+
+Sources a user may have, all turned into the same transformers `T5Tokenizer`:
+- the `google/umt5-xxl/` folder of a Wan-AI model (`tokenizer.json` + `spiece.model`): loaded with
+  `AutoTokenizer.from_pretrained(folder, local_files_only=True)`, exactly as the official code does;
+- a folder or file with only the sentencepiece model (`spiece.model`);
+- the raw sentencepiece model bytes that ComfyUI stores inside its umT5 checkpoints as the uint8
+  tensor `spiece_model`.
+A bare sentencepiece model is turned into a transformers tokenizer from its pieces, scores and
+normalizer table. transformers' own conversion needs the protobuf package, which we do not
+require, so the few protobuf fields we need are read by hand (`_proto_fields`).
+
+Prompt cleaning follows the official `clean='whitespace'` path: `ftfy.fix_text` (when ftfy is
+installed; otherwise `_fix_text_subset`, which does the ftfy steps that change well-formed text
+and are not already done by the tokenizer's NFKC normalizer), HTML unescape twice, strip, and
+collapse whitespace runs into one space.
+
+`write_tiny_tokenizer` trains a small sentencepiece model at run time and writes a folder in the
+`google/umt5-xxl` layout, for tests and tiny demo models (no download, no network).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import logging
+import os
+import random
+import unicodedata
+from collections.abc import Iterator, Sequence
+
+import regex
+import torch
+
+__all__ = [
+    "TokenizerError",
+    "UMT5Tokenizer",
+    "clean_prompt",
+    "load_tokenizer",
+    "write_tiny_tokenizer",
+]
+
+log = logging.getLogger(__name__)
+
+TEXT_LEN = 512  # Wan's text_len: every prompt is padded / truncated to this many tokens
+
+
+class TokenizerError(ValueError):
+    """A tokenizer source is missing or is not a usable umT5 / sentencepiece tokenizer."""
+
+
+# ----------------------------------------------------------------------------- prompt cleaning
+
+_ANSI_ESCAPE = regex.compile(r"\033\[((?:\d|;)*)([a-zA-Z])")
+_SINGLE_QUOTES = regex.compile("[\u02bc\u2018-\u201b]")
+_DOUBLE_QUOTES = regex.compile("[\u201c-\u201f]")
+# ftfy's "control characters to delete": C0 controls other than \t \n \f \r, DEL, deprecated
+# format characters, the BOM, interlinear annotation marks, musical formatting, language tags.
+_CONTROL_CHARS = regex.compile(
+    "[\x00-\x08\x0b\x0e-\x1f\x7f\u206a-\u206f\ufeff\ufff9-\ufffc\U0001d173-\U0001d17a\U000e0000-\U000e007f]"
+)
+_WHITESPACE_RUN = regex.compile(r"\s+")
+
+
+def _fix_text_subset(text: str) -> str:
+    """The part of `ftfy.fix_text` (default settings) that alters well-formed text.
+
+    Left out: mojibake repair (only matters for text that was decoded with the wrong codec),
+    C1-control decoding, and the width / ligature / line-break fixes, whose effect the tokenizer's
+    NFKC normalizer and the whitespace collapse below already produce.
+    """
+    if "<" not in text:  # ftfy's unescape_html="auto" leaves text that looks like HTML alone
+        text = html.unescape(text)
+    text = _ANSI_ESCAPE.sub("", text)
+    text = _DOUBLE_QUOTES.sub('"', _SINGLE_QUOTES.sub("'", text))
+    text = _CONTROL_CHARS.sub("", text)
+    return unicodedata.normalize("NFC", text)
+
+
+def _fix_text(text: str) -> str:
+    try:
+        import ftfy
+    except ImportError:
+        return _fix_text_subset(text)
+    return ftfy.fix_text(text)
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's 'whitespace' cleaning: fix text, HTML-unescape twice, collapse whitespace, strip."""
+    text = html.unescape(html.unescape(_fix_text(text))).strip()
+    return _WHITESPACE_RUN.sub(" ", text).strip()
+
+
+# ----------------------------------------------------------------------------- sentencepiece proto
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(buf):
+            raise TokenizerError("truncated protobuf varint")
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, i
+
+
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of each field of one serialized protobuf message, in order."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 1:
+            value, i = buf[i : i + 8], i + 8
+        elif wire == 5:
+            value, i = buf[i : i + 4], i + 4
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            value, i = buf[i : i + n], i + n
+        else:
+            raise TokenizerError(f"unsupported protobuf wire type {wire}")
+        if i > len(buf):
+            raise TokenizerError("truncated protobuf message")
+        yield field, value
+
+
+def _precompiled_charsmap(model_proto: bytes) -> bytes | None:
+    """`ModelProto.normalizer_spec (3) .precompiled_charsmap (2)`: the compiled NFKC-style table.
+
+    None for an 'identity' normalizer (no table).
+    """
+    for field, value in _proto_fields(model_proto):
+        if field == 3 and isinstance(value, bytes):
+            for f, v in _proto_fields(value):
+                if f == 2 and isinstance(v, bytes) and len(v) > 0:
+                    return v
+    return None
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _from_spiece_bytes(model_proto: bytes):
+    """A transformers `T5Tokenizer` with the pieces, scores and normalizer of a sentencepiece model.
+
+    The same construction transformers applies when it converts `spiece.model` itself (Unigram
+    model, precompiled normalizer, metaspace pre-tokenizer, `</s>` appended); no extra ids are
+    added, as in ComfyUI, which tokenizes with plain sentencepiece.
+    """
+    import sentencepiece
+    from transformers import T5Tokenizer
+
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+    except Exception as e:
+        raise TokenizerError(f"not a sentencepiece model ({type(e).__name__}: {e})") from e
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    if sp.pad_id() != 0 or sp.eos_id() != 1 or sp.unk_id() != 2:
+        raise TokenizerError(
+            "sentencepiece model does not have the T5 special ids (<pad>=0, </s>=1, <unk>=2): "
+            f"got pad={sp.pad_id()}, eos={sp.eos_id()}, unk={sp.unk_id()}"
+        )
+    return T5Tokenizer(
+        vocab=pieces,
+        _spm_precompiled_charsmap=_precompiled_charsmap(model_proto),
+        eos_token=pieces[1][0],
+        unk_token=pieces[2][0],
+        pad_token=pieces[0][0],
+        extra_ids=0,
+    )
+
+
+def _from_folder(folder: str):
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception as e:
+            if not os.path.isfile(os.path.join(folder, "spiece.model")):
+                raise TokenizerError(f"{folder}: transformers could not load this tokenizer ({e})") from e
+            log.warning("%s: AutoTokenizer failed (%s); building the tokenizer from spiece.model", folder, e)
+    spiece = os.path.join(folder, "spiece.model")
+    if os.path.isfile(spiece):
+        with open(spiece, "rb") as f:
+            return _from_spiece_bytes(f.read())
+    raise TokenizerError(f"{folder}: no tokenizer.json or spiece.model (expected a google/umt5-xxl folder)")
+
+
+class UMT5Tokenizer:
+    """Prompts -> (ids, mask), each `[B, text_len]` int64, with Wan's cleaning and padding.
+
+    `hf` is the underlying transformers tokenizer (for callers that need the vocabulary).
+    """
+
+    def __init__(self, hf_tokenizer, text_len: int = TEXT_LEN, clean: bool = True):
+        self.hf = hf_tokenizer
+        self.text_len = text_len
+        self.clean = clean
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def __call__(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if self.clean:
+            prompts = [clean_prompt(p) for p in prompts]
+        out = self.hf(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.text_len,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        return out.input_ids, out.attention_mask
+
+
+def load_tokenizer(source, text_len: int = TEXT_LEN) -> UMT5Tokenizer:
+    """A `UMT5Tokenizer` from a `google/umt5-xxl` folder, a `spiece.model` file, or model bytes.
+
+    `source` may also be the uint8 tensor `spiece_model` of a ComfyUI checkpoint. Nothing is
+    ever fetched from the network: a path that does not exist is an error.
+    """
+    if isinstance(source, UMT5Tokenizer):
+        return source
+    if isinstance(source, torch.Tensor):
+        source = source.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    if isinstance(source, (bytes, bytearray)):
+        return UMT5Tokenizer(_from_spiece_bytes(bytes(source)), text_len)
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        return UMT5Tokenizer(_from_folder(path), text_len)
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return UMT5Tokenizer(_from_spiece_bytes(f.read()), text_len)
+    raise TokenizerError(f"tokenizer not found: {path} (expected the google/umt5-xxl folder or a spiece.model file)")
+
+
+# ----------------------------------------------------------------------------- tiny tokenizer
+
+_SYLLABLES = (
+    "ka ri to mo na se lu vi da pe zo gu ha ne so bi fa ju ke lo mi ru ta wo ya "
+    "an en in on un ar er or st th ch sh qu"
+).split()
+_WORDS = (
+    "a the red fox cat dog bird city night rain snow ocean river forest mountain sky sun light "
+    "camera slowly moves forward close up shot wide angle cinematic realistic anime painting "
+    "girl boy woman man walking running dancing smiling flying golden hour sunset clouds street "
+    "café naïve 東京 夜 雨 你好 世界 über straße"
+).split()
+
+
+def _tiny_corpus(num_lines: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    made_up = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(2000)]
+    lines = []
+    for _ in range(num_lines):
+        words = [rng.choice(_WORDS) if rng.random() < 0.5 else rng.choice(made_up) for _ in range(rng.randint(4, 18))]
+        lines.append(" ".join(words) + rng.choice([".", ",", "!", "?", ""]))
+    return lines
+
+
+def write_tiny_tokenizer(folder: str | os.PathLike, vocab_size: int = 384, seed: int = 0) -> str:
+    """Train a small umT5-style sentencepiece model and write it as a `google/umt5-xxl` folder.
+
+    The model has the T5 special ids (<pad>=0, </s>=1, <unk>=2, no <s>) and the default
+    `nmt_nfkc` normalizer of the real one. The folder gets `spiece.model` plus the files
+    `AutoTokenizer` reads offline (`tokenizer.json`, `tokenizer_config.json`). Deterministic for
+    a given seed. Returns the folder path.
+    """
+    import sentencepiece
+
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    buf = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_tiny_corpus(1500, seed)),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        num_threads=1,
+        minloglevel=2,
+    )
+    model_proto = buf.getvalue()
+    _from_spiece_bytes(model_proto).save_pretrained(folder)
+    with open(os.path.join(folder, "spiece.model"), "wb") as f:
+        f.write(model_proto)
+    return folder
