@@ -1,0 +1,194 @@
+"""Wan2.1 VAE: equality with diffusers' AutoencoderKLWan on the same random weights, exact tiled
+decode, the full-size key/shape list, every file layout, and clear errors for wrong files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from wan_core.loading.io import CheckpointError
+from wan_core.loading.vae import diffusers_to_official, load_vae_state_dict
+from wan_core.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, Decoder3d, WanVAE, WanVAEConfig
+
+# the reference key/shape lists live beside the checkout (../shared), not in the repository
+LAYOUT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint_layouts" / "wan2.1_vae.json"
+
+TINY = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Random weights that keep activations O(1): gammas near 1, fan-in scaled kernels, small biases
+    (every tensor differs from its default init, so a swapped name cannot go unnoticed)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest reference magnitude."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A tiny diffusers AutoencoderKLWan and our WanVAE holding the same random weights."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    ref = AutoencoderKLWan(**TINY).eval()
+    _randomize(ref, seed=1)
+    ours = WanVAE(WanVAEConfig(dim=8)).eval()
+    ours.load_state_dict(diffusers_to_official(ref.state_dict()), strict=True)
+    return ref, ours
+
+
+def _stats():
+    mean = torch.tensor(WAN21_LATENT_MEAN).view(1, 16, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(WAN21_LATENT_STD).view(1, 16, 1, 1, 1)
+    return mean, inv_std
+
+
+@pytest.mark.parametrize("frames", [1, 5, 9])
+def test_encode_decode_match_diffusers(pair, frames):
+    ref, ours = pair
+    g = torch.Generator().manual_seed(frames)
+    video = torch.rand(1, 3, frames, 24, 40, generator=g) * 2 - 1  # non-square: latent 3 x 5
+    mean, inv_std = _stats()
+    with torch.no_grad():
+        # diffusers returns un-normalised moments; the Wan pipelines normalise with 1/std like this
+        ref_latent = (ref.encode(video).latent_dist.mean - mean) * inv_std
+    latent = ours.encode(video)
+    assert latent.shape == (1, 16, 1 + (frames - 1) // 4, 3, 5) and latent.dtype == torch.float32
+    assert _rel(latent, ref_latent) <= 1e-5  # measured ~6e-7
+
+    with torch.no_grad():
+        ref_video = ref.decode(latent / inv_std + mean).sample
+    video_out = ours.decode(latent)
+    assert video_out.shape == video.shape
+    assert 0.2 < ref_video.std() and (ref_video.abs() < 1).float().mean() > 0.8  # not a saturated, trivial output
+    assert _rel(video_out, ref_video) <= 1e-4  # measured ~5e-6
+
+
+def test_tiled_decode_equals_plain_decode(monkeypatch):
+    """Tiles widened by the receptive field of the upper decoder and cropped back reproduce the
+    plain decode (bitwise on the CPU); a too-small halo does not, so the test can see seams."""
+    cfg = WanVAEConfig(dim=4, num_res_blocks=1)  # halo 9 latent px keeps the test small
+    model = WanVAE(cfg).eval()
+    _randomize(model, seed=2)
+    assert model.decoder.upper_halo() == 9
+    latent = torch.randn(1, 16, 2, 12, 40, generator=torch.Generator().manual_seed(3))
+    plain = model.decode(latent)
+    tiled = model.decode(latent, tile_size=(6, 10))  # 2 x 4 tiles; middle columns cropped on both sides
+    assert tiled.shape == plain.shape
+    assert (tiled - plain).abs().max().item() <= 1e-6
+
+    monkeypatch.setattr(Decoder3d, "upper_halo", lambda self: 3)
+    seams = model.decode(latent, tile_size=(6, 10))
+    assert (seams - plain).abs().max().item() > 1e-2
+
+
+def test_full_size_meta_build_matches_checkpoint_layout():
+    if not LAYOUT.exists():
+        pytest.skip(f"reference layout {LAYOUT} not present")
+    expected = json.loads(LAYOUT.read_text())["tensors"]
+    with torch.device("meta"):
+        model = WanVAE()
+        from diffusers import AutoencoderKLWan
+
+        ref = AutoencoderKLWan()
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert ours == expected
+    assert {k: list(v.shape) for k, v in diffusers_to_official(ref.state_dict()).items()} == expected
+    assert model.decoder.upper_halo() == 13
+    assert WanVAEConfig.from_state_dict(model.state_dict()) == WanVAEConfig()
+
+
+def test_file_layouts_round_trip(tmp_path, pair):
+    ref, ours = pair
+    sd = ours.state_dict()
+    paths = {
+        "official": tmp_path / "Wan2.1_VAE.pth",
+        "comfy": tmp_path / "wan_2.1_vae.safetensors",
+        "comfy_vae_prefix": tmp_path / "vae_prefixed.safetensors",
+        "comfy_checkpoint": tmp_path / "checkpoint.safetensors",
+        "diffusers": tmp_path / "diffusion_pytorch_model.safetensors",
+    }
+    torch.save(sd, paths["official"])
+    save_file({k: v.contiguous() for k, v in sd.items()}, paths["comfy"])
+    save_file({"vae." + k: v.contiguous() for k, v in sd.items()}, paths["comfy_vae_prefix"])
+    others = {"model.diffusion_model.head.head.weight": torch.zeros(4, 4)}  # another model in the same file
+    save_file(
+        {**{"first_stage_model." + k: v.contiguous() for k, v in sd.items()}, **others}, paths["comfy_checkpoint"]
+    )
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, paths["diffusers"])
+
+    video = torch.rand(1, 3, 5, 16, 24, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    want_latent = ours.encode(video)
+    want_video = ours.decode(want_latent)
+    for name, path in paths.items():
+        assert set(load_vae_state_dict(path)) == set(sd), name
+        model = WanVAE.from_file(path, dtype=torch.float32)
+        assert model.config == ours.config, name
+        assert torch.equal(model.encode(video), want_latent), name
+        assert torch.equal(model.decode(want_latent), want_video), name
+
+
+def test_bf16_close_to_fp32(tmp_path, pair):
+    _, ours = pair
+    path = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, path)
+    model = WanVAE.from_file(path, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    video = torch.rand(1, 3, 5, 16, 24, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    latent = model.encode(video)
+    assert latent.dtype == torch.float32
+    assert ((latent - ours.encode(video)).norm() / ours.encode(video).norm()).item() < 5e-2
+    out = model.decode(latent)
+    assert ((out - ours.decode(latent)).norm() / ours.decode(latent).norm()).item() < 5e-2
+
+
+def test_wrong_files_give_clear_errors(tmp_path, pair):
+    _, ours = pair
+    sd = {k: v.contiguous() for k, v in ours.state_dict().items()}
+
+    not_vae = tmp_path / "dit.safetensors"
+    save_file({"blocks.0.self_attn.q.weight": torch.zeros(4, 4), "head.head.weight": torch.zeros(4, 4)}, not_vae)
+    with pytest.raises(CheckpointError, match=r"not a Wan2\.1 VAE.*encoder\.conv1\.weight.*found 2 tensors.*blocks\.0"):
+        WanVAE.from_file(not_vae)
+
+    missing = tmp_path / "missing.safetensors"
+    save_file({k: v for k, v in sd.items() if k != "decoder.head.2.bias"}, missing)
+    with pytest.raises(
+        CheckpointError, match=r"missing\.safetensors.*1 missing tensors \(e\.g\. decoder\.head\.2\.bias\)"
+    ):
+        WanVAE.from_file(missing)
+
+    wrong_shape = tmp_path / "wrong_shape.safetensors"
+    save_file({**sd, "decoder.middle.1.proj.bias": torch.zeros(5)}, wrong_shape)
+    with pytest.raises(
+        CheckpointError, match=r"1 tensors of the wrong shape \(e\.g\. decoder\.middle\.1\.proj\.bias \[5\]"
+    ):
+        WanVAE.from_file(wrong_shape)
+
+    wan22 = tmp_path / "wan2.2_vae.safetensors"
+    save_file({**sd, "decoder.upsamples.0.upsamples.0.residual.2.weight": torch.zeros(1)}, wan22)
+    with pytest.raises(CheckpointError, match=r"Wan2\.2 VAE"):
+        WanVAE.from_file(wan22)
+
+
+def test_input_shapes_are_checked(pair):
+    _, ours = pair
+    with pytest.raises(ValueError, match=r"1 \+ 4k"):
+        ours.encode(torch.zeros(1, 3, 4, 16, 16))
+    with pytest.raises(ValueError, match="16 channels"):
+        ours.decode(torch.zeros(1, 4, 1, 2, 2))

@@ -1,0 +1,488 @@
+"""The Wan2.1 video VAE: a causal 3-D convolutional autoencoder (8x spatial, 4x temporal).
+
+Module and parameter names are those of `Wan2.1_VAE.pth`, so the official file loads with no
+renaming (other layouts are mapped in `wan_core.loading.vae`).
+
+Causality and streaming. Every temporal convolution pads time on the past side only, so a frame's
+output depends on itself and earlier frames. A clip can therefore run through the network in short
+chunks (encode: 1 frame, then 4 at a time; decode: one latent frame at a time) with a per-clip
+*stream cache* that holds, for each temporal convolution, the last input frames it has seen. The
+chunking bounds memory; it does not change the result.
+
+The two temporal resamplers treat the first chunk specially, which is what makes latent frame 0 an
+image latent:
+- `downsample3d` passes the first chunk through and from then on runs a stride-2 convolution over
+  [last frame of the previous chunk, this chunk]: video frames 1+4k..4+4k map onto latent 1+k.
+- `upsample3d` passes the first chunk through; from the second chunk on, a convolution that doubles
+  the channels (split into two frames) runs over the stream *without* the first chunk (its
+  history starts as zeros there).
+
+Everything stays channels-first `[B, C, T, H, W]`: the checkpoint's per-frame 2-D convolutions run
+as 3-D convolutions with a 1-frame kernel (a view of the same weight), so no activation is ever
+permuted to `[B*T, C, H, W]` and back.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["WanVAE", "WanVAEConfig", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD"]
+
+# Per-channel statistics of Wan2.1 latents: the DiT works on (mu - mean) / std.
+WAN21_LATENT_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+WAN21_LATENT_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+
+# A stream cache: module -> the state it carries from one chunk of a clip to the next (the last
+# input frames of a temporal conv, or a "first chunk seen" flag). One fresh dict per clip (or per
+# tile of a clip); modules hold no state themselves, so one model can serve many streams.
+StreamCache = dict
+
+
+@dataclass(frozen=True)
+class WanVAEConfig:
+    """Architecture of the VAE; the defaults are Wan2.1's (`Wan2.1_VAE.pth`)."""
+
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    # per level transition of the encoder; the decoder uses the reverse (official spelling kept)
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    latents_mean: tuple[float, ...] = WAN21_LATENT_MEAN
+    latents_std: tuple[float, ...] = WAN21_LATENT_STD
+
+    def __post_init__(self):
+        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError("temperal_downsample needs one entry per level transition (len(dim_mult) - 1)")
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise ValueError(f"latents_mean/latents_std need {self.z_dim} values (z_dim)")
+
+    @property
+    def spatial_ratio(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_ratio(self) -> int:
+        return 2 ** sum(self.temperal_downsample)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> WanVAEConfig:
+        """Read the architecture off tensor shapes (official key names, see `loading.vae`).
+
+        The encoder's `downsamples` list is walked in order: residual blocks (their output width
+        gives `dim_mult`) separated by resamplers (a `time_conv` marks a temporal one). Latent
+        statistics are Wan2.1's for z_dim 16 and the identity otherwise.
+        """
+        dim = sd["encoder.conv1.weight"].shape[0]
+        z_dim = sd["conv2.weight"].shape[0]
+        indices = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.downsamples.")})
+        levels: list[list[int]] = [[]]
+        temporal: list[bool] = []
+        for i in indices:
+            p = f"encoder.downsamples.{i}."
+            if p + "resample.1.weight" in sd:
+                temporal.append(p + "time_conv.weight" in sd)
+                levels.append([])
+            else:
+                levels[-1].append(sd[p + "residual.2.weight"].shape[0])
+        stats = {} if z_dim == 16 else {"latents_mean": (0.0,) * z_dim, "latents_std": (1.0,) * z_dim}
+        return cls(
+            dim=dim,
+            z_dim=z_dim,
+            dim_mult=tuple(level[-1] // dim for level in levels),
+            num_res_blocks=len(levels[0]),
+            temperal_downsample=tuple(temporal),
+            **stats,
+        )
+
+
+def _conv_per_frame(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A checkpoint 2-D conv applied to every frame of `[B, C, T, H, W]` (kernel viewed as 1xkxk)."""
+    return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, stride=(1, *conv.stride), padding=(0, *conv.padding))
+
+
+def _upsample2x(x: torch.Tensor, frames: int = 1) -> torch.Tensor:
+    """Nearest-neighbour 2x upsampling of H and W, in one copy and in any dtype.
+
+    `x` is `[B, frames, C, T, H, W]` (the `frames` sub-frames of each time step interleave into
+    time) or `[B, C, T, H, W]` with frames=1. For an integer factor 2, "nearest" and
+    "nearest-exact" pick the same source pixel (floor(i / 2)), so this equals the official
+    `nn.Upsample(scale_factor=2, mode="nearest-exact")`.
+    """
+    if frames == 1:
+        x = x.unsqueeze(1)
+    b, f, c, t, h, w = x.shape
+    x = x.permute(0, 2, 3, 1, 4, 5)[:, :, :, :, :, None, :, None]  # [B, C, T, f, H, 1, W, 1]
+    return x.expand(b, c, t, f, h, 2, w, 2).reshape(b, c, t * f, 2 * h, 2 * w)
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d whose temporal padding sits entirely in the past, streamed through a cache.
+
+    `padding=(pt, ph, pw)` as in the official code: H and W are zero-padded by the convolution
+    itself, time gets `2 * pt` frames of history in front: the last frames of the previous chunk
+    from the cache, or zeros at the start of a clip.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, kernel_size, stride=1, padding=0):
+        pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=(0, ph, pw))
+        self.history = 2 * pt
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        if self.history:
+            prev = None if cache is None else cache.get(self)
+            if prev is None:
+                b, c, _, h, w = x.shape
+                prev = x.new_zeros(b, c, self.history, h, w)
+            x = torch.cat([prev, x], dim=2)  # [B, C, history + T, H, W]
+            if cache is not None:
+                cache[self] = x[:, :, -self.history :].clone()  # clone: don't pin the whole chunk
+        return super().forward(x)
+
+
+class RMSNorm(nn.Module):
+    """L2 normalisation over channels times sqrt(C) and a per-channel `gamma`.
+
+    The norm is accumulated in float32 whatever the activation dtype (bf16 sums of squares over
+    384 channels lose too much); `silu=True` applies the SiLU that always follows it in place.
+    """
+
+    def __init__(self, dim: int, images: bool = False):
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        inv = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
+        inv = inv.clamp_min_(1e-12).reciprocal_().mul_(self.scale)  # [B, 1, T, H, W]
+        y = x * inv.to(x.dtype)
+        y.mul_(self.gamma.view(-1, *(1,) * (x.dim() - 2)))
+        return F.silu(y, inplace=True) if silu else y
+
+
+class ResidualBlock(nn.Module):
+    """norm-SiLU-conv3x3x3 twice, plus a 1x1x1 shortcut when the width changes.
+
+    The `residual` indices are the checkpoint's: 0 and 3 are the norms, 2 and 6 the convs
+    (1, 4 are the SiLUs, 5 the dropout of training).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim),
+            nn.SiLU(),
+            CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim),
+            nn.SiLU(),
+            nn.Identity(),
+            CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        h = conv1(norm1(x, silu=True), cache)
+        h = conv2(norm2(h, silu=True), cache)
+        return h.add_(self.shortcut(x))
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention among the pixels of each frame (the VAE's only global op)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        qkv = _conv_per_frame(self.to_qkv, self.norm(x))  # [B, 3C, T, H, W]
+        qkv = qkv.permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, 3 * c)  # [B*T, 1 head, HW, 3C]
+        q, k, v = qkv.chunk(3, dim=-1)
+        o = F.scaled_dot_product_attention(q, k, v)  # [B*T, 1, HW, C]
+        o = F.linear(o, self.proj.weight.view(c, c), self.proj.bias)
+        o = o.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # [B, C, T, H, W] (strided view)
+        return torch.add(x, o, out=torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+class Resample(nn.Module):
+    """2x spatial up/down-sampling, optionally with 2x temporal (see the module docstring).
+
+    `resample.0` (nearest upsampling or the right/bottom zero pad) holds no weights; it is kept so
+    that the conv is `resample.1` as in the checkpoint, and applied here in channels-first form.
+    """
+
+    MODES = ("upsample2d", "upsample3d", "downsample2d", "downsample3d")
+
+    def __init__(self, dim: int, mode: str):
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
+        if mode.startswith("up"):
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(dim, dim // 2, 3, padding=1))
+            if mode == "upsample3d":
+                self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        else:
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+            if mode == "downsample3d":
+                self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        if self.mode.startswith("up"):
+            if self.mode == "upsample3d" and self in cache:
+                b, c, t, h, w = x.shape
+                x = self.time_conv(x, cache).view(b, 2, c, t, h, w)  # two output frames per input frame
+                x = _upsample2x(x, frames=2)  # [B, C, 2T, 2H, 2W], frames interleaved
+            else:
+                cache[self] = True  # upsample3d: the first chunk passes through in time
+                x = _upsample2x(x)
+            return _conv_per_frame(self.resample[1], x)
+
+        x = _conv_per_frame(self.resample[1], F.pad(x, (0, 1, 0, 1)))
+        if self.mode == "downsample3d":
+            prev = cache.get(self)
+            cache[self] = x[:, :, -1:].clone()
+            if prev is not None:  # the first chunk passes through in time
+                x = self.time_conv(torch.cat([prev, x], dim=2))  # [B, C, 1 + T, H, W] -> T/2 frames
+        return x
+
+
+def _middle(middle: nn.Sequential, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+    for layer in middle:  # ResidualBlock, AttentionBlock, ResidualBlock
+        x = layer(x, cache)
+    return x
+
+
+class Encoder3d(nn.Module):
+    def __init__(self, cfg: WanVAEConfig):
+        super().__init__()
+        dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i < len(cfg.dim_mult) - 1:
+                layers.append(Resample(out_dim, "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"))
+        self.downsamples = nn.Sequential(*layers)
+        self.middle = nn.Sequential(
+            ResidualBlock(out_dim, out_dim), AttentionBlock(out_dim), ResidualBlock(out_dim, out_dim)
+        )
+        self.head = nn.Sequential(RMSNorm(out_dim), nn.SiLU(), CausalConv3d(out_dim, 2 * cfg.z_dim, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        """[B, 3, T, H, W] chunk -> [B, 2*z_dim, T', H/8, W/8] (mean and log-variance halves)."""
+        x = self.conv1(x, cache)
+        for layer in self.downsamples:
+            x = layer(x, cache)
+        x = _middle(self.middle, x, cache)
+        return self.head[2](self.head[0](x, silu=True), cache)
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, cfg: WanVAEConfig):
+        super().__init__()
+        dims = [cfg.dim * m for m in (cfg.dim_mult[-1], *reversed(cfg.dim_mult))]
+        temporal_upsample = cfg.temperal_downsample[::-1]
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.middle = nn.Sequential(
+            ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]), ResidualBlock(dims[0], dims[0])
+        )
+        layers: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2  # the previous level's upsampler halved the channels
+            for _ in range(cfg.num_res_blocks + 1):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i < len(cfg.dim_mult) - 1:
+                layers.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
+        self.upsamples = nn.Sequential(*layers)
+        self.head = nn.Sequential(RMSNorm(out_dim), nn.SiLU(), CausalConv3d(out_dim, 3, 3, padding=1))
+
+    def trunk(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        """Latent-resolution part (input conv, middle with attention): needs whole frames."""
+        return _middle(self.middle, self.conv1(x, cache), cache)
+
+    def upper(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        """Upsampling part and head: convolutions only, so it can run on spatial tiles."""
+        for layer in self.upsamples:
+            x = layer(x, cache)
+        return self.head[2](self.head[0](x, silu=True), cache)
+
+    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        return self.upper(self.trunk(x, cache), cache)
+
+    def upper_halo(self) -> int:
+        """How many latent pixels beyond its own an output pixel of `upper` depends on.
+
+        Each 3x3 conv at a level with `scale` output pixels per latent pixel reaches 1/scale latent
+        pixels further; nearest 2x upsampling nests pixels exactly and adds nothing. Temporal convs
+        are 1x1 in space. For Wan2.1: 6 + 1/2 + 3 + 1/4 + 3/2 + 1/8 + 7/8 = 12.25 -> 13.
+        """
+        reach, scale = Fraction(0), 1
+        for layer in self.upsamples:
+            if isinstance(layer, ResidualBlock):
+                reach += Fraction(2, scale)
+            else:
+                scale *= 2
+                reach += Fraction(1, scale)
+        reach += Fraction(1, scale)  # head conv
+        return math.ceil(reach)
+
+
+class WanVAE(nn.Module):
+    """Wan2.1 VAE. `encode`: video -> normalised latent; `decode`: normalised latent -> video.
+
+    Build from a file with `WanVAE.from_file(path, dtype=..., device=...)`; the weights' dtype is
+    the compute dtype (fp32 or bf16). Inputs may live on another device (e.g. a CPU video): they
+    are moved chunk by chunk.
+    """
+
+    def __init__(self, config: WanVAEConfig | None = None):
+        super().__init__()
+        self.config = config = config or WanVAEConfig()
+        self.encoder = Encoder3d(config)
+        self.conv1 = CausalConv3d(2 * config.z_dim, 2 * config.z_dim, 1)
+        self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
+        self.decoder = Decoder3d(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv2.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv2.weight.device
+
+    def _latent_stats(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1/std) as float32 `[1, z, 1, 1, 1]`; built per call, so a meta-built model needs no buffer fix-up."""
+        z = self.config.z_dim
+        mean = torch.tensor(self.config.latents_mean, dtype=torch.float32, device=device).view(1, z, 1, 1, 1)
+        std = torch.tensor(self.config.latents_std, dtype=torch.float32, device=device).view(1, z, 1, 1, 1)
+        return mean, 1.0 / std
+
+    @torch.inference_mode()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Video `[B, 3, 1 + 4k, H, W]` in [-1, 1] -> latent mean `[B, 16, 1 + k, H/8, W/8]`, float32.
+
+        Frames go through the encoder 1, then 4 at a time, with one stream cache. The result is
+        normalised as the DiT expects: `(mu - mean) * (1 / std)`.
+        """
+        b, c, t, h, w = video.shape
+        r, s, z = self.config.temporal_ratio, self.config.spatial_ratio, self.config.z_dim
+        if c != 3 or (t - 1) % r or h % s or w % s:
+            raise ValueError(
+                f"video must be [B, 3, 1 + {r}k, H, W] with H, W multiples of {s}; got {list(video.shape)}"
+            )
+        device, dtype = self.device, self.dtype
+        w_mu, b_mu = self.conv1.weight[:z], self.conv1.bias[:z]  # only the mean half of conv1 is needed
+        out = torch.empty(b, z, 1 + (t - 1) // r, h // s, w // s, dtype=torch.float32, device=device)
+        cache: StreamCache = {}
+        for i in range(out.shape[2]):
+            t0, t1 = (0, 1) if i == 0 else (1 + r * (i - 1), 1 + r * i)
+            x = video[:, :, t0:t1].to(device=device, dtype=dtype)
+            out[:, :, i : i + 1] = F.conv3d(self.encoder(x, cache), w_mu, b_mu)
+        mean, inv_std = self._latent_stats(device)
+        return out.sub_(mean).mul_(inv_std)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        latents: torch.Tensor,
+        tile_size: int | tuple[int, int] | None = None,
+        out_device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Normalised latent `[B, 16, T, h, w]` -> video `[B, 3, 1 + 4(T-1), 8h, 8w]` in [-1, 1], float32.
+
+        One latent frame at a time with one stream cache. `tile_size` (latent pixels, int or
+        (height, width)) bounds memory: the latent-resolution trunk (which holds the attention)
+        runs on whole frames, the convolution-only upper part runs tile by tile, each tile widened
+        by the upper part's receptive field (`Decoder3d.upper_halo`, 13 latent pixels for Wan2.1)
+        and cropped back, so the tiled result equals the plain one (no blending, no seams).
+        `out_device` puts the video elsewhere (e.g. "cpu") as it is produced.
+        """
+        b, zc, t, h, w = latents.shape
+        r, s = self.config.temporal_ratio, self.config.spatial_ratio
+        if zc != self.config.z_dim:
+            raise ValueError(f"latents must have {self.config.z_dim} channels, got {list(latents.shape)}")
+        device, dtype = self.device, self.dtype
+        mean, inv_std = self._latent_stats(device)
+        x = self.conv2((latents.to(device=device, dtype=torch.float32) / inv_std + mean).to(dtype))
+        out = torch.empty(b, 3, 1 + r * (t - 1), h * s, w * s, dtype=torch.float32, device=out_device or device)
+
+        def frames(i: int) -> slice:
+            return slice(0, 1) if i == 0 else slice(1 + r * (i - 1), 1 + r * i)
+
+        if tile_size is None:
+            cache: StreamCache = {}
+            for i in range(t):
+                out[:, :, frames(i)] = self.decoder(x[:, :, i : i + 1], cache).clamp_(-1, 1)
+            return out
+
+        th, tw = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
+        halo = self.decoder.upper_halo()
+        cache = {}
+        feats = torch.cat([self.decoder.trunk(x[:, :, i : i + 1], cache) for i in range(t)], dim=2)
+        for y0 in range(0, h, th):
+            for x0 in range(0, w, tw):
+                y1, x1 = min(y0 + th, h), min(x0 + tw, w)
+                ry0, ry1, rx0, rx1 = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
+                tile_cache: StreamCache = {}
+                for i in range(t):
+                    y = self.decoder.upper(feats[:, :, i : i + 1, ry0:ry1, rx0:rx1].contiguous(), tile_cache)
+                    core = y[:, :, :, (y0 - ry0) * s : (y1 - ry0) * s, (x0 - rx0) * s : (x1 - rx0) * s]
+                    out[:, :, frames(i), y0 * s : y1 * s, x0 * s : x1 * s] = core.clamp(-1, 1)
+        return out
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        config: WanVAEConfig | None = None,
+    ) -> WanVAE:
+        """Build on the meta device and assign the (memory-mapped) weights of `path`.
+
+        Accepts every layout `wan_core.loading.vae.load_vae_state_dict` knows (official `.pth`,
+        ComfyUI safetensors with or without prefix, diffusers `AutoencoderKLWan`). The
+        architecture is read off the tensor shapes unless `config` is given. Tensors already in
+        `dtype` on the CPU stay memory-mapped.
+        """
+        from .loading.io import CheckpointError
+        from .loading.vae import check_vae_state_dict, load_vae_state_dict
+
+        sd = load_vae_state_dict(path)
+        if config is None:
+            try:
+                config = WanVAEConfig.from_state_dict(sd)
+            except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
+                raise CheckpointError(
+                    f"{os.fspath(path)}: cannot read the VAE architecture off the tensors ({e!r})"
+                ) from e
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        check_vae_state_dict(sd, expected, source=os.fspath(path))
+        sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+        return model.eval().requires_grad_(False)
