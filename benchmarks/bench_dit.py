@@ -1,0 +1,201 @@
+"""Full-size Wan2.1-14B T2V DiT forward: ours vs ComfyUI's and diffusers' on the same inputs.
+
+Random weights (speed does not depend on values); 480x832x81 (21x60x104 latent, 32,760 tokens)
+and 720x1280x81 (21x90x160, 75,600 tokens); bf16. ComfyUI's model gets the same weights as
+ours (its parameter names are the official ones), so the output similarity is checked too.
+
+  python benchmarks/bench_dit.py [--res 480p,720p] [--peers comfy,diffusers] [--ours sdpa_cudnn,sdpa_flash]
+
+Peers: ComfyUI from .carry/ComfyUI (a fetched checkout, never committed), diffusers from the
+environment. Prints a table last; writes JSON to $OUT/bench_dit.json (or ./bench_dit.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from wan_core.config import PRESETS  # noqa: E402
+from wan_core.loading.dit import build_model  # noqa: E402
+
+SHAPES = {"480p": (21, 60, 104), "720p": (21, 90, 160)}
+RESULTS: dict = {}
+ROWS: list[tuple] = []
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def timeit(fn, warm=1, reps=3):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    return sorted(ts)[len(ts) // 2], ts
+
+
+def flops(cfg, grid, text_len=512):
+    f, h, w = grid
+    L = f * (h // 2) * (w // 2)
+    d, ffn = cfg.dim, cfg.ffn_dim
+    lin = 2 * L * d * d * 4 + 2 * L * d * d * 2 + 2 * text_len * d * d * 2 + 2 * L * d * ffn * 2
+    attn = 4 * L * L * d + 4 * L * text_len * d
+    return cfg.num_layers * lin, cfg.num_layers * attn, L
+
+
+def inputs(grid, dev="cuda", seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(1, 16, *grid, device=dev, dtype=torch.bfloat16, generator=g)
+    ctx = torch.randn(1, 512, 4096, device=dev, dtype=torch.bfloat16, generator=g)
+    return x, torch.tensor([500.0], device=dev), ctx
+
+
+def record(name, res, t, all_t, peak, cfg, grid):
+    lin, att, L = flops(cfg, grid)
+    RESULTS[f"{name}_{res}_s"] = t
+    RESULTS[f"{name}_{res}_all_s"] = all_t
+    RESULTS[f"{name}_{res}_peak_GiB"] = peak
+    ROWS.append((name, res, L, t, (lin + att) / t / 1e12, peak))
+    log(f"{name:28s} {res}: {t:.3f}s {[f'{v:.3f}' for v in all_t]} peak {peak:.1f} GiB, {(lin + att) / t / 1e12:.0f} TFLOP/s")
+
+
+def run_model(name, fwd, cfg, resolutions, reps=3):
+    outs = {}
+    for res in resolutions:
+        grid = SHAPES[res]
+        x, t, ctx = inputs(grid)
+        torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            tm, all_t = timeit(lambda x=x, t=t, ctx=ctx: fwd(x, t, ctx), warm=1, reps=reps)
+            if res == "480p":
+                outs[res] = fwd(x, t, ctx).float().cpu()
+        record(name, res, tm, all_t, torch.cuda.max_memory_allocated() / 2**30, cfg, grid)
+    return outs
+
+
+def cos(a, b):
+    a, b = a.flatten().double(), b.flatten().double()
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--res", default="480p,720p")
+    ap.add_argument("--peers", default="comfy,diffusers")
+    ap.add_argument("--ours", default="sdpa_cudnn,sdpa_flash")
+    ap.add_argument("--compile", action="store_true", help="also time ours with torch.compile on each block")
+    args = ap.parse_args()
+    resolutions = [r for r in args.res.split(",") if r]
+    out_dir = os.environ.get("OUT", ".")
+    cfg = PRESETS["t2v-14b"]
+    log("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), torch.cuda.get_device_name())
+    RESULTS["device"] = torch.cuda.get_device_name()
+    RESULTS["torch"] = torch.__version__
+
+    # --- ComfyUI first: its random weights are then handed to ours (same names) -------------
+    sd = None
+    cm = None
+    outputs = {}
+    if "comfy" in args.peers:
+        try:
+            sys.path.insert(0, os.path.abspath(".carry/ComfyUI"))
+            import comfy.ldm.wan.model as wm
+            import comfy.ops
+
+            torch.manual_seed(0)
+            cm = wm.WanModel(model_type="t2v", dim=cfg.dim, ffn_dim=cfg.ffn_dim, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
+                             operations=comfy.ops.disable_weight_init, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                for p in cm.parameters():
+                    p.normal_(0, 0.02)
+            outputs["comfy"] = run_model("comfyui", cm, cfg, resolutions)
+            sd = {k: v for k, v in cm.state_dict().items()}
+        except Exception:
+            traceback.print_exc()
+            RESULTS["comfy_error"] = traceback.format_exc()[-800:]
+    if sd is None:
+        ours0 = build_model(cfg, None, dtype=torch.bfloat16, device="cuda")
+        with torch.no_grad():
+            for p in ours0.parameters():
+                p.normal_(0, 0.02)
+        sd = ours0.state_dict()
+    # --- ours, sharing the weights -----------------------------------------------------------
+    for backend in [b for b in args.ours.split(",") if b]:
+        try:
+            m = build_model(cfg, sd, dtype=torch.bfloat16, device="cuda", source="comfy weights")
+            m.set_attention(backend)
+            outputs[f"ours_{backend}"] = run_model(f"ours[{backend}]", m, cfg, resolutions)
+            del m
+        except Exception:
+            traceback.print_exc()
+            RESULTS[f"ours_{backend}_error"] = traceback.format_exc()[-800:]
+        gc.collect()
+        torch.cuda.empty_cache()
+    if args.compile:
+        try:
+            m = build_model(cfg, sd, dtype=torch.bfloat16, device="cuda")
+            m.set_attention("sdpa_cudnn")
+            for blk in m.blocks:
+                blk.compile()
+            t0 = time.time()
+            with torch.inference_mode():
+                x, t, c = inputs(SHAPES["480p"])
+                m(x, t, c)
+            RESULTS["compile_s"] = time.time() - t0
+            outputs["ours_compiled"] = run_model("ours[cudnn+compile]", m, cfg, resolutions)
+            del m
+        except Exception:
+            traceback.print_exc()
+            RESULTS["compile_error"] = traceback.format_exc()[-800:]
+    if "comfy" in outputs:
+        for k, v in outputs.items():
+            if k != "comfy" and "480p" in v:
+                RESULTS[f"cos_{k}_vs_comfy_480p"] = cos(v["480p"], outputs["comfy"]["480p"])
+    cm = sd = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    # --- diffusers ---------------------------------------------------------------------------
+    if "diffusers" in args.peers:
+        try:
+            from diffusers import WanTransformer3DModel
+
+            with torch.device("cuda"):
+                dm = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+                                           in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=cfg.ffn_dim,
+                                           num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+            dm = dm.to(torch.bfloat16).eval()
+            with torch.no_grad():
+                for p in dm.parameters():
+                    p.normal_(0, 0.02)
+            run_model("diffusers", lambda x, t, c: dm(x, t, c, return_dict=False)[0], cfg, resolutions)
+            del dm
+        except Exception:
+            traceback.print_exc()
+            RESULTS["diffusers_error"] = traceback.format_exc()[-800:]
+
+    with open(os.path.join(out_dir, "bench_dit.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+    log(json.dumps({k: v for k, v in RESULTS.items() if k.startswith("cos_")}, indent=1))
+    log(f"\n{'model':28s} {'res':5s} {'tokens':>7s} {'s/forward':>10s} {'TFLOP/s':>8s} {'peak GiB':>9s}")
+    for name, res, L, t, tf, pk in ROWS:
+        log(f"{name:28s} {res:5s} {L:7d} {t:10.3f} {tf:8.0f} {pk:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
