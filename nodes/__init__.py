@@ -1,0 +1,34 @@
+"""The ComfyUI nodes of this pack (classic node API: plain classes, usable without ComfyUI)."""
+
+from .decode import WanSaveVideo, WanVAEDecode
+from .encode import WanImageEncode, WanTextEncode
+from .loaders import WanFP8Loader, WanLoraApply, WanModelLoader, WanOffloadConfig
+from .sample import WanMultiGPUSampler, WanSampler
+
+NODE_CLASS_MAPPINGS = {
+    "WanModelLoader": WanModelLoader,
+    "WanFP8Loader": WanFP8Loader,
+    "WanLoraApply": WanLoraApply,
+    "WanOffloadConfig": WanOffloadConfig,
+    "WanTextEncode": WanTextEncode,
+    "WanImageEncode": WanImageEncode,
+    "WanSampler": WanSampler,
+    "WanMultiGPUSampler": WanMultiGPUSampler,
+    "WanVAEDecode": WanVAEDecode,
+    "WanSaveVideo": WanSaveVideo,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "WanModelLoader": "Wan Model Loader",
+    "WanFP8Loader": "Wan FP8 Model Loader",
+    "WanLoraApply": "Wan LoRA",
+    "WanOffloadConfig": "Wan CPU Offload",
+    "WanTextEncode": "Wan Text Encode",
+    "WanImageEncode": "Wan Image Encode (I2V)",
+    "WanSampler": "Wan Sampler",
+    "WanMultiGPUSampler": "Wan Multi-GPU Sampler",
+    "WanVAEDecode": "Wan VAE Decode",
+    "WanSaveVideo": "Wan Save Video (mp4)",
+}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,269 @@
+"""Loader nodes: they describe a model (a `wan_core.spec.ModelSpec`), they do not build it.
+
+The spec is built lazily by the first node that needs weights (text encode, sampling, decode)
+and cached by `wan_core.spec`, so re-running a graph does not reload 28 GB, and a LoRA
+strength change rebuilds only what the LoRA touches.
+"""
+
+from __future__ import annotations
+
+import os
+
+from wan_core.attention import BACKENDS
+from wan_core.discover import find_model_files
+from wan_core.linear import KERNELS
+from wan_core.loading.dit import find_dit_files
+from wan_core.loading.io import CheckpointError, read_keys
+from wan_core.options import FeatureNotAvailable
+from wan_core.spec import ModelSpec
+
+from . import compat
+from .types import CATEGORY, WAN_MODEL, WAN_OFFLOAD, OffloadSettings
+
+FROM_FOLDER = "(from model folder)"
+NONE = "(none)"
+DTYPES = ["auto", "bf16", "fp16", "fp32"]
+ATTENTION = ["auto", *sorted(BACKENDS)]
+TASKS = ["auto", "t2v", "i2v"]
+FP8_KERNELS = list(KERNELS)
+
+
+def is_wan_folder(path: str) -> bool:
+    """A Wan-AI model folder: config.json beside diffusion_pytorch_model*.safetensors."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return "config.json" in names and any(n.startswith("diffusion_pytorch_model") for n in names)
+
+
+def dit_choices() -> list[str]:
+    """Wan-AI folders ('name/') and single DiT files found in diffusion_models/."""
+    folders = compat.list_model_dirs("diffusion_models", is_wan_folder)
+    files = [f for f in compat.list_model_files("diffusion_models") if not any(f.startswith(d) for d in folders)]
+    return folders + files
+
+
+def infer_task(dit_path: str) -> str:
+    """'i2v' if the DiT has the image cross-attention branch, else 't2v' (reads the file header only)."""
+    files, _ = find_dit_files(dit_path)
+    keys = read_keys(files)
+    return "i2v" if any(k.endswith("cross_attn.k_img.weight") for k in keys) else "t2v"
+
+
+def _component(kind: str, choice: str, from_folder: str | None) -> str | None:
+    """Resolve one of text_encoder / vae / clip_vision: a file of its ComfyUI folder, or the Wan-AI folder's."""
+    if choice == NONE:
+        return None
+    if choice == FROM_FOLDER:
+        return from_folder
+    return compat.resolve_model_path(kind, choice)
+
+
+def make_spec(
+    dit: str,
+    text_encoder: str,
+    vae: str,
+    clip_vision: str,
+    task: str,
+    dtype: str,
+    attention: str,
+    offload: OffloadSettings | None = None,
+    fp8: str | None = None,
+) -> ModelSpec:
+    """Check the picked files and describe the model; nothing is read but file headers."""
+    dit_path = compat.resolve_model_path("diffusion_models", dit)
+    try:
+        found = infer_task(dit_path)
+    except CheckpointError as e:
+        raise CheckpointError(f"DiT {dit!r}: {e}") from e
+    if task == "auto":
+        task = found
+    elif task != found:
+        raise CheckpointError(
+            f"DiT {dit!r} is a {found.upper()} model but task is set to {task}; set task to 'auto' or '{found}'"
+        )
+    tokenizer = None
+    in_folder = dict.fromkeys(("t5", "vae", "clip"))
+    if os.path.isdir(dit_path):  # a Wan-AI folder: its own files unless others are picked
+        files = find_model_files(
+            dit_path,
+            task,
+            t5=None if text_encoder == FROM_FOLDER else compat.resolve_model_path("text_encoders", text_encoder),
+            vae=None if vae == FROM_FOLDER else compat.resolve_model_path("vae", vae),
+            clip=None if clip_vision in (FROM_FOLDER, NONE) else compat.resolve_model_path("clip_vision", clip_vision),
+        )
+        in_folder = {"t5": files.t5, "vae": files.vae, "clip": files.clip}
+        tokenizer = files.tokenizer
+    elif FROM_FOLDER in (text_encoder, vae):
+        raise FileNotFoundError(
+            f"'{FROM_FOLDER}' needs a Wan-AI model folder as the DiT; {dit!r} is a single file: "
+            "pick the text encoder and VAE files from models/text_encoders and models/vae"
+        )
+    t5_path = _component("text_encoders", text_encoder, in_folder["t5"])
+    vae_path = _component("vae", vae, in_folder["vae"])
+    clip_path = _component("clip_vision", clip_vision, in_folder["clip"]) if task == "i2v" else None
+    if task == "i2v" and clip_path is None:
+        raise FileNotFoundError(
+            f"DiT {dit!r} is an image-to-video model: pick its CLIP vision file (clip_vision_h.safetensors) in clip_vision"
+        )
+    spec = ModelSpec(
+        dit=dit_path,
+        t5=t5_path,
+        vae=vae_path,
+        tokenizer=tokenizer,
+        clip=clip_path,
+        task=task,
+        dtype=dtype,
+        attention=attention,
+        fp8=fp8,
+    )
+    return apply_offload(spec, offload)
+
+
+def apply_offload(spec: ModelSpec, offload: OffloadSettings | None) -> ModelSpec:
+    if offload is None or offload.is_default:
+        return spec
+    if offload.vram_budget_gb and "offload_budget_gb" not in ModelSpec.__dataclass_fields__:
+        raise FeatureNotAvailable("WanOffloadConfig: a VRAM budget is not available yet in wan_core (set it to 0)")
+    kw = {"offload": offload.granularity}
+    if offload.vram_budget_gb:
+        kw["offload_budget_gb"] = offload.vram_budget_gb
+    return spec.replace(**kw)
+
+
+def _loader_inputs() -> dict:
+    return {
+        "required": {
+            "dit": (
+                dit_choices(),
+                {"tooltip": "A DiT file from models/diffusion_models, or a Wan-AI model folder there"},
+            ),
+            "text_encoder": (
+                [FROM_FOLDER, *compat.list_model_files("text_encoders")],
+                {"tooltip": "umT5-XXL from models/text_encoders (e.g. umt5_xxl_fp16.safetensors)"},
+            ),
+            "vae": (
+                [FROM_FOLDER, *compat.list_model_files("vae")],
+                {"tooltip": "wan_2.1_vae.safetensors from models/vae"},
+            ),
+            "clip_vision": (
+                [NONE, FROM_FOLDER, *compat.list_model_files("clip_vision")],
+                {"tooltip": "I2V only: clip_vision_h.safetensors from models/clip_vision"},
+            ),
+            "task": (TASKS, {"default": "auto", "tooltip": "auto: read off the DiT (I2V has the image branch)"}),
+            "dtype": (DTYPES, {"default": "auto", "tooltip": "auto: bf16 on a GPU, fp32 on the CPU"}),
+            "attention": (ATTENTION, {"default": "auto"}),
+        },
+        "optional": {"offload": (WAN_OFFLOAD, {"tooltip": "from WanOffloadConfig"})},
+    }
+
+
+class WanModelLoader:
+    """Pick the Wan2.1 files; returns a model description that later nodes build once and cache."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (WAN_MODEL,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    DESCRIPTION = (
+        "Wan2.1 T2V/I2V model: DiT + umT5 + VAE (+ CLIP for I2V), from ComfyUI's model folders or a Wan-AI folder."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return _loader_inputs()
+
+    def load(self, dit, text_encoder, vae, clip_vision, task="auto", dtype="auto", attention="auto", offload=None):
+        return (make_spec(dit, text_encoder, vae, clip_vision, task, dtype, attention, offload),)
+
+
+class WanFP8Loader:
+    """Like WanModelLoader, with the DiT's block linears in FP8: an FP8 file as it is, or a bf16 file quantized on load."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (WAN_MODEL,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    DESCRIPTION = (
+        "Wan2.1 with FP8 DiT linears: lightx2v scaled_fp8_e4m3, ComfyUI fp8_scaled or plain e4m3fn files, "
+        "or a bf16 file quantized on load (per-channel scales)."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        spec = _loader_inputs()
+        spec["required"]["fp8_kernel"] = (
+            FP8_KERNELS,
+            {"default": "auto", "tooltip": "auto: torch._scaled_mm on Ada/Hopper, dequantize elsewhere"},
+        )
+        return spec
+
+    def load(
+        self,
+        dit,
+        text_encoder,
+        vae,
+        clip_vision,
+        task="auto",
+        dtype="auto",
+        attention="auto",
+        fp8_kernel="auto",
+        offload=None,
+    ):
+        return (make_spec(dit, text_encoder, vae, clip_vision, task, dtype, attention, offload, fp8=fp8_kernel),)
+
+
+class WanLoraApply:
+    """Add a LoRA from models/loras with a strength; chain several. Strength changes do not reload the base."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (WAN_MODEL,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+    DESCRIPTION = (
+        "Adds a LoRA (every Wan LoRA layout: lora_up/down, lora_A/B, alpha, diff, diff_b, diff_m, kohya names)."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (WAN_MODEL,),
+                "lora": (compat.list_model_files("loras"), {"tooltip": "a LoRA file from models/loras"}),
+                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
+            }
+        }
+
+    def apply(self, model: ModelSpec, lora: str, strength: float):
+        path = compat.resolve_model_path("loras", lora)
+        if strength == 0.0:
+            return (model,)
+        return (model.replace(loras=(*model.loras, (path, float(strength)))),)
+
+
+class WanOffloadConfig:
+    """CPU offload settings for the DiT; plug into a loader's `offload` input."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (WAN_OFFLOAD,)
+    RETURN_NAMES = ("offload",)
+    FUNCTION = "make"
+    DESCRIPTION = "Keep the DiT in CPU memory and stream it to the GPU by model or by block (for 16-24 GB cards)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "granularity": (["none", "model", "block"], {"default": "block"}),
+                "vram_budget_gb": (
+                    "FLOAT",
+                    {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5, "tooltip": "0: no budget"},
+                ),
+            }
+        }
+
+    def make(self, granularity: str, vram_budget_gb: float):
+        if granularity not in ("none", "model", "block"):
+            raise ValueError(f"offload granularity must be none, model or block, got {granularity!r}")
+        return (OffloadSettings(granularity=granularity, vram_budget_gb=float(vram_budget_gb)),)
