@@ -109,24 +109,45 @@ class WanVAEConfig:
         )
 
 
+_CL = torch.channels_last_3d
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """True for a `[B, C, T, H, W]` tensor stored as `[B, T, H, W, C]` (and not also plain contiguous)."""
+    return x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=_CL)
+
+
+def _empty(shape, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of `shape` with the dtype, device and memory layout of `like`."""
+    fmt = _CL if _is_channels_last(like) else torch.contiguous_format
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
 def _conv_per_frame(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """A checkpoint 2-D conv applied to every frame of `[B, C, T, H, W]` (kernel viewed as 1xkxk)."""
     return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, stride=(1, *conv.stride), padding=(0, *conv.padding))
 
 
 def _upsample2x(x: torch.Tensor, frames: int = 1) -> torch.Tensor:
-    """Nearest-neighbour 2x upsampling of H and W, in one copy and in any dtype.
+    """Nearest-neighbour 2x upsampling of H and W (and `frames`-fold of T), in one copy, any dtype.
 
-    `x` is `[B, frames, C, T, H, W]` (the `frames` sub-frames of each time step interleave into
-    time) or `[B, C, T, H, W]` with frames=1. For an integer factor 2, "nearest" and
-    "nearest-exact" pick the same source pixel (floor(i / 2)), so this equals the official
-    `nn.Upsample(scale_factor=2, mode="nearest-exact")`.
+    `x` is `[B, C, T, H, W]`; with frames=2 its channels are two groups of C/2 (`[B, 2, C/2, ...]`)
+    that become two consecutive frames (the upsample3d time step). For an integer factor 2,
+    "nearest" and "nearest-exact" pick the same source pixel (floor(i / 2)), so this equals the
+    official `nn.Upsample(scale_factor=2, mode="nearest-exact")`. The result keeps the memory
+    layout of `x` (plain or channels-last).
     """
-    if frames == 1:
-        x = x.unsqueeze(1)
-    b, f, c, t, h, w = x.shape
-    x = x.permute(0, 2, 3, 1, 4, 5)[:, :, :, :, :, None, :, None]  # [B, C, T, f, H, 1, W, 1]
-    return x.expand(b, c, t, f, h, 2, w, 2).reshape(b, c, t * f, 2 * h, 2 * w)
+    b, c, t, h, w = x.shape
+    c //= frames
+    if _is_channels_last(x):
+        y = x.permute(0, 2, 3, 4, 1).view(b, t, h, w, frames, c)  # storage order
+        y = y.permute(0, 1, 4, 2, 3, 5)[:, :, :, :, None, :, None, :]  # [B, T, f, H, 1, W, 1, C]
+        y = y.expand(b, t, frames, h, 2, w, 2, c).reshape(b, t * frames, 2 * h, 2 * w, c)
+        return y.permute(0, 4, 1, 2, 3)  # [B, C, fT, 2H, 2W], channels-last strides
+    y = x.view(b, frames, c, t, h, w).permute(0, 2, 3, 1, 4, 5)[
+        :, :, :, :, :, None, :, None
+    ]  # [B, C, T, f, H, 1, W, 1]
+    return y.expand(b, c, t, frames, h, 2, w, 2).reshape(b, c, t * frames, 2 * h, 2 * w)
 
 
 class CausalConv3d(nn.Conv3d):
@@ -135,6 +156,9 @@ class CausalConv3d(nn.Conv3d):
     `padding=(pt, ph, pw)` as in the official code: H and W are zero-padded by the convolution
     itself, time gets `2 * pt` frames of history in front: the last frames of the previous chunk
     from the cache, or zeros at the start of a clip.
+
+    History and chunk are assembled in one buffer, and the RMSNorm + SiLU that precede most convs
+    write their output straight into it (`norm=`), so no separate concatenation pass is needed.
     """
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size, stride=1, padding=0):
@@ -142,16 +166,25 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=(0, ph, pw))
         self.history = 2 * pt
 
-    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        if self.history:
-            prev = None if cache is None else cache.get(self)
-            if prev is None:
-                b, c, _, h, w = x.shape
-                prev = x.new_zeros(b, c, self.history, h, w)
-            x = torch.cat([prev, x], dim=2)  # [B, C, history + T, H, W]
-            if cache is not None:
-                cache[self] = x[:, :, -self.history :].clone()  # clone: don't pin the whole chunk
-        return super().forward(x)
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None, norm: RMSNorm | None = None) -> torch.Tensor:
+        """`x` `[B, C, T, H, W]` -> conv(SiLU(norm(x)) if `norm` else x), causal in time."""
+        p = self.history
+        if not p:
+            return super().forward(norm(x, silu=True) if norm is not None else x)
+        b, c, t, h, w = x.shape
+        buf = _empty((b, c, p + t, h, w), x)  # [B, C, history + T, H, W]
+        prev = None if cache is None else cache.get(self)
+        if prev is None:
+            buf[:, :, :p].zero_()
+        else:
+            buf[:, :, :p].copy_(prev)
+        if norm is None:
+            buf[:, :, p:].copy_(x)
+        else:
+            norm(x, silu=True, out=buf[:, :, p:])
+        if cache is not None:
+            cache[self] = buf[:, :, -p:].clone()  # clone: don't pin the whole buffer
+        return super().forward(buf)
 
 
 class RMSNorm(nn.Module):
@@ -166,10 +199,11 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
-    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` `[B, C, ...]` -> same shape (written into `out` when given)."""
         inv = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
-        inv = inv.clamp_min_(1e-12).reciprocal_().mul_(self.scale)  # [B, 1, T, H, W]
-        y = x * inv.to(x.dtype)
+        inv = inv.clamp_min_(1e-12).reciprocal_().mul_(self.scale)  # [B, 1, ...]
+        y = torch.mul(x, inv.to(x.dtype), out=out)
         y.mul_(self.gamma.view(-1, *(1,) * (x.dim() - 2)))
         return F.silu(y, inplace=True) if silu else y
 
@@ -196,8 +230,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        h = conv1(norm1(x, silu=True), cache)
-        h = conv2(norm2(h, silu=True), cache)
+        h = conv1(x, cache, norm=norm1)
+        h = conv2(h, cache, norm=norm2)
         return h.add_(self.shortcut(x))
 
 
@@ -213,12 +247,14 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         b, c, t, h, w = x.shape
         qkv = _conv_per_frame(self.to_qkv, self.norm(x))  # [B, 3C, T, H, W]
-        qkv = qkv.permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, 3 * c)  # [B*T, 1 head, HW, 3C]
+        qkv = qkv.permute(0, 2, 3, 4, 1).reshape(
+            b * t, 1, h * w, 3 * c
+        )  # [B*T, 1 head, HW, 3C] (a view if channels-last)
         q, k, v = qkv.chunk(3, dim=-1)
         o = F.scaled_dot_product_attention(q, k, v)  # [B*T, 1, HW, C]
-        o = F.linear(o, self.proj.weight.view(c, c), self.proj.bias)
+        o = F.linear(o, self.proj.weight.reshape(c, c), self.proj.bias)
         o = o.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # [B, C, T, H, W] (strided view)
-        return torch.add(x, o, out=torch.empty_like(x, memory_format=torch.contiguous_format))
+        return torch.add(x, o, out=_empty(x.shape, x))
 
 
 class Resample(nn.Module):
@@ -247,15 +283,17 @@ class Resample(nn.Module):
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         if self.mode.startswith("up"):
             if self.mode == "upsample3d" and self in cache:
-                b, c, t, h, w = x.shape
-                x = self.time_conv(x, cache).view(b, 2, c, t, h, w)  # two output frames per input frame
-                x = _upsample2x(x, frames=2)  # [B, C, 2T, 2H, 2W], frames interleaved
+                x = _upsample2x(self.time_conv(x, cache), frames=2)  # [B, 2C, T, H, W] -> [B, C, 2T, 2H, 2W]
             else:
                 cache[self] = True  # upsample3d: the first chunk passes through in time
                 x = _upsample2x(x)
             return _conv_per_frame(self.resample[1], x)
 
-        x = _conv_per_frame(self.resample[1], F.pad(x, (0, 1, 0, 1)))
+        padded = _empty((*x.shape[:3], x.shape[3] + 1, x.shape[4] + 1), x)  # zero row/column at bottom/right
+        padded[..., -1, :].zero_()
+        padded[..., :-1, -1].zero_()
+        padded[..., :-1, :-1].copy_(x)
+        x = _conv_per_frame(self.resample[1], padded)
         if self.mode == "downsample3d":
             prev = cache.get(self)
             cache[self] = x[:, :, -1:].clone()
@@ -294,7 +332,7 @@ class Encoder3d(nn.Module):
         for layer in self.downsamples:
             x = layer(x, cache)
         x = _middle(self.middle, x, cache)
-        return self.head[2](self.head[0](x, silu=True), cache)
+        return self.head[2](x, cache, norm=self.head[0])
 
 
 class Decoder3d(nn.Module):
@@ -326,7 +364,7 @@ class Decoder3d(nn.Module):
         """Upsampling part and head: convolutions only, so it can run on spatial tiles."""
         for layer in self.upsamples:
             x = layer(x, cache)
-        return self.head[2](self.head[0](x, silu=True), cache)
+        return self.head[2](x, cache, norm=self.head[0])
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         return self.upper(self.trunk(x, cache), cache)
@@ -355,10 +393,16 @@ class WanVAE(nn.Module):
     Build from a file with `WanVAE.from_file(path, dtype=..., device=...)`; the weights' dtype is
     the compute dtype (fp32 or bf16). Inputs may live on another device (e.g. a CPU video): they
     are moved chunk by chunk.
+
+    `channels_last`: store activations as `[B, T, H, W, C]` (logical shape unchanged). cuDNN's
+    bf16 3-D convolutions run natively in that layout (NCDHW costs it a transpose in and out of
+    every conv); on an H100 it makes the whole decode markedly faster. None (default) picks it on
+    CUDA and plain layout elsewhere. Results are the same up to rounding.
     """
 
-    def __init__(self, config: WanVAEConfig | None = None):
+    def __init__(self, config: WanVAEConfig | None = None, channels_last: bool | None = None):
         super().__init__()
+        self.channels_last = channels_last
         self.config = config = config or WanVAEConfig()
         self.encoder = Encoder3d(config)
         self.conv1 = CausalConv3d(2 * config.z_dim, 2 * config.z_dim, 1)
@@ -373,6 +417,11 @@ class WanVAE(nn.Module):
     def device(self) -> torch.device:
         return self.conv2.weight.device
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` in the activation layout chosen by `channels_last` (a no-op when it already is)."""
+        cl = self.channels_last if self.channels_last is not None else x.is_cuda
+        return x.contiguous(memory_format=_CL if cl else torch.contiguous_format)
+
     def _latent_stats(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, 1/std) as float32 `[1, z, 1, 1, 1]`; built per call, so a meta-built model needs no buffer fix-up."""
         z = self.config.z_dim
@@ -380,7 +429,7 @@ class WanVAE(nn.Module):
         std = torch.tensor(self.config.latents_std, dtype=torch.float32, device=device).view(1, z, 1, 1, 1)
         return mean, 1.0 / std
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Video `[B, 3, 1 + 4k, H, W]` in [-1, 1] -> latent mean `[B, 16, 1 + k, H/8, W/8]`, float32.
 
@@ -399,12 +448,12 @@ class WanVAE(nn.Module):
         cache: StreamCache = {}
         for i in range(out.shape[2]):
             t0, t1 = (0, 1) if i == 0 else (1 + r * (i - 1), 1 + r * i)
-            x = video[:, :, t0:t1].to(device=device, dtype=dtype)
+            x = self._layout(video[:, :, t0:t1].to(device=device, dtype=dtype))
             out[:, :, i : i + 1] = F.conv3d(self.encoder(x, cache), w_mu, b_mu)
         mean, inv_std = self._latent_stats(device)
         return out.sub_(mean).mul_(inv_std)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(
         self,
         latents: torch.Tensor,
@@ -426,7 +475,7 @@ class WanVAE(nn.Module):
             raise ValueError(f"latents must have {self.config.z_dim} channels, got {list(latents.shape)}")
         device, dtype = self.device, self.dtype
         mean, inv_std = self._latent_stats(device)
-        x = self.conv2((latents.to(device=device, dtype=torch.float32) / inv_std + mean).to(dtype))
+        x = self._layout(self.conv2((latents.to(device=device, dtype=torch.float32) / inv_std + mean).to(dtype)))
         out = torch.empty(b, 3, 1 + r * (t - 1), h * s, w * s, dtype=torch.float32, device=out_device or device)
 
         def frames(i: int) -> slice:
@@ -448,7 +497,7 @@ class WanVAE(nn.Module):
                 ry0, ry1, rx0, rx1 = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
                 tile_cache: StreamCache = {}
                 for i in range(t):
-                    y = self.decoder.upper(feats[:, :, i : i + 1, ry0:ry1, rx0:rx1].contiguous(), tile_cache)
+                    y = self.decoder.upper(self._layout(feats[:, :, i : i + 1, ry0:ry1, rx0:rx1]), tile_cache)
                     core = y[:, :, :, (y0 - ry0) * s : (y1 - ry0) * s, (x0 - rx0) * s : (x1 - rx0) * s]
                     out[:, :, frames(i), y0 * s : y1 * s, x0 * s : x1 * s] = core.clamp(-1, 1)
         return out
