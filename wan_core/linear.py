@@ -356,6 +356,11 @@ def set_fp8_kernel(model: nn.Module, kernel: str, device: str | torch.device | N
     fp8 = [m for m in model.modules() if isinstance(m, FP8Linear)]
     if not fp8:
         raise ValueError("this model has no FP8 linears (quantize_model or load_fp8_dit first)")
+    if getattr(model, "dtype", None) == FP8_DTYPE:
+        raise RuntimeError(
+            "this model reports float8 as its compute dtype (it reads it off a block linear's weight): the DiT "
+            "must take the dtype of a linear's input from its `compute_dtype` where it has one (FP8Linear)"
+        )
     dev = device if device is not None else fp8[0].weight.device
     key = resolve_kernel(kernel, dev)
     for m in fp8:
