@@ -1,0 +1,145 @@
+"""Sequence parallel layered onto a built WanModel, through its two seams.
+
+- `forward_blocks` is wrapped: the video tokens [B, L, C] and the RoPE tables [L, D/2] are padded
+  to Lp (a multiple of the degree P), cut into P chunks the same way, the block stack runs on this
+  rank's chunk, and the chunks are all-gathered (and the padding dropped) after the last block.
+  Everything inside a block is per-token (norms, modulation, linears, FFN, RoPE with the chunk's
+  own table rows) or attends to the full text/image context every rank has (cross-attention),
+  except the self-attention.
+- each block's `self_attn.attn_fn` is wrapped: Ulysses all-to-all to a head split, then ring
+  attention over the ring group (or, without a ring, the model's own attention backend), then the
+  all-to-all back.
+
+Padding never reaches a softmax: every chunk's count of real tokens is known, and the keys
+beyond it are cut off before attending (with Ulysses alone the padded tail of the gathered
+sequence is dropped for queries and keys alike). Padded query rows carry harmless values and are
+dropped at the gather.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .group import ParallelGroups
+from .ring import get_lse_attention, ring_attention
+from .ulysses import heads_to_seq, seq_to_heads
+
+__all__ = ["enable_sequence_parallel", "disable_sequence_parallel", "SequenceParallelAttention", "split_layout"]
+
+
+@dataclass
+class _SeqState:
+    """Sizes of the current forward, shared by the wrapped blocks."""
+
+    length: int = 0  # real tokens L
+    chunk: int = 0  # tokens per rank Lc = Lp / P
+
+
+def split_layout(length: int, degree: int) -> tuple[int, list[int]]:
+    """Tokens per rank and the count of real tokens in each rank's chunk (padding at the end)."""
+    chunk = -(-length // degree)
+    return chunk, [max(0, min(chunk, length - i * chunk)) for i in range(degree)]
+
+
+class SequenceParallelAttention:
+    """Self-attention on a sequence chunk: q, k, v [B, Lc, H, D] -> [B, Lc, H, D]."""
+
+    def __init__(self, inner, groups: ParallelGroups, state: _SeqState, lse_attn):
+        self.inner = inner  # the model's own backend, used when there is no ring
+        self.groups = groups
+        self.state = state
+        self.lse_attn = lse_attn
+        self.backend_name = f"sp[{getattr(inner, 'backend_name', getattr(inner, '__name__', '?'))}]"
+
+    @torch.compiler.disable
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        g, pc = self.groups, self.groups.config
+        u, r = pc.ulysses, pc.ring
+        if u > 1:
+            q, k, v = seq_to_heads(torch.stack([q, k, v]), g.ulysses_group, u).unbind(0)  # 3 x [B, U*Lc, H/U, D]
+        # Real tokens in each ring position's span of U*Lc tokens (contiguous in the sequence).
+        span = u * self.state.chunk
+        valid = [max(0, min(span, self.state.length - j * span)) for j in range(r)]
+        if r > 1:
+            out = ring_attention(q, k, v, g.ring_group, g.ring_ranks, g.ring_rank, self.lse_attn, valid)
+        else:
+            n = valid[0]
+            if n < q.shape[1]:  # padded tail: attend over real tokens only, zeros for the padded rows
+                out = self.inner(q[:, :n], k[:, :n], v[:, :n])
+                out = F.pad(out, (0, 0, 0, 0, 0, q.shape[1] - n))
+            else:
+                out = self.inner(q, k, v)
+        if u > 1:
+            out = heads_to_seq(out, g.ulysses_group, u)
+        return out
+
+
+class _ForwardBlocks:
+    """Replacement for `model.forward_blocks`: split, run the original stack, gather."""
+
+    def __init__(self, original, groups: ParallelGroups, state: _SeqState):
+        self.original = original
+        self.groups = groups
+        self.state = state
+
+    def __call__(self, x, e0, context, context_img, rope):
+        g = self.groups
+        p = g.config.sp
+        b, length, c = x.shape
+        chunk, _ = split_layout(length, p)
+        pad = chunk * p - length
+        cos, sin = rope
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))  # [B, Lp, C]
+            cos = torch.cat([cos, cos.new_ones(pad, cos.shape[1])])  # identity rotation on padding
+            sin = torch.cat([sin, sin.new_zeros(pad, sin.shape[1])])
+        self.state.length, self.state.chunk = length, chunk
+        lo, hi = g.sp_rank * chunk, (g.sp_rank + 1) * chunk
+        out = self.original(x[:, lo:hi].contiguous(), e0, context, context_img, (cos[lo:hi], sin[lo:hi]))
+        parts = [torch.empty_like(out) for _ in range(p)]
+        dist.all_gather(parts, out.contiguous(), group=g.sp_group)  # P x [B, Lc, C], in sequence order
+        return torch.cat(parts, dim=1)[:, :length]
+
+
+def enable_sequence_parallel(model, groups: ParallelGroups, ring_attention_backend: str | None = None):
+    """Make `model` run its block stack split over the sequence-parallel group (in place).
+
+    Call after the model is built and its attention backend chosen (`set_attention`); calling
+    again with other groups re-wraps. A degree of 1 leaves the model as it is. Returns the model.
+    """
+    pc = groups.config
+    disable_sequence_parallel(model)
+    if pc.sp == 1:
+        return model
+    pc.validate(num_heads=model.cfg.num_heads)
+    dev = next(model.parameters()).device
+    lse = get_lse_attention(ring_attention_backend or pc.ring_attention, dev, model.dtype)
+    state = _SeqState()
+    originals = []
+    for blk in model.blocks:
+        originals.append(blk.self_attn.attn_fn)
+        blk.self_attn.attn_fn = SequenceParallelAttention(blk.self_attn.attn_fn, groups, state, lse)
+    had_own = "forward_blocks" in model.__dict__
+    prev = model.forward_blocks
+    model.forward_blocks = _ForwardBlocks(prev, groups, state)
+    model._sequence_parallel = (originals, had_own, prev, groups)
+    return model
+
+
+def disable_sequence_parallel(model):
+    """Undo `enable_sequence_parallel` (no-op when it is not enabled)."""
+    saved = model.__dict__.pop("_sequence_parallel", None)
+    if saved is None:
+        return model
+    originals, had_own, prev, _ = saved
+    for blk, fn in zip(model.blocks, originals):
+        blk.self_attn.attn_fn = fn
+    if had_own:
+        model.forward_blocks = prev
+    else:
+        del model.forward_blocks
+    return model
