@@ -12,12 +12,14 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from wan_core.config import PRESETS
 from wan_core.convert import convert_to_fp8, main
 from wan_core.linear import (
     FP8_DTYPE,
     FP8Linear,
     _cpu_has_scaled_mm,
     fp8_linear_names,
+    is_block_linear,
     quantize_model,
     quantize_rows,
     quantize_weight,
@@ -26,9 +28,9 @@ from wan_core.linear import (
 )
 from wan_core.loading import CheckpointError, read_keys
 from wan_core.loading.dit import build_model, save_dit
-from wan_core.loading.fp8 import detect_fp8_layout, load_fp8_dit
+from wan_core.loading.fp8 import build_fp8_model, detect_fp8_layout, load_fp8_dit
 
-from .test_dit import random_state_dict, tiny_cfg
+from .test_dit import _layout, random_state_dict, tiny_cfg
 
 BLOCK_LINEARS_T2V = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
                      "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]  # fmt: skip
@@ -185,6 +187,28 @@ def test_scaled_mm_model_close_to_dequant_model_on_cpu(i2v):
     assert set_fp8_kernel(m, "fp8-vllm", "cpu") == "scaled_mm"
     mm = _run(m, cfg, torch.bfloat16)
     assert _cos(mm, deq) >= 0.995 and _cos(mm, ref) >= 0.995
+
+
+@pytest.mark.parametrize(
+    "preset,layout,n_fp8", [("t2v-14b", "wan2.1_t2v_14b_dit.json", 400), ("i2v-14b", "wan2.1_i2v_14b_dit.json", 480)]
+)
+def test_full_size_fp8_build_on_meta(preset, layout, n_fp8):
+    """A lightx2v-layout file of the real 14B key list builds (on meta) with FP8 exactly in the block linears."""
+    shapes = _layout(layout)
+    cfg = PRESETS[preset]
+    sd, scales = {}, {}
+    for k, shape in shapes.items():
+        name = k[: -len(".weight")]
+        fp8 = k.endswith(".weight") and is_block_linear(name)
+        sd[k] = torch.empty(shape, dtype=FP8_DTYPE if fp8 else torch.bfloat16, device="meta")
+        if fp8:
+            scales[name] = torch.empty(shape[0], 1, device="meta")
+    m = build_fp8_model(cfg, sd, scales, device="meta")
+    assert len(fp8_linear_names(m)) == n_fp8 == len(scales)
+    fp8_bytes = sum(p.numel() for n, p in m.named_parameters() if p.dtype == FP8_DTYPE)
+    other = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if p.dtype != FP8_DTYPE)
+    # T2V: 14.05 B parameters in e4m3, 0.24 B left in bf16/fp32: 13.1 + 0.8 GiB of weights
+    assert fp8_bytes / sum(p.numel() for p in m.parameters()) > 0.98 and other < 1.6 * 2**30
 
 
 # ---- file layouts -------------------------------------------------------------------------------
