@@ -94,10 +94,12 @@ def test_key_spellings_parse_to_official_targets():
         "lora_unet__blocks_1_cross_attn_k.lora_down.weight": z,  # Wan-Fun's double underscore
         "lora_unet__blocks_1_cross_attn_k.lora_up.weight": z.T,
         "lora_unet_blocks_0.diff_m": z,
+        "lora_unet_blocks_22.self_attn.k.lora_down.weight": z,  # half-kohya names some trainers write
+        "lora_unet_blocks_22.self_attn.k.lora_up.weight": z.T,
     }
     lw = parse_lora(sd)
-    assert lw.layout == "kohya"
-    assert set(lw.targets) == {"blocks.0.self_attn.q", "blocks.1.cross_attn.k", "blocks.0"}
+    assert lw.layout == "kohya" and not lw.unknown_keys
+    assert set(lw.targets) == {"blocks.0.self_attn.q", "blocks.1.cross_attn.k", "blocks.0", "blocks.22.self_attn.k"}
     assert lw.targets["blocks.0.self_attn.q"].scale == 8.0 / 2
     assert lw.targets["blocks.1.cross_attn.k"].scale == 1.0  # no alpha -> scale 1
     assert lw.targets["blocks.0"].diff_m is not None
@@ -310,34 +312,43 @@ class _FP8Like(nn.Module):
         self.bias = lin.bias
         self.in_features, self.out_features = lin.in_features, lin.out_features
 
-    def dequantized(self) -> torch.Tensor:
+    def dequantized_weight(self, dtype=None) -> torch.Tensor:
         return self.weight.float() * self.weight_scale
 
     def forward(self, x):
-        return F.linear(x, self.dequantized().to(x.dtype), self.bias)
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
 
 
-def _swap_attention_linears(model):
+def _swap_attention_linears(model, make):
     # Only the attention linears: dit.py reads the compute dtype off `ffn.0.weight` (see the report).
     for name, mod in list(model.named_modules()):
         if "_attn." in name and isinstance(mod, nn.Linear):
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, _FP8Like(mod))
+            setattr(model.get_submodule(parent), attr, make(mod))
     return model
 
 
-def test_branch_beside_fp8_style_linears(t2v):
+def _fp8linear(lin):
+    from wan_core.linear import FP8Linear
+
+    return FP8Linear.from_linear(lin)  # kernel 'dequant', compute dtype = the linear's
+
+
+@pytest.mark.parametrize("make", [_FP8Like, _fp8linear], ids=["stand-in", "FP8Linear"])
+def test_branch_beside_fp8_linears(t2v, make):
     cfg, sd = t2v
     lw = random_lora(cfg, seed=14)  # with a full `diff` on the first target only (text_embedding.0)
-    lw.targets["blocks.1.ffn.2"].diff = torch.randn(cfg.dim, cfg.ffn_dim) * 0.01  # a full delta beside FP8
-    fp8 = _swap_attention_linears(build_model(cfg, sd, dtype=torch.float32))
+    lw.targets["blocks.1.self_attn.o"].diff = torch.randn(cfg.dim, cfg.dim) * 0.01  # a full delta beside FP8
+    fp8 = _swap_attention_linears(build_model(cfg, sd, dtype=torch.float32), make)
     with pytest.raises(LoraMismatchError, match="float8_e4m3fn: merging would lose precision"):
         apply_loras(fp8, [(lw, 0.9)], mode="merge")
     rep = apply_loras(fp8, [(lw, 0.9)], mode="auto")
-    n_fp8 = sum(isinstance(m, _FP8Like) for m in fp8.modules())
+    kind = type(fp8.blocks[0].self_attn.q)
+    assert kind is not nn.Linear
+    n_fp8 = sum(isinstance(m, kind) for m in fp8.modules())
     assert rep[0].branched == n_fp8 and rep[0].merged > 0
     # reference: the dequantized weights as a plain model, LoRA merged
-    deq = {n: m.dequantized() for n, m in fp8.named_modules() if isinstance(m, _FP8Like)}
+    deq = {n: m.dequantized_weight(torch.float32) for n, m in fp8.named_modules() if isinstance(m, kind)}
     sd_deq = {k: deq[k[: -len(".weight")]] if k[: -len(".weight")] in deq else v for k, v in sd.items()}
     ref_model = build_model(cfg, sd_deq, dtype=torch.float32)
     apply_loras(ref_model, [(lw, 0.9)], mode="merge")

@@ -422,7 +422,11 @@ def apply_loras(
 
 
 def _branch_dtype(mod: nn.Module) -> torch.dtype:
-    """Compute dtype of a branch beside an FP8 linear: its bias' dtype, else bfloat16."""
+    """Compute dtype of a branch beside an FP8 linear: its `compute_dtype` (FP8Linear), its bias'
+    dtype, else bfloat16."""
+    cd = getattr(mod, "compute_dtype", None)
+    if isinstance(cd, torch.dtype):
+        return cd
     b = getattr(mod, "bias", None)
     return b.dtype if isinstance(b, torch.Tensor) and b.is_floating_point() and b.element_size() > 1 else torch.bfloat16
 

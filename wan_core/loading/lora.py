@@ -4,7 +4,8 @@ A LoRA file is a flat dict of tensors. Whatever tool wrote it, each key is
 `<prefix><target><suffix>`:
 - prefix: none, `diffusion_model.`, `model.diffusion_model.`, `transformer.`, `base_model.model.`
   (PEFT), or a kohya one (`lora_unet_`, also `lora_unet__` from Wan-Fun, `lora_transformer_`,
-  `lycoris_`) whose target is the dotted name with every `.` turned into `_`;
+  `lycoris_`) whose target is the dotted name with every `.` turned into `_` (some trainers do
+  it only for the block part: `lora_unet_blocks_22.self_attn.k`);
 - target: an official module name (`blocks.0.self_attn.q`), or its diffusers name
   (`blocks.0.attn1.to_q`, mapped with the DiT loader's own key map);
 - suffix: the low-rank pair (`lora_down.weight`/`lora_up.weight`, `lora_A.weight`/`lora_B.weight`,
@@ -166,14 +167,14 @@ def _split(key: str) -> tuple[str, str, bool] | None:
                 break
         else:
             break
+    kohya = False
     for p in _KOHYA_PREFIXES:
         if k.startswith(p):
-            stem, dot, rest = k[len(p) :].lstrip("_").partition(".")
-            role = _SUFFIXES.get("." + rest) if dot else None
-            return (stem, role, True) if role else None
+            k, kohya = k[len(p) :].lstrip("_"), True
+            break
     for suf in _SUFFIX_ORDER:
         if k.endswith(suf) and len(k) > len(suf):
-            return k[: -len(suf)], _SUFFIXES[suf], False
+            return k[: -len(suf)], _SUFFIXES[suf], kohya
     return None
 
 
@@ -200,7 +201,9 @@ def parse_lora(sd: dict[str, torch.Tensor], source: str = "state dict") -> LoraW
         else:
             parsed.append((key, *s))
     kohya = any(kh for *_, kh in parsed)
-    stems = [kohya_to_dotted(st) if kh else st for _, st, _, kh in parsed]
+    # kohya stems are all-underscore ('blocks_0_self_attn_q') or, from some trainers, mixed
+    # ('blocks_22.self_attn.k'): re-dot each dotted part.
+    stems = [".".join(map(kohya_to_dotted, st.split("."))) if kh else st for _, st, _, kh in parsed]
     diffusers = any(h in st or st.startswith(h.lstrip(".")) for st in stems for h in _DIFFUSERS_HINTS)
     unsupported = [key for key, _, role, _ in parsed if role == "unsupported"]
     if unsupported:
