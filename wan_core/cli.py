@@ -1,0 +1,220 @@
+"""The command line: `python -m wan_core <subcommand> ...` (also installed as `wan-core`).
+
+    python -m wan_core demo                                   # tiny model, short video, CPU, no downloads
+    python -m wan_core --model_cls wan2.1 --task t2v --model_path Wan2.1-T2V-14B \\
+        --config_json configs/wan_t2v.json --prompt "..." --save_result_path out.mp4
+    python -m wan_core tiny-model --task i2v --out tiny --layout comfyui
+
+Without a subcommand the arguments are LightX2V's (`python -m lightx2v.infer ...`), i.e.
+`generate`. Adding a subcommand is one function decorated with `@subcommand(name, help)`: it
+receives its argparse parser, adds its arguments, and returns the function that runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+
+__all__ = ["main", "build_parser", "subcommand"]
+
+_SUBCOMMANDS: dict[str, tuple[str, Callable]] = {}
+
+
+def subcommand(name: str, help: str):
+    """Register `setup(parser) -> run(args) -> int` as the subcommand `name`."""
+
+    def register(setup: Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]):
+        _SUBCOMMANDS[name] = (help, setup)
+        return setup
+
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m wan_core", description="Wan2.1 text/image-to-video (wan_core engine)")
+    subs = parser.add_subparsers(dest="command", metavar="{" + ",".join(_SUBCOMMANDS) + "}")
+    for name, (help_text, setup) in _SUBCOMMANDS.items():
+        p = subs.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(run=setup(p))
+    return parser
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines printed above a running progress bar instead of through it."""
+
+    def emit(self, record):
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_logging() -> None:
+    log = logging.getLogger("wan_core")
+    if not any(isinstance(h, _TqdmHandler) for h in log.handlers):
+        h = _TqdmHandler()
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model files (any of them overrides what model_path holds)")
+    g.add_argument("--dit_path", help="DiT file, shard index or folder")
+    g.add_argument("--t5_path", help="umT5-XXL encoder file")
+    g.add_argument("--tokenizer_path", help="google/umt5-xxl tokenizer folder")
+    g.add_argument("--vae_path", help="Wan2.1 VAE file")
+    g.add_argument("--clip_path", help="CLIP ViT-H/14 file (i2v)")
+    g = p.add_argument_group("run")
+    g.add_argument("--dtype", default="auto", help="bf16 | fp16 | fp32 | auto (bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--device", default="auto", help="cuda | cuda:N | cpu | auto")
+    g.add_argument("--attention", default="auto", help="attention backend when the config names none (sdpa, sdpa_cudnn, flash_attn3, ...)")
+
+
+# LightX2V flags that change nothing here: accepted, with a warning.
+_IGNORED_FLAGS = ("use_prompt_enhancer", "warmup", "return_result_tensor")
+
+
+@subcommand("generate", "Generate a video (LightX2V's flags and config JSON)")
+def _generate_setup(p: argparse.ArgumentParser):
+    p.add_argument("--model_cls", default="wan2.1", help="wan2.1 | wan2.1_distill")
+    p.add_argument("--task", default="t2v", choices=["t2v", "i2v"])
+    p.add_argument("--model_path", help="model folder (Wan-AI, ComfyUI models/ or diffusers layout)")
+    p.add_argument("--config_json", help="LightX2V config JSON (infer_steps, target_height, sample_shift, ...)")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--negative_prompt", default="", help="default: Wan's official negative prompt (used with CFG)")
+    p.add_argument("--image_path", default="", help="input image (i2v)")
+    p.add_argument("--seed", type=int, default=42, help="-1 draws a random seed")
+    p.add_argument("--save_result_path", default="wan_core_result.mp4")
+    p.add_argument("--num_frames", dest="target_video_length", type=int, help="overrides target_video_length")
+    p.add_argument("--target_shape", type=int, nargs=2, metavar=("H", "W"), help="overrides target_height/width")
+    p.add_argument("--use_prompt_enhancer", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--return_result_tensor", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--support_tasks", nargs="+", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--aspect_ratio", default="", help=argparse.SUPPRESS)
+    _add_model_args(p)
+
+    def run(args) -> int:
+        from .pipeline import WanPipeline
+
+        for flag in _IGNORED_FLAGS:
+            if getattr(args, flag):
+                warnings.warn(f"--{flag} is accepted for LightX2V compatibility and ignored", stacklevel=1)
+        if args.support_tasks or args.aspect_ratio:
+            warnings.warn("--support_tasks / --aspect_ratio are accepted for LightX2V compatibility and ignored", stacklevel=1)
+        params = {}
+        if args.target_video_length is not None:
+            params["target_video_length"] = args.target_video_length
+        if args.target_shape:
+            params["target_height"], params["target_width"] = args.target_shape
+        pipe = WanPipeline(
+            args.model_path, args.model_cls, args.task, dit_path=args.dit_path, t5_path=args.t5_path,
+            tokenizer_path=args.tokenizer_path, vae_path=args.vae_path, clip_path=args.clip_path,
+            dtype=args.dtype, device=args.device, attention=args.attention,
+        )  # fmt: skip
+        pipe.create_generator(args.config_json, **params)
+        result = pipe.generate(
+            seed=args.seed, prompt=args.prompt, negative_prompt=args.negative_prompt,
+            image_path=args.image_path or None, save_result_path=args.save_result_path, progress=True,
+        )  # fmt: skip
+        print(f"saved {result.path}: {result.summary()}")
+        return 0
+
+    return run
+
+
+# ----------------------------------------------------------------------------- tiny-model / demo
+
+
+@subcommand("tiny-model", "Write a tiny random-weight model in a real file layout (tests, demos)")
+def _tiny_setup(p: argparse.ArgumentParser):
+    p.add_argument("--task", default="t2v", choices=["t2v", "i2v"])
+    p.add_argument("--out", required=True, help="folder to write (the model_path)")
+    p.add_argument("--layout", default="wan", choices=["wan", "comfyui", "diffusers"])
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(args) -> int:
+        from .tiny import write_tiny_model
+
+        path = write_tiny_model(args.out, args.task, args.layout, args.seed)
+        print(f"wrote a tiny random {args.task} model ({args.layout} layout) to {path}")
+        return 0
+
+    return run
+
+
+def _demo_image(path: str) -> str:
+    """A synthetic start image (colour gradient with a disc), so the i2v demo needs no file."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = 240, 416
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx / w, yy / h, 0.5 + 0.5 * np.sin(xx / 23.0)], -1)
+    img[(yy - h / 2) ** 2 + (xx - w / 3) ** 2 < (h / 4) ** 2] = (1.0, 0.8, 0.2)
+    Image.fromarray((img * 255).astype("uint8")).save(path)
+    return path
+
+
+@subcommand("demo", "Generate a short video with a tiny random model on the CPU (no downloads)")
+def _demo_setup(p: argparse.ArgumentParser):
+    p.add_argument("--task", default="t2v", choices=["t2v", "i2v"])
+    p.add_argument("--prompt", default="a red fox running through a snowy forest, cinematic")
+    p.add_argument("--save_result_path", default="wan_core_demo.mp4")
+    p.add_argument("--frames", type=int, default=17)
+    p.add_argument("--height", type=int, default=96)
+    p.add_argument("--width", type=int, default=160)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache_dir", help="where the tiny model is kept (default ~/.cache/wan_core or $WAN_CORE_CACHE)")
+
+    def run(args) -> int:
+        from .pipeline import WanPipeline
+        from .tiny import tiny_model_dir
+
+        model = tiny_model_dir(args.task, root=args.cache_dir)
+        print(f"tiny random-weight model: {model}  (the video shows noise patterns: the weights are random)")
+        pipe = WanPipeline(model, "wan2.1_distill", args.task, device=args.device, dtype="fp32")
+        pipe.create_generator(
+            target_video_length=args.frames, target_height=args.height, target_width=args.width,
+            sample_shift=5.0, enable_cfg=False, infer_steps=4,
+        )  # fmt: skip
+        image = _demo_image(os.path.join(model, "demo_image.png")) if args.task == "i2v" else None
+        result = pipe.generate(args.seed, args.prompt, image_path=image, save_result_path=args.save_result_path, progress=True)
+        print(f"saved {result.path}: {result.summary()}")
+        return 0
+
+    return run
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .loading.io import CheckpointError
+    from .options import FeatureNotAvailable
+    from .tokenizer import TokenizerError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "generate")  # LightX2V style: flags only
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        return args.run(args)
+    except (FileNotFoundError, ValueError, CheckpointError, TokenizerError, FeatureNotAvailable, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,228 @@
+"""Run settings in LightX2V's vocabulary: `GenerationConfig` read from a config JSON and/or keywords.
+
+A LightX2V user's config files work unchanged. Every key falls in one of four groups:
+- used: sampling, size, attention, component file paths (below, fields of `GenerationConfig`);
+- pending: keys of features that land later (CPU offload, LoRA, FP8, multi-GPU, caching). They
+  are parsed; asking for anything but their default raises `FeatureNotAvailable` naming the key.
+  A feature that lands moves its keys from `PENDING` into the used group;
+- ignored: keys that change nothing here (memory housekeeping, prompt-enhancer servers,
+  LightX2V-internal kernel choices); accepted with one warning;
+- unknown: anything else; accepted with a warning that names them (typos show up here).
+
+Differences from LightX2V, on purpose: `enable_cfg` missing means "CFG if sample_guide_scale != 1"
+(LightX2V's config path defaults it to false, its Python API to guidance != 1; every shipped
+config sets it); a `denoising_step_list` selects the step-distill schedule whatever the model_cls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["FeatureNotAvailable", "GenerationConfig", "PENDING", "IGNORED", "KWARG_ALIASES", "DEFAULT_NEGATIVE_PROMPT"]
+
+# Official Wan2.1 default negative prompt (wan/configs/shared_config.py `sample_neg_prompt`).
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+
+
+class FeatureNotAvailable(NotImplementedError):
+    """A setting asks for a feature that wan_core does not have yet."""
+
+
+# key -> (feature, predicate "the value asks for the feature")
+PENDING: dict[str, tuple[str, Any]] = {
+    "cpu_offload": ("CPU offload", bool),
+    "lazy_load": ("CPU offload (lazy loading)", bool),
+    "unload_modules": ("CPU offload (module unloading)", bool),
+    "lora_configs": ("LoRA", bool),
+    "dit_quantized": ("FP8 DiT weights", bool),
+    "t5_quantized": ("quantized T5", bool),
+    "clip_quantized": ("quantized CLIP", bool),
+    "parallel": ("multi-GPU (sequence / CFG parallel)", lambda v: _parallel_sizes(v) != (1, 1)),
+    "seq_parallel": ("multi-GPU (sequence parallel)", bool),
+    "cfg_parallel": ("multi-GPU (CFG parallel)", bool),
+    "feature_caching": ("feature caching (TeaCache & co.)", lambda v: v not in (None, "NoCaching")),
+    "changing_resolution": ("changing resolution", bool),
+    "enable_dynamic_cfg": ("dynamic CFG", bool),
+    "video_frame_interpolation": ("frame interpolation", bool),
+    "use_tae": ("the tiny autoencoder (TAE)", bool),
+    "resize_mode": ("image resize modes", bool),
+}
+# Keys that only qualify a pending feature: accepted silently (they ask for nothing by themselves).
+_QUALIFIERS = {
+    "offload_granularity", "offload_ratio", "t5_cpu_offload", "vae_cpu_offload", "clip_cpu_offload",
+    "dit_quantized_ckpt", "dit_quant_scheme", "t5_quantized_ckpt", "t5_quant_scheme", "clip_quantized_ckpt",
+    "clip_quant_scheme", "teacache_thresh", "use_ret_steps", "coefficients", "magcache_thresh",
+    "magcache_retention_ratio", "magcache_ratios", "magcache_calibration", "residual_diff_threshold",
+    "resolution_rate", "changing_resolution_steps", "cfg_scale", "tae_path", "seq_p_size", "seq_p_attn_type",
+    "cfg_p_size",
+}  # fmt: skip
+# Keys that change nothing in wan_core.
+IGNORED = {
+    "use_prompt_enhancer", "sub_servers", "prompt_enhancer", "do_mm_calib", "use_bfloat16", "use_compile",
+    "clean_cuda_cache", "rope_type", "rms_norm_type", "layer_norm_type", "modulate_type", "rotary_chunk",
+    "warmup", "return_result_tensor", "model_cls", "task", "model_path", "config_json", "seed", "prompt",
+    "negative_prompt", "image_path", "save_result_path", "use_image_encoder", "max_area", "num_channels_latents",
+    "vae_stride", "patch_size", "norm_modulate_backend", "double_precision_rope", "enable_reuse",
+}  # fmt: skip
+# LightX2V `create_generator(...)` keyword names -> config keys.
+KWARG_ALIASES = {
+    "num_frames": "target_video_length",
+    "height": "target_height",
+    "width": "target_width",
+    "guidance_scale": "sample_guide_scale",
+}
+
+
+def _parallel_sizes(v) -> tuple[int, int]:
+    if not v:
+        return (1, 1)
+    if not isinstance(v, Mapping):
+        raise ValueError(f"'parallel' must be false or an object like {{'seq_p_size': 4, 'cfg_p_size': 2}}, got {v!r}")
+    return (int(v.get("seq_p_size", 1)), int(v.get("cfg_p_size", 1)))
+
+
+@dataclass
+class GenerationConfig:
+    """What one generation does. Field names are LightX2V's config keys; defaults are its Wan2.1 T2V ones."""
+
+    infer_steps: int = 50
+    target_video_length: int = 81
+    target_height: int = 480
+    target_width: int = 832
+    text_len: int = 512
+    self_attn_1_type: str | None = None  # None: the pipeline's own choice ('auto')
+    cross_attn_1_type: str | None = None  # text cross-attention
+    cross_attn_2_type: str | None = None  # image cross-attention (I2V); wan_core uses one backend for both
+    sample_guide_scale: float = 5.0
+    sample_shift: float = 5.0
+    enable_cfg: bool | None = None  # None: sample_guide_scale != 1
+    denoising_step_list: list[int] | None = None  # step distillation, e.g. [1000, 750, 500, 250]
+    sample_solver: str = "unipc"  # official Wan key; LightX2V always runs UniPC
+    fps: int = 16
+    use_tiling_vae: bool = False  # memory-bounded (tiled) VAE decode
+    # component files (LightX2V keys); relative paths are taken from the model folder
+    dit_original_ckpt: str | None = None
+    t5_original_ckpt: str | None = None
+    t5_tokenizer_path: str | None = None
+    vae_path: str | None = None
+    clip_original_ckpt: str | None = None
+    # keys of features not built yet, as given (see PENDING)
+    pending: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def cfg_enabled(self) -> bool:
+        return bool(self.enable_cfg) if self.enable_cfg is not None else self.sample_guide_scale != 1
+
+    @property
+    def guidance(self) -> float:
+        """The CFG scale actually applied (1.0 = one DiT evaluation per step)."""
+        return float(self.sample_guide_scale) if self.cfg_enabled else 1.0
+
+    @property
+    def max_area(self) -> int:
+        """Pixel area an I2V video is fitted to (480P: 480 * 832, 720P: 720 * 1280)."""
+        return int(self.target_height) * int(self.target_width)
+
+    def scheduler(self):
+        from .schedulers import scheduler_from_config
+
+        return scheduler_from_config(dataclasses.asdict(self))
+
+    # ------------------------------------------------------------------ checks
+    def check(self, task: str = "t2v") -> None:
+        """ValueError for an impossible run, FeatureNotAvailable for a feature that is not built yet."""
+        for key, value in self.pending.items():
+            feature, asks = PENDING[key]
+            if asks(value):
+                raise FeatureNotAvailable(
+                    f"config key {key!r} = {value!r} asks for {feature}, which is not available yet in wan_core; "
+                    f"remove the key (or set it to its default) to run without it"
+                )
+        n = self.target_video_length
+        if not isinstance(n, int) or n < 1 or (n - 1) % 4:
+            raise ValueError(f"target_video_length must be 4n+1 (1, 5, ..., 81), got {n!r}")
+        h, w = self.target_height, self.target_width
+        if not all(isinstance(v, int) and v > 0 for v in (h, w)):
+            raise ValueError(f"target_height / target_width must be positive integers, got {h!r} x {w!r}")
+        if task == "t2v" and (h % 16 or w % 16):
+            raise ValueError(
+                f"target_height and target_width must be multiples of 16 for t2v, got {h}x{w} "
+                f"(e.g. {h // 16 * 16}x{w // 16 * 16}); i2v fits the image to the area instead"
+            )
+        if self.text_len < 1:
+            raise ValueError(f"text_len must be positive, got {self.text_len}")
+        self.scheduler()  # scheduler keys (steps, shift, denoising_step_list) raise their own ValueErrors
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any], source: str = "config") -> GenerationConfig:
+        """Parse LightX2V config keys (plus `create_generator` keyword aliases); warns on unknown keys."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"pending"}
+        kw: dict[str, Any] = {}
+        pending: dict[str, Any] = {}
+        unknown, ignored = [], []
+        for key, value in cfg.items():
+            key = KWARG_ALIASES.get(key, key)
+            if key == "attn_mode":  # LightX2V create_generator: one backend for all three
+                for k in ("self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type"):
+                    kw[k] = value
+            elif key in fields:
+                kw[key] = value
+            elif key in PENDING:
+                pending[key] = value
+                if key == "parallel":
+                    _parallel_sizes(value)
+            elif key in _QUALIFIERS:
+                pass
+            elif key in IGNORED:
+                ignored.append(key)
+            else:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(f"{source}: unknown keys ignored: {', '.join(sorted(unknown))}", stacklevel=2)
+        notable = sorted(set(ignored) - {"model_cls", "task", "model_path", "config_json", "seed", "prompt",
+                                         "negative_prompt", "image_path", "save_result_path"})  # fmt: skip
+        if notable:
+            warnings.warn(f"{source}: keys accepted but without effect in wan_core: {', '.join(notable)}", stacklevel=2)
+        for k in ("infer_steps", "target_video_length", "target_height", "target_width", "text_len", "fps"):
+            if k in kw and isinstance(kw[k], float) and kw[k].is_integer():
+                kw[k] = int(kw[k])
+        return cls(**kw, pending=pending)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> GenerationConfig:
+        return cls.from_dict(read_json(path), source=os.fspath(path))
+
+    def updated(self, params: Mapping[str, Any], source: str = "parameters") -> GenerationConfig:
+        """A copy with `params` (config keys or create_generator keywords) laid over these settings."""
+        merged = {k: v for k, v in dataclasses.asdict(self).items() if k != "pending"}
+        merged.update(self.pending)
+        # drop unset path keys so that they do not count as given
+        merged = {k: v for k, v in merged.items() if v is not None or k in params}
+        out = GenerationConfig.from_dict({**merged, **params}, source=source)
+        return out
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config JSON not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config JSON must hold an object of keys, got {type(data).__name__}")
+    return data

@@ -1,0 +1,335 @@
+"""The Python door: `WanPipeline`, shaped like LightX2V's `LightX2VPipeline`.
+
+    pipe = WanPipeline(model_path="Wan2.1-T2V-14B", model_cls="wan2.1", task="t2v")
+    pipe.create_generator(config_json="configs/wan_t2v.json")      # or keywords: infer_steps=4, ...
+    result = pipe.generate(seed=42, prompt="...", save_result_path="out.mp4")
+    result.frames      # [T, H, W, 3] float in [0, 1]; result.timings, result.peak_memory
+
+`create_generator` reads the settings (LightX2V config keys, see `wan_core.options`), finds the
+component files (`wan_core.discover`), and builds the models through the `ModelSpec` cache, so
+a second pipeline over the same files shares them. `generate` runs the stages, each also public
+for the ComfyUI nodes: `encode_text` -> (`encode_image`) -> `sample` -> `decode`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .conditioning import I2VCondition, load_image, prepare_i2v
+from .discover import find_model_files
+from .options import DEFAULT_NEGATIVE_PROMPT, GenerationConfig
+from .sampling import Cond, StepInfo, latent_shape, make_noise, sample
+from .spec import ModelSpec, build_dit, build_image_encoder, build_text_encoder, build_vae
+
+__all__ = ["WanPipeline", "GenerationResult", "MODEL_CLASSES"]
+
+log = logging.getLogger("wan_core.pipeline")
+
+MODEL_CLASSES = ("wan2.1", "wan2.1_distill")
+DISTILL_STEPS = [1000, 750, 500, 250]  # lightx2v 4-step distill models
+VAE_TILE = 32  # latent pixels per tile when `use_tiling_vae` is on (256 video pixels)
+
+
+@dataclass
+class GenerationResult:
+    """What `generate` returns."""
+
+    frames: torch.Tensor  # [T, H, W, 3] float32 in [0, 1], on the CPU
+    seed: int
+    latent: torch.Tensor | None = None  # [1, 16, F_lat, h, w] float32, when asked for
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    step_times: list[float] = field(default_factory=list)  # seconds per denoising step
+    peak_memory: int | None = None  # bytes of GPU memory at peak (None on the CPU)
+    path: str | None = None  # the video file written, if any
+
+    def summary(self) -> str:
+        t, h, w, _ = self.frames.shape
+        parts = [f"{t} frames {w}x{h}, seed {self.seed}"]
+        parts += [f"{k.replace('_', ' ')} {v:.2f} s" for k, v in self.timings.items()]
+        if self.peak_memory is not None:
+            parts.append(f"peak GPU memory {self.peak_memory / 2**30:.2f} GiB")
+        return "; ".join(parts)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _attention_choice(name: str | None, fallback: str, device: str, key: str) -> str:
+    """A backend named in a config is a preference: if its package is missing here, warn and use `fallback`."""
+    from .attention import get_attention
+
+    if name is None:
+        return fallback
+    try:
+        get_attention(name, device)
+        return name
+    except ImportError as e:
+        warnings.warn(f"config {key}={name!r} cannot run here ({e}); using {fallback!r}", stacklevel=3)
+        return fallback
+
+
+class WanPipeline:
+    """Wan2.1 T2V / I2V generation from a model folder or individual files.
+
+    model_path: a Wan-AI, ComfyUI `models` or diffusers folder (see `wan_core.discover`); any of
+    dit_path / t5_path / tokenizer_path / vae_path / clip_path gives (or overrides) one file.
+    model_cls: 'wan2.1' or 'wan2.1_distill' (the latter defaults to the 4-step distill schedule).
+    dtype / device / attention: 'auto' = bf16 on GPU (fp32 on CPU), CUDA if present, the best
+    SDPA backend. `attention` given here is strict; backends named in a config JSON fall back
+    to it with a warning when their package is missing.
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        model_cls: str = "wan2.1",
+        task: str = "t2v",
+        *,
+        dit_path: str | None = None,
+        t5_path: str | None = None,
+        tokenizer_path: str | None = None,
+        vae_path: str | None = None,
+        clip_path: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        vae_dtype: str | torch.dtype | None = None,
+        device: str = "auto",
+        attention: str = "auto",
+    ):
+        if model_cls not in MODEL_CLASSES:
+            raise ValueError(f"model_cls {model_cls!r} is not supported; wan_core runs {', '.join(MODEL_CLASSES)}")
+        if task not in ("t2v", "i2v"):
+            raise ValueError(f"task must be 't2v' or 'i2v', got {task!r}")
+        if model_path is None and dit_path is None:
+            raise ValueError("give model_path (a model folder) or the component files (dit_path, t5_path, vae_path, ...)")
+        self.model_path, self.model_cls, self.task = model_path, model_cls, task
+        self.paths = dict(dit=dit_path, t5=t5_path, tokenizer=tokenizer_path, vae=vae_path, clip=clip_path)
+        self.dtype, self.vae_dtype, self.device, self.attention = dtype, vae_dtype, device, attention
+        self.config: GenerationConfig | None = None
+        self.spec: ModelSpec | None = None
+
+    # ------------------------------------------------------------------ setup
+    def _config_path(self, value: str | None) -> str | None:
+        """A component path from a config: as given if it exists, else relative to model_path."""
+        if value is None or os.path.exists(value) or not self.model_path:
+            return value
+        for cand in (os.path.join(self.model_path, value), os.path.join(self.model_path, os.path.basename(value))):
+            if os.path.exists(cand):
+                return cand
+        return value  # find_model_files reports it as missing
+
+    def create_generator(self, config_json: str | None = None, **params) -> WanPipeline:
+        """Read the settings (a LightX2V config JSON, then keyword overrides) and build the models."""
+        cfg = GenerationConfig.from_json(config_json) if config_json else GenerationConfig()
+        if self.model_cls == "wan2.1_distill" and cfg.denoising_step_list is None and "denoising_step_list" not in params:
+            cfg.denoising_step_list = list(DISTILL_STEPS)
+        if params:
+            cfg = cfg.updated(params, source="create_generator")
+        cfg.check(self.task)
+        files = find_model_files(
+            self.model_path,
+            self.task,
+            dit=self.paths["dit"] or self._config_path(cfg.dit_original_ckpt),
+            t5=self.paths["t5"] or self._config_path(cfg.t5_original_ckpt),
+            tokenizer=self.paths["tokenizer"] or self._config_path(cfg.t5_tokenizer_path),
+            vae=self.paths["vae"] or self._config_path(cfg.vae_path),
+            clip=self.paths["clip"] or self._config_path(cfg.clip_original_ckpt),
+        )
+        device = str(self.device)
+        spec = ModelSpec(
+            dit=files.dit, t5=files.t5, tokenizer=files.tokenizer, vae=files.vae,
+            clip=files.clip if self.task == "i2v" else None, task=self.task, dtype=self.dtype,
+            vae_dtype=self.vae_dtype, device=device, text_len=cfg.text_len,
+        )  # fmt: skip
+        dev = spec.torch_device
+        self_attn = _attention_choice(cfg.self_attn_1_type, self.attention, dev, "self_attn_1_type")
+        cross_attn = _attention_choice(cfg.cross_attn_1_type, self_attn, dev, "cross_attn_1_type")
+        if cfg.cross_attn_2_type not in (None, cfg.cross_attn_1_type):
+            warnings.warn("cross_attn_2_type differs from cross_attn_1_type: wan_core runs one cross-attention backend (cross_attn_1_type)", stacklevel=2)
+        self.spec = spec.replace(attention=self_attn, cross_attention=cross_attn)
+        self.config = cfg
+        self.load()
+        return self
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, config: GenerationConfig | None = None, model_cls: str = "wan2.1") -> WanPipeline:
+        """A pipeline over an already described model (what the ComfyUI nodes hold)."""
+        pipe = cls(dit_path=spec.dit, model_cls=model_cls, task=spec.task, dtype=spec.dtype, device=spec.device)
+        pipe.spec, pipe.config = spec, config or GenerationConfig()
+        pipe.config.check(spec.task)
+        pipe.load()
+        return pipe
+
+    def load(self) -> None:
+        """Build (or fetch from the cache) every model of the spec."""
+        spec = self._need_spec()
+        self.dit = build_dit(spec)
+        self.text_encoder = build_text_encoder(spec)
+        self.vae = build_vae(spec)
+        self.image_encoder = build_image_encoder(spec) if spec.task == "i2v" else None
+
+    def _need_spec(self) -> ModelSpec:
+        if self.spec is None or self.config is None:
+            raise RuntimeError("call create_generator(...) first")
+        return self.spec
+
+    @property
+    def torch_device(self) -> str:
+        return self._need_spec().torch_device
+
+    # ------------------------------------------------------------------ stages
+    def encode_text(self, prompt: str, negative_prompt: str | None = None) -> tuple[Cond, Cond | None]:
+        """T5 contexts for the prompt and, when CFG is on, the negative prompt ('' / None: Wan's default)."""
+        cfg = self.config
+        dev = self.torch_device
+        ctx = [c.to(dev) for c in self.text_encoder.encode([prompt])]
+        if not cfg.cfg_enabled:
+            return Cond(ctx), None
+        neg = [c.to(dev) for c in self.text_encoder.encode([negative_prompt or DEFAULT_NEGATIVE_PROMPT])]
+        return Cond(ctx), Cond(neg)
+
+    def encode_image(self, image) -> I2VCondition:
+        """I2V conditioning (CLIP tokens, mask, first-frame latent) for an image (path, PIL, array or tensor)."""
+        if self.image_encoder is None:
+            raise ValueError("encode_image needs an i2v pipeline (this one is t2v)")
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image)
+        with torch.no_grad():
+            return prepare_i2v(image, self.vae, self.image_encoder, self.config.target_video_length, self.config.max_area)
+
+    def latent_shape(self, image_cond: I2VCondition | None = None) -> tuple[int, ...]:
+        """[1, 16, F_lat, h, w] of the run (I2V: the size the image fixed)."""
+        cfg = self.config
+        if image_cond is not None:
+            return (1, *latent_shape(cfg.target_video_length, image_cond.height, image_cond.width))
+        return (1, *latent_shape(cfg.target_video_length, cfg.target_height, cfg.target_width))
+
+    def sample(
+        self,
+        noise: torch.Tensor,
+        cond: Cond,
+        uncond: Cond | None,
+        image_cond: I2VCondition | None = None,
+        callback: Callable[[StepInfo], None] | None = None,
+    ) -> torch.Tensor:
+        """Denoise `noise` [1, 16, F, h, w] to the final latent with the configured schedule and guidance."""
+        cfg = self.config
+        dev = self.torch_device
+        if image_cond is not None:
+            extra = dict(clip_fea=image_cond.clip_fea.to(dev), y=image_cond.y.to(dev))
+            cond = Cond(cond.context, **extra)
+            uncond = Cond(uncond.context, **extra) if uncond is not None else None
+        with torch.no_grad():
+            return sample(self.dit, noise.to(dev), cfg.scheduler(), cond, uncond, cfg.guidance, callback=callback)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Final latent -> frames [T, H, W, 3] float32 in [0, 1] on the CPU."""
+        from .video import wan_to_frames
+
+        tile = VAE_TILE if self.config.use_tiling_vae else None
+        with torch.no_grad():
+            video = self.vae.decode(latent, tile_size=tile, out_device="cpu")  # [1, 3, T, H, W] in [-1, 1]
+        return wan_to_frames(video[0])
+
+    # ------------------------------------------------------------------ the whole run
+    def generate(
+        self,
+        seed: int | None = 42,
+        prompt: str = "",
+        negative_prompt: str = "",
+        image_path: str | None = None,
+        save_result_path: str | None = None,
+        return_latent: bool = False,
+        callback: Callable[[StepInfo], None] | None = None,
+        *,
+        image=None,
+        progress: bool = False,
+    ) -> GenerationResult:
+        """One video. `negative_prompt` '' means Wan's default negative prompt (used only with CFG);
+        seed None or < 0 draws one (reported in the result); `image` may replace `image_path`
+        (PIL image, uint8 array or [3, H, W] tensor in [-1, 1]); `progress` shows a tqdm bar."""
+        spec, cfg = self._need_spec(), self.config
+        dev = spec.torch_device
+        if self.task == "i2v" and image is None and not image_path:
+            raise ValueError("the i2v task needs an input image: pass image_path=... (or image=...)")
+        if self.task == "t2v" and (image is not None or image_path):
+            warnings.warn("t2v ignores the input image", stacklevel=2)
+        if self.task == "i2v" and image is None:
+            image = load_image(image_path)  # a missing file fails here, before any model runs
+        if seed is None or seed < 0:
+            seed = secrets.randbelow(2**63)
+        if torch.device(dev).type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        timings: dict[str, float] = {}
+
+        @contextlib.contextmanager
+        def stage(name: str):
+            _sync(dev)
+            t0 = time.perf_counter()
+            yield
+            _sync(dev)
+            timings[name] = time.perf_counter() - t0
+            log.info("%s: %.2f s", name.replace("_", " "), timings[name])
+
+        with stage("text_encode"):
+            cond, uncond = self.encode_text(prompt, negative_prompt)
+        image_cond = None
+        if self.task == "i2v":
+            with stage("image_encode"):
+                image_cond = self.encode_image(image)
+        noise = make_noise(self.latent_shape(image_cond), seed, device=dev)
+
+        step_times: list[float] = []
+        bar = _progress_bar(len(cfg.scheduler()), progress)
+        last = [time.perf_counter()]
+
+        def on_step(info: StepInfo) -> None:
+            _sync(dev)
+            now = time.perf_counter()
+            step_times.append(now - last[0])
+            last[0] = now
+            bar.update(1)
+            log.info("step %d/%d (t=%.1f): %.2f s", info.step + 1, info.total, info.t, step_times[-1])
+            if callback is not None:
+                callback(info)
+
+        with stage("sampling"):
+            try:
+                latent = self.sample(noise, cond, uncond, image_cond, callback=on_step)
+            finally:
+                bar.close()
+        with stage("vae_decode"):
+            frames = self.decode(latent)
+        path = None
+        if save_result_path:
+            from .video import write_video
+
+            with stage("save"):
+                folder = os.path.dirname(os.path.abspath(save_result_path))
+                os.makedirs(folder, exist_ok=True)
+                write_video(save_result_path, frames, fps=cfg.fps)
+            path = save_result_path
+        peak = torch.cuda.max_memory_allocated(dev) if torch.device(dev).type == "cuda" else None
+        result = GenerationResult(
+            frames=frames, seed=seed, latent=latent.float().cpu() if return_latent else None, timings=timings,
+            step_times=step_times, peak_memory=peak, path=path,
+        )  # fmt: skip
+        if peak is not None:
+            log.info("peak GPU memory: %.2f GiB", peak / 2**30)
+        return result
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sampling", unit="step", disable=not enabled, leave=False)
