@@ -347,8 +347,8 @@ def test_converter_merges_loras_before_quantising(tmp_path, monkeypatch, i2v):
     src = save_dit(sd, str(tmp_path / "one"), layout="single", cfg=cfg)
     calls = []
 
-    def apply_loras(model, loras, mode):
-        calls.append((loras, mode, type(model.get_submodule("blocks.0.ffn.0")).__name__))
+    def apply_loras(model, loras, mode, keep_originals=True):
+        calls.append((loras, mode, keep_originals, type(model.get_submodule("blocks.0.ffn.0")).__name__))
         with torch.no_grad():
             model.get_submodule("blocks.0.ffn.0").weight.mul_(2.0)
 
@@ -356,7 +356,7 @@ def test_converter_merges_loras_before_quantising(tmp_path, monkeypatch, i2v):
     seen = []
     dst = convert_to_fp8(src, str(tmp_path / "l.safetensors"), loras=[("a.safetensors", 0.7)], dtype=torch.float32,
                          before_quantize=lambda m: seen.append(type(m.get_submodule("blocks.0.ffn.0")).__name__))  # fmt: skip
-    assert calls == [([("a.safetensors", 0.7)], "merge", "Linear")] and seen == ["Linear"]
+    assert calls == [([("a.safetensors", 0.7)], "merge", False, "Linear")] and seen == ["Linear"]
     m = load_fp8_dit(dst, kernel="dequant", dtype=torch.float32)
     codes, s = quantize_weight(sd["blocks.0.ffn.0.weight"] * 2.0)
     assert torch.equal(m.get_submodule("blocks.0.ffn.0").weight.view(torch.uint8), codes.view(torch.uint8))
@@ -364,6 +364,31 @@ def test_converter_merges_loras_before_quantising(tmp_path, monkeypatch, i2v):
     monkeypatch.setitem(sys.modules, "wan_core.lora", None)  # not installed -> clear error
     with pytest.raises(RuntimeError, match="needs wan_core.lora"):
         convert_to_fp8(src, str(tmp_path / "x.safetensors"), loras=[("a.safetensors", 1.0)])
+
+
+@pytest.mark.skipif(
+    not hasattr(importlib.import_module("wan_core.lora"), "apply_loras")
+    if importlib.util.find_spec("wan_core.lora")
+    else True,
+    reason="wan_core.lora not available",
+)
+def test_converter_with_a_real_lora_file(tmp_path, i2v):
+    """End to end with wan_core.lora: the FP8 file holds quantize(W + strength * alpha / r * up @ down)."""
+    cfg, sd, _, _, _ = i2v
+    src = save_dit(sd, str(tmp_path / "one"), layout="single", cfg=cfg)
+    g = torch.Generator().manual_seed(9)
+    r = 4
+    down, up = torch.randn(r, cfg.dim, generator=g) * 0.1, torch.randn(cfg.ffn_dim, r, generator=g) * 0.1
+    lora = str(tmp_path / "lora.safetensors")
+    save_file({"diffusion_model.blocks.1.ffn.0.lora_down.weight": down, "diffusion_model.blocks.1.ffn.0.lora_up.weight": up,
+               "diffusion_model.blocks.1.ffn.0.alpha": torch.tensor(2.0)}, lora)  # fmt: skip
+    dst = convert_to_fp8(src, str(tmp_path / "m.safetensors"), loras=[(lora, 0.5)], dtype=torch.float32)
+    m = load_fp8_dit(dst, kernel="dequant", dtype=torch.float32)
+    codes, s = quantize_weight(sd["blocks.1.ffn.0.weight"] + 0.5 * (2.0 / r) * (up @ down))
+    got = m.get_submodule("blocks.1.ffn.0")
+    assert torch.equal(got.weight.view(torch.uint8), codes.view(torch.uint8)) and torch.equal(got.weight_scale, s)
+    codes0, _ = quantize_weight(sd["blocks.0.ffn.0.weight"])  # untouched layers: as without the LoRA
+    assert torch.equal(m.get_submodule("blocks.0.ffn.0").weight.view(torch.uint8), codes0.view(torch.uint8))
 
 
 # ---- bad inputs ---------------------------------------------------------------------------------

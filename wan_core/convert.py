@@ -39,7 +39,8 @@ def _merge_loras(model, loras: Sequence[tuple[str, float]]) -> None:
     apply = getattr(lora, "apply_loras", None)
     if apply is None:
         raise RuntimeError("wan_core.lora has no apply_loras(model, loras, mode='merge'); cannot merge LoRAs")
-    apply(model, list(loras), mode="merge")
+    # keep_originals=False: the merge is baked in for good, no copy of the touched weights is kept
+    apply(model, list(loras), mode="merge", keep_originals=False)
 
 
 def fp8_export_state_dict(model) -> dict[str, torch.Tensor]:
