@@ -166,8 +166,12 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x, e0, context, context_img, rope):
-        """x: [B, L, C] float32 residual stream; e0: [B, 6, C] float32 time projection."""
-        dt = self.ffn[0].weight.dtype
+        """x: [B, L, C] float32 residual stream; e0: [B, 6, C] float32 time projection.
+
+        The linears' input dtype is the context's (the text projection is never quantized, so this
+        stays bf16/fp32 when FP8 linears are swapped in).
+        """
+        dt = context.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # 6 x [B, 1, C]
         h = (self.norm1(x) * (1 + scale1) + shift1).to(dt)
         x = x + self.self_attn(h, rope) * gate1
@@ -232,7 +236,8 @@ class WanModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.blocks[0].ffn[0].weight.dtype
+        """Compute dtype (of the linears' inputs): the text projection's, which is never quantized."""
+        return self.text_embedding[0].weight.dtype
 
     # ---- pieces of the forward ----------------------------------------------------------
     def rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
