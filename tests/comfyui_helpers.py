@@ -103,14 +103,34 @@ def populate_models(root: str, scratch: str) -> tuple[dict[str, str], dict[str, 
 # validation of widget values against INPUT_TYPES
 
 
-def check_value(node_type: str, name: str, value) -> str | None:
-    """None if `value` is acceptable for input `name` of `node_type`, else the reason."""
+FORMATS = os.path.join(REPO, "..", "shared", "reference", "FORMATS.md")
+MODEL_FILE_INPUTS = {"dit", "text_encoder", "vae", "clip_vision", "lora"}  # combos listing a model folder
+
+
+def real_file_names() -> set[str] | None:
+    """The .safetensors names FORMATS.md says users have (plus the 720p twins it mentions), or None."""
+    import re
+
+    if not os.path.isfile(FORMATS):
+        return None
+    with open(FORMATS, encoding="utf-8") as f:
+        names = set(re.findall(r"`([\w.\-]+\.safetensors)`", f.read()))
+    return names | {n.replace("480p", "720p") for n in names if n.startswith("wan2.1_i2v_480p_14B")}
+
+
+def check_value(node_type: str, name: str, value, model_files: set[str] | None = None) -> str | None:
+    """None if `value` is acceptable for input `name` of `node_type`, else the reason.
+
+    A model-file combo lists what is on disk; `model_files` (if given) is taken as its list instead.
+    """
     spec = NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES()
     entry = spec.get("required", {}).get(name) or spec.get("optional", {}).get(name)
     if entry is None:
         return f"{node_type} has no input {name!r}"
     typ, opts = entry[0], (entry[1] if len(entry) > 1 else {})
     if isinstance(typ, list):
+        if name in MODEL_FILE_INPUTS and model_files is not None:
+            typ = [c for c in typ if c.startswith("(")] + sorted(model_files)
         return None if value in typ else f"{node_type}.{name}: {value!r} not in {typ[:8]}"
     if typ == "INT":
         if not isinstance(value, int) or isinstance(value, bool):

@@ -1,0 +1,275 @@
+"""The example workflows: up to date with their generator, only existing node types with valid
+values and well-typed links, UI and API twins saying the same thing, and every API workflow
+executed headlessly through the node classes on tiny models written under the workflows' own
+file names (sizes and steps reduced), producing frames and an mp4."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from nodes import NODE_CLASS_MAPPINGS, compat
+from tests.comfyui_helpers import (
+    CORE_NODE_TYPES,
+    REPO,
+    TINY,
+    WIDGET_TYPES,
+    WORKFLOW_NAMES,
+    check_value,
+    load_api,
+    load_ui,
+    populate_models,
+    real_file_names,
+    reduce_api,
+    run_api,
+)
+
+SEED_SCENARIOS = {
+    "wan21_t2v_14b_base", "wan21_t2v_14b_distill_lora", "wan21_t2v_14b_distill_merged", "wan21_t2v_14b_distill_fp8",
+    "wan21_i2v_480p_base", "wan21_i2v_480p_distill_lora", "wan21_i2v_480p_distill_fp8", "wan21_i2v_720p_base",
+    "wan21_t2v_14b_offload_distill_lora", "wan21_t2v_14b_multigpu",
+}  # fmt: skip
+CORE_OUTPUTS = {"LoadImage": ["IMAGE", "MASK"]}
+# Model-file combos list what is on disk; the workflows must name files users really have.
+REAL_FILES = real_file_names()
+
+
+@pytest.fixture(autouse=True)
+def _need_formats(request):
+    if REAL_FILES is None and "valid" in request.node.name:
+        pytest.skip("../shared/reference/FORMATS.md not found")
+
+
+def _io(node_type):
+    """([(name, type, is_widget, required)], [output types]) of one of our node types."""
+    cls = NODE_CLASS_MAPPINGS[node_type]
+    spec = cls.INPUT_TYPES()
+    inputs = []
+    for section in ("required", "optional"):
+        for name, (typ, *_opts) in spec.get(section, {}).items():
+            widget = isinstance(typ, list) or typ in WIDGET_TYPES
+            inputs.append((name, "COMBO" if isinstance(typ, list) else typ, widget, section == "required"))
+    return inputs, list(cls.RETURN_TYPES)
+
+
+def _has_control(node_type, name):
+    typ, *opts = NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES()["required"].get(name, (None,))
+    return typ == "INT" and bool(opts and opts[0].get("control_after_generate"))
+
+
+def test_one_workflow_per_seed_scenario_in_both_formats():
+    assert set(WORKFLOW_NAMES) == SEED_SCENARIOS
+    for name in WORKFLOW_NAMES:
+        assert os.path.isfile(os.path.join(REPO, "example_workflows", "api", f"{name}.json"))
+
+
+def test_workflows_are_what_the_generator_writes():
+    sys.path.insert(0, os.path.join(REPO, "example_workflows"))
+    import generate
+
+    for rel, text in generate.render().items():
+        with open(os.path.join(REPO, "example_workflows", rel), encoding="utf-8") as f:
+            assert f.read() == text, f"{rel} is stale: run python example_workflows/generate.py"
+
+
+def ui_to_api(ui: dict) -> dict:
+    """An independent reading of a UI workflow into API form (what ComfyUI's front end sends)."""
+    links = {l[0]: l for l in ui["links"]}
+    out = {}
+    for node in ui["nodes"]:
+        t = node["type"]
+        if t in CORE_NODE_TYPES:
+            out[str(node["id"])] = {"class_type": t, "inputs": {"image": node["widgets_values"][0]}}
+            continue
+        inputs, _ = _io(t)
+        values = list(node["widgets_values"])
+        sockets = {i["name"]: i["link"] for i in node["inputs"]}
+        api = {}
+        for name, _, widget, _ in inputs:
+            if widget:
+                api[name] = values.pop(0)
+                if _has_control(t, name):
+                    assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
+            elif sockets.get(name) is not None:
+                link = links[sockets[name]]
+                api[name] = [str(link[1]), link[2]]
+        assert not values, f"{t}: {len(values)} widget values left over"
+        out[str(node["id"])] = {"class_type": t, "inputs": api}
+    return out
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_ui_workflow_is_valid(name):
+    ui = load_ui(name)
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    assert len(by_id) == len(ui["nodes"]) and ui["last_node_id"] >= max(by_id)
+    for link_id, src, src_slot, dst, dst_slot, typ in ui["links"]:
+        out = by_id[src]["outputs"][src_slot]
+        inp = by_id[dst]["inputs"][dst_slot]
+        assert out["type"] == typ == inp["type"], (name, link_id)
+        assert link_id in out["links"] and inp["link"] == link_id
+    for node in ui["nodes"]:
+        t = node["type"]
+        assert t in NODE_CLASS_MAPPINGS or t in CORE_NODE_TYPES, f"unknown node type {t}"
+        if t in CORE_NODE_TYPES:
+            assert [o["type"] for o in node["outputs"]] == CORE_OUTPUTS[t]
+            continue
+        inputs, outputs = _io(t)
+        assert [o["type"] for o in node["outputs"]] == outputs
+        sockets = [(n, typ, req) for n, typ, w, req in inputs if not w]
+        assert [(i["name"], i["type"]) for i in node["inputs"]] == [(n, typ) for n, typ, _ in sockets]
+        for (n, _, req), i in zip(sockets, node["inputs"]):
+            assert i["link"] is not None or not req, f"{name}: {t}.{n} is required but not connected"
+    for node in ui_to_api(ui).values():
+        if node["class_type"] in NODE_CLASS_MAPPINGS:
+            for k, v in node["inputs"].items():
+                if not isinstance(v, list):
+                    assert check_value(node["class_type"], k, v, REAL_FILES) is None, check_value(
+                        node["class_type"], k, v, REAL_FILES
+                    )
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_api_workflow_is_valid_and_matches_the_ui_one(name):
+    api = load_api(name)
+    for nid, node in api.items():
+        t = node["class_type"]
+        assert t in NODE_CLASS_MAPPINGS or t in CORE_NODE_TYPES, f"unknown node type {t}"
+        if t in CORE_NODE_TYPES:
+            continue
+        inputs, _ = _io(t)
+        for n, typ, widget, req in inputs:
+            if req:
+                assert n in node["inputs"], f"{name}: node {nid} ({t}) lacks required input {n}"
+            if n not in node["inputs"]:
+                continue
+            v = node["inputs"][n]
+            if widget:
+                assert check_value(t, n, v, REAL_FILES) is None, check_value(t, n, v, REAL_FILES)
+            else:
+                src, slot = v
+                src_t = api[src]["class_type"]
+                src_out = CORE_OUTPUTS[src_t] if src_t in CORE_OUTPUTS else _io(src_t)[1]
+                assert src_out[slot] == typ, f"{name}: {t}.{n} wants {typ}, gets {src_out[slot]}"
+        assert set(node["inputs"]) <= {n for n, *_ in inputs}
+    stripped = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    assert stripped == ui_to_api(load_ui(name))
+
+
+def test_seed_scenarios_use_the_right_settings():
+    """The values that define each scenario (files, schedule, guidance, shift, size)."""
+
+    def sampler(name):
+        return next(
+            n["inputs"] for n in load_api(name).values() if n["class_type"] in ("WanSampler", "WanMultiGPUSampler")
+        )
+
+    def nodes(name, t):
+        return [n["inputs"] for n in load_api(name).values() if n["class_type"] == t]
+
+    for name in WORKFLOW_NAMES:
+        s = sampler(name)
+        if "distill" in name:
+            assert (s["scheduler"], s["steps"], s["guidance"], s["shift"]) == ("distill", 4, 1.0, 5.0)
+            assert s["denoising_step_list"] == "1000,750,500,250"
+        else:
+            assert s["scheduler"] == "unipc" and s["guidance"] == 5.0
+            assert (s["steps"], s["shift"]) == (
+                (40, 3.0) if "480p" in name else (40, 5.0) if "i2v" in name else (50, 5.0)
+            )
+        if "i2v" in name:
+            (enc,) = nodes(name, "WanImageEncode")
+            assert (enc["width"], enc["height"]) == ((1280, 720) if "720p" in name else (832, 480))
+            assert nodes(name, "LoadImage")
+        if "lora" in name:
+            (lora,) = nodes(name, "WanLoraApply")
+            assert lora["lora"].endswith("lora_rank64_lightx2v_4step.safetensors") and lora["strength"] == 1.0
+        if "fp8" in name:
+            assert "scaled_fp8_e4m3" in nodes(name, "WanFP8Loader")[0]["dit"]
+    assert nodes("wan21_t2v_14b_offload_distill_lora", "WanOffloadConfig")[0]["granularity"] == "block"
+    assert sampler("wan21_t2v_14b_multigpu")["num_gpus"] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# headless runs on tiny models
+
+
+@pytest.fixture(scope="module")
+def comfy_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comfyui")
+    made, missing = populate_models(str(root / "models"), str(root / "scratch"))
+    compat.set_models_root(str(root / "models"))
+    os.environ["WAN_OUTPUT_DIR"] = str(root / "output")
+    yield {"root": root, "made": made, "missing": missing}
+    compat.set_models_root()
+
+
+def _run(name, comfy_dirs, graph=None):
+    from wan_core.options import FeatureNotAvailable
+
+    graph = graph or reduce_api(load_api(name), prefix=f"test/{name}")
+    files = {
+        v for n in graph.values() for v in n["inputs"].values() if isinstance(v, str) and v.endswith(".safetensors")
+    }
+    missing = files & set(comfy_dirs["missing"])
+    if missing:
+        pytest.skip(f"{name}: cannot make {sorted(missing)}: {comfy_dirs['missing'][sorted(missing)[0]]}")
+    try:
+        return graph, run_api(graph, input_dir=str(comfy_dirs["root"] / "input"))
+    except FeatureNotAvailable as e:
+        assert "not available yet" in str(e)
+        pytest.skip(f"{name}: {e}")
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_api_workflow_runs_headless(name, comfy_dirs):
+    from wan_core.video import read_video
+
+    graph, done = _run(name, comfy_dirs)
+    decode = next(k for k, n in graph.items() if n["class_type"] == "WanVAEDecode")
+    frames = done[decode][0][0]
+    i2v = any(n["class_type"] == "WanImageEncode" for n in graph.values())
+    assert frames.shape[0] == TINY["num_frames"] and frames.shape[-1] == 3
+    if not i2v:
+        assert frames.shape[1:3] == (TINY["height"], TINY["width"])
+    assert torch.isfinite(frames).all() and 0 <= frames.min() and frames.max() <= 1 and frames.std() > 0
+    save = next(k for k, n in graph.items() if n["class_type"] == "WanSaveVideo")
+    (result,) = done[save][1]["images"]
+    video, fps = read_video(os.path.join(os.environ["WAN_OUTPUT_DIR"], result["subfolder"], result["filename"]))
+    assert video.shape[:3] == frames.shape[:3] and fps == 16
+    stages = [r["stage"] for _, ui in done.values() if ui for r in ui.get("wan_timing", [])]
+    assert {"text encode", "load DiT", "sample", "VAE decode", "save"} <= set(stages)
+
+
+def test_second_run_does_not_reload(comfy_dirs, monkeypatch):
+    """Models are described by the loader and built once: running the workflow again reads no weights."""
+    import wan_core.loading.dit as dit_loading
+    import wan_core.text_encoder as te
+    import wan_core.vae as vae
+
+    _run("wan21_t2v_14b_base", comfy_dirs)
+    calls = []
+    for mod, attr in ((dit_loading, "load_dit"), (te.WanTextEncoder, "from_files"), (vae.WanVAE, "from_file")):
+        real = getattr(mod, attr)
+        monkeypatch.setattr(mod, attr, lambda *a, _real=real, _n=attr, **k: (calls.append(_n), _real(*a, **k))[1])
+    _run("wan21_t2v_14b_base", comfy_dirs)
+    assert calls == []
+
+
+def test_lora_strength_change_does_not_reload_the_base(comfy_dirs, monkeypatch):
+    import wan_core.loading.dit as dit_loading
+
+    name = "wan21_t2v_14b_distill_lora"
+    graph, done = _run(name, comfy_dirs)
+    calls = []
+    real = dit_loading.load_dit
+    monkeypatch.setattr(dit_loading, "load_dit", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    lora = next(k for k, n in graph.items() if n["class_type"] == "WanLoraApply")
+    graph[lora]["inputs"]["strength"] = 0.5
+    _, done2 = _run(name, comfy_dirs, graph)
+    assert calls == [], "changing a LoRA strength reloaded the base DiT from disk"
+    sampler = next(k for k, n in graph.items() if n["class_type"] == "WanSampler")
+    assert not torch.equal(done[sampler][0][0]["samples"], done2[sampler][0][0]["samples"])
