@@ -58,7 +58,7 @@ def _stats():
     return mean, inv_std
 
 
-@pytest.mark.parametrize("frames", [1, 5, 9])
+@pytest.mark.parametrize("frames", [1, 9])  # 9: three chunks, the cache carried twice
 def test_encode_decode_match_diffusers(pair, frames):
     ref, ours = pair
     g = torch.Generator().manual_seed(frames)
@@ -87,14 +87,14 @@ def test_tiled_decode_equals_plain_decode(monkeypatch):
     model = WanVAE(cfg).eval()
     _randomize(model, seed=2)
     assert model.decoder.upper_halo() == 9
-    latent = torch.randn(1, 16, 2, 12, 40, generator=torch.Generator().manual_seed(3))
+    latent = torch.randn(1, 16, 2, 8, 40, generator=torch.Generator().manual_seed(3))
     plain = model.decode(latent)
-    tiled = model.decode(latent, tile_size=(6, 10))  # 2 x 4 tiles; middle columns cropped on both sides
+    tiled = model.decode(latent, tile_size=(4, 10))  # 2 x 4 tiles; middle columns cropped on both sides
     assert tiled.shape == plain.shape
     assert _rel(tiled, plain) <= 2e-5
 
     monkeypatch.setattr(Decoder3d, "upper_halo", lambda self: 3)
-    seams = model.decode(latent, tile_size=(6, 10))
+    seams = model.decode(latent, tile_size=(4, 10))
     assert _rel(seams, plain) > 1e-2
 
 
@@ -113,7 +113,7 @@ def test_channels_last_layout_same_result_and_kept_throughout(pair, monkeypatch)
 
     monkeypatch.setattr(torch.nn.functional, "conv3d", conv3d_keeping_layout)
     _, ours = pair
-    video = torch.rand(1, 3, 5, 24, 40, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    video = torch.rand(1, 3, 5, 16, 24, generator=torch.Generator().manual_seed(6)) * 2 - 1
     plain_latent = ours.encode(video)
     plain_video = ours.decode(plain_latent)
     seen = []
