@@ -18,6 +18,7 @@ dropped at the gather.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +55,15 @@ class SequenceParallelAttention:
         self.state = state
         self.lse_attn = lse_attn
         self.backend_name = f"sp[{getattr(inner, 'backend_name', getattr(inner, '__name__', '?'))}]"
+        # Compiled blocks run this eagerly (a graph break): the collectives and the ring's
+        # point-to-point transfers stay outside the graph. torch.compiler.disable costs a
+        # 3-second import of dynamo, paid only where something may be compiled already.
+        self._attend_fn = torch.compiler.disable(self._attend) if "torch._dynamo" in sys.modules else self._attend
 
-    @torch.compiler.disable
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._attend_fn(q, k, v)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         g, pc = self.groups, self.groups.config
         u, r = pc.ulysses, pc.ring
         if u > 1:
@@ -108,8 +115,8 @@ class _ForwardBlocks:
 def enable_sequence_parallel(model, groups: ParallelGroups, ring_attention_backend: str | None = None):
     """Make `model` run its block stack split over the sequence-parallel group (in place).
 
-    Call after the model is built and its attention backend chosen (`set_attention`); calling
-    again with other groups re-wraps. A degree of 1 leaves the model as it is. Returns the model.
+    Call after the model is built, its attention backend chosen (`set_attention`) and its
+    blocks compiled, if they are (`compile_blocks`); calling again with other groups re-wraps. A degree of 1 leaves the model as it is. Returns the model.
     """
     pc = groups.config
     disable_sequence_parallel(model)
