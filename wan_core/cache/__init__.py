@@ -28,7 +28,7 @@ from .layer import (
     guided_velocity_branches,
     rel_l1,
 )
-from .policies import INDICATORS, BranchState, CachePolicy, MagCachePolicy, TeaCachePolicy, resample_nearest
+from .policies import INDICATORS, BranchState, CachePolicy, MagCachePolicy, TeaCachePolicy, resample_nearest, simulate
 from .tables import MAGCACHE_DEFAULTS, MAGCACHE_RATIOS, MODEL_KEYS, TEACACHE_COEFFICIENTS
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "TeaCachePolicy",
     "MagCachePolicy",
     "resample_nearest",
+    "simulate",
     "FeatureCache",
     "CacheReport",
     "cache_branch",

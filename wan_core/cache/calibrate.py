@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..sampling import Cond, sample
 from .layer import COND, UNCOND, FeatureCache, cache_branch, rel_l1
 from .policies import INDICATORS, TeaCachePolicy
 
@@ -66,7 +65,7 @@ class CalibrationResult:
 def _record_predict(outputs: dict, records: list):
     """A predict function that evaluates each branch under its name and logs the output change."""
 
-    def run(model, x, t, cond: Cond, uncond: Cond | None, guidance: float):
+    def run(model, x, t, cond, uncond, guidance: float):
         def one(name, c):
             with cache_branch(name):
                 v = model(x, t, c.context, clip_fea=c.clip_fea, y=c.y)
@@ -98,8 +97,8 @@ def calibrate_teacache(
     model,
     noise: torch.Tensor | Sequence[torch.Tensor],
     scheduler,
-    cond: Cond,
-    uncond: Cond | None = None,
+    cond,
+    uncond=None,
     guidance: float = 5.0,
     degree: int = 4,
     indicators: Sequence[str] = INDICATORS,
@@ -109,7 +108,10 @@ def calibrate_teacache(
     Returns the per-step records, one degree-`degree` polynomial per indicator (keys of
     `coefficients`: "e0" goes to LightX2V's `coefficients[0]` (use_ret_steps), "e" to
     `coefficients[1]`), their mean relative fit error, and the mean MagCache ratio tables.
+    cond / uncond: `sampling.Cond`.
     """
+    from ..sampling import sample  # here, not at the top: sampling may import wan_core.cache
+
     noises = [noise] if isinstance(noise, torch.Tensor) else list(noise)
     n = len(scheduler)
     records: list[dict] = []
@@ -198,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from ..loading.dit import load_dit
     from ..loading.io import read_state_dict
-    from ..sampling import latent_shape, make_noise
+    from ..sampling import Cond, latent_shape, make_noise
     from ..schedulers import make_scheduler
 
     args = _parser().parse_args(argv)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["BranchState", "CachePolicy", "TeaCachePolicy", "MagCachePolicy", "resample_nearest", "INDICATORS"]
+__all__ = ["BranchState", "CachePolicy", "TeaCachePolicy", "MagCachePolicy", "resample_nearest", "simulate", "INDICATORS"]
 
 # What a TeaCache-style policy measures between two steps of one branch:
 #   "e"      the time embedding [B, dim]           (TeaCache4Wan2.1 without ret steps)
@@ -176,3 +176,19 @@ class MagCachePolicy(CachePolicy):
 
     def describe(self) -> str:
         return f"Mag(thresh {self.thresh}, K {self.K}, retention {self.retention_ratio})"
+
+
+def simulate(policy: CachePolicy, num_steps: int, changes: Sequence[float] | None = None, branch: str = "cond") -> list[bool]:
+    """The computed (True) / skipped (False) pattern of one branch over a run, without a model.
+
+    changes[i]: the indicator change at step i (ignored at step 0, which has no previous step);
+    needed by TeaCache, unused by MagCache (whose pattern depends on the step only). Mirrors
+    what the caching layer does around `decide`.
+    """
+    st, computed = BranchState(), []
+    for i in range(num_steps):
+        change = None if changes is None or i == 0 else float(changes[i])
+        skip = policy.decide(st, i, num_steps, branch, change, can_skip=i > 0)
+        st.skips = st.skips + 1 if skip else 0
+        computed.append(not skip)
+    return computed
