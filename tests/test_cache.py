@@ -25,6 +25,7 @@ from wan_core.cache import (
     guided_velocity_branches,
     published_model_key,
     rel_l1,
+    simulate,
 )
 from wan_core.cache import main as calibrate_main
 from wan_core.config import PRESETS
@@ -316,7 +317,7 @@ def test_mag_rule_matches_reference(key, thresh, K):
     n = len(MAGCACHE_RATIOS[key][0])
     for b, table in ((COND, MAGCACHE_RATIOS[key][0]), (UNCOND, MAGCACHE_RATIOS[key][1])):
         got = _drive(pol, n, branch=b)
-        assert got == _ref_mag(table, thresh, K, 0.2)
+        assert got == _ref_mag(table, thresh, K, 0.2) == simulate(pol, n, branch=b)
         # K caps consecutive skips; the first int(n * 0.2) steps are computed
         run = longest = 0
         for c in got:
