@@ -1,0 +1,129 @@
+"""A whole Wan2.1-14B T2V run at 480x832x81 with random weights, timed per stage, through
+`WanPipeline.generate` (the same code as every door): umT5-XXL text encode, 4-step distill
+sampling (no CFG), VAE decode, mp4 save. Variants: DiT in bf16 and in FP8 (scaled_mm).
+
+"Weights already in RAM": the models are built before the timed run. The text encoder lives
+in host RAM and visits the GPU only for its stage (`--t5-offload`, default on), so the peak
+is the DiT's plus the activations, not DiT + T5.
+
+  python benchmarks/bench_e2e.py [--variants bf16,fp8] [--runs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_dit import log  # noqa: E402
+from wan_core.config import PRESETS  # noqa: E402
+from wan_core.loading.dit import build_model  # noqa: E402
+from wan_core.optimize import compile_blocks  # noqa: E402
+from wan_core.options import GenerationConfig  # noqa: E402
+from wan_core.pipeline import WanPipeline  # noqa: E402
+from wan_core.spec import ModelSpec  # noqa: E402
+from wan_core.text_encoder import WanTextEncoder  # noqa: E402
+from wan_core.tokenizer import load_tokenizer, write_tiny_tokenizer  # noqa: E402
+from wan_core.vae import WanVAE  # noqa: E402
+
+
+class HostResidentEncoder:
+    """The text encoder kept in (pinned) host RAM, moved to the GPU only while it encodes."""
+
+    def __init__(self, enc: WanTextEncoder, device: str):
+        self.enc, self.device = enc, device
+        self.params = list(enc.model.parameters()) + list(enc.model.buffers())
+        for p in self.params:
+            p.data = p.data.to("cpu").pin_memory()
+        self.host = [p.data for p in self.params]
+
+    def encode(self, prompts):
+        for p, h in zip(self.params, self.host):
+            p.data = h.to(self.device, non_blocking=True)
+        out = [o.to(self.device) for o in self.enc.encode(prompts)]
+        for p, h in zip(self.params, self.host):
+            p.data = h  # the GPU copies are freed
+        return out
+
+
+def random_t5(device: str):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                     feed_forward_proj="gated-gelu", is_encoder_decoder=False, dropout_rate=0.0)
+    with torch.device(device):
+        m = UMT5EncoderModel(cfg).to(torch.bfloat16).eval()
+    tok_dir = write_tiny_tokenizer(os.path.join(tempfile.mkdtemp(), "umt5"))
+    return WanTextEncoder(m, load_tokenizer(tok_dir))
+
+
+def random_dit(fp8: bool):
+    cfg = PRESETS["t2v-14b"]
+    m = build_model(cfg, None, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02)
+    if fp8:
+        from wan_core.linear import quantize_model
+
+        quantize_model(m, kernel="scaled_mm")
+    m.set_attention("auto")
+    compile_blocks(m)
+    return m
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="bf16,fp8")
+    ap.add_argument("--runs", type=int, default=2)
+    args = ap.parse_args()
+    out_dir = os.environ.get("OUT", ".")
+    results = {"device": torch.cuda.get_device_name()}
+    t0 = time.time()
+    t5 = HostResidentEncoder(random_t5("cuda"), "cuda")  # initialised on the GPU, then kept in pinned RAM
+    gc.collect()
+    torch.cuda.empty_cache()
+    log(f"T5 built in RAM ({time.time() - t0:.0f} s)")
+    with torch.device("cuda"):
+        vae = WanVAE()
+    vae = vae.to(torch.bfloat16).eval()
+    rows = []
+    for variant in [v for v in args.variants.split(",") if v]:
+        dit = random_dit(variant == "fp8")
+        cfg = GenerationConfig(infer_steps=4, denoising_step_list=[1000, 750, 500, 250], sample_guide_scale=1.0)
+        pipe = WanPipeline(dit_path="random", task="t2v", device="cuda")
+        pipe.spec, pipe.config = ModelSpec(dit="random", device="cuda"), cfg
+        pipe.dit, pipe.text_encoder, pipe.vae, pipe.image_encoder = dit, t5, vae, None
+        for run in range(args.runs + 1):  # run 0 compiles
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            res = pipe.generate(seed=run, prompt="a cat surfing a wave at sunset", save_result_path=os.path.join(out_dir, f"e2e_{variant}.mp4"))
+            wall = time.perf_counter() - t0
+            tag = "warm-up (compiles)" if run == 0 else f"run {run}"
+            log(f"{variant} {tag}: {wall:.2f} s; {res.summary()}; steps {[round(s, 2) for s in res.step_times]}")
+            if run > 0:
+                results[f"{variant}_run{run}"] = dict(wall_s=wall, timings=res.timings, step_times=res.step_times,
+                                                      peak_GiB=res.peak_memory / 2**30)
+        last = results[f"{variant}_run{args.runs}"]
+        rows.append((variant, last["wall_s"], last["timings"], last["peak_GiB"]))
+        pipe = dit = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    with open(os.path.join(out_dir, "bench_e2e.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    log("\n4-step T2V 480x832x81, 14B random weights in RAM, no CFG")
+    log(f"{'DiT':6s} {'total s':>8s} {'text':>6s} {'sampling':>9s} {'vae':>6s} {'save':>6s} {'peak GiB':>9s}")
+    for v, wall, tm, pk in rows:
+        log(f"{v:6s} {wall:8.2f} {tm.get('text_encode', 0):6.2f} {tm.get('sampling', 0):9.2f} {tm.get('vae_decode', 0):6.2f} {tm.get('save', 0):6.2f} {pk:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
