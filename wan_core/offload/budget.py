@@ -5,17 +5,19 @@ offload puts on the device plus the activations of one DiT forward. The CUDA con
 0.5 GiB) and the caching allocator's slack come on top, so a budget should sit 1-2 GiB under
 the card's size (`OOM_HEADROOM_GIB`).
 
-Activation estimate (`activation_bytes`): ACT_BYTES_PER_TOKEN_CHANNEL x tokens x dim, plus a
-fixed ACT_FIXED_BYTES. Inside a block the largest live set in eager bf16 is the self-attention
-part: the float32 residual stream (4 bytes per token-channel), the bf16 normed input (2), q/k/v
-(6), the float32 RoPE temporaries of q and k (about 12) and the attention output (2), about 26;
-the FFN part holds the stream, its input and two bf16 hidden tensors of ffn_dim = 2.7 dim, about
-17. The measured peaks of the 14B DiT on an H100 (benchmarks/RESULTS.md, eager) are 5.1 GiB at
-32,760 tokens and 11.3 GiB at 75,600 tokens over the 27.0 GiB of weights, 32.9 and 31.4 bytes
-per token-channel, hence 32 plus the fixed part. Compiled blocks (inductor fuses the float32
-temporaries) measured 23.3 and 20.9, so the estimate errs on the safe side there. `tokens` counts every sequence in the batch (CFG
-batched as batch 2 is twice the tokens); the fixed part covers the RoPE tables, the text context,
-the time embedding and the sampler's latents at these sizes.
+Activation estimate (`activation_bytes`): tokens x max(32 dim, 10 dim + 4 ffn_dim) bytes, plus a
+fixed ACT_FIXED_BYTES. A block's largest live set in eager bf16 is either in the self-attention
+(the float32 residual stream, 4 bytes per token-channel; the bf16 normed input, 2; q/k/v, 6; the
+float32 RoPE temporaries of q and k, about 12; the attention output and its projection, 4: about
+28) or in the FFN (stream and input, 6, plus two bf16 hidden tensors of ffn_dim, 4 ffn_dim; with
+the float32 gate product, about 10 dim + 4 ffn_dim). The measured peaks of the 14B DiT on an H100
+(benchmarks/RESULTS.md, eager; ffn_dim = 2.7 dim, so attention dominates) are 5.1 GiB at 32,760
+tokens and 11.3 GiB at 75,600 tokens over the 27.0 GiB of weights: 32.9 and 31.4 bytes per
+token-channel, covered by 32 plus the fixed part. Compiled blocks (inductor fuses the float32
+temporaries) measured 23.3 and 20.9, so the estimate errs on the safe side there. For the 1.3B model
+(ffn_dim = 5.8 dim) the FFN term is the larger: 33.3 per token-channel. `tokens` counts every sequence in the
+batch (CFG batched as batch 2 is twice the tokens); the fixed part covers the RoPE tables, the
+text context, the time embedding and the sampler's latents at these sizes.
 """
 
 from __future__ import annotations
@@ -54,17 +56,16 @@ def tokens_for(frames: int, height: int, width: int, batch: int = 1, patch=(1, 2
     return batch * (f // patch[0]) * (h // patch[1]) * (w // patch[2])
 
 
-def _dim(model: nn.Module) -> int:
-    cfg = getattr(model, "cfg", None)
-    if cfg is None or not hasattr(cfg, "dim"):
-        raise ValueError("the activation estimate needs a Wan DiT (a model with cfg.dim)")
-    return int(cfg.dim)
+def activation_bytes(model_or_cfg, tokens: int) -> int:
+    """Estimated peak activation memory of one DiT forward over `tokens` tokens (see the module doc).
 
-
-def activation_bytes(model_or_dim: nn.Module | int, tokens: int) -> int:
-    """Estimated peak activation memory of one DiT forward over `tokens` tokens (see the module doc)."""
-    dim = model_or_dim if isinstance(model_or_dim, int) else _dim(model_or_dim)
-    return ACT_BYTES_PER_TOKEN_CHANNEL * int(tokens) * dim + ACT_FIXED_BYTES
+    model_or_cfg: the DiT (its `cfg`) or a `WanConfig`.
+    """
+    cfg = getattr(model_or_cfg, "cfg", model_or_cfg)
+    if not hasattr(cfg, "dim") or not hasattr(cfg, "ffn_dim"):
+        raise ValueError("the activation estimate needs a Wan DiT or its WanConfig (dim, ffn_dim)")
+    per_token = max(ACT_BYTES_PER_TOKEN_CHANNEL * cfg.dim, 10 * cfg.dim + 4 * cfg.ffn_dim)
+    return per_token * int(tokens) + ACT_FIXED_BYTES
 
 
 def weight_sizes(model: nn.Module) -> tuple[int, list[int]]:
