@@ -67,7 +67,7 @@ class SequenceParallelAttention:
         g, pc = self.groups, self.groups.config
         u, r = pc.ulysses, pc.ring
         if u > 1:
-            q, k, v = seq_to_heads(torch.stack([q, k, v]), g.ulysses_group, u).unbind(0)  # 3 x [B, U*Lc, H/U, D]
+            q, k, v = (seq_to_heads(t, g.ulysses_group, u) for t in (q, k, v))  # 3 x [B, U*Lc, H/U, D]
         # Real tokens in each ring position's span of U*Lc tokens (contiguous in the sequence).
         span = u * self.state.chunk
         valid = [max(0, min(span, self.state.length - j * span)) for j in range(r)]
