@@ -199,6 +199,13 @@ def preview_payload(image):
     return ("JPEG", pil, size)
 
 
+def cancel_requested() -> bool:
+    """Whether the user asked to stop, without consuming the request (for polling from a wait loop)."""
+    if _mm is not None and _mm.processing_interrupted():
+        return True
+    return _cancel.is_set()
+
+
 def check_interrupted() -> None:
     """Raise if the user cancelled (ComfyUI's interrupt or `request_cancel`)."""
     if _mm is not None:

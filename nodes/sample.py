@@ -178,13 +178,18 @@ class WanSampler:
 
 
 class WanMultiGPUSampler:
-    """WanSampler over several GPUs (sequence parallel Ulysses/Ring, CFG parallel) with a persistent worker group."""
+    """WanSampler over several GPUs (sequence parallel Ulysses/Ring, CFG parallel) with a persistent worker group.
+
+    The workers (one process per GPU) receive the model description, not tensors, and build the
+    DiT themselves from the same files; the group stays up between runs and is torn down and
+    restarted after a worker error. On a machine without CUDA the workers run on the CPU (gloo).
+    """
 
     CATEGORY = CATEGORY
     RETURN_TYPES = (LATENT,)
     RETURN_NAMES = ("samples",)
     FUNCTION = "sample"
-    DESCRIPTION = "Multi-GPU sampling: num_gpus = cfg_parallel (1 or 2) x ulysses_degree x ring_degree."
+    DESCRIPTION = "Multi-GPU sampling: num_gpus = (2 if cfg_parallel else 1) x ulysses_degree x ring_degree."
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -199,12 +204,72 @@ class WanMultiGPUSampler:
         )
         return spec
 
-    def sample(self, model: ModelSpec, text_embeds: TextEmbeds, *args, **kwargs):
+    def sample(
+        self,
+        model: ModelSpec,
+        text_embeds: TextEmbeds,
+        width: int,
+        height: int,
+        num_frames: int,
+        steps: int,
+        guidance: float,
+        shift: float,
+        scheduler: str,
+        seed: int,
+        denoising_step_list: str = DISTILL_STEP_LIST,
+        num_gpus: int = 2,
+        ulysses_degree: int = 2,
+        ring_degree: int = 1,
+        cfg_parallel: bool = False,
+        image_embeds: ImageEmbeds | None = None,
+    ):
         try:
-            from wan_core.parallel import node_sampler  # type: ignore[attr-defined]  # lands with the multi-GPU issue
+            from wan_core.parallel.group import ParallelConfig
+            from wan_core.parallel.workers import RunCancelled, SampleRequest, get_worker_group
         except ImportError:
             raise FeatureNotAvailable(
-                "WanMultiGPUSampler: multi-GPU sampling is not available yet in wan_core (wan_core.parallel); "
-                "use WanSampler"
+                "WanMultiGPUSampler: multi-GPU sampling is not available yet in wan_core (wan_core.parallel); use WanSampler"
             ) from None
-        return node_sampler.run(self, model, text_embeds, *args, **kwargs)
+        shape, i2v = check_run(model, image_embeds, width, height, num_frames)
+        step_list = parse_step_list(denoising_step_list) if scheduler == "distill" else None
+        sched = make_scheduler(scheduler, steps, shift, step_list)
+        parallel = ParallelConfig(cfg=2 if cfg_parallel else 1, ulysses=ulysses_degree, ring=ring_degree)
+        if parallel.world_size != num_gpus:
+            raise ValueError(
+                f"num_gpus={num_gpus} but cfg ({parallel.cfg}) x ulysses ({ulysses_degree}) x ring ({ring_degree}) "
+                f"= {parallel.world_size}; make them agree"
+            )
+        if cfg_parallel and guidance == 1.0:
+            raise ValueError("cfg_parallel needs guidance > 1 (there is no unconditional branch to run in parallel)")
+        device = model.torch_device
+        kw = {"clip_fea": i2v.clip_fea, "y": i2v.y} if i2v is not None else {}
+        cond = Cond(context=[text_embeds.positive], **kw)
+        uncond = Cond(context=[text_embeds.negative], **kw) if guidance != 1.0 else None
+        previews = compat.previews_enabled() and model.vae is not None
+        proj = _projection(model) if previews else None
+        progress = compat.Progress(len(sched))
+        interrupted: list[BaseException] = []
+
+        def on_step(p):
+            if interrupted:
+                return
+            image = compat.preview_payload(latent_to_rgb(p.x0, proj)) if proj is not None and p.x0 is not None else None
+            try:
+                progress.update(p.step + 1, image)  # raises on a cancel: remember it, stop the workers
+            except BaseException as e:
+                interrupted.append(e)
+
+        request = SampleRequest(make_noise((1, *shape), seed), sched, cond, uncond, guidance, preview=proj is not None)
+        with stats.stage("multi-GPU sample", device) as rec:
+            group = get_worker_group(num_gpus, parallel, device="cuda" if device.startswith("cuda") else "cpu")
+            try:
+                latent = group.run(
+                    model, request, on_step, cancel=lambda: bool(interrupted) or compat.cancel_requested()
+                )
+            except RunCancelled:
+                if interrupted:
+                    raise interrupted[0] from None
+                compat.check_interrupted()
+                raise compat.Interrupted("run cancelled") from None
+        rec.update(steps=len(sched), seconds_per_step=round(rec["seconds"] / len(sched), 3), gpus=num_gpus)
+        return {"ui": stats.ui(rec), "result": ({"samples": latent.cpu()},)}

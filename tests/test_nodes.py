@@ -361,6 +361,12 @@ def test_features_not_built_yet_say_so(models):
     assert NODE_CLASS_MAPPINGS["WanModelLoader"]().load(T2V, T5, VAE, "(none)", offload=plain)[0] == _load()
     model = NODE_CLASS_MAPPINGS["WanModelLoader"]().load(T2V, T5, VAE, "(none)", offload=offload)[0]
     assert model.offload == "block"
-    if importlib.util.find_spec("wan_core.parallel.node_sampler") is None:
+    if importlib.util.find_spec("wan_core.parallel.workers") is None:
         with pytest.raises(FeatureNotAvailable, match="not available yet"):
             NODE_CLASS_MAPPINGS["WanMultiGPUSampler"]().sample(model, None, 64, 48, 5, 1, 5.0, 5.0, "unipc", 0)
+    else:  # the degrees must multiply to the GPU count; checked before any process starts
+        text = _text(_load())
+        with pytest.raises(ValueError, match="num_gpus=3"):
+            NODE_CLASS_MAPPINGS["WanMultiGPUSampler"]().sample(
+                _load(), text, 64, 48, 5, 1, 5.0, 5.0, "unipc", 0, num_gpus=3
+            )

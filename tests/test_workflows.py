@@ -241,7 +241,8 @@ def test_api_workflow_runs_headless(name, comfy_dirs):
     video, fps = read_video(os.path.join(os.environ["WAN_OUTPUT_DIR"], result["subfolder"], result["filename"]))
     assert video.shape[:3] == frames.shape[:3] and fps == 16
     stages = [r["stage"] for _, ui in done.values() if ui for r in ui.get("wan_timing", [])]
-    assert {"text encode", "load DiT", "sample", "VAE decode", "save"} <= set(stages)
+    assert {"text encode", "VAE decode", "save"} <= set(stages)
+    assert {"load DiT", "sample"} <= set(stages) or "multi-GPU sample" in stages
 
 
 def test_second_run_does_not_reload(comfy_dirs, monkeypatch):
