@@ -66,7 +66,8 @@ def _sync(device) -> None:
 
 
 def _attention_choice(name: str | None, fallback: str, device: str, key: str) -> str:
-    """A backend named in a config is a preference: if its package is missing here, warn and use `fallback`."""
+    """A backend named in a config is a preference: if it cannot run here (package missing, or a sparse
+    attention wan_core does not have), warn and use `fallback`."""
     from .attention import get_attention
 
     if name is None:
@@ -74,7 +75,7 @@ def _attention_choice(name: str | None, fallback: str, device: str, key: str) ->
     try:
         get_attention(name, device)
         return name
-    except ImportError as e:
+    except (ImportError, ValueError) as e:
         warnings.warn(f"config {key}={name!r} cannot run here ({e}); using {fallback!r}", stacklevel=3)
         return fallback
 

@@ -275,7 +275,7 @@ def _write_diffusers(out, task, dit_sd, cfg, t5, tok_dir, vae_sd, clip_sd, seed)
         "_diffusers_version": "0.33.0",
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
         "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", "AutoTokenizer"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
         "transformer": ["diffusers", "WanTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLWan"],
     }

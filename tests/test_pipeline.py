@@ -1,0 +1,246 @@
+"""Whole runs of WanPipeline against diffusers' WanPipeline / WanImageToVideoPipeline.
+
+One tiny random model is written twice by `wan_core.tiny` with the same values: in the Wan-AI
+layout (what our pipeline loads) and in the diffusers layout, which diffusers loads with its own
+`from_pretrained` (so the layout writer is checked too: a mis-mapped name would leave a random
+weight in diffusers and the outputs would differ). Both sides get the same prompt, image and noise
+(`latents=`) in fp32.
+
+Compared, T2V: the text path (diffusers runs its own tokenizer call, UMT5 encoder, trimming and
+zero padding), the transformer, the scheduler, CFG, and the VAE decode: final latents and decoded
+frames. diffusers' schedulers are fed the grids of the reference implementations: UniPC on the
+official Wan grid (diffusers' default starts at sigma 1.0, the official one at 0.999), and Euler on
+LightX2V's distill list `[1000, 750, 500, 250] / 1000`, shifted by diffusers' own shift formula.
+
+Compared, I2V: diffusers prepares the image itself in a way the official code does not (PIL resize
+to the requested size, CLIPImageProcessor crop), so it is given what the official recipe feeds the
+models: the image already bicubic-resized to the size `fit_to_area` chose (its own `preprocess` then
+leaves it unchanged), and, through its `encode_image` hook, the penultimate hidden state of its
+own CLIPVisionModel on the official CLIP preprocessing of the original image. From there diffusers
+builds the mask and the first-frame latent (`prepare_latents`, compared directly with our `y`),
+and runs the transformer, scheduler, CFG and VAE decode (final latents and frames compared).
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wan_core.conditioning import resize_image
+from wan_core.options import DEFAULT_NEGATIVE_PROMPT
+from wan_core.pipeline import WanPipeline
+from wan_core.sampling import make_noise
+from wan_core.spec import ModelSpec, build_dit, clear_cache
+from wan_core.tiny import write_tiny_model
+
+from .test_schedulers import diffusers_unipc, official_unipc_grid
+
+PROMPT = "a red fox running through the snowy forest, cinematic"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        (task, layout): write_tiny_model(root / f"{task}-{layout}", task, layout, seed=3)
+        for task in ("t2v", "i2v")
+        for layout in ("wan", "diffusers")
+    }
+
+
+def _diffusers(path, cls_name):
+    import diffusers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = getattr(diffusers, cls_name).from_pretrained(str(path), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class _FixedGrid:
+    """Make a diffusers scheduler use a given (unshifted) sigma grid whatever step count it is asked for."""
+
+    @staticmethod
+    def install(sched, grid):
+        base = type(sched).set_timesteps
+
+        def set_timesteps(num_inference_steps=None, device=None, **_):
+            base(sched, sigmas=np.asarray(grid, dtype=np.float64), device=device)
+
+        sched.set_timesteps = set_timesteps
+        return sched
+
+
+def _capture_last_latent():
+    box = {}
+
+    def cb(pipe, i, t, kw):
+        box["latents"] = kw["latents"].clone()
+        return kw
+
+    return box, cb
+
+
+def _ours(model_path, task, seed, image=None, **params):
+    pipe = WanPipeline(model_path, task=task, dtype="fp32", device="cpu").create_generator(**params)
+    return pipe, pipe.generate(seed, PROMPT, image_path=image, return_latent=True)
+
+
+def _frames_of(diffusers_out):
+    return diffusers_out.frames[0].permute(0, 2, 3, 1)  # [T, C, H, W] -> [T, H, W, C] in [0, 1]
+
+
+T2V = dict(target_video_length=5, target_height=32, target_width=48)
+
+
+def test_t2v_distill_4_steps_equals_diffusers(models):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    _, res = _ours(models["t2v", "wan"], "t2v", 7, infer_steps=4, denoising_step_list=[1000, 750, 500, 250],
+                   sample_shift=5.0, enable_cfg=False, **T2V)  # fmt: skip
+    ref = _diffusers(models["t2v", "diffusers"], "WanPipeline")
+    ref.scheduler = _FixedGrid.install(FlowMatchEulerDiscreteScheduler(shift=5.0), [1.0, 0.75, 0.5, 0.25])
+    box, cb = _capture_last_latent()
+    noise = make_noise((1, 16, 2, 4, 6), 7)
+    with torch.no_grad():
+        out = ref(prompt=PROMPT, height=32, width=48, num_frames=5, num_inference_steps=4, guidance_scale=1.0,
+                  latents=noise.clone(), output_type="pt", callback_on_step_end=cb)  # fmt: skip
+    assert res.latent.shape == box["latents"].shape == (1, 16, 2, 4, 6)
+    err = rel_err(res.latent, box["latents"])
+    assert err <= 1e-4, err  # measured 1.1e-6
+    assert res.frames.shape == (5, 32, 48, 3)
+    assert rel_err(res.frames, _frames_of(out)) <= 1e-4
+    # a real video, not NaN or flat, and the text reaches it
+    assert torch.isfinite(res.frames).all() and res.frames.std() > 0.05
+    _, other = _ours(models["t2v", "wan"], "t2v", 7, infer_steps=4, denoising_step_list=[1000, 750, 500, 250],
+                     sample_shift=5.0, enable_cfg=False, **T2V)  # fmt: skip
+    assert torch.equal(other.latent, res.latent)  # same seed, same result
+    pipe = WanPipeline(models["t2v", "wan"], dtype="fp32", device="cpu").create_generator(
+        infer_steps=4, denoising_step_list=[1000, 750, 500, 250], sample_shift=5.0, enable_cfg=False, **T2V
+    )
+    assert rel_err(pipe.generate(7, "a city at night", return_latent=True).latent, res.latent) > 1e-3
+
+
+def test_t2v_unipc_with_cfg_equals_diffusers(models):
+    steps, shift, guidance = 3, 5.0, 4.0
+    _, res = _ours(models["t2v", "wan"], "t2v", 11, infer_steps=steps, sample_shift=shift,
+                   sample_guide_scale=guidance, enable_cfg=True, **T2V)  # fmt: skip
+    ref = _diffusers(models["t2v", "diffusers"], "WanPipeline")
+    ref.scheduler = _FixedGrid.install(diffusers_unipc(shift), official_unipc_grid(steps))
+    box, cb = _capture_last_latent()
+    with torch.no_grad():
+        out = ref(prompt=PROMPT, negative_prompt=DEFAULT_NEGATIVE_PROMPT, height=32, width=48, num_frames=5,
+                  num_inference_steps=steps, guidance_scale=guidance, latents=make_noise((1, 16, 2, 4, 6), 11),
+                  output_type="pt", callback_on_step_end=cb)  # fmt: skip
+    err = rel_err(res.latent, box["latents"])
+    assert err <= 1e-4, err  # measured 1.5e-6
+    assert rel_err(res.frames, _frames_of(out)) <= 1e-4
+    assert len(res.step_times) == steps and set(res.timings) == {"text_encode", "sampling", "vae_decode"}
+
+
+def _official_clip_pixels(image: torch.Tensor) -> torch.Tensor:
+    """Official CLIP preprocessing of [1, 3, H, W] in [-1, 1]: bicubic to 224, to [0, 1], mean/std."""
+    x = F.interpolate(image, size=(224, 224), mode="bicubic", align_corners=False).mul(0.5).add(0.5)
+    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+def test_i2v_equals_diffusers(models, tmp_path, monkeypatch):
+    from diffusers.pipelines.wan import pipeline_wan_i2v
+    from PIL import Image
+
+    # diffusers' I2V prompt cleaning calls ftfy unguarded (its T2V twin checks that it is installed);
+    # ftfy.fix_text leaves these well-formed prompts unchanged, so a pass-through stands in for it
+    monkeypatch.setattr(pipeline_wan_i2v, "ftfy", SimpleNamespace(fix_text=lambda text: text), raising=False)
+
+    rng = np.random.RandomState(0)
+    img = (rng.rand(60, 100, 3) * 255).astype(np.uint8)  # aspect 0.6 -> fitted to 32 x 64 for a 48 x 64 area
+    Image.fromarray(img).save(tmp_path / "start.png")
+    steps, shift, guidance = 2, 3.0, 5.0
+    pipe, res = _ours(models["i2v", "wan"], "i2v", 5, image=str(tmp_path / "start.png"), infer_steps=steps,
+                      sample_shift=shift, sample_guide_scale=guidance, target_video_length=5,
+                      target_height=48, target_width=64)  # fmt: skip
+    assert res.frames.shape == (5, 32, 64, 3)
+
+    ref = _diffusers(models["i2v", "diffusers"], "WanImageToVideoPipeline")
+    ref.scheduler = _FixedGrid.install(diffusers_unipc(shift), official_unipc_grid(steps))
+    x = torch.from_numpy(img).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)[None]  # [1, 3, 60, 100]
+    with torch.no_grad():
+        embeds = ref.image_encoder(pixel_values=_official_clip_pixels(x), output_hidden_states=True).hidden_states[-2]
+    ref.encode_image = lambda image, device=None: embeds
+    resized = resize_image(x[0], 32, 64)[None]
+
+    # the condition y: diffusers' mask + first-frame latent from the same resized image
+    noise = make_noise((1, 16, 2, 4, 8), 5)
+    ours_cond = pipe.encode_image(str(tmp_path / "start.png"))
+    with torch.no_grad():
+        _, ref_y = ref.prepare_latents(resized, 1, 16, 32, 64, 5, torch.float32, torch.device("cpu"), None, noise)
+    assert ours_cond.y.shape == ref_y.shape == (1, 20, 2, 4, 8)
+    assert torch.equal(ours_cond.y[:, :4], ref_y[:, :4])  # mask: exact
+    assert rel_err(ours_cond.y[:, 4:], ref_y[:, 4:]) <= 1e-5  # measured 3e-7
+    assert rel_err(ours_cond.clip_fea, embeds) <= 1e-5  # measured 0
+
+    box, cb = _capture_last_latent()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # diffusers warns about [-1, 1] tensors
+        with torch.no_grad():
+            out = ref(image=resized, prompt=PROMPT, negative_prompt=DEFAULT_NEGATIVE_PROMPT, height=32, width=64,
+                      num_frames=5, num_inference_steps=steps, guidance_scale=guidance, latents=noise.clone(),
+                      output_type="pt", callback_on_step_end=cb)  # fmt: skip
+    err = rel_err(res.latent, box["latents"])
+    assert err <= 1e-4, err  # measured 2.6e-6
+    assert rel_err(res.frames, _frames_of(out)) <= 1e-4
+    assert set(res.timings) >= {"text_encode", "image_encode", "sampling", "vae_decode"}
+
+
+def test_layouts_give_the_same_run(models, tmp_path):
+    """The ComfyUI layout (bf16 / fp16 files, tokenizer inside the T5 file) runs the same model."""
+    comfy = write_tiny_model(tmp_path / "comfy", "t2v", "comfyui", seed=3)
+    params = dict(infer_steps=2, denoising_step_list=[1000, 500], sample_shift=5.0, enable_cfg=False, **T2V)
+    _, a = _ours(models["t2v", "wan"], "t2v", 1, **params)
+    _, b = _ours(comfy, "t2v", 1, **params)
+    _, c = _ours(models["t2v", "diffusers"], "t2v", 1, **params)
+    assert rel_err(b.latent, a.latent) <= 1e-6 and rel_err(c.latent, a.latent) <= 1e-6
+
+
+def test_spec_cache(models, tmp_path):
+    clear_cache()
+    spec = ModelSpec(dit=str(models["t2v", "wan"]), dtype="fp32", device="cpu")
+    import pickle
+
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    a = build_dit(spec)
+    assert build_dit(pickle.loads(pickle.dumps(spec))) is a
+    assert build_dit(spec.replace(attention="sdpa_math")) is not a
+    # rewriting the files makes a new key: no stale model
+    path = write_tiny_model(tmp_path / "m", "t2v", "wan", seed=1)
+    b = build_dit(spec.replace(dit=str(path)))
+    write_tiny_model(path, "t2v", "wan", seed=2)
+    assert build_dit(spec.replace(dit=str(path))) is not b
+    # two pipelines over the same files share the models
+    p1 = WanPipeline(models["t2v", "wan"], dtype="fp32", device="cpu").create_generator(**T2V)
+    p2 = WanPipeline(models["t2v", "wan"], dtype="fp32", device="cpu").create_generator(infer_steps=4, **T2V)
+    assert p1.dit is p2.dit and p1.text_encoder is p2.text_encoder and p1.vae is p2.vae
+
+
+def test_stage_methods_compose_to_generate(models):
+    pipe = WanPipeline(models["t2v", "wan"], dtype="fp32", device="cpu").create_generator(
+        infer_steps=2, sample_shift=5.0, sample_guide_scale=3.0, **T2V
+    )
+    full = pipe.generate(3, PROMPT, return_latent=True)
+    cond, uncond = pipe.encode_text(PROMPT)
+    assert uncond is not None  # CFG on: guide scale != 1
+    latent = pipe.sample(make_noise(pipe.latent_shape(), 3), cond, uncond)
+    assert torch.equal(latent, full.latent)
+    assert torch.equal(pipe.decode(latent), full.frames)
