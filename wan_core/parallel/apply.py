@@ -127,9 +127,15 @@ def enable_sequence_parallel(model, groups: ParallelGroups, ring_attention_backe
     lse = get_lse_attention(ring_attention_backend or pc.ring_attention, dev, model.dtype)
     state = _SeqState()
     originals = []
+    # One wrapper per distinct backend, shared by the blocks: compiled blocks guard on the
+    # objects they call, so 40 distinct wrappers would mean 40 recompilations.
+    wrappers: dict[int, SequenceParallelAttention] = {}
     for blk in model.blocks:
-        originals.append(blk.self_attn.attn_fn)
-        blk.self_attn.attn_fn = SequenceParallelAttention(blk.self_attn.attn_fn, groups, state, lse)
+        fn = blk.self_attn.attn_fn
+        originals.append(fn)
+        if id(fn) not in wrappers:
+            wrappers[id(fn)] = SequenceParallelAttention(fn, groups, state, lse)
+        blk.self_attn.attn_fn = wrappers[id(fn)]
     had_own = "forward_blocks" in model.__dict__
     prev = model.forward_blocks
     model.forward_blocks = _ForwardBlocks(prev, groups, state)
