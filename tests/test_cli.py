@@ -19,6 +19,7 @@ from wan_core.options import FeatureNotAvailable, GenerationConfig
 from wan_core.tiny import COMFY_NAMES, write_tiny_model
 from wan_core.video import read_video
 
+WAN_REF = Path(os.environ.get("WAN_REF_DIR", "/work/ref/Wan-Video+Wan2.1"))
 LIGHTX2V_CONFIGS = Path(os.environ.get("LIGHTX2V_REF_DIR", "/work/ref/ModelTC+LightX2V")) / "configs"
 
 # configs/distill/wan_i2v_distill_4step_cfg.json of LightX2V, with a tiny size and length
@@ -179,3 +180,13 @@ def test_lightx2v_wan21_configs_parse():
         except FeatureNotAvailable as e:
             assert "not available yet" in str(e)
     assert runnable >= 4  # wan_t2v, wan_i2v, the distill configs without offload/LoRA/FP8
+
+
+@pytest.mark.skipif(not (WAN_REF / "wan/configs/shared_config.py").is_file(), reason="official Wan2.1 source not available")
+def test_default_negative_prompt_is_the_official_one():
+    import re
+
+    from wan_core.options import DEFAULT_NEGATIVE_PROMPT
+
+    src = (WAN_REF / "wan/configs/shared_config.py").read_text(encoding="utf-8")
+    assert DEFAULT_NEGATIVE_PROMPT == re.search(r"sample_neg_prompt = '(.*)'", src).group(1)

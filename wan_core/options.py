@@ -72,7 +72,8 @@ IGNORED = {
     "clean_cuda_cache", "rope_type", "rms_norm_type", "layer_norm_type", "modulate_type", "rotary_chunk",
     "warmup", "return_result_tensor", "model_cls", "task", "model_path", "config_json", "seed", "prompt",
     "negative_prompt", "image_path", "save_result_path", "use_image_encoder", "max_area", "num_channels_latents",
-    "vae_stride", "patch_size", "norm_modulate_backend", "double_precision_rope", "enable_reuse",
+    "vae_stride", "patch_size", "norm_modulate_backend", "double_precision_rope", "enable_reuse", "aspect_ratio",
+    "boundary", "boundary_step_index", "audio_fps", "distilled_sigma_values", "support_tasks", "target_shape",
 }  # fmt: skip
 # LightX2V `create_generator(...)` keyword names -> config keys.
 KWARG_ALIASES = {

@@ -72,8 +72,8 @@ class ModelSpec:
     vae: str | None = None
     clip: str | None = None
     task: str = "t2v"
-    dtype: str = "auto"
-    vae_dtype: str | None = None
+    dtype: str | torch.dtype = "auto"
+    vae_dtype: str | torch.dtype | None = None
     device: str = "auto"
     attention: str = "auto"
     cross_attention: str | None = None
