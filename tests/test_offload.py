@@ -245,6 +245,13 @@ def test_offload_component_moves_and_releases():
     assert handle.stats["loads"] == 2
     with offload_component(None) as nothing:
         assert nothing is None
+    wrapper = type("Wrapper", (), {})()  # like WanTextEncoder: holds its module as .model
+    wrapper.model = enc
+    with offload_component(wrapper, device="cpu") as w:
+        assert w is wrapper and all(p.data_ptr() not in host for p in enc.parameters())
+    with pytest.raises(TypeError, match="nn.Module"):
+        with offload_component(object(), device="cpu"):
+            pass
 
 
 def test_hooks_coexist_with_compiled_blocks():

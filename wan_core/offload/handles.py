@@ -356,6 +356,7 @@ def offload_component(module: nn.Module | None, device: str | torch.device = "cu
     For the text encoder, the image encoder and the VAE: each is needed for one stage of a run.
     The first use packs the module's weights into pinned host memory (its handle is kept on the
     module), so later stages move it with one copy per 512 MiB chunk and release it for free.
+    A wrapper that is not a module but holds one as `.model` (`WanTextEncoder`) is accepted.
     `None` passes through (a component the run does not use).
     """
     return _component(module, device)
@@ -366,9 +367,12 @@ def _component(module, device):
     if module is None:
         yield None
         return
-    handle = module.__dict__.get(_ATTR)
+    target = module if isinstance(module, nn.Module) else getattr(module, "model", None)
+    if not isinstance(target, nn.Module):
+        raise TypeError(f"offload_component needs an nn.Module (or an object with one as .model), got {type(module)}")
+    handle = target.__dict__.get(_ATTR)
     if handle is None:
-        handle = ModelOffload(module, device, hook=False)
+        handle = ModelOffload(target, device, hook=False)
     elif not isinstance(handle, ModelOffload) or handle.device != _resolve(device):
         raise RuntimeError(f"this module already carries a different offload ({handle.granularity} on {handle.device})")
     with handle.loaded():
