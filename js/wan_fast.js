@@ -11,6 +11,7 @@ import { PRESETS, applyPreset, matchingPreset, timingLines } from "./wan_presets
 const SAMPLERS = new Set(["WanSampler", "WanMultiGPUSampler"]);
 const LINE_HEIGHT = 14;
 let currentRun = { promptId: null, records: new Map() };
+const lastRecords = new Map(); // node id -> its stage records from the run that last executed it
 
 function samplerNodes() {
   return (app.graph?._nodes ?? []).filter((n) => SAMPLERS.has(n.comfyClass ?? n.type));
@@ -20,10 +21,44 @@ function refresh() {
   const records = [...currentRun.records.values()].flat();
   for (const node of samplerNodes()) {
     node.wanTimingLines = timingLines(records);
-    const needed = node.computeSize()[1] + (node.wanTimingLines.length + 1) * LINE_HEIGHT + 8;
+    const needed = node.computeSize()[1];
     if (node.size[1] < needed) node.setSize([node.size[0], needed]);
   }
-  app.graph?.setDirtyCanvas(true, false);
+  app.graph?.setDirtyCanvas(true, true);
+}
+
+// A read-only text block, laid out like a widget (so live previews go below it, not over it)
+// and never serialized (saved workflows and API prompts are unchanged).
+function timingWidget(node) {
+  const lines = () => {
+    const preset = matchingPreset((node.widgets ?? []).filter((w) => w.type !== "wan_timing"));
+    return [preset ? `settings: ${preset}` : "settings: custom", ...(node.wanTimingLines ?? [])];
+  };
+  const height = () => lines().length * LINE_HEIGHT + 6;
+  return {
+    name: "wan_timing",
+    type: "wan_timing",
+    value: null,
+    serialize: false,
+    options: { serialize: false },
+    draw(ctx, _node, width, y) {
+      ctx.save();
+      ctx.font = "11px monospace";
+      ctx.fillStyle = "#9ab";
+      let yy = y + LINE_HEIGHT;
+      for (const line of lines()) {
+        ctx.fillText(line, 12, yy, width - 24);
+        yy += LINE_HEIGHT;
+      }
+      ctx.restore();
+    },
+    computeSize(width) {
+      return [width, height()];
+    },
+    computeLayoutSize() {
+      return { minHeight: height(), maxHeight: height(), minWidth: 0 };
+    },
+  };
 }
 
 app.registerExtension({
@@ -34,11 +69,20 @@ app.registerExtension({
       currentRun = { promptId: detail?.prompt_id ?? null, records: new Map() };
       refresh();
     });
+    // nodes whose result ComfyUI reuses are not run again: show their stages as cached
+    api.addEventListener("execution_cached", ({ detail }) => {
+      for (const id of detail?.nodes ?? []) {
+        const old = lastRecords.get(String(id));
+        if (old) currentRun.records.set(String(id), old.map((r) => ({ ...r, cached: true })));
+      }
+      refresh();
+    });
     api.addEventListener("executed", ({ detail }) => {
       const records = detail?.output?.wan_timing;
       if (!records) return;
       if (detail.prompt_id && currentRun.promptId && detail.prompt_id !== currentRun.promptId) return;
       currentRun.records.set(String(detail.node), records);
+      lastRecords.set(String(detail.node), records);
       refresh();
     });
   },
@@ -56,28 +100,11 @@ app.registerExtension({
           applyPreset(this.widgets, name);
           this.setDirtyCanvas(true, true);
         });
-        button.serialize = false;
+        button.serialize = false; // a button holds no value: keep widgets_values as they were
         button.options = { ...(button.options ?? {}), serialize: false };
       }
-      this.setSize([this.size[0], this.computeSize()[1] + LINE_HEIGHT + 8]);
-      return r;
-    };
-
-    const onDrawForeground = nodeType.prototype.onDrawForeground;
-    nodeType.prototype.onDrawForeground = function (ctx) {
-      const r = onDrawForeground?.apply(this, arguments);
-      if (this.flags?.collapsed) return r;
-      const preset = matchingPreset(this.widgets ?? []);
-      const lines = [preset ? `settings: ${preset}` : "settings: custom", ...(this.wanTimingLines ?? [])];
-      ctx.save();
-      ctx.font = "11px monospace";
-      ctx.fillStyle = "#9ab";
-      let y = this.size[1] - lines.length * LINE_HEIGHT;
-      for (const line of lines) {
-        ctx.fillText(line, 10, y);
-        y += LINE_HEIGHT;
-      }
-      ctx.restore();
+      this.addCustomWidget(timingWidget(this));
+      this.setSize([this.size[0], this.computeSize()[1]]);
       return r;
     };
   },

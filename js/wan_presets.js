@@ -42,12 +42,17 @@ function fmtSeconds(s) {
   return s >= 100 ? `${s.toFixed(0)} s` : s >= 10 ? `${s.toFixed(1)} s` : `${s.toFixed(2)} s`;
 }
 
-// Stage records ({stage, seconds, peak_vram_gib, seconds_per_step?}) -> lines of text to draw.
+// Stage records ({stage, seconds, peak_vram_gib, seconds_per_step?, cached?}) -> lines of text to draw.
+// Cached stages (results ComfyUI reused) are listed but count for nothing in the total.
 export function timingLines(records) {
   const lines = [];
   let total = 0;
   let peak = null;
   for (const r of records) {
+    if (r.cached) {
+      lines.push(`${r.stage}: cached`);
+      continue;
+    }
     total += r.seconds || 0;
     if (r.peak_vram_gib != null) peak = Math.max(peak ?? 0, r.peak_vram_gib);
     let line = `${r.stage}: ${fmtSeconds(r.seconds || 0)}`;
