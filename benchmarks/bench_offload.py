@@ -54,10 +54,13 @@ def random_host_model(cfg, dtype=torch.bfloat16):
     model = build_model(cfg, None, dtype=dtype, device="meta")
     g = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
-        for p in model.parameters():
-            t = torch.empty(p.shape, dtype=p.dtype, device="cuda")
-            t.normal_(0, 0.02, generator=g)
-            p.data = t.cpu()
+        for mod in model.modules():
+            for name, p in mod._parameters.items():
+                if p is None:
+                    continue
+                t = torch.empty(p.shape, dtype=p.dtype, device="cuda")
+                t.normal_(0, 0.02, generator=g)
+                mod._parameters[name] = nn.Parameter(t.cpu(), requires_grad=False)
     return model
 
 
