@@ -204,8 +204,15 @@ def test_budget_handle_follows_the_input_size():
     assert handle.plan.tokens == t2 and handle.resident_blocks == plan_block_offload(model, budget, t2).resident_blocks
     assert handle.device_bytes() + activation_bytes(model, t2) <= budget * GiB
     assert torch.equal(_run(model, cfg, frames=4), ref4)  # more tokens: fewer resident blocks
-    assert handle.plan.tokens == t4 and handle.resident_blocks < plan_block_offload(model, budget, t2).resident_blocks
+    r4 = handle.resident_blocks
+    assert handle.plan.tokens == t4 and r4 < plan_block_offload(model, budget, t2).resident_blocks
     assert handle.device_bytes() + activation_bytes(model, t4) <= budget * GiB
+    loads = handle.stats["loads"]
+    assert torch.equal(_run(model, cfg, frames=2), ref2)  # smaller while loaded: same plan, no reload
+    assert (handle.resident_blocks, handle.stats["loads"]) == (r4, loads)
+    handle.unload()
+    assert torch.equal(_run(model, cfg, frames=2), ref2)  # next load: planned for this size again
+    assert handle.plan.tokens == t2 and handle.resident_blocks > r4
 
 
 def test_model_offload_round_trip():

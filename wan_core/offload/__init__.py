@@ -89,8 +89,9 @@ def enable_offload(
         block streams, the least memory). Exclusive with `vram_budget_gb`.
     vram_budget_gb: "use at most X GiB" (what torch allocates: weights + activations, see
         `budget.py`): the number of resident blocks is chosen from the measured block sizes and
-        the activation estimate for `tokens`; without `tokens`, for the token count of each
-        forward's input (re-planned when the video size changes). A budget below what block
+        the activation estimate for `tokens`; without `tokens`, for the token count of the
+        forward's input (re-planned at the next load for another video size, at once for a
+        larger one). A budget below what block
         offload needs with no resident block raises ValueError. With granularity "model", the
         budget is checked (the whole DiT must fit) when `tokens` is given.
     prefetch: blocks copied ahead of the running one (ring of prefetch + 1 slots).
@@ -135,8 +136,11 @@ def enable_offload(
         planned: dict[str, Any] = {"tokens": tokens}
 
         def follow_input(args, kwargs):
+            # Re-plan when unloaded (free: nothing to move) or when the input grew (needed to stay
+            # within the budget); a smaller input while loaded runs within the current plan, so
+            # alternating sizes inside one loop do not reload the resident blocks.
             n = _input_tokens(model, args, kwargs)
-            if n is None or (n == planned["tokens"] and handle.plan is not None):
+            if n is None or n == planned["tokens"] or (handle.is_loaded and n < planned["tokens"]):
                 return
             handle.plan = plan(n)
             planned["tokens"] = n
