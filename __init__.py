@@ -20,4 +20,28 @@ else:  # imported as a plain module (pytest collecting from the repository root)
 
 WEB_DIRECTORY = "./js"
 
+
+def _register_tasks_api() -> None:
+    """Inside a running ComfyUI only: add the LightX2V-compatible /v1/tasks/... routes (tasks_api/).
+
+    ComfyUI's `server` module is already imported when it loads custom nodes; outside ComfyUI it
+    is absent and importing this pack does nothing more than define the nodes.
+    """
+    prompt_server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    if prompt_server is None or not hasattr(prompt_server, "routes"):
+        return
+    try:
+        if __package__:
+            from .tasks_api import register
+        else:
+            from tasks_api import register
+        register(prompt_server)
+    except Exception:  # the nodes must keep working without the task API
+        import logging
+
+        logging.getLogger("wan_fast").exception("the LightX2V-compatible task API could not be added")
+
+
+_register_tasks_api()
+
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
