@@ -214,7 +214,14 @@ class TaskService:
         """Move WanSaveVideo's file to the requested path (both inside the output folder)."""
         out = self.backend.output_dir()
         ui = (entry.get("outputs") or {}).get(r.save_node) or {}
-        files = [f for f in ui.get("images") or [] if isinstance(f, dict) and f.get("filename")]
+        # WanSaveVideo reports its file under "images" (ComfyUI's gallery key); accept any list of files
+        files = [
+            f
+            for v in ui.values()
+            if isinstance(v, list)
+            for f in v
+            if isinstance(f, dict) and str(f.get("filename", "")).endswith(".mp4")
+        ]
         if not files:
             raise ValueError("the workflow finished without writing a video")
         f = files[0]
