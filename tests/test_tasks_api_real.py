@@ -211,3 +211,48 @@ def test_i2v_base64_image_through_the_deprecated_alias(api):
     assert os.path.getsize(os.path.join(api.srv.base, "output", f"{tid}.mp4")) > 0
     graph = api.srv.get(f"/history/{tid}")[tid]["prompt"][2]
     assert [n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"] == [f"tasks_api/{tid}.png"]
+
+
+# LightX2V's own client scripts, unchanged: only their fixed http://localhost:8000 is redirected
+# to this server, and loguru (absent here) is stood in for by logging.
+CLIENT_RUNNER = r"""
+import logging, runpy, sys, types
+import requests
+base, script = sys.argv[1], sys.argv[2]
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+loguru = types.ModuleType("loguru")
+loguru.logger = logging.getLogger("client")
+sys.modules.setdefault("loguru", loguru)
+_request = requests.Session.request
+def request(self, method, url, *args, **kwargs):
+    return _request(self, method, url.replace("http://localhost:8000", base), *args, **kwargs)
+requests.Session.request = request
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("LIGHTX2V_DIR"), reason="set LIGHTX2V_DIR to a LightX2V checkout")
+def test_lightx2v_client_scripts_run_unchanged(api, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("requests")
+    root = os.environ["LIGHTX2V_DIR"]
+    runner = tmp_path / "run_client.py"
+    runner.write_text(CLIENT_RUNNER)
+
+    def run(script: str) -> str:
+        out = subprocess.run([sys.executable, str(runner), api.url, os.path.join(root, "scripts", "server", script)],
+                             cwd=root, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        return out.stdout
+
+    for script, name in (("post.py", "cat_boxing_seed42.mp4"), ("post_i2v.py", None)):
+        log = run(script)
+        (tid,) = re.findall(r"response: \{'task_id': '([\w-]+)', 'task_status': 'pending'", log)
+        st = api.completed(tid)
+        assert st["save_result_path"] == (name or f"{tid}.mp4")
+        assert os.path.getsize(os.path.join(api.srv.base, "output", st["save_result_path"])) > 0
+    log = run("check_status.py")
+    assert "'service_status': 'idle'" in log and "'detail': 'Task not found'" in log
