@@ -1,5 +1,6 @@
 """The ComfyUI nodes of this pack (classic node API: plain classes, usable without ComfyUI)."""
 
+from .cache import WanCacheConfig
 from .decode import WanSaveVideo, WanVAEDecode
 from .encode import WanImageEncode, WanTextEncode
 from .loaders import WanFP8Loader, WanLoraApply, WanModelLoader, WanOffloadConfig
@@ -13,6 +14,7 @@ NODE_CLASS_MAPPINGS = {
     "WanTextEncode": WanTextEncode,
     "WanImageEncode": WanImageEncode,
     "WanSampler": WanSampler,
+    "WanCacheConfig": WanCacheConfig,
     "WanMultiGPUSampler": WanMultiGPUSampler,
     "WanVAEDecode": WanVAEDecode,
     "WanSaveVideo": WanSaveVideo,
@@ -26,6 +28,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WanTextEncode": "Wan Text Encode",
     "WanImageEncode": "Wan Image Encode (I2V)",
     "WanSampler": "Wan Sampler",
+    "WanCacheConfig": "Wan Feature Cache (Tea/Mag)",
     "WanMultiGPUSampler": "Wan Multi-GPU Sampler",
     "WanVAEDecode": "Wan VAE Decode",
     "WanSaveVideo": "Wan Save Video (mp4)",

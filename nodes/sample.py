@@ -1,4 +1,4 @@
-"""Sampler nodes: single GPU (WanSampler) and several GPUs (WanMultiGPUSampler)."""
+"""Sampler nodes: single GPU (WanSampler, optionally with feature caching) and several GPUs (WanMultiGPUSampler)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import threading
 
 import torch
 
+from wan_core.cache import cache_from_config, feature_cache, guided_velocity_branches, published_model_key
 from wan_core.options import FeatureNotAvailable
 from wan_core.preview import fit_rgb_projection, latent_to_rgb
-from wan_core.sampling import Cond, latent_shape, make_noise, sample
+from wan_core.sampling import Cond, guided_velocity, latent_shape, make_noise, sample
 from wan_core.schedulers import make_scheduler
 from wan_core.spec import ModelSpec, build_dit, build_vae
 
@@ -17,9 +18,11 @@ from .types import (
     CATEGORY,
     DISTILL_STEP_LIST,
     LATENT,
+    WAN_CACHE,
     WAN_IMAGE_EMBEDS,
     WAN_MODEL,
     WAN_TEXT_EMBEDS,
+    CacheSettings,
     ImageEmbeds,
     TextEmbeds,
 )
@@ -133,7 +136,9 @@ class WanSampler:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return sampler_inputs()
+        spec = sampler_inputs()
+        spec["optional"]["cache"] = (WAN_CACHE, {"tooltip": "feature caching (base models): from WanCacheConfig"})
+        return spec
 
     def sample(
         self,
@@ -149,12 +154,17 @@ class WanSampler:
         seed: int,
         denoising_step_list: str = DISTILL_STEP_LIST,
         image_embeds: ImageEmbeds | None = None,
+        cache: CacheSettings | None = None,
     ):
         shape, i2v = check_run(model, image_embeds, width, height, num_frames)
         step_list = parse_step_list(denoising_step_list) if scheduler == "distill" else None
         sched = make_scheduler(scheduler, steps, shift, step_list)
         with stats.stage("load DiT", model.torch_device) as load_rec:
             dit = build_dit(model)
+        fc = None
+        if cache is not None:  # checked before sampling: a table the model lacks is an error now
+            key = published_model_key(dit.cfg, shape[-2] * 8, shape[-1] * 8)
+            fc = cache_from_config({**cache.to_config(), "infer_steps": len(sched)}, key)
         device = next(dit.parameters()).device
         progress = compat.Progress(len(sched))
         previews = compat.previews_enabled() and model.vae is not None
@@ -169,10 +179,14 @@ class WanSampler:
         uncond = Cond(context=[text_embeds.negative.to(device)], **kw) if guidance != 1.0 else None
         with stats.stage("sample", device) as rec:
             noise = make_noise((1, *shape), seed, device=device)
-            with torch.inference_mode():
-                latent = sample(dit, noise, sched, cond, uncond, guidance=guidance, callback=on_step)
+            with torch.inference_mode(), feature_cache(dit, fc, num_steps=len(sched)):
+                predict = guided_velocity_branches if fc is not None else guided_velocity
+                latent = sample(dit, noise, sched, cond, uncond, guidance=guidance, callback=on_step, predict=predict)
         rec["steps"] = len(sched)
         rec["seconds_per_step"] = round(rec["seconds"] / len(sched), 3)
+        if fc is not None:
+            report = fc.report()
+            rec.update(cache=report.summary(), evaluations=report.evaluations, skipped_evaluations=report.skipped_total)
         out = {"samples": latent.cpu()}
         return {"ui": stats.ui(load_rec, rec), "result": (out,)}
 

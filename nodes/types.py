@@ -17,6 +17,7 @@ WAN_MODEL = "WAN_MODEL"  # wan_core.spec.ModelSpec: files + build options, built
 WAN_TEXT_EMBEDS = "WAN_TEXT_EMBEDS"  # TextEmbeds
 WAN_IMAGE_EMBEDS = "WAN_IMAGE_EMBEDS"  # ImageEmbeds (I2V conditioning)
 WAN_OFFLOAD = "WAN_OFFLOAD"  # OffloadSettings
+WAN_CACHE = "WAN_CACHE"  # CacheSettings (feature caching for the sampler)
 # ComfyUI's own types, for interop with core nodes
 IMAGE = "IMAGE"  # float [T, H, W, 3] in [0, 1]
 LATENT = "LATENT"  # {"samples": [B, 16, F, h, w]}
@@ -62,3 +63,46 @@ class OffloadSettings:
     @property
     def is_default(self) -> bool:
         return self.granularity == "none" and self.vram_budget_gb == 0.0
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What WanCacheConfig chose; the sampler turns it into a `wan_core.cache.FeatureCache` per run.
+
+    start_step -1 and end_step 0 mean "the method's default"; end_step < 0 counts from the end;
+    max_skips (TeaCache) 0 means no cap; cache_model "auto" picks the published table from the DiT.
+    """
+
+    method: str = "Mag"  # "Tea" | "Mag"
+    teacache_thresh: float = 0.2
+    use_ret_steps: bool = True
+    magcache_thresh: float = 0.24
+    magcache_K: int = 6
+    magcache_retention_ratio: float = 0.2
+    start_step: int = -1
+    end_step: int = 0
+    max_skips: int = 0
+    cache_model: str = "auto"
+
+    def to_config(self) -> dict:
+        """The LightX2V / wan_core.cache config keys these settings stand for."""
+        if self.method == "Tea":
+            out = {"feature_caching": "Tea", "teacache_thresh": self.teacache_thresh, "use_ret_steps": self.use_ret_steps}
+            prefix = "teacache"
+            if self.max_skips > 0:
+                out["teacache_max_skips"] = self.max_skips
+        else:
+            out = {
+                "feature_caching": "Mag",
+                "magcache_thresh": self.magcache_thresh,
+                "magcache_K": self.magcache_K,
+                "magcache_retention_ratio": self.magcache_retention_ratio,
+            }
+            prefix = "magcache"
+        if self.start_step >= 0:
+            out[f"{prefix}_start_step"] = self.start_step
+        if self.end_step != 0:
+            out[f"{prefix}_end_step"] = self.end_step
+        if self.cache_model != "auto":
+            out["cache_model"] = self.cache_model
+        return out

@@ -142,33 +142,86 @@ def test_pending_features_and_unknown_keys(tiny, tmp_path, capsys):
     par = {"seq_p_size": 4, "seq_p_attn_type": "ulysses", "cfg_p_size": 2}
     err = _run_error(t2v + ["--config_json", _config(tmp_path, parallel=par)], capsys)
     assert "'parallel'" in err and "not available yet" in err
+    err = _run_error(t2v + ["--config_json", _config(tmp_path, t5_quantized=True, t5_quant_scheme="fp8-sgl")], capsys)
+    assert "'t5_quantized'" in err and "not available yet" in err
+    # LoRA, FP8 and caching keys are wired now (tests/test_variants.py): here only that they are read
     lora = [{"path": "x.safetensors", "strength": 1.0}]
-    assert "'lora_configs'" in _run_error(t2v + ["--config_json", _config(tmp_path, lora_configs=lora)], capsys)
-    err = _run_error(t2v + ["--config_json", _config(tmp_path, dit_quantized=True, dit_quant_scheme="fp8-sgl")], capsys)
-    assert "'dit_quantized'" in err
+    err = _run_error(t2v + ["--config_json", _config(tmp_path, lora_configs=lora)], capsys)
+    assert "lora_configs[0].path: file not found: 'x.safetensors'" in err
+    err = _run_error(t2v + ["--config_json", _config(tmp_path, dit_quantized=True, dit_quant_scheme="nvfp4")], capsys)
+    assert "'nvfp4'" in err
     # an unknown key is named in a warning (the run then fails on frames to stay fast)
     with pytest.warns(UserWarning, match="unknown keys ignored: infer_stpes"):
         _run_error(t2v + ["--config_json", _config(tmp_path, infer_stpes=8, target_video_length=6)], capsys)
     # defaults of those keys are fine
     cfg = GenerationConfig.from_dict({**DISTILL_CONFIG, "parallel": {"seq_p_size": 1, "cfg_p_size": 1}, "lora_configs": []})
     cfg.check("t2v")
+    # the caching keys are kept for wan_core.cache, and survive a keyword update
+    cfg = GenerationConfig.from_dict({**DISTILL_CONFIG, "feature_caching": "Mag", "magcache_K": 4, "magcache_thresh": 0.1})
+    cfg = cfg.updated({"infer_steps": 4})
+    assert cfg.cache_config() == {"feature_caching": "Mag", "infer_steps": 4, "magcache_K": 4, "magcache_thresh": 0.1}
+
+
+def test_convert_fp8_subcommand(tiny, tmp_path, capsys):
+    """`convert-fp8` is wan_core.convert mounted: same file as the Python call, LoRAs merged first."""
+    import torch
+
+    from wan_core.convert import convert_to_fp8
+    from wan_core.loading.io import read_state_dict
+    from wan_core.loading.lora import random_lora, save_lora
+    from wan_core.tiny import tiny_dit_config
+
+    lora = save_lora(random_lora(tiny_dit_config("t2v"), rank=2, seed=4), tmp_path / "l.safetensors")
+    out = tmp_path / "fp8.safetensors"
+    assert main(["convert-fp8", tiny["t2v"], str(out), "--lora", f"{lora}:0.5", "--dtype", "fp32"]) == 0
+    assert str(out) in capsys.readouterr().out
+    ref = convert_to_fp8(tiny["t2v"], str(tmp_path / "ref.safetensors"), loras=[(lora, 0.5)], dtype=torch.float32)
+    a, b = read_state_dict(str(out)), read_state_dict(ref)
+    assert set(a) == set(b) and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+    assert a["blocks.0.ffn.0.weight"].dtype == torch.float8_e4m3fn and "blocks.0.ffn.0.weight_scale" in a
+    assert "DiT checkpoint not found" in _run_error(["convert-fp8", str(tmp_path / "missing"), str(out)], capsys)
+
+
+def test_calibrate_cache_subcommand_feeds_a_cached_run(tiny, tmp_path, capsys):
+    """`calibrate-cache` (wan_core.cache's own command line) fits TeaCache coefficients for a model with
+    no published ones; its 'config' block then runs that model with feature_caching 'Tea'."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    embeds = tmp_path / "embeds.safetensors"
+    save_file({"context": torch.randn(6, 32, generator=g), "context_null": torch.randn(4, 32, generator=g)}, str(embeds))
+    out = tmp_path / "calib.json"
+    rc = main(["calibrate-cache", "--dit", tiny["t2v"], "--embeds", str(embeds), "--steps", "8", "--size", "48x32",
+               "--frames", "5", "--device", "cpu", "--dtype", "fp32", "--compile", "false", "--out", str(out)])  # fmt: skip
+    assert rc == 0 and "coefficients" in capsys.readouterr().out
+    fitted = json.loads(out.read_text())["config"]
+    assert len(fitted["coefficients"]) == 2 and len(fitted["magcache_ratios"][0]) == 8
+    config = _config(tmp_path, **fitted, feature_caching="Tea", teacache_thresh=0.3, enable_cfg=True,
+                     sample_guide_scale=5.0, infer_steps=8, denoising_step_list=None)  # fmt: skip
+    rc = main(["--model_path", tiny["t2v"], "--config_json", config, "--save_result_path", str(tmp_path / "v.mp4")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "feature cache Tea" in err and "DiT evaluations" in err
 
 
 def _lightx2v_wan21_configs() -> list[str]:
     files = glob.glob(str(LIGHTX2V_CONFIGS / "wan" / "wan_[ti]2v*.json")) + glob.glob(str(LIGHTX2V_CONFIGS / "distill" / "*.json"))
     files += glob.glob(str(LIGHTX2V_CONFIGS / "distill" / "wan21" / "*.json"))
     files += [f for f in glob.glob(str(LIGHTX2V_CONFIGS / "*" / "*.json")) if os.path.basename(f).startswith(("wan_t2v", "wan_i2v"))]
+    files += [f for f in glob.glob(str(LIGHTX2V_CONFIGS / "caching" / "*" / "*.json")) if os.path.basename(f).startswith(("wan_t2v", "wan_i2v"))]
     return sorted(set(files))
 
 
 @pytest.mark.skipif(not LIGHTX2V_CONFIGS.is_dir(), reason="LightX2V reference checkout not available")
 def test_lightx2v_wan21_configs_parse():
-    """Every Wan2.1 T2V/I2V config LightX2V ships is read: it runs, or names the missing feature."""
+    """Every Wan2.1 T2V/I2V config LightX2V ships is read: it runs, names the missing feature, or (a
+    quantisation scheme that is not FP8 per-channel: int8, nvfp4) says the scheme is not supported."""
     import warnings
 
     files = _lightx2v_wan21_configs()
     assert len(files) >= 10
-    runnable = 0
+    runnable = set()
     for f in files:
         task = "i2v" if "i2v" in os.path.basename(f) else "t2v"
         with warnings.catch_warnings():
@@ -176,10 +229,16 @@ def test_lightx2v_wan21_configs_parse():
             cfg = GenerationConfig.from_json(f)
         try:
             cfg.check(task)
-            runnable += 1
+            runnable.add(os.path.relpath(f, LIGHTX2V_CONFIGS))
         except FeatureNotAvailable as e:
             assert "not available yet" in str(e)
-    assert runnable >= 4  # wan_t2v, wan_i2v, the distill configs without offload/LoRA/FP8
+        except ValueError as e:
+            assert cfg.dit_quantized and "not supported" in str(e), (f, e)
+    assert len(runnable) >= 40  # measured 54 of 83
+    for variant in ("lora", "model", "fp8"):  # the seed's distill variants, as LightX2V ships them
+        for task in ("t2v", "i2v"):
+            assert f"distill/wan21/wan_{task}_distill_{variant}_4step_cfg.json" in runnable
+    assert {"caching/teacache/wan_t2v_1_3b_tea_480p.json", "caching/magcache/wan_t2v_mag_1_3b.json"} <= runnable
 
 
 @pytest.mark.skipif(not (WAN_REF / "wan/configs/shared_config.py").is_file(), reason="official Wan2.1 source not available")

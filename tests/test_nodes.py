@@ -18,11 +18,11 @@ import torch
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, compat, types
 from tests.comfyui_helpers import REPO, WIDGET_TYPES, check_value, populate_models
 
-CUSTOM_TYPES = {types.WAN_MODEL, types.WAN_TEXT_EMBEDS, types.WAN_IMAGE_EMBEDS, types.WAN_OFFLOAD}
+CUSTOM_TYPES = {types.WAN_MODEL, types.WAN_TEXT_EMBEDS, types.WAN_IMAGE_EMBEDS, types.WAN_OFFLOAD, types.WAN_CACHE}
 COMFY_TYPES = {"IMAGE", "LATENT", "MASK"}
 EXPECTED_NODES = {
     "WanModelLoader", "WanFP8Loader", "WanLoraApply", "WanOffloadConfig", "WanTextEncode", "WanImageEncode",
-    "WanSampler", "WanMultiGPUSampler", "WanVAEDecode", "WanSaveVideo",
+    "WanSampler", "WanCacheConfig", "WanMultiGPUSampler", "WanVAEDecode", "WanSaveVideo",
 }  # fmt: skip
 
 
@@ -303,6 +303,52 @@ def test_i2v_nodes(models):
     assert emb.num_frames == 5 and emb.width * emb.height <= 64 * 48 and emb.width % 16 == 0
     latent, _ = _sample(model, _text(model), steps=1, image_embeds=emb)
     assert latent["samples"].shape[-2:] == (emb.height // 8, emb.width // 8)
+
+
+def test_cache_config_node_and_sampler(models):
+    """WanCacheConfig -> WanSampler: threshold 0 is the uncached run exactly, a high threshold skips
+    evaluations and the sampler's stage record says how many; a table the tiny model lacks is an error."""
+    model = _load()
+    text = _text(model)
+    plain, _ = _sample(model, text)  # 2 UniPC steps with CFG: 4 DiT evaluations
+    node = NODE_CLASS_MAPPINGS["WanCacheConfig"]()
+
+    def run(settings):
+        out = NODE_CLASS_MAPPINGS["WanSampler"]().sample(
+            model, text, 64, 48, 5, 2, 5.0, 5.0, "unipc", 3, "1000,500", cache=settings
+        )
+        return out["result"][0]["samples"], out["ui"]["wan_timing"][-1]
+
+    (off,) = node.make("Mag", 0.2, True, 0.0, 6, 0.2, cache_model="t2v-14b")
+    latent, rec = run(off)
+    assert torch.equal(latent, plain["samples"]) and (rec["evaluations"], rec["skipped_evaluations"]) == (4, 0)
+    (mag,) = node.make("Mag", 0.2, True, 0.24, 6, 0.2, cache_model="t2v-14b")
+    latent, rec = run(mag)
+    assert rec["skipped_evaluations"] == 2 and "skipped 2 of 4 DiT evaluations" in rec["cache"]
+    assert torch.isfinite(latent).all() and not torch.equal(latent, plain["samples"])
+    (tea,) = node.make("Tea", 10.0, False, 0.24, 6, 0.2, end_step=100, cache_model="t2v-14b")
+    assert tea.to_config() == {"feature_caching": "Tea", "teacache_thresh": 10.0, "use_ret_steps": False,
+                               "teacache_end_step": 100, "cache_model": "t2v-14b"}  # fmt: skip
+    assert run(tea)[1]["skipped_evaluations"] == 2
+    (auto,) = node.make("Tea", 0.2, True, 0.24, 6, 0.2)
+    with pytest.raises(ValueError, match="TeaCache needs 'coefficients'"):
+        run(auto)  # the tiny DiT has no published fit
+
+
+def test_lora_on_an_fp8_model(models):
+    """WanFP8Loader on a bf16 file (quantised on load) + WanLoraApply: the LoRA runs beside the FP8 linears."""
+    from wan_core.lora import lora_report
+    from wan_core.spec import build_dit
+
+    fp8 = _load(cls="WanFP8Loader")
+    assert fp8.fp8 == "auto"
+    with_lora = NODE_CLASS_MAPPINGS["WanLoraApply"]().apply(fp8, "wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors", 1.0)[0]
+    text = _text(fp8)
+    a, _ = _sample(with_lora, text, steps=1)
+    (summary,) = lora_report(build_dit(with_lora)).loras
+    assert summary.branched > 0
+    b, _ = _sample(fp8, text, steps=1)
+    assert not torch.equal(a["samples"], b["samples"]) and len(lora_report(build_dit(fp8))) == 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from tests.comfyui_helpers import (
 SEED_SCENARIOS = {
     "wan21_t2v_14b_base", "wan21_t2v_14b_distill_lora", "wan21_t2v_14b_distill_merged", "wan21_t2v_14b_distill_fp8",
     "wan21_i2v_480p_base", "wan21_i2v_480p_distill_lora", "wan21_i2v_480p_distill_fp8", "wan21_i2v_720p_base",
-    "wan21_t2v_14b_offload_distill_lora", "wan21_t2v_14b_multigpu",
+    "wan21_t2v_14b_offload_distill_lora", "wan21_t2v_14b_multigpu", "wan21_t2v_14b_base_cache",
 }  # fmt: skip
 CORE_OUTPUTS = {"LoadImage": ["IMAGE", "MASK"]}
 # Model-file combos list what is on disk; the workflows must name files users really have.
@@ -189,6 +189,10 @@ def test_seed_scenarios_use_the_right_settings():
             assert lora["lora"].endswith("lora_rank64_lightx2v_4step.safetensors") and lora["strength"] == 1.0
         if "fp8" in name:
             assert "scaled_fp8_e4m3" in nodes(name, "WanFP8Loader")[0]["dit"]
+    (cache,) = nodes("wan21_t2v_14b_base_cache", "WanCacheConfig")
+    assert (cache["method"], cache["magcache_thresh"], cache["magcache_K"], cache["cache_model"]) == ("Mag", 0.24, 6, "t2v-14b")
+    graph = load_api("wan21_t2v_14b_base_cache")
+    assert graph[sampler("wan21_t2v_14b_base_cache")["cache"][0]]["class_type"] == "WanCacheConfig"
     assert nodes("wan21_t2v_14b_offload_distill_lora", "WanOffloadConfig")[0]["granularity"] == "block"
     assert sampler("wan21_t2v_14b_multigpu")["num_gpus"] == 2
 
@@ -240,9 +244,13 @@ def test_api_workflow_runs_headless(name, comfy_dirs):
     (result,) = done[save][1]["images"]
     video, fps = read_video(os.path.join(os.environ["WAN_OUTPUT_DIR"], result["subfolder"], result["filename"]))
     assert video.shape[:3] == frames.shape[:3] and fps == 16
-    stages = [r["stage"] for _, ui in done.values() if ui for r in ui.get("wan_timing", [])]
+    records = [r for _, ui in done.values() if ui for r in ui.get("wan_timing", [])]
+    stages = [r["stage"] for r in records]
     assert {"text encode", "VAE decode", "save"} <= set(stages)
     assert {"load DiT", "sample"} <= set(stages) or "multi-GPU sample" in stages
+    if any(n["class_type"] == "WanCacheConfig" for n in graph.values()):  # 2 steps x 2 branches, step 1 skipped
+        (rec,) = [r for r in records if r["stage"] == "sample"]
+        assert (rec["evaluations"], rec["skipped_evaluations"]) == (4, 2), rec
 
 
 def test_second_run_does_not_reload(comfy_dirs, monkeypatch):

@@ -4,10 +4,14 @@
     python -m wan_core --model_cls wan2.1 --task t2v --model_path Wan2.1-T2V-14B \\
         --config_json configs/wan_t2v.json --prompt "..." --save_result_path out.mp4
     python -m wan_core tiny-model --task i2v --out tiny --layout comfyui
+    python -m wan_core convert-fp8 Wan2.1-T2V-14B t2v_fp8.safetensors --lora distill_lora.safetensors
+    python -m wan_core calibrate-cache --dit my_dit.safetensors --embeds prompt_embeds.safetensors
 
 Without a subcommand the arguments are LightX2V's (`python -m lightx2v.infer ...`), i.e.
-`generate`. Adding a subcommand is one function decorated with `@subcommand(name, help)`: it
-receives its argparse parser, adds its arguments, and returns the function that runs it.
+`generate`; the LoRA / FP8 / feature-caching variants are config JSON keys (`wan_core.pipeline`).
+Adding a subcommand is one function decorated with `@subcommand(name, help)`: it receives its
+argparse parser, adds its arguments, and returns the function that runs it. A tool that owns its
+whole command line (`main(argv) -> int`) is mounted with `@passthrough(name, help)` instead.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import sys
 import warnings
 from collections.abc import Callable
 
-__all__ = ["main", "build_parser", "subcommand"]
+__all__ = ["main", "build_parser", "subcommand", "passthrough"]
 
 _SUBCOMMANDS: dict[str, tuple[str, Callable]] = {}
+_PASSTHROUGH: dict[str, Callable[[], Callable[[list[str]], int]]] = {}  # name -> () -> main(argv)
 
 
 def subcommand(name: str, help: str):
@@ -34,10 +39,25 @@ def subcommand(name: str, help: str):
     return register
 
 
+def passthrough(name: str, help: str):
+    """Register `get_main() -> main(argv) -> int` as the subcommand `name`: everything after the
+    name is handed to that main unchanged (its own parser, its own --help)."""
+
+    def register(get_main: Callable[[], Callable[[list[str]], int]]):
+        _SUBCOMMANDS[name] = (help, None)
+        _PASSTHROUGH[name] = get_main
+        return get_main
+
+    return register
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m wan_core", description="Wan2.1 text/image-to-video (wan_core engine)")
     subs = parser.add_subparsers(dest="command", metavar="{" + ",".join(_SUBCOMMANDS) + "}")
     for name, (help_text, setup) in _SUBCOMMANDS.items():
+        if setup is None:  # a passthrough tool: listed here, run by main() before parsing
+            subs.add_parser(name, help=help_text, add_help=False)
+            continue
         p = subs.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(run=setup(p))
     return parser
@@ -196,6 +216,24 @@ def _demo_setup(p: argparse.ArgumentParser):
     return run
 
 
+# ----------------------------------------------------------------------------- tools
+
+
+@subcommand("convert-fp8", "Convert a DiT checkpoint (optionally with LoRAs merged) to per-channel FP8 safetensors")
+def _convert_setup(p: argparse.ArgumentParser):
+    from . import convert
+
+    convert.add_arguments(p)
+    return convert.run
+
+
+@passthrough("calibrate-cache", "Fit TeaCache coefficients / MagCache ratios for a DiT (uncached sampling runs)")
+def _calibrate_main():
+    from .cache.calibrate import main as calibrate_main
+
+    return calibrate_main
+
+
 # ----------------------------------------------------------------------------- entry
 
 
@@ -211,9 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         parser.print_help()
         return 0
-    args = parser.parse_args(argv)
-    _setup_logging()
     try:
+        if argv[0] in _PASSTHROUGH:
+            _setup_logging()
+            return _PASSTHROUGH[argv[0]]()(argv[1:])
+        args = parser.parse_args(argv)
+        _setup_logging()
         return args.run(args)
     except (FileNotFoundError, ValueError, CheckpointError, TokenizerError, FeatureNotAvailable, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

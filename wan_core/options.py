@@ -1,8 +1,10 @@
 """Run settings in LightX2V's vocabulary: `GenerationConfig` read from a config JSON and/or keywords.
 
 A LightX2V user's config files work unchanged. Every key falls in one of four groups:
-- used: sampling, size, attention, component file paths (below, fields of `GenerationConfig`);
-- pending: keys of features that land later (CPU offload, LoRA, FP8, multi-GPU, caching). They
+- used: sampling, size, attention, component file paths, LoRA (`lora_configs`), FP8 DiT
+  (`dit_quantized`, `dit_quantized_ckpt`, `dit_quant_scheme`) and feature caching
+  (`feature_caching` with its Tea/Mag keys, kept in `GenerationConfig.cache`);
+- pending: keys of features that land later (CPU offload, multi-GPU, quantized T5/CLIP, ...). They
   are parsed; asking for anything but their default raises `FeatureNotAvailable` naming the key.
   A feature that lands moves its keys from `PENDING` into the used group;
 - ignored: keys that change nothing here (memory housekeeping, prompt-enhancer servers,
@@ -24,7 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FeatureNotAvailable", "GenerationConfig", "PENDING", "IGNORED", "KWARG_ALIASES", "DEFAULT_NEGATIVE_PROMPT"]
+__all__ = [
+    "FeatureNotAvailable", "GenerationConfig", "PENDING", "IGNORED", "CACHE_KEYS", "KWARG_ALIASES",
+    "DEFAULT_NEGATIVE_PROMPT",
+]  # fmt: skip
 
 # Official Wan2.1 default negative prompt (wan/configs/shared_config.py `sample_neg_prompt`).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -43,14 +48,11 @@ PENDING: dict[str, tuple[str, Any]] = {
     "cpu_offload": ("CPU offload", bool),
     "lazy_load": ("CPU offload (lazy loading)", bool),
     "unload_modules": ("CPU offload (module unloading)", bool),
-    "lora_configs": ("LoRA", bool),
-    "dit_quantized": ("FP8 DiT weights", bool),
     "t5_quantized": ("quantized T5", bool),
     "clip_quantized": ("quantized CLIP", bool),
     "parallel": ("multi-GPU (sequence / CFG parallel)", lambda v: _parallel_sizes(v) != (1, 1)),
     "seq_parallel": ("multi-GPU (sequence parallel)", bool),
     "cfg_parallel": ("multi-GPU (CFG parallel)", bool),
-    "feature_caching": ("feature caching (TeaCache & co.)", lambda v: v not in (None, "NoCaching")),
     "changing_resolution": ("changing resolution", bool),
     "enable_dynamic_cfg": ("dynamic CFG", bool),
     "video_frame_interpolation": ("frame interpolation", bool),
@@ -60,11 +62,18 @@ PENDING: dict[str, tuple[str, Any]] = {
 # Keys that only qualify a pending feature: accepted silently (they ask for nothing by themselves).
 _QUALIFIERS = {
     "offload_granularity", "offload_ratio", "t5_cpu_offload", "vae_cpu_offload", "clip_cpu_offload",
-    "dit_quantized_ckpt", "dit_quant_scheme", "t5_quantized_ckpt", "t5_quant_scheme", "clip_quantized_ckpt",
-    "clip_quant_scheme", "teacache_thresh", "use_ret_steps", "coefficients", "magcache_thresh",
-    "magcache_retention_ratio", "magcache_ratios", "magcache_calibration", "residual_diff_threshold",
+    "t5_quantized_ckpt", "t5_quant_scheme", "clip_quantized_ckpt", "clip_quant_scheme", "residual_diff_threshold",
     "resolution_rate", "changing_resolution_steps", "cfg_scale", "tae_path", "seq_p_size", "seq_p_attn_type",
     "cfg_p_size",
+}  # fmt: skip
+# LightX2V caching methods wan_core does not have (Tea and Mag it has).
+_LIGHTX2V_CACHE_METHODS = ("TaylorSeer", "Ada", "Custom", "FirstBlock", "DualBlock", "DynamicBlock")
+# Feature-caching keys (LightX2V's, plus wan_core.cache's extras): kept as given in `GenerationConfig.cache`
+# and read by `wan_core.cache.cache_from_config`.
+CACHE_KEYS = {
+    "teacache_thresh", "use_ret_steps", "coefficients", "teacache_indicator", "teacache_start_step",
+    "teacache_end_step", "teacache_max_skips", "magcache_thresh", "magcache_K", "magcache_retention_ratio",
+    "magcache_ratios", "magcache_calibration", "magcache_start_step", "magcache_end_step", "cache_model",
 }  # fmt: skip
 # Keys that change nothing in wan_core.
 IGNORED = {
@@ -117,6 +126,18 @@ class GenerationConfig:
     t5_tokenizer_path: str | None = None
     vae_path: str | None = None
     clip_original_ckpt: str | None = None
+    # LoRA: [{"path": ..., "strength": 1.0}, ...], relative paths taken from the model folder;
+    # lora_dynamic_apply (LightX2V: keep the LoRA as a run-time branch) -> low-rank branches everywhere
+    lora_configs: list[dict] | None = None
+    lora_dynamic_apply: bool = False
+    # FP8 DiT: dit_quantized_ckpt (an FP8 file in any layout wan_core reads; absent: the model's own DiT,
+    # quantised on load if it is bf16) run with dit_quant_scheme (LightX2V name or wan_core kernel)
+    dit_quantized: bool = False
+    dit_quantized_ckpt: str | None = None
+    dit_quant_scheme: str | None = None
+    # feature caching: "NoCaching" | "Tea" | "Mag", its other keys (CACHE_KEYS) as given in `cache`
+    feature_caching: str = "NoCaching"
+    cache: dict[str, Any] = field(default_factory=dict)
     # keys of features not built yet, as given (see PENDING)
     pending: dict[str, Any] = field(default_factory=dict)
 
@@ -139,6 +160,22 @@ class GenerationConfig:
         from .schedulers import scheduler_from_config
 
         return scheduler_from_config(dataclasses.asdict(self))
+
+    def cache_config(self) -> dict[str, Any]:
+        """The keys `wan_core.cache.cache_from_config` reads (method, run length, Tea/Mag settings)."""
+        return {"feature_caching": self.feature_caching, "infer_steps": len(self.scheduler()), **self.cache}
+
+    def lora_list(self) -> list[tuple[str, float]]:
+        """`lora_configs` as [(path as written, strength)]; ValueError for a malformed entry."""
+        out = []
+        for i, item in enumerate(self.lora_configs or []):
+            if not isinstance(item, Mapping) or not isinstance(item.get("path"), str) or not item["path"]:
+                raise ValueError(f"lora_configs[{i}] must be an object like {{'path': 'x.safetensors', 'strength': 1.0}}, got {item!r}")
+            strength = item.get("strength", 1.0)
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+                raise ValueError(f"lora_configs[{i}].strength must be a number, got {strength!r}")
+            out.append((item["path"], float(strength)))
+        return out
 
     # ------------------------------------------------------------------ checks
     def check(self, task: str = "t2v") -> None:
@@ -163,15 +200,31 @@ class GenerationConfig:
             )
         if self.text_len < 1:
             raise ValueError(f"text_len must be positive, got {self.text_len}")
+        if self.lora_configs is not None and not isinstance(self.lora_configs, list):
+            raise ValueError(f"lora_configs must be a list of {{'path', 'strength'}} objects, got {self.lora_configs!r}")
+        self.lora_list()
+        if self.dit_quantized:
+            _check_scheme(self.dit_quant_scheme or "fp8")
+        from .cache import CACHE_METHODS
+
+        method = self.feature_caching or "NoCaching"
+        if method in _LIGHTX2V_CACHE_METHODS:
+            raise FeatureNotAvailable(
+                f"feature_caching {method!r} (a LightX2V caching method) is not available yet in wan_core; "
+                f"available: {', '.join(CACHE_METHODS)}"
+            )
+        if method not in CACHE_METHODS:
+            raise ValueError(f"feature_caching {method!r} is not a caching method; choose one of {CACHE_METHODS}")
         self.scheduler()  # scheduler keys (steps, shift, denoising_step_list) raise their own ValueErrors
 
     # ------------------------------------------------------------------ parsing
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any], source: str = "config") -> GenerationConfig:
         """Parse LightX2V config keys (plus `create_generator` keyword aliases); warns on unknown keys."""
-        fields = {f.name for f in dataclasses.fields(cls)} - {"pending"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"pending", "cache"}
         kw: dict[str, Any] = {}
         pending: dict[str, Any] = {}
+        cache: dict[str, Any] = {}
         unknown, ignored = [], []
         for key, value in cfg.items():
             key = KWARG_ALIASES.get(key, key)
@@ -180,6 +233,8 @@ class GenerationConfig:
                     kw[k] = value
             elif key in fields:
                 kw[key] = value
+            elif key in CACHE_KEYS:
+                cache[key] = value
             elif key in PENDING:
                 pending[key] = value
                 if key == "parallel":
@@ -199,7 +254,9 @@ class GenerationConfig:
         for k in ("infer_steps", "target_video_length", "target_height", "target_width", "text_len", "fps"):
             if k in kw and isinstance(kw[k], float) and kw[k].is_integer():
                 kw[k] = int(kw[k])
-        return cls(**kw, pending=pending)
+        if kw.get("feature_caching") is None:
+            kw.pop("feature_caching", None)
+        return cls(**kw, cache=cache, pending=pending)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> GenerationConfig:
@@ -207,12 +264,25 @@ class GenerationConfig:
 
     def updated(self, params: Mapping[str, Any], source: str = "parameters") -> GenerationConfig:
         """A copy with `params` (config keys or create_generator keywords) laid over these settings."""
-        merged = {k: v for k, v in dataclasses.asdict(self).items() if k != "pending"}
+        merged = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("pending", "cache")}
         merged.update(self.pending)
+        merged.update(self.cache)
         # drop unset path keys so that they do not count as given
         merged = {k: v for k, v in merged.items() if v is not None or k in params}
         out = GenerationConfig.from_dict({**merged, **params}, source=source)
         return out
+
+
+def _check_scheme(name) -> None:
+    """A `dit_quant_scheme` wan_core can run (FP8 per-channel); ValueError naming the supported ones."""
+    from .linear import resolve_kernel
+
+    if not isinstance(name, str):
+        raise ValueError(f"dit_quant_scheme must be a string such as 'fp8-sgl', got {name!r}")
+    try:
+        resolve_kernel(name, "meta")  # names only: whether this device can run it is checked at load
+    except (ImportError, RuntimeError):
+        pass  # a known kernel this machine cannot run: the pipeline falls back with a warning
 
 
 def read_json(path: str | os.PathLike) -> dict:

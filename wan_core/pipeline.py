@@ -9,6 +9,20 @@
 component files (`wan_core.discover`), and builds the models through the `ModelSpec` cache, so
 a second pipeline over the same files shares them. `generate` runs the stages, each also public
 for the ComfyUI nodes: `encode_text` -> (`encode_image`) -> `sample` -> `decode`.
+
+The seed's four variants, as LightX2V configures them (keys in a config JSON or keywords):
+
+    base:             nothing extra (UniPC, 50 steps, CFG)
+    distill LoRA:     lora_configs=[{"path": "wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors", "strength": 1.0}]
+    merged distill:   dit_original_ckpt="wan2.1_t2v_14b_lightx2v_4step.safetensors"
+    distill + FP8:    dit_quantized=True, dit_quantized_ckpt="..._scaled_fp8_e4m3_lightx2v_4step.safetensors",
+                      dit_quant_scheme="fp8-sgl"
+    (model_cls "wan2.1_distill" gives the distill variants their 4-step schedule [1000, 750, 500, 250])
+
+Relative paths are taken as given when they exist, else from the model folder (also by file name,
+and from its `loras/` / `diffusion_models/` subfolders). LightX2V's `enable_lora`, `enable_quantize`
+and `enable_cache` (before `create_generator`) and `switch_lora` (after) work too; feature caching
+(`feature_caching` "Tea" / "Mag") is attached around each sampling run and reported in the result.
 """
 
 from __future__ import annotations
@@ -50,11 +64,14 @@ class GenerationResult:
     step_times: list[float] = field(default_factory=list)  # seconds per denoising step
     peak_memory: int | None = None  # bytes of GPU memory at peak (None on the CPU)
     path: str | None = None  # the video file written, if any
+    cache: dict | None = None  # feature caching report (`CacheReport.to_dict()`), when caching was on
 
     def summary(self) -> str:
         t, h, w, _ = self.frames.shape
         parts = [f"{t} frames {w}x{h}, seed {self.seed}"]
         parts += [f"{k.replace('_', ' ')} {v:.2f} s" for k, v in self.timings.items()]
+        if self.cache is not None:
+            parts.append(f"{self.cache['skipped']} of {self.cache['evaluations']} DiT evaluations skipped by the cache")
         if self.peak_memory is not None:
             parts.append(f"peak GPU memory {self.peak_memory / 2**30:.2f} GiB")
         return "; ".join(parts)
@@ -63,6 +80,23 @@ class GenerationResult:
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _fp8_choice(scheme: str | None, device: str) -> str:
+    """`dit_quant_scheme` -> what ModelSpec.fp8 gets. Like an attention backend named in a config, a
+    scheme is a preference: one this machine cannot run (sgl-kernel missing, no FP8 tensor cores, a
+    CPU) falls back to 'auto' with a warning ('auto' = torch._scaled_mm on Ada/Hopper, the
+    dequantizing kernel elsewhere); names wan_core does not support at all are errors."""
+    from .linear import resolve_kernel
+
+    name = scheme or "fp8"
+    try:
+        resolve_kernel(name, device)
+        return name
+    except (ImportError, RuntimeError) as e:
+        fallback = resolve_kernel("auto", device)
+        warnings.warn(f"dit_quant_scheme={name!r} cannot run here ({e}); using FP8 kernel {fallback!r}", stacklevel=3)
+        return "auto"
 
 
 def _attention_choice(name: str | None, fallback: str, device: str, key: str) -> str:
@@ -118,29 +152,108 @@ class WanPipeline:
         self.dtype, self.vae_dtype, self.device, self.attention = dtype, vae_dtype, device, attention
         self.config: GenerationConfig | None = None
         self.spec: ModelSpec | None = None
+        self.cache_report = None  # CacheReport of the last sampling run (feature caching on)
+        self._enabled: dict = {}  # keys set by enable_lora / enable_quantize / enable_cache
+
+    # ------------------------------------------------------------------ LightX2V's enable_* calls
+    def enable_lora(self, lora_configs: list[dict], lora_dynamic_apply: bool = False) -> WanPipeline:
+        """LoRAs for the next `create_generator` ([{"path", "strength"}]; dynamic: low-rank branches, not merged)."""
+        self._enabled.update(lora_configs=list(lora_configs), lora_dynamic_apply=bool(lora_dynamic_apply))
+        return self
+
+    def enable_quantize(
+        self,
+        dit_quantized: bool = False,
+        dit_quantized_ckpt: str | None = None,
+        quant_scheme: str = "fp8-sgl",
+        text_encoder_quantized: bool = False,
+        image_encoder_quantized: bool = False,
+        **_other_ckpts,
+    ) -> WanPipeline:
+        """FP8 DiT for the next `create_generator` (T5/CLIP quantisation is not available: refused at check)."""
+        self._enabled.update(dit_quantized=dit_quantized, dit_quantized_ckpt=dit_quantized_ckpt, dit_quant_scheme=quant_scheme)
+        if text_encoder_quantized:
+            self._enabled["t5_quantized"] = True
+        if image_encoder_quantized:
+            self._enabled["clip_quantized"] = True
+        return self
+
+    def enable_cache(
+        self,
+        cache_method: str = "Tea",
+        coefficients: list | None = None,
+        teacache_thresh: float = 0.15,
+        use_ret_steps: bool = False,
+        magcache_calibration: bool = False,
+        magcache_K: int = 6,
+        magcache_thresh: float = 0.24,
+        magcache_retention_ratio: float = 0.2,
+        magcache_ratios: list | None = None,
+    ) -> WanPipeline:
+        """Feature caching for the next `create_generator` (LightX2V's defaults; see `wan_core.cache`)."""
+        self._enabled["feature_caching"] = cache_method
+        if cache_method == "Tea":
+            self._enabled.update(coefficients=coefficients or [], teacache_thresh=teacache_thresh, use_ret_steps=use_ret_steps)
+        elif cache_method == "Mag":
+            self._enabled.update(
+                magcache_calibration=magcache_calibration, magcache_K=magcache_K, magcache_thresh=magcache_thresh,
+                magcache_retention_ratio=magcache_retention_ratio, magcache_ratios=magcache_ratios or [],
+            )  # fmt: skip
+        return self
+
+    def switch_lora(self, lora_path: str, strength: float = 1.0) -> WanPipeline:
+        """Replace the LoRAs by one ('' removes them all); the base DiT is not read again."""
+        spec = self._need_spec()
+        loras = ((self._find_file(lora_path, ("loras",), "lora_path"), float(strength)),) if lora_path else ()
+        self.spec = spec.replace(loras=loras)
+        self.config.lora_configs = [{"path": p, "strength": s} for p, s in loras]
+        self.dit = build_dit(self.spec)
+        return self
 
     # ------------------------------------------------------------------ setup
-    def _config_path(self, value: str | None) -> str | None:
+    def _candidates(self, value: str, subfolders: tuple[str, ...] = ()) -> list[str]:
+        out = [value]
+        if self.model_path and not os.path.isabs(value):
+            name = os.path.basename(value)
+            out += [os.path.join(self.model_path, value), os.path.join(self.model_path, name)]
+            out += [os.path.join(self.model_path, sub, name) for sub in subfolders]
+        return out
+
+    def _config_path(self, value: str | None, subfolders: tuple[str, ...] = ("diffusion_models",)) -> str | None:
         """A component path from a config: as given if it exists, else relative to model_path."""
-        if value is None or os.path.exists(value) or not self.model_path:
-            return value
-        for cand in (os.path.join(self.model_path, value), os.path.join(self.model_path, os.path.basename(value))):
-            if os.path.exists(cand):
-                return cand
-        return value  # find_model_files reports it as missing
+        if value is None:
+            return None
+        return next((c for c in self._candidates(value, subfolders) if os.path.exists(c)), value)  # else reported missing
+
+    def _find_file(self, value: str, subfolders: tuple[str, ...], key: str) -> str:
+        """Like `_config_path`, for a file that must exist (a LoRA): FileNotFoundError naming the places looked."""
+        cands = self._candidates(value, subfolders)
+        found = next((c for c in cands if os.path.isfile(c)), None)
+        if found is None:
+            raise FileNotFoundError(f"{key}: file not found: {value!r} (looked for {', '.join(cands)})")
+        return os.path.abspath(found)
 
     def create_generator(self, config_json: str | None = None, **params) -> WanPipeline:
         """Read the settings (a LightX2V config JSON, then keyword overrides) and build the models."""
         cfg = GenerationConfig.from_json(config_json) if config_json else GenerationConfig()
         if self.model_cls == "wan2.1_distill" and cfg.denoising_step_list is None and "denoising_step_list" not in params:
             cfg.denoising_step_list = list(DISTILL_STEPS)
-        if params:
-            cfg = cfg.updated(params, source="create_generator")
+        if self._enabled or params:
+            cfg = cfg.updated({**self._enabled, **params}, source="create_generator")
         cfg.check(self.task)
+        if cfg.dit_quantized:
+            dit = self.paths["dit"] or self._config_path(cfg.dit_quantized_ckpt)  # None: the folder's DiT, quantised
+        else:
+            if cfg.dit_quantized_ckpt:
+                warnings.warn("dit_quantized_ckpt is set but dit_quantized is false: the FP8 file is not used", stacklevel=2)
+            dit = self.paths["dit"] or self._config_path(cfg.dit_original_ckpt)
+        loras = tuple(
+            (self._find_file(p, ("loras",), f"lora_configs[{i}].path"), s) for i, (p, s) in enumerate(cfg.lora_list())
+        )
         files = find_model_files(
             self.model_path,
             self.task,
-            dit=self.paths["dit"] or self._config_path(cfg.dit_original_ckpt),
+            dit=dit,
             t5=self.paths["t5"] or self._config_path(cfg.t5_original_ckpt),
             tokenizer=self.paths["tokenizer"] or self._config_path(cfg.t5_tokenizer_path),
             vae=self.paths["vae"] or self._config_path(cfg.vae_path),
@@ -150,9 +263,12 @@ class WanPipeline:
         spec = ModelSpec(
             dit=files.dit, t5=files.t5, tokenizer=files.tokenizer, vae=files.vae,
             clip=files.clip if self.task == "i2v" else None, task=self.task, dtype=self.dtype,
-            vae_dtype=self.vae_dtype, device=device, text_len=cfg.text_len,
+            vae_dtype=self.vae_dtype, device=device, text_len=cfg.text_len, loras=loras,
+            lora_mode="branch" if cfg.lora_dynamic_apply else "auto",
         )  # fmt: skip
         dev = spec.torch_device
+        if cfg.dit_quantized:
+            spec = spec.replace(fp8=_fp8_choice(cfg.dit_quant_scheme, dev))
         self_attn = _attention_choice(cfg.self_attn_1_type, self.attention, dev, "self_attn_1_type")
         cross_attn = _attention_choice(cfg.cross_attn_1_type, self_attn, dev, "cross_attn_1_type")
         if cfg.cross_attn_2_type not in (None, cfg.cross_attn_1_type):
@@ -160,6 +276,11 @@ class WanPipeline:
         self.spec = spec.replace(attention=self_attn, cross_attention=cross_attn)
         self.config = cfg
         self.load()
+        if loras:
+            from .lora import lora_report
+
+            log.info("LoRA: %s", lora_report(self.dit))
+        self._make_cache(cfg.target_height, cfg.target_width)  # a cache setting that cannot work fails now
         return self
 
     @classmethod
@@ -170,6 +291,15 @@ class WanPipeline:
         pipe.config.check(spec.task)
         pipe.load()
         return pipe
+
+    def _make_cache(self, height: int, width: int):
+        """A fresh `FeatureCache` for one run (None without feature caching); published tables chosen
+        for this DiT and video size unless the config gives its own (`wan_core.cache.config`)."""
+        if (self.config.feature_caching or "NoCaching") == "NoCaching":
+            return None
+        from .cache import cache_from_config, published_model_key
+
+        return cache_from_config(self.config.cache_config(), published_model_key(self.dit.cfg, height, width))
 
     def load(self) -> None:
         """Build (or fetch from the cache) every model of the spec."""
@@ -230,8 +360,23 @@ class WanPipeline:
             extra = dict(clip_fea=image_cond.clip_fea.to(dev), y=image_cond.y.to(dev))
             cond = Cond(cond.context, **extra)
             uncond = Cond(uncond.context, **extra) if uncond is not None else None
+        self.dit = build_dit(self._need_spec())  # the cached DiT may carry another pipeline's LoRAs: set ours
+        cache = self._make_cache(noise.shape[-2] * 8, noise.shape[-1] * 8)
+        sched = cfg.scheduler()
         with torch.no_grad():
-            return sample(self.dit, noise.to(dev), cfg.scheduler(), cond, uncond, cfg.guidance, callback=callback)
+            if cache is None:
+                self.cache_report = None
+                return sample(self.dit, noise.to(dev), sched, cond, uncond, cfg.guidance, callback=callback)
+            from .cache import feature_cache, guided_velocity_branches
+
+            with feature_cache(self.dit, cache, num_steps=len(sched)):
+                latent = sample(
+                    self.dit, noise.to(dev), sched, cond, uncond, cfg.guidance, callback=callback,
+                    predict=guided_velocity_branches,
+                )  # fmt: skip
+            self.cache_report = cache.report()
+            log.info("%s", self.cache_report.summary())
+            return latent
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Final latent -> frames [T, H, W, 3] float32 in [0, 1] on the CPU."""
@@ -324,6 +469,7 @@ class WanPipeline:
         result = GenerationResult(
             frames=frames, seed=seed, latent=latent.float().cpu() if return_latent else None, timings=timings,
             step_times=step_times, peak_memory=peak, path=path,
+            cache=self.cache_report.to_dict() if self.cache_report is not None else None,
         )  # fmt: skip
         if peak is not None:
             log.info("peak GPU memory: %.2f GiB", peak / 2**30)

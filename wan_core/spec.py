@@ -9,8 +9,10 @@ key, so a stale model is never served.
 Memory: a cached part is replaced when the same part (DiT, T5, VAE, CLIP) is built from a
 different spec, so at most one of each lives in the cache at a time; `clear_cache()` drops all.
 
-Optional features (FP8, LoRA, offload) have reserved fields here; they are applied in
-`build_dit` after the model is built, when those features exist.
+Optional DiT features are layered on in `build_dit`, in this order (DESIGN.md principle 3):
+FP8 linears swapped in at load (`fp8`), regional compile (after quantisation), then LoRAs
+(`loras`; after the FP8 swap, so branches sit beside the FP8 linears). A LoRA change never
+reloads the base: see "the DiT" below. `offload` is reserved (CPU offload is not wired yet).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ModelSpec", "build_dit", "build_text_encoder", "build_vae", "build_image_encoder", "clear_cache", "resolve_dtype", "resolve_device"]
+__all__ = [
+    "ModelSpec", "build_dit", "build_text_encoder", "build_vae", "build_image_encoder", "clear_cache", "resolve_dtype",
+    "resolve_device", "dit_fp8_layout", "dit_lora_report",
+]  # fmt: skip
 
 _DTYPES = {
     "bf16": torch.bfloat16,
@@ -61,9 +66,14 @@ class ModelSpec:
 
     Paths are plain strings (a DiT may be a folder, a file, a shard index or a tuple of shards);
     `dtype` is the compute dtype of the DiT, T5 and CLIP ('auto': bf16 on GPU, fp32 on CPU);
-    `vae_dtype` defaults to `dtype`. Reserved for later features (must stay at their defaults
-    until those land): `fp8` (a quantization scheme name), `loras` ((path, strength) pairs),
-    `offload` (an offload granularity).
+    `vae_dtype` defaults to `dtype`.
+    fp8: FP8 kernel or LightX2V scheme for the DiT's block linears ('auto', 'scaled_mm', 'sgl',
+    'dequant', 'fp8-sgl', ... see `wan_core.linear`): an FP8 file is used as stored, a bf16 one is
+    quantised on load. None: high precision, except that a DiT file stored in FP8 runs as FP8 ('auto').
+    loras: ((path, strength), ...) applied in order; lora_mode: 'auto' (merge into high-precision
+    weights, low-rank branch beside FP8 linears), 'merge' or 'branch' (`wan_core.lora`).
+    compile: regional torch.compile of the blocks ('auto': on CUDA).
+    offload: reserved for CPU offload (not available yet; must stay None).
     """
 
     dit: str | tuple[str, ...]
@@ -80,15 +90,16 @@ class ModelSpec:
     text_len: int = 512
     fp8: str | None = None
     loras: tuple[tuple[str, float], ...] = ()
+    lora_mode: str = "auto"
     offload: str | None = None
+    compile: bool | str = "auto"
 
     def __post_init__(self):
         if self.task not in ("t2v", "i2v"):
             raise ValueError(f"task must be 't2v' or 'i2v', got {self.task!r}")
         if isinstance(self.dit, list):
             object.__setattr__(self, "dit", tuple(self.dit))
-        if isinstance(self.loras, list):
-            object.__setattr__(self, "loras", tuple((str(p), float(s)) for p, s in self.loras))
+        object.__setattr__(self, "loras", tuple((os.fspath(p), float(s)) for p, s in self.loras))
 
     def replace(self, **kw) -> ModelSpec:
         return dataclasses.replace(self, **kw)
@@ -161,28 +172,164 @@ def clear_cache() -> None:
 def _not_yet(spec: ModelSpec) -> None:
     from .options import FeatureNotAvailable
 
-    for field, value, default, feature in (
-        ("fp8", spec.fp8, None, "FP8 weights"),
-        ("loras", spec.loras, (), "LoRA"),
-        ("offload", spec.offload, None, "CPU offload"),
-    ):
-        if value != default:
-            raise FeatureNotAvailable(f"ModelSpec.{field}={value!r}: {feature} is not available yet in wan_core")
+    if spec.offload is not None:
+        raise FeatureNotAvailable(f"ModelSpec.offload={spec.offload!r}: CPU offload is not available yet in wan_core")
+
+
+# ----------------------------------------------------------------------------- the DiT
+#
+# The cache holds one *base* DiT per process (keyed by its files, dtype, device, attention, whether
+# it is FP8, and compile), and the LoRAs of the last spec built are applied to it in place:
+# another LoRA set or other strengths change that same object (merged weights are recomputed
+# from kept originals, branches get new multipliers), so the base is never read from disk again
+# and the result is bitwise what a fresh build with that LoRA set gives. Whoever holds the model
+# must therefore call `build_dit(spec)` again right before using it (the pipeline and the
+# sampler nodes do); it costs a few `os.stat` calls when nothing changed.
+
+
+@dataclass
+class _DitEntry:
+    """The cached base DiT and the LoRA state applied to it."""
+
+    model: object
+    fp8_kernel: str | None  # resolved kernel of its FP8 linears (None: no FP8)
+    lora_files: tuple = ()  # (stamp, ...) of the applied LoRAs, in order
+    lora_mode: str = "auto"
+    strengths: tuple[float, ...] = ()
+    weights: dict = field(default_factory=dict)  # stamp -> LoraWeights (parsed files, reused)
+
+
+_FP8_LAYOUT: dict[tuple, str] = {}  # stamp of a DiT path -> its FP8 layout (file headers only)
+_LORA_WEIGHTS_KEPT = 8  # parsed LoRA files kept beyond the applied ones (switching back reads nothing)
+
+
+def dit_fp8_layout(path) -> str:
+    """FP8 layout of a DiT path (`wan_core.loading.fp8.detect_fp8_layout`, memoized per file version)."""
+    from .loading.fp8 import detect_fp8_layout
+
+    key = _stamp(path)
+    if key not in _FP8_LAYOUT:
+        _FP8_LAYOUT[key] = detect_fp8_layout(list(path) if isinstance(path, tuple) else path)
+    return _FP8_LAYOUT[key]
+
+
+def _fp8_choice(spec: ModelSpec) -> str | None:
+    """The FP8 kernel/scheme to build with: `spec.fp8`, or 'auto' for a DiT file stored in FP8
+    (its e4m3 weights mean nothing without their scales, so it can only run as an FP8 model)."""
+    if spec.fp8 is not None:
+        return spec.fp8
+    return "auto" if dit_fp8_layout(spec.dit) != "none" else None
+
+
+def _allow_hook_guards() -> None:
+    """Let torch.compile guard on module hooks, so a LoRA branch added to (or removed from) a block
+    that already ran compiled makes it recompile instead of being silently left out.
+
+    By default dynamo skips these guards (`skip_nnmodule_hook_guards=True`, for speed): a forward
+    hook registered after a block's first compiled call never runs. The flag is process-wide and
+    only adds guards; it must be set before the blocks are first traced, which is why it is set
+    here, when the blocks are compiled.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+
+
+def _load_base(spec: ModelSpec, fp8: str | None, kernel: str | None, dt, dev, compile: bool):
+    """Read the DiT files once: FP8 linears swapped in when asked (an FP8 file as stored, block linears of
+    a high-precision file quantised on load), then regional compile (after quantisation, so the compiled
+    graphs see the FP8 linears)."""
+    from .loading.dit import load_dit
+    from .loading.fp8 import load_fp8_dit
+    from .optimize import compile_blocks
+
+    path = list(spec.dit) if isinstance(spec.dit, tuple) else spec.dit
+    common = dict(dtype=dt, device=dev, attention=spec.attention, cross_attention=spec.cross_attention, task=spec.task)
+    if fp8 is None:
+        model = load_dit(path, compile=False, **common)
+    else:
+        model = load_fp8_dit(path, kernel=kernel, quantize=True, compile=False, **common)
+    if compile:
+        _allow_hook_guards()
+        compile_blocks(model)
+    return model
+
+
+def _lora_weights(entry: _DitEntry, path: str, stamp):
+    from .loading.lora import load_lora
+
+    lw = entry.weights.pop(stamp, None)
+    if lw is None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"LoRA file not found: {path}")
+        lw = load_lora(path)
+    entry.weights[stamp] = lw  # most recently used last
+    return lw
+
+
+def _sync_loras(entry: _DitEntry, spec: ModelSpec) -> None:
+    """Bring the cached model's LoRAs to `spec.loras` with as little work as possible.
+
+    Same files in the same order: only strengths change (`set_lora_strengths`). The applied list
+    is a prefix of the wanted one: strengths of the prefix, then the new ones applied on top.
+    Anything else: every LoRA removed (originals restored bitwise) and the wanted ones applied.
+    Each path leads to the same floating-point sums in the same order, so all three give the same
+    bits as a fresh build.
+    """
+    from .lora import apply_loras, remove_loras, set_lora_strengths
+
+    model = entry.model
+    want = [(_stamp(p), os.fspath(p), float(s)) for p, s in spec.loras]
+    files = tuple(st for st, _, _ in want)
+    strengths = tuple(s for _, _, s in want)
+    if files == entry.lora_files and spec.lora_mode == entry.lora_mode:
+        if strengths != entry.strengths:
+            set_lora_strengths(model, list(strengths))
+            entry.strengths = strengths
+        return
+    weights = [_lora_weights(entry, p, st) for st, p, _ in want]  # a missing/bad file fails before any change
+    n = len(entry.lora_files)
+    if spec.lora_mode == entry.lora_mode and n and files[:n] == entry.lora_files:
+        if strengths[:n] != entry.strengths:
+            set_lora_strengths(model, list(strengths[:n]))
+            entry.strengths = strengths[:n]
+    elif n:
+        remove_loras(model)
+        entry.lora_files, entry.strengths, n = (), (), 0
+    if len(want) > n:
+        apply_loras(model, list(zip(weights[n:], strengths[n:])), mode=spec.lora_mode, keep_originals=True)
+    entry.lora_files, entry.strengths, entry.lora_mode = files, strengths, spec.lora_mode
+    spare = [k for k in entry.weights if k not in files]
+    for k in spare[: max(0, len(spare) - _LORA_WEIGHTS_KEPT)]:
+        del entry.weights[k]
 
 
 def build_dit(spec: ModelSpec):
-    """The DiT of `spec`, cached."""
-    from .loading.dit import load_dit
+    """The DiT of `spec`: built once, FP8 / LoRAs / compile applied, cached (see above)."""
+    from .linear import resolve_kernel, set_fp8_kernel
+    from .optimize import should_compile
 
     _not_yet(spec)
+    if spec.lora_mode not in ("auto", "merge", "branch"):
+        raise ValueError(f"lora_mode must be 'auto', 'merge' or 'branch', got {spec.lora_mode!r}")
     dev, dt = spec.torch_device, spec.torch_dtype
-    key = (_stamp(spec.dit), spec.task, dt, dev, spec.attention, spec.cross_attention, spec.fp8, spec.loras, spec.offload)
-    path = list(spec.dit) if isinstance(spec.dit, tuple) else spec.dit
-    return _cached(
-        "dit",
-        key,
-        lambda: load_dit(path, dtype=dt, device=dev, attention=spec.attention, cross_attention=spec.cross_attention, task=spec.task),
-    )
+    fp8 = _fp8_choice(spec)
+    kernel = resolve_kernel(fp8, dev) if fp8 is not None else None  # a kernel this device lacks fails here
+    compile = should_compile(spec.compile, dev)
+    key = (_stamp(spec.dit), spec.task, dt, dev, spec.attention, spec.cross_attention, fp8 is not None, compile)
+    with _LOCK:
+        entry = _cached("dit", key, lambda: _DitEntry(_load_base(spec, fp8, kernel, dt, dev, compile), kernel))
+        if kernel is not None and kernel != entry.fp8_kernel:
+            entry.fp8_kernel = set_fp8_kernel(entry.model, kernel, dev)  # another kernel: no reload
+        _sync_loras(entry, spec)
+        return entry.model
+
+
+def dit_lora_report(spec: ModelSpec):
+    """The `LoraReport` of the cached DiT (what `build_dit(spec)` applied)."""
+    from .lora import lora_report
+
+    return lora_report(build_dit(spec))
 
 
 def build_text_encoder(spec: ModelSpec):
