@@ -160,7 +160,8 @@ def _spawn(world: int, tmp_path, forward_cases, sampling_cases):
 
 
 def test_two_processes_ulysses_ring_cfg(tmp_path):
-    _spawn(2, tmp_path, [ParallelConfig(ulysses=2), ParallelConfig(ring=2)], [ParallelConfig(cfg=2), ParallelConfig(ulysses=2)])
+    forward = [ParallelConfig(ulysses=2), ParallelConfig(ulysses=2, ulysses_chunks=1), ParallelConfig(ring=2)]
+    _spawn(2, tmp_path, forward, [ParallelConfig(cfg=2), ParallelConfig(ulysses=2)])
 
 
 def test_four_processes_hybrid(tmp_path):

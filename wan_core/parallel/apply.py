@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .group import ParallelGroups
 from .ring import get_lse_attention, ring_attention
-from .ulysses import heads_to_seq, seq_to_heads
+from .ulysses import heads_to_seq, pipelined_attention, seq_to_heads
 
 __all__ = ["enable_sequence_parallel", "disable_sequence_parallel", "SequenceParallelAttention", "split_layout"]
 
@@ -66,6 +66,10 @@ class SequenceParallelAttention:
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         g, pc = self.groups, self.groups.config
         u, r = pc.ulysses, pc.ring
+        chunks = pc.ulysses_chunks
+        if u > 1 and r == 1 and chunks > 1 and (q.shape[2] // u) % chunks == 0:
+            valid = min(u * self.state.chunk, self.state.length)
+            return pipelined_attention(q, k, v, g.ulysses_group, u, self.inner, chunks, valid)
         if u > 1:
             q, k, v = (seq_to_heads(t, g.ulysses_group, u) for t in (q, k, v))  # 3 x [B, U*Lc, H/U, D]
         # Real tokens in each ring position's span of U*Lc tokens (contiguous in the sequence).

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["seq_to_heads", "heads_to_seq"]
+__all__ = ["seq_to_heads", "heads_to_seq", "pipelined_attention"]
 
 
 def seq_to_heads(x: torch.Tensor, group, u: int) -> torch.Tensor:
@@ -36,3 +36,45 @@ def heads_to_seq(x: torch.Tensor, group, u: int) -> torch.Tensor:
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)  # recv: [U(source = head group), B, Lc, H/U, D]
     return recv.permute(1, 2, 0, 3, 4).reshape(b, l // u, u * hu, d)
+
+
+def pipelined_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, u: int, attn, chunks: int, valid: int) -> torch.Tensor:
+    """Ulysses attention with the head split cut into `chunks` slices whose transfers overlap
+    the attention of the neighbouring slice: slice c+1's inputs travel while slice c is
+    attended, and slice c's output travels back while slice c+1 is attended.
+
+    q, k, v: [B, Lc, H, D] on each rank; `valid` real tokens in the gathered U*Lc sequence
+    (the padded tail is cut off before attending). Returns [B, Lc, H, D].
+    """
+    b, lc, h, d = q.shape
+    hc = h // u // chunks  # heads per slice on each rank after the exchange
+
+    def send_in(x: torch.Tensor, c: int):
+        part = x.reshape(b, lc, u, chunks, hc, d)[:, :, :, c]  # [B, Lc, U(dest), hc, D]
+        send = part.permute(2, 0, 1, 3, 4).contiguous()  # [U, B, Lc, hc, D]
+        recv = torch.empty_like(send)
+        return recv, dist.all_to_all_single(recv, send, group=group, async_op=True)
+
+    def arrived(recv: torch.Tensor) -> torch.Tensor:  # [U(source chunk), B, Lc, hc, D] -> [B, U*Lc, hc, D]
+        return recv.view(1, u * lc, hc, d) if b == 1 else recv.transpose(0, 1).reshape(b, u * lc, hc, d)
+
+    out = q.new_empty(b, lc, u, chunks, hc, d)  # heads in the original order: (rank group, slice, head)
+    pending_in = [send_in(t, 0) for t in (q, k, v)]
+    pending_out = []
+    for c in range(chunks):
+        for _, work in pending_in:
+            work.wait()
+        qc, kc, vc = (arrived(r) for r, _ in pending_in)
+        if c + 1 < chunks:
+            pending_in = [send_in(t, c + 1) for t in (q, k, v)]
+        if valid < qc.shape[1]:
+            oc = torch.nn.functional.pad(attn(qc[:, :valid], kc[:, :valid], vc[:, :valid]), (0, 0, 0, 0, 0, qc.shape[1] - valid))
+        else:
+            oc = attn(qc, kc, vc)  # [B, U*Lc, hc, D]
+        send = oc.reshape(b, u, lc, hc, d).transpose(0, 1).contiguous()  # [U(dest chunk), B, Lc, hc, D]
+        recv = torch.empty_like(send)
+        pending_out.append((c, recv, dist.all_to_all_single(recv, send, group=group, async_op=True)))
+    for c, recv, work in pending_out:
+        work.wait()
+        out[:, :, :, c] = recv.permute(1, 2, 0, 3, 4)  # [U(source head group), B, Lc, hc, D] -> [B, Lc, U, hc, D]
+    return out.view(b, lc, h, d)
