@@ -546,8 +546,43 @@ def test_importing_the_pack_outside_comfyui_adds_nothing(tmp_path):
         f"path = {str(pack)!r}\n"
         "spec = importlib.util.spec_from_file_location('pack', os.path.join(path, '__init__.py'))\n"
         "mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.loader.exec_module(mod)\n"
-        "print(sorted(m for m in sys.modules if 'tasks_api' in m or m == 'aiohttp'), threading.active_count())\n"
+        "print(sorted(m for m in sys.modules if 'tasks_api' in m or m == 'aiohttp'),\n"
+        "      [t.name for t in threading.enumerate() if t.name == 'wan-tasks-api'])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[] 1"
+    assert out.stdout.strip() == "[] []"
+
+
+def test_importing_the_pack_inside_comfyui_registers_the_routes_once(tmp_path):
+    """With a PromptServer instance (stand-ins for ComfyUI's modules and aiohttp): every route, in an order
+    where fixed paths come before `{task_id}` ones, added to ComfyUI's route table, once."""
+    pack = tmp_path / "custom_nodes" / "comfyui-wan-fast"
+    pack.parent.mkdir()
+    os.symlink(REPO, pack)
+    code = (
+        "import importlib.util, sys, os, types\n"
+        "class Table(list):\n"
+        "    def route(self, method, path):\n"
+        "        return lambda handler: self.append(types.SimpleNamespace(method=method, path=path))\n"
+        "class Queue: pass\n"
+        "srv = types.SimpleNamespace(routes=Table(), prompt_queue=Queue(), number=0)\n"
+        "for name in ('server', 'aiohttp', 'folder_paths', 'execution'):\n"
+        "    sys.modules[name] = types.ModuleType(name)\n"
+        "sys.modules['server'].PromptServer = type('PromptServer', (), {'instance': srv})\n"
+        "sys.modules['aiohttp'].web = types.SimpleNamespace(Request=object, Response=object, StreamResponse=object)\n"
+        f"path = {str(pack)!r}\n"
+        "for n in ('pack', 'pack_again'):\n"
+        "    spec = importlib.util.spec_from_file_location(n, os.path.join(path, '__init__.py'))\n"
+        "    mod = importlib.util.module_from_spec(spec); sys.modules[n] = mod; spec.loader.exec_module(mod)\n"
+        "print([f'{r.method} {r.path}' for r in srv.routes])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    routes = eval(out.stdout.strip().splitlines()[-1])
+    assert len(routes) == len(set(routes)) == 13, routes  # the second import added nothing
+    for want in ["POST /v1/tasks/video/", "POST /v1/tasks/image/", "POST /v1/tasks/", "GET /v1/tasks/",
+                 "GET /v1/tasks/{task_id}/status", "GET /v1/tasks/{task_id}/result", "DELETE /v1/tasks/{task_id}"]:  # fmt: skip
+        assert want in routes
+    assert routes.index("GET /v1/tasks/queue/status") < routes.index("GET /v1/tasks/{task_id}/status")
+    assert routes.index("DELETE /v1/tasks/all/running") < routes.index("DELETE /v1/tasks/{task_id}")
