@@ -130,6 +130,39 @@ def _check_sampling(model, pc: ParallelConfig, groups_cache: dict, tag: str):
         print(f"{tag} sampling {pc}: rel err {err:.1e}", flush=True)
 
 
+def _check_cached_sampling(model, pc: ParallelConfig, groups_cache: dict):
+    """A TeaCache ('block0' indicator: reads the tokens) attached outside sequence parallel, with
+    CFG parallel declaring each rank's branch: the same steps are skipped and the same latent
+    comes out as in one process."""
+    from wan_core.cache import FeatureCache, TeaCachePolicy, feature_cache, guided_velocity_branches
+
+    groups = groups_cache.get(pc) or groups_cache.setdefault(pc, build_groups(pc, model.cfg.num_heads))
+    g = torch.Generator().manual_seed(6)
+    noise = make_noise((1, 16, *GRIDS[0]), seed=2)
+    cond, uncond = Cond([torch.randn(6, model.cfg.text_dim, generator=g)]), Cond([torch.randn(2, model.cfg.text_dim, generator=g)])
+    policy = TeaCachePolicy(thresh=0.6, indicator="block0", start_step=1)
+    reports = []
+    with torch.no_grad():
+        cache = FeatureCache(policy)
+        with feature_cache(model, cache, num_steps=6):
+            ref = sample(model, noise, make_scheduler("euler", 6, 5.0), cond, uncond, 4.0, predict=guided_velocity_branches)
+        reports.append(cache.report())
+        enable_sequence_parallel(model, groups)
+        cache = FeatureCache(policy)
+        with feature_cache(model, cache, num_steps=6):  # attached after (outside) sequence parallel
+            got = parallel_sample(model, noise, make_scheduler("euler", 6, 5.0), cond, uncond, 4.0, groups,
+                                  base_predict=guided_velocity_branches)  # fmt: skip
+        reports.append(cache.report())
+        disable_sequence_parallel(model)
+    mine = "cond" if groups.cfg_rank == 0 else "uncond"
+    assert reports[0].skipped[mine], "the policy skipped nothing: the check has no teeth"
+    assert reports[1].skipped[mine] == reports[0].skipped[mine], (reports[0], reports[1])
+    err = rel_err(got, ref)
+    assert err <= TOL, f"cached sampling {pc}: rel err {err:.2e}"
+    if dist.get_rank() == 0:
+        print(f"cached sampling {pc}: skipped {reports[1].skipped[mine]}, rel err {err:.1e}", flush=True)
+
+
 def _worker(rank: int, world: int, init_file: str, forward_cases: list, sampling_cases: list):
     torch.set_num_threads(1)
     init_process_group("cpu", rank=rank, world_size=world, init_method=f"file://{init_file}", timeout_s=120)
@@ -142,6 +175,8 @@ def _worker(rank: int, world: int, init_file: str, forward_cases: list, sampling
                 _check_forward(model, pc, cache, model_type)
             for pc in sampling_cases:
                 _check_sampling(model, pc, cache, model_type)
+            if model_type == "t2v":
+                _check_cached_sampling(model, ParallelConfig(cfg=2, ulysses=world // 2), cache)
         if world == 2:
             # A bad world size is refused before any communicator is made.
             try:

@@ -19,20 +19,24 @@ from .group import ParallelGroups
 __all__ = ["cfg_parallel_predict"]
 
 
-def cfg_parallel_predict(groups: ParallelGroups) -> Callable:
+def cfg_parallel_predict(groups: ParallelGroups, base: Callable = guided_velocity) -> Callable:
     """A `predict(model, x, t, cond, uncond, guidance)` for `sample` on this rank's cfg group.
 
-    With cfg degree 1 it is `guided_velocity`. Without guidance (guidance 1 or no uncond) both
-    groups evaluate the conditional branch and nothing is exchanged.
+    With cfg degree 1 it is `base` (e.g. `cache.guided_velocity_branches` when a feature cache
+    is attached). Without guidance (guidance 1 or no uncond) both groups evaluate the
+    conditional branch through `base` and nothing is exchanged. Each rank's model call runs
+    inside `cache_branch(...)` so an attached feature cache keys its state by the right branch.
     """
     if groups.config.cfg == 1:
-        return guided_velocity
+        return base
+    from ..cache.layer import COND, UNCOND, cache_branch
 
     def predict(model, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond | None, guidance: float) -> torch.Tensor:
         if uncond is None or guidance == 1.0:
-            return guided_velocity(model, x, t, cond, None, guidance)
-        mine = cond if groups.cfg_rank == 0 else uncond
-        v = model(x, t, mine.context, clip_fea=mine.clip_fea, y=mine.y).float().contiguous()
+            return base(model, x, t, cond, None, guidance)
+        mine, branch = (cond, COND) if groups.cfg_rank == 0 else (uncond, UNCOND)
+        with cache_branch(branch):
+            v = model(x, t, mine.context, clip_fea=mine.clip_fea, y=mine.y).float().contiguous()
         both = [torch.empty_like(v) for _ in range(2)]
         dist.all_gather(both, v, group=groups.cfg_group)  # [v_cond, v_uncond]
         v_c, v_u = both

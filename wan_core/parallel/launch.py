@@ -40,10 +40,12 @@ def parallel_sample(
     guidance: float,
     groups: ParallelGroups,
     callback: Callable[[StepInfo], None] | None = None,
+    base_predict: Callable | None = None,
 ) -> torch.Tensor:
     """`wan_core.sampling.sample` with CFG parallel; `model` must already be parallelised
     (`enable_sequence_parallel`) for the groups' sequence degree. Returns the same latent on every rank."""
-    return sample(model, noise, scheduler, cond, uncond, guidance, callback=callback, predict=cfg_parallel_predict(groups))
+    predict = cfg_parallel_predict(groups) if base_predict is None else cfg_parallel_predict(groups, base_predict)
+    return sample(model, noise, scheduler, cond, uncond, guidance, callback=callback, predict=predict)
 
 
 @dataclass
@@ -83,6 +85,10 @@ class DistributedRun:
     def predict(self) -> Callable:
         """The `predict` to give `wan_core.sampling.sample` (CFG parallel when cfg degree is 2)."""
         return cfg_parallel_predict(self.groups)
+
+    def predict_with(self, base: Callable) -> Callable:
+        """`predict` built over another one-process predict (e.g. `cache.guided_velocity_branches`)."""
+        return cfg_parallel_predict(self.groups, base)
 
     def sample(self, model, noise, scheduler, cond, uncond=None, guidance=5.0, callback=None) -> torch.Tensor:
         return parallel_sample(model, noise, scheduler, cond, uncond, guidance, self.groups, callback)
