@@ -154,6 +154,23 @@ def test_cancel_pending_and_running(api):
     assert api.call("GET", f"/v1/tasks/{running}/result") == (404, {"detail": "Task not completed"})
 
 
+def test_request_fields_reach_the_video(api):
+    """target_shape, target_video_length, infer_steps and an added LoRA, seen in ComfyUI's graph and the mp4."""
+    av = pytest.importorskip("av")
+    lora = "wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors"
+    body = {"prompt": "a boat", "target_shape": [32, 48], "target_video_length": 9, "infer_steps": 1,
+            "lora_name": lora, "lora_strength": 0.5, "save_result_path": "fields/boat", "seed": 3}  # fmt: skip
+    tid = api.submit(body)
+    assert api.completed(tid)["save_result_path"] == "fields/boat.mp4"
+    graph = api.srv.get(f"/history/{tid}")[tid]["prompt"][2]
+    (smp,) = [n["inputs"] for n in graph.values() if n["class_type"] == "WanSampler"]
+    (lo,) = [n["inputs"] for n in graph.values() if n["class_type"] == "WanLoraApply"]
+    assert (smp["steps"], smp["seed"], lo["lora"], lo["strength"]) == (1, 3, lora, 0.5)
+    with av.open(os.path.join(api.srv.base, "output", "fields", "boat.mp4")) as c:
+        frames = [f for f in c.decode(video=0)]
+    assert len(frames) == 9 and (frames[0].height, frames[0].width) == (32, 48)
+
+
 def _files_outside_output(root: str) -> set[str]:
     skip = {"output", "user", "temp", "ComfyUI", "__pycache__"}
     out = set()
