@@ -13,7 +13,12 @@ A LightX2V user's config files work unchanged. Every key falls in one of four gr
 
 Differences from LightX2V, on purpose: `enable_cfg` missing means "CFG if sample_guide_scale != 1"
 (LightX2V's config path defaults it to false, its Python API to guidance != 1; every shipped
-config sets it); a `denoising_step_list` selects the step-distill schedule whatever the model_cls.
+config sets it); a `denoising_step_list` selects the step-distill schedule whatever the model_cls;
+`lora_configs` together with `dit_quantized` runs the LoRA as low-rank branches beside the FP8
+linears (LightX2V refuses merging a LoRA into a quantized model); feature caching is allowed with
+`wan2.1_distill` too (LightX2V's distill runner refuses it; it rarely pays off at 4 steps); a
+`dit_quant_scheme` this machine cannot run (sgl-kernel missing, a CPU) falls back to the best FP8
+kernel it has, with a warning, as attention backends named in a config do.
 """
 
 from __future__ import annotations
