@@ -8,6 +8,8 @@ model, computes the single-process result itself first, then parallelises the mo
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -206,3 +208,57 @@ def test_four_processes_hybrid(tmp_path):
         [ParallelConfig(ulysses=4), ParallelConfig(ulysses=2, ring=2), ParallelConfig(ring=4)],
         [ParallelConfig(cfg=2, ulysses=2), ParallelConfig(cfg=2, ring=2)],
     )
+
+
+# ---- torchrun: a whole generation on 2 CPU processes writes the frames of 1 process ------------
+_TORCHRUN_SCRIPT = """
+import sys, torch
+from wan_core.parallel import run_distributed_generate
+from wan_core.pipeline import WanPipeline
+from wan_core.sampling import make_noise, sample
+
+model_dir, out, parallel = sys.argv[1], sys.argv[2], eval(sys.argv[3])
+torch.set_num_threads(1)
+
+def generate(run):
+    pipe = WanPipeline(model_dir, dtype="fp32", device=str(run.device)).create_generator(
+        infer_steps=3, target_video_length=5, target_height=32, target_width=48)
+    cond, uncond = pipe.encode_text("a red fox in the snow", "")
+    noise = make_noise(pipe.latent_shape(), 11)
+    pipe.load()
+    run.prepare(pipe.dit)
+    with torch.no_grad():
+        latent = sample(pipe.dit, noise, pipe.config.scheduler(), cond, uncond, pipe.config.guidance, predict=run.predict)
+    frames = pipe.decode(latent)
+    if run.is_main:
+        torch.save(frames, out)
+
+run_distributed_generate(generate, parallel, device="cpu")
+"""
+
+
+def test_torchrun_generation_equals_one_process(tmp_path):
+    """The pattern the CLI uses under torchrun (LightX2V `parallel` keys; Ulysses over 2 ranks)."""
+    import subprocess
+    import sys
+
+    from wan_core.pipeline import WanPipeline
+    from wan_core.tiny import tiny_model_dir
+
+    model_dir = tiny_model_dir("t2v", "wan")
+    pipe = WanPipeline(model_dir, dtype="fp32", device="cpu").create_generator(
+        infer_steps=3, target_video_length=5, target_height=32, target_width=48
+    )
+    ref = pipe.generate(seed=11, prompt="a red fox in the snow").frames
+    script = tmp_path / "gen.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    out = tmp_path / "frames.pt"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           model_dir, str(out), repr({"seq_p_size": 2, "seq_p_attn_type": "ulysses"})]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    frames = torch.load(out)
+    assert frames.shape == ref.shape
+    assert rel_err(frames, ref) <= 1e-5, rel_err(frames, ref)
