@@ -176,6 +176,9 @@ def test_python_api_equals_the_cli(files, cli_runs):
         _, res = _api(files, enable={"enable_quantize": {"dit_quantized": True, "dit_quantized_ckpt": FP8,
                                                           "quant_scheme": "fp8-sgl"}}, **DISTILL)  # fmt: skip
     assert torch.equal(res.latent, r["distill_fp8"].latent)
+    # an FP8 file named as the plain DiT runs as FP8 too (its e4m3 codes mean nothing without their scales)
+    pipe, res = _api(files, dit_original_ckpt=FP8, **DISTILL)
+    assert torch.equal(res.latent, r["distill_fp8"].latent) and pipe.spec.fp8 is None
     # switch_lora: off and on again on the same base object, without reading it again
     pipe, _ = _api(files, lora_configs=LORA_CONFIGS, **DISTILL)
     dit = pipe.dit

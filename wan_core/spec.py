@@ -185,6 +185,12 @@ def _not_yet(spec: ModelSpec) -> None:
 # and the result is bitwise what a fresh build with that LoRA set gives. Whoever holds the model
 # must therefore call `build_dit(spec)` again right before using it (the pipeline and the
 # sampler nodes do); it costs a few `os.stat` calls when nothing changed.
+# Costs: a merged LoRA keeps the original of every weight it touches in CPU RAM (for a 14B bf16
+# DiT with a LoRA on every block linear, about the DiT's size again; nothing extra for an fp32
+# model on the CPU, whose originals are the loaded tensors). With compiled blocks, a LoRA set or
+# strength that changes branches (LoRA beside FP8) recompiles the block graph once per new set
+# (H100, inductor: 9-22 s on a 4-block test model; sets seen before are cache hits); merged
+# LoRAs only swap parameter data and never recompile.
 
 
 @dataclass
