@@ -115,14 +115,15 @@ class LoraReport:
 class LoraBranch(nn.Module):
     """The LoRA terms of one linear: `sum_j mult_j * up_j(down_j(x))` (or `x @ diff_j.T`).
 
-    `mult_j` = strength * scale, a Python float, so a strength change costs nothing and strength 0
-    skips the term. Buffers are non-persistent: they move with the model, not into state dicts.
+    `mult_j` = strength * scale is a 0-d float32 buffer changed in place: a strength change costs
+    nothing and, with compiled blocks, triggers no recompilation (a Python float would be baked
+    into the graph). Buffers are non-persistent: they move with the model, not into state dicts.
     """
 
     def __init__(self, dtype: torch.dtype):
         super().__init__()
         self.dtype = dtype
-        self.terms: list[list] = []  # [lora id, buffer name(s), scale, mult = strength * scale]
+        self.terms: list[list] = []  # [lora id, buffer name(s), scale, name of the mult buffer]
 
     def add(self, lora_id: int, strength: float, scale: float, down=None, up=None, full=None) -> None:
         j = len(self.terms)
@@ -133,23 +134,22 @@ class LoraBranch(nn.Module):
             self.register_buffer(f"down_{j}", down.to(self.dtype), persistent=False)
             self.register_buffer(f"up_{j}", up.to(self.dtype), persistent=False)
             names = (f"down_{j}", f"up_{j}")
-        self.terms.append([lora_id, names, scale, strength * scale])
+        self.register_buffer(f"mult_{j}", torch.tensor(float(strength * scale)), persistent=False)
+        self.terms.append([lora_id, names, scale, f"mult_{j}"])
 
     def set_strength(self, lora_id: int, strength: float) -> None:
         for term in self.terms:
             if term[0] == lora_id:
-                term[3] = strength * term[2]
+                getattr(self, term[3]).fill_(strength * term[2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         out = None
         xd = x.to(self.dtype)
         for _, names, _, mult in self.terms:
-            if mult == 0:
-                continue
             h = xd
             for n in names:
                 h = F.linear(h, getattr(self, n))  # [..., in] -> [..., r] -> [..., out]
-            h = h * mult
+            h = h * getattr(self, mult).to(h.dtype)  # strength 0 adds exact zeros
             out = h if out is None else out + h
         return out
 
