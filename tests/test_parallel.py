@@ -165,13 +165,13 @@ def _check_cached_sampling(model, pc: ParallelConfig, groups_cache: dict):
         print(f"cached sampling {pc}: skipped {reports[1].skipped[mine]}, rel err {err:.1e}", flush=True)
 
 
-def _worker(rank: int, world: int, init_file: str, forward_cases: list, sampling_cases: list):
+def _worker(rank: int, world: int, init_file: str, forward_cases: list, sampling_cases: list, heads: int = 4):
     torch.set_num_threads(1)
     init_process_group("cpu", rank=rank, world_size=world, init_method=f"file://{init_file}", timeout_s=120)
     try:
         cache: dict = {}
         for model_type in ("t2v", "i2v"):
-            cfg = tiny_cfg(model_type)
+            cfg = tiny_cfg(model_type, num_heads=heads)
             model = build_model(cfg, random_state_dict(cfg, seed=1), dtype=torch.float32)
             for pc in forward_cases:
                 _check_forward(model, pc, cache, model_type)
@@ -191,9 +191,9 @@ def _worker(rank: int, world: int, init_file: str, forward_cases: list, sampling
         dist.destroy_process_group()
 
 
-def _spawn(world: int, tmp_path, forward_cases, sampling_cases):
+def _spawn(world: int, tmp_path, forward_cases, sampling_cases, heads: int = 4):
     init_file = str(tmp_path / "rendezvous")
-    mp.spawn(_worker, args=(world, init_file, forward_cases, sampling_cases), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, init_file, forward_cases, sampling_cases, heads), nprocs=world, join=True)
 
 
 def test_two_processes_ulysses_ring_cfg(tmp_path):
@@ -207,6 +207,19 @@ def test_four_processes_hybrid(tmp_path):
         tmp_path,
         [ParallelConfig(ulysses=4), ParallelConfig(ulysses=2, ring=2), ParallelConfig(ring=4)],
         [ParallelConfig(cfg=2, ulysses=2), ParallelConfig(cfg=2, ring=2)],
+    )
+
+
+def test_eight_processes_seed_layouts(tmp_path):
+    """The 8-GPU layouts of the reference framework's seed (cfg 2 x Ulysses 4, Ulysses 8, Ring 8,
+    Ulysses 2 x Ring 4) as 8 gloo processes: the correctness half of the 4/8-GPU issue (its
+    speed half needs 8 GPUs). 8 heads so that Ulysses 8 divides them."""
+    _spawn(
+        8,
+        tmp_path,
+        [ParallelConfig(ulysses=8), ParallelConfig(ring=8), ParallelConfig(ulysses=2, ring=4)],
+        [ParallelConfig(cfg=2, ulysses=4)],
+        heads=8,
     )
 
 
