@@ -14,7 +14,6 @@ from wan_core.discover import find_model_files
 from wan_core.linear import KERNELS
 from wan_core.loading.dit import find_dit_files
 from wan_core.loading.io import CheckpointError, read_keys
-from wan_core.options import FeatureNotAvailable
 from wan_core.spec import ModelSpec
 
 from . import compat
@@ -122,14 +121,23 @@ def make_spec(
 
 
 def apply_offload(spec: ModelSpec, offload: OffloadSettings | None) -> ModelSpec:
+    """The offload settings in the model description (built by `wan_core.spec`: hooks on the DiT,
+    the encoders and the VAE kept in CPU memory)."""
     if offload is None or offload.is_default:
         return spec
-    if offload.vram_budget_gb and "offload_budget_gb" not in ModelSpec.__dataclass_fields__:
-        raise FeatureNotAvailable("WanOffloadConfig: a VRAM budget is not available yet in wan_core (set it to 0)")
-    kw = {"offload": offload.granularity}
-    if offload.vram_budget_gb:
-        kw["offload_budget_gb"] = offload.vram_budget_gb
-    return spec.replace(**kw)
+    dit = offload.granularity != "none"
+    if offload.vram_budget_gb and offload.granularity != "block":
+        raise ValueError(
+            f"WanOffloadConfig: vram_budget_gb applies to granularity 'block' (it picks the blocks kept on the GPU), "
+            f"got granularity {offload.granularity!r}; set the budget to 0 or the granularity to block"
+        )
+    return spec.replace(
+        offload=offload.granularity if dit else None,
+        offload_budget_gb=offload.vram_budget_gb or None,
+        offload_text_encoder=offload.offload_encoders,
+        offload_image_encoder=offload.offload_encoders,
+        offload_vae=offload.offload_encoders,
+    )
 
 
 def _loader_inputs() -> dict:
@@ -243,27 +251,44 @@ class WanLoraApply:
 
 
 class WanOffloadConfig:
-    """CPU offload settings for the DiT; plug into a loader's `offload` input."""
+    """CPU offload settings for the DiT (and the encoders / VAE); plug into a loader's `offload` input."""
 
     CATEGORY = CATEGORY
     RETURN_TYPES = (WAN_OFFLOAD,)
     RETURN_NAMES = ("offload",)
     FUNCTION = "make"
-    DESCRIPTION = "Keep the DiT in CPU memory and stream it to the GPU by model or by block (for 16-24 GB cards)."
+    DESCRIPTION = (
+        "Keep the DiT in CPU memory and stream it to the GPU by model or by block (for 16-24 GB cards); "
+        "the text encoder, CLIP and the VAE go to the GPU only for their stage."
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "granularity": (["none", "model", "block"], {"default": "block"}),
+                "granularity": (
+                    ["none", "model", "block"],
+                    {"default": "block", "tooltip": "block: the least GPU memory; model: the whole DiT on the GPU while sampling"},
+                ),
                 "vram_budget_gb": (
                     "FLOAT",
-                    {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5, "tooltip": "0: no budget"},
+                    {
+                        "default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                        "tooltip": "block: use at most this much GPU memory (keeps as many blocks resident as fit; "
+                        "about your card's size minus 1.5). 0: every block streams",
+                    },  # fmt: skip
+                ),
+                "offload_encoders": (
+                    "BOOLEAN",
+                    {"default": True, "tooltip": "text encoder, CLIP and VAE in CPU memory, on the GPU only while they run"},
                 ),
             }
         }
 
-    def make(self, granularity: str, vram_budget_gb: float):
+    def make(self, granularity: str, vram_budget_gb: float, offload_encoders: bool = True):
         if granularity not in ("none", "model", "block"):
             raise ValueError(f"offload granularity must be none, model or block, got {granularity!r}")
-        return (OffloadSettings(granularity=granularity, vram_budget_gb=float(vram_budget_gb)),)
+        if vram_budget_gb and granularity != "block":
+            raise ValueError(f"vram_budget_gb applies to granularity 'block', got {granularity!r}; set it to 0")
+        settings = OffloadSettings(granularity, float(vram_budget_gb), bool(offload_encoders))
+        return (settings,)

@@ -7,11 +7,12 @@ import threading
 import torch
 
 from wan_core.cache import cache_from_config, feature_cache, guided_velocity_branches, published_model_key
+from wan_core.offload import explain_oom
 from wan_core.options import FeatureNotAvailable
 from wan_core.preview import fit_rgb_projection, latent_to_rgb
 from wan_core.sampling import Cond, guided_velocity, latent_shape, make_noise, sample
 from wan_core.schedulers import make_scheduler
-from wan_core.spec import ModelSpec, build_dit, build_vae
+from wan_core.spec import ModelSpec, build_dit, build_vae, component_loaded, dit_loaded
 
 from . import compat, stats
 from .types import (
@@ -104,7 +105,8 @@ def _projection(model: ModelSpec):
     key = (model.vae, str(model.torch_vae_dtype), model.torch_device)
     with _projections_lock:
         if key not in _projections:
-            _projections[key] = fit_rgb_projection(build_vae(model))
+            with component_loaded(build_vae(model), model, "vae") as vae:
+                _projections[key] = fit_rgb_projection(vae)
         return _projections[key]
 
 
@@ -165,7 +167,7 @@ class WanSampler:
         if cache is not None:  # checked before sampling: a table the model lacks is an error now
             key = published_model_key(dit.cfg, shape[-2] * 8, shape[-1] * 8)
             fc = cache_from_config({**cache.to_config(), "infer_steps": len(sched)}, key)
-        device = next(dit.parameters()).device
+        device = torch.device(model.torch_device)  # an offloaded DiT's weights live in CPU memory between runs
         progress = compat.Progress(len(sched))
         previews = compat.previews_enabled() and model.vae is not None
         proj = _projection(model) if previews else None
@@ -181,7 +183,12 @@ class WanSampler:
             noise = make_noise((1, *shape), seed, device=device)
             with torch.inference_mode(), feature_cache(dit, fc, num_steps=len(sched)):
                 predict = guided_velocity_branches if fc is not None else guided_velocity
-                latent = sample(dit, noise, sched, cond, uncond, guidance=guidance, callback=on_step, predict=predict)
+                try:
+                    with dit_loaded(dit, noise):  # an offloaded DiT on the GPU for the loop only
+                        latent = sample(dit, noise, sched, cond, uncond, guidance=guidance, callback=on_step, predict=predict)
+                except torch.OutOfMemoryError as e:  # re-worded: the offload settings that would fit
+                    pt, ph, pw = dit.cfg.patch_size
+                    raise explain_oom(e, dit, shape[1] // pt * (shape[2] // ph) * (shape[3] // pw)) from e
         rec["steps"] = len(sched)
         rec["seconds_per_step"] = round(rec["seconds"] / len(sched), 3)
         if fc is not None:

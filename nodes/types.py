@@ -55,14 +55,17 @@ class ImageEmbeds:
 
 @dataclass(frozen=True)
 class OffloadSettings:
-    """What WanOffloadConfig chose; the loader copies it into the model description."""
+    """What WanOffloadConfig chose; the loader copies it into the model description (`ModelSpec.offload*`)."""
 
-    granularity: str = "none"  # "none" | "model" | "block"
-    vram_budget_gb: float = 0.0  # 0: no budget (block offload keeps one block resident)
+    granularity: str = "none"  # "none" | "model" | "block": CPU offload of the DiT
+    # block offload: "use at most X GiB" (weights + activations), which decides how many blocks stay on the
+    # GPU for good; 0: no budget, every block streams (resident_blocks 0: the least memory)
+    vram_budget_gb: float = 0.0
+    offload_encoders: bool = True  # T5, CLIP and the VAE in CPU memory, on the GPU for their stage only
 
     @property
     def is_default(self) -> bool:
-        return self.granularity == "none" and self.vram_budget_gb == 0.0
+        return self.granularity == "none" and self.vram_budget_gb == 0.0 and not self.offload_encoders
 
 
 @dataclass(frozen=True)

@@ -137,11 +137,13 @@ def test_bad_inputs_get_clear_errors(tiny, tmp_path, capsys):
 
 def test_pending_features_and_unknown_keys(tiny, tmp_path, capsys):
     t2v = ["--model_path", tiny["t2v"]]
-    err = _run_error(t2v + ["--config_json", _config(tmp_path, cpu_offload=True, offload_granularity="block")], capsys)
-    assert "'cpu_offload'" in err and "not available yet" in err
+    err = _run_error(t2v + ["--config_json", _config(tmp_path, cpu_offload=True, lazy_load=True)], capsys)
+    assert "'lazy_load'" in err and "disk offload" in err and "not available yet" in err
+    # offload and parallel keys are wired (tests/test_offload_doors.py, tests/test_parallel_doors.py):
+    # parallel degrees outside torchrun say how to launch them
     par = {"seq_p_size": 4, "seq_p_attn_type": "ulysses", "cfg_p_size": 2}
     err = _run_error(t2v + ["--config_json", _config(tmp_path, parallel=par)], capsys)
-    assert "'parallel'" in err and "not available yet" in err
+    assert "asks for 8 processes" in err and "torchrun --nproc_per_node=8 -m wan_core" in err
     err = _run_error(t2v + ["--config_json", _config(tmp_path, t5_quantized=True, t5_quant_scheme="fp8-sgl")], capsys)
     assert "'t5_quantized'" in err and "not available yet" in err
     # LoRA, FP8 and caching keys are wired now (tests/test_variants.py): here only that they are read

@@ -3,7 +3,6 @@ presets, progress / preview / cancel, and clear errors for bad inputs."""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import os
@@ -403,21 +402,23 @@ def test_lora_for_another_model_is_a_clear_error(models):
         pytest.fail("an I2V LoRA on a T2V model must fail")
 
 
-def test_features_not_built_yet_say_so(models):
-    from wan_core.options import FeatureNotAvailable
-
-    (offload,) = NODE_CLASS_MAPPINGS["WanOffloadConfig"]().make("block", 0.0)
-    assert offload.granularity == "block"
-    (plain,) = NODE_CLASS_MAPPINGS["WanOffloadConfig"]().make("none", 0.0)
-    assert NODE_CLASS_MAPPINGS["WanModelLoader"]().load(T2V, T5, VAE, "(none)", offload=plain)[0] == _load()
+def test_offload_settings_reach_the_model_description(models):
+    """WanOffloadConfig -> loader -> ModelSpec offload fields (the engine side: tests/test_offload_doors.py);
+    the multi-GPU sampler checks its degrees before any process starts."""
+    (offload,) = NODE_CLASS_MAPPINGS["WanOffloadConfig"]().make("block", 14.0)
+    assert offload == types.OffloadSettings("block", 14.0, True)
     model = NODE_CLASS_MAPPINGS["WanModelLoader"]().load(T2V, T5, VAE, "(none)", offload=offload)[0]
-    assert model.offload == "block"
-    if importlib.util.find_spec("wan_core.parallel.workers") is None:
-        with pytest.raises(FeatureNotAvailable, match="not available yet"):
-            NODE_CLASS_MAPPINGS["WanMultiGPUSampler"]().sample(model, None, 64, 48, 5, 1, 5.0, 5.0, "unipc", 0)
-    else:  # the degrees must multiply to the GPU count; checked before any process starts
-        text = _text(_load())
-        with pytest.raises(ValueError, match="num_gpus=3"):
-            NODE_CLASS_MAPPINGS["WanMultiGPUSampler"]().sample(
-                _load(), text, 64, 48, 5, 1, 5.0, 5.0, "unipc", 0, num_gpus=3
-            )
+    assert (model.offload, model.offload_budget_gb, model.offload_resident_blocks) == ("block", 14.0, None)
+    assert model.offload_text_encoder and model.offload_image_encoder and model.offload_vae
+    assert model.replace(offload=None, offload_budget_gb=None, offload_text_encoder=False, offload_image_encoder=False,
+                         offload_vae=False) == _load()  # fmt: skip
+    (plain,) = NODE_CLASS_MAPPINGS["WanOffloadConfig"]().make("none", 0.0, False)
+    assert NODE_CLASS_MAPPINGS["WanModelLoader"]().load(T2V, T5, VAE, "(none)", offload=plain)[0] == _load()
+    (enc,) = NODE_CLASS_MAPPINGS["WanOffloadConfig"]().make("none", 0.0, True)  # encoders only, the DiT resident
+    model = NODE_CLASS_MAPPINGS["WanModelLoader"]().load(T2V, T5, VAE, "(none)", offload=enc)[0]
+    assert model.offload is None and model.offload_vae
+    with pytest.raises(ValueError, match="applies to granularity 'block'"):
+        NODE_CLASS_MAPPINGS["WanOffloadConfig"]().make("model", 14.0)
+    text = _text(_load())
+    with pytest.raises(ValueError, match="num_gpus=3"):
+        NODE_CLASS_MAPPINGS["WanMultiGPUSampler"]().sample(_load(), text, 64, 48, 5, 1, 5.0, 5.0, "unipc", 0, num_gpus=3)

@@ -8,7 +8,14 @@
     python -m wan_core calibrate-cache --dit my_dit.safetensors --embeds prompt_embeds.safetensors
 
 Without a subcommand the arguments are LightX2V's (`python -m lightx2v.infer ...`), i.e.
-`generate`; the LoRA / FP8 / feature-caching variants are config JSON keys (`wan_core.pipeline`).
+`generate`; the LoRA / FP8 / feature-caching / CPU-offload variants are config JSON keys
+(`wan_core.pipeline`). Several GPUs: the same command under torchrun, with the config's
+`parallel` block (LightX2V's `cfg_p_size`, `seq_p_size`, `seq_p_attn_type`):
+
+    torchrun --nproc_per_node=2 -m wan_core --model_path Wan2.1-T2V-14B \
+        --config_json configs/wan_t2v_dist_ulysses.json --prompt "..." --save_result_path out.mp4
+
+Every process logs warnings only except the first, which shows the progress and writes the file.
 Adding a subcommand is one function decorated with `@subcommand(name, help)`: it receives its
 argparse parser, adds its arguments, and returns the function that runs it. A tool that owns its
 whole command line (`main(argv) -> int`) is mounted with `@passthrough(name, help)` instead.
@@ -72,13 +79,18 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
+def _is_main_process() -> bool:
+    """False on the ranks > 0 of a torchrun world (they stay quiet: one progress bar, one log)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _setup_logging() -> None:
     log = logging.getLogger("wan_core")
     if not any(isinstance(h, _TqdmHandler) for h in log.handlers):
         h = _TqdmHandler()
         h.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(h)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if _is_main_process() else logging.WARNING)
     log.propagate = False
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
 
@@ -114,6 +126,7 @@ def _generate_setup(p: argparse.ArgumentParser):
     p.add_argument("--image_path", default="", help="input image (i2v)")
     p.add_argument("--seed", type=int, default=42, help="-1 draws a random seed")
     p.add_argument("--save_result_path", default="wan_core_result.mp4")
+    p.add_argument("--save_latent", metavar="PATH", help="also save the final latent [1, 16, F, h, w] (torch.save, float32)")
     p.add_argument("--num_frames", dest="target_video_length", type=int, help="overrides target_video_length")
     p.add_argument("--target_shape", type=int, nargs=2, metavar=("H", "W"), help="overrides target_height/width")
     p.add_argument("--use_prompt_enhancer", action="store_true", help=argparse.SUPPRESS)
@@ -141,12 +154,21 @@ def _generate_setup(p: argparse.ArgumentParser):
             tokenizer_path=args.tokenizer_path, vae_path=args.vae_path, clip_path=args.clip_path,
             dtype=args.dtype, device=args.device, attention=args.attention,
         )  # fmt: skip
+        # under torchrun, create_generator joins the world and builds the models on this rank's GPU
         pipe.create_generator(args.config_json, **params)
+        main_rank = pipe.parallel_run is None or pipe.parallel_run.is_main
         result = pipe.generate(
             seed=args.seed, prompt=args.prompt, negative_prompt=args.negative_prompt,
-            image_path=args.image_path or None, save_result_path=args.save_result_path, progress=True,
+            image_path=args.image_path or None, save_result_path=args.save_result_path, progress=main_rank,
+            return_latent=bool(args.save_latent),
         )  # fmt: skip
-        print(f"saved {result.path}: {result.summary()}")
+        if main_rank and args.save_latent:
+            import torch
+
+            torch.save(result.latent, args.save_latent)
+        pipe.close()  # a multi-process run: wait for every rank, then leave the process group
+        if main_rank:
+            print(f"saved {result.path}: {result.summary()}")
         return 0
 
     return run
@@ -238,6 +260,8 @@ def _calibrate_main():
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     from .loading.io import CheckpointError
     from .options import FeatureNotAvailable
     from .tokenizer import TokenizerError
@@ -259,3 +283,6 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, CheckpointError, TokenizerError, FeatureNotAvailable, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError as e:  # re-worded by the pipeline: the offload settings that would fit
+        print(f"error: {e}", file=sys.stderr)
+        return 3

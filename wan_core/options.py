@@ -2,9 +2,14 @@
 
 A LightX2V user's config files work unchanged. Every key falls in one of four groups:
 - used: sampling, size, attention, component file paths, LoRA (`lora_configs`), FP8 DiT
-  (`dit_quantized`, `dit_quantized_ckpt`, `dit_quant_scheme`) and feature caching
-  (`feature_caching` with its Tea/Mag keys, kept in `GenerationConfig.cache`);
-- pending: keys of features that land later (CPU offload, multi-GPU, quantized T5/CLIP, ...). They
+  (`dit_quantized`, `dit_quantized_ckpt`, `dit_quant_scheme`), feature caching
+  (`feature_caching` with its Tea/Mag keys, kept in `GenerationConfig.cache`), CPU offload
+  (`cpu_offload`, `offload_granularity`, `t5_cpu_offload` / `text_encoder_cpu_offload`,
+  `clip_cpu_offload`, `vae_cpu_offload`; ours: `vram_budget_gb`, `offload_resident_blocks`,
+  `offload_prefetch`; see `wan_core.offload.OffloadOptions`) and several GPUs (`parallel`:
+  `cfg_p_size`, `seq_p_size`, `seq_p_attn_type`; ours: `ulysses_p_size`, `ring_p_size`; see
+  `wan_core.parallel.ParallelConfig`; it runs under torchrun);
+- pending: keys of features that land later (disk offload, quantized T5/CLIP, ...). They
   are parsed; asking for anything but their default raises `FeatureNotAvailable` naming the key.
   A feature that lands moves its keys from `PENDING` into the used group;
 - ignored: keys that change nothing here (memory housekeeping, prompt-enhancer servers,
@@ -18,7 +23,12 @@ config sets it); a `denoising_step_list` selects the step-distill schedule whate
 linears (LightX2V refuses merging a LoRA into a quantized model); feature caching is allowed with
 `wan2.1_distill` too (LightX2V's distill runner refuses it; it rarely pays off at 4 steps); a
 `dit_quant_scheme` this machine cannot run (sgl-kernel missing, a CPU) falls back to the best FP8
-kernel it has, with a warning, as attention backends named in a config do.
+kernel it has, with a warning, as attention backends named in a config do. `t5_cpu_offload`
+(and the CLIP / VAE flags) keep the model in host memory and move it to the GPU for its stage
+(LightX2V runs T5 on the CPU instead); `offload_granularity` "phase" runs as "block"
+(`wan_core.offload`); `seq_p_attn_type` "ulysses-4090" runs as "ulysses". Under torchrun with no
+`parallel` key (or `parallel: false`), every process joins one Ulysses group over the whole world
+(LightX2V would run the same video on every process).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from typing import Any
 
 __all__ = [
     "FeatureNotAvailable", "GenerationConfig", "PENDING", "IGNORED", "CACHE_KEYS", "KWARG_ALIASES",
-    "DEFAULT_NEGATIVE_PROMPT",
+    "DEFAULT_NEGATIVE_PROMPT", "parallel_dict",
 ]  # fmt: skip
 
 # Official Wan2.1 default negative prompt (wan/configs/shared_config.py `sample_neg_prompt`).
@@ -50,14 +60,10 @@ class FeatureNotAvailable(NotImplementedError):
 
 # key -> (feature, predicate "the value asks for the feature")
 PENDING: dict[str, tuple[str, Any]] = {
-    "cpu_offload": ("CPU offload", bool),
-    "lazy_load": ("CPU offload (lazy loading)", bool),
-    "unload_modules": ("CPU offload (module unloading)", bool),
+    "lazy_load": ("disk offload (lazy loading of blocks from disk)", bool),
+    "unload_modules": ("disk offload (module unloading)", bool),
     "t5_quantized": ("quantized T5", bool),
     "clip_quantized": ("quantized CLIP", bool),
-    "parallel": ("multi-GPU (sequence / CFG parallel)", lambda v: _parallel_sizes(v) != (1, 1)),
-    "seq_parallel": ("multi-GPU (sequence parallel)", bool),
-    "cfg_parallel": ("multi-GPU (CFG parallel)", bool),
     "changing_resolution": ("changing resolution", bool),
     "enable_dynamic_cfg": ("dynamic CFG", bool),
     "video_frame_interpolation": ("frame interpolation", bool),
@@ -66,8 +72,7 @@ PENDING: dict[str, tuple[str, Any]] = {
 }
 # Keys that only qualify a pending feature: accepted silently (they ask for nothing by themselves).
 _QUALIFIERS = {
-    "offload_granularity", "offload_ratio", "t5_cpu_offload", "vae_cpu_offload", "clip_cpu_offload",
-    "t5_quantized_ckpt", "t5_quant_scheme", "clip_quantized_ckpt", "clip_quant_scheme", "residual_diff_threshold",
+    "offload_ratio", "seq_parallel", "cfg_parallel", "t5_quantized_ckpt", "t5_quant_scheme", "clip_quantized_ckpt", "clip_quant_scheme", "residual_diff_threshold",
     "resolution_rate", "changing_resolution_steps", "cfg_scale", "tae_path", "seq_p_size", "seq_p_attn_type",
     "cfg_p_size",
 }  # fmt: skip
@@ -95,15 +100,25 @@ KWARG_ALIASES = {
     "height": "target_height",
     "width": "target_width",
     "guidance_scale": "sample_guide_scale",
+    "text_encoder_cpu_offload": "t5_cpu_offload",  # LightX2V's newer name for the same switch
 }
 
 
-def _parallel_sizes(v) -> tuple[int, int]:
-    if not v:
-        return (1, 1)
+def parallel_dict(v) -> dict:
+    """A `parallel` value as the dict `wan_core.parallel.ParallelConfig.from_dict` reads ({} for false/None).
+
+    LightX2V's consumer-card Ulysses variant ("ulysses-4090": all-to-all without peer-to-peer
+    links) runs as plain Ulysses; NCCL picks the transport here.
+    """
+    if v is None or v is False:
+        return {}
     if not isinstance(v, Mapping):
         raise ValueError(f"'parallel' must be false or an object like {{'seq_p_size': 4, 'cfg_p_size': 2}}, got {v!r}")
-    return (int(v.get("seq_p_size", 1)), int(v.get("cfg_p_size", 1)))
+    out = dict(v)
+    kind = str(out.get("seq_p_attn_type", "")).lower().replace("-", "_")
+    if kind == "ulysses_4090":
+        out["seq_p_attn_type"] = "ulysses"
+    return out
 
 
 @dataclass
@@ -143,6 +158,19 @@ class GenerationConfig:
     # feature caching: "NoCaching" | "Tea" | "Mag", its other keys (CACHE_KEYS) as given in `cache`
     feature_caching: str = "NoCaching"
     cache: dict[str, Any] = field(default_factory=dict)
+    # CPU offload (`wan_core.offload`): the DiT by "model" or "block" ("phase" runs as block); the
+    # component flags default to cpu_offload; vram_budget_gb chooses the resident blocks
+    # (exclusive with offload_resident_blocks: blocks kept on the GPU for good, 0 = all stream)
+    cpu_offload: bool = False
+    offload_granularity: str = "block"
+    t5_cpu_offload: bool | None = None
+    clip_cpu_offload: bool | None = None
+    vae_cpu_offload: bool | None = None
+    vram_budget_gb: float | None = None
+    offload_resident_blocks: int | None = None
+    offload_prefetch: int = 1
+    # several GPUs (`wan_core.parallel`, under torchrun): {"cfg_p_size", "seq_p_size", "seq_p_attn_type", ...}
+    parallel: dict[str, Any] | bool | None = None
     # keys of features not built yet, as given (see PENDING)
     pending: dict[str, Any] = field(default_factory=dict)
 
@@ -169,6 +197,20 @@ class GenerationConfig:
     def cache_config(self) -> dict[str, Any]:
         """The keys `wan_core.cache.cache_from_config` reads (method, run length, Tea/Mag settings)."""
         return {"feature_caching": self.feature_caching, "infer_steps": len(self.scheduler()), **self.cache}
+
+    def offload_options(self):
+        """The offload settings (`wan_core.offload.OffloadOptions`) these keys ask for."""
+        from .offload import OffloadOptions
+
+        keys = ("cpu_offload", "offload_granularity", "t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload",
+                "vram_budget_gb", "offload_resident_blocks", "offload_prefetch")  # fmt: skip
+        return OffloadOptions.from_config({k: getattr(self, k) for k in keys if getattr(self, k) is not None})
+
+    def parallel_config(self, world_size: int | None = None):
+        """The degrees (`wan_core.parallel.ParallelConfig`) `parallel` asks for in a world of `world_size`."""
+        from .parallel.group import ParallelConfig
+
+        return ParallelConfig.from_dict(parallel_dict(self.parallel), world_size=world_size)
 
     def lora_list(self) -> list[tuple[str, float]]:
         """`lora_configs` as [(path as written, strength)]; ValueError for a malformed entry."""
@@ -221,6 +263,19 @@ class GenerationConfig:
         if method not in CACHE_METHODS:
             raise ValueError(f"feature_caching {method!r} is not a caching method; choose one of {CACHE_METHODS}")
         self.scheduler()  # scheduler keys (steps, shift, denoising_step_list) raise their own ValueErrors
+        off = self.offload_options()  # granularity values
+        if off.resident_blocks is not None and off.vram_budget_gb is not None:
+            raise ValueError("give vram_budget_gb or offload_resident_blocks, not both")
+        if off.resident_blocks is not None and (off.resident_blocks < 0 or off.granularity != "block"):
+            raise ValueError(
+                f"offload_resident_blocks={off.resident_blocks} needs offload_granularity 'block' and a count >= 0 "
+                "(blocks kept on the GPU for good; 0: every block streams)"
+            )
+        if off.vram_budget_gb is not None and off.vram_budget_gb < 0:
+            raise ValueError(f"vram_budget_gb must be positive, got {off.vram_budget_gb}")
+        if off.prefetch < 1:
+            raise ValueError(f"offload_prefetch must be >= 1 (blocks copied ahead of the running one), got {off.prefetch}")
+        self.parallel_config()  # key names and types (the world size is checked when the run joins it)
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -242,8 +297,6 @@ class GenerationConfig:
                 cache[key] = value
             elif key in PENDING:
                 pending[key] = value
-                if key == "parallel":
-                    _parallel_sizes(value)
             elif key in _QUALIFIERS:
                 pass
             elif key in IGNORED:
@@ -256,7 +309,8 @@ class GenerationConfig:
                                          "negative_prompt", "image_path", "save_result_path"})  # fmt: skip
         if notable:
             warnings.warn(f"{source}: keys accepted but without effect in wan_core: {', '.join(notable)}", stacklevel=2)
-        for k in ("infer_steps", "target_video_length", "target_height", "target_width", "text_len", "fps"):
+        for k in ("infer_steps", "target_video_length", "target_height", "target_width", "text_len", "fps",
+                  "offload_resident_blocks", "offload_prefetch"):  # fmt: skip
             if k in kw and isinstance(kw[k], float) and kw[k].is_integer():
                 kw[k] = int(kw[k])
         if kw.get("feature_caching") is None:

@@ -20,9 +20,22 @@ The seed's four variants, as LightX2V configures them (keys in a config JSON or 
     (model_cls "wan2.1_distill" gives the distill variants their 4-step schedule [1000, 750, 500, 250])
 
 Relative paths are taken as given when they exist, else from the model folder (also by file name,
-and from its `loras/` / `diffusion_models/` subfolders). LightX2V's `enable_lora`, `enable_quantize`
-and `enable_cache` (before `create_generator`) and `switch_lora` (after) work too; feature caching
-(`feature_caching` "Tea" / "Mag") is attached around each sampling run and reported in the result.
+and from its `loras/` / `diffusion_models/` subfolders). LightX2V's `enable_lora`, `enable_quantize`,
+`enable_cache`, `enable_offload` and `enable_parallel` (before `create_generator`) and `switch_lora`
+(after) work too; feature caching (`feature_caching` "Tea" / "Mag") is attached around each
+sampling run and reported in the result.
+
+Memory (16-24 GB cards): `cpu_offload=True, offload_granularity="block"` keeps the DiT in host
+memory and streams its blocks through the GPU (`vram_budget_gb=14` lets it keep as many blocks
+resident as fit); T5 / CLIP / VAE follow `cpu_offload` unless their own flags say otherwise
+(`t5_cpu_offload`, ...). A CUDA out-of-memory error in the sampling loop is re-raised with the
+offload settings that would fit (`wan_core.offload.explain_oom`).
+
+Several GPUs: run the script (or `python -m wan_core`) under `torchrun --nproc_per_node=N`, with
+`parallel={"seq_p_size": N, "seq_p_attn_type": "ulysses"}` (or `cfg_p_size=2` x ...); without a
+`parallel` key every process joins one Ulysses group. Each process builds the models on its own
+GPU; all hold the same latent after every step, every process decodes, the first one writes the
+file. `pipe.close()` leaves the process group the pipeline joined.
 """
 
 from __future__ import annotations
@@ -40,9 +53,17 @@ import torch
 
 from .conditioning import I2VCondition, load_image, prepare_i2v
 from .discover import find_model_files
-from .options import DEFAULT_NEGATIVE_PROMPT, GenerationConfig
-from .sampling import Cond, StepInfo, latent_shape, make_noise, sample
-from .spec import ModelSpec, build_dit, build_image_encoder, build_text_encoder, build_vae
+from .options import DEFAULT_NEGATIVE_PROMPT, GenerationConfig, parallel_dict
+from .sampling import Cond, StepInfo, guided_velocity, latent_shape, make_noise, sample
+from .spec import (
+    ModelSpec,
+    build_dit,
+    build_image_encoder,
+    build_text_encoder,
+    build_vae,
+    component_loaded,
+    dit_loaded,
+)
 
 __all__ = ["WanPipeline", "GenerationResult", "MODEL_CLASSES"]
 
@@ -153,7 +174,9 @@ class WanPipeline:
         self.config: GenerationConfig | None = None
         self.spec: ModelSpec | None = None
         self.cache_report = None  # CacheReport of the last sampling run (feature caching on)
-        self._enabled: dict = {}  # keys set by enable_lora / enable_quantize / enable_cache
+        self._enabled: dict = {}  # keys set by enable_lora / enable_quantize / enable_cache / ...
+        self.parallel_run = None  # wan_core.parallel.DistributedRun of a multi-process run
+        self._owns_group = False  # this pipeline initialised the process group (close() leaves it)
 
     # ------------------------------------------------------------------ LightX2V's enable_* calls
     def enable_lora(self, lora_configs: list[dict], lora_dynamic_apply: bool = False) -> WanPipeline:
@@ -199,6 +222,34 @@ class WanPipeline:
                 magcache_calibration=magcache_calibration, magcache_K=magcache_K, magcache_thresh=magcache_thresh,
                 magcache_retention_ratio=magcache_retention_ratio, magcache_ratios=magcache_ratios or [],
             )  # fmt: skip
+        return self
+
+    def enable_offload(
+        self,
+        cpu_offload: bool = False,
+        offload_granularity: str = "block",
+        text_encoder_offload: bool = False,
+        image_encoder_offload: bool = False,
+        vae_offload: bool = False,
+        vram_budget_gb: float | None = None,
+        resident_blocks: int | None = None,
+        prefetch: int = 1,
+    ) -> WanPipeline:
+        """CPU offload for the next `create_generator` (LightX2V's arguments; ours: the VRAM budget, the
+        blocks kept on the GPU for good, the blocks copied ahead). See `wan_core.offload`."""
+        self._enabled.update(
+            cpu_offload=cpu_offload, offload_granularity=offload_granularity, t5_cpu_offload=text_encoder_offload,
+            clip_cpu_offload=image_encoder_offload, vae_cpu_offload=vae_offload, offload_prefetch=prefetch,
+        )  # fmt: skip
+        if vram_budget_gb is not None:
+            self._enabled["vram_budget_gb"] = vram_budget_gb
+        if resident_blocks is not None:
+            self._enabled["offload_resident_blocks"] = resident_blocks
+        return self
+
+    def enable_parallel(self, cfg_p_size: int = 1, seq_p_size: int = 1, seq_p_attn_type: str = "ulysses") -> WanPipeline:
+        """Parallel degrees for the next `create_generator` (the process must run under torchrun)."""
+        self._enabled["parallel"] = {"cfg_p_size": cfg_p_size, "seq_p_size": seq_p_size, "seq_p_attn_type": seq_p_attn_type}
         return self
 
     def switch_lora(self, lora_path: str, strength: float = 1.0) -> WanPipeline:
@@ -259,12 +310,13 @@ class WanPipeline:
             vae=self.paths["vae"] or self._config_path(cfg.vae_path),
             clip=self.paths["clip"] or self._config_path(cfg.clip_original_ckpt),
         )
-        device = str(self.device)
+        self._join_world(cfg)  # under torchrun: this rank's device, before anything is built
+        device = str(self.parallel_run.device) if self.parallel_run is not None else str(self.device)
         spec = ModelSpec(
             dit=files.dit, t5=files.t5, tokenizer=files.tokenizer, vae=files.vae,
             clip=files.clip if self.task == "i2v" else None, task=self.task, dtype=self.dtype,
             vae_dtype=self.vae_dtype, device=device, text_len=cfg.text_len, loras=loras,
-            lora_mode="branch" if cfg.lora_dynamic_apply else "auto",
+            lora_mode="branch" if cfg.lora_dynamic_apply else "auto", **_offload_fields(cfg),
         )  # fmt: skip
         dev = spec.torch_device
         if cfg.dit_quantized:
@@ -276,6 +328,7 @@ class WanPipeline:
         self.spec = spec.replace(attention=self_attn, cross_attention=cross_attn)
         self.config = cfg
         self.load()
+        self._parallelize()
         if loras:
             from .lora import lora_report
 
@@ -291,6 +344,70 @@ class WanPipeline:
         pipe.config.check(spec.task)
         pipe.load()
         return pipe
+
+    # ------------------------------------------------------------------ several processes
+    def _join_world(self, cfg: GenerationConfig) -> None:
+        """Join the torch.distributed world when this run is one (torchrun, or `parallel` degrees in a
+        process group already made); a `parallel` key outside any such world is a clear error."""
+        import torch.distributed as dist
+
+        from .parallel.launch import is_torchrun
+
+        if self.parallel_run is not None:
+            return
+        if dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+        elif is_torchrun():
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+        else:
+            world = 1
+        asked = cfg.parallel_config().world_size  # processes the degrees ask for (1: none)
+        if world == 1 and asked == 1:
+            return
+        if world == 1 and not (dist.is_available() and dist.is_initialized()) and not is_torchrun():
+            raise ValueError(
+                f"config key 'parallel' = {cfg.parallel!r} asks for {asked} processes, but this process is not part "
+                f"of a multi-process run: launch it with `torchrun --nproc_per_node={asked} -m wan_core ...` (a "
+                "Python script: `torchrun --nproc_per_node=N script.py`), or in ComfyUI use the Wan Multi-GPU "
+                "Sampler node; remove the key to run on one GPU"
+            )
+        from .parallel import DistributedRun, ParallelConfig, build_groups, init_process_group
+
+        pc = ParallelConfig.from_dict(parallel_dict(cfg.parallel), world_size=world)
+        pc.validate(world_size=world)  # on every rank before any communicator: a sentence, not a hang
+        owns = not dist.is_initialized()
+        dev = init_process_group(None if str(self.device) == "auto" else self.device)
+        self.parallel_run = DistributedRun(build_groups(pc), dev)
+        self._owns_group = owns
+        p = pc
+        log.info("rank %d of %d on %s: cfg %d x ulysses %d x ring %d", self.parallel_run.rank, world, dev, p.cfg, p.ulysses, p.ring)
+
+    def _parallelize(self) -> None:
+        """Sequence parallel on the DiT for this run's groups (once per model); off for a one-process run."""
+        from .parallel import disable_sequence_parallel
+
+        state = self.dit.__dict__.get("_sequence_parallel")  # (originals, had_own, prev, groups) when enabled
+        if self.parallel_run is None:
+            if state is not None:  # the cached DiT was parallelised by another pipeline of this process
+                disable_sequence_parallel(self.dit)
+            return
+        if state is None or state[3] is not self.parallel_run.groups:
+            self.parallel_run.prepare(self.dit)
+
+    def close(self) -> None:
+        """Leave the process group this pipeline joined (after a barrier: nobody tears the
+        communicators down while another rank still writes). A no-op for a one-process run."""
+        run, self.parallel_run = self.parallel_run, None
+        if run is None:
+            return
+        if self._owns_group:
+            run.barrier()
+            run.close()
+        self._owns_group = False
+        if getattr(self, "dit", None) is not None:
+            from .parallel import disable_sequence_parallel
+
+            disable_sequence_parallel(self.dit)
 
     def _make_cache(self, height: int, width: int):
         """A fresh `FeatureCache` for one run (None without feature caching); published tables chosen
@@ -323,10 +440,11 @@ class WanPipeline:
         """T5 contexts for the prompt and, when CFG is on, the negative prompt ('' / None: Wan's default)."""
         cfg = self.config
         dev = self.torch_device
-        ctx = [c.to(dev) for c in self.text_encoder.encode([prompt])]
-        if not cfg.cfg_enabled:
-            return Cond(ctx), None
-        neg = [c.to(dev) for c in self.text_encoder.encode([negative_prompt or DEFAULT_NEGATIVE_PROMPT])]
+        with component_loaded(self.text_encoder, self._need_spec(), "t5") as te:
+            ctx = [c.to(dev) for c in te.encode([prompt])]
+            if not cfg.cfg_enabled:
+                return Cond(ctx), None
+            neg = [c.to(dev) for c in te.encode([negative_prompt or DEFAULT_NEGATIVE_PROMPT])]
         return Cond(ctx), Cond(neg)
 
     def encode_image(self, image) -> I2VCondition:
@@ -335,7 +453,8 @@ class WanPipeline:
             raise ValueError("encode_image needs an i2v pipeline (this one is t2v)")
         if isinstance(image, (str, os.PathLike)):
             image = load_image(image)
-        with torch.no_grad():
+        spec = self._need_spec()
+        with torch.no_grad(), component_loaded(self.vae, spec, "vae"), component_loaded(self.image_encoder, spec, "clip"):
             return prepare_i2v(image, self.vae, self.image_encoder, self.config.target_video_length, self.config.max_area)
 
     def latent_shape(self, image_cond: I2VCondition | None = None) -> tuple[int, ...]:
@@ -352,8 +471,19 @@ class WanPipeline:
         uncond: Cond | None,
         image_cond: I2VCondition | None = None,
         callback: Callable[[StepInfo], None] | None = None,
+        predict: Callable | None = None,
     ) -> torch.Tensor:
-        """Denoise `noise` [1, 16, F, h, w] to the final latent with the configured schedule and guidance."""
+        """Denoise `noise` [1, 16, F, h, w] to the final latent with the configured schedule and guidance.
+
+        predict: the guidance step `predict(model, x, t, cond, uncond, guidance)` of
+        `wan_core.sampling.sample`, used as given. None: the pipeline's own, i.e.
+        `sampling.guided_velocity` (`cache.guided_velocity_branches` with feature caching on),
+        wrapped for CFG parallel in a multi-process run. An offloaded DiT is on the GPU for this
+        call only; a CUDA out-of-memory error here is re-raised with offload settings that fit.
+        """
+        from .cache import feature_cache, guided_velocity_branches
+        from .offload import explain_oom
+
         cfg = self.config
         dev = self.torch_device
         if image_cond is not None:
@@ -361,29 +491,32 @@ class WanPipeline:
             cond = Cond(cond.context, **extra)
             uncond = Cond(uncond.context, **extra) if uncond is not None else None
         self.dit = build_dit(self._need_spec())  # the cached DiT may carry another pipeline's LoRAs: set ours
+        self._parallelize()
         cache = self._make_cache(noise.shape[-2] * 8, noise.shape[-1] * 8)
         sched = cfg.scheduler()
-        with torch.no_grad():
-            if cache is None:
-                self.cache_report = None
-                return sample(self.dit, noise.to(dev), sched, cond, uncond, cfg.guidance, callback=callback)
-            from .cache import feature_cache, guided_velocity_branches
-
-            with feature_cache(self.dit, cache, num_steps=len(sched)):
-                latent = sample(
-                    self.dit, noise.to(dev), sched, cond, uncond, cfg.guidance, callback=callback,
-                    predict=guided_velocity_branches,
-                )  # fmt: skip
-            self.cache_report = cache.report()
+        if predict is None:
+            predict = guided_velocity_branches if cache is not None else guided_velocity
+            if self.parallel_run is not None:
+                predict = self.parallel_run.predict_with(predict)
+        pt, ph, pw = self.dit.cfg.patch_size
+        tokens = noise.shape[0] * (noise.shape[2] // pt) * (noise.shape[3] // ph) * (noise.shape[4] // pw)
+        with torch.no_grad(), feature_cache(self.dit, cache, num_steps=len(sched)):
+            try:
+                with dit_loaded(self.dit, noise):
+                    latent = sample(self.dit, noise.to(dev), sched, cond, uncond, cfg.guidance, callback=callback, predict=predict)
+            except torch.OutOfMemoryError as e:
+                raise explain_oom(e, self.dit, tokens) from e
+        self.cache_report = cache.report() if cache is not None else None
+        if self.cache_report is not None:
             log.info("%s", self.cache_report.summary())
-            return latent
+        return latent
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Final latent -> frames [T, H, W, 3] float32 in [0, 1] on the CPU."""
         from .video import wan_to_frames
 
         tile = VAE_TILE if self.config.use_tiling_vae else None
-        with torch.no_grad():
+        with torch.no_grad(), component_loaded(self.vae, self._need_spec(), "vae"):
             video = self.vae.decode(latent, tile_size=tile, out_device="cpu")  # [1, 3, T, H, W] in [-1, 1]
         return wan_to_frames(video[0])
 
@@ -403,7 +536,8 @@ class WanPipeline:
     ) -> GenerationResult:
         """One video. `negative_prompt` '' means Wan's default negative prompt (used only with CFG);
         seed None or < 0 draws one (reported in the result); `image` may replace `image_path`
-        (PIL image, uint8 array or [3, H, W] tensor in [-1, 1]); `progress` shows a tqdm bar."""
+        (PIL image, uint8 array or [3, H, W] tensor in [-1, 1]); `progress` shows a tqdm bar.
+        In a multi-process run every process returns the frames; only the first writes the file."""
         spec, cfg = self._need_spec(), self.config
         dev = spec.torch_device
         if self.task == "i2v" and image is None and not image_path:
@@ -414,6 +548,12 @@ class WanPipeline:
             image = load_image(image_path)  # a missing file fails here, before any model runs
         if seed is None or seed < 0:
             seed = secrets.randbelow(2**63)
+            if self.parallel_run is not None:  # every rank must draw the same noise: take rank 0's seed
+                import torch.distributed as dist
+
+                box = [seed]
+                dist.broadcast_object_list(box, src=0)
+                seed = box[0]
         if torch.device(dev).type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         timings: dict[str, float] = {}
@@ -457,7 +597,7 @@ class WanPipeline:
         with stage("vae_decode"):
             frames = self.decode(latent)
         path = None
-        if save_result_path:
+        if save_result_path and (self.parallel_run is None or self.parallel_run.is_main):
             from .video import write_video
 
             with stage("save"):
@@ -474,6 +614,23 @@ class WanPipeline:
         if peak is not None:
             log.info("peak GPU memory: %.2f GiB", peak / 2**30)
         return result
+
+
+def _offload_fields(cfg: GenerationConfig) -> dict:
+    """The ModelSpec offload fields the config's offload keys ask for."""
+    off = cfg.offload_options()
+    dit = off.cpu_offload
+    if not dit and (off.vram_budget_gb is not None or off.resident_blocks is not None):
+        warnings.warn("vram_budget_gb / offload_resident_blocks have no effect without cpu_offload=true", stacklevel=3)
+    return dict(
+        offload=off.granularity if dit else None,
+        offload_budget_gb=off.vram_budget_gb if dit else None,
+        offload_resident_blocks=off.resident_blocks if dit else None,
+        offload_prefetch=off.prefetch,
+        offload_text_encoder=off.text_encoder,
+        offload_image_encoder=off.image_encoder,
+        offload_vae=off.vae,
+    )
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -11,23 +11,36 @@ different spec, so at most one of each lives in the cache at a time; `clear_cach
 
 Optional DiT features are layered on in `build_dit`, in this order (DESIGN.md principle 3):
 FP8 linears swapped in at load (`fp8`), regional compile (after quantisation), then LoRAs
-(`loras`; after the FP8 swap, so branches sit beside the FP8 linears). A LoRA change never
-reloads the base: see "the DiT" below. `offload` is reserved (CPU offload is not wired yet).
+(`loras`; after the FP8 swap, so branches sit beside the FP8 linears), then CPU offload
+(`offload`, last: it packs the tensors the blocks hold at that point). A LoRA change never
+reloads the base: see "the DiT" below.
+
+CPU offload: an offloaded DiT is read into host memory but set up for the compute device
+(attention backends, FP8 kernel, compile), then `wan_core.offload.enable_offload` attaches its
+hooks; whoever runs it wraps the denoising loop in `dit_loaded(model)`, so the GPU is free for
+the VAE afterwards. T5 / CLIP / VAE with their offload flag are built in host memory and used
+inside `component_loaded(...)` (on the GPU for their stage only). On a CPU-only run the same
+mechanism runs with a second CPU placement (it saves nothing there; a warning says so).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 __all__ = [
     "ModelSpec", "build_dit", "build_text_encoder", "build_vae", "build_image_encoder", "clear_cache", "resolve_dtype",
-    "resolve_device", "dit_fp8_layout", "dit_lora_report",
+    "resolve_device", "dit_fp8_layout", "dit_lora_report", "dit_loaded", "component_loaded", "offload_handle",
+    "OFFLOAD_GRANULARITIES",
 ]  # fmt: skip
+
+OFFLOAD_GRANULARITIES = ("model", "block", "phase")
 
 _DTYPES = {
     "bf16": torch.bfloat16,
@@ -73,7 +86,14 @@ class ModelSpec:
     loras: ((path, strength), ...) applied in order; lora_mode: 'auto' (merge into high-precision
     weights, low-rank branch beside FP8 linears), 'merge' or 'branch' (`wan_core.lora`).
     compile: regional torch.compile of the blocks ('auto': on CUDA).
-    offload: reserved for CPU offload (not available yet; must stay None).
+    offload: CPU offload of the DiT: None (resident), 'model' (all of it on the GPU for the
+    denoising loop only) or 'block' (blocks streamed through the GPU; 'phase' runs as 'block').
+    offload_budget_gb: block offload, "use at most X GiB" (weights + activations): the number of
+    resident blocks is chosen per video size. offload_resident_blocks: block offload, blocks kept
+    on the GPU for good (0 / None: every block streams); exclusive with the budget.
+    offload_prefetch: blocks copied ahead of the running one.
+    offload_text_encoder / offload_image_encoder / offload_vae: keep T5 / CLIP / VAE in host memory,
+    on the GPU only for their stage (independent of `offload`, as LightX2V's flags are).
     """
 
     dit: str | tuple[str, ...]
@@ -93,10 +113,30 @@ class ModelSpec:
     lora_mode: str = "auto"
     offload: str | None = None
     compile: bool | str = "auto"
+    offload_budget_gb: float | None = None
+    offload_resident_blocks: int | None = None
+    offload_prefetch: int = 1
+    offload_text_encoder: bool = False
+    offload_image_encoder: bool = False
+    offload_vae: bool = False
 
     def __post_init__(self):
         if self.task not in ("t2v", "i2v"):
             raise ValueError(f"task must be 't2v' or 'i2v', got {self.task!r}")
+        if self.offload in ("none", ""):
+            object.__setattr__(self, "offload", None)
+        if self.offload == "phase":
+            object.__setattr__(self, "offload", "block")
+        if self.offload is not None and self.offload not in OFFLOAD_GRANULARITIES:
+            raise ValueError(f"offload must be None, 'model' or 'block', got {self.offload!r}")
+        if not self.offload_budget_gb:
+            object.__setattr__(self, "offload_budget_gb", None)
+        if self.offload_budget_gb is not None and self.offload_resident_blocks is not None:
+            raise ValueError("give offload_budget_gb or offload_resident_blocks, not both")
+        if self.offload_resident_blocks is not None and self.offload != "block":
+            raise ValueError("offload_resident_blocks applies to offload='block' only")
+        if self.offload_budget_gb is not None and self.offload is None:
+            raise ValueError("offload_budget_gb needs CPU offload of the DiT (offload='block' or 'model')")
         if isinstance(self.dit, list):
             object.__setattr__(self, "dit", tuple(self.dit))
         object.__setattr__(self, "loras", tuple((os.fspath(p), float(s)) for p, s in self.loras))
@@ -169,13 +209,6 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-def _not_yet(spec: ModelSpec) -> None:
-    from .options import FeatureNotAvailable
-
-    if spec.offload is not None:
-        raise FeatureNotAvailable(f"ModelSpec.offload={spec.offload!r}: CPU offload is not available yet in wan_core")
-
-
 # ----------------------------------------------------------------------------- the DiT
 #
 # The cache holds one *base* DiT per process (keyed by its files, dtype, device, attention, whether
@@ -191,6 +224,14 @@ def _not_yet(spec: ModelSpec) -> None:
 # strength that changes branches (LoRA beside FP8) recompiles the block graph once per new set
 # (H100, inductor: 9-22 s on a 4-block test model; sets seen before are cache hits); merged
 # LoRAs only swap parameter data and never recompile.
+#
+# With CPU offload the base is keyed by its offload settings too (granularity, budget, resident
+# blocks, prefetch). Any change to an offloaded base (LoRAs, strengths, FP8 kernel) is made with
+# the offload detached and the offload attached again after: the offload's host copy is the
+# master of every weight, and a LoRA's kept original may be that very memory (the LoRA takes the
+# weight it finds, and `.to("cpu")` of a host tensor is no copy), so a merge must never be written
+# back into it. Re-attaching repacks only the blocks whose tensors changed (pinned memory for
+# those, the rest reused in place).
 
 
 @dataclass
@@ -203,6 +244,7 @@ class _DitEntry:
     lora_mode: str = "auto"
     strengths: tuple[float, ...] = ()
     weights: dict = field(default_factory=dict)  # stamp -> LoraWeights (parsed files, reused)
+    offload: object = None  # the OffloadHandle attached to `model` (None: resident)
 
 
 _FP8_LAYOUT: dict[tuple, str] = {}  # stamp of a DiT path -> its FP8 layout (file headers only)
@@ -244,21 +286,61 @@ def _allow_hook_guards() -> None:
 def _load_base(spec: ModelSpec, fp8: str | None, kernel: str | None, dt, dev, compile: bool):
     """Read the DiT files once: FP8 linears swapped in when asked (an FP8 file as stored, block linears of
     a high-precision file quantised on load), then regional compile (after quantisation, so the compiled
-    graphs see the FP8 linears)."""
+    graphs see the FP8 linears). An offloaded DiT is read into host memory but set up for `dev`."""
+    from .linear import set_fp8_kernel
     from .loading.dit import load_dit
     from .loading.fp8 import load_fp8_dit
     from .optimize import compile_blocks
 
     path = list(spec.dit) if isinstance(spec.dit, tuple) else spec.dit
-    common = dict(dtype=dt, device=dev, attention=spec.attention, cross_attention=spec.cross_attention, task=spec.task)
-    if fp8 is None:
-        model = load_dit(path, compile=False, **common)
+    if spec.offload is None:
+        common = dict(dtype=dt, device=dev, attention=spec.attention, cross_attention=spec.cross_attention, task=spec.task)
+        if fp8 is None:
+            model = load_dit(path, compile=False, **common)
+        else:
+            model = load_fp8_dit(path, kernel=kernel, quantize=True, compile=False, **common)
     else:
-        model = load_fp8_dit(path, kernel=kernel, quantize=True, compile=False, **common)
+        if torch.device(dev).type == "cpu":
+            warnings.warn(
+                f"CPU offload ({spec.offload}) on a run whose compute device is the CPU saves no memory; the "
+                "offload mechanism runs with a second CPU placement",
+                stacklevel=5,  # the caller of build_dit
+            )
+        # host placement: backends of the host first (a CUDA-only one would fail there), the real ones after
+        common = dict(dtype=dt, device="cpu", attention="auto", task=spec.task)
+        if fp8 is None:
+            model = load_dit(path, compile=False, **common)
+        else:
+            model = load_fp8_dit(path, kernel="auto", quantize=True, compile=False, **common)
+            set_fp8_kernel(model, kernel, dev)
+        model.set_attention(spec.attention, spec.cross_attention, device=dev)
     if compile:
         _allow_hook_guards()
         compile_blocks(model)
     return model
+
+
+def _enable_offload(entry: _DitEntry, spec: ModelSpec, dev: str) -> None:
+    """Attach CPU offload to the cached DiT (last, after FP8 / compile / LoRAs), or nothing."""
+    from .offload import enable_offload
+
+    if spec.offload is None or entry.offload is not None:
+        return
+    entry.offload = enable_offload(
+        entry.model,
+        spec.offload,
+        resident_blocks=spec.offload_resident_blocks,
+        vram_budget_gb=spec.offload_budget_gb,
+        prefetch=spec.offload_prefetch,
+        device=dev,
+    )
+
+
+def _detach_offload(entry: _DitEntry) -> None:
+    """Before changing an offloaded base: weights back in host memory as plain tensors, hooks gone."""
+    if entry.offload is not None:
+        entry.offload.remove()
+        entry.offload = None
 
 
 def _lora_weights(entry: _DitEntry, path: str, stamp):
@@ -290,10 +372,12 @@ def _sync_loras(entry: _DitEntry, spec: ModelSpec) -> None:
     strengths = tuple(s for _, _, s in want)
     if files == entry.lora_files and spec.lora_mode == entry.lora_mode:
         if strengths != entry.strengths:
+            _detach_offload(entry)
             set_lora_strengths(model, list(strengths))
             entry.strengths = strengths
         return
     weights = [_lora_weights(entry, p, st) for st, p, _ in want]  # a missing/bad file fails before any change
+    _detach_offload(entry)
     n = len(entry.lora_files)
     if spec.lora_mode == entry.lora_mode and n and files[:n] == entry.lora_files:
         if strengths[:n] != entry.strengths:
@@ -311,24 +395,67 @@ def _sync_loras(entry: _DitEntry, spec: ModelSpec) -> None:
 
 
 def build_dit(spec: ModelSpec):
-    """The DiT of `spec`: built once, FP8 / LoRAs / compile applied, cached (see above)."""
+    """The DiT of `spec`: built once, FP8 / LoRAs / compile / offload applied, cached (see above)."""
     from .linear import resolve_kernel, set_fp8_kernel
     from .optimize import should_compile
 
-    _not_yet(spec)
     if spec.lora_mode not in ("auto", "merge", "branch"):
         raise ValueError(f"lora_mode must be 'auto', 'merge' or 'branch', got {spec.lora_mode!r}")
     dev, dt = spec.torch_device, spec.torch_dtype
     fp8 = _fp8_choice(spec)
     kernel = resolve_kernel(fp8, dev) if fp8 is not None else None  # a kernel this device lacks fails here
     compile = should_compile(spec.compile, dev)
-    key = (_stamp(spec.dit), spec.task, dt, dev, spec.attention, spec.cross_attention, fp8 is not None, compile)
+    offload = (spec.offload, spec.offload_budget_gb, spec.offload_resident_blocks, spec.offload_prefetch)
+    key = (_stamp(spec.dit), spec.task, dt, dev, spec.attention, spec.cross_attention, fp8 is not None, compile, offload)
     with _LOCK:
         entry = _cached("dit", key, lambda: _DitEntry(_load_base(spec, fp8, kernel, dt, dev, compile), kernel))
         if kernel is not None and kernel != entry.fp8_kernel:
+            _detach_offload(entry)
             entry.fp8_kernel = set_fp8_kernel(entry.model, kernel, dev)  # another kernel: no reload
         _sync_loras(entry, spec)
+        _enable_offload(entry, spec, dev)
         return entry.model
+
+
+def offload_handle(model):
+    """The `wan_core.offload.OffloadHandle` attached to a built model, or None when it is resident."""
+    return getattr(model, "__dict__", {}).get("_wan_offload")
+
+
+@contextlib.contextmanager
+def dit_loaded(model, x: torch.Tensor | None = None):
+    """The DiT's weights on its device inside (an offloaded DiT: `handle.loaded()`; a resident one:
+    nothing to do). Wrap the denoising loop in it, so the GPU is free for the VAE after.
+
+    x: the latent [B, C, F, H, W] the loop will feed; with a VRAM budget the resident blocks are
+    planned for its token count before loading (the budget's planner otherwise plans at the first
+    forward, which it cannot do once loaded by this context).
+    """
+    handle = offload_handle(model)
+    if handle is None:
+        yield model
+        return
+    hook = getattr(handle, "tokens_hook", None)
+    if hook is not None and x is not None and not handle.is_loaded:
+        hook((x,), {})  # unloaded: plans for this size (a budget too small for it fails here)
+    with handle.loaded():
+        yield model
+
+
+def component_loaded(obj, spec: ModelSpec, part: str):
+    """Context manager: T5 ('t5'), CLIP ('clip') or the VAE ('vae') on the compute device for one
+    stage when `spec` offloads it (`wan_core.offload.offload_component`), else as it is."""
+    flag = {"t5": spec.offload_text_encoder, "clip": spec.offload_image_encoder, "vae": spec.offload_vae}[part]
+    if not flag or obj is None:
+        return contextlib.nullcontext(obj)
+    from .offload import offload_component
+
+    return offload_component(obj, spec.torch_device)
+
+
+def _part_device(spec: ModelSpec, offloaded: bool) -> str:
+    """Where a component is built: the host when it is offloaded, else the compute device."""
+    return "cpu" if offloaded else spec.torch_device
 
 
 def dit_lora_report(spec: ModelSpec):
@@ -344,8 +471,8 @@ def build_text_encoder(spec: ModelSpec):
 
     if not spec.t5:
         raise ValueError("this ModelSpec names no T5 text encoder file")
-    dev, dt = spec.torch_device, spec.torch_dtype
-    key = (_stamp(spec.t5), _stamp(spec.tokenizer), dt, dev, spec.text_len)
+    dev, dt = _part_device(spec, spec.offload_text_encoder), spec.torch_dtype
+    key = (_stamp(spec.t5), _stamp(spec.tokenizer), dt, dev, spec.text_len, spec.offload_text_encoder)
     return _cached(
         "t5",
         key,
@@ -359,8 +486,9 @@ def build_vae(spec: ModelSpec):
 
     if not spec.vae:
         raise ValueError("this ModelSpec names no VAE file")
-    dev, dt = spec.torch_device, spec.torch_vae_dtype
-    return _cached("vae", (_stamp(spec.vae), dt, dev), lambda: WanVAE.from_file(spec.vae, dtype=dt, device=dev))
+    dev, dt = _part_device(spec, spec.offload_vae), spec.torch_vae_dtype
+    key = (_stamp(spec.vae), dt, dev, spec.offload_vae)
+    return _cached("vae", key, lambda: WanVAE.from_file(spec.vae, dtype=dt, device=dev))
 
 
 def build_image_encoder(spec: ModelSpec):
@@ -369,5 +497,6 @@ def build_image_encoder(spec: ModelSpec):
 
     if not spec.clip:
         raise ValueError("this ModelSpec names no CLIP image encoder file")
-    dev, dt = spec.torch_device, spec.torch_dtype
-    return _cached("clip", (_stamp(spec.clip), dt, dev), lambda: WanImageEncoder.from_file(spec.clip, dtype=dt, device=dev))
+    dev, dt = _part_device(spec, spec.offload_image_encoder), spec.torch_dtype
+    key = (_stamp(spec.clip), dt, dev, spec.offload_image_encoder)
+    return _cached("clip", key, lambda: WanImageEncoder.from_file(spec.clip, dtype=dt, device=dev))
