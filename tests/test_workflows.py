@@ -282,3 +282,31 @@ def test_lora_strength_change_does_not_reload_the_base(comfy_dirs, monkeypatch):
     assert calls == [], "changing a LoRA strength reloaded the base DiT from disk"
     sampler = next(k for k, n in graph.items() if n["class_type"] == "WanSampler")
     assert not torch.equal(done[sampler][0][0]["samples"], done2[sampler][0][0]["samples"])
+
+
+def test_offload_workflow_streams_the_dit_and_equals_the_resident_graph(comfy_dirs):
+    """The offload workflow builds a block-offloaded DiT (the encoders and the VAE offloaded too) and gives
+    the samples of the same graph without WanOffloadConfig (fp32 on the CPU: ~1e-6, see test_offload_doors)."""
+    import warnings
+
+    from wan_core.spec import build_dit, build_vae, offload_handle
+
+    name = "wan21_t2v_14b_offload_distill_lora"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*saves no memory")
+        graph, done = _run(name, comfy_dirs)
+        lora = next(k for k, n in graph.items() if n["class_type"] == "WanLoraApply")
+        handle = offload_handle(build_dit(done[lora][0][0]))  # the cached DiT the sampler ran
+        assert handle is not None and handle.granularity == "block" and handle.stats["loads"] >= 1
+        assert not handle.is_loaded
+        loader = next(k for k, n in graph.items() if n["class_type"] == "WanModelLoader")
+        spec = done[loader][0][0]
+        assert spec.offload == "block" and spec.offload_text_encoder and spec.offload_vae
+        assert offload_handle(build_vae(spec)) is not None  # packed in host memory by its first stage
+        plain = {k: {**n, "inputs": {i: v for i, v in n["inputs"].items() if i != "offload"}}
+                 for k, n in graph.items() if n["class_type"] != "WanOffloadConfig"}  # fmt: skip
+        _, resident = _run(name, comfy_dirs, plain)
+    assert resident[loader][0][0].offload is None
+    sampler = next(k for k, n in graph.items() if n["class_type"] == "WanSampler")
+    a, b = done[sampler][0][0]["samples"], resident[sampler][0][0]["samples"]
+    assert ((a - b).norm() / b.norm()).item() <= 1e-5
