@@ -393,6 +393,9 @@ class WanPipeline:
             return
         if state is None or state[3] is not self.parallel_run.groups:
             self.parallel_run.prepare(self.dit)
+            pc = self.parallel_run.groups.config
+            if pc.sp > 1:
+                log.info("sequence parallel on the DiT: ulysses %d x ring %d", pc.ulysses, pc.ring)
 
     def close(self) -> None:
         """Leave the process group this pipeline joined (after a barrier: nobody tears the
