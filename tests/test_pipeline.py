@@ -244,6 +244,17 @@ def test_stage_methods_compose_to_generate(models):
     latent = pipe.sample(make_noise(pipe.latent_shape(), 3), cond, uncond)
     assert torch.equal(latent, full.latent)
     assert torch.equal(pipe.decode(latent), full.frames)
+    # the predict hook (what a multi-process run passes: CFG parallel over a one-process predict) is used as given
+    from wan_core.sampling import guided_velocity
+
+    seen = []
+
+    def predict(model, x, t, c, u, g):
+        seen.append(float(t[0]))
+        return guided_velocity(model, x, t, c, u, g)
+
+    assert torch.equal(pipe.sample(make_noise(pipe.latent_shape(), 3), cond, uncond, predict=predict), full.latent)
+    assert len(seen) == 2
 
 
 # ----------------------------------------------------------------------------------------------
