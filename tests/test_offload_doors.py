@@ -91,6 +91,19 @@ def test_python_api_offload_equals_resident(model_dir, resident, calls, granular
     assert rel_err(res.frames, resident.frames) <= TOL
 
 
+def test_i2v_offload_equals_resident(tmp_path, calls):
+    """I2V: the VAE (first-frame latent, then the decode) and CLIP visit the device for their stages."""
+    model = write_tiny_model(tmp_path / "i2v", "i2v", "comfyui", seed=7)
+    image = torch.rand(3, 40, 72, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ref = WanPipeline(model, task="i2v", dtype="fp32", device="cpu").create_generator(**RUN)
+    ref = ref.generate(5, PROMPT, image=image, return_latent=True)
+    pipe = WanPipeline(model, task="i2v", dtype="fp32", device="cpu").create_generator(cpu_offload=True, **RUN)
+    res = pipe.generate(5, PROMPT, image=image, return_latent=True)
+    assert len(calls) == 1 and offload_handle(pipe.dit) is not None
+    assert offload_handle(pipe.image_encoder).stats["loads"] == 1 and offload_handle(pipe.vae).stats["loads"] == 2
+    assert rel_err(res.latent, ref.latent) <= TOL and rel_err(res.frames, ref.frames) <= TOL
+
+
 def test_python_api_enable_offload_resident_blocks(model_dir, resident, calls):
     """LightX2V's enable_offload (with our resident_blocks): T5 offloaded, the VAE kept resident."""
     pipe = WanPipeline(model_dir, dtype="fp32", device="cpu").enable_offload(
