@@ -379,8 +379,8 @@ class WanPipeline:
         dev = init_process_group(None if str(self.device) == "auto" else self.device)
         self.parallel_run = DistributedRun(build_groups(pc), dev)
         self._owns_group = owns
-        p = pc
-        log.info("rank %d of %d on %s: cfg %d x ulysses %d x ring %d", self.parallel_run.rank, world, dev, p.cfg, p.ulysses, p.ring)
+        rank = self.parallel_run.rank
+        log.info("rank %d of %d on %s: cfg %d x ulysses %d x ring %d", rank, world, dev, pc.cfg, pc.ulysses, pc.ring)
 
     def _parallelize(self) -> None:
         """Sequence parallel on the DiT for this run's groups (once per model); off for a one-process run."""
