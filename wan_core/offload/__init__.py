@@ -140,7 +140,8 @@ def enable_offload(
             # within the budget); a smaller input while loaded runs within the current plan, so
             # alternating sizes inside one loop do not reload the resident blocks.
             n = _input_tokens(model, args, kwargs)
-            if n is None or n == planned["tokens"] or (handle.is_loaded and n < planned["tokens"]):
+            known = planned["tokens"] is not None
+            if n is None or n == planned["tokens"] or (known and handle.is_loaded and n < planned["tokens"]):
                 return
             handle.plan = plan(n)
             planned["tokens"] = n

@@ -127,7 +127,10 @@ def enable_sequence_parallel(model, groups: ParallelGroups, ring_attention_backe
     if pc.sp == 1:
         return model
     pc.validate(num_heads=model.cfg.num_heads)
-    dev = next(model.parameters()).device
+    # Where the blocks compute: an offloaded DiT keeps its weights in host memory between
+    # forwards, so its handle, not its first parameter, names the device.
+    handle = model.__dict__.get("_wan_offload")
+    dev = handle.device if handle is not None else next(model.parameters()).device
     lse = get_lse_attention(ring_attention_backend or pc.ring_attention, dev, model.dtype)
     state = _SeqState()
     originals = []
