@@ -6,13 +6,13 @@ import threading
 
 import torch
 
-from wan_core.cache import cache_from_config, feature_cache, guided_velocity_branches, published_model_key
-from wan_core.offload import explain_oom
+from wan_core.cache import cache_from_config, published_model_key
+from wan_core.denoise import denoise
 from wan_core.options import FeatureNotAvailable
 from wan_core.preview import fit_rgb_projection, latent_to_rgb
-from wan_core.sampling import Cond, guided_velocity, latent_shape, make_noise, sample
+from wan_core.sampling import Cond, latent_shape, make_noise
 from wan_core.schedulers import make_scheduler
-from wan_core.spec import ModelSpec, build_dit, build_vae, component_loaded, dit_loaded
+from wan_core.spec import ModelSpec, build_dit, build_vae, component_loaded
 
 from . import compat, stats
 from .types import (
@@ -181,18 +181,11 @@ class WanSampler:
         uncond = Cond(context=[text_embeds.negative.to(device)], **kw) if guidance != 1.0 else None
         with stats.stage("sample", device) as rec:
             noise = make_noise((1, *shape), seed, device=device)
-            with torch.inference_mode(), feature_cache(dit, fc, num_steps=len(sched)):
-                predict = guided_velocity_branches if fc is not None else guided_velocity
-                try:
-                    with dit_loaded(dit, noise):  # an offloaded DiT on the GPU for the loop only
-                        latent = sample(dit, noise, sched, cond, uncond, guidance=guidance, callback=on_step, predict=predict)
-                except torch.OutOfMemoryError as e:  # re-worded: the offload settings that would fit
-                    pt, ph, pw = dit.cfg.patch_size
-                    raise explain_oom(e, dit, shape[1] // pt * (shape[2] // ph) * (shape[3] // pw)) from e
+            with torch.inference_mode():
+                latent, report = denoise(dit, noise, sched, cond, uncond, guidance, fc, callback=on_step)
         rec["steps"] = len(sched)
         rec["seconds_per_step"] = round(rec["seconds"] / len(sched), 3)
-        if fc is not None:
-            report = fc.report()
+        if report is not None:
             rec.update(cache=report.summary(), evaluations=report.evaluations, skipped_evaluations=report.skipped_total)
         out = {"samples": latent.cpu()}
         return {"ui": stats.ui(load_rec, rec), "result": (out,)}

@@ -181,9 +181,9 @@ def _oom(*args, **kwargs):
 
 
 def test_oom_in_generate_names_the_offload_option(model_dir, monkeypatch, calls, tmp_path, capsys):
-    import wan_core.pipeline as pipeline
+    import wan_core.denoise as denoise  # the denoising stage every door runs
 
-    monkeypatch.setattr(pipeline, "sample", _oom)
+    monkeypatch.setattr(denoise, "sample", _oom)
     pipe = _pipe(model_dir)
     with pytest.raises(torch.OutOfMemoryError) as info:
         pipe.generate(5, PROMPT)
@@ -204,12 +204,13 @@ def test_oom_in_generate_names_the_offload_option(model_dir, monkeypatch, calls,
 
 def test_oom_in_the_sampler_node_suggests_a_budget_for_the_card(model_dir, monkeypatch, calls):
     """The node's boundary, on a simulated 24 GiB card: the message gives a budget (card - 1.5 GiB)."""
-    import nodes.sample as sample_node
     from nodes import NODE_CLASS_MAPPINGS
 
     spec = _pipe(model_dir).spec
     text = NODE_CLASS_MAPPINGS["WanTextEncode"]().encode(spec, PROMPT, "")["result"][0]
-    monkeypatch.setattr(sample_node, "sample", _oom)
+    import wan_core.denoise as denoise
+
+    monkeypatch.setattr(denoise, "sample", _oom)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=24 * GiB))

@@ -52,9 +52,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .conditioning import I2VCondition, load_image, prepare_i2v
+from .denoise import denoise
 from .discover import find_model_files
 from .options import DEFAULT_NEGATIVE_PROMPT, GenerationConfig, parallel_dict
-from .sampling import Cond, StepInfo, guided_velocity, latent_shape, make_noise, sample
+from .sampling import Cond, StepInfo, latent_shape, make_noise
 from .spec import (
     ModelSpec,
     build_dit,
@@ -62,7 +63,6 @@ from .spec import (
     build_text_encoder,
     build_vae,
     component_loaded,
-    dit_loaded,
 )
 
 __all__ = ["WanPipeline", "GenerationResult", "MODEL_CLASSES"]
@@ -484,9 +484,6 @@ class WanPipeline:
         wrapped for CFG parallel in a multi-process run. An offloaded DiT is on the GPU for this
         call only; a CUDA out-of-memory error here is re-raised with offload settings that fit.
         """
-        from .cache import feature_cache, guided_velocity_branches
-        from .offload import explain_oom
-
         cfg = self.config
         dev = self.torch_device
         if image_cond is not None:
@@ -496,20 +493,10 @@ class WanPipeline:
         self.dit = build_dit(self._need_spec())  # the cached DiT may carry another pipeline's LoRAs: set ours
         self._parallelize()
         cache = self._make_cache(noise.shape[-2] * 8, noise.shape[-1] * 8)
-        sched = cfg.scheduler()
-        if predict is None:
-            predict = guided_velocity_branches if cache is not None else guided_velocity
-            if self.parallel_run is not None:
-                predict = self.parallel_run.predict_with(predict)
-        pt, ph, pw = self.dit.cfg.patch_size
-        tokens = noise.shape[0] * (noise.shape[2] // pt) * (noise.shape[3] // ph) * (noise.shape[4] // pw)
-        with torch.no_grad(), feature_cache(self.dit, cache, num_steps=len(sched)):
-            try:
-                with dit_loaded(self.dit, noise):
-                    latent = sample(self.dit, noise.to(dev), sched, cond, uncond, cfg.guidance, callback=callback, predict=predict)
-            except torch.OutOfMemoryError as e:
-                raise explain_oom(e, self.dit, tokens) from e
-        self.cache_report = cache.report() if cache is not None else None
+        wrap = self.parallel_run.predict_with if self.parallel_run is not None else None
+        latent, self.cache_report = denoise(
+            self.dit, noise.to(dev), cfg.scheduler(), cond, uncond, cfg.guidance, cache, callback, predict, wrap
+        )
         if self.cache_report is not None:
             log.info("%s", self.cache_report.summary())
         return latent
