@@ -212,8 +212,6 @@ def comfy_dirs(tmp_path_factory):
 
 
 def _run(name, comfy_dirs, graph=None):
-    from wan_core.options import FeatureNotAvailable
-
     graph = graph or reduce_api(load_api(name), prefix=f"test/{name}")
     files = {
         v for n in graph.values() for v in n["inputs"].values() if isinstance(v, str) and v.endswith(".safetensors")
@@ -221,11 +219,7 @@ def _run(name, comfy_dirs, graph=None):
     missing = files & set(comfy_dirs["missing"])
     if missing:
         pytest.skip(f"{name}: cannot make {sorted(missing)}: {comfy_dirs['missing'][sorted(missing)[0]]}")
-    try:
-        return graph, run_api(graph, input_dir=str(comfy_dirs["root"] / "input"))
-    except FeatureNotAvailable as e:
-        assert "not available yet" in str(e)
-        pytest.skip(f"{name}: {e}")
+    return graph, run_api(graph, input_dir=str(comfy_dirs["root"] / "input"))
 
 
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
