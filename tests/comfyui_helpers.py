@@ -214,7 +214,8 @@ def run_api(graph: dict, input_dir: str | None = None) -> dict:
                 kwargs[k] = run(v[0], (*trail, nid))[0][v[1]]
             else:
                 kwargs[k] = v
-        out = getattr(cls(), cls.FUNCTION)(**kwargs)
+        with torch.inference_mode():  # as ComfyUI's executor runs every node
+            out = getattr(cls(), cls.FUNCTION)(**kwargs)
         ui = None
         if isinstance(out, dict):
             ui, out = out.get("ui"), out.get("result", ())

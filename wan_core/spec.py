@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 import warnings
@@ -190,6 +191,19 @@ def _stamp(path) -> tuple:
         st = os.stat(path)
         return (path, st.st_size, st.st_mtime_ns)
     return (path,)
+
+
+def _normal_tensors(fn):
+    """Build outside `torch.inference_mode`: the models are cached and outlive the call, and
+    ComfyUI runs every node in inference mode; weights made there would be inference tensors,
+    which fail once anything (offload, a LoRA change, a run outside that mode) touches them."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _cached(part: str, key: tuple, make):
@@ -394,6 +408,7 @@ def _sync_loras(entry: _DitEntry, spec: ModelSpec) -> None:
         del entry.weights[k]
 
 
+@_normal_tensors
 def build_dit(spec: ModelSpec):
     """The DiT of `spec`: built once, FP8 / LoRAs / compile / offload applied, cached (see above)."""
     from .linear import resolve_kernel, set_fp8_kernel
@@ -465,6 +480,7 @@ def dit_lora_report(spec: ModelSpec):
     return lora_report(build_dit(spec))
 
 
+@_normal_tensors
 def build_text_encoder(spec: ModelSpec):
     """The umT5 text encoder (with its tokenizer) of `spec`, cached."""
     from .text_encoder import WanTextEncoder
@@ -480,6 +496,7 @@ def build_text_encoder(spec: ModelSpec):
     )
 
 
+@_normal_tensors
 def build_vae(spec: ModelSpec):
     """The Wan2.1 VAE of `spec`, cached."""
     from .vae import WanVAE
@@ -491,6 +508,7 @@ def build_vae(spec: ModelSpec):
     return _cached("vae", key, lambda: WanVAE.from_file(spec.vae, dtype=dt, device=dev))
 
 
+@_normal_tensors
 def build_image_encoder(spec: ModelSpec):
     """The CLIP image encoder of `spec` (I2V), cached."""
     from .image_encoder import WanImageEncoder

@@ -54,6 +54,16 @@ def _chunks(module: nn.Module) -> list[list[torch.Tensor]]:
     return out
 
 
+@contextmanager
+def _normal_tensors():
+    """Host packs, views and device copies are made as normal tensors even when the caller runs
+    inside `torch.inference_mode` (ComfyUI runs every node so): an inference tensor attached as a
+    parameter would fail the next time the module runs outside that mode ("Inference tensors do
+    not track version counter"). No autograd graph either way."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 class OffloadHandle:
     """What `enable_offload` returns: the offload attached to one module."""
 
@@ -72,8 +82,9 @@ class OffloadHandle:
         self.groups: list[TensorGroup] = []
         self.rest: TensorGroup | None = None
         self.block_groups: list[TensorGroup] = []
-        self._build_groups()
-        self.host_bytes_allocated = pack_groups(self.groups, self.pin)
+        with _normal_tensors():
+            self._build_groups()
+            self.host_bytes_allocated = pack_groups(self.groups, self.pin)
         module.__dict__[_ATTR] = self
         self.stats = {"loads": 0, "block_copies": 0, "bytes_copied": 0}
 
@@ -97,6 +108,10 @@ class OffloadHandle:
     def _refresh(self) -> None:
         """Before a load: take in what changed while unloaded. Replaced tensors of the same dtype and
         shape are copied into the host master; added, removed or re-typed tensors repack their group."""
+        with _normal_tensors():
+            self._refresh_groups()
+
+    def _refresh_groups(self) -> None:
         tensors = self._current_tensors()
         if len(tensors) != len(self.groups):
             raise RuntimeError(
@@ -119,6 +134,10 @@ class OffloadHandle:
 
     def _release(self) -> None:
         """Point every tensor back at its host copy, first adopting values replaced while loaded."""
+        with _normal_tensors():
+            self._release_groups()
+
+    def _release_groups(self) -> None:
         for g in self.groups:
             if g.absorb():
                 g.attach(g.host_views)
