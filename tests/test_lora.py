@@ -355,3 +355,48 @@ def test_branch_beside_fp8_linears(t2v, make):
     ref = _forward(ref_model, cfg)
     err = ((_forward(fp8, cfg) - ref).norm() / ref.norm()).item()
     assert err <= 1e-5, err
+
+
+def test_originals_given_by_the_caller_are_kept_not_copied(tmp_path):
+    """`originals=` (a GPU-resident DiT's memory-mapped checkpoint) is kept as is: no copy, and
+    strength changes / removal give exactly what the copying path gives."""
+    from wan_core.loading.dit import save_dit
+    from wan_core.loading.io import read_state_dict
+    from wan_core.spec import ModelSpec, _DitEntry, _file_originals
+
+    cfg = tiny_cfg()
+    sd = random_state_dict(cfg, seed=4)
+    path = save_dit(sd, str(tmp_path / "dit.safetensors"), layout="single", cfg=cfg)
+    views = read_state_dict(path)
+    lw = random_lora(cfg, rank=3, seed=5)
+    ref = build_model(cfg, sd, dtype=torch.float32)
+    ours = build_model(cfg, sd, dtype=torch.float32)
+    apply_loras(ref, [(lw, 0.8)])
+    asked = []
+
+    def provider(name, current):
+        asked.append(name)
+        return views.get(name)
+
+    apply_loras(ours, [(lw, 0.8)], originals=provider)
+    from wan_core.lora import _state
+
+    kept = _state(ours).originals
+    assert asked and all(kept[n] is views[n] for n in asked)  # the caller's tensors, not copies
+    for a, b in zip(ref.state_dict().values(), ours.state_dict().values()):
+        assert torch.equal(a, b)
+    for strength in (0.3, 0.0):
+        set_lora_strengths(ref, [strength])
+        set_lora_strengths(ours, [strength])
+        assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), ours.state_dict().values()))
+    remove_loras(ours)
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in sd.items())
+
+    # the spec side: for a DiT off the CPU, the lookup opens the checkpoint and hands out its views
+    entry = _DitEntry(build_model(cfg, None, dtype=torch.float32, device="meta"), None)
+    lookup = _file_originals(entry, ModelSpec(dit=path))
+    name = "blocks.0.ffn.0.weight"
+    got = lookup(name, torch.empty(sd[name].shape, dtype=torch.float32))
+    assert torch.equal(got, sd[name])
+    assert lookup(name, torch.empty(sd[name].shape, dtype=torch.bfloat16)) is None  # another dtype: copy instead
+    assert _file_originals(_DitEntry(ref, None), ModelSpec(dit=path)) is None  # on the CPU: nothing to save

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -353,6 +353,7 @@ def apply_loras(
     strict: bool = True,
     keep_originals: bool = True,
     originals_device: str | torch.device = "cpu",
+    originals: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> LoraReport:
     """Apply LoRAs `[(path | state dict | LoraWeights, strength), ...]` on top of those already applied.
 
@@ -362,6 +363,9 @@ def apply_loras(
     in the report). keep_originals: keep each touched parameter's original tensor (on
     `originals_device`) so strengths can change and LoRAs can be removed exactly; False bakes the
     merge in for good (no extra memory: what a converter wants before quantizing).
+    originals: `(param name, its current tensor) -> a tensor holding the same values, or None`:
+    where the caller already has the original elsewhere (the memory-mapped checkpoint the model
+    was loaded from), it is kept instead of a copy, so a GPU-resident model's LoRA costs no RAM.
     All LoRAs are checked before anything is changed. Returns the report of every applied LoRA.
     """
     if mode not in ("merge", "branch", "auto"):
@@ -390,7 +394,12 @@ def apply_loras(
         for pname, _, _ in merges:
             if pname not in st.originals:
                 data = _tensor(model, pname).data
-                st.originals[pname] = data.to(originals_device) if keep_originals else data
+                kept = originals(pname, data) if (keep_originals and originals is not None) else None
+                if kept is not None and (kept.shape != data.shape or kept.dtype != data.dtype):
+                    kept = None  # not the same tensor: copy instead
+                if kept is None:
+                    kept = data.to(originals_device) if keep_originals else data
+                st.originals[pname] = kept
             touched.add(pname)
         for mname, kind, t in branches:
             mod = modules[mname]

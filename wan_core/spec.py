@@ -259,6 +259,7 @@ class _DitEntry:
     strengths: tuple[float, ...] = ()
     weights: dict = field(default_factory=dict)  # stamp -> LoraWeights (parsed files, reused)
     offload: object = None  # the OffloadHandle attached to `model` (None: resident)
+    file_views: dict | None = None  # the checkpoint's tensors, memory-mapped (LoRA originals on a GPU)
 
 
 _FP8_LAYOUT: dict[tuple, str] = {}  # stamp of a DiT path -> its FP8 layout (file headers only)
@@ -369,6 +370,29 @@ def _lora_weights(entry: _DitEntry, path: str, stamp):
     return lw
 
 
+def _file_originals(entry: _DitEntry, spec: ModelSpec):
+    """For a DiT living on a GPU: the original of a weight a LoRA merges into is its tensor in the
+    memory-mapped checkpoint (same dtype, values untouched since load: the cached base is only ever
+    changed by LoRAs, which restore their originals), so no host copy is kept (a full rank-64
+    LoRA on the 14B model would otherwise hold ~27 GiB of RAM). On the CPU the loaded weights are
+    already file views (or host tensors) and `apply_loras` keeps them without a copy anyway."""
+    if torch.device(next(entry.model.parameters()).device).type == "cpu":
+        return None
+
+    def lookup(name: str, current: torch.Tensor):
+        if entry.file_views is None:
+            from .loading.dit import find_dit_files, to_official
+            from .loading.io import read_state_dict
+
+            path = list(spec.dit) if isinstance(spec.dit, tuple) else spec.dit
+            files = path if isinstance(path, list) else find_dit_files(path)[0]
+            entry.file_views = to_official(read_state_dict(files))  # mmap views: no RAM until read
+        view = entry.file_views.get(name)
+        return view if view is not None and view.dtype == current.dtype and view.shape == current.shape else None
+
+    return lookup
+
+
 def _sync_loras(entry: _DitEntry, spec: ModelSpec) -> None:
     """Bring the cached model's LoRAs to `spec.loras` with as little work as possible.
 
@@ -401,7 +425,8 @@ def _sync_loras(entry: _DitEntry, spec: ModelSpec) -> None:
         remove_loras(model)
         entry.lora_files, entry.strengths, n = (), (), 0
     if len(want) > n:
-        apply_loras(model, list(zip(weights[n:], strengths[n:])), mode=spec.lora_mode, keep_originals=True)
+        apply_loras(model, list(zip(weights[n:], strengths[n:])), mode=spec.lora_mode, keep_originals=True,
+                    originals=_file_originals(entry, spec))  # fmt: skip
     entry.lora_files, entry.strengths, entry.lora_mode = files, strengths, spec.lora_mode
     spare = [k for k in entry.weights if k not in files]
     for k in spare[: max(0, len(spare) - _LORA_WEIGHTS_KEPT)]:
