@@ -8,7 +8,6 @@ import torch
 
 from wan_core.cache import cache_from_config, published_model_key
 from wan_core.denoise import denoise
-from wan_core.options import FeatureNotAvailable
 from wan_core.preview import fit_rgb_projection, latent_to_rgb
 from wan_core.sampling import Cond, latent_shape, make_noise
 from wan_core.schedulers import make_scheduler
@@ -237,13 +236,9 @@ class WanMultiGPUSampler:
         cfg_parallel: bool = False,
         image_embeds: ImageEmbeds | None = None,
     ):
-        try:
-            from wan_core.parallel.group import ParallelConfig
-            from wan_core.parallel.workers import RunCancelled, SampleRequest, get_worker_group
-        except ImportError:
-            raise FeatureNotAvailable(
-                "WanMultiGPUSampler: multi-GPU sampling is not available yet in wan_core (wan_core.parallel); use WanSampler"
-            ) from None
+        from wan_core.parallel.group import ParallelConfig
+        from wan_core.parallel.workers import RunCancelled, SampleRequest, get_worker_group
+
         shape, i2v = check_run(model, image_embeds, width, height, num_frames)
         step_list = parse_step_list(denoising_step_list) if scheduler == "distill" else None
         sched = make_scheduler(scheduler, steps, shift, step_list)
