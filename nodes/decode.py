@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from wan_core.spec import ModelSpec, build_vae, component_loaded
+from wan_core.vae import latent_from_raw
 from wan_core.video import wan_to_frames, write_video
 
 from . import compat, stats
@@ -36,7 +37,8 @@ class WanVAEDecode:
             raise ValueError("WanVAEDecode: samples must be a video LATENT [B, 16, F, h, w] from WanSampler")
         with stats.stage("VAE decode", model.torch_device) as rec:
             with component_loaded(build_vae(model), model, "vae") as vae:
-                video = vae.decode(latent[:1], tile_size=tile_size or None, out_device="cpu")
+                z = latent_from_raw(latent[:1])  # LATENT holds raw VAE latents (ComfyUI's convention)
+                video = vae.decode(z, tile_size=tile_size or None, out_device="cpu")
             frames = wan_to_frames(video)  # [1, 3, T, H, W] in [-1, 1] -> [T, H, W, 3] in [0, 1]
         return {"ui": stats.ui(rec), "result": (frames,)}
 

@@ -12,6 +12,7 @@ from wan_core.preview import fit_rgb_projection, latent_to_rgb
 from wan_core.sampling import Cond, latent_shape, make_noise
 from wan_core.schedulers import make_scheduler
 from wan_core.spec import ModelSpec, build_dit, build_vae, component_loaded
+from wan_core.vae import latent_to_raw
 
 from . import compat, stats
 from .types import (
@@ -186,7 +187,7 @@ class WanSampler:
         rec["seconds_per_step"] = round(rec["seconds"] / len(sched), 3)
         if report is not None:
             rec.update(cache=report.summary(), evaluations=report.evaluations, skipped_evaluations=report.skipped_total)
-        out = {"samples": latent.cpu()}
+        out = {"samples": latent_to_raw(latent).cpu()}  # ComfyUI's LATENT convention: raw VAE latents
         return {"ui": stats.ui(load_rec, rec), "result": (out,)}
 
 
@@ -281,4 +282,4 @@ class WanMultiGPUSampler:
                 compat.check_interrupted()
                 raise compat.Interrupted("run cancelled") from None
         rec.update(steps=len(sched), seconds_per_step=round(rec["seconds"] / len(sched), 3), gpus=num_gpus)
-        return {"ui": stats.ui(rec), "result": ({"samples": latent.cpu()},)}
+        return {"ui": stats.ui(rec), "result": ({"samples": latent_to_raw(latent).cpu()},)}

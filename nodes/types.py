@@ -20,7 +20,7 @@ WAN_OFFLOAD = "WAN_OFFLOAD"  # OffloadSettings
 WAN_CACHE = "WAN_CACHE"  # CacheSettings (feature caching for the sampler)
 # ComfyUI's own types, for interop with core nodes
 IMAGE = "IMAGE"  # float [T, H, W, 3] in [0, 1]
-LATENT = "LATENT"  # {"samples": [B, 16, F, h, w]}
+LATENT = "LATENT"  # {"samples": [B, 16, F, h, w]} raw VAE latents, as ComfyUI's own nodes exchange them
 
 CATEGORY = "Wan Fast"
 

@@ -415,3 +415,28 @@ def test_offload_settings_reach_the_model_description(models):
     text = _text(_load())
     with pytest.raises(ValueError, match="num_gpus=3"):
         NODE_CLASS_MAPPINGS["WanMultiGPUSampler"]().sample(_load(), text, 64, 48, 5, 1, 5.0, 5.0, "unipc", 0, num_gpus=3)
+
+
+def test_latent_is_comfyui_raw_convention(models):
+    """LATENT carries raw VAE latents, as ComfyUI's own nodes exchange them: the sampler's output is
+    `latent_to_raw` of the engine's latent, and WanVAEDecode of a raw latent equals the engine's
+    decode of the normalised one (so core VAE Decode / core samplers mix with ours)."""
+    from wan_core.sampling import Cond, make_noise, sample
+    from wan_core.schedulers import make_scheduler
+    from wan_core.spec import build_dit, build_vae
+    from wan_core.vae import WAN21_LATENT_MEAN, latent_from_raw, latent_to_raw
+
+    model = _load()
+    text = _text(model)
+    raw = _sample(model, text, steps=2)[0]["samples"]
+    dit = build_dit(model)
+    noise = make_noise((1, *raw.shape[1:]), 3)
+    with torch.no_grad():
+        z = sample(dit, noise, make_scheduler("unipc", 2, 5.0), Cond([text.positive]), Cond([text.negative]), 5.0)
+    torch.testing.assert_close(raw, latent_to_raw(z), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(raw, z)  # really the other convention
+    assert abs(latent_to_raw(torch.zeros(1, 16, 1, 1, 1))[0, 0].item() - WAN21_LATENT_MEAN[0]) < 1e-6
+    frames = NODE_CLASS_MAPPINGS["WanVAEDecode"]().decode(model, {"samples": raw})["result"][0]
+    with torch.no_grad():
+        ref = build_vae(model).decode(latent_from_raw(raw), out_device="cpu")
+    torch.testing.assert_close(frames, (ref[0].permute(1, 2, 3, 0) + 1) / 2, rtol=1e-5, atol=1e-5)

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["WanVAE", "WanVAEConfig", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD"]
+__all__ = ["WanVAE", "WanVAEConfig", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD", "latent_to_raw", "latent_from_raw"]
 
 # Per-channel statistics of Wan2.1 latents: the DiT works on (mu - mean) / std.
 WAN21_LATENT_MEAN = (
@@ -538,3 +538,28 @@ class WanVAE(nn.Module):
         sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
         model.load_state_dict(sd, strict=True, assign=True)
         return model.eval().requires_grad_(False)
+
+
+def _stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (1, len(WAN21_LATENT_MEAN), 1, 1, 1)
+    mean = torch.tensor(WAN21_LATENT_MEAN, dtype=torch.float32, device=like.device).view(shape)
+    std = torch.tensor(WAN21_LATENT_STD, dtype=torch.float32, device=like.device).view(shape)
+    return mean, std
+
+
+def latent_to_raw(z: torch.Tensor) -> torch.Tensor:
+    """The DiT's normalised latent [B, 16, F, h, w] -> the raw VAE latent `z * std + mean`.
+
+    ComfyUI's LATENT holds raw latents (its Wan latent format normalises on the way into a model
+    and back on the way out), so the pack's nodes exchange raw latents: ComfyUI's own VAE Decode
+    can read what WanSampler writes, and WanVAEDecode what a core sampler writes.
+    """
+    mean, std = _stats(z)
+    return z.float() * std + mean
+
+
+def latent_from_raw(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of `latent_to_raw`: raw VAE latent -> the normalised latent the DiT and `decode` take."""
+    mean, std = _stats(x)
+    return (x.float() - mean) / std
+
