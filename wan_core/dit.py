@@ -119,26 +119,19 @@ class SelfAttention(nn.Module):
         return self.o(self.attn_fn(q, k, v).flatten(2))  # [B, L, H*D] -> [B, L, C]
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(SelfAttention):
     """Attention from the video tokens to the text tokens, plus (I2V) to the 257 CLIP tokens.
 
-    The two branches share the query and the output projection; their results are summed.
+    The same projections as self-attention (so the same checkpoint names); the two branches share
+    the query and the output projection, and their results are summed. No RoPE here.
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, image: bool):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        super().__init__(dim, num_heads, qk_norm, eps)
         if image:
             self.k_img = nn.Linear(dim, dim)
             self.v_img = nn.Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.attn_fn: AttentionFn = get_attention("sdpa")
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None) -> torch.Tensor:
         b, n = x.shape[0], self.num_heads
