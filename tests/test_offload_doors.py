@@ -261,24 +261,7 @@ def test_offload_node_reaches_the_engine_and_equals_the_plain_graph(model_dir, c
 # the DiT cache: LoRA / FP8 on an offloaded base
 
 
-def _dit_out(model):
-    g = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(1, 16, 2, 4, 6, generator=g), [torch.randn(7, 32, generator=g)]
-    with torch.no_grad():
-        return model(x, torch.tensor([700.0]), ctx)
-
-
-@pytest.fixture(scope="module")
-def loras(tmp_path_factory):
-    from wan_core.loading.lora import random_lora, save_lora
-    from wan_core.tiny import tiny_dit_config
-
-    root = tmp_path_factory.mktemp("loras")
-    cfg = tiny_dit_config("t2v")
-    return (
-        save_lora(random_lora(cfg, rank=4, seed=1, magnitude=0.1), root / "a.safetensors"),
-        save_lora(random_lora(cfg, rank=2, seed=2, targets="blocks", magnitude=0.1), root / "b.safetensors"),
-    )
+from .test_pipeline import _dit_out  # noqa: E402  (the same probe as the resident tests; `loras`: conftest.py)
 
 
 @pytest.mark.parametrize("fp8", [None, "dequant"])

@@ -268,17 +268,6 @@ def _dit_out(model):
         return model(x, torch.tensor([700.0]), ctx)
 
 
-@pytest.fixture(scope="module")
-def loras(tmp_path_factory):
-    from wan_core.loading.lora import random_lora, save_lora
-    from wan_core.tiny import tiny_dit_config
-
-    root = tmp_path_factory.mktemp("loras")
-    cfg = tiny_dit_config("t2v")
-    return (
-        save_lora(random_lora(cfg, rank=4, seed=1, magnitude=0.1), root / "a.safetensors"),
-        save_lora(random_lora(cfg, rank=2, seed=2, targets="blocks", magnitude=0.1), root / "b.safetensors", layout="kohya"),
-    )
 
 
 @pytest.mark.parametrize("fp8", [None, "dequant"])
