@@ -43,6 +43,16 @@ def random_state_dict(cfg: WanConfig, seed=0) -> dict[str, torch.Tensor]:
     return sd
 
 
+def dit_inputs(cfg: WanConfig, seed=3):
+    """Small seeded DiT inputs (latent, t, context, I2V extras) shared by the loader/LoRA/FP8 tests."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 2, 4, 4, generator=g)
+    kw = {}
+    if cfg.is_i2v:
+        kw = dict(clip_fea=torch.randn(1, 257, cfg.image_dim, generator=g), y=torch.randn(1, 20, 2, 4, 4, generator=g))
+    return x, torch.tensor([500.0]), torch.randn(1, 7, cfg.text_dim, generator=g), kw
+
+
 def diffusers_model(cfg: WanConfig, sd):
     from diffusers import WanTransformer3DModel
 

@@ -31,6 +31,7 @@ from wan_core.loading.dit import build_model, save_dit
 from wan_core.loading.fp8 import build_fp8_model, detect_fp8_layout, load_fp8_dit
 
 from .test_dit import _layout, random_state_dict, tiny_cfg
+from .test_dit import dit_inputs as _inputs
 
 BLOCK_LINEARS_T2V = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
                      "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]  # fmt: skip
@@ -38,13 +39,6 @@ OTHER_LINEARS_T2V = ["text_embedding.0", "text_embedding.2", "time_embedding.0",
                      "time_projection.1", "head.head"]  # fmt: skip
 
 
-def _inputs(cfg, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, 2, 4, 4, generator=g)
-    kw = {}
-    if cfg.is_i2v:
-        kw = dict(clip_fea=torch.randn(1, 257, cfg.image_dim, generator=g), y=torch.randn(1, 20, 2, 4, 4, generator=g))
-    return x, torch.tensor([500.0]), torch.randn(1, 7, cfg.text_dim, generator=g), kw
 
 
 def _run(model, cfg, dtype=torch.float32):

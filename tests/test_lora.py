@@ -21,16 +21,8 @@ from wan_core.loading.lora import (
 )
 from wan_core.lora import LoraMismatchError, apply_loras, lora_report, remove_loras, set_lora_strengths
 
+from .test_dit import dit_inputs as _inputs
 from .test_dit import random_state_dict, tiny_cfg
-
-
-def _inputs(cfg, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, 2, 4, 4, generator=g)
-    kw = {}
-    if cfg.is_i2v:
-        kw = dict(clip_fea=torch.randn(1, 257, cfg.image_dim, generator=g), y=torch.randn(1, 20, 2, 4, 4, generator=g))
-    return x, torch.tensor([500.0]), torch.randn(1, 7, cfg.text_dim, generator=g), kw
 
 
 def _forward(model, cfg):
