@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["AttentionFn", "BACKENDS", "ALIASES", "get_attention", "resolve_name"]
+__all__ = ["AttentionFn", "BACKENDS", "ALIASES", "APPROXIMATE", "get_attention", "resolve_name"]
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -67,6 +67,19 @@ def _sage() -> AttentionFn:
     return attn
 
 
+def _sage_triton(qk_int8: bool) -> Callable[[], AttentionFn]:
+    def make():
+        from .sage_attention import sage_fp8_attention
+
+        def attn(q, k, v):
+            return sage_fp8_attention(q, k, v, qk_int8=qk_int8)
+
+        attn.__name__ = "sage_triton" if qk_int8 else "sage_triton_fp8"
+        return attn
+
+    return make
+
+
 def _sdpa_factory(name: str) -> Callable[[], AttentionFn]:
     def make():
         if name == "sdpa":
@@ -94,7 +107,12 @@ BACKENDS: dict[str, tuple[str | None, Callable[[], AttentionFn]]] = {
     "flash_attn2": ("flash_attn", _flash_attn2),
     "flash_attn3": ("flash_attn_interface", _flash_attn3),
     "sage": ("sageattention", _sage),
+    # our Triton kernel (wan_core/sage_attention.py): 8-bit Q·Kᵀ (INT8, or FP8 e4m3) and FP8 P·V
+    "sage_triton": ("triton", _sage_triton(qk_int8=True)),
+    "sage_triton_fp8": ("triton", _sage_triton(qk_int8=False)),
 }
+# Backends that are not exact (8-bit): "fast mode" picks them for self-attention only.
+APPROXIMATE = ("sage", "sage_triton", "sage_triton_fp8")
 
 # LightX2V's config names and other common spellings.
 ALIASES = {
@@ -105,7 +123,7 @@ ALIASES = {
     "flash_attn_2": "flash_attn2",
     "flash_attn_3": "flash_attn3",
     "sage_attn": "sage",
-    "sage_attn2": "sage",
+    "sage_attn2": "sage_triton",  # SageAttention2's scheme (INT8 Q·Kᵀ, FP8 P·V), our kernel: no package needed
     "sageattention": "sage",
 }
 
@@ -134,6 +152,12 @@ def get_attention(name: str, device: str | torch.device | None = None) -> Attent
             f"attention backend {name!r} needs the package {package!r}, which is not installed "
             f"(pip install {pip.get(package, package)}), or choose 'sdpa'"
         )
+    if key.startswith("sage_triton"):
+        from .sage_attention import available
+
+        why = available(device if device is not None else "cpu")
+        if why is not None:
+            raise RuntimeError(f"attention backend {name!r} (8-bit Triton kernel) cannot run here: {why}; choose 'sdpa'")
     fn = factory()
     fn.backend_name = key  # type: ignore[attr-defined]
     return fn

@@ -1,0 +1,97 @@
+"""Self-attention at Wan2.1-14B's shapes (40 heads of 128, 480p: 32,760 tokens; 720p: 75,600):
+cuDNN / flash SDPA in bf16 vs our 8-bit Triton kernel (wan_core/sage_attention.py), with INT8 or
+FP8 Q·Kᵀ, timed kernel-only (inputs already quantised) and whole (quantisation included,
+compiled as it runs inside a compiled block), with the error against cuDNN's bf16 output.
+
+  python benchmarks/bench_attention.py [--res 480p,720p]
+
+Prints a table last; writes $OUT/bench_attention.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from wan_core import sage_attention as sa  # noqa: E402
+from wan_core.attention import get_attention  # noqa: E402
+
+TOKENS = {"480p": 32760, "720p": 75600}
+
+
+def bench(fn, reps=10):
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    return sorted(ts)[len(ts) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--res", default="480p,720p")
+    args = ap.parse_args()
+    R = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    import triton
+
+    R["triton"] = triton.__version__
+    rows = []
+    h, d = 40, 128
+    for res in args.res.split(","):
+        L = TOKENS[res]
+        flop = 4 * L * L * d * h
+        g = torch.Generator(device="cuda").manual_seed(0)
+        # q/k like the model's after RMSNorm + RoPE (unit scale), keys with a shared channel bias
+        q = torch.randn(1, L, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = (torch.randn(1, L, h, d, device="cuda", generator=g) + torch.randn(1, 1, h, d, device="cuda", generator=g)).bfloat16()
+        v = torch.randn(1, L, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        ref = None
+        for name in ("sdpa_cudnn", "sdpa_flash", "sage_triton", "sage_triton_fp8"):
+            fn = get_attention(name, "cuda")
+            out = fn(q, k, v)
+            if ref is None:
+                ref = out.float()
+            c = F.cosine_similarity(out.float().flatten(), ref.flatten(), 0).item()
+            rel = ((out.float() - ref).norm() / ref.norm()).item()
+            t = bench(lambda fn=fn, a=(q, k, v): fn(*a))
+            row = dict(res=res, name=name + " (eager)", s=t, tflops=flop / t / 1e12, cos=c, rel=rel)
+            rows.append(row)
+            print(row, flush=True)
+            if name.startswith("sage"):
+                cfn = torch.compile(fn, fullgraph=True, dynamic=False)
+                cfn(q, k, v)
+                t = bench(lambda cfn=cfn, a=(q, k, v): cfn(*a))
+                rows.append(dict(res=res, name=name + " (compiled)", s=t, tflops=flop / t / 1e12, cos=c, rel=rel))
+                packed = sa.quantize(q, k, v, qk_int8=name == "sage_triton")
+                t = bench(lambda packed=packed, n=L: sa._launch(*packed, n, n, torch.bfloat16))
+                from wan_core import sage_kernel
+
+                best = str(sage_kernel.attn_fwd_tuned.best_config)
+                rows.append(dict(res=res, name=name + " (kernel only)", s=t, tflops=flop / t / 1e12, cos=c, rel=rel, config=best))
+                print(rows[-2], rows[-1], flush=True)
+        q = k = v = ref = packed = None
+        torch.cuda.empty_cache()
+    R["rows"] = rows
+    with open(os.path.join(os.environ.get("OUT", "."), "bench_attention.json"), "w") as f:
+        json.dump(R, f, indent=1)
+    print(f"\n{R['device']}, torch {R['torch']}, triton {R['triton']}: self-attention, 1x40 heads x 128")
+    print(f"{'res':5s} {'backend':34s} {'ms':>8s} {'TFLOP/s':>8s} {'cos vs cuDNN':>13s} {'rel err':>8s}")
+    for r in rows:
+        print(f"{r['res']:5s} {r['name']:34s} {r['s'] * 1e3:8.1f} {r['tflops']:8.0f} {r['cos']:13.5f} {r['rel']:8.4f} {r.get('config', '')}")
+
+
+if __name__ == "__main__":
+    main()

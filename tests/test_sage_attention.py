@@ -1,0 +1,115 @@
+"""8-bit attention (wan_core/sage_attention.py): the quantisation, the torch reference of the
+kernel's math against exact attention, the Triton kernel itself through Triton's interpreter
+(a CPU subprocess), and the backend's errors. The GPU run of the kernel is test_sage_gpu.py."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wan_core import sage_attention as sa
+from wan_core.attention import APPROXIMATE, get_attention, resolve_name
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def exact(q, k, v):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def cos(a, b):
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), 0).item()
+
+
+def qkv(b, lq, lk, h, d, key_bias=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, lq, h, d, generator=g)
+    k = torch.randn(b, lk, h, d, generator=g) + key_bias * torch.randn(1, 1, h, d, generator=g)
+    v = torch.randn(b, lk, h, d, generator=g)
+    return q, k, v
+
+
+@pytest.mark.parametrize("qk_int8", [True, False])
+def test_quantize_codes_times_scales_reconstruct_the_inputs(qk_int8):
+    q, k, v = qkv(2, 150, 150, 3, 64)
+    qc, qs, kc, ks, vt, vs = sa.quantize(q, k, v, qk_int8=qk_int8, smooth_k=False)
+    assert qc.shape == (2, 3, 256, 64) and qs.shape == (2, 3, 256) and vt.shape == (2, 3, 64, 256)
+    assert qc.dtype == (torch.int8 if qk_int8 else sa.FP8) and vt.dtype == sa.FP8
+    # padded tokens are zero codes (the kernel masks padded keys; padded query rows are not stored)
+    assert qc[:, :, 150:].float().abs().sum() == 0 and vt[..., 150:].float().abs().sum() == 0
+    tol = 0.5 / 127 if qk_int8 else 2.0**-4  # half a step of the int8 grid / e4m3's relative half-ulp
+    k_back = (kc.float() * ks[..., None])[:, :, :150].transpose(1, 2)  # [B, L, H, D]
+    amax = k.abs().amax(-1, keepdim=True)
+    assert ((k_back - k).abs() <= tol * amax + 1e-6).all()
+    q_back = (qc.float() * qs[..., None])[:, :, :150].transpose(1, 2) * (64**0.5) / sa.LOG2E
+    assert torch.allclose(q_back, q, atol=(tol * q.abs().amax()).item())
+    v_back = (vt.float() * vs[..., None])[..., :150].permute(0, 3, 1, 2)
+    assert ((v_back - v).abs() <= 2.0**-4 * v.abs().amax(1, keepdim=True) + 1e-6).all()
+
+
+@pytest.mark.parametrize("qk_int8", [True, False])
+def test_reference_math_is_close_to_exact_attention(qk_int8):
+    q, k, v = qkv(1, 300, 300, 4, 128, key_bias=3.0)
+    out = sa.reference(*sa.quantize(q, k, v, qk_int8=qk_int8), 300, 300, torch.float32)
+    assert cos(out, exact(q, k, v)) >= 0.998
+
+
+def test_smoothing_k_is_what_keeps_a_biased_key_accurate():
+    """Keys with a large shared channel bias (as real models' keys have): without smoothing the
+    per-token 8-bit grid is spent on the bias and the error grows several-fold."""
+    q, k, v = qkv(1, 256, 256, 2, 128, key_bias=20.0)
+    ref = exact(q, k, v)
+    err = {}
+    for smooth in (True, False):
+        out = sa.reference(*sa.quantize(q, k, v, qk_int8=True, smooth_k=smooth), 256, 256, torch.float32)
+        err[smooth] = ((out - ref).norm() / ref.norm()).item()
+    assert err[True] < 0.05 and err[False] > 3 * err[True]
+
+
+def test_backend_names_and_errors():
+    assert resolve_name("sage_attn2") == "sage_triton"  # LightX2V's name for SageAttention2's scheme
+    assert {"sage_triton", "sage_triton_fp8"} <= set(APPROXIMATE)
+    with pytest.raises((RuntimeError, ImportError), match="sage_triton"):
+        get_attention("sage_triton", "cpu")  # CUDA only: a clear error at build time, no fallback
+
+
+INTERP_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
+import triton_interp  # noqa: F401  (before any kernel is defined)
+import torch
+from wan_core import sage_attention as sa
+res = {{}}
+for qk_int8 in (True, False):
+    for (b, lq, lk, h, bn) in ((2, 200, 200, 2, 64), (1, 70, 300, 3, 128)):
+        g = torch.Generator().manual_seed(lq + lk)
+        q = torch.randn(b, lq, h, 128, generator=g)
+        k = torch.randn(b, lk, h, 128, generator=g) + 2.0
+        v = torch.randn(b, lk, h, 128, generator=g)
+        packed = sa.quantize(q, k, v, qk_int8=qk_int8)
+        out = sa._launch(*packed, lq, lk, torch.float32, config={{"BLOCK_M": 64, "BLOCK_N": bn}})
+        ref = sa.reference(*packed, lq, lk, torch.float32, block_n=bn)
+        res[f"{{qk_int8}}-{{lq}}-{{lk}}"] = [((out - ref).norm() / ref.norm()).item(), list(out.shape), out.stride()[1]]
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_kernel_equals_reference_in_the_interpreter():
+    """The kernel itself (not a copy of its math) run by Triton's interpreter on the CPU: equal to
+    the torch reference, for INT8 and FP8 Q·Kᵀ, with a masked partial key block, Lq != Lk, B = 2."""
+    script = INTERP_SCRIPT.format(tests=os.path.join(ROOT, "tests"), root=ROOT)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(res) == 4
+    for key, (rel, shape, stride_l) in res.items():
+        assert rel < 1e-5, (key, rel)
+        lq = int(key.split("-")[1])
+        assert shape[1] == lq and shape[3] == 128 and stride_l == shape[2] * 128  # [B, Lq, H, D] contiguous

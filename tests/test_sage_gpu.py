@@ -1,0 +1,47 @@
+"""The 8-bit Triton attention on a GPU (marker gpu; run on the device machine)."""
+
+import pytest
+import torch
+
+from wan_core import sage_attention as sa
+from wan_core.attention import get_attention
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available() or sa.available("cuda") is not None:
+    pytestmark = [pytest.mark.gpu, pytest.mark.skip(reason="needs a CUDA GPU with FP8 and triton")]
+
+
+def _qkv(b, lq, lk, h, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda l: torch.randn(b, l, h, 128, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa: E731
+    return r(lq), r(lk) + 1.0, r(lk)
+
+
+@pytest.mark.parametrize("qk_int8", [True, False])
+@pytest.mark.parametrize("lq,lk", [(1000, 1000), (333, 2049)])
+def test_kernel_equals_reference_and_is_close_to_sdpa(qk_int8, lq, lk):
+    q, k, v = _qkv(2, lq, lk, 4)
+    packed = sa.quantize(q, k, v, qk_int8=qk_int8)
+    for bm, bn in ((128, 128), (128, 64)):
+        out = sa._launch(*packed, lq, lk, torch.float32, config={"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 8})
+        ref = sa.reference(*packed, lq, lk, torch.float32, block_n=bn)
+        assert ((out - ref).norm() / ref.norm()).item() < 2e-3  # tensor-core sums vs torch's: order only
+    out = get_attention("sage_triton" if qk_int8 else "sage_triton_fp8", "cuda")(q, k, v)  # autotuned
+    exact = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    c = torch.nn.functional.cosine_similarity(out.flatten().float(), exact.flatten().float(), 0).item()
+    assert c >= 0.995
+
+
+def test_compiled_block_with_the_kernel_matches_eager():
+    """Inside torch.compile (the default on CUDA) the quantisation is fused by inductor and the
+    kernel is an opaque custom op: same result as eager, no graph break."""
+    q, k, v = _qkv(1, 4096, 4096, 8)
+    fn = get_attention("sage_triton", "cuda")
+
+    def f(q, k, v):
+        return fn(q * 1.5, k, v) * 2
+
+    eager = f(q, k, v)
+    compiled = torch.compile(f, fullgraph=True)(q, k, v)
+    assert ((compiled.float() - eager.float()).norm() / eager.float().norm()).item() < 1e-2

@@ -1,0 +1,39 @@
+"""Run Triton kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1), with two fixes
+to the interpreter of triton 3.6 so that it computes what the GPU computes:
+
+- float conversions to/from float8 e4m3 are done by torch (the interpreter's own drops the carry
+  when rounding crosses a power of two: 125.5 -> 64 instead of 128);
+- a runtime loop bound (`range(start, end)` over kernel arguments) is a 1-element array there,
+  which numpy >= 2.4 refuses to turn into an int.
+
+Import this module before any `triton.jit` kernel is defined, in a process started with
+TRITON_INTERPRET=1 (the tests run such a process with subprocess).
+"""
+
+import numpy as np
+import torch
+from triton.runtime import interpreter
+
+_TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8e4nv": torch.float8_e4m3fn}
+_convert_float = interpreter._convert_float
+
+
+def _convert_float_torch(input, input_dtype, output_dtype, rounding_mode):
+    src, dst = _TORCH.get(input_dtype.name), _TORCH.get(output_dtype.name)
+    if src is None or dst is None:
+        return _convert_float(input, input_dtype, output_dtype, rounding_mode)
+    raw = torch.from_numpy(np.ascontiguousarray(input).reshape(-1).view(np.uint8).copy())
+    out = raw.view(src).to(dst)  # round to nearest even, as the GPU's cvt.rn
+    return out.view(torch.uint8).numpy().view(f"uint{output_dtype.primitive_bitwidth}").reshape(input.shape)
+
+
+interpreter._convert_float = _convert_float_torch
+_patch_lang_tensor = interpreter._patch_lang_tensor
+
+
+def _patch_with_index(tensor, scope):
+    _patch_lang_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+
+interpreter._patch_lang_tensor = _patch_with_index
