@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from wan_core import sage_attention as sa  # noqa: E402
+from wan_core import sage_kernel  # noqa: E402
 from wan_core.attention import get_attention  # noqa: E402
 
 TOKENS = {"480p": 32760, "720p": 75600}
@@ -59,7 +60,7 @@ def main():
         k = (torch.randn(1, L, h, d, device="cuda", generator=g) + torch.randn(1, 1, h, d, device="cuda", generator=g)).bfloat16()
         v = torch.randn(1, L, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
         ref = None
-        for name in ("sdpa_cudnn", "sdpa_flash", "sage_triton", "sage_triton_fp8"):
+        for name in ("sdpa_cudnn", "sdpa_flash", "sage_triton", "sage_triton_int8"):
             fn = get_attention(name, "cuda")
             out = fn(q, k, v)
             if ref is None:
@@ -67,26 +68,45 @@ def main():
             c = F.cosine_similarity(out.float().flatten(), ref.flatten(), 0).item()
             rel = ((out.float() - ref).norm() / ref.norm()).item()
             t = bench(lambda fn=fn, a=(q, k, v): fn(*a))
-            row = dict(res=res, name=name + " (eager)", s=t, tflops=flop / t / 1e12, cos=c, rel=rel)
-            rows.append(row)
-            print(row, flush=True)
-            if name.startswith("sage"):
-                cfn = torch.compile(fn, fullgraph=True, dynamic=False)
-                cfn(q, k, v)
-                t = bench(lambda cfn=cfn, a=(q, k, v): cfn(*a))
-                rows.append(dict(res=res, name=name + " (compiled)", s=t, tflops=flop / t / 1e12, cos=c, rel=rel))
-                packed = sa.quantize(q, k, v, qk_int8=name == "sage_triton")
-                t = bench(lambda packed=packed, n=L: sa._launch(*packed, n, n, torch.bfloat16))
-                from wan_core import sage_kernel
-
-                best = str(sage_kernel.attn_fwd_tuned.best_config)
-                rows.append(dict(res=res, name=name + " (kernel only)", s=t, tflops=flop / t / 1e12, cos=c, rel=rel, config=best))
-                print(rows[-2], rows[-1], flush=True)
+            rows.append(dict(res=res, name=name + " (eager)", s=t, tflops=flop / t / 1e12, cos=c, rel=rel))
+            print(rows[-1], flush=True)
+            if not name.startswith("sage"):
+                continue
+            cfn = torch.compile(fn, fullgraph=True, dynamic=False)
+            cfn(q, k, v)
+            t = bench(lambda cfn=cfn, a=(q, k, v): cfn(*a))
+            rows.append(dict(res=res, name=name + " (compiled)", s=t, tflops=flop / t / 1e12, cos=c, rel=rel))
+            print(rows[-1], flush=True)
+            packed = sa.quantize(q, k, v, qk_int8=name == "sage_triton_int8")
+            combos = [(True, True), (True, False), (False, True), (False, False)] if res == "480p" else [(None, None)]
+            for tma, pipe in combos:
+                try:
+                    o = sa._launch(*packed, L, L, torch.bfloat16, use_tma=tma, pipeline=pipe).float()
+                    c2 = F.cosine_similarity(o.flatten(), ref.flatten(), 0).item()
+                    t = bench(lambda packed=packed, n=L, tma=tma, pipe=pipe: sa._launch(*packed, n, n, torch.bfloat16,
+                                                                                        use_tma=tma, pipeline=pipe))
+                    best = str(sage_kernel.attn_fwd_tuned.best_config).split(", num_ctas")[0]
+                    rows.append(dict(res=res, name=f"{name} kernel tma={tma} pipe={pipe}", s=t, tflops=flop / t / 1e12,
+                                     cos=c2, rel=rel, config=best, tma=tma, pipe=pipe, qk=name))
+                except Exception as e:  # a variant that fails to compile is reported, not fatal
+                    rows.append(dict(res=res, name=f"{name} kernel tma={tma} pipe={pipe}", s=float("nan"),
+                                     tflops=0.0, cos=0.0, rel=0.0, config=repr(e)[:200]))
+                print(rows[-1], flush=True)
+            if res == "480p":  # the fastest FP8 variant becomes the default for what follows
+                fast = [r for r in rows if r.get("qk") == name and r["tflops"] > 0]
+                if fast and name == "sage_triton":
+                    top = max(fast, key=lambda r: r["tflops"])
+                    sa.KERNEL_OPTIONS.update(use_tma=top["tma"], pipeline=top["pipe"])
+                    R["best_options"] = dict(sa.KERNEL_OPTIONS)
+                    print("best", R["best_options"], flush=True)
         q = k = v = ref = packed = None
         torch.cuda.empty_cache()
     R["rows"] = rows
     with open(os.path.join(os.environ.get("OUT", "."), "bench_attention.json"), "w") as f:
         json.dump(R, f, indent=1)
+    if "best_options" in R:  # read by bench_dit.py --sage-options
+        with open(os.path.join(os.environ.get("OUT", "."), "sage_options.json"), "w") as f:
+            json.dump(R["best_options"], f)
     print(f"\n{R['device']}, torch {R['torch']}, triton {R['triton']}: self-attention, 1x40 heads x 128")
     print(f"{'res':5s} {'backend':34s} {'ms':>8s} {'TFLOP/s':>8s} {'cos vs cuDNN':>13s} {'rel err':>8s}")
     for r in rows:

@@ -5,6 +5,9 @@ and 720x1280x81 (21x90x160, 75,600 tokens); bf16. ComfyUI's model gets the same 
 ours (its parameter names are the official ones), so the output similarity is checked too.
 
   python benchmarks/bench_dit.py [--res 480p,720p] [--peers comfy,diffusers] [--ours sdpa_cudnn,sdpa_flash]
+                                 [--compile --compiled bf16,fp8,fast,fast-accum]
+
+"fast" is fast mode: FP8 block linears and the 8-bit Triton self-attention, compiled.
 
 Peers: ComfyUI from .carry/ComfyUI (a fetched checkout, never committed), diffusers from the
 environment. Prints a table last; writes JSON to $OUT/bench_dit.json (or ./bench_dit.json).
@@ -100,8 +103,16 @@ def main():
     ap.add_argument("--peers", default="comfy,diffusers")
     ap.add_argument("--ours", default="sdpa_cudnn,sdpa_flash")
     ap.add_argument("--compile", action="store_true", help="also time ours with torch.compile on each block")
+    ap.add_argument("--compiled", default="bf16", help="compiled variants: bf16,fp8,fast,fast-accum")
+    ap.add_argument("--sage-options", default=None, help="JSON of sage_attention.KERNEL_OPTIONS (from bench_attention.py)")
     args = ap.parse_args()
     resolutions = [r for r in args.res.split(",") if r]
+    if args.sage_options and os.path.exists(args.sage_options):
+        from wan_core import sage_attention
+
+        with open(args.sage_options) as f:
+            sage_attention.KERNEL_OPTIONS.update(json.load(f))
+        RESULTS["sage_options"] = dict(sage_attention.KERNEL_OPTIONS)
     out_dir = os.environ.get("OUT", ".")
     cfg = PRESETS["t2v-14b"]
     log("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), torch.cuda.get_device_name())
@@ -147,22 +158,39 @@ def main():
             RESULTS[f"ours_{backend}_error"] = traceback.format_exc()[-800:]
         gc.collect()
         torch.cuda.empty_cache()
-    if args.compile:
+    for variant in args.compiled.split(",") if args.compile else []:
+        # compiled blocks (the default on CUDA); "fp8": FP8 linears (per-channel weights, per-token
+        # activations, scaled_mm); "fast": FP8 linears + the 8-bit Triton self-attention;
+        # "fast-accum": the same with cuBLAS fast accumulation in the FP8 GEMMs
         try:
+            torch._dynamo.reset()
             m = build_model(cfg, sd, dtype=torch.bfloat16, device="cuda")
-            m.set_attention("sdpa_cudnn")
+            m.set_attention("sage_triton" if variant.startswith("fast") else "sdpa_cudnn")
+            if variant != "bf16":
+                from wan_core.linear import quantize_model
+
+                quantize_model(m, kernel="scaled_mm_fast" if variant == "fast-accum" else "scaled_mm")
+                gc.collect()
+                torch.cuda.empty_cache()
             for blk in m.blocks:
                 blk.compile()
             t0 = time.time()
             with torch.inference_mode():
                 x, t, c = inputs(SHAPES["480p"])
                 m(x, t, c)
-            RESULTS["compile_s"] = time.time() - t0
-            outputs["ours_compiled"] = run_model("ours[cudnn+compile]", m, cfg, resolutions)
+            RESULTS[f"compile_{variant}_s"] = time.time() - t0
+            name = "ours[cudnn+compile]" if variant == "bf16" else f"ours[{variant}+compile]"
+            outputs["ours_compiled" if variant == "bf16" else f"ours_{variant}"] = run_model(name, m, cfg, resolutions)
             del m
         except Exception:
             traceback.print_exc()
-            RESULTS["compile_error"] = traceback.format_exc()[-800:]
+            RESULTS[f"compile_{variant}_error"] = traceback.format_exc()[-800:]
+        gc.collect()
+        torch.cuda.empty_cache()
+    if "ours_compiled" in outputs:
+        for k, v in outputs.items():
+            if k.startswith("ours_f") and "480p" in v:
+                RESULTS[f"cos_{k}_vs_ours_bf16_480p"] = cos(v["480p"], outputs["ours_compiled"]["480p"])
     if "comfy" in outputs:
         for k, v in outputs.items():
             if k != "comfy" and "480p" in v:

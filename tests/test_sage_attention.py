@@ -39,12 +39,14 @@ def test_quantize_codes_times_scales_reconstruct_the_inputs(qk_int8):
     q, k, v = qkv(2, 150, 150, 3, 64)
     qc, qs, kc, ks, vt, vs = sa.quantize(q, k, v, qk_int8=qk_int8, smooth_k=False)
     assert qc.shape == (2, 3, 256, 64) and qs.shape == (2, 3, 256) and vt.shape == (2, 3, 64, 256)
+    assert ks.shape == (2, 3, 256 // sa.KBLK)  # one k scale per KBLK keys
     assert qc.dtype == (torch.int8 if qk_int8 else sa.FP8) and vt.dtype == sa.FP8
     # padded tokens are zero codes (the kernel masks padded keys; padded query rows are not stored)
     assert qc[:, :, 150:].float().abs().sum() == 0 and vt[..., 150:].float().abs().sum() == 0
     tol = 0.5 / 127 if qk_int8 else 2.0**-4  # half a step of the int8 grid / e4m3's relative half-ulp
-    k_back = (kc.float() * ks[..., None])[:, :, :150].transpose(1, 2)  # [B, L, H, D]
-    amax = k.abs().amax(-1, keepdim=True)
+    k_back = (kc.float() * ks.repeat_interleave(sa.KBLK, -1)[..., None])[:, :, :150].transpose(1, 2)  # [B, L, H, D]
+    amax = torch.stack([k[:, i : i + sa.KBLK].abs().amax((1, 3)) for i in range(0, 150, sa.KBLK)], 1)  # [B, nblk, H]
+    amax = amax.repeat_interleave(sa.KBLK, 1)[:, :150, :, None]
     assert ((k_back - k).abs() <= tol * amax + 1e-6).all()
     q_back = (qc.float() * qs[..., None])[:, :, :150].transpose(1, 2) * (64**0.5) / sa.LOG2E
     assert torch.allclose(q_back, q, atol=(tol * q.abs().amax()).item())
@@ -72,8 +74,8 @@ def test_smoothing_k_is_what_keeps_a_biased_key_accurate():
 
 
 def test_backend_names_and_errors():
-    assert resolve_name("sage_attn2") == "sage_triton"  # LightX2V's name for SageAttention2's scheme
-    assert {"sage_triton", "sage_triton_fp8"} <= set(APPROXIMATE)
+    assert resolve_name("sage_attn2") == "sage_triton_int8"  # LightX2V's name for SageAttention2's scheme
+    assert {"sage_triton", "sage_triton_int8"} <= set(APPROXIMATE)
     with pytest.raises((RuntimeError, ImportError), match="sage_triton"):
         get_attention("sage_triton", "cpu")  # CUDA only: a clear error at build time, no fallback
 
@@ -85,16 +87,16 @@ import triton_interp  # noqa: F401  (before any kernel is defined)
 import torch
 from wan_core import sage_attention as sa
 res = {{}}
-for qk_int8 in (True, False):
+for qk_int8, tma, pipe in ((True, False, False), (False, False, True), (False, True, True), (True, True, False)):
     for (b, lq, lk, h, bn) in ((2, 200, 200, 2, 64), (1, 70, 300, 3, 128)):
         g = torch.Generator().manual_seed(lq + lk)
         q = torch.randn(b, lq, h, 128, generator=g)
         k = torch.randn(b, lk, h, 128, generator=g) + 2.0
         v = torch.randn(b, lk, h, 128, generator=g)
         packed = sa.quantize(q, k, v, qk_int8=qk_int8)
-        out = sa._launch(*packed, lq, lk, torch.float32, config={{"BLOCK_M": 64, "BLOCK_N": bn}})
+        out = sa._launch(*packed, lq, lk, torch.float32, config={{"BLOCK_M": 64, "BLOCK_N": bn}}, use_tma=tma, pipeline=pipe)
         ref = sa.reference(*packed, lq, lk, torch.float32, block_n=bn)
-        res[f"{{qk_int8}}-{{lq}}-{{lk}}"] = [((out - ref).norm() / ref.norm()).item(), list(out.shape), out.stride()[1]]
+        res[f"{{qk_int8}}{{tma}}{{pipe}}-{{lq}}-{{lk}}"] = [((out - ref).norm() / ref.norm()).item(), list(out.shape), out.stride()[1]]
 print(json.dumps(res))
 """
 
@@ -102,14 +104,16 @@ print(json.dumps(res))
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_kernel_equals_reference_in_the_interpreter():
     """The kernel itself (not a copy of its math) run by Triton's interpreter on the CPU: equal to
-    the torch reference, for INT8 and FP8 Q·Kᵀ, with a masked partial key block, Lq != Lk, B = 2."""
+    the torch reference, for INT8 and FP8 Q·Kᵀ, pointer and tensor-descriptor loads, with and
+    without the software pipeline, with a masked partial key block, Lq != Lk, B = 2."""
     script = INTERP_SCRIPT.format(tests=os.path.join(ROOT, "tests"), root=ROOT)
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(res) == 4
+    assert len(res) == 8
     for key, (rel, shape, stride_l) in res.items():
-        assert rel < 1e-5, (key, rel)
+        assert rel < 1e-3, (key, rel)  # only e4m3 roundings of P at ties may differ (exp2 argument order)
         lq = int(key.split("-")[1])
         assert shape[1] == lq and shape[3] == 128 and stride_l == shape[2] * 128  # [B, Lq, H, D] contiguous

@@ -1,5 +1,7 @@
 """The 8-bit Triton attention on a GPU (marker gpu; run on the device machine)."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -22,11 +24,15 @@ def _qkv(b, lq, lk, h, seed=0):
 def test_kernel_equals_reference_and_is_close_to_sdpa(qk_int8, lq, lk):
     q, k, v = _qkv(2, lq, lk, 4)
     packed = sa.quantize(q, k, v, qk_int8=qk_int8)
-    for bm, bn in ((128, 128), (128, 64)):
-        out = sa._launch(*packed, lq, lk, torch.float32, config={"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 8})
+    # INT8 scores are exact; FP8 ones differ from torch's by the tensor cores' summation, which
+    # moves some P roundings to the neighbouring e4m3 value
+    tol = 2e-3 if qk_int8 else 1e-2
+    for (bm, bn, w), tma, pipe in itertools.product(((128, 128, 8), (64, 64, 4)), (False, True), (False, True)):
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w}
+        out = sa._launch(*packed, lq, lk, torch.float32, config=cfg, use_tma=tma, pipeline=pipe)
         ref = sa.reference(*packed, lq, lk, torch.float32, block_n=bn)
-        assert ((out - ref).norm() / ref.norm()).item() < 2e-3  # tensor-core sums vs torch's: order only
-    out = get_attention("sage_triton" if qk_int8 else "sage_triton_fp8", "cuda")(q, k, v)  # autotuned
+        assert ((out - ref).norm() / ref.norm()).item() < tol, (cfg, tma, pipe)
+    out = get_attention("sage_triton_int8" if qk_int8 else "sage_triton", "cuda")(q, k, v)  # autotuned
     exact = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
     c = torch.nn.functional.cosine_similarity(out.flatten().float(), exact.flatten().float(), 0).item()

@@ -74,7 +74,7 @@ def _sage_triton(qk_int8: bool) -> Callable[[], AttentionFn]:
         def attn(q, k, v):
             return sage_fp8_attention(q, k, v, qk_int8=qk_int8)
 
-        attn.__name__ = "sage_triton" if qk_int8 else "sage_triton_fp8"
+        attn.__name__ = "sage_triton_int8" if qk_int8 else "sage_triton"
         return attn
 
     return make
@@ -107,12 +107,12 @@ BACKENDS: dict[str, tuple[str | None, Callable[[], AttentionFn]]] = {
     "flash_attn2": ("flash_attn", _flash_attn2),
     "flash_attn3": ("flash_attn_interface", _flash_attn3),
     "sage": ("sageattention", _sage),
-    # our Triton kernel (wan_core/sage_attention.py): 8-bit Q·Kᵀ (INT8, or FP8 e4m3) and FP8 P·V
-    "sage_triton": ("triton", _sage_triton(qk_int8=True)),
-    "sage_triton_fp8": ("triton", _sage_triton(qk_int8=False)),
+    # our Triton kernel (wan_core/sage_attention.py): FP8 (or INT8) Q·Kᵀ and FP8 P·V
+    "sage_triton": ("triton", _sage_triton(qk_int8=False)),
+    "sage_triton_int8": ("triton", _sage_triton(qk_int8=True)),
 }
 # Backends that are not exact (8-bit): "fast mode" picks them for self-attention only.
-APPROXIMATE = ("sage", "sage_triton", "sage_triton_fp8")
+APPROXIMATE = ("sage", "sage_triton", "sage_triton_int8")
 
 # LightX2V's config names and other common spellings.
 ALIASES = {
@@ -123,7 +123,7 @@ ALIASES = {
     "flash_attn_2": "flash_attn2",
     "flash_attn_3": "flash_attn3",
     "sage_attn": "sage",
-    "sage_attn2": "sage_triton",  # SageAttention2's scheme (INT8 Q·Kᵀ, FP8 P·V), our kernel: no package needed
+    "sage_attn2": "sage_triton_int8",  # SageAttention2's scheme (INT8 Q·Kᵀ, FP8 P·V), our kernel: no package needed
     "sageattention": "sage",
 }
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttentionFn, get_attention
+from .attention import APPROXIMATE, AttentionFn, get_attention
 from .config import WanConfig
 
 __all__ = ["WanModel", "rope_tables", "apply_rope", "sinusoidal_embedding", "FP32_PARAM_PATTERNS"]
@@ -219,10 +219,17 @@ class WanModel(nn.Module):
 
     # ---- build-time choices -------------------------------------------------------------
     def set_attention(self, self_attn: str = "auto", cross_attn: str | None = None, device=None) -> None:
-        """Resolve the attention backends once and store them on the attention modules."""
+        """Resolve the attention backends once and store them on the attention modules.
+
+        Cross-attention follows self-attention unless named, except that an 8-bit (approximate)
+        self-attention leaves cross-attention on the exact "auto" backend: with 512 text keys it
+        costs ~1 % of the attention time, so 8 bits would buy nothing there but error.
+        """
         dev = device if device is not None else self.patch_embedding.weight.device
         fn_self = get_attention(self_attn, dev)
-        fn_cross = get_attention(cross_attn or self_attn, dev)
+        if cross_attn is None:
+            cross_attn = "auto" if fn_self.backend_name in APPROXIMATE else self_attn
+        fn_cross = get_attention(cross_attn, dev)
         for blk in self.blocks:
             blk.self_attn.attn_fn = fn_self
             blk.cross_attn.attn_fn = fn_cross

@@ -30,6 +30,7 @@ __all__ = ["quantize", "reference", "sage_fp8_attention", "available", "PAD"]
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 PAD = 128  # token padding of the quantised tensors: a multiple of every BLOCK_M / BLOCK_N tried
+KBLK = 128  # keys per k scale (sage_kernel.KBLK): every BLOCK_N divides it
 LOG2E = 1.4426950408889634
 
 
@@ -47,15 +48,16 @@ def available(device) -> str | None:
     return None
 
 
-def _quant_tokens(x: torch.Tensor, int8: bool, extra_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, L, H, D] -> codes [B, H, Lp, D] (int8 or e4m3) and float32 scales [B, H, Lp] (x ≈ codes·scale)."""
+def _quant_rows(x: torch.Tensor, group: int, int8: bool, extra_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, L, H, D] -> codes [B, H, Lp, D] (int8 or e4m3) and float32 scales [B, H, Lp / group],
+    one scale per `group` consecutive tokens of a head (x ≈ codes · scale)."""
     b, l, h, d = x.shape
     lp = -(-l // PAD) * PAD
     xf = F.pad(x.float(), (0, 0, 0, 0, 0, lp - l)).transpose(1, 2)  # [B, H, Lp, D]
-    amax = xf.abs().amax(-1)  # [B, H, Lp]
+    amax = xf.reshape(b, h, lp // group, group * d).abs().amax(-1)  # [B, H, Lp / group]
     qmax = 127.0 if int8 else FP8_MAX
     scale = amax.clamp(min=1e-12) / qmax
-    codes = xf / scale[..., None]
+    codes = xf / scale.repeat_interleave(group, dim=-1)[..., None]
     codes = codes.round().to(torch.int8) if int8 else codes.to(FP8)
     return codes.contiguous(), (scale * extra_scale).contiguous()
 
@@ -63,16 +65,17 @@ def _quant_tokens(x: torch.Tensor, int8: bool, extra_scale: float) -> tuple[torc
 def quantize(q, k, v, qk_int8: bool = False, smooth_k: bool = True):
     """The kernel's inputs from q/k/v [B, L, H, D].
 
-    Returns (q codes [B,H,Lqp,D], q scales [B,H,Lqp] including softmax scale · log2 e,
-    k codes [B,H,Lkp,D], k scales [B,H,Lkp], vᵀ codes e4m3 [B,H,D,Lkp], v scales [B,H,D]).
+    Returns (q codes [B,H,Lqp,D], q scales [B,H,Lqp] (one per token, including softmax scale ·
+    log2 e), k codes [B,H,Lkp,D], k scales [B,H,Lkp/KBLK] (one per KBLK keys), vᵀ codes e4m3
+    [B,H,D,Lkp], v scales [B,H,D] (one per channel)).
     Padding tokens have zero codes; the kernel masks the padded keys.
     """
     d = q.shape[-1]
-    qc, qs = _quant_tokens(q, qk_int8, LOG2E / math.sqrt(d))
+    qc, qs = _quant_rows(q, 1, qk_int8, LOG2E / math.sqrt(d))
     kf = k.float()
     if smooth_k:
         kf = kf - kf.mean(dim=1, keepdim=True)
-    kc, ks = _quant_tokens(kf, qk_int8, 1.0)
+    kc, ks = _quant_rows(kf, KBLK, qk_int8, 1.0)
     b, l, h, _ = v.shape
     lp = -(-l // PAD) * PAD
     vf = v.float()
@@ -85,7 +88,8 @@ def quantize(q, k, v, qk_int8: bool = False, smooth_k: bool = True):
 def reference(qc, qs, kc, ks, vt, vs, lq: int, lk: int, out_dtype=torch.bfloat16, block_n: int = 64) -> torch.Tensor:
     """The kernel's math in float32 torch, key block by key block (P is rounded to e4m3 relative
     to the running maximum, as in the kernel): [B, Lq, H, D]. For tests; slow."""
-    s_all = torch.einsum("bhmd,bhnd->bhmn", qc.float(), kc.float()) * qs[..., :, None] * ks[..., None, :]
+    ks_tok = ks.repeat_interleave(KBLK, dim=-1)  # [B, H, Lkp]
+    s_all = torch.einsum("bhmd,bhnd->bhmn", qc.float(), kc.float()) * qs[..., :, None] * ks_tok[..., None, :]
     s_all = s_all[:, :, :lq]
     m = torch.full(s_all.shape[:-1], float("-inf"), device=s_all.device)  # [B, H, Lq]
     l = torch.zeros_like(m)
@@ -106,22 +110,39 @@ def reference(qc, qs, kc, ks, vt, vs, lq: int, lk: int, out_dtype=torch.bfloat16
 # ---- the kernel (wan_core/sage_kernel.py, imported on first use: Triton is optional) -------------
 
 
-def _launch(qc, qs, kc, ks, vt, vs, lq: int, lk: int, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+# How the kernel is run on CUDA (set from benchmarks/bench_attention.py on an H100).
+KERNEL_OPTIONS = {"use_tma": False, "pipeline": False}
+
+
+def _launch(qc, qs, kc, ks, vt, vs, lq: int, lk: int, out_dtype: torch.dtype, config: dict | None = None,
+            use_tma: bool | None = None, pipeline: bool | None = None) -> torch.Tensor:
     """Run the kernel; `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) skips the autotuner
     (which needs a GPU: the Triton interpreter used by the CPU tests runs one fixed config)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     from . import sage_kernel
 
+    use_tma = KERNEL_OPTIONS["use_tma"] if use_tma is None else use_tma
+    pipeline = KERNEL_OPTIONS["pipeline"] if pipeline is None else pipeline
     b, h, lqp, d = qc.shape
+    lkp = kc.shape[2]
     out = torch.empty(b, lq, h, d, dtype=out_dtype, device=qc.device)  # [B, Lq, H, D]
+    qv, kv, vv = qc.view(b * h * lqp, d), kc.view(b * h * lkp, d), vt.view(b * h * d, lkp)
+    if use_tma:  # tile shapes are set per config (autotuner pre-hook, or below)
+        bm, bn = (config["BLOCK_M"], config["BLOCK_N"]) if config else (64, 64)
+        qv = TensorDescriptor.from_tensor(qv, [bm, d])
+        kv = TensorDescriptor.from_tensor(kv, [bn, d])
+        vv = TensorDescriptor.from_tensor(vv, [d, bn])
 
     def grid(meta):
         return (-(-lq // meta["BLOCK_M"]), b * h)
 
-    args = (qc, qs, kc, ks, vt, vs, out, lq, lk, lqp, kc.shape[2], h, out.stride(0), out.stride(1), out.stride(2))
+    args = (qv, qs, kv, ks, vv, vs, out, lq, lk, lqp, lkp, h, out.stride(0), out.stride(1), out.stride(2))
     if config is None and qc.device.type != "cuda":
         config = {"BLOCK_M": 64, "BLOCK_N": 64}
     kernel = sage_kernel.attn_fwd if config is not None else sage_kernel.attn_fwd_tuned
-    kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, **(config or {}))
+    kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, USE_TMA=use_tma, PIPELINE=pipeline,
+                 **(config or {}))
     return out
 
 
