@@ -111,7 +111,7 @@ def reference(qc, qs, kc, ks, vt, vs, lq: int, lk: int, out_dtype=torch.bfloat16
 
 
 # How the kernel is run on CUDA (set from benchmarks/bench_attention.py on an H100).
-KERNEL_OPTIONS = {"use_tma": False, "pipeline": False}
+KERNEL_OPTIONS = {"use_tma": True, "pipeline": False}
 
 
 def _launch(qc, qs, kc, ks, vt, vs, lq: int, lk: int, out_dtype: torch.dtype, config: dict | None = None,
