@@ -1,6 +1,7 @@
 """A whole Wan2.1-14B T2V run at 480x832x81 with random weights, timed per stage, through
 `WanPipeline.generate` (the same code as every door): umT5-XXL text encode, 4-step distill
-sampling (no CFG), VAE decode, mp4 save. Variants: DiT in bf16 and in FP8 (scaled_mm).
+sampling (no CFG), VAE decode, mp4 save. Variants: DiT in bf16, in FP8 (scaled_mm), fast mode
+(FP8 + the 8-bit Triton self-attention); "-offload": the DiT waits in host RAM during the T5.
 
 "Weights already in RAM": the models are built before the timed run. The text encoder lives
 in host RAM and visits the GPU only for its stage (`--t5-offload`, default on), so the peak
@@ -65,7 +66,9 @@ def random_t5(device: str):
     return WanTextEncoder(m, load_tokenizer(tok_dir))
 
 
-def random_dit(fp8: bool):
+def random_dit(variant: str):
+    """bf16, fp8 (FP8 linears) or fast (FP8 linears + 8-bit Triton self-attention); compiled."""
+    fp8 = variant.startswith(("fp8", "fast"))
     cfg = PRESETS["t2v-14b"]
     m = build_model(cfg, None, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad():
@@ -75,7 +78,7 @@ def random_dit(fp8: bool):
         from wan_core.linear import quantize_model
 
         quantize_model(m, kernel="scaled_mm")
-    m.set_attention("auto")
+    m.set_attention("sage_triton" if variant.startswith("fast") else "auto")
     compile_blocks(m)
     return m
 
@@ -97,7 +100,7 @@ def main():
     vae = vae.to(torch.bfloat16).eval()
     rows = []
     for variant in [v for v in args.variants.split(",") if v]:
-        dit = random_dit(variant.startswith("fp8"))
+        dit = random_dit(variant)
         handle = None
         if variant.endswith("-offload"):
             # The DiT waits in pinned host RAM while the T5 runs, and comes to the GPU for sampling

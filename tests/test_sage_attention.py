@@ -37,7 +37,7 @@ def qkv(b, lq, lk, h, d, key_bias=0.0, seed=0):
 @pytest.mark.parametrize("qk_int8", [True, False])
 def test_quantize_codes_times_scales_reconstruct_the_inputs(qk_int8):
     q, k, v = qkv(2, 150, 150, 3, 64)
-    qc, qs, kc, ks, vt, vs = sa.quantize(q, k, v, qk_int8=qk_int8, smooth_k=False)
+    qc, qs, kc, ks, vt, vs, vm = sa.quantize(q, k, v, qk_int8=qk_int8, smooth_k=False)
     assert qc.shape == (2, 3, 256, 64) and qs.shape == (2, 3, 256) and vt.shape == (2, 3, 64, 256)
     assert ks.shape == (2, 3, 256 // sa.KBLK)  # one k scale per KBLK keys
     assert qc.dtype == (torch.int8 if qk_int8 else sa.FP8) and vt.dtype == sa.FP8
@@ -50,8 +50,9 @@ def test_quantize_codes_times_scales_reconstruct_the_inputs(qk_int8):
     assert ((k_back - k).abs() <= tol * amax + 1e-6).all()
     q_back = (qc.float() * qs[..., None])[:, :, :150].transpose(1, 2) * (64**0.5) / sa.LOG2E
     assert torch.allclose(q_back, q, atol=(tol * q.abs().amax()).item())
-    v_back = (vt.float() * vs[..., None])[..., :150].permute(0, 3, 1, 2)
-    assert ((v_back - v).abs() <= 2.0**-4 * v.abs().amax(1, keepdim=True) + 1e-6).all()
+    v_back = (vt.float() * vs[..., None])[..., :150].permute(0, 3, 1, 2) + vm[:, None]  # the mean is added back
+    assert torch.allclose(vm[:, None], v.mean(1, keepdim=True), atol=1e-6)
+    assert ((v_back - v).abs() <= 2.0**-4 * (v - vm[:, None]).abs().amax(1, keepdim=True) + 1e-6).all()
 
 
 @pytest.mark.parametrize("qk_int8", [True, False])
@@ -71,6 +72,25 @@ def test_smoothing_k_is_what_keeps_a_biased_key_accurate():
         out = sa.reference(*sa.quantize(q, k, v, qk_int8=True, smooth_k=smooth), 256, 256, torch.float32)
         err[smooth] = ((out - ref).norm() / ref.norm()).item()
     assert err[True] < 0.05 and err[False] > 3 * err[True]
+
+
+def test_smoothing_v_keeps_values_with_a_shared_bias_accurate():
+    """Values = a per-channel bias + small variations (as a linear's bias gives): the mean is
+    taken out before the e4m3 rounding and added back exactly, so the error is that of the
+    variations only: well under the error of quantising the biased values directly."""
+    q, k, _ = qkv(1, 512, 512, 2, 128)
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(1, 1, 2, 128, generator=g) + 0.2 * torch.randn(1, 512, 2, 128, generator=g)
+    ref = exact(q, k, v)
+    packed = list(sa.quantize(q, k, v))
+    smooth = sa.reference(*packed, 512, 512, torch.float32)
+    # the same without smoothing: quantise v itself (a zero mean handed to the kernel)
+    vs = v.abs().amax(1) / sa.FP8_MAX  # [B, H, D]
+    codes = (v / vs[:, None]).to(sa.FP8).permute(0, 2, 3, 1)  # vᵀ [B, H, D, L]
+    packed[4:7] = F.pad(codes, (0, packed[2].shape[2] - 512)).contiguous(), vs, torch.zeros_like(vs)
+    plain = sa.reference(*packed, 512, 512, torch.float32)
+    err = lambda o: ((o - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert err(smooth) < 0.01 and err(plain) > 3 * err(smooth)
 
 
 def test_backend_names_and_errors():

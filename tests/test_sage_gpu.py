@@ -49,5 +49,11 @@ def test_compiled_block_with_the_kernel_matches_eager():
         return fn(q * 1.5, k, v) * 2
 
     eager = f(q, k, v)
-    compiled = torch.compile(f, fullgraph=True)(q, k, v)
-    assert ((compiled.float() - eager.float()).norm() / eager.float().norm()).item() < 1e-2
+    compiled = torch.compile(f, fullgraph=True)(q, k, v)  # fullgraph: a graph break is an error
+    exact = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q * 1.5, k, v))).transpose(1, 2) * 2
+
+    def err(o):
+        return ((o.float() - exact.float()).norm() / exact.float().norm()).item()
+
+    # inductor may round a few codes differently (x·(1/s) for x/s): the same error, not the same bits
+    assert err(compiled) < 0.1 and abs(err(compiled) - err(eager)) < 0.2 * err(eager)

@@ -9,6 +9,8 @@ operations per score: max, one FMA, exp2, add, convert. That is why
   factor c = q_scale · k_scale is a per-row vector, folded into the FMA s·c - m';
 - the ×448 stretch of P into e4m3 is folded into the same FMA (m' = m - log2 448): the row sums
   l carry the same factor 448, which cancels in acc / l;
+- v is quantised with its mean over the keys taken out (added back at the end, exact since the
+  softmax weights sum to one), so its 8 bits carry what differs between keys;
 - vᵀ is stored [D, L] so that the P·V matmul gets its B operand K-major, as the FP8 tensor cores
   require.
 
@@ -67,7 +69,7 @@ def _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM: tl.
 
 
 @triton.jit
-def attn_fwd(Q, QS, K, KS, VT, VS, O, lq, lk, lqp, lkp, heads, stride_ob, stride_ol, stride_oh,
+def attn_fwd(Q, QS, K, KS, VT, VS, VM, O, lq, lk, lqp, lkp, heads, stride_ob, stride_ol, stride_oh,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
              USE_TMA: tl.constexpr, PIPELINE: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -106,7 +108,8 @@ def attn_fwd(Q, QS, K, KS, VT, VS, O, lq, lk, lqp, lkp, heads, stride_ob, stride
         s, kscale = _qk(q, K, ks_ptr, k_row, n_full, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, True)
         acc, l_i, m_i = _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, n_full, lkp, HEAD_DIM, BLOCK_N, USE_TMA)
     vs = tl.load(VS + bh.to(tl.int64) * HEAD_DIM + offs_d)
-    out = acc * vs[None, :] / l_i[:, None]
+    vm = tl.load(VM + bh.to(tl.int64) * HEAD_DIM + offs_d)  # the mean of v taken out before quantising
+    out = acc * vs[None, :] / l_i[:, None] + vm[None, :]
     b = bh // heads
     h = bh % heads
     o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :]

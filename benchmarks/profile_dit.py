@@ -1,0 +1,81 @@
+"""Where a 14B 480p forward spends its time: one compiled forward under torch.profiler, kernels
+grouped into attention / GEMM / other, top kernels listed. Variants as bench_dit.py's compiled
+ones (bf16, fp8, fast).
+
+  python benchmarks/profile_dit.py [--variants fast,bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_dit as bd  # noqa: E402
+
+from wan_core.config import PRESETS  # noqa: E402
+from wan_core.linear import quantize_model  # noqa: E402
+from wan_core.loading.dit import build_model  # noqa: E402
+from wan_core.optimize import compile_blocks  # noqa: E402
+
+
+def group(name: str) -> str:
+    n = name.lower()
+    if "attn" in n or "fmha" in n or "flash" in n or "sdpa" in n or "cudnn" in n:
+        return "attention"
+    if "gemm" in n or "sm90" in n or "cutlass" in n or "matmul" in n or "xmma" in n or "nvjet" in n:
+        return "gemm"
+    if n.startswith("triton"):
+        return "triton (fused elementwise)"
+    return "other"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="fast,bf16")
+    args = ap.parse_args()
+    cfg = PRESETS["t2v-14b"]
+    for variant in args.variants.split(","):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        m = build_model(cfg, None, dtype=torch.bfloat16, device="cuda")
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_(0, 0.02)
+        m.set_attention("sage_triton" if variant == "fast" else "sdpa_cudnn")
+        if variant != "bf16":
+            quantize_model(m, kernel="scaled_mm")
+        compile_blocks(m)
+        x, t, c = bd.inputs(bd.SHAPES["480p"])
+        with torch.inference_mode():
+            for _ in range(2):
+                m(x, t, c)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                m(x, t, c)
+                torch.cuda.synchronize()
+        totals: dict[str, float] = {}
+        kernels: dict[str, float] = {}
+        for e in prof.key_averages():
+            us = e.self_device_time_total
+            if us <= 0:
+                continue
+            totals[group(e.key)] = totals.get(group(e.key), 0.0) + us
+            kernels[e.key] = kernels.get(e.key, 0.0) + us
+        total = sum(totals.values())
+        print(f"\n== {variant}: {total / 1e6:.3f} s of GPU kernels in one 480p forward")
+        for g, us in sorted(totals.items(), key=lambda kv: -kv[1]):
+            print(f"  {g:28s} {us / 1e6:7.3f} s  {100 * us / total:5.1f} %")
+        for k, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:18]:
+            print(f"    {us / 1e3:9.1f} ms  {k[:110]}")
+        del m
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
