@@ -1,6 +1,6 @@
 """Where a 14B 480p forward spends its time: one compiled forward under torch.profiler, kernels
 grouped into attention / GEMM / other, top kernels listed. Variants as bench_dit.py's compiled
-ones (bf16, fp8, fast).
+ones (bf16, fp8, fast); the output's cosine similarity to bf16's (same weights and inputs).
 
   python benchmarks/profile_dit.py [--variants fast,bf16]
 """
@@ -39,6 +39,7 @@ def main():
     ap.add_argument("--variants", default="fast,bf16")
     args = ap.parse_args()
     cfg = PRESETS["t2v-14b"]
+    outs = {}
     for variant in args.variants.split(","):
         torch._dynamo.reset()
         torch.manual_seed(0)
@@ -53,7 +54,7 @@ def main():
         x, t, c = bd.inputs(bd.SHAPES["480p"])
         with torch.inference_mode():
             for _ in range(2):
-                m(x, t, c)
+                outs[variant] = m(x, t, c).float().cpu()
             torch.cuda.synchronize()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 m(x, t, c)
@@ -75,6 +76,9 @@ def main():
         del m
         gc.collect()
         torch.cuda.empty_cache()
+    for v, o in outs.items():
+        if v != "bf16" and "bf16" in outs:
+            print(f"cos({v}, bf16) on the same weights and inputs: {bd.cos(o, outs['bf16']):.5f}")
 
 
 if __name__ == "__main__":
