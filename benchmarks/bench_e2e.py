@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_dit import log  # noqa: E402
+from wan_core import pipeline as wan_pipeline  # noqa: E402
 from wan_core.config import PRESETS  # noqa: E402
 from wan_core.loading.dit import build_model  # noqa: E402
 from wan_core.optimize import compile_blocks  # noqa: E402
@@ -112,6 +113,7 @@ def main():
         pipe = WanPipeline(dit_path="random", task="t2v", device="cuda")
         pipe.spec, pipe.config = ModelSpec(dit="random", device="cuda"), cfg
         pipe.dit, pipe.text_encoder, pipe.vae, pipe.image_encoder = dit, t5, vae, None
+        wan_pipeline.build_dit = lambda spec, dit=dit: dit  # sampling asks the model cache for the DiT: ours
         for run in range(args.runs + 1):  # run 0 compiles
             if handle is not None:
                 handle.unload()

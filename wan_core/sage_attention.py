@@ -114,11 +114,11 @@ def reference(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype=torch.bflo
 
 
 # How the kernel is run on CUDA (set from benchmarks/bench_attention.py on an H100).
-KERNEL_OPTIONS = {"use_tma": True, "pipeline": False}
+KERNEL_OPTIONS = {"use_tma": True, "pipeline": False, "exp16": False}
 
 
 def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype, config: dict | None = None,
-            use_tma: bool | None = None, pipeline: bool | None = None) -> torch.Tensor:
+            use_tma: bool | None = None, pipeline: bool | None = None, exp16: bool | None = None) -> torch.Tensor:
     """Run the kernel; `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) skips the autotuner
     (which needs a GPU: the Triton interpreter used by the CPU tests runs one fixed config)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -127,6 +127,7 @@ def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype
 
     use_tma = KERNEL_OPTIONS["use_tma"] if use_tma is None else use_tma
     pipeline = KERNEL_OPTIONS["pipeline"] if pipeline is None else pipeline
+    exp16 = KERNEL_OPTIONS["exp16"] if exp16 is None else exp16
     b, h, lqp, d = qc.shape
     lkp = kc.shape[2]
     out = torch.empty(b, lq, h, d, dtype=out_dtype, device=qc.device)  # [B, Lq, H, D]
@@ -144,7 +145,7 @@ def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype
     if config is None and qc.device.type != "cuda":
         config = {"BLOCK_M": 64, "BLOCK_N": 64}
     kernel = sage_kernel.attn_fwd if config is not None else sage_kernel.attn_fwd_tuned
-    kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, USE_TMA=use_tma, PIPELINE=pipeline,
+    kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, USE_TMA=use_tma, PIPELINE=pipeline, EXP16=exp16,
                  **(config or {}))
     return out
 

@@ -16,7 +16,8 @@ operations per score: max, one FMA, exp2, add, convert. That is why
 
 USE_TMA loads the q/k/v tiles with the bulk tensor copy engine (host-side tensor descriptors);
 PIPELINE issues the next tile's Q·Kᵀ before this tile's softmax, so that the tensor cores and
-the exp2 units overlap (FlashAttention-3's intra-warpgroup overlap, written out by hand). The
+the exp2 units overlap (FlashAttention-3's intra-warpgroup overlap, written out by hand); EXP16
+takes the exponentials two at a time in half precision (ex2.approx.f16x2; GPU only). The
 last partial key block is masked; padded query rows are computed and not stored.
 """
 
@@ -51,12 +52,18 @@ def _qk(q, K, ks_ptr, row, col, lk, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexp
 
 @triton.jit
 def _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                USE_TMA: tl.constexpr):
+                USE_TMA: tl.constexpr, EXP16: tl.constexpr):
     c = qs * kscale  # [BLOCK_M]: raw score -> log2-domain score
     m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-    p = tl.math.exp2(s * c[:, None] - (m_new - 8.807354922057604)[:, None])  # 448 · exp2(score - max)
+    x = s * c[:, None] - (m_new - 8.807354922057604)[:, None]  # log2 of 448 · exp2(score - max)
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    if EXP16:  # two exponentials per instruction in half precision (ample for an e4m3 result)
+        p = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16,
+                                      is_pure=True, pack=2)
+        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+    else:
+        p = tl.math.exp2(x)
+        l_i = l_i * alpha + tl.sum(p, 1)
     if USE_TMA:
         v = VT.load([v_row, col])  # [D, BLOCK_N]
     else:
@@ -71,7 +78,7 @@ def _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM: tl.
 @triton.jit
 def attn_fwd(Q, QS, K, KS, VT, VS, VM, O, lq, lk, lqp, lkp, heads, stride_ob, stride_ol, stride_oh,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
-             USE_TMA: tl.constexpr, PIPELINE: tl.constexpr):
+             USE_TMA: tl.constexpr, PIPELINE: tl.constexpr, EXP16: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     q_row = bh * lqp + pid_m * BLOCK_M  # row in the [B·H·Lqp, D] view of q
@@ -96,17 +103,19 @@ def attn_fwd(Q, QS, K, KS, VT, VS, VM, O, lq, lk, lqp, lkp, heads, stride_ob, st
                 s_next, kscale_next = _qk(q, K, ks_ptr, k_row, col + BLOCK_N, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA,
                                           False)
                 acc, l_i, m_i = _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N,
-                                            USE_TMA)
+                                            USE_TMA, EXP16)
                 s, kscale = s_next, kscale_next
             acc, l_i, m_i = _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, n_full - BLOCK_N, lkp, HEAD_DIM,
-                                        BLOCK_N, USE_TMA)
+                                        BLOCK_N, USE_TMA, EXP16)
     else:
         for col in range(0, n_full, BLOCK_N):
             s, kscale = _qk(q, K, ks_ptr, k_row, col, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, False)
-            acc, l_i, m_i = _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA)
+            acc, l_i, m_i = _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA,
+                                        EXP16)
     if n_full < lk:
         s, kscale = _qk(q, K, ks_ptr, k_row, n_full, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, True)
-        acc, l_i, m_i = _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, n_full, lkp, HEAD_DIM, BLOCK_N, USE_TMA)
+        acc, l_i, m_i = _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, n_full, lkp, HEAD_DIM, BLOCK_N, USE_TMA,
+                                    EXP16)
     vs = tl.load(VS + bh.to(tl.int64) * HEAD_DIM + offs_d)
     vm = tl.load(VM + bh.to(tl.int64) * HEAD_DIM + offs_d)  # the mean of v taken out before quantising
     out = acc * vs[None, :] / l_i[:, None] + vm[None, :]
@@ -130,4 +139,4 @@ CONFIGS = [
     for bm, bn, w, s in [(64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3),
                          (128, 64, 8, 3), (128, 128, 8, 4)]
 ]
-attn_fwd_tuned = triton.autotune(CONFIGS, key=["lkp", "HEAD_DIM", "QK_INT8", "USE_TMA", "PIPELINE"])(attn_fwd)
+attn_fwd_tuned = triton.autotune(CONFIGS, key=["lkp", "HEAD_DIM", "QK_INT8", "USE_TMA", "PIPELINE", "EXP16"])(attn_fwd)
