@@ -161,19 +161,21 @@ def main():
     for variant in args.compiled.split(",") if args.compile else []:
         # compiled blocks (the default on CUDA); "fp8": FP8 linears (per-channel weights, per-token
         # activations, scaled_mm); "fast": FP8 linears + the 8-bit Triton self-attention;
-        # "fast-accum": the same with cuBLAS fast accumulation in the FP8 GEMMs
+        # "fast-accum": the same with cuBLAS fast accumulation in the FP8 GEMMs; a "+mk" suffix
+        # compiles with inductor's multi-kernel option
         try:
             torch._dynamo.reset()
             m = build_model(cfg, sd, dtype=torch.bfloat16, device="cuda")
             m.set_attention("sage_triton" if variant.startswith("fast") else "sdpa_cudnn")
-            if variant != "bf16":
+            base, mk = variant.split("+")[0], variant.endswith("+mk")
+            if base != "bf16":
                 from wan_core.linear import quantize_model
 
-                quantize_model(m, kernel="scaled_mm_fast" if variant == "fast-accum" else "scaled_mm")
+                quantize_model(m, kernel="scaled_mm_fast" if base == "fast-accum" else "scaled_mm")
                 gc.collect()
                 torch.cuda.empty_cache()
-            for blk in m.blocks:
-                blk.compile()
+            for blk in m.blocks:  # "+mk": inductor's multi-kernel (persistent reductions up to 16k wide)
+                blk.compile(options={"triton.multi_kernel": 1} if mk else None)
             t0 = time.time()
             with torch.inference_mode():
                 x, t, c = inputs(SHAPES["480p"])

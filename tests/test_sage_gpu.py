@@ -27,13 +27,12 @@ def test_kernel_equals_reference_and_is_close_to_sdpa(qk_int8, lq, lk):
     # INT8 scores are exact; FP8 ones differ from torch's by the tensor cores' summation, which
     # moves some P roundings to the neighbouring e4m3 value
     tol = 2e-3 if qk_int8 else 1e-2
-    combos = itertools.product(((128, 128, 8), (64, 64, 4)), (False, True), (False, True), (False, True))
-    for (bm, bn, w), tma, pipe, e16 in combos:
+    combos = itertools.product(((128, 128, 8), (64, 64, 4), (64, 256, 4)), (False, True), (False, True))
+    for (bm, bn, w), tma, pipe in combos:
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w}
-        out = sa._launch(*packed, lq, lk, torch.float32, config=cfg, use_tma=tma, pipeline=pipe, exp16=e16)
+        out = sa._launch(*packed, lq, lk, torch.float32, config=cfg, use_tma=tma, pipeline=pipe)
         ref = sa.reference(*packed, lq, lk, torch.float32, block_n=bn)
-        # half-precision exponentials move more P roundings
-        assert ((out - ref).norm() / ref.norm()).item() < (2 * tol if e16 else tol), (cfg, tma, pipe, e16)
+        assert ((out - ref).norm() / ref.norm()).item() < tol, (cfg, tma, pipe)
     out = get_attention("sage_triton_int8" if qk_int8 else "sage_triton", "cuda")(q, k, v)  # autotuned
     exact = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape

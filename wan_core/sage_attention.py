@@ -31,8 +31,8 @@ __all__ = ["quantize", "reference", "sage_fp8_attention", "available", "PAD"]
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-PAD = 128  # token padding of the quantised tensors: a multiple of every BLOCK_M / BLOCK_N tried
-KBLK = 128  # keys per k scale (sage_kernel.KBLK): every BLOCK_N divides it
+PAD = 256  # token padding of the quantised tensors: a multiple of every BLOCK_M / BLOCK_N tried
+KBLK = 256  # keys per k scale: every BLOCK_N tried divides it
 LOG2E = 1.4426950408889634
 
 
@@ -114,11 +114,11 @@ def reference(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype=torch.bflo
 
 
 # How the kernel is run on CUDA (set from benchmarks/bench_attention.py on an H100).
-KERNEL_OPTIONS = {"use_tma": True, "pipeline": False, "exp16": False}
+KERNEL_OPTIONS = {"use_tma": True, "pipeline": True}
 
 
 def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype, config: dict | None = None,
-            use_tma: bool | None = None, pipeline: bool | None = None, exp16: bool | None = None) -> torch.Tensor:
+            use_tma: bool | None = None, pipeline: bool | None = None) -> torch.Tensor:
     """Run the kernel; `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) skips the autotuner
     (which needs a GPU: the Triton interpreter used by the CPU tests runs one fixed config)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -127,7 +127,6 @@ def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype
 
     use_tma = KERNEL_OPTIONS["use_tma"] if use_tma is None else use_tma
     pipeline = KERNEL_OPTIONS["pipeline"] if pipeline is None else pipeline
-    exp16 = KERNEL_OPTIONS["exp16"] if exp16 is None else exp16
     b, h, lqp, d = qc.shape
     lkp = kc.shape[2]
     out = torch.empty(b, lq, h, d, dtype=out_dtype, device=qc.device)  # [B, Lq, H, D]
@@ -145,7 +144,7 @@ def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype
     if config is None and qc.device.type != "cuda":
         config = {"BLOCK_M": 64, "BLOCK_N": 64}
     kernel = sage_kernel.attn_fwd if config is not None else sage_kernel.attn_fwd_tuned
-    kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, USE_TMA=use_tma, PIPELINE=pipeline, EXP16=exp16,
+    kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, USE_TMA=use_tma, PIPELINE=pipeline, KBLK=KBLK,
                  **(config or {}))
     return out
 

@@ -16,8 +16,7 @@ operations per score: max, one FMA, exp2, add, convert. That is why
 
 USE_TMA loads the q/k/v tiles with the bulk tensor copy engine (host-side tensor descriptors);
 PIPELINE issues the next tile's Q·Kᵀ before this tile's softmax, so that the tensor cores and
-the exp2 units overlap (FlashAttention-3's intra-warpgroup overlap, written out by hand); EXP16
-takes the exponentials two at a time in half precision (ex2.approx.f16x2; GPU only). The
+the exp2 units overlap (FlashAttention-3's intra-warpgroup overlap, written out by hand). The
 last partial key block is masked; padded query rows are computed and not stored.
 """
 
@@ -26,13 +25,12 @@ import triton.language as tl
 
 __all__ = ["attn_fwd", "attn_fwd_tuned", "KBLK", "CONFIGS"]
 
-KBLK = 128  # keys per k scale; every BLOCK_N divides it
-LOG2_448 = 8.807354922057604
+KBLK = 256  # keys per k scale (the KBLK argument); every BLOCK_N divides it
 
 
 @triton.jit
 def _qk(q, K, ks_ptr, row, col, lk, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
-        USE_TMA: tl.constexpr, MASK: tl.constexpr):
+        USE_TMA: tl.constexpr, MASK: tl.constexpr, KBLK: tl.constexpr):
     """Raw scores of one key tile [BLOCK_M, BLOCK_N] (not yet dequantised) and its k scale."""
     if USE_TMA:
         k = K.load([row + col, 0])  # [BLOCK_N, D]
@@ -47,23 +45,17 @@ def _qk(q, K, ks_ptr, row, col, lk, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexp
     if MASK:
         cols = col + tl.arange(0, BLOCK_N)
         s = tl.where((cols < lk)[None, :], s, float("-inf"))
-    return s, tl.load(ks_ptr + col // 128)
+    return s, tl.load(ks_ptr + col // KBLK)
 
 
 @triton.jit
 def _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                USE_TMA: tl.constexpr, EXP16: tl.constexpr):
+                USE_TMA: tl.constexpr):
     c = qs * kscale  # [BLOCK_M]: raw score -> log2-domain score
     m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-    x = s * c[:, None] - (m_new - 8.807354922057604)[:, None]  # log2 of 448 · exp2(score - max)
+    p = tl.math.exp2(s * c[:, None] - (m_new - 8.807354922057604)[:, None])  # 448 · exp2(score - max)
     alpha = tl.math.exp2(m_i - m_new)
-    if EXP16:  # two exponentials per instruction in half precision (ample for an e4m3 result)
-        p = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16,
-                                      is_pure=True, pack=2)
-        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
-    else:
-        p = tl.math.exp2(x)
-        l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + tl.sum(p, 1)
     if USE_TMA:
         v = VT.load([v_row, col])  # [D, BLOCK_N]
     else:
@@ -78,7 +70,7 @@ def _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM: tl.
 @triton.jit
 def attn_fwd(Q, QS, K, KS, VT, VS, VM, O, lq, lk, lqp, lkp, heads, stride_ob, stride_ol, stride_oh,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
-             USE_TMA: tl.constexpr, PIPELINE: tl.constexpr, EXP16: tl.constexpr):
+             USE_TMA: tl.constexpr, PIPELINE: tl.constexpr, KBLK: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     q_row = bh * lqp + pid_m * BLOCK_M  # row in the [B·H·Lqp, D] view of q
@@ -91,31 +83,29 @@ def attn_fwd(Q, QS, K, KS, VT, VS, VM, O, lq, lk, lqp, lkp, heads, stride_ob, st
     else:
         q = tl.load(Q + (q_row + tl.arange(0, BLOCK_M))[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :])
     qs = tl.load(QS + bh.to(tl.int64) * lqp + offs_m)
-    ks_ptr = KS + bh.to(tl.int64) * (lkp // 128)
+    ks_ptr = KS + bh.to(tl.int64) * (lkp // KBLK)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_full = (lk // BLOCK_N) * BLOCK_N
     if PIPELINE:
         if n_full > 0:
-            s, kscale = _qk(q, K, ks_ptr, k_row, 0, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, False)
+            s, kscale = _qk(q, K, ks_ptr, k_row, 0, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, False, KBLK)
             for col in range(0, n_full - BLOCK_N, BLOCK_N):
                 s_next, kscale_next = _qk(q, K, ks_ptr, k_row, col + BLOCK_N, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA,
-                                          False)
+                                          False, KBLK)
                 acc, l_i, m_i = _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N,
-                                            USE_TMA, EXP16)
+                                            USE_TMA)
                 s, kscale = s_next, kscale_next
             acc, l_i, m_i = _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, n_full - BLOCK_N, lkp, HEAD_DIM,
-                                        BLOCK_N, USE_TMA, EXP16)
+                                        BLOCK_N, USE_TMA)
     else:
         for col in range(0, n_full, BLOCK_N):
-            s, kscale = _qk(q, K, ks_ptr, k_row, col, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, False)
-            acc, l_i, m_i = _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA,
-                                        EXP16)
+            s, kscale = _qk(q, K, ks_ptr, k_row, col, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, False, KBLK)
+            acc, l_i, m_i = _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA)
     if n_full < lk:
-        s, kscale = _qk(q, K, ks_ptr, k_row, n_full, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, True)
-        acc, l_i, m_i = _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, n_full, lkp, HEAD_DIM, BLOCK_N, USE_TMA,
-                                    EXP16)
+        s, kscale = _qk(q, K, ks_ptr, k_row, n_full, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, True, KBLK)
+        acc, l_i, m_i = _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, n_full, lkp, HEAD_DIM, BLOCK_N, USE_TMA)
     vs = tl.load(VS + bh.to(tl.int64) * HEAD_DIM + offs_d)
     vm = tl.load(VM + bh.to(tl.int64) * HEAD_DIM + offs_d)  # the mean of v taken out before quantising
     out = acc * vs[None, :] / l_i[:, None] + vm[None, :]
@@ -137,6 +127,6 @@ def _set_block_shapes(nargs):
 CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
     for bm, bn, w, s in [(64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-                         (128, 64, 8, 3), (128, 128, 8, 4)]
+                         (128, 64, 8, 3), (128, 128, 8, 4), (64, 256, 4, 2), (128, 256, 8, 2)]
 ]
-attn_fwd_tuned = triton.autotune(CONFIGS, key=["lkp", "HEAD_DIM", "QK_INT8", "USE_TMA", "PIPELINE", "EXP16"])(attn_fwd)
+attn_fwd_tuned = triton.autotune(CONFIGS, key=["lkp", "HEAD_DIM", "QK_INT8", "USE_TMA", "PIPELINE"])(attn_fwd)
