@@ -191,7 +191,7 @@ def main():
         torch.cuda.empty_cache()
     if "ours_compiled" in outputs:
         for k, v in outputs.items():
-            if k.startswith("ours_f") and "480p" in v:
+            if k.startswith("ours_") and k != "ours_compiled" and "480p" in v:
                 RESULTS[f"cos_{k}_vs_ours_bf16_480p"] = cos(v["480p"], outputs["ours_compiled"]["480p"])
     if "comfy" in outputs:
         for k, v in outputs.items():
