@@ -167,15 +167,17 @@ def main():
             torch._dynamo.reset()
             m = build_model(cfg, sd, dtype=torch.bfloat16, device="cuda")
             m.set_attention("sage_triton" if variant.startswith("fast") else "sdpa_cudnn")
-            base, mk = variant.split("+")[0], variant.endswith("+mk")
+            base = variant.split("+")[0]
+            mk = 2 if variant.endswith("+mk2") else 1 if variant.endswith("+mk") else 0
             if base != "bf16":
                 from wan_core.linear import quantize_model
 
                 quantize_model(m, kernel="scaled_mm_fast" if base == "fast-accum" else "scaled_mm")
                 gc.collect()
                 torch.cuda.empty_cache()
-            for blk in m.blocks:  # "+mk": inductor's multi-kernel (persistent reductions up to 16k wide)
-                blk.compile(options={"triton.multi_kernel": 1} if mk else None)
+            for blk in m.blocks:  # "+mk": inductor's multi-kernel (persistent reductions up to 16k wide
+                # where they time faster), "+mk2": persistent reductions forced
+                blk.compile(options={"triton.multi_kernel": mk} if mk else None)
             t0 = time.time()
             with torch.inference_mode():
                 x, t, c = inputs(SHAPES["480p"])
