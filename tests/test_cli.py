@@ -59,7 +59,7 @@ def test_t2v_with_lightx2v_config_writes_the_video(tiny, tmp_path, capsys):
     out = tmp_path / "out" / "video.mp4"
     with pytest.warns(UserWarning) as warned:
         rc = main(["--model_cls", "wan2.1_distill", "--task", "t2v", "--model_path", tiny["t2v"],
-                   "--config_json", _config(tmp_path), "--prompt", "a fox", "--seed", "3",
+                   "--config_json", _config(tmp_path, cross_attn_1_type="sage_attn2"), "--prompt", "a fox", "--seed", "3",
                    "--save_result_path", str(out), "--use_prompt_enhancer"])  # fmt: skip
     err = capsys.readouterr().err
     warned = " ".join(str(w.message) for w in warned)
@@ -70,6 +70,7 @@ def test_t2v_with_lightx2v_config_writes_the_video(tiny, tmp_path, capsys):
     for line in ("text encode:", "step 1/4", "step 4/4", "vae decode:", "save:"):
         assert line in err
     assert "self_attn_1_type='flash_attn3' cannot run here" in warned  # not installed: falls back, with a warning
+    assert "cross_attn_1_type='sage_attn2' cannot run here" in warned  # our Triton kernel: CUDA only
     assert "--use_prompt_enhancer is accepted for LightX2V compatibility and ignored" in warned
 
 

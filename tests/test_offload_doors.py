@@ -162,7 +162,7 @@ def test_cli_keys_reach_enable_offload(model_dir, resident, calls, tmp_path, cap
     assert rc == 0, err
     assert calls == [dict(granularity="block", resident_blocks=None, vram_budget_gb=0.5, prefetch=2, device="cpu")]
     assert rel_err(latent, resident.latent) <= TOL
-    dit = build_dit(ModelSpec(dit=model_dir, dtype="fp32", device="cpu", attention="auto", cross_attention="auto",
+    dit = build_dit(ModelSpec(dit=model_dir, dtype="fp32", device="cpu", attention="auto", cross_attention=None,
                               offload="block", offload_budget_gb=0.5, offload_prefetch=2))  # fmt: skip
     handle = offload_handle(dit)
     assert handle.plan.tokens == 1 * 2 * 2 * 3 and handle.plan.fits  # latent [1, 16, 2, 4, 6], patch 1x2x2

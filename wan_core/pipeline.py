@@ -120,9 +120,9 @@ def _fp8_choice(scheme: str | None, device: str) -> str:
         return "auto"
 
 
-def _attention_choice(name: str | None, fallback: str, device: str, key: str) -> str:
-    """A backend named in a config is a preference: if it cannot run here (package missing, or a sparse
-    attention wan_core does not have), warn and use `fallback`."""
+def _attention_choice(name: str | None, fallback: str | None, device: str, key: str) -> str | None:
+    """A backend named in a config is a preference: if it cannot run here (package missing, a GPU
+    kernel on a CPU, or a sparse attention wan_core does not have), warn and use `fallback`."""
     from .attention import get_attention
 
     if name is None:
@@ -130,8 +130,9 @@ def _attention_choice(name: str | None, fallback: str, device: str, key: str) ->
     try:
         get_attention(name, device)
         return name
-    except (ImportError, ValueError) as e:
-        warnings.warn(f"config {key}={name!r} cannot run here ({e}); using {fallback!r}", stacklevel=3)
+    except (ImportError, ValueError, RuntimeError) as e:
+        instead = repr(fallback) if fallback is not None else "the self-attention's backend (exact SDPA if that is 8-bit)"
+        warnings.warn(f"config {key}={name!r} cannot run here ({e}); using {instead}", stacklevel=3)
         return fallback
 
 
@@ -322,7 +323,8 @@ class WanPipeline:
         if cfg.dit_quantized:
             spec = spec.replace(fp8=_fp8_choice(cfg.dit_quant_scheme, dev))
         self_attn = _attention_choice(cfg.self_attn_1_type, self.attention, dev, "self_attn_1_type")
-        cross_attn = _attention_choice(cfg.cross_attn_1_type, self_attn, dev, "cross_attn_1_type")
+        # no cross_attn_1_type: the model's rule (the self-attention backend, or exact SDPA when that is 8-bit)
+        cross_attn = _attention_choice(cfg.cross_attn_1_type, None, dev, "cross_attn_1_type")
         if cfg.cross_attn_2_type not in (None, cfg.cross_attn_1_type):
             warnings.warn("cross_attn_2_type differs from cross_attn_1_type: wan_core runs one cross-attention backend (cross_attn_1_type)", stacklevel=2)
         self.spec = spec.replace(attention=self_attn, cross_attention=cross_attn)
