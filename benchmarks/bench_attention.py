@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_dit import timeit  # noqa: E402
 from wan_core import sage_attention as sa  # noqa: E402
 from wan_core import sage_kernel  # noqa: E402
 from wan_core.attention import get_attention  # noqa: E402
@@ -26,19 +27,8 @@ from wan_core.attention import get_attention  # noqa: E402
 TOKENS = {"480p": 32760, "720p": 75600}
 
 
-def bench(fn, reps=10):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e) / 1e3)
-    return sorted(ts)[len(ts) // 2]
+def bench(fn) -> float:
+    return timeit(fn, warm=2, reps=10)[0]  # median seconds, CUDA events
 
 
 def main():
