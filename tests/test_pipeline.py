@@ -257,6 +257,36 @@ def test_stage_methods_compose_to_generate(models):
     assert len(seen) == 2
 
 
+def test_saved_video_is_encoded_while_decoding_and_a_failed_decode_leaves_no_file(models, tmp_path, monkeypatch):
+    """generate(save_result_path=...) feeds the mp4 writer chunk by chunk during the VAE decode:
+    the file holds exactly the returned frames (as write_video would write them); if the decode
+    fails midway, the error surfaces, no partial file is left, and the pipeline runs again."""
+    from wan_core.video import read_video, write_video
+
+    pipe = WanPipeline(models["t2v", "wan"], dtype="fp32", device="cpu").create_generator(infer_steps=2, **T2V)
+    out = tmp_path / "run.mp4"
+    res = pipe.generate(3, PROMPT, save_result_path=str(out))
+    write_video(tmp_path / "after.mp4", res.frames)
+    assert torch.equal(read_video(out)[0], read_video(tmp_path / "after.mp4")[0])
+    assert {"vae_decode", "save"} <= set(res.timings)
+
+    decode = type(pipe.vae).decode
+
+    def failing(self, latent, on_frames=None, **kw):
+        def one_then_fail(chunk):
+            on_frames(chunk)
+            raise RuntimeError("decoder failed")
+
+        return decode(self, latent, on_frames=one_then_fail, **kw)
+
+    monkeypatch.setattr(type(pipe.vae), "decode", failing)
+    with pytest.raises(RuntimeError, match="decoder failed"):
+        pipe.generate(3, PROMPT, save_result_path=str(tmp_path / "failed.mp4"))
+    assert not (tmp_path / "failed.mp4").exists()
+    monkeypatch.setattr(type(pipe.vae), "decode", decode)
+    assert torch.equal(pipe.generate(3, PROMPT, save_result_path=str(tmp_path / "again.mp4")).frames, res.frames)
+
+
 # ----------------------------------------------------------------------------------------------
 # the DiT cache with FP8 and LoRAs: strength changes and removal without reading the base again
 

@@ -98,6 +98,21 @@ def test_tiled_decode_equals_plain_decode(monkeypatch):
     assert _rel(seams, plain) > 1e-2
 
 
+def test_decode_hands_over_each_chunk_as_it_is_made():
+    """on_frames (the pipeline encodes the mp4 with it while decoding): frame 0, then 4 frames per
+    latent frame, each a finished copy of the result's frames at that moment; tiled: once."""
+    model = WanVAE(WanVAEConfig(dim=4, num_res_blocks=1)).eval()
+    _randomize(model, seed=2)
+    latent = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(4))
+    chunks = []
+    out = model.decode(latent, on_frames=lambda c: chunks.append(c.clone()))
+    assert [c.shape[2] for c in chunks] == [1, 4, 4]
+    assert torch.equal(torch.cat(chunks, dim=2), out)
+    tiled = []
+    model.decode(latent, tile_size=2, on_frames=tiled.append)
+    assert len(tiled) == 1 and tiled[0].shape == out.shape
+
+
 def test_channels_last_layout_same_result_and_kept_throughout(pair, monkeypatch):
     """The channels-last activation layout (the CUDA default) gives the plain layout's numbers,
     and none of our ops silently falls back to the plain layout on the way (every conv input

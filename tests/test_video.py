@@ -135,3 +135,47 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "junk.mp4").write_bytes(b"this is not a video")
     with pytest.raises(ValueError, match="not a readable video"):
         read_video(tmp_path / "junk.mp4")
+
+
+def test_chunked_background_writer_equals_one_shot(tmp_path):
+    """The writer the pipeline feeds while the VAE decodes: chunks on a worker thread give the
+    same video as one `write_video` call (x264 is deterministic for the same frames)."""
+    from wan_core.video import VideoWriter
+
+    frames = _smooth(t=13)
+    write_video(tmp_path / "one.mp4", frames)
+    with VideoWriter(tmp_path / "chunks.mp4", layout="wan", background=True) as w:
+        wan = frames_to_wan(frames)  # [3, T, H, W] in [-1, 1], as the VAE hands it over
+        for sl in (slice(0, 1), slice(1, 5), slice(5, 9), slice(9, 13)):
+            w.write(wan[:, sl])
+    one, _ = read_video(tmp_path / "one.mp4")
+    chunks, fps = read_video(tmp_path / "chunks.mp4")
+    assert fps == 16 and torch.equal(one, chunks)
+
+
+def test_writer_errors_leave_no_partial_file_and_keep_an_old_one(tmp_path):
+    from wan_core.video import VideoWriter
+
+    out = tmp_path / "v.mp4"
+    write_video(out, _smooth(t=3))
+    before = out.read_bytes()
+    # a bad first chunk: refused before anything is opened, the existing file is untouched
+    with pytest.raises(ValueError, match="layout must be"):
+        write_video(out, torch.rand(2, 16, 16, 3), layout="nchw")
+    assert out.read_bytes() == before
+    # a NaN chunk found by the worker thread: raised at close, the partial file removed
+    w = VideoWriter(out, background=True)
+    w.write(_smooth(t=2))
+    w.write(torch.full((2, 48, 64, 3), float("nan")))
+    with pytest.raises(ValueError, match="NaN"):
+        w.close()
+    assert not out.exists()
+    # chunks of different sizes; a writer given nothing
+    w = VideoWriter(out)
+    w.write(_smooth(t=2))
+    with pytest.raises(ValueError, match="64x48"):
+        w.write(_smooth(t=2, h=32))
+    w.abort()
+    assert not out.exists()
+    with pytest.raises(ValueError, match="no frames"):
+        VideoWriter(out).close()

@@ -503,13 +503,18 @@ class WanPipeline:
             log.info("%s", self.cache_report.summary())
         return latent
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Final latent -> frames [T, H, W, 3] float32 in [0, 1] on the CPU."""
+    def decode(self, latent: torch.Tensor, on_frames: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Final latent -> frames [T, H, W, 3] float32 in [0, 1] on the CPU.
+
+        on_frames: handed each decoded chunk of frames (Wan layout [3, t, H, W] in [-1, 1]) as it
+        is produced, e.g. a background `VideoWriter.write`.
+        """
         from .video import wan_to_frames
 
         tile = VAE_TILE if self.config.use_tiling_vae else None
+        chunk = (lambda c: on_frames(c[0])) if on_frames is not None else None  # noqa: E731  ([1, 3, t, H, W])
         with torch.no_grad(), component_loaded(self.vae, self._need_spec(), "vae"):
-            video = self.vae.decode(latent, tile_size=tile, out_device="cpu")  # [1, 3, T, H, W] in [-1, 1]
+            video = self.vae.decode(latent, tile_size=tile, out_device="cpu", on_frames=chunk)  # [1, 3, T, H, W]
         return wan_to_frames(video[0])
 
     # ------------------------------------------------------------------ the whole run
@@ -586,16 +591,24 @@ class WanPipeline:
                 latent = self.sample(noise, cond, uncond, image_cond, callback=on_step)
             finally:
                 bar.close()
-        with stage("vae_decode"):
-            frames = self.decode(latent)
-        path = None
+        writer = None
         if save_result_path and (self.parallel_run is None or self.parallel_run.is_main):
-            from .video import write_video
+            from .video import VideoWriter
 
+            os.makedirs(os.path.dirname(os.path.abspath(save_result_path)), exist_ok=True)
+            # encoded on a worker thread while the VAE decodes the next frames; "save" is the rest
+            writer = VideoWriter(save_result_path, fps=cfg.fps, layout="wan", background=True)
+        try:
+            with stage("vae_decode"):
+                frames = self.decode(latent, on_frames=writer.write if writer is not None else None)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        path = None
+        if writer is not None:
             with stage("save"):
-                folder = os.path.dirname(os.path.abspath(save_result_path))
-                os.makedirs(folder, exist_ok=True)
-                write_video(save_result_path, frames, fps=cfg.fps)
+                writer.close()
             path = save_result_path
         peak = torch.cuda.max_memory_allocated(dev) if torch.device(dev).type == "cuda" else None
         result = GenerationResult(

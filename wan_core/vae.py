@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -459,6 +460,7 @@ class WanVAE(nn.Module):
         latents: torch.Tensor,
         tile_size: int | tuple[int, int] | None = None,
         out_device: torch.device | str | None = None,
+        on_frames: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Normalised latent `[B, 16, T, h, w]` -> video `[B, 3, 1 + 4(T-1), 8h, 8w]` in [-1, 1], float32.
 
@@ -470,7 +472,9 @@ class WanVAE(nn.Module):
         rounding: on an H100, bitwise equal in fp32 with TF32 off; in bf16 max abs 0.035 (rel L2
         4.5e-3), the noise of differently sized convs. 480x832, tile 32: peak 1.83 GiB instead
         of 3.55, 2.6x the time (the halo is recomputed per tile).
-        `out_device` puts the video elsewhere (e.g. "cpu") as it is produced.
+        `out_device` puts the video elsewhere (e.g. "cpu") as it is produced. `on_frames` is
+        handed each finished chunk `[B, 3, t, 8h, 8w]` (a view of the result) as soon as it is
+        decoded, e.g. to encode a video while the rest decodes (tiled: once, at the end).
         """
         b, zc, t, h, w = latents.shape
         r, s = self.config.temporal_ratio, self.config.spatial_ratio
@@ -488,6 +492,8 @@ class WanVAE(nn.Module):
             cache: StreamCache = {}
             for i in range(t):
                 out[:, :, frames(i)] = self.decoder(x[:, :, i : i + 1], cache).clamp_(-1, 1)
+                if on_frames is not None:
+                    on_frames(out[:, :, frames(i)])
             return out
 
         th, tw = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
@@ -503,6 +509,8 @@ class WanVAE(nn.Module):
                     y = self.decoder.upper(self._layout(feats[:, :, i : i + 1, ry0:ry1, rx0:rx1]), tile_cache)
                     core = y[:, :, :, (y0 - ry0) * s : (y1 - ry0) * s, (x0 - rx0) * s : (x1 - rx0) * s]
                     out[:, :, frames(i), y0 * s : y1 * s, x0 * s : x1 * s] = core.clamp(-1, 1)
+        if on_frames is not None:
+            on_frames(out)
         return out
 
     @classmethod
