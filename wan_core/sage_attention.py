@@ -119,21 +119,31 @@ def reference(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype=torch.bflo
 KERNEL_OPTIONS = {"use_tma": True, "pipeline": False}
 
 
+def _tma_possible(device: torch.device) -> bool:
+    """Tensor-descriptor (TMA) loads need Hopper or newer and a Triton that has host descriptors
+    (3.3+); elsewhere (Ada, older Triton) the kernel loads through pointers."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton.tools.tensor_descriptor") is None:
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype, config: dict | None = None,
             use_tma: bool | None = None, pipeline: bool | None = None) -> torch.Tensor:
     """Run the kernel; `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) skips the autotuner
     (which needs a GPU: the Triton interpreter used by the CPU tests runs one fixed config)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     from . import sage_kernel
 
-    use_tma = KERNEL_OPTIONS["use_tma"] if use_tma is None else use_tma
+    use_tma = (KERNEL_OPTIONS["use_tma"] and _tma_possible(qc.device)) if use_tma is None else use_tma
     pipeline = KERNEL_OPTIONS["pipeline"] if pipeline is None else pipeline
     b, h, lqp, d = qc.shape
     lkp = kc.shape[2]
     out = torch.empty(b, lq, h, d, dtype=out_dtype, device=qc.device)  # [B, Lq, H, D]
     qv, kv, vv = qc.view(b * h * lqp, d), kc.view(b * h * lkp, d), vt.view(b * h * d, lkp)
     if use_tma:  # tile shapes are set per config (autotuner pre-hook, or below)
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
         bm, bn = (config["BLOCK_M"], config["BLOCK_N"]) if config else (64, 64)
         qv = TensorDescriptor.from_tensor(qv, [bm, d])
         kv = TensorDescriptor.from_tensor(kv, [bn, d])
