@@ -70,32 +70,33 @@ def main():
             rows.append(dict(res=res, name=name + " (compiled)", s=t, tflops=flop / t / 1e12, cos=c, rel=rel))
             print(rows[-1], flush=True)
             packed = sa.quantize(q, k, v, qk_int8=name == "sage_triton_int8")
-            if args.quick:  # (tma, pipeline)
-                combos = [(True, False), (True, True)]
+            if args.quick:  # (tma, pipeline, warp specialisation)
+                combos = [(True, False, False), (True, True, False), (True, False, True)]
             elif res == "480p":
-                combos = [(True, True), (True, False), (False, True), (False, False)]
+                combos = [(True, True, False), (True, False, False), (False, True, False), (False, False, False),
+                          (True, False, True)]
             else:
-                combos = [(None, None)]
-            for tma, pipe in combos:
+                combos = [(None, None, None)]
+            for tma, pipe, ws in combos:
                 try:
-                    o = sa._launch(*packed, L, L, torch.bfloat16, use_tma=tma, pipeline=pipe).float()
+                    o = sa._launch(*packed, L, L, torch.bfloat16, use_tma=tma, pipeline=pipe, warp_spec=ws).float()
                     c2 = F.cosine_similarity(o.flatten(), ref.flatten(), 0).item()
-                    t = bench(lambda packed=packed, n=L, kw=dict(use_tma=tma, pipeline=pipe):
+                    t = bench(lambda packed=packed, n=L, kw=dict(use_tma=tma, pipeline=pipe, warp_spec=ws):
                               sa._launch(*packed, n, n, torch.bfloat16, **kw))
                     best = str(sage_kernel.attn_fwd_tuned.best_config).split(", num_ctas")[0]
                     rel2 = ((o - ref).norm() / ref.norm()).item()
-                    rows.append(dict(res=res, name=f"{name} kernel tma={tma} pipe={pipe}", s=t,
-                                     tflops=flop / t / 1e12, cos=c2, rel=rel2, config=best, tma=tma, pipe=pipe,
+                    rows.append(dict(res=res, name=f"{name} kernel tma={tma} pipe={pipe} ws={ws}", s=t,
+                                     tflops=flop / t / 1e12, cos=c2, rel=rel2, config=best, tma=tma, pipe=pipe, ws=ws,
                                      qk=name))
                 except Exception as e:  # a variant that fails to compile is reported, not fatal
-                    rows.append(dict(res=res, name=f"{name} kernel tma={tma} pipe={pipe}", s=float("nan"),
+                    rows.append(dict(res=res, name=f"{name} kernel tma={tma} pipe={pipe} ws={ws}", s=float("nan"),
                                      tflops=0.0, cos=0.0, rel=0.0, config=repr(e)[:200]))
                 print(rows[-1], flush=True)
             if res == "480p":  # the fastest FP8 variant becomes the default for what follows
                 fast = [r for r in rows if r.get("qk") == name and r["tflops"] > 0]
                 if fast and name == "sage_triton":
                     top = max(fast, key=lambda r: r["tflops"])
-                    sa.KERNEL_OPTIONS.update(use_tma=top["tma"], pipeline=top["pipe"])
+                    sa.KERNEL_OPTIONS.update(use_tma=top["tma"], pipeline=top["pipe"], warp_spec=top["ws"])
                     R["best_options"] = dict(sa.KERNEL_OPTIONS)
                     print("best", R["best_options"], flush=True)
         q = k = v = ref = packed = None

@@ -107,16 +107,17 @@ import triton_interp  # noqa: F401  (before any kernel is defined)
 import torch
 from wan_core import sage_attention as sa
 res = {{}}
-for qk_int8, tma, pipe in ((True, False, False), (False, False, True), (False, True, True), (True, True, False)):
+for qk_int8, tma, pipe, ws in ((True, False, False, False), (False, False, True, False), (False, True, True, False),
+                               (True, True, False, False), (False, True, False, True)):
     for (b, lq, lk, h, bn) in ((2, 200, 200, 2, 64), (1, 70, 300, 3, 128)):
         g = torch.Generator().manual_seed(lq + lk)
         q = torch.randn(b, lq, h, 128, generator=g)
         k = torch.randn(b, lk, h, 128, generator=g) + 2.0
         v = torch.randn(b, lk, h, 128, generator=g)
         packed = sa.quantize(q, k, v, qk_int8=qk_int8)
-        out = sa._launch(*packed, lq, lk, torch.float32, config={{"BLOCK_M": 64, "BLOCK_N": bn}}, use_tma=tma, pipeline=pipe)
+        out = sa._launch(*packed, lq, lk, torch.float32, config={{"BLOCK_M": 64, "BLOCK_N": bn}}, use_tma=tma, pipeline=pipe, warp_spec=ws)
         ref = sa.reference(*packed, lq, lk, torch.float32, block_n=bn)
-        res[f"{{qk_int8}}{{tma}}{{pipe}}-{{lq}}-{{lk}}"] = [((out - ref).norm() / ref.norm()).item(), list(out.shape), out.stride()[1]]
+        res[f"{{qk_int8}}{{tma}}{{pipe}}{{ws}}-{{lq}}-{{lk}}"] = [((out - ref).norm() / ref.norm()).item(), list(out.shape), out.stride()[1]]
 print(json.dumps(res))
 """
 
@@ -132,7 +133,7 @@ def test_triton_kernel_equals_reference_in_the_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(res) == 8
+    assert len(res) == 10
     for key, (rel, shape, stride_l) in res.items():
         assert rel < 1e-3, (key, rel)  # only e4m3 roundings of P at ties may differ (exp2 argument order)
         lq = int(key.split("-")[1])

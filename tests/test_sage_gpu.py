@@ -33,11 +33,26 @@ def test_kernel_equals_reference_and_is_close_to_sdpa(qk_int8, lq, lk):
         out = sa._launch(*packed, lq, lk, torch.float32, config=cfg, use_tma=tma, pipeline=pipe)
         ref = sa.reference(*packed, lq, lk, torch.float32, block_n=bn)
         assert ((out - ref).norm() / ref.norm()).item() < tol, (cfg, tma, pipe)
+
     out = get_attention("sage_triton_int8" if qk_int8 else "sage_triton", "cuda")(q, k, v)  # autotuned
     exact = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
     c = torch.nn.functional.cosine_similarity(out.flatten().float(), exact.flatten().float(), 0).item()
     assert c >= 0.995
+
+
+def test_warp_specialised_variant_equals_reference_where_it_compiles():
+    """Triton's automatic warp specialisation (an option, off by default until measured): when
+    this Triton compiles it for this GPU, the result is the same function."""
+    q, k, v = _qkv(1, 1000, 1300, 4)
+    packed = sa.quantize(q, k, v)
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8}
+    try:
+        out = sa._launch(*packed, 1000, 1300, torch.float32, config=cfg, warp_spec=True)
+    except Exception as e:  # noqa: BLE001  (bench_attention.py reports which builds support it)
+        pytest.skip(f"warp specialisation does not compile here: {e!r:.200}")
+    ref = sa.reference(*packed, 1000, 1300, torch.float32, block_n=128)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
 
 
 def test_compiled_block_with_the_kernel_matches_eager():

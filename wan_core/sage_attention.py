@@ -116,7 +116,7 @@ def reference(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype=torch.bflo
 
 # How the kernel is run on CUDA, from benchmarks/bench_attention.py on H100s: TMA loads 778-789
 # TFLOP/s vs 677 without; the hand-pipelined loop 793 on one machine and 681 on another.
-KERNEL_OPTIONS = {"use_tma": True, "pipeline": False}
+KERNEL_OPTIONS = {"use_tma": True, "pipeline": False, "warp_spec": False}
 
 
 def _tma_possible(device: torch.device) -> bool:
@@ -130,13 +130,14 @@ def _tma_possible(device: torch.device) -> bool:
 
 
 def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype, config: dict | None = None,
-            use_tma: bool | None = None, pipeline: bool | None = None) -> torch.Tensor:
+            use_tma: bool | None = None, pipeline: bool | None = None, warp_spec: bool | None = None) -> torch.Tensor:
     """Run the kernel; `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) skips the autotuner
     (which needs a GPU: the Triton interpreter used by the CPU tests runs one fixed config)."""
     from . import sage_kernel
 
     use_tma = (KERNEL_OPTIONS["use_tma"] and _tma_possible(qc.device)) if use_tma is None else use_tma
     pipeline = KERNEL_OPTIONS["pipeline"] if pipeline is None else pipeline
+    warp_spec = KERNEL_OPTIONS["warp_spec"] if warp_spec is None else warp_spec
     b, h, lqp, d = qc.shape
     lkp = kc.shape[2]
     out = torch.empty(b, lq, h, d, dtype=out_dtype, device=qc.device)  # [B, Lq, H, D]
@@ -157,6 +158,7 @@ def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype
         config = {"BLOCK_M": 64, "BLOCK_N": 64}
     kernel = sage_kernel.attn_fwd if config is not None else sage_kernel.attn_fwd_tuned
     kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, USE_TMA=use_tma, PIPELINE=pipeline, KBLK=KBLK,
+                 WARP_SPEC=warp_spec,
                  **(config or {}))
     return out
 

@@ -16,7 +16,10 @@ operations per score: max, one FMA, exp2, add, convert. That is why
 
 USE_TMA loads the q/k/v tiles with the bulk tensor copy engine (host-side tensor descriptors);
 PIPELINE issues the next tile's Q·Kᵀ before this tile's softmax, so that the tensor cores and
-the exp2 units overlap (FlashAttention-3's intra-warpgroup overlap, written out by hand). The
+the exp2 units overlap (FlashAttention-3's intra-warpgroup overlap, written out by hand).
+WARP_SPEC asks Triton's automatic warp specialisation to split the loop into load, matmul and
+softmax warps (Triton documents it for Blackwell; its Hopper pass is tried by
+benchmarks/bench_attention.py, off until measured). The
 last partial key block is masked; padded query rows are computed and not stored.
 """
 
@@ -71,7 +74,7 @@ def _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM: tl.
 @triton.jit
 def attn_fwd(Q, QS, K, KS, VT, VS, VM, O, lq, lk, lqp, lkp, heads, stride_ob, stride_ol, stride_oh,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
-             USE_TMA: tl.constexpr, PIPELINE: tl.constexpr, KBLK: tl.constexpr):
+             USE_TMA: tl.constexpr, PIPELINE: tl.constexpr, KBLK: tl.constexpr, WARP_SPEC: tl.constexpr = False):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     q_row = bh * lqp + pid_m * BLOCK_M  # row in the [B·H·Lqp, D] view of q
@@ -101,7 +104,7 @@ def attn_fwd(Q, QS, K, KS, VT, VS, VM, O, lq, lk, lqp, lkp, heads, stride_ob, st
             acc, l_i, m_i = _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, n_full - BLOCK_N, lkp, HEAD_DIM,
                                         BLOCK_N, USE_TMA)
     else:
-        for col in range(0, n_full, BLOCK_N):
+        for col in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
             s, kscale = _qk(q, K, ks_ptr, k_row, col, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, False, KBLK)
             acc, l_i, m_i = _softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA)
     if n_full < lk:
@@ -130,4 +133,4 @@ CONFIGS = [
     for bm, bn, w, s in [(64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3),
                          (128, 64, 8, 3), (128, 128, 8, 4)]
 ]
-attn_fwd_tuned = triton.autotune(CONFIGS, key=["lkp", "HEAD_DIM", "QK_INT8", "USE_TMA", "PIPELINE"])(attn_fwd)
+attn_fwd_tuned = triton.autotune(CONFIGS, key=["lkp", "HEAD_DIM", "QK_INT8", "USE_TMA", "PIPELINE", "WARP_SPEC"])(attn_fwd)
