@@ -138,3 +138,28 @@ def test_triton_kernel_equals_reference_in_the_interpreter():
         assert rel < 1e-3, (key, rel)  # only e4m3 roundings of P at ties may differ (exp2 argument order)
         lq = int(key.split("-")[1])
         assert shape[1] == lq and shape[3] == 128 and stride_l == shape[2] * 128  # [B, Lq, H, D] contiguous
+
+
+def test_eight_bit_self_attention_keeps_cross_attention_exact(monkeypatch):
+    """WanModel.set_attention: with an 8-bit self-attention and no cross backend named, the
+    cross-attention stays on exact SDPA ("auto"); named, it is what was named. (The 8-bit kernel
+    needs CUDA, so a stand-in function is registered under its name here.)"""
+    import wan_core.attention as attention
+    from wan_core.loading.dit import build_model
+
+    from .test_dit import random_state_dict, tiny_cfg
+
+    def stand_in(q, k, v):
+        return exact(q, k, v)
+
+    monkeypatch.setitem(attention.BACKENDS, "sage_triton", (None, lambda: stand_in))
+    monkeypatch.setattr(sa, "available", lambda device: None)
+    cfg = tiny_cfg()
+    model = build_model(cfg, random_state_dict(cfg), dtype=torch.float32, device="cpu")
+    model.set_attention("sage_triton")
+    assert model.blocks[0].self_attn.attn_fn is stand_in
+    assert model.blocks[0].cross_attn.attn_fn.backend_name == "sdpa"  # "auto" on a CPU
+    model.set_attention("sage_triton", "sage_triton")
+    assert model.blocks[0].cross_attn.attn_fn is stand_in
+    model.set_attention("sdpa_math")  # an exact backend: cross-attention follows it
+    assert model.blocks[0].cross_attn.attn_fn.backend_name == "sdpa_math"

@@ -73,3 +73,29 @@ def test_compiled_block_with_the_kernel_matches_eager():
 
     # inductor may round a few codes differently (x·(1/s) for x/s): the same error, not the same bits
     assert err(compiled) < 0.1 and abs(err(compiled) - err(eager)) < 0.2 * err(eager)
+
+
+def test_dit_forward_in_fast_mode_is_close_to_exact():
+    """A small DiT with head_dim 128 (as Wan's): 8-bit self-attention (+ FP8 linears) against the
+    same weights with exact SDPA, on the same inputs: the fast-mode bar (cosine >= 0.99)."""
+    from wan_core.linear import quantize_model
+    from wan_core.loading.dit import build_model
+
+    from .test_dit import random_state_dict, tiny_cfg
+
+    cfg = tiny_cfg(dim=256, ffn_dim=512, num_heads=2, num_layers=2)
+    sd = random_state_dict(cfg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 3, 32, 32, generator=g).cuda()  # 3 x 16 x 16 = 768 tokens
+    t, ctx = torch.tensor([500.0]).cuda(), torch.randn(1, 7, cfg.text_dim, generator=g).cuda()
+    outs = {}
+    for mode in ("exact", "fast"):
+        m = build_model(cfg, sd, dtype=torch.bfloat16, device="cuda")
+        if mode == "fast":
+            quantize_model(m, kernel="scaled_mm")
+        m.set_attention("sage_triton" if mode == "fast" else "sdpa")
+        assert m.blocks[0].cross_attn.attn_fn.backend_name == "sdpa"  # exact beside the 8-bit one
+        with torch.inference_mode():
+            outs[mode] = m(x, t, ctx).float()
+    c = torch.nn.functional.cosine_similarity(outs["fast"].flatten(), outs["exact"].flatten(), 0).item()
+    assert c >= 0.99, c
