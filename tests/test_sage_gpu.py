@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wan_core import sage_attention as sa
-from wan_core.attention import get_attention
+from wan_core.attention import APPROXIMATE, get_attention
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available() or sa.available("cuda") is not None:
@@ -94,7 +94,7 @@ def test_dit_forward_in_fast_mode_is_close_to_exact():
         if mode == "fast":
             quantize_model(m, kernel="scaled_mm")
         m.set_attention("sage_triton" if mode == "fast" else "sdpa")
-        assert m.blocks[0].cross_attn.attn_fn.backend_name == "sdpa"  # exact beside the 8-bit one
+        assert m.blocks[0].cross_attn.attn_fn.backend_name not in APPROXIMATE  # exact beside the 8-bit one
         with torch.inference_mode():
             outs[mode] = m(x, t, ctx).float()
     c = torch.nn.functional.cosine_similarity(outs["fast"].flatten(), outs["exact"].flatten(), 0).item()
