@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call, several steps, each under its own timeout, logs teed to $OUT (the device tool
+# brings $OUT back). Carry .whl (diffusers), .whl2 (PyAV, for e2e) and .carry (ComfyUI, for dit)
+# as the steps need (see README.md here). Usage, as the device command:
+#   bash benchmarks/device_batch.sh gpu-tests attention-quick dit-fast e2e-fast
+# Steps and their wall time on one H100:
+#   gpu-tests        pytest -m gpu: 8-bit attention, FP8, offload                       ~3 min
+#   attention-quick  bench_attention.py --quick (kernel variants, writes sage_options)   ~2 min
+#   dit-fast         bench_dit.py 480p: ComfyUI vs ours bf16 vs fast (uses sage_options) ~2.5 min
+#   e2e-fast         bench_e2e.py fast-offload, one timed run                            ~2.5 min
+#   profile          profile_dit.py fast,bf16                                           ~2 min
+set -u
+export OUT="${OUT:-$PWD/out}"  # the scripts write their JSON (and e2e its mp4) there
+mkdir -p "$OUT"
+wheels=(); for d in .whl .whl2; do [ -d "$d" ] && wheels+=("$d"/*.whl); done
+if [ ${#wheels[@]} -gt 0 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "${wheels[@]}" 2>/dev/null
+fi
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+opts="$OUT/sage_options.json"
+[ -f "$opts" ] || cp benchmarks/results/sage_options_h100.json "$opts"
+for step in "$@"; do
+  echo "=== $step"
+  case "$step" in
+    gpu-tests) timeout 300 python3 -m pytest -p no:cacheprovider -m gpu -q --tb=short \
+                 tests/test_sage_gpu.py tests/test_fp8_gpu.py tests/test_offload_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    attention-quick) timeout 240 python3 benchmarks/bench_attention.py --quick 2>&1 \
+                 | tee "$OUT/bench_attention_quick.log" | grep -v "^{'res'" | tail -8 ;;
+    dit-fast) timeout 300 python3 benchmarks/bench_dit.py --res 480p --peers comfy --ours "" \
+                 --compile --compiled bf16,fast --sage-options "$opts" 2>&1 | tee "$OUT/bench_dit_fast.log" | grep -v -i warn | tail -8 ;;
+    e2e-fast) timeout 240 python3 benchmarks/bench_e2e.py --variants fast-offload --runs 1 2>&1 \
+                 | tee "$OUT/bench_e2e_fast.log" | grep -v -i warn | tail -4; rm -f "$OUT"/*.mp4 ;;
+    profile) timeout 240 python3 benchmarks/profile_dit.py --variants fast,bf16 2>&1 | tee "$OUT/profile_dit.log" | grep -v -i warn | tail -30 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
