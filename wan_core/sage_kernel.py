@@ -5,7 +5,7 @@ loop with 8-bit tensor-core matmuls. At 8 bits the tensor cores are no longer th
 the per-score scalar work is (exp2 runs at 1/8 of the FMA rate), so the loop body is cut to five
 operations per score: max, one FMA, exp2, add, convert. That is why
 
-- k has one scale per KBLK keys (a scalar per tile) and q one per query row, so the dequantising
+- k has one scale per KBLK keys (`sage_attention.KBLK`, a multiple of BLOCK_N: a scalar per tile) and q one per query row, so the dequantising
   factor c = q_scale · k_scale is a per-row vector, folded into the FMA s·c - m';
 - the ×448 stretch of P into e4m3 is folded into the same FMA (m' = m - log2 448): the row sums
   l carry the same factor 448, which cancels in acc / l;
@@ -26,10 +26,7 @@ last partial key block is masked; padded query rows are computed and not stored.
 import triton
 import triton.language as tl
 
-__all__ = ["attn_fwd", "attn_fwd_tuned", "KBLK", "CONFIGS"]
-
-KBLK = 256  # keys per k scale (the KBLK argument); every BLOCK_N divides it (BLOCK_N = 256 was tried on the
-# H100: in registers it spills and never won the autotuning)
+__all__ = ["attn_fwd", "attn_fwd_tuned", "CONFIGS"]
 
 
 @triton.jit
@@ -128,6 +125,7 @@ def _set_block_shapes(nargs):
         nargs["VT"].block_shape = [d, bn]
 
 
+# BLOCK_N = 256 was tried on the H100: it spills registers and never won the autotuning.
 CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
     for bm, bn, w, s in [(64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3),
