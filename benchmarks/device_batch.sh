@@ -27,7 +27,7 @@ for step in "$@"; do
     attention-quick) timeout 240 python3 benchmarks/bench_attention.py --quick 2>&1 \
                  | tee "$OUT/bench_attention_quick.log" | grep -v "^{'res'" | tail -8 ;;
     dit-fast) timeout 300 python3 benchmarks/bench_dit.py --res 480p --peers comfy --ours "" \
-                 --compile --compiled bf16,fast --sage-options "$opts" 2>&1 | tee "$OUT/bench_dit_fast.log" | grep -v -i warn | tail -8 ;;
+                 --compile --compiled bf16,fast,fast-accum --sage-options "$opts" 2>&1 | tee "$OUT/bench_dit_fast.log" | grep -v -i warn | tail -8 ;;
     e2e-fast) timeout 240 python3 benchmarks/bench_e2e.py --variants fast-offload --runs 1 2>&1 \
                  | tee "$OUT/bench_e2e_fast.log" | grep -v -i warn | tail -4; rm -f "$OUT"/*.mp4 ;;
     profile) timeout 240 python3 benchmarks/profile_dit.py --variants fast,bf16 2>&1 | tee "$OUT/profile_dit.log" | grep -v -i warn | tail -30 ;;
