@@ -111,9 +111,14 @@ def _dequant_kernel(x, weight, weight_scale, bias, out_dtype):
     return F.linear(x, w, bias)
 
 
-def _make_scaled_mm(fast_accum: bool) -> KernelFn:
-    def kernel(x, weight, weight_scale, bias, out_dtype):
-        codes, x_scale = quantize_rows(x)
+# Kernels that take activations already quantised per token (codes e4m3 [M, K], scale f32 [M, 1]):
+# (codes, x_scale, weight, weight_scale, bias, out_dtype) -> [M, N]. A fused op before the linear
+# (`wan_core.fused_ops`) hands them `QuantRows` instead of a bf16 tensor.
+CodesFn = Callable[..., torch.Tensor]
+
+
+def _make_scaled_mm_codes(fast_accum: bool) -> CodesFn:
+    def codes_kernel(codes, x_scale, weight, weight_scale, bias, out_dtype):
         # mat2 must be column-major [K, N]: the transpose of the row-major [N, K] weight is.
         return torch._scaled_mm(
             codes,
@@ -125,11 +130,20 @@ def _make_scaled_mm(fast_accum: bool) -> KernelFn:
             use_fast_accum=fast_accum,
         )
 
-    kernel.__name__ = "scaled_mm_fast" if fast_accum else "scaled_mm"
+    return codes_kernel
+
+
+def _quantizing(codes_kernel: CodesFn, name: str) -> KernelFn:
+    """The kernel for bf16 activations: quantise them per token, then run `codes_kernel`."""
+
+    def kernel(x, weight, weight_scale, bias, out_dtype):
+        return codes_kernel(*quantize_rows(x), weight, weight_scale, bias, out_dtype)
+
+    kernel.__name__ = name
     return kernel
 
 
-def _make_sgl() -> KernelFn:
+def _make_sgl() -> CodesFn:
     try:
         import sgl_kernel
     except ImportError as e:
@@ -140,11 +154,10 @@ def _make_sgl() -> KernelFn:
     if not hasattr(sgl_kernel, "fp8_scaled_mm"):
         raise ImportError("the installed sgl-kernel has no fp8_scaled_mm; upgrade it or choose kernel 'scaled_mm'")
 
-    def kernel(x, weight, weight_scale, bias, out_dtype):
-        codes, x_scale = quantize_rows(x)
+    def codes_kernel(codes, x_scale, weight, weight_scale, bias, out_dtype):
         return sgl_kernel.fp8_scaled_mm(codes, weight.t(), x_scale, weight_scale, out_dtype, bias)
 
-    return kernel
+    return codes_kernel
 
 
 _CPU_SCALED_MM: bool | None = None
@@ -211,14 +224,20 @@ def _supported() -> str:
     return ", ".join(k for k in KERNELS) + "; LightX2V schemes " + ", ".join(LIGHTX2V_SCHEMES)
 
 
-def _kernel_fn(name: str) -> KernelFn:
-    if name == "dequant":
-        return _dequant_kernel
+def _codes_fn(name: str) -> CodesFn | None:
+    """The kernel's form for pre-quantised activations; None for "dequant" (it takes bf16 only)."""
     if name in ("scaled_mm", "scaled_mm_fast"):
-        return _make_scaled_mm(name == "scaled_mm_fast")
+        return _make_scaled_mm_codes(name == "scaled_mm_fast")
     if name == "sgl":
         return _make_sgl()
+    if name == "dequant":
+        return None
     raise ValueError(f"unresolved FP8 kernel {name!r}")
+
+
+def _kernel_fn(name: str) -> KernelFn:
+    codes = _codes_fn(name)
+    return _dequant_kernel if codes is None else _quantizing(codes, name)
 
 
 # ---- weights --------------------------------------------------------------------------------
@@ -266,6 +285,7 @@ class FP8Linear(nn.Module):
             self.register_parameter("bias", None)
         self.kernel = "dequant"
         self._mm: KernelFn = _dequant_kernel
+        self._mm_codes: CodesFn | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None) -> FP8Linear:
@@ -287,6 +307,13 @@ class FP8Linear(nn.Module):
             self._check_fp8_gemm_shapes(key)
         self.kernel = key
         self._mm = _kernel_fn(key)
+        self._mm_codes = _codes_fn(key)
+
+    @property
+    def takes_codes(self) -> bool:
+        """Whether forward accepts `QuantRows` (activations quantised by the op before it): a
+        kernel with an FP8 GEMM, and no hooks that would need the bf16 input (LoRA, offload)."""
+        return self._mm_codes is not None and not (self._forward_hooks or self._forward_pre_hooks)
 
     def _check_fp8_gemm_shapes(self, key: str) -> None:
         # cuBLASLt's FP8 GEMM (and torch's checks in front of it) need K and N to be multiples
@@ -307,11 +334,18 @@ class FP8Linear(nn.Module):
         """W ≈ weight · weight_scale as a dense [out, in] tensor (for merging, checks, exports)."""
         return (self.weight.float() * self.weight_scale).to(dtype or self.compute_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x) -> torch.Tensor:
+        """x: [..., in] in any float dtype, or `wan_core.fused_ops.QuantRows` (when `takes_codes`)."""
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()  # [B, L, in] -> [B*L, in]
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        y = self._mm(x2, self.weight, self.weight_scale, bias, self.compute_dtype)  # [B*L, out]
+        if isinstance(x, tuple):  # QuantRows: codes [..., in] e4m3, scale [rows, 1]
+            if self._mm_codes is None:
+                raise TypeError(f"FP8Linear with kernel {self.kernel!r} takes no pre-quantised input")
+            codes = x.codes.reshape(-1, self.in_features)
+            y = self._mm_codes(codes, x.scale, self.weight, self.weight_scale, bias, self.compute_dtype)
+        else:
+            x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()  # [B, L, in] -> [B*L, in]
+            y = self._mm(x2, self.weight, self.weight_scale, bias, self.compute_dtype)  # [B*L, out]
         return y.reshape(*lead, self.out_features)  # [B, L, out]
 
     def extra_repr(self) -> str:

@@ -1,0 +1,204 @@
+"""FusedBlock (single-pass norm/modulate/quantise ops) against the unfused Block; the Triton kernels
+of those ops against their torch reference in Triton's interpreter (a CPU subprocess). The GPU run
+is test_fused_gpu.py."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from wan_core.dit import Block
+from wan_core.fused_block import FusedBlock, fuse_blocks, unfuse_blocks
+from wan_core.fused_ops import QuantRows
+from wan_core.linear import FP8Linear, _cpu_has_scaled_mm, quantize_model
+from wan_core.loading.dit import build_model
+from wan_core.optimize import compile_blocks
+
+from .test_dit import random_state_dict, tiny_cfg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_cpu_fp8 = pytest.mark.skipif(not _cpu_has_scaled_mm(), reason="this torch build has no CPU torch._scaled_mm")
+
+
+def _inputs(cfg, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 16, 3, 8, 8, generator=g).bfloat16()  # B = 2: per-item modulation rows
+    kw = {}
+    if cfg.is_i2v:
+        kw = dict(clip_fea=torch.randn(2, 257, cfg.image_dim, generator=g).bfloat16(),
+                  y=torch.randn(2, 20, 3, 8, 8, generator=g).bfloat16())
+    return x, torch.tensor([500.0, 20.0]), torch.randn(2, 7, cfg.text_dim, generator=g).bfloat16(), kw
+
+
+def _inputs_seen(model):
+    """Record the type of every FP8 linear's input (QuantRows or tensor), by module name."""
+    seen = {}
+
+    def hook(mod, args, name):
+        seen.setdefault(name, type(args[0]).__name__)  # returns None: the input is kept
+
+    for name, m in model.named_modules():
+        if isinstance(m, FP8Linear):
+            m.register_forward_pre_hook(lambda mod, args, name=name: hook(mod, args, name))
+    return seen
+
+
+def _run_both(model, inputs):
+    x, t, ctx, kw = inputs
+    with torch.no_grad():
+        ref = model(x, t, ctx, **kw)
+        fuse_blocks(model)
+        assert all(type(b) is FusedBlock for b in model.blocks)
+        out = model(x, t, ctx, **kw)
+    return ref, out
+
+
+@pytest.mark.parametrize("variant", ["t2v", "i2v", "no_cross_norm"])
+def test_fused_block_equals_block_bf16(variant):
+    """bf16 linears: the fused ops (add+LayerNorm+modulate, linear with GELU epilogue) compute the
+    unfused block's float32 math, so the whole DiT output is identical."""
+    cfg = tiny_cfg("i2v" if variant == "i2v" else "t2v", dim=128, ffn_dim=256, num_heads=2,
+                   cross_attn_norm=variant != "no_cross_norm")
+    model = build_model(cfg, random_state_dict(cfg), dtype=torch.bfloat16, device="cpu")
+    ref, out = _run_both(model, _inputs(cfg))
+    assert torch.equal(out, ref)
+
+
+@needs_cpu_fp8
+def test_fused_block_fp8_feeds_quantised_rows_and_equals_block():
+    """FP8 linears with an FP8 GEMM get QuantRows from the op before them (one quantisation for
+    q, k and v); the output is identical to the unfused block, which quantises inside each linear."""
+    cfg = tiny_cfg(dim=128, ffn_dim=256, num_heads=2)
+    model = build_model(cfg, random_state_dict(cfg), dtype=torch.bfloat16, device="cpu")
+    quantize_model(model, kernel="scaled_mm")
+    x, t, ctx, kw = _inputs(cfg)
+    with torch.no_grad():
+        ref = model(x, t, ctx)
+    fuse_blocks(model)
+    seen = _inputs_seen(model)  # a pre-hook makes takes_codes False: look at the types without it
+    for m in model.modules():
+        if isinstance(m, FP8Linear):
+            m._forward_pre_hooks.clear()
+    calls = []
+    orig = FP8Linear.forward
+
+    def spy(self, inp):
+        calls.append((self.out_features, type(inp).__name__))
+        return orig(self, inp)
+
+    FP8Linear.forward = spy
+    try:
+        with torch.no_grad():
+            out = model(x, t, ctx)
+    finally:
+        FP8Linear.forward = orig
+    assert not seen  # the hooks were removed before the run
+    assert torch.equal(out, ref)
+    kinds = [k for _, k in calls]
+    # per block: q, k, v, cross q, ffn.0, ffn.2 quantised by the fused ops; o, cross k/v/o take tensors
+    assert kinds.count("QuantRows") == 6 * cfg.num_layers, calls
+    assert kinds.count("Tensor") == 4 * cfg.num_layers, calls
+
+
+@needs_cpu_fp8
+def test_linear_with_hooks_gets_bf16_input():
+    """A hooked linear (a LoRA branch, offload's weight streaming) must see the bf16 activations:
+    the fused block feeds it a tensor, and the result is still identical to the unfused block."""
+    cfg = tiny_cfg(dim=128, ffn_dim=256, num_heads=2)
+    model = build_model(cfg, random_state_dict(cfg), dtype=torch.bfloat16, device="cpu")
+    quantize_model(model, kernel="scaled_mm")
+    seen = _inputs_seen(model)  # every FP8 linear now has a pre-hook
+    ref, out = _run_both(model, _inputs(cfg))
+    assert torch.equal(out, ref)
+    assert set(seen.values()) == {"Tensor"}
+
+
+def test_quantised_rows_into_a_bf16_only_kernel_is_a_clear_error():
+    lin = FP8Linear.from_linear(torch.nn.Linear(32, 16).bfloat16())
+    lin.set_kernel("dequant")
+    assert not lin.takes_codes
+    rows = QuantRows(torch.zeros(1, 2, 32, dtype=torch.float8_e4m3fn), torch.ones(2, 1))
+    with pytest.raises(TypeError, match="kernel 'dequant' takes no pre-quantised input"):
+        lin(rows)
+
+
+@needs_cpu_fp8
+def test_fused_block_traces_whole_under_dynamo():
+    """QuantRows passes through the attention modules inside one compiled graph (fullgraph)."""
+    cfg = tiny_cfg(dim=128, ffn_dim=256, num_heads=2)
+    model = build_model(cfg, random_state_dict(cfg), dtype=torch.bfloat16, device="cpu")
+    quantize_model(model, kernel="scaled_mm")
+    x, t, ctx, _ = _inputs(cfg)
+    with torch.no_grad():
+        ref = model(x, t, ctx)
+        fuse_blocks(model)
+        for blk in model.blocks:
+            blk.compile(backend="aot_eager", fullgraph=True)
+        out = model(x, t, ctx)
+    torch._dynamo.reset()
+    assert torch.equal(out, ref)
+
+
+def test_compile_blocks_fuses_and_unfuse_restores():
+    cfg = tiny_cfg()
+    model = build_model(cfg, random_state_dict(cfg), dtype=torch.float32, device="cpu")
+    keys = list(model.state_dict())
+    compile_blocks(model, fuse=False)
+    assert all(type(b) is Block for b in model.blocks)
+    compile_blocks(model)
+    assert all(type(b) is FusedBlock for b in model.blocks)
+    assert list(model.state_dict()) == keys
+    unfuse_blocks(model)
+    assert all(type(b) is Block for b in model.blocks)
+    torch._dynamo.reset()
+
+
+INTERP_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
+import triton_interp  # noqa: F401  (before any kernel is defined)
+import torch
+from wan_core import fused_ops as fo
+res = {{}}
+g = torch.Generator().manual_seed(0)
+b, l, c = 2, 5, 96  # C not a power of two: the masked tail of the row
+x = torch.randn(b, l, c, generator=g) * 3 + 1
+d = torch.randn(b, l, c, generator=g).bfloat16()
+gate = torch.randn(b, c, generator=g)
+w, bias = 1 + 0.1 * torch.randn(c, generator=g), 0.1 * torch.randn(c, generator=g)
+sc, sh = 0.2 * torch.randn(b, c, generator=g), 0.2 * torch.randn(b, c, generator=g)
+for flags in ("00010", "00011", "11100", "11101", "10010", "10011"):
+    has_res, has_gate, aff, mod, quant = (f == "1" for f in flags)
+    args = (x, d if has_res else None, gate if has_gate else None, w if aff else None, bias if aff else None,
+            sc if mod else None, sh if mod else None, 1e-6, quant, torch.bfloat16)
+    got, ref = fo._launch_add_norm_mod(*args), fo.reference_add_norm_mod(*args)
+    res[flags] = dict(x=(got[0] - ref[0]).abs().max().item() if has_res else 0.0,
+                      h=(got[1].float() != ref[1].float()).float().mean().item(), dtype=str(got[1].dtype),
+                      rs=((got[2] - ref[2]).abs() / ref[2]).max().item() if quant else 0.0)
+u = (torch.randn(3, 4, 300, generator=g) * 2).bfloat16()
+got, ref = fo._launch_gelu_quant(u), fo.reference_gelu_quant(u)
+res["gelu"] = dict(x=0.0, h=(got[0].float() != ref[0].float()).float().mean().item(), dtype=str(got[0].dtype),
+                   rs=((got[1] - ref[1]).abs() / ref[1]).max().item())
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_kernels_equal_reference_in_the_interpreter():
+    """The Triton kernels themselves, run by Triton's interpreter on the CPU, for every flag
+    combination the block uses: the residual exactly, the bf16 or e4m3 rows element for element
+    (the GELU's tanh is written with exp, so a rare bf16 tie may round the other way)."""
+    script = INTERP_SCRIPT.format(tests=os.path.join(ROOT, "tests"), root=ROOT)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(res) == 7
+    for key, r in res.items():
+        assert r["x"] == 0.0 and r["rs"] < 1e-6, (key, r)
+        assert r["h"] <= (1e-3 if key == "gelu" else 0.0), (key, r)
+        assert r["dtype"] == ("torch.float8_e4m3fn" if key == "gelu" or key.endswith("1") else "torch.bfloat16"), key

@@ -1,0 +1,81 @@
+"""Triton kernels of `wan_core.fused_ops`: the float32 work between a block's matmuls, one pass each.
+
+Why hand-written: inductor compiles a LayerNorm over 5,120 channels (and the FP8 activation
+quantisation after it, whose amax needs the normalised row) as a looped reduction that reads the
+float32 residual row two or three times. Here one program holds a whole token row in registers
+(5,120 floats, 8,192 lanes with the tail masked) and reads and writes each tensor once: residual
+add (with its gate), LayerNorm (with or without affine), modulation (·(1 + scale) + shift) and
+either a bf16 output or the row quantised to e4m3 with its scale. The GELU kernel does the same
+for the FFN's hidden row (13,824 channels): tanh GELU, then the e4m3 row for the second linear.
+
+Rounding follows the unfused torch code exactly where it rounds: the normalised row is rounded
+to bf16 before its amax is taken, the multiplier 448/amax is rounded to bf16, and the product is
+rounded to bf16 before the e4m3 cast (`wan_core.linear.quantize_rows` on a bf16 tensor).
+"""
+
+import triton
+import triton.language as tl
+
+__all__ = ["add_norm_mod", "gelu_quant"]
+
+FP8_MAX = 448.0
+AMAX_FLOOR = 1e-12
+
+
+@triton.jit
+def _quant_store(y, codes_ptr, rs_ptr, row, offs, mask):
+    """Round y (float32 row) to bf16, quantise it to e4m3 with one scale per row, store both."""
+    yb = y.to(tl.bfloat16).to(tl.float32)
+    amax = tl.max(tl.where(mask, tl.abs(yb), 0.0), 0)
+    mult = (FP8_MAX / tl.maximum(amax, AMAX_FLOOR)).to(tl.bfloat16).to(tl.float32)
+    codes = (yb * mult).to(tl.bfloat16).to(tl.float32).to(tl.float8e4nv)
+    tl.store(codes_ptr + offs, codes, mask=mask)
+    tl.store(rs_ptr + row, 1.0 / mult)
+
+
+@triton.jit
+def add_norm_mod(
+    x_ptr, d_ptr, g_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr,  # inputs (unused ones are dummies)
+    xo_ptr, h_ptr, rs_ptr,  # outputs: new residual, normalised row (bf16 or e4m3), row scale
+    L, C, eps, mod_stride,  # rows per batch item, channels, LayerNorm eps, batch stride of g/sc/sh
+    HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
+    QUANT: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One token row: x (+ d · g) -> LayerNorm -> (· w + b) -> (· (1 + sc) + sh) -> bf16 or e4m3."""
+    row = tl.program_id(0).to(tl.int64)
+    mod = (row // L) * mod_stride  # the batch item's modulation vectors
+    offs = tl.arange(0, BLOCK_C)
+    mask = offs < C
+    x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        d = tl.load(d_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            d = d * tl.load(g_ptr + mod + offs, mask=mask, other=0.0)
+        x = x + d
+        tl.store(xo_ptr + row * C + offs, x, mask=mask)
+    mean = tl.sum(x, 0) / C
+    xc = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / C + eps)
+    y = xc * rstd
+    if AFFINE:
+        y = y * tl.load(w_ptr + offs, mask=mask, other=0.0) + tl.load(b_ptr + offs, mask=mask, other=0.0)
+    if MODULATE:
+        y = y * (1.0 + tl.load(sc_ptr + mod + offs, mask=mask, other=0.0)) + tl.load(sh_ptr + mod + offs, mask=mask,
+                                                                                    other=0.0)
+    if QUANT:
+        _quant_store(y, h_ptr + row * C, rs_ptr, row, offs, mask)
+    else:
+        tl.store(h_ptr + row * C + offs, y.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gelu_quant(u_ptr, codes_ptr, rs_ptr, N, BLOCK_N: tl.constexpr):
+    """One row of the FFN's hidden layer: tanh GELU (rounded to bf16, as nn.GELU on bf16), then e4m3."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    mask = offs < N
+    u = tl.load(u_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+    z = 0.7978845608028654 * (u + 0.044715 * u * u * u)  # sqrt(2/pi) (u + 0.044715 u^3)
+    tanh = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))  # exact at both ends: exp -> inf gives 1, exp -> 0 gives -1
+    y = 0.5 * u * (1.0 + tanh)
+    _quant_store(y, codes_ptr + row * N, rs_ptr, row, offs, mask)
