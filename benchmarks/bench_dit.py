@@ -5,9 +5,11 @@ and 720x1280x81 (21x90x160, 75,600 tokens); bf16. ComfyUI's model gets the same 
 ours (its parameter names are the official ones), so the output similarity is checked too.
 
   python benchmarks/bench_dit.py [--res 480p,720p] [--peers comfy,diffusers] [--ours sdpa_cudnn,sdpa_flash]
-                                 [--compile --compiled bf16,fp8,fast,fast-accum]
+                                 [--compile --compiled bf16,fp8,fast,fast-accum[,bf16+nofuse,...]]
 
-"fast" is fast mode: FP8 block linears and the 8-bit Triton self-attention, compiled.
+"fast" is fast mode: FP8 block linears and the 8-bit Triton self-attention, compiled. Compiled
+variants use FusedBlock (single-pass norm/modulate/quantise ops, as compile_blocks does); a
+"+nofuse" suffix times the plain Block, its float32 work left to inductor.
 
 Peers: ComfyUI from .carry/ComfyUI (a fetched checkout, never committed), diffusers from the
 environment. Prints a table last; writes JSON to $OUT/bench_dit.json (or ./bench_dit.json).
@@ -167,14 +169,18 @@ def main():
             torch._dynamo.reset()
             m = build_model(cfg, sd, dtype=torch.bfloat16, device="cuda")
             m.set_attention("sage_triton" if variant.startswith("fast") else "sdpa_cudnn")
-            base = variant.split("+")[0]
-            mk = 2 if variant.endswith("+mk2") else 1 if variant.endswith("+mk") else 0
+            base, *flags = variant.split("+")
+            mk = 2 if "mk2" in flags else 1 if "mk" in flags else 0
             if base != "bf16":
                 from wan_core.linear import quantize_model
 
                 quantize_model(m, kernel="scaled_mm_fast" if base == "fast-accum" else "scaled_mm")
                 gc.collect()
                 torch.cuda.empty_cache()
+            if "nofuse" not in flags:  # "+nofuse": the plain Block, all float32 work left to inductor
+                from wan_core.fused_block import fuse_blocks
+
+                fuse_blocks(m, qk_rope="noqk" not in flags)  # "+noqk": q/k norm and RoPE left to inductor
             for blk in m.blocks:  # "+mk": inductor's multi-kernel (persistent reductions up to 16k wide
                 # where they time faster), "+mk2": persistent reductions forced
                 blk.compile(options={"triton.multi_kernel": mk} if mk else None)

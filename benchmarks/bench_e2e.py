@@ -78,7 +78,7 @@ def random_dit(variant: str):
     if fp8:
         from wan_core.linear import quantize_model
 
-        quantize_model(m, kernel="scaled_mm")
+        quantize_model(m, kernel="auto")
     m.set_attention("sage_triton" if variant.startswith("fast") else "auto")
     compile_blocks(m)
     return m

@@ -49,7 +49,7 @@ def main():
                 p.normal_(0, 0.02)
         m.set_attention("sage_triton" if variant == "fast" else "sdpa_cudnn")
         if variant != "bf16":
-            quantize_model(m, kernel="scaled_mm")
+            quantize_model(m, kernel="auto")
         compile_blocks(m)
         x, t, c = bd.inputs(bd.SHAPES["480p"])
         with torch.inference_mode():

@@ -78,7 +78,7 @@ def test_tiny_model_scaled_mm_vs_dequant_on_gpu():
     sd = random_state_dict(cfg, seed=3)
     ref = build_model(cfg, sd, dtype=torch.float32, device="cuda")
     m = quantize_model(build_model(cfg, sd, dtype=torch.bfloat16, device="cuda"), kernel="auto")
-    assert {mod.kernel for mod in m.modules() if isinstance(mod, FP8Linear)} == {"scaled_mm"}
+    assert {mod.kernel for mod in m.modules() if isinstance(mod, FP8Linear)} == {"scaled_mm_fast"}  # auto: fast accumulation
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(1, 16, 2, 4, 4, device="cuda", generator=g)
     ctx = torch.randn(1, 7, cfg.text_dim, device="cuda", generator=g)

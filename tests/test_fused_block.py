@@ -183,6 +183,12 @@ u = (torch.randn(3, 4, 300, generator=g) * 2).bfloat16()
 got, ref = fo._launch_gelu_quant(u), fo.reference_gelu_quant(u)
 res["gelu"] = dict(x=0.0, h=(got[0].float() != ref[0].float()).float().mean().item(), dtype=str(got[0].dtype),
                    rs=((got[1] - ref[1]).abs() / ref[1]).max().item())
+from wan_core.dit import rope_tables
+q = (torch.randn(2, 12, 48, generator=g) * 2).bfloat16()  # 3 heads of 16, a (2, 2, 3) grid
+cos, sin = rope_tables((2, 2, 3), 16)
+w = 1 + 0.1 * torch.randn(48, generator=g)
+got, ref = fo._launch_rms_norm_rope(q, w, cos, sin, 1e-6, 3), fo.reference_rms_norm_rope(q, w, cos, sin, 1e-6, 3)
+res["rope"] = dict(x=0.0, h=(got.float() != ref.float()).float().mean().item(), dtype=str(got.dtype), rs=0.0)
 print(json.dumps(res))
 """
 
@@ -190,15 +196,17 @@ print(json.dumps(res))
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_kernels_equal_reference_in_the_interpreter():
     """The Triton kernels themselves, run by Triton's interpreter on the CPU, for every flag
-    combination the block uses: the residual exactly, the bf16 or e4m3 rows element for element
-    (the GELU's tanh is written with exp, so a rare bf16 tie may round the other way)."""
+    combination the block uses, and q/k's RMSNorm + RoPE: the residual exactly, the bf16 or e4m3
+    rows element for element (the GELU's tanh is written with exp, so a rare bf16 tie may round
+    the other way)."""
     script = INTERP_SCRIPT.format(tests=os.path.join(ROOT, "tests"), root=ROOT)
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(res) == 7
+    assert len(res) == 8
     for key, r in res.items():
         assert r["x"] == 0.0 and r["rs"] < 1e-6, (key, r)
         assert r["h"] <= (1e-3 if key == "gelu" else 0.0), (key, r)
-        assert r["dtype"] == ("torch.float8_e4m3fn" if key == "gelu" or key.endswith("1") else "torch.bfloat16"), key
+        quant = key == "gelu" or key[-1] == "1"
+        assert r["dtype"] == ("torch.float8_e4m3fn" if quant else "torch.bfloat16"), key

@@ -4,7 +4,8 @@
 add is done by the op that also computes the next LayerNorm and modulation, and the result goes
 to the next linears as bf16, or, where those are FP8 linears, already quantised to e4m3 per token
 (one quantisation shared by q, k and v instead of one per linear). The FFN's GELU is computed in
-the first linear's GEMM epilogue (bf16), or by the op that quantises the hidden row (FP8).
+the first linear's GEMM epilogue (bf16), or by the op that quantises the hidden row (FP8). In
+self-attention (`FusedSelfAttention`), q's and k's RMSNorm and RoPE are one pass each.
 
 Measured reason (benchmarks/NOTES.md): in a compiled 480p forward inductor's looped LayerNorm
 reductions and quantisations cost 0.17 s (bf16) to 0.35 s (FP8) of GPU time, two to three
@@ -21,11 +22,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .dit import Block, LayerNorm
-from .fused_ops import add_norm_mod, gelu_quant, linear_gelu
+from .dit import Block, LayerNorm, RMSNorm, SelfAttention
+from .fused_ops import add_norm_mod, gelu_quant, linear_gelu, rms_norm_rope
 from .linear import FP8Linear
 
-__all__ = ["FusedBlock", "fuse_blocks", "unfuse_blocks"]
+__all__ = ["FusedBlock", "FusedSelfAttention", "fuse_blocks", "unfuse_blocks"]
 
 
 def _takes_codes(*linears: nn.Module) -> bool:
@@ -35,6 +36,18 @@ def _takes_codes(*linears: nn.Module) -> bool:
 def _plain(m: nn.Module) -> bool:
     """An nn.Linear whose weight can be used directly (no hooks, bias present)."""
     return type(m) is nn.Linear and m.bias is not None and not (m._forward_hooks or m._forward_pre_hooks)
+
+
+class FusedSelfAttention(SelfAttention):
+    def forward(self, x, rope):
+        if not isinstance(self.norm_q, RMSNorm):  # a model without q/k norms: nothing to fuse
+            return super().forward(x, rope)
+        b, s, _ = x.shape
+        n = self.num_heads
+        q = rms_norm_rope(self.q(x), self.norm_q, rope, n).view(b, s, n, -1)  # [B, L, C] -> [B, L, H, D]
+        k = rms_norm_rope(self.k(x), self.norm_k, rope, n).view(b, s, n, -1)
+        v = self.v(x).view(b, s, n, -1)
+        return self.o(self.attn_fn(q, k, v).flatten(2))  # [B, L, H*D] -> [B, L, C]
 
 
 class FusedBlock(Block):
@@ -64,11 +77,14 @@ class FusedBlock(Block):
         return x + y * gate2[:, None]
 
 
-def fuse_blocks(model: nn.Module) -> nn.Module:
-    """Use `FusedBlock.forward` for every block of `model` (before compiling them). Returns the model."""
+def fuse_blocks(model: nn.Module, qk_rope: bool = True) -> nn.Module:
+    """Use `FusedBlock.forward` for every block of `model` (before compiling them), and
+    `FusedSelfAttention.forward` for their self-attention unless `qk_rope` is False. Returns the model."""
     for blk in model.blocks:
         if type(blk) is Block:
             blk.__class__ = FusedBlock
+        if qk_rope and type(blk.self_attn) is SelfAttention:
+            blk.self_attn.__class__ = FusedSelfAttention
     return model
 
 
@@ -76,4 +92,6 @@ def unfuse_blocks(model: nn.Module) -> nn.Module:
     for blk in model.blocks:
         if type(blk) is FusedBlock:
             blk.__class__ = Block
+        if type(blk.self_attn) is FusedSelfAttention:
+            blk.self_attn.__class__ = SelfAttention
     return model

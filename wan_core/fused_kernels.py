@@ -16,7 +16,7 @@ rounded to bf16 before the e4m3 cast (`wan_core.linear.quantize_rows` on a bf16 
 import triton
 import triton.language as tl
 
-__all__ = ["add_norm_mod", "gelu_quant"]
+__all__ = ["add_norm_mod", "gelu_quant", "rms_norm_rope"]
 
 FP8_MAX = 448.0
 AMAX_FLOOR = 1e-12
@@ -79,3 +79,23 @@ def gelu_quant(u_ptr, codes_ptr, rs_ptr, N, BLOCK_N: tl.constexpr):
     tanh = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))  # exact at both ends: exp -> inf gives 1, exp -> 0 gives -1
     y = 0.5 * u * (1.0 + tanh)
     _quant_store(y, codes_ptr + row * N, rs_ptr, row, offs, mask)
+
+
+@triton.jit
+def rms_norm_rope(x_ptr, w_ptr, cos_ptr, sin_ptr, o_ptr, L, C, eps, HALF_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One token row of q or k: RMSNorm over all heads' channels (rounded to bf16, as the unfused
+    RMSNorm returns), then the rotation of each head's adjacent channel pairs by the row's angles."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, 2 * BLOCK_P)
+    mask = offs < C
+    x = tl.load(x_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / C + eps)
+    y = (x * rstd * tl.load(w_ptr + offs, mask=mask, other=0.0)).to(tl.bfloat16).to(tl.float32)
+    y0, y1 = tl.split(tl.reshape(y, [BLOCK_P, 2]))  # the even and odd channels of each pair
+    p = tl.arange(0, BLOCK_P)
+    ang = (row % L) * HALF_D + p % HALF_D  # the pair's angle in the [L, D/2] tables
+    pmask = p < C // 2
+    c = tl.load(cos_ptr + ang, mask=pmask, other=0.0)
+    s = tl.load(sin_ptr + ang, mask=pmask, other=0.0)
+    out = tl.interleave(y0 * c - y1 * s, y0 * s + y1 * c)
+    tl.store(o_ptr + row * C + offs, out.to(o_ptr.dtype.element_ty), mask=mask)

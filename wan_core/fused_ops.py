@@ -3,6 +3,7 @@
 - `add_norm_mod`: residual add (optionally gated) + LayerNorm (optionally affine) + modulation,
   output bf16, or e4m3 codes with one scale per token (`QuantRows`) for FP8 linears.
 - `gelu_quant`: tanh GELU of the FFN's hidden layer + its e4m3 codes for the second FP8 linear.
+- `rms_norm_rope`: q or k's RMSNorm over all heads' channels and its 3-D RoPE, one pass.
 - `linear_gelu`: the FFN's first bf16 linear with the GELU in the GEMM's epilogue (cuBLASLt),
   so the 13,824-wide hidden layer is written once instead of written, read and written again.
 
@@ -18,9 +19,19 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .dit import apply_rope
 from .linear import FP8_DTYPE, quantize_rows
 
-__all__ = ["QuantRows", "add_norm_mod", "gelu_quant", "linear_gelu", "reference_add_norm_mod", "reference_gelu_quant"]
+__all__ = [
+    "QuantRows",
+    "add_norm_mod",
+    "gelu_quant",
+    "linear_gelu",
+    "rms_norm_rope",
+    "reference_add_norm_mod",
+    "reference_gelu_quant",
+    "reference_rms_norm_rope",
+]
 
 
 class QuantRows(NamedTuple):
@@ -162,6 +173,46 @@ def _(u):
 def gelu_quant(u: torch.Tensor) -> QuantRows:
     """tanh GELU of u [B, L, N] (bf16), quantised per token for an FP8 linear."""
     return QuantRows(*_gelu_quant_op(u))
+
+
+# ---- RMSNorm + RoPE -------------------------------------------------------------------------------
+def reference_rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+                            heads: int) -> torch.Tensor:
+    """The unfused block's expressions: RMSNorm (float32, rounded to x's dtype), then `apply_rope`."""
+    b, l, c = x.shape
+    y = F.rms_norm(x.float(), (c,), weight.float(), eps).to(x.dtype)
+    return apply_rope(y.view(b, l, heads, c // heads), cos, sin).view(b, l, c)
+
+
+def _launch_rms_norm_rope(x, weight, cos, sin, eps: float, heads: int, num_warps: int | None = None):
+    from . import fused_kernels
+
+    b, l, c = x.shape
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    pairs = triton_next_pow2(c // 2)
+    fused_kernels.rms_norm_rope[(b * l,)](x, weight.float().contiguous(), cos.contiguous(), sin.contiguous(), out, l, c,
+                                          eps, HALF_D=c // heads // 2, BLOCK_P=pairs,
+                                          num_warps=num_warps or (8 if pairs <= 4096 else 16))
+    return out
+
+
+@torch.library.custom_op("wan_core::rms_norm_rope", mutates_args=())
+def _rms_norm_rope_op(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+                      heads: int) -> torch.Tensor:
+    return (_launch_rms_norm_rope if _use_triton(x) else reference_rms_norm_rope)(x, weight, cos, sin, eps, heads)
+
+
+@_rms_norm_rope_op.register_fake
+def _(x, weight, cos, sin, eps, heads):
+    return torch.empty_like(x)
+
+
+def rms_norm_rope(x: torch.Tensor, norm: torch.nn.Module, rope: tuple[torch.Tensor, torch.Tensor],
+                  heads: int) -> torch.Tensor:
+    """RoPE(RMSNorm(x)) for q or k [B, L, C] (C = heads · D), with `norm`'s weight and eps;
+    rope: the float32 cos/sin tables [L, D/2]. Returns [B, L, C] in x's dtype."""
+    return _rms_norm_rope_op(x, norm.weight, rope[0], rope[1], norm.eps, heads)
 
 
 # ---- linear + GELU in one GEMM ------------------------------------------------------------------------

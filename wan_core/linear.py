@@ -18,7 +18,10 @@ per call:
 - "sgl": `sgl_kernel.fp8_scaled_mm` (the sgl-kernel package), same scales as "scaled_mm".
 - "dequant": weight.float() · scale cast to the compute dtype, then `F.linear`; for CPUs and
   GPUs without FP8 tensor cores. Memory is still halved; the matmul itself is not faster.
-- "auto": "scaled_mm" on a CUDA GPU that has FP8, else "dequant".
+- "auto": "scaled_mm_fast" on a CUDA GPU that has FP8, else "dequant". On the H100 fast
+  accumulation made the 14B fast-mode forward 7 % faster (2.274 -> 2.123 s at 480p) with its
+  output's cosine to ComfyUI's bf16 forward unchanged (0.99864 -> 0.99876), the same trade
+  LightX2V makes (its fp8-torchao scheme); "scaled_mm" remains for the exact float32 promotion.
 
 LightX2V's `dit_quant_scheme` names are accepted (see `LIGHTX2V_SCHEMES` for the mapping and
 why); its schemes that are not per-channel e4m3 with per-token activations (int8, block-128,
@@ -202,7 +205,7 @@ def resolve_kernel(name: str, device: str | torch.device | None = None) -> str:
         )
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if key == "auto":
-        return "scaled_mm" if dev.type == "cuda" and _has_fp8_gemm(dev) else "dequant"
+        return "scaled_mm_fast" if dev.type == "cuda" and _has_fp8_gemm(dev) else "dequant"
     if key in ("scaled_mm", "scaled_mm_fast") and dev.type != "meta" and not _has_fp8_gemm(dev):
         where = (
             f"GPU {torch.cuda.get_device_name(dev)} (capability {torch.cuda.get_device_capability(dev)})"
