@@ -210,3 +210,61 @@ def test_triton_kernels_equal_reference_in_the_interpreter():
         assert r["h"] <= (1e-3 if key == "gelu" else 0.0), (key, r)
         quant = key == "gelu" or key[-1] == "1"
         assert r["dtype"] == ("torch.float8_e4m3fn" if quant else "torch.bfloat16"), key
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_kernels_compile_for_hopper():
+    """The interpreter runs Python, not Triton's compiler: compile every kernel variant the block
+    launches down to an sm_90 cubin on this CPU machine, so that what only the compiler rejects
+    (non-constexpr globals, unsupported ops, layouts) fails here and not on the GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from wan_core import fused_kernels as fk
+
+    def build(fn, sig, constexprs, num_warps):
+        sig = dict(sig, **{k: "constexpr" for k in constexprs})
+        src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+    ptrs = "x_ptr d_ptr g_ptr w_ptr b_ptr sc_ptr sh_ptr xo_ptr h_ptr rs_ptr".split()
+    for flags in ("00010", "00011", "11100", "11101", "10010", "10011"):
+        names = ("HAS_RES", "HAS_GATE", "AFFINE", "MODULATE", "QUANT")
+        consts = dict(zip(names, (f == "1" for f in flags)), BLOCK_C=8192)
+        sig = {p: "*fp32" for p in ptrs}
+        sig.update(d_ptr="*bf16", h_ptr="*fp8e4nv" if consts["QUANT"] else "*bf16", L="i32", C="i32", eps="fp32",
+                   mod_stride="i32")
+        assert "cubin" in build(fk.add_norm_mod, sig, consts, 8).asm
+    sig = {"u_ptr": "*bf16", "codes_ptr": "*fp8e4nv", "rs_ptr": "*fp32", "N": "i32"}
+    assert "cubin" in build(fk.gelu_quant, sig, {"BLOCK_N": 16384}, 16).asm
+    sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "o_ptr": "*bf16", "L": "i32",
+           "C": "i32", "eps": "fp32"}
+    assert "cubin" in build(fk.rms_norm_rope, sig, {"HALF_D": 64, "BLOCK_P": 4096}, 8).asm
+
+
+def test_fake_ops_match_real_ops():
+    """torch.library.opcheck: schema, and the fake (meta) implementations that torch.compile
+    plans with give the real outputs' shapes, dtypes and strides, for non-contiguous inputs too
+    (the residual stream enters the first block transposed)."""
+    from torch.library import opcheck
+
+    from wan_core.dit import rope_tables
+
+    g = torch.Generator().manual_seed(0)
+    b, l, c = 2, 6, 64
+    x = torch.randn(b, c, l, generator=g).transpose(1, 2)  # [B, L, C], not contiguous
+    d = torch.randn(b, l, c, generator=g).bfloat16()
+    v = torch.randn(b, c, generator=g)
+    w = torch.randn(c, generator=g)
+    for args in [(x, None, None, None, None, v, v, 1e-6, False, torch.bfloat16),
+                 (x, d, v, w, w, None, None, 1e-6, True, torch.bfloat16),
+                 (x, d, None, None, None, v, v, 1e-6, True, torch.bfloat16)]:
+        opcheck(torch.ops.wan_core.add_norm_mod.default, args)
+    u = torch.randn(b, 40, l, generator=g).bfloat16().transpose(1, 2)
+    opcheck(torch.ops.wan_core.gelu_quant.default, (u,))
+    cos, sin = rope_tables((1, 2, 3), 16)
+    q = torch.randn(b, c, l, generator=g).bfloat16().transpose(1, 2)
+    opcheck(torch.ops.wan_core.rms_norm_rope.default, (q, w, cos, sin, 1e-6, 4))
+    lin = torch.nn.Linear(c, 32).bfloat16()
+    opcheck(torch.ops.wan_core.linear_gelu.default, (q, lin.weight.detach(), lin.bias.detach()))

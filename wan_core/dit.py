@@ -292,7 +292,7 @@ class WanModel(nn.Module):
             raise ValueError(f"latent size {tuple(x.shape[2:])} is not a multiple of the patch size {self.cfg.patch_size}")
         x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, C, F, H/2, W/2]
         grid = tuple(x.shape[2:])
-        return x.flatten(2).transpose(1, 2).float(), grid  # [B, L, C]
+        return x.flatten(2).transpose(1, 2).float().contiguous(), grid  # [B, L, C], token rows contiguous
 
     def forward_blocks(self, x, e0, context, context_img, rope) -> torch.Tensor:
         """The block stack on tokens [B, L, C]; the seam where sequence parallel and caching attach."""

@@ -17,9 +17,8 @@ import triton
 import triton.language as tl
 
 __all__ = ["add_norm_mod", "gelu_quant", "rms_norm_rope"]
-
-FP8_MAX = 448.0
-AMAX_FLOOR = 1e-12
+# 448 (the largest finite e4m3 value) and the amax floor of linear.quantize_rows are written as
+# literals in the kernels: Triton's compiler refuses non-constexpr globals, its interpreter constexpr ones
 
 
 @triton.jit
@@ -27,7 +26,7 @@ def _quant_store(y, codes_ptr, rs_ptr, row, offs, mask):
     """Round y (float32 row) to bf16, quantise it to e4m3 with one scale per row, store both."""
     yb = y.to(tl.bfloat16).to(tl.float32)
     amax = tl.max(tl.where(mask, tl.abs(yb), 0.0), 0)
-    mult = (FP8_MAX / tl.maximum(amax, AMAX_FLOOR)).to(tl.bfloat16).to(tl.float32)
+    mult = (448.0 / tl.maximum(amax, 1e-12)).to(tl.bfloat16).to(tl.float32)  # FP8_MAX / max(amax, floor)
     codes = (yb * mult).to(tl.bfloat16).to(tl.float32).to(tl.float8e4nv)
     tl.store(codes_ptr + offs, codes, mask=mask)
     tl.store(rs_ptr + row, 1.0 / mult)

@@ -62,10 +62,11 @@ def reference_add_norm_mod(x, delta, gate, weight, bias, scale, shift, eps: floa
     Returns (new residual or an empty tensor when no delta, h [B, L, C] out_dtype or e4m3 codes,
     row scales [B*L, 1] or an empty tensor)."""
     b, _, c = x.shape
+    x = x.contiguous()  # outputs are contiguous whatever x's strides (as the fake op says)
     x_new = x.new_empty(0)
     if delta is not None:
         d = delta * gate[:, None, :] if gate is not None else delta
-        x = x_new = x + d
+        x = x_new = (x + d).contiguous()
     y = F.layer_norm(x.float(), (c,), None if weight is None else weight.float(),
                      None if bias is None else bias.float(), eps)
     if scale is not None:
@@ -82,7 +83,7 @@ def _launch_add_norm_mod(x, delta, gate, weight, bias, scale, shift, eps: float,
 
     b, l, c = x.shape
     x = x.contiguous()
-    x_new = torch.empty_like(x) if delta is not None else x.new_empty(0)
+    x_new = x.new_empty(x.shape) if delta is not None else x.new_empty(0)
     h = torch.empty(x.shape, dtype=FP8_DTYPE if quant else out_dtype, device=x.device)
     rs = torch.empty(b * l, 1, dtype=torch.float32, device=x.device) if quant else x.new_empty(0)
     dummy = x  # pointer for absent inputs (never read: their constexpr flag is off)
@@ -114,7 +115,7 @@ def _add_norm_mod_op(x: torch.Tensor, delta: torch.Tensor | None, gate: torch.Te
 @_add_norm_mod_op.register_fake
 def _(x, delta, gate, weight, bias, scale, shift, eps, quant, out_dtype):
     b, l, _ = x.shape
-    x_new = torch.empty_like(x) if delta is not None else x.new_empty(0)
+    x_new = x.new_empty(x.shape) if delta is not None else x.new_empty(0)
     h = torch.empty(x.shape, dtype=FP8_DTYPE if quant else out_dtype, device=x.device)
     return x_new, h, x.new_empty(b * l, 1) if quant else x.new_empty(0)
 
@@ -180,7 +181,7 @@ def reference_rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Te
                             heads: int) -> torch.Tensor:
     """The unfused block's expressions: RMSNorm (float32, rounded to x's dtype), then `apply_rope`."""
     b, l, c = x.shape
-    y = F.rms_norm(x.float(), (c,), weight.float(), eps).to(x.dtype)
+    y = F.rms_norm(x.float(), (c,), weight.float(), eps).to(x.dtype).contiguous()
     return apply_rope(y.view(b, l, heads, c // heads), cos, sin).view(b, l, c)
 
 
@@ -189,7 +190,7 @@ def _launch_rms_norm_rope(x, weight, cos, sin, eps: float, heads: int, num_warps
 
     b, l, c = x.shape
     x = x.contiguous()
-    out = torch.empty_like(x)
+    out = x.new_empty(x.shape)
     pairs = triton_next_pow2(c // 2)
     fused_kernels.rms_norm_rope[(b * l,)](x, weight.float().contiguous(), cos.contiguous(), sin.contiguous(), out, l, c,
                                           eps, HALF_D=c // heads // 2, BLOCK_P=pairs,
@@ -205,7 +206,7 @@ def _rms_norm_rope_op(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, 
 
 @_rms_norm_rope_op.register_fake
 def _(x, weight, cos, sin, eps, heads):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def rms_norm_rope(x: torch.Tensor, norm: torch.nn.Module, rope: tuple[torch.Tensor, torch.Tensor],
