@@ -189,6 +189,11 @@ cos, sin = rope_tables((2, 2, 3), 16)
 w = 1 + 0.1 * torch.randn(48, generator=g)
 got, ref = fo._launch_rms_norm_rope(q, w, cos, sin, 1e-6, 3), fo.reference_rms_norm_rope(q, w, cos, sin, 1e-6, 3)
 res["rope"] = dict(x=0.0, h=(got.float() != ref.float()).float().mean().item(), dtype=str(got.dtype), rs=0.0)
+from wan_core import linear
+a = (torch.randn(10, 300, generator=g) * 3).bfloat16()
+got, ref = linear._launch_quant_rows(a), linear.quantize_rows(a)
+res["quant"] = dict(x=0.0, h=(got[0].float() != ref[0].float()).float().mean().item(), dtype=str(got[0].dtype),
+                    rs=((got[1] - ref[1]).abs() / ref[1]).max().item())
 print(json.dumps(res))
 """
 
@@ -196,7 +201,7 @@ print(json.dumps(res))
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_kernels_equal_reference_in_the_interpreter():
     """The Triton kernels themselves, run by Triton's interpreter on the CPU, for every flag
-    combination the block uses, and q/k's RMSNorm + RoPE: the residual exactly, the bf16 or e4m3
+    combination the block uses, q/k's RMSNorm + RoPE, and an FP8 linear's row quantisation: the residual exactly, the bf16 or e4m3
     rows element for element (the GELU's tanh is written with exp, so a rare bf16 tie may round
     the other way)."""
     script = INTERP_SCRIPT.format(tests=os.path.join(ROOT, "tests"), root=ROOT)
@@ -204,11 +209,11 @@ def test_triton_kernels_equal_reference_in_the_interpreter():
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(res) == 8
+    assert len(res) == 9
     for key, r in res.items():
         assert r["x"] == 0.0 and r["rs"] < 1e-6, (key, r)
         assert r["h"] <= (1e-3 if key == "gelu" else 0.0), (key, r)
-        quant = key == "gelu" or key[-1] == "1"
+        quant = key in ("gelu", "quant") or key[-1] == "1"
         assert r["dtype"] == ("torch.float8_e4m3fn" if quant else "torch.bfloat16"), key
 
 
@@ -241,6 +246,8 @@ def test_triton_kernels_compile_for_hopper():
     sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "o_ptr": "*bf16", "L": "i32",
            "C": "i32", "eps": "fp32"}
     assert "cubin" in build(fk.rms_norm_rope, sig, {"HALF_D": 64, "BLOCK_P": 4096}, 8).asm
+    sig = {"x_ptr": "*bf16", "codes_ptr": "*fp8e4nv", "rs_ptr": "*fp32", "K": "i32"}
+    assert "cubin" in build(fk.quant_rows, sig, {"BLOCK_K": 8192}, 8).asm
 
 
 def test_fake_ops_match_real_ops():
@@ -268,3 +275,4 @@ def test_fake_ops_match_real_ops():
     opcheck(torch.ops.wan_core.rms_norm_rope.default, (q, w, cos, sin, 1e-6, 4))
     lin = torch.nn.Linear(c, 32).bfloat16()
     opcheck(torch.ops.wan_core.linear_gelu.default, (q, lin.weight.detach(), lin.bias.detach()))
+    opcheck(torch.ops.wan_core.quantize_rows.default, (d.reshape(-1, c)[::2],))  # every other row: strided

@@ -63,6 +63,17 @@ def test_rms_norm_rope_kernel_equals_reference():
     assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-3
 
 
+def test_quant_rows_kernel_equals_reference():
+    from wan_core import linear
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    for k in (5120, 13824):
+        a = (torch.randn(1000, k, device="cuda", generator=g) * 3).bfloat16()
+        got, ref = linear._launch_quant_rows(a), linear.quantize_rows(a)
+        assert (got[0].float() != ref[0].float()).float().mean().item() < 1e-3
+        torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)  # the same bf16 multiplier, inverted
+
+
 def test_linear_gelu_epilogue_is_the_tanh_gelu():
     """In float32 the two GELU forms differ by up to ~1e-3 (|x| ~ 2); the op must match tanh."""
     g = torch.Generator(device="cuda").manual_seed(2)
@@ -80,16 +91,25 @@ def test_linear_gelu_epilogue_is_the_tanh_gelu():
     assert ((yb.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
 
 
+def _cos(a, b):
+    return F.cosine_similarity(a.flatten(), b.flatten(), 0).item()
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_fused_block_compiled_equals_block(fp8):
+    """bf16: fused (eager and compiled) == unfused up to summation order. FP8: a sum in another
+    order moves some e4m3 roundings a whole step (1/8), so the fused and unfused FP8 outputs are
+    each compared with the unquantised model: the fused one must be as close to it."""
     cfg = tiny_cfg(dim=1024, ffn_dim=2816, num_heads=8, text_dim=256)
-    model = build_model(cfg, random_state_dict(cfg), dtype=torch.bfloat16, device="cuda")
-    if fp8:
-        quantize_model(model, kernel="scaled_mm")
+    sd = random_state_dict(cfg)
+    model = build_model(cfg, sd, dtype=torch.bfloat16, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(2, 16, 5, 16, 16, device="cuda", generator=g).bfloat16()
     t, ctx = torch.tensor([500.0, 20.0], device="cuda"), torch.randn(2, 32, 256, device="cuda", generator=g).bfloat16()
     with torch.no_grad():
+        exact = model(x, t, ctx).float()
+        if fp8:
+            quantize_model(model, kernel="auto")
         ref = model(x, t, ctx).float()
         fuse_blocks(model)
         eager = model(x, t, ctx).float()
@@ -98,5 +118,8 @@ def test_fused_block_compiled_equals_block(fp8):
         compiled = model(x, t, ctx).float()
     torch._dynamo.reset()
     for out in (eager, compiled):
-        c = F.cosine_similarity(out.flatten(), ref.flatten(), 0).item()
-        assert c > 0.9999, c
+        if fp8:
+            assert _cos(out, exact) >= _cos(ref, exact) - 5e-4, (_cos(out, exact), _cos(ref, exact))
+            assert _cos(out, ref) > 0.999
+        else:
+            assert _cos(out, ref) > 0.9999, _cos(out, ref)

@@ -16,7 +16,7 @@ rounded to bf16 before the e4m3 cast (`wan_core.linear.quantize_rows` on a bf16 
 import triton
 import triton.language as tl
 
-__all__ = ["add_norm_mod", "gelu_quant", "rms_norm_rope"]
+__all__ = ["add_norm_mod", "gelu_quant", "rms_norm_rope", "quant_rows"]
 # 448 (the largest finite e4m3 value) and the amax floor of linear.quantize_rows are written as
 # literals in the kernels: Triton's compiler refuses non-constexpr globals, its interpreter constexpr ones
 
@@ -98,3 +98,13 @@ def rms_norm_rope(x_ptr, w_ptr, cos_ptr, sin_ptr, o_ptr, L, C, eps, HALF_D: tl.c
     s = tl.load(sin_ptr + ang, mask=pmask, other=0.0)
     out = tl.interleave(y0 * c - y1 * s, y0 * s + y1 * c)
     tl.store(o_ptr + row * C + offs, out.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def quant_rows(x_ptr, codes_ptr, rs_ptr, K, BLOCK_K: tl.constexpr):
+    """One bf16 row of an FP8 linear's input -> e4m3 codes and its scale (linear.quantize_rows)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
+    _quant_store(x, codes_ptr + row * K, rs_ptr, row, offs, mask)

@@ -34,6 +34,7 @@ layouts"), because their errors are not averaged out over 40 blocks.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Callable
 
@@ -109,6 +110,35 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, mult.float().reciprocal()
 
 
+def _launch_quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import fused_kernels
+
+    m, k = x.shape
+    codes = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    block = 1 << (k - 1).bit_length()
+    fused_kernels.quant_rows[(m,)](x, codes, scale, k, BLOCK_K=block, num_warps=16 if block > 8192 else 8)
+    return codes, scale
+
+
+@torch.library.custom_op("wan_core::quantize_rows", mutates_args=())
+def _quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows` as one op: on CUDA (bf16) a Triton kernel holding each row in registers, one
+    read and one write, where inductor's code for it reads each row twice (amax, then scale)."""
+    x = x.contiguous()
+    if x.is_cuda and x.dtype == torch.bfloat16 and _HAS_TRITON:
+        return _launch_quant_rows(x)
+    return quantize_rows(x)
+
+
+@_quantize_rows_op.register_fake
+def _(x):
+    return torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device), x.new_empty(x.shape[0], 1, dtype=torch.float32)
+
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def _dequant_kernel(x, weight, weight_scale, bias, out_dtype):
     w = (weight.float() * weight_scale).to(x.dtype)  # [N, K]
     return F.linear(x, w, bias)
@@ -140,7 +170,7 @@ def _quantizing(codes_kernel: CodesFn, name: str) -> KernelFn:
     """The kernel for bf16 activations: quantise them per token, then run `codes_kernel`."""
 
     def kernel(x, weight, weight_scale, bias, out_dtype):
-        return codes_kernel(*quantize_rows(x), weight, weight_scale, bias, out_dtype)
+        return codes_kernel(*_quantize_rows_op(x), weight, weight_scale, bias, out_dtype)
 
     kernel.__name__ = name
     return kernel
