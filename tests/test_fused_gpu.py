@@ -71,7 +71,7 @@ def test_quant_rows_kernel_equals_reference():
         a = (torch.randn(1000, k, device="cuda", generator=g) * 3).bfloat16()
         got, ref = linear._launch_quant_rows(a), linear.quantize_rows(a)
         assert (got[0].float() != ref[0].float()).float().mean().item() < 1e-3
-        torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)  # the same bf16 multiplier, inverted
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-6, atol=0)  # the same multiplier; 1/x rounds once more
 
 
 def test_linear_gelu_epilogue_is_the_tanh_gelu():

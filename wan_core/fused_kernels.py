@@ -16,7 +16,16 @@ rounded to bf16 before the e4m3 cast (`wan_core.linear.quantize_rows` on a bf16 
 import triton
 import triton.language as tl
 
-__all__ = ["add_norm_mod", "gelu_quant", "rms_norm_rope", "quant_rows"]
+__all__ = [
+    "add_norm_mod",
+    "gelu_quant",
+    "rms_norm_rope",
+    "quant_rows",
+    "add_norm_mod_tuned",
+    "gelu_quant_tuned",
+    "rms_norm_rope_tuned",
+    "quant_rows_tuned",
+]
 # 448 (the largest finite e4m3 value) and the amax floor of linear.quantize_rows are written as
 # literals in the kernels: Triton's compiler refuses non-constexpr globals, its interpreter constexpr ones
 
@@ -108,3 +117,14 @@ def quant_rows(x_ptr, codes_ptr, rs_ptr, K, BLOCK_K: tl.constexpr):
     mask = offs < K
     x = tl.load(x_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
     _quant_store(x, codes_ptr + row * K, rs_ptr, row, offs, mask)
+
+
+def _tuned(fn, key, warps):
+    """`fn` autotuned over the number of warps per row (GPU only; the interpreter runs `fn`)."""
+    return triton.autotune([triton.Config({}, num_warps=w) for w in warps], key=key)(fn)
+
+
+add_norm_mod_tuned = _tuned(add_norm_mod, ["C", "HAS_RES", "AFFINE", "MODULATE", "QUANT"], (4, 8, 16))
+gelu_quant_tuned = _tuned(gelu_quant, ["N"], (8, 16, 32))
+rms_norm_rope_tuned = _tuned(rms_norm_rope, ["C", "HALF_D"], (4, 8, 16))
+quant_rows_tuned = _tuned(quant_rows, ["K"], (4, 8, 16))

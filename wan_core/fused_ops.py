@@ -88,20 +88,28 @@ def _launch_add_norm_mod(x, delta, gate, weight, bias, scale, shift, eps: float,
     rs = torch.empty(b * l, 1, dtype=torch.float32, device=x.device) if quant else x.new_empty(0)
     dummy = x  # pointer for absent inputs (never read: their constexpr flag is off)
     block = triton_next_pow2(c)
-    fused_kernels.add_norm_mod[(b * l,)](
+    kernel, opts = _pick(fused_kernels.add_norm_mod, fused_kernels.add_norm_mod_tuned, x, num_warps)
+    kernel[(b * l,)](
         x, delta.contiguous() if delta is not None else dummy, gate if gate is not None else dummy,
         weight.float().contiguous() if weight is not None else dummy, bias.float().contiguous() if bias is not None else dummy,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
         x_new if delta is not None else dummy, h, rs if quant else dummy,
         l, c, eps, c,
         HAS_RES=delta is not None, HAS_GATE=gate is not None, AFFINE=weight is not None, MODULATE=scale is not None,
-        QUANT=quant, BLOCK_C=block, num_warps=num_warps or (8 if block <= 8192 else 16),
+        QUANT=quant, BLOCK_C=block, **opts,
     )
     return x_new, h, rs
 
 
 def triton_next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
+
+
+def _pick(plain, tuned, t: torch.Tensor, num_warps: int | None):
+    """The autotuned kernel on a GPU; the plain one (8 warps, or as given) in the interpreter or when told."""
+    if t.device.type == "cuda" and num_warps is None:
+        return tuned, {}
+    return plain, {"num_warps": num_warps or 8}
 
 
 @torch.library.custom_op("wan_core::add_norm_mod", mutates_args=())
@@ -156,7 +164,8 @@ def _launch_gelu_quant(u: torch.Tensor, num_warps: int | None = None) -> tuple[t
     codes = torch.empty(u.shape, dtype=FP8_DTYPE, device=u.device)
     rs = torch.empty(rows, 1, dtype=torch.float32, device=u.device)
     block = triton_next_pow2(n)
-    fused_kernels.gelu_quant[(rows,)](u, codes, rs, n, BLOCK_N=block, num_warps=num_warps or (16 if block > 8192 else 8))
+    kernel, opts = _pick(fused_kernels.gelu_quant, fused_kernels.gelu_quant_tuned, u, num_warps)
+    kernel[(rows,)](u, codes, rs, n, BLOCK_N=block, **opts)
     return codes, rs
 
 
@@ -192,9 +201,9 @@ def _launch_rms_norm_rope(x, weight, cos, sin, eps: float, heads: int, num_warps
     x = x.contiguous()
     out = x.new_empty(x.shape)
     pairs = triton_next_pow2(c // 2)
-    fused_kernels.rms_norm_rope[(b * l,)](x, weight.float().contiguous(), cos.contiguous(), sin.contiguous(), out, l, c,
-                                          eps, HALF_D=c // heads // 2, BLOCK_P=pairs,
-                                          num_warps=num_warps or (8 if pairs <= 4096 else 16))
+    kernel, opts = _pick(fused_kernels.rms_norm_rope, fused_kernels.rms_norm_rope_tuned, x, num_warps)
+    kernel[(b * l,)](x, weight.float().contiguous(), cos.contiguous(), sin.contiguous(), out, l, c, eps,
+                     HALF_D=c // heads // 2, BLOCK_P=pairs, **opts)
     return out
 
 
