@@ -5,7 +5,7 @@ and 720x1280x81 (21x90x160, 75,600 tokens); bf16. ComfyUI's model gets the same 
 ours (its parameter names are the official ones), so the output similarity is checked too.
 
   python benchmarks/bench_dit.py [--res 480p,720p] [--peers comfy,diffusers] [--ours sdpa_cudnn,sdpa_flash]
-                                 [--compile --compiled bf16,fp8,fast,fast-accum[,bf16+nofuse,...]]
+                                 [--compile --compiled bf16,fp8,fast,fast-exact[,bf16+nofuse,...]]
 
 "fast" is fast mode: FP8 block linears and the 8-bit Triton self-attention, compiled. Compiled
 variants use FusedBlock (single-pass norm/modulate/quantise ops, as compile_blocks does); a
@@ -105,7 +105,7 @@ def main():
     ap.add_argument("--peers", default="comfy,diffusers")
     ap.add_argument("--ours", default="sdpa_cudnn,sdpa_flash")
     ap.add_argument("--compile", action="store_true", help="also time ours with torch.compile on each block")
-    ap.add_argument("--compiled", default="bf16", help="compiled variants: bf16,fp8,fast,fast-accum")
+    ap.add_argument("--compiled", default="bf16", help="compiled variants: bf16,fp8,fast,fp8-exact,fast-exact")
     ap.add_argument("--sage-options", default=None, help="JSON of sage_attention.KERNEL_OPTIONS (from bench_attention.py)")
     args = ap.parse_args()
     resolutions = [r for r in args.res.split(",") if r]
@@ -162,8 +162,10 @@ def main():
         torch.cuda.empty_cache()
     for variant in args.compiled.split(",") if args.compile else []:
         # compiled blocks (the default on CUDA); "fp8": FP8 linears (per-channel weights, per-token
-        # activations, scaled_mm); "fast": FP8 linears + the 8-bit Triton self-attention;
-        # "fast-accum": the same with cuBLAS fast accumulation in the FP8 GEMMs; a "+mk" suffix
+        # activations, the FP8 kernel "auto": scaled_mm with fast accumulation on Hopper); "fast": FP8
+        # linears + the 8-bit Triton self-attention; "-exact": the FP8 GEMMs without fast
+        # accumulation (scaled_mm; what "fp8"/"fast" meant before 2026-11-26's second session;
+        # "fast-accum" is an old name of "fast"); a "+mk" suffix
         # compiles with inductor's multi-kernel option
         try:
             torch._dynamo.reset()
@@ -174,7 +176,7 @@ def main():
             if base != "bf16":
                 from wan_core.linear import quantize_model
 
-                quantize_model(m, kernel="scaled_mm_fast" if base == "fast-accum" else "scaled_mm")
+                quantize_model(m, kernel="scaled_mm" if base.endswith("-exact") else "auto")
                 gc.collect()
                 torch.cuda.empty_cache()
             if "nofuse" not in flags:  # "+nofuse": the plain Block, all float32 work left to inductor

@@ -130,7 +130,12 @@ def main():
         rows.append((variant, last["wall_s"], last["timings"], last["peak_GiB"]))
         if handle is not None:
             handle.remove()
-        pipe = dit = handle = None
+        # Drop every reference to this variant's DiT before the next one is built (the patched
+        # build_dit's default argument and dynamo's compiled-code caches hold it), or its memory
+        # shows in the next variant's peak.
+        wan_pipeline.build_dit = None
+        pipe = dit = handle = res = None
+        torch._dynamo.reset()
         gc.collect()
         torch.cuda.empty_cache()
     with open(os.path.join(out_dir, "bench_e2e.json"), "w") as f:

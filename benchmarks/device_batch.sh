@@ -8,9 +8,9 @@
 #   attention-quick  bench_attention.py --quick (kernel variants, writes sage_options)   ~2 min
 #   dit-fast         bench_dit.py 480p: ComfyUI vs ours bf16 vs fast (uses sage_options) ~2.5 min
 #   fused-tests      pytest -m gpu tests/test_fused_gpu.py                              ~1 min
-#   dit-fused        bench_dit.py 480p: ComfyUI vs $DIT_VARIANTS (bf16,fast-accum)       ~3 min
+#   dit-fused        bench_dit.py 480p: ComfyUI vs $DIT_VARIANTS (bf16,fast,fp8)     ~3 min
 #   dit-720          bench_dit.py 720p, ours bf16 compiled (no peer)                    ~2 min
-#   e2e-fast         bench_e2e.py fast and fast-offload, one timed run each             ~4.5 min
+#   e2e-fast         bench_e2e.py fast, fast-offload, fp8-offload, one timed run each   ~5 min
 #   profile          profile_dit.py fast,bf16                                           ~2 min
 set -u
 export OUT="${OUT:-$PWD/out}"  # the scripts write their JSON (and e2e its mp4) there
@@ -32,12 +32,12 @@ for step in "$@"; do
     dit-fast) timeout 300 python3 benchmarks/bench_dit.py --res 480p --peers comfy --ours "" \
                  --compile --compiled bf16,fast,fast-accum --sage-options "$opts" 2>&1 | tee "$OUT/bench_dit_fast.log" | grep -v -i warn | tail -8 ;;
     dit-fused) timeout 420 python3 benchmarks/bench_dit.py --res 480p --peers comfy --ours "" \
-                 --compile --compiled ${DIT_VARIANTS:-bf16,fast-accum} --sage-options "$opts" 2>&1 | tee "$OUT/bench_dit_fused.log" | grep -v -i warn | tail -10 ;;
+                 --compile --compiled ${DIT_VARIANTS:-bf16,fast,fp8} --sage-options "$opts" 2>&1 | tee "$OUT/bench_dit_fused.log" | grep -v -i warn | tail -10 ;;
     dit-720) timeout 300 python3 benchmarks/bench_dit.py --res 720p --peers "" --ours "" --compile --compiled bf16 \
                  --sage-options "$opts" 2>&1 | tee "$OUT/bench_dit_720.log" | grep -v -i warn | tail -4 ;;
     fused-tests) timeout 200 python3 -m pytest -p no:cacheprovider -m gpu -q --tb=short tests/test_fused_gpu.py tests/test_fp8_gpu.py tests/test_offload_gpu.py 2>&1 \
                  | tee "$OUT/fused_tests.log" | tail -15 ;;
-    e2e-fast) timeout 420 python3 benchmarks/bench_e2e.py --variants fast,fast-offload --runs 1 2>&1 \
+    e2e-fast) timeout 420 python3 benchmarks/bench_e2e.py --variants fast,fast-offload,fp8-offload --runs 1 2>&1 \
                  | tee "$OUT/bench_e2e_fast.log" | grep -v -i warn | tail -4; rm -f "$OUT"/*.mp4 ;;
     profile) timeout 240 python3 benchmarks/profile_dit.py --variants fast,bf16 2>&1 | tee "$OUT/profile_dit.log" | grep -v -i warn | tail -30 ;;
     *) echo "unknown step $step" ;;
