@@ -35,7 +35,7 @@ for step in "$@"; do
                  --compile --compiled ${DIT_VARIANTS:-bf16,fast,fp8} --sage-options "$opts" 2>&1 | tee "$OUT/bench_dit_fused.log" | grep -v -i warn | tail -10 ;;
     dit-720) timeout 300 python3 benchmarks/bench_dit.py --res 720p --peers "" --ours "" --compile --compiled bf16 \
                  --sage-options "$opts" 2>&1 | tee "$OUT/bench_dit_720.log" | grep -v -i warn | tail -4 ;;
-    fused-tests) timeout 200 python3 -m pytest -p no:cacheprovider -m gpu -q --tb=short tests/test_fused_gpu.py tests/test_fp8_gpu.py tests/test_offload_gpu.py 2>&1 \
+    fused-tests) timeout 300 python3 -m pytest -p no:cacheprovider -m gpu -q --tb=short tests/test_fused_gpu.py tests/test_sage_gpu.py tests/test_fp8_gpu.py tests/test_offload_gpu.py 2>&1 \
                  | tee "$OUT/fused_tests.log" | tail -15 ;;
     e2e-fast) timeout 420 python3 benchmarks/bench_e2e.py --variants fast,fast-offload,fp8-offload --runs 1 2>&1 \
                  | tee "$OUT/bench_e2e_fast.log" | grep -v -i warn | tail -4; rm -f "$OUT"/*.mp4 ;;

@@ -163,3 +163,72 @@ def test_eight_bit_self_attention_keeps_cross_attention_exact(monkeypatch):
     assert model.blocks[0].cross_attn.attn_fn is stand_in
     model.set_attention("sdpa_math")  # an exact backend: cross-attention follows it
     assert model.blocks[0].cross_attn.attn_fn.backend_name == "sdpa_math"
+
+
+QUANT_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
+import triton_interp  # noqa: F401  (before any kernel is defined)
+import torch
+from wan_core import sage_attention as sa
+g = torch.Generator().manual_seed(0)
+res = {{}}
+for (b, l, h) in ((2, 300, 2), (1, 256, 3), (1, 70, 1)):  # partial blocks, an exact block, a short one
+    q = torch.randn(b, l, h, 128, generator=g).bfloat16()
+    k = (torch.randn(b, l, h, 128, generator=g) + 2).bfloat16()  # keys and values with a channel bias
+    v = (torch.randn(b, l, h, 128, generator=g) + 1).bfloat16()
+    got, ref = sa._launch_quantize(q, k, v), sa.quantize(q, k, v)
+    res[f"{{b}}-{{l}}-{{h}}"] = [[list(a.shape) == list(r.shape) and a.dtype == r.dtype,
+                                 (a.float() != r.float()).float().mean().item(),
+                                 ((a.float() - r.float()).abs().max() / r.float().abs().max()).item()]
+                                for a, r in zip(got, ref)]
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_quantize_kernels_equal_torch_quantize_in_the_interpreter():
+    """The Triton quantisation (stats pass + codes pass) against `quantize` in Triton's
+    interpreter: every code tensor and scale identical in shape, dtype and value, except that the
+    means are summed in another order (a last-bit difference in v's means and scales)."""
+    script = QUANT_SCRIPT.format(tests=os.path.join(ROOT, "tests"), root=ROOT)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key, tensors in res.items():
+        assert len(tensors) == 7
+        for i, (same_layout, mismatch, rel) in enumerate(tensors):
+            assert same_layout, (key, i)
+            if i < 5:  # codes and the q/k scales
+                assert mismatch == 0.0, (key, i, mismatch)
+            else:  # v scales, v means
+                assert rel < 1e-6, (key, i, rel)
+
+
+def test_quantize_op_fake_matches_real():
+    from torch.library import opcheck
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 300, 2, 128, generator=g).bfloat16() for _ in range(3))
+    opcheck(torch.ops.wan_core.sage_quantize.default, (q, k, v))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_quantize_kernels_compile_for_hopper():
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from wan_core import sage_quant_kernel as kern
+
+    def build(fn, sig, constexprs, num_warps):
+        src = ASTSource(fn=fn, signature=dict(sig, **{k: "constexpr" for k in constexprs}), constexprs=constexprs)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+    sig = {"k_ptr": "*bf16", "v_ptr": "*bf16", "part_ptr": "*fp32", "L": "i32", "C": "i32", "n_chunks": "i32"}
+    assert "cubin" in build(kern.kv_stats, sig, {"BLOCK_L": 256, "BLOCK_C": 128}, 8).asm
+    sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "km_ptr": "*fp32", "vm_ptr": "*fp32", "vs_ptr": "*fp32",
+           "qc_ptr": "*fp8e4nv", "qs_ptr": "*fp32", "kc_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "vt_ptr": "*fp8e4nv",
+           "L": "i32", "Lp": "i32", "H": "i32", "q_extra": "fp32"}
+    assert "cubin" in build(kern.quantize_qkv, sig, {"HEAD_DIM": 128, "KBLK": sa.KBLK, "SUB": 64}, 4).asm

@@ -99,3 +99,18 @@ def test_dit_forward_in_fast_mode_is_close_to_exact():
             outs[mode] = m(x, t, ctx).float()
     c = torch.nn.functional.cosine_similarity(outs["fast"].flatten(), outs["exact"].flatten(), 0).item()
     assert c >= 0.99, c
+
+
+@pytest.mark.parametrize("l", [32760, 1000])
+def test_quantize_kernels_equal_torch_quantize(l):
+    """The Triton quantisation at Wan's self-attention shape (40 heads, the 480p token count)."""
+    g = torch.Generator(device="cuda").manual_seed(7)
+    q = torch.randn(1, l, 40, 128, device="cuda", generator=g).bfloat16()
+    k = (torch.randn(1, l, 40, 128, device="cuda", generator=g) + 2).bfloat16()
+    v = (torch.randn(1, l, 40, 128, device="cuda", generator=g) + 1).bfloat16()
+    got, ref = sa._launch_quantize(q, k, v), sa.quantize(q, k, v)
+    for i, (a, r) in enumerate(zip(got, ref)):
+        assert a.shape == r.shape and a.dtype == r.dtype, i
+        # the means are summed in another order: a code at a rounding boundary may move one step
+        assert (a.float() != r.float()).float().mean().item() < 1e-3, i
+        assert ((a.float() - r.float()).norm() / r.float().norm()).item() < 1e-3, i

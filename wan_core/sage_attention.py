@@ -15,8 +15,9 @@ both attention matmuls are done in 8 bits here:
   from 0.991 to 0.9988). The row sums of P are taken in float32 before the rounding; the
   accumulators are float32; the output is bf16.
 
-The quantisation is plain torch code (`quantize`), so inside a compiled block inductor fuses it
-with the RoPE that produces q and k; the kernel is a custom op, opaque to the compiler.
+The quantisation is `quantize` (torch code, the reference), run for self-attention on CUDA by two
+Triton kernels (`sage_quant_kernel`: one pass over k and v for the means and v's range, one over
+q, k and v for the codes) as a custom op; the attention kernel is a custom op too.
 `reference` computes the same quantised math in torch, for tests; `sage_fp8_attention` is the
 backend function (`[B, L, H, D]` in and out, as every backend in `attention.py`).
 """
@@ -87,6 +88,54 @@ def quantize(q, k, v, qk_int8: bool = False, smooth_k: bool = True):
     vc = (vf / vs[:, None]).to(FP8)  # [B, L, H, D]
     vt = F.pad(vc.permute(0, 2, 3, 1), (0, lp - l)).contiguous()  # [B, H, D, Lp]
     return qc, qs, kc, ks, vt, vs.contiguous(), vm[:, 0].contiguous()
+
+
+def _launch_quantize(q, k, v, sub: int = 64, num_warps: int = 4):
+    """`quantize` (FP8, smoothed k) by the two Triton kernels of `sage_quant_kernel`; q/k/v
+    [B, L, H, D] of the same length."""
+    from . import sage_quant_kernel as kern
+
+    b, l, h, d = q.shape
+    c = h * d
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    lp = -(-l // PAD) * PAD
+    block_l, block_c = 256, 128
+    n_chunks = -(-l // block_l)
+    part = torch.empty(b, n_chunks, 4, c, dtype=torch.float32, device=q.device)  # per chunk: sum k, sum v, max v, min v
+    kern.kv_stats[(n_chunks, -(-c // block_c), b)](k, v, part, l, c, n_chunks, BLOCK_L=block_l, BLOCK_C=block_c,
+                                                   num_warps=8)
+    km = part[:, :, 0].sum(1) / l  # [B, C] = [B, H, D]
+    vm = part[:, :, 1].sum(1) / l
+    vs = torch.maximum(part[:, :, 2].amax(1) - vm, vm - part[:, :, 3].amin(1)).clamp(min=1e-12) / FP8_MAX
+    qc = torch.empty(b, h, lp, d, dtype=FP8, device=q.device)
+    kc = torch.empty_like(qc)
+    vt = torch.empty(b, h, d, lp, dtype=FP8, device=q.device)
+    qs = torch.empty(b, h, lp, dtype=torch.float32, device=q.device)
+    ks = torch.empty(b, h, lp // KBLK, dtype=torch.float32, device=q.device)
+    kern.quantize_qkv[(lp // KBLK, h, b)](q, k, v, km, vm, vs, qc, qs, kc, ks, vt, l, lp, h, LOG2E / math.sqrt(d),
+                                          HEAD_DIM=d, KBLK=KBLK, SUB=sub, num_warps=num_warps)
+    return qc, qs, kc, ks, vt, vs.view(b, h, d), vm.view(b, h, d)
+
+
+@torch.library.custom_op("wan_core::sage_quantize", mutates_args=())
+def _quantize_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor]:
+    """`quantize(q, k, v)` (FP8 Q·Kᵀ, smoothed k) as one op: the Triton kernels on CUDA (two reads
+    of k and v, one of q), the torch code elsewhere."""
+    if q.is_cuda:
+        return _launch_quantize(q, k, v)
+    return tuple(t.contiguous() for t in quantize(q, k, v))
+
+
+@_quantize_op.register_fake
+def _(q, k, v):
+    b, l, h, d = q.shape
+    lp = -(-l // PAD) * PAD
+    codes = q.new_empty(b, h, lp, d, dtype=FP8)
+    f32 = dict(dtype=torch.float32)
+    return (codes, q.new_empty(b, h, lp, **f32), q.new_empty(b, h, lp, d, dtype=FP8), q.new_empty(b, h, lp // KBLK, **f32),
+            q.new_empty(b, h, d, lp, dtype=FP8), q.new_empty(b, h, d, **f32), q.new_empty(b, h, d, **f32))
 
 
 def reference(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype=torch.bfloat16, block_n: int = 64) -> torch.Tensor:
@@ -178,4 +227,8 @@ def _(qc, qs, kc, ks, vt, vs, vm, lq, lk, out_dtype):
 def sage_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_int8: bool = False,
                        smooth_k: bool = True) -> torch.Tensor:
     """Attention of q [B, Lq, H, D] over k/v [B, Lk, H, D] in 8 bits; [B, Lq, H, D] in q's dtype."""
-    return _sage_op(*quantize(q, k, v, qk_int8=qk_int8, smooth_k=smooth_k), q.shape[1], k.shape[1], q.dtype)
+    if q.shape == k.shape and not qk_int8 and smooth_k:  # self-attention, the common case: one op
+        packed = _quantize_op(q, k, v)
+    else:
+        packed = quantize(q, k, v, qk_int8=qk_int8, smooth_k=smooth_k)
+    return _sage_op(*packed, q.shape[1], k.shape[1], q.dtype)

@@ -1,0 +1,82 @@
+"""Triton kernels for the 8-bit attention's input quantisation (`sage_attention.quantize`, FP8).
+
+Two passes over k and v instead of inductor's five or six: `kv_stats` reads k and v once for
+their per-channel sums (the smoothing means) and v's per-channel max and min (v's scale is
+max |v - mean| = max(max - mean, mean - min)), one partial result per token chunk, summed in
+torch afterwards so the result does not depend on the order blocks run in (no atomics: the same
+inputs give the same codes on every run). `quantize_qkv` then reads q, k and v once and writes
+the three code tensors in the attention kernel's layouts: q and k [B, H, Lp, D] with one scale per
+query token and per KBLK keys, vᵀ [B, H, D, Lp]. The divisions are rounded to nearest
+(`div_rn`), as torch divides, so the codes equal the torch reference's wherever the means agree.
+"""
+
+import triton
+import triton.language as tl
+
+__all__ = ["kv_stats", "quantize_qkv"]
+
+
+@triton.jit
+def kv_stats(k_ptr, v_ptr, part_ptr, L, C, n_chunks, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Partial statistics of one token chunk x channel block: part[b, chunk, 0..3, c] = sum k,
+    sum v, max v, min v over the chunk's tokens. k/v: [B, L, C] contiguous."""
+    chunk = tl.program_id(0)
+    cblk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = chunk * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < L)[:, None] & (cols < C)[None, :]
+    offs = b * L * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
+    k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    out = part_ptr + ((b * n_chunks + chunk) * 4) * C + cols
+    cmask = cols < C
+    tl.store(out, tl.sum(k, 0), mask=cmask)
+    tl.store(out + C, tl.sum(v, 0), mask=cmask)
+    tl.store(out + 2 * C, tl.max(tl.where(mask, v, float("-inf")), 0), mask=cmask)
+    tl.store(out + 3 * C, tl.min(tl.where(mask, v, float("inf")), 0), mask=cmask)
+
+
+@triton.jit
+def quantize_qkv(q_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, vs_ptr,  # inputs: [B, L, H, D]; means, v scales [B, H, D]
+                 qc_ptr, qs_ptr, kc_ptr, ks_ptr, vt_ptr,  # outputs (layouts in the module docstring)
+                 L, Lp, H, q_extra,
+                 HEAD_DIM: tl.constexpr, KBLK: tl.constexpr, SUB: tl.constexpr):
+    """One KBLK-token block of one (batch, head): q, k (smoothed) and v (smoothed) to e4m3,
+    SUB tokens at a time."""
+    blk = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    bh = b * H + h
+    km = tl.load(km_ptr + bh * HEAD_DIM + d)
+    vm = tl.load(vm_ptr + bh * HEAD_DIM + d)
+    vs = tl.load(vs_ptr + bh * HEAD_DIM + d)
+    C = H * HEAD_DIM
+    # k: the block's amax first (one scale per KBLK keys), then its codes
+    amax = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for s in range(0, KBLK, SUB):
+        t = blk * KBLK + s + tl.arange(0, SUB)
+        mask = (t < L)[:, None]
+        offs = (b * L + t.to(tl.int64))[:, None] * C + h * HEAD_DIM + d[None, :]
+        kf = tl.where(mask, tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32) - km[None, :], 0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(kf), 0))
+    kscale = tl.maximum(tl.max(amax, 0), 1e-12) / 448.0
+    tl.store(ks_ptr + bh * (Lp // KBLK) + blk, kscale)
+    for s in range(0, KBLK, SUB):
+        t = blk * KBLK + s + tl.arange(0, SUB)
+        mask = (t < L)[:, None]
+        offs = (b * L + t.to(tl.int64))[:, None] * C + h * HEAD_DIM + d[None, :]
+        out = (bh * Lp + t.to(tl.int64))[:, None] * HEAD_DIM + d[None, :]  # [B, H, Lp, D]
+        kf = tl.where(mask, tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32) - km[None, :], 0.0)
+        tl.store(kc_ptr + out, tl.math.div_rn(kf, kscale).to(tl.float8e4nv))
+        # q: one scale per token
+        qf = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        qscale = tl.maximum(tl.max(tl.abs(qf), 1), 1e-12) / 448.0  # [SUB]
+        tl.store(qc_ptr + out, tl.math.div_rn(qf, qscale[:, None]).to(tl.float8e4nv))
+        tl.store(qs_ptr + bh * Lp + t, qscale * q_extra)
+        # v: smoothed, one scale per channel, stored transposed
+        vf = tl.where(mask, tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32) - vm[None, :], 0.0)
+        vcodes = tl.math.div_rn(vf, vs[None, :]).to(tl.float8e4nv)  # [SUB, D]
+        vt_offs = (bh * HEAD_DIM + d.to(tl.int64))[:, None] * Lp + t[None, :]  # [D, SUB] in [B, H, D, Lp]
+        tl.store(vt_ptr + vt_offs, tl.trans(vcodes))
