@@ -35,10 +35,11 @@ def _quant_store(y, codes_ptr, rs_ptr, row, offs, mask):
     """Round y (float32 row) to bf16, quantise it to e4m3 with one scale per row, store both."""
     yb = y.to(tl.bfloat16).to(tl.float32)
     amax = tl.max(tl.where(mask, tl.abs(yb), 0.0), 0)
-    mult = (448.0 / tl.maximum(amax, 1e-12)).to(tl.bfloat16).to(tl.float32)  # FP8_MAX / max(amax, floor)
+    # FP8_MAX / max(amax, floor), divided as torch divides (a plain / is an approximate reciprocal)
+    mult = tl.math.div_rn(448.0, tl.maximum(amax, 1e-12)).to(tl.bfloat16).to(tl.float32)
     codes = (yb * mult).to(tl.bfloat16).to(tl.float32).to(tl.float8e4nv)
     tl.store(codes_ptr + offs, codes, mask=mask)
-    tl.store(rs_ptr + row, 1.0 / mult)
+    tl.store(rs_ptr + row, tl.math.div_rn(1.0, mult))
 
 
 @triton.jit
