@@ -179,6 +179,9 @@ def main():
                 quantize_model(m, kernel="scaled_mm" if base.endswith("-exact") else "auto")
                 gc.collect()
                 torch.cuda.empty_cache()
+            from wan_core import sage_attention
+
+            sage_attention.TRITON_QUANTIZE = "torchquant" not in flags  # "+torchquant": q/k/v quantised by inductor
             if "nofuse" not in flags:  # "+nofuse": the plain Block, all float32 work left to inductor
                 from wan_core.fused_block import fuse_blocks
 

@@ -227,8 +227,10 @@ def test_quantize_kernels_compile_for_hopper():
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
     sig = {"k_ptr": "*bf16", "v_ptr": "*bf16", "part_ptr": "*fp32", "L": "i32", "C": "i32", "n_chunks": "i32"}
-    assert "cubin" in build(kern.kv_stats, sig, {"BLOCK_L": 256, "BLOCK_C": 128}, 8).asm
+    for bc, sub in ((128, 16), (256, 8), (64, 32), (128, 32)):  # the autotuner's tiles
+        assert "cubin" in build(kern.kv_stats, sig, {"BLOCK_L": 256, "BLOCK_C": bc, "SUB": sub}, 4).asm
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "km_ptr": "*fp32", "vm_ptr": "*fp32", "vs_ptr": "*fp32",
            "qc_ptr": "*fp8e4nv", "qs_ptr": "*fp32", "kc_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "vt_ptr": "*fp8e4nv",
            "L": "i32", "Lp": "i32", "H": "i32", "q_extra": "fp32"}
-    assert "cubin" in build(kern.quantize_qkv, sig, {"HEAD_DIM": 128, "KBLK": sa.KBLK, "SUB": 64}, 4).asm
+    for sub in (16, 32, 64):
+        assert "cubin" in build(kern.quantize_qkv, sig, {"HEAD_DIM": 128, "KBLK": sa.KBLK, "SUB": sub}, 4).asm

@@ -90,20 +90,30 @@ def quantize(q, k, v, qk_int8: bool = False, smooth_k: bool = True):
     return qc, qs, kc, ks, vt, vs.contiguous(), vm[:, 0].contiguous()
 
 
-def _launch_quantize(q, k, v, sub: int = 64, num_warps: int = 4):
+# Self-attention's q/k/v quantisation on CUDA: the Triton kernels (True) or `quantize`'s torch
+# code (False; inductor compiles it inside the block). benchmarks/bench_dit.py "+torchquant".
+TRITON_QUANTIZE = True
+
+
+def _launch_quantize(q, k, v, tuned: bool | None = None):
     """`quantize` (FP8, smoothed k) by the two Triton kernels of `sage_quant_kernel`; q/k/v
-    [B, L, H, D] of the same length."""
+    [B, L, H, D] of the same length. Autotuned on a GPU; fixed tiles in the interpreter."""
     from . import sage_quant_kernel as kern
 
+    tuned = q.is_cuda if tuned is None else tuned
     b, l, h, d = q.shape
     c = h * d
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     lp = -(-l // PAD) * PAD
-    block_l, block_c = 256, 128
+    block_l = 256
     n_chunks = -(-l // block_l)
     part = torch.empty(b, n_chunks, 4, c, dtype=torch.float32, device=q.device)  # per chunk: sum k, sum v, max v, min v
-    kern.kv_stats[(n_chunks, -(-c // block_c), b)](k, v, part, l, c, n_chunks, BLOCK_L=block_l, BLOCK_C=block_c,
-                                                   num_warps=8)
+    if tuned:
+        kern.kv_stats_tuned[lambda meta: (n_chunks, -(-c // meta["BLOCK_C"]), b)](k, v, part, l, c, n_chunks,
+                                                                                  BLOCK_L=block_l)
+    else:
+        kern.kv_stats[(n_chunks, -(-c // 128), b)](k, v, part, l, c, n_chunks, BLOCK_L=block_l, BLOCK_C=128, SUB=16,
+                                                   num_warps=4)
     km = part[:, :, 0].sum(1) / l  # [B, C] = [B, H, D]
     vm = part[:, :, 1].sum(1) / l
     vs = torch.maximum(part[:, :, 2].amax(1) - vm, vm - part[:, :, 3].amin(1)).clamp(min=1e-12) / FP8_MAX
@@ -112,8 +122,11 @@ def _launch_quantize(q, k, v, sub: int = 64, num_warps: int = 4):
     vt = torch.empty(b, h, d, lp, dtype=FP8, device=q.device)
     qs = torch.empty(b, h, lp, dtype=torch.float32, device=q.device)
     ks = torch.empty(b, h, lp // KBLK, dtype=torch.float32, device=q.device)
-    kern.quantize_qkv[(lp // KBLK, h, b)](q, k, v, km, vm, vs, qc, qs, kc, ks, vt, l, lp, h, LOG2E / math.sqrt(d),
-                                          HEAD_DIM=d, KBLK=KBLK, SUB=sub, num_warps=num_warps)
+    args = (q, k, v, km, vm, vs, qc, qs, kc, ks, vt, l, lp, h, LOG2E / math.sqrt(d))
+    if tuned:
+        kern.quantize_qkv_tuned[(lp // KBLK, h, b)](*args, HEAD_DIM=d, KBLK=KBLK)
+    else:
+        kern.quantize_qkv[(lp // KBLK, h, b)](*args, HEAD_DIM=d, KBLK=KBLK, SUB=32, num_warps=4)
     return qc, qs, kc, ks, vt, vs.view(b, h, d), vm.view(b, h, d)
 
 
@@ -227,7 +240,7 @@ def _(qc, qs, kc, ks, vt, vs, vm, lq, lk, out_dtype):
 def sage_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_int8: bool = False,
                        smooth_k: bool = True) -> torch.Tensor:
     """Attention of q [B, Lq, H, D] over k/v [B, Lk, H, D] in 8 bits; [B, Lq, H, D] in q's dtype."""
-    if q.shape == k.shape and not qk_int8 and smooth_k:  # self-attention, the common case: one op
+    if q.shape == k.shape and not qk_int8 and smooth_k and TRITON_QUANTIZE:  # self-attention: one op
         packed = _quantize_op(q, k, v)
     else:
         packed = quantize(q, k, v, qk_int8=qk_int8, smooth_k=smooth_k)

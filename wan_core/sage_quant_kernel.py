@@ -14,28 +14,38 @@ as torch divides, so the codes equal the torch reference's wherever the means ag
 import triton
 import triton.language as tl
 
-__all__ = ["kv_stats", "quantize_qkv"]
+__all__ = ["kv_stats", "quantize_qkv", "kv_stats_tuned", "quantize_qkv_tuned"]
 
 
 @triton.jit
-def kv_stats(k_ptr, v_ptr, part_ptr, L, C, n_chunks, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Partial statistics of one token chunk x channel block: part[b, chunk, 0..3, c] = sum k,
-    sum v, max v, min v over the chunk's tokens. k/v: [B, L, C] contiguous."""
+def kv_stats(k_ptr, v_ptr, part_ptr, L, C, n_chunks, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+             SUB: tl.constexpr):
+    """Partial statistics of one chunk of BLOCK_L tokens x BLOCK_C channels: part[b, chunk, 0..3, c]
+    = sum k, sum v, max v, min v over the chunk's tokens, SUB tokens at a time. k/v: [B, L, C]."""
     chunk = tl.program_id(0)
     cblk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rows = chunk * BLOCK_L + tl.arange(0, BLOCK_L)
     cols = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows < L)[:, None] & (cols < C)[None, :]
-    offs = b * L * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
-    k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = part_ptr + ((b * n_chunks + chunk) * 4) * C + cols
     cmask = cols < C
-    tl.store(out, tl.sum(k, 0), mask=cmask)
-    tl.store(out + C, tl.sum(v, 0), mask=cmask)
-    tl.store(out + 2 * C, tl.max(tl.where(mask, v, float("-inf")), 0), mask=cmask)
-    tl.store(out + 3 * C, tl.min(tl.where(mask, v, float("inf")), 0), mask=cmask)
+    sk = tl.zeros([SUB, BLOCK_C], dtype=tl.float32)
+    sv = tl.zeros([SUB, BLOCK_C], dtype=tl.float32)
+    mx = tl.full([SUB, BLOCK_C], float("-inf"), dtype=tl.float32)
+    mn = tl.full([SUB, BLOCK_C], float("inf"), dtype=tl.float32)
+    for s in range(0, BLOCK_L, SUB):
+        rows = chunk * BLOCK_L + s + tl.arange(0, SUB)
+        mask = (rows < L)[:, None] & cmask[None, :]
+        offs = b * L * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
+        k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        sk += k
+        sv += v
+        mx = tl.maximum(mx, tl.where(mask, v, float("-inf")))
+        mn = tl.minimum(mn, tl.where(mask, v, float("inf")))
+    out = part_ptr + ((b * n_chunks + chunk) * 4) * C + cols
+    tl.store(out, tl.sum(sk, 0), mask=cmask)
+    tl.store(out + C, tl.sum(sv, 0), mask=cmask)
+    tl.store(out + 2 * C, tl.max(mx, 0), mask=cmask)
+    tl.store(out + 3 * C, tl.min(mn, 0), mask=cmask)
 
 
 @triton.jit
@@ -55,14 +65,14 @@ def quantize_qkv(q_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, vs_ptr,  # inputs: [B, L, 
     vs = tl.load(vs_ptr + bh * HEAD_DIM + d)
     C = H * HEAD_DIM
     # k: the block's amax first (one scale per KBLK keys), then its codes
-    amax = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    amax = tl.zeros([SUB, HEAD_DIM], dtype=tl.float32)
     for s in range(0, KBLK, SUB):
         t = blk * KBLK + s + tl.arange(0, SUB)
         mask = (t < L)[:, None]
         offs = (b * L + t.to(tl.int64))[:, None] * C + h * HEAD_DIM + d[None, :]
         kf = tl.where(mask, tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32) - km[None, :], 0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(kf), 0))
-    kscale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), 448.0)
+        amax = tl.maximum(amax, tl.abs(kf))
+    kscale = tl.math.div_rn(tl.maximum(tl.max(tl.max(amax, 1), 0), 1e-12), 448.0)
     tl.store(ks_ptr + bh * (Lp // KBLK) + blk, kscale)
     for s in range(0, KBLK, SUB):
         t = blk * KBLK + s + tl.arange(0, SUB)
@@ -71,13 +81,34 @@ def quantize_qkv(q_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, vs_ptr,  # inputs: [B, L, 
         out = (bh * Lp + t.to(tl.int64))[:, None] * HEAD_DIM + d[None, :]  # [B, H, Lp, D]
         kf = tl.where(mask, tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32) - km[None, :], 0.0)
         tl.store(kc_ptr + out, tl.math.div_rn(kf, kscale).to(tl.float8e4nv))
-        # q: one scale per token
+    for s in range(0, KBLK, SUB):  # q: one scale per token
+        t = blk * KBLK + s + tl.arange(0, SUB)
+        mask = (t < L)[:, None]
+        offs = (b * L + t.to(tl.int64))[:, None] * C + h * HEAD_DIM + d[None, :]
+        out = (bh * Lp + t.to(tl.int64))[:, None] * HEAD_DIM + d[None, :]
         qf = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         qscale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(qf), 1), 1e-12), 448.0)  # [SUB]
         tl.store(qc_ptr + out, tl.math.div_rn(qf, qscale[:, None]).to(tl.float8e4nv))
         tl.store(qs_ptr + bh * Lp + t, qscale * q_extra)
-        # v: smoothed, one scale per channel, stored transposed
+    for s in range(0, KBLK, SUB):  # v: smoothed, one scale per channel, stored transposed
+        t = blk * KBLK + s + tl.arange(0, SUB)
+        mask = (t < L)[:, None]
+        offs = (b * L + t.to(tl.int64))[:, None] * C + h * HEAD_DIM + d[None, :]
         vf = tl.where(mask, tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32) - vm[None, :], 0.0)
         vcodes = tl.math.div_rn(vf, vs[None, :]).to(tl.float8e4nv)  # [SUB, D]
         vt_offs = (bh * HEAD_DIM + d.to(tl.int64))[:, None] * Lp + t[None, :]  # [D, SUB] in [B, H, D, Lp]
         tl.store(vt_ptr + vt_offs, tl.trans(vcodes))
+
+
+def _tuned(fn, configs, key):
+    return triton.autotune([triton.Config(c, num_warps=w) for c, w in configs], key=key)(fn)
+
+
+# GPU launches are autotuned (the CPU tests run the plain kernels in Triton's interpreter). The
+# token chunk of kv_stats stays fixed: the partial-result rows are laid out by it.
+kv_stats_tuned = _tuned(
+    kv_stats,
+    [(dict(BLOCK_C=bc, SUB=sub), w) for bc, sub in ((128, 16), (256, 8), (64, 32), (128, 32)) for w in (4, 8)],
+    ["L", "C"],
+)
+quantize_qkv_tuned = _tuned(quantize_qkv, [(dict(SUB=sub), w) for sub in (16, 32, 64) for w in (4, 8)], ["L", "H"])
