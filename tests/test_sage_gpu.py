@@ -111,10 +111,11 @@ def test_quantize_kernels_equal_torch_quantize(l):
     got, ref = sa._launch_quantize(q, k, v), sa.quantize(q, k, v)
     for i, (a, r) in enumerate(zip(got, ref)):
         assert a.shape == r.shape and a.dtype == r.dtype, i
-        # the means (v's scales and means: i = 5, 6) are summed in another order, a last-bit
-        # difference; a code at a rounding boundary may then move one step
+        # the means are summed in another order: a last-bit difference in what depends on them
+        # (k's block scales, v's scales and means: i = 3, 5, 6), and a code at a rounding
+        # boundary may move one step
         rel = ((a.float() - r.float()).norm() / r.float().norm()).item()
-        if i < 5:
+        if i in (0, 1, 2, 4):
             assert (a.float() != r.float()).float().mean().item() < 1e-3 and rel < 1e-2, i
         else:
             assert rel < 1e-5, i
