@@ -60,7 +60,9 @@ def _quant_rows(x: torch.Tensor, group: int, int8: bool, extra_scale: float) -> 
     xf = F.pad(x.float(), (0, 0, 0, 0, 0, lp - l)).transpose(1, 2)  # [B, H, Lp, D]
     amax = xf.reshape(b, h, lp // group, group * d).abs().amax(-1)  # [B, H, Lp / group]
     qmax = 127.0 if int8 else FP8_MAX
-    scale = amax.clamp(min=1e-12) / qmax
+    # times the rounded reciprocal, written out: torch's CUDA division by a Python scalar is that,
+    # its CPU division is not, and the Triton quantiser does the same on every device
+    scale = amax.clamp(min=1e-12) * (1.0 / qmax)
     codes = xf / scale.repeat_interleave(group, dim=-1)[..., None]
     codes = codes.round().to(torch.int8) if int8 else codes.to(FP8)
     return codes.contiguous(), (scale * extra_scale).contiguous()
@@ -84,7 +86,7 @@ def quantize(q, k, v, qk_int8: bool = False, smooth_k: bool = True):
     lp = -(-l // PAD) * PAD
     vm = v.float().mean(dim=1, keepdim=True)  # [B, 1, H, D]
     vf = v.float() - vm
-    vs = vf.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX  # [B, H, D]
+    vs = vf.abs().amax(dim=1).clamp(min=1e-12) * (1.0 / FP8_MAX)  # [B, H, D]
     vc = (vf / vs[:, None]).to(FP8)  # [B, L, H, D]
     vt = F.pad(vc.permute(0, 2, 3, 1), (0, lp - l)).contiguous()  # [B, H, D, Lp]
     return qc, qs, kc, ks, vt, vs.contiguous(), vm[:, 0].contiguous()
@@ -116,7 +118,7 @@ def _launch_quantize(q, k, v, tuned: bool | None = None):
                                                    num_warps=4)
     km = part[:, :, 0].sum(1) / l  # [B, C] = [B, H, D]
     vm = part[:, :, 1].sum(1) / l
-    vs = torch.maximum(part[:, :, 2].amax(1) - vm, vm - part[:, :, 3].amin(1)).clamp(min=1e-12) / FP8_MAX
+    vs = torch.maximum(part[:, :, 2].amax(1) - vm, vm - part[:, :, 3].amin(1)).clamp(min=1e-12) * (1.0 / FP8_MAX)
     qc = torch.empty(b, h, lp, d, dtype=FP8, device=q.device)
     kc = torch.empty_like(qc)
     vt = torch.empty(b, h, d, lp, dtype=FP8, device=q.device)

@@ -7,8 +7,11 @@ torch afterwards so the result does not depend on the order blocks run in (no at
 inputs give the same codes on every run). `quantize_qkv` then reads q, k and v once and writes
 the three code tensors in the attention kernel's layouts: q and k [B, H, Lp, D] with one scale per
 query token and per KBLK keys, vᵀ [B, H, D, Lp]. The divisions are rounded to nearest
-(`div_rn`, the scales' too: `x / 448.0` compiles to a multiplication by an approximate reciprocal),
-as torch divides, so the codes equal the torch reference's wherever the means agree.
+(`div_rn`: Triton's plain division is approximate), as torch divides tensors, and the scales are
+amax times the float32 reciprocal of 448, as the torch reference writes them (torch's CUDA
+division by a Python scalar multiplies by its reciprocal, its CPU division does not; writing the
+multiplication makes the reference the same on both), so the codes equal the reference's
+wherever the means agree.
 """
 
 import triton
@@ -72,7 +75,7 @@ def quantize_qkv(q_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, vs_ptr,  # inputs: [B, L, 
         offs = (b * L + t.to(tl.int64))[:, None] * C + h * HEAD_DIM + d[None, :]
         kf = tl.where(mask, tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32) - km[None, :], 0.0)
         amax = tl.maximum(amax, tl.abs(kf))
-    kscale = tl.math.div_rn(tl.maximum(tl.max(tl.max(amax, 1), 0), 1e-12), 448.0)
+    kscale = tl.maximum(tl.max(tl.max(amax, 1), 0), 1e-12) * (1.0 / 448.0)
     tl.store(ks_ptr + bh * (Lp // KBLK) + blk, kscale)
     for s in range(0, KBLK, SUB):
         t = blk * KBLK + s + tl.arange(0, SUB)
@@ -87,7 +90,7 @@ def quantize_qkv(q_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, vs_ptr,  # inputs: [B, L, 
         offs = (b * L + t.to(tl.int64))[:, None] * C + h * HEAD_DIM + d[None, :]
         out = (bh * Lp + t.to(tl.int64))[:, None] * HEAD_DIM + d[None, :]
         qf = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        qscale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(qf), 1), 1e-12), 448.0)  # [SUB]
+        qscale = tl.maximum(tl.max(tl.abs(qf), 1), 1e-12) * (1.0 / 448.0)  # [SUB]
         tl.store(qc_ptr + out, tl.math.div_rn(qf, qscale[:, None]).to(tl.float8e4nv))
         tl.store(qs_ptr + bh * Lp + t, qscale * q_extra)
     for s in range(0, KBLK, SUB):  # v: smoothed, one scale per channel, stored transposed
