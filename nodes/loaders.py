@@ -203,7 +203,7 @@ class WanFP8Loader:
         spec = _loader_inputs()
         spec["required"]["fp8_kernel"] = (
             FP8_KERNELS,
-            {"default": "auto", "tooltip": "auto: torch._scaled_mm on Ada/Hopper, dequantize elsewhere"},
+            {"default": "auto", "tooltip": "auto: torch._scaled_mm with fast accumulation on Ada/Hopper (scaled_mm: without), dequantize elsewhere"},
         )
         return spec
 

@@ -106,7 +106,7 @@ def _sync(device) -> None:
 def _fp8_choice(scheme: str | None, device: str) -> str:
     """`dit_quant_scheme` -> what ModelSpec.fp8 gets. Like an attention backend named in a config, a
     scheme is a preference: one this machine cannot run (sgl-kernel missing, no FP8 tensor cores, a
-    CPU) falls back to 'auto' with a warning ('auto' = torch._scaled_mm on Ada/Hopper, the
+    CPU) falls back to 'auto' with a warning ('auto' = torch._scaled_mm, fast accumulation, on Ada/Hopper; the
     dequantizing kernel elsewhere); names wan_core does not support at all are errors."""
     from .linear import resolve_kernel
 
