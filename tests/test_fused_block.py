@@ -47,6 +47,13 @@ def _inputs_seen(model):
     return seen
 
 
+def _tiny_fp8_model():
+    """A tiny bf16 T2V DiT with FP8 block linears on the CPU's rowwise _scaled_mm, and its config."""
+    cfg = tiny_cfg(dim=128, ffn_dim=256, num_heads=2)
+    model = build_model(cfg, random_state_dict(cfg), dtype=torch.bfloat16, device="cpu")
+    return quantize_model(model, kernel="scaled_mm"), cfg
+
+
 def _run_both(model, inputs):
     x, t, ctx, kw = inputs
     with torch.no_grad():
@@ -72,9 +79,7 @@ def test_fused_block_equals_block_bf16(variant):
 def test_fused_block_fp8_feeds_quantised_rows_and_equals_block():
     """FP8 linears with an FP8 GEMM get QuantRows from the op before them (one quantisation for
     q, k and v); the output is identical to the unfused block, which quantises inside each linear."""
-    cfg = tiny_cfg(dim=128, ffn_dim=256, num_heads=2)
-    model = build_model(cfg, random_state_dict(cfg), dtype=torch.bfloat16, device="cpu")
-    quantize_model(model, kernel="scaled_mm")
+    model, cfg = _tiny_fp8_model()
     x, t, ctx, kw = _inputs(cfg)
     with torch.no_grad():
         ref = model(x, t, ctx)
@@ -108,9 +113,7 @@ def test_fused_block_fp8_feeds_quantised_rows_and_equals_block():
 def test_linear_with_hooks_gets_bf16_input():
     """A hooked linear (a LoRA branch, offload's weight streaming) must see the bf16 activations:
     the fused block feeds it a tensor, and the result is still identical to the unfused block."""
-    cfg = tiny_cfg(dim=128, ffn_dim=256, num_heads=2)
-    model = build_model(cfg, random_state_dict(cfg), dtype=torch.bfloat16, device="cpu")
-    quantize_model(model, kernel="scaled_mm")
+    model, cfg = _tiny_fp8_model()
     seen = _inputs_seen(model)  # every FP8 linear now has a pre-hook
     ref, out = _run_both(model, _inputs(cfg))
     assert torch.equal(out, ref)
@@ -129,9 +132,7 @@ def test_quantised_rows_into_a_bf16_only_kernel_is_a_clear_error():
 @needs_cpu_fp8
 def test_fused_block_traces_whole_under_dynamo():
     """QuantRows passes through the attention modules inside one compiled graph (fullgraph)."""
-    cfg = tiny_cfg(dim=128, ffn_dim=256, num_heads=2)
-    model = build_model(cfg, random_state_dict(cfg), dtype=torch.bfloat16, device="cpu")
-    quantize_model(model, kernel="scaled_mm")
+    model, cfg = _tiny_fp8_model()
     x, t, ctx, _ = _inputs(cfg)
     with torch.no_grad():
         ref = model(x, t, ctx)
@@ -241,13 +242,12 @@ def test_triton_kernels_compile_for_hopper():
         sig.update(d_ptr="*bf16", h_ptr="*fp8e4nv" if consts["QUANT"] else "*bf16", L="i32", C="i32", eps="fp32",
                    mod_stride="i32")
         assert "cubin" in build(fk.add_norm_mod, sig, consts, 8).asm
-    sig = {"u_ptr": "*bf16", "codes_ptr": "*fp8e4nv", "rs_ptr": "*fp32", "N": "i32"}
-    assert "cubin" in build(fk.gelu_quant, sig, {"BLOCK_N": 16384}, 16).asm
     sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "o_ptr": "*bf16", "L": "i32",
            "C": "i32", "eps": "fp32"}
     assert "cubin" in build(fk.rms_norm_rope, sig, {"HALF_D": 64, "BLOCK_P": 4096}, 8).asm
     sig = {"x_ptr": "*bf16", "codes_ptr": "*fp8e4nv", "rs_ptr": "*fp32", "K": "i32"}
-    assert "cubin" in build(fk.quant_rows, sig, {"BLOCK_K": 8192}, 8).asm
+    assert "cubin" in build(fk.quant_rows, sig, {"GELU": False, "BLOCK_K": 8192}, 8).asm
+    assert "cubin" in build(fk.quant_rows, sig, {"GELU": True, "BLOCK_K": 16384}, 16).asm  # the FFN's 13,824
 
 
 def test_fake_ops_match_real_ops():

@@ -18,11 +18,9 @@ import triton.language as tl
 
 __all__ = [
     "add_norm_mod",
-    "gelu_quant",
     "rms_norm_rope",
     "quant_rows",
     "add_norm_mod_tuned",
-    "gelu_quant_tuned",
     "rms_norm_rope_tuned",
     "quant_rows_tuned",
 ]
@@ -78,19 +76,6 @@ def add_norm_mod(
 
 
 @triton.jit
-def gelu_quant(u_ptr, codes_ptr, rs_ptr, N, BLOCK_N: tl.constexpr):
-    """One row of the FFN's hidden layer: tanh GELU (rounded to bf16, as nn.GELU on bf16), then e4m3."""
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_N)
-    mask = offs < N
-    u = tl.load(u_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
-    z = 0.7978845608028654 * (u + 0.044715 * u * u * u)  # sqrt(2/pi) (u + 0.044715 u^3)
-    tanh = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))  # exact at both ends: exp -> inf gives 1, exp -> 0 gives -1
-    y = 0.5 * u * (1.0 + tanh)
-    _quant_store(y, codes_ptr + row * N, rs_ptr, row, offs, mask)
-
-
-@triton.jit
 def rms_norm_rope(x_ptr, w_ptr, cos_ptr, sin_ptr, o_ptr, L, C, eps, HALF_D: tl.constexpr, BLOCK_P: tl.constexpr):
     """One token row of q or k: RMSNorm over all heads' channels (rounded to bf16, as the unfused
     RMSNorm returns), then the rotation of each head's adjacent channel pairs by the row's angles."""
@@ -111,12 +96,18 @@ def rms_norm_rope(x_ptr, w_ptr, cos_ptr, sin_ptr, o_ptr, L, C, eps, HALF_D: tl.c
 
 
 @triton.jit
-def quant_rows(x_ptr, codes_ptr, rs_ptr, K, BLOCK_K: tl.constexpr):
-    """One bf16 row of an FP8 linear's input -> e4m3 codes and its scale (linear.quantize_rows)."""
+def quant_rows(x_ptr, codes_ptr, rs_ptr, K, GELU: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One bf16 row of an FP8 linear's input -> e4m3 codes and its scale (linear.quantize_rows).
+    GELU: the row is the FFN's hidden layer before its tanh GELU, applied first (rounded to bf16,
+    as nn.GELU on bf16 returns)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     mask = offs < K
     x = tl.load(x_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
+    if GELU:
+        z = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2/pi) (x + 0.044715 x^3)
+        tanh = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))  # exact at both ends: exp -> inf gives 1, exp -> 0 gives -1
+        x = 0.5 * x * (1.0 + tanh)
     _quant_store(x, codes_ptr + row * K, rs_ptr, row, offs, mask)
 
 
@@ -126,6 +117,5 @@ def _tuned(fn, key, warps):
 
 
 add_norm_mod_tuned = _tuned(add_norm_mod, ["C", "HAS_RES", "AFFINE", "MODULATE", "QUANT"], (4, 8, 16))
-gelu_quant_tuned = _tuned(gelu_quant, ["N"], (8, 16, 32))
 rms_norm_rope_tuned = _tuned(rms_norm_rope, ["C", "HALF_D"], (4, 8, 16))
-quant_rows_tuned = _tuned(quant_rows, ["K"], (4, 8, 16))
+quant_rows_tuned = _tuned(quant_rows, ["K", "GELU"], (4, 8, 16, 32))

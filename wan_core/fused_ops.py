@@ -155,18 +155,12 @@ def reference_gelu_quant(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.view(u.shape), rs
 
 
-def _launch_gelu_quant(u: torch.Tensor, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    from . import fused_kernels
+def _launch_gelu_quant(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from .linear import _launch_quant_rows
 
     n = u.shape[-1]
-    u = u.contiguous()
-    rows = u.numel() // n
-    codes = torch.empty(u.shape, dtype=FP8_DTYPE, device=u.device)
-    rs = torch.empty(rows, 1, dtype=torch.float32, device=u.device)
-    block = triton_next_pow2(n)
-    kernel, opts = _pick(fused_kernels.gelu_quant, fused_kernels.gelu_quant_tuned, u, num_warps)
-    kernel[(rows,)](u, codes, rs, n, BLOCK_N=block, **opts)
-    return codes, rs
+    codes, rs = _launch_quant_rows(u.reshape(-1, n).contiguous(), gelu=True)
+    return codes.view(u.shape), rs
 
 
 @torch.library.custom_op("wan_core::gelu_quant", mutates_args=())

@@ -110,7 +110,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, mult.float().reciprocal()
 
 
-def _launch_quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_quant_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] bf16 (contiguous) -> (codes [M, K] e4m3, scales [M, 1]) by the Triton kernel, of
+    gelu_tanh(x) when `gelu` (fused_ops.gelu_quant)."""
     from . import fused_kernels
 
     m, k = x.shape
@@ -118,9 +120,9 @@ def _launch_quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     block = 1 << (k - 1).bit_length()
     if x.device.type == "cuda":  # autotuned warps per row
-        fused_kernels.quant_rows_tuned[(m,)](x, codes, scale, k, BLOCK_K=block)
+        fused_kernels.quant_rows_tuned[(m,)](x, codes, scale, k, GELU=gelu, BLOCK_K=block)
     else:  # Triton's interpreter (tests)
-        fused_kernels.quant_rows[(m,)](x, codes, scale, k, BLOCK_K=block)
+        fused_kernels.quant_rows[(m,)](x, codes, scale, k, GELU=gelu, BLOCK_K=block)
     return codes, scale
 
 
