@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .dit import apply_rope
-from .linear import FP8_DTYPE, quantize_rows
+from .linear import FP8_DTYPE, HAS_TRITON, next_pow2, quantize_rows
 
 __all__ = [
     "QuantRows",
@@ -47,7 +47,7 @@ class QuantRows(NamedTuple):
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda"
+    return t.device.type == "cuda" and HAS_TRITON
 
 
 def _rows(v: torch.Tensor | None, b: int, c: int) -> torch.Tensor | None:
@@ -77,8 +77,7 @@ def reference_add_norm_mod(x, delta, gate, weight, bias, scale, shift, eps: floa
     return x_new, codes.view(x.shape), rs
 
 
-def _launch_add_norm_mod(x, delta, gate, weight, bias, scale, shift, eps: float, quant: bool, out_dtype,
-                         num_warps: int | None = None):
+def _launch_add_norm_mod(x, delta, gate, weight, bias, scale, shift, eps: float, quant: bool, out_dtype):
     from . import fused_kernels
 
     b, l, c = x.shape
@@ -87,8 +86,8 @@ def _launch_add_norm_mod(x, delta, gate, weight, bias, scale, shift, eps: float,
     h = torch.empty(x.shape, dtype=FP8_DTYPE if quant else out_dtype, device=x.device)
     rs = torch.empty(b * l, 1, dtype=torch.float32, device=x.device) if quant else x.new_empty(0)
     dummy = x  # pointer for absent inputs (never read: their constexpr flag is off)
-    block = triton_next_pow2(c)
-    kernel, opts = _pick(fused_kernels.add_norm_mod, fused_kernels.add_norm_mod_tuned, x, num_warps)
+    block = next_pow2(c)
+    kernel, opts = _pick(fused_kernels.add_norm_mod, fused_kernels.add_norm_mod_tuned, x)
     kernel[(b * l,)](
         x, delta.contiguous() if delta is not None else dummy, gate if gate is not None else dummy,
         weight.float().contiguous() if weight is not None else dummy, bias.float().contiguous() if bias is not None else dummy,
@@ -101,15 +100,9 @@ def _launch_add_norm_mod(x, delta, gate, weight, bias, scale, shift, eps: float,
     return x_new, h, rs
 
 
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def _pick(plain, tuned, t: torch.Tensor, num_warps: int | None):
-    """The autotuned kernel on a GPU; the plain one (8 warps, or as given) in the interpreter or when told."""
-    if t.device.type == "cuda" and num_warps is None:
-        return tuned, {}
-    return plain, {"num_warps": num_warps or 8}
+def _pick(plain, tuned, t: torch.Tensor):
+    """The autotuned kernel on a GPU; the plain one (8 warps) in Triton's interpreter (tests)."""
+    return (tuned, {}) if t.device.type == "cuda" else (plain, {"num_warps": 8})
 
 
 @torch.library.custom_op("wan_core::add_norm_mod", mutates_args=())
@@ -188,14 +181,14 @@ def reference_rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Te
     return apply_rope(y.view(b, l, heads, c // heads), cos, sin).view(b, l, c)
 
 
-def _launch_rms_norm_rope(x, weight, cos, sin, eps: float, heads: int, num_warps: int | None = None):
+def _launch_rms_norm_rope(x, weight, cos, sin, eps: float, heads: int):
     from . import fused_kernels
 
     b, l, c = x.shape
     x = x.contiguous()
     out = x.new_empty(x.shape)
-    pairs = triton_next_pow2(c // 2)
-    kernel, opts = _pick(fused_kernels.rms_norm_rope, fused_kernels.rms_norm_rope_tuned, x, num_warps)
+    pairs = next_pow2(c // 2)
+    kernel, opts = _pick(fused_kernels.rms_norm_rope, fused_kernels.rms_norm_rope_tuned, x)
     kernel[(b * l,)](x, weight.float().contiguous(), cos.contiguous(), sin.contiguous(), out, l, c, eps,
                      HALF_D=c // heads // 2, BLOCK_P=pairs, **opts)
     return out

@@ -110,6 +110,14 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, mult.float().reciprocal()
 
 
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # the fused Triton ops run on CUDA when True
+
+
+def next_pow2(n: int) -> int:
+    """The Triton block covering a row of n elements (a whole row per program)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _launch_quant_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] bf16 (contiguous) -> (codes [M, K] e4m3, scales [M, 1]) by the Triton kernel, of
     gelu_tanh(x) when `gelu` (fused_ops.gelu_quant)."""
@@ -118,7 +126,7 @@ def _launch_quant_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tenso
     m, k = x.shape
     codes = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    block = 1 << (k - 1).bit_length()
+    block = next_pow2(k)
     if x.device.type == "cuda":  # autotuned warps per row
         fused_kernels.quant_rows_tuned[(m,)](x, codes, scale, k, GELU=gelu, BLOCK_K=block)
     else:  # Triton's interpreter (tests)
@@ -131,7 +139,7 @@ def _quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows` as one op: on CUDA (bf16) a Triton kernel holding each row in registers, one
     read and one write, where inductor's code for it reads each row twice (amax, then scale)."""
     x = x.contiguous()
-    if x.is_cuda and x.dtype == torch.bfloat16 and _HAS_TRITON:
+    if x.is_cuda and x.dtype == torch.bfloat16 and HAS_TRITON:
         return _launch_quant_rows(x)
     return quantize_rows(x)
 
@@ -140,8 +148,6 @@ def _quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _(x):
     return torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device), x.new_empty(x.shape[0], 1, dtype=torch.float32)
 
-
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _dequant_kernel(x, weight, weight_scale, bias, out_dtype):
