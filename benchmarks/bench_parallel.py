@@ -1,10 +1,14 @@
-"""Two GPUs against one: Ulysses and Ring per DiT forward, CFG parallel per sampling step.
+"""Several GPUs against one: Ulysses, Ring and Ulysses x Ring per DiT forward, CFG parallel
+(times Ulysses on the rest of the GPUs) per sampling step.
 
 Wan2.1-14B T2V, random bf16 weights built by every rank from the same seed (speed does not
 depend on values; no files needed), 480x832x81 (32,760 tokens) and 720x1280x81 (75,600 tokens).
 
-  torchrun --nproc_per_node=2 benchmarks/bench_parallel.py [--res 480p,720p] [--cfg-res 480p,720p]
-                                                            [--modes ulysses,ring,cfg] [--no-compile]
+  torchrun --nproc_per_node=N benchmarks/bench_parallel.py [--res 480p,720p] [--cfg-res 480p,720p]
+                                                            [--modes ulysses,ring,hybrid,cfg] [--no-compile]
+
+Modes on N GPUs: ulysses (Ulysses N), ring (Ring N), hybrid (Ulysses 2 x Ring N/2), cfg (CFG 2 x
+Ulysses N/2, the seed's layout: cfg_p_size 2 with the sequence split over the rest).
 
 The 1-GPU baseline runs on both ranks at once (each on its own GPU, no communication); the
 parallel modes then run on the same model, wrapped and unwrapped in place. Blocks are compiled
@@ -186,7 +190,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--res", default="480p,720p")
     ap.add_argument("--cfg-res", default="480p,720p")
-    ap.add_argument("--modes", default="ulysses,ring,cfg", help="also: ulysses_nooverlap (no head-slice pipelining)")
+    ap.add_argument("--modes", default="ulysses,ring,cfg",
+                    help="ulysses, ring, hybrid (Ulysses 2 x Ring N/2), cfg (CFG 2 x Ulysses N/2), ulysses_nooverlap, "
+                    "fast (FP8 linears + 8-bit self-attention: 1 GPU and Ulysses N, 480p; last: quantises the model)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--ring-attention", default="auto")
@@ -241,12 +247,17 @@ def main():
             if res not in ("480p",):
                 ref_out.pop(res)
         # ---- sequence parallel ----------------------------------------------------------------
-        for mode in [m for m in modes if m in ("ulysses", "ulysses_nooverlap", "ring")]:
+        for mode in [m for m in modes if m in ("ulysses", "ulysses_nooverlap", "ring", "hybrid")]:
+            if mode == "hybrid" and (world < 4 or world % 2):
+                log(f"hybrid needs an even world of 4 or more GPUs, not {world}: skipped")
+                continue
             pc = {
                 "ulysses": ParallelConfig(ulysses=world),
                 "ulysses_nooverlap": ParallelConfig(ulysses=world, ulysses_chunks=1),
                 "ring": ParallelConfig(ring=world, ring_attention=args.ring_attention),
+                "hybrid": ParallelConfig(ulysses=2, ring=world // 2, ring_attention=args.ring_attention),
             }[mode]
+            mode = {"hybrid": f"ulysses2xring{world // 2}"}.get(mode, mode)
             try:
                 groups = build_groups(pc, cfg.num_heads)
                 enable_sequence_parallel(model, groups)
@@ -266,9 +277,11 @@ def main():
             finally:
                 disable_sequence_parallel(model)
         # ---- CFG parallel, per sampling step (two DiT evaluations) -------------------------------
-        if "cfg" in modes and world == 2:
-            groups = build_groups(ParallelConfig(cfg=2), cfg.num_heads)
+        if "cfg" in modes and world % 2 == 0:
+            pc = ParallelConfig(cfg=2, ulysses=world // 2)
+            groups = build_groups(pc, cfg.num_heads)
             predict = cfg_parallel_predict(groups)
+            name = "cfg_parallel" if pc.sp == 1 else f"cfg2xulysses{pc.sp}"
             for res in cfg_res:
                 x, t, ctx, ctx_null = inputs(SHAPES[res], dev)
                 cond, uncond = Cond(ctx), Cond(ctx_null)
@@ -277,12 +290,46 @@ def main():
                 step_1 = lambda x=x, t=t, c=cond, u=uncond: guided_velocity(model, x, t, c, u, 5.0)  # noqa: E731
                 tm, all_t = timeit(step_1, dev, warm=0, reps=args.reps)
                 record("1gpu_step", res, 1, tm, all_t, unit="step")
-                two = predict(model, x, t, cond, uncond, 5.0)
-                err = rel(two, one)
-                del one, two
-                step_2 = lambda x=x, t=t, c=cond, u=uncond: predict(model, x, t, c, u, 5.0)  # noqa: E731
-                tm2, all_t2 = timeit(step_2, dev, warm=0, reps=args.reps)
-                record("cfg_parallel", res, world, tm2, all_t2, tm, err, unit="step")
+                if pc.sp > 1:  # each CFG branch's evaluation split over its half of the GPUs
+                    enable_sequence_parallel(model, groups)
+                try:
+                    two = predict(model, x, t, cond, uncond, 5.0)
+                    err = rel(two, one)
+                    del one, two
+                    step_2 = lambda x=x, t=t, c=cond, u=uncond: predict(model, x, t, c, u, 5.0)  # noqa: E731
+                    tm2, all_t2 = timeit(step_2, dev, warm=0, reps=args.reps)
+                    record(name, res, world, tm2, all_t2, tm, err, unit="step")
+                finally:
+                    disable_sequence_parallel(model)
+
+        # ---- fast mode (FP8 linears + 8-bit self-attention), 1 GPU and Ulysses N, per forward --------
+        if "fast" in modes:
+            try:
+                from wan_core.linear import quantize_model
+
+                torch._dynamo.reset()
+                quantize_model(model, kernel="auto")
+                model.set_attention("sage_triton", device=dev)
+                if not args.no_compile:
+                    compile_blocks(model)
+                torch.cuda.empty_cache()
+                res = "480p"
+                x, t, ctx, _ = inputs(SHAPES[res], dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+                fast_ref = model(x, t, ctx).float()
+                tm, all_t = timeit(lambda: model(x, t, ctx), dev, warm=0, reps=args.reps)
+                record("1gpu_fast", res, 1, tm, all_t)
+                enable_sequence_parallel(model, build_groups(ParallelConfig(ulysses=world), cfg.num_heads))
+                try:
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    err = rel(model(x, t, ctx).float(), fast_ref)
+                    tm2, all_t2 = timeit(lambda: model(x, t, ctx), dev, warm=0, reps=args.reps)
+                    record(f"ulysses{world}_fast", res, world, tm2, all_t2, tm, err)
+                finally:
+                    disable_sequence_parallel(model)
+            except Exception:
+                traceback.print_exc()
+                RESULTS["fast_error"] = traceback.format_exc()[-1500:]
 
     RESULTS["total_s"] = time.time() - t_start
     if dist.get_rank() == 0:
