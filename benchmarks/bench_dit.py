@@ -165,13 +165,15 @@ def main():
         # activations, the FP8 kernel "auto": scaled_mm with fast accumulation on Hopper); "fast": FP8
         # linears + the 8-bit Triton self-attention; "-exact": the FP8 GEMMs without fast
         # accumulation (scaled_mm; what "fp8"/"fast" meant before 2026-11-26's second session;
-        # "fast-accum" is an old name of "fast"); a "+mk" suffix
+        # "fast-accum" is an old name of "fast"); "@name" picks the self-attention backend (e.g.
+        # "bf16@flash_attn3", "fast@fa3_fp8"); a "+mk" suffix
         # compiles with inductor's multi-kernel option
         try:
             torch._dynamo.reset()
             m = build_model(cfg, sd, dtype=torch.bfloat16, device="cuda")
-            m.set_attention("sage_triton" if variant.startswith("fast") else "sdpa_cudnn")
             base, *flags = variant.split("+")
+            base, _, attn = base.partition("@")  # "bf16@flash_attn3", "fast@fa3_fp8": another self-attention
+            m.set_attention(attn or ("sage_triton" if base.startswith("fast") else "sdpa_cudnn"))
             mk = 2 if "mk2" in flags else 1 if "mk" in flags else 0
             if base != "bf16":
                 from wan_core.linear import quantize_model

@@ -58,6 +58,12 @@ def _flash_attn3() -> AttentionFn:
     return attn
 
 
+def _flash_attn3_fp8() -> AttentionFn:
+    from .fa3_fp8 import fa3_fp8_attention
+
+    return fa3_fp8_attention
+
+
 def _sage() -> AttentionFn:
     from sageattention import sageattn
 
@@ -106,13 +112,15 @@ BACKENDS: dict[str, tuple[str | None, Callable[[], AttentionFn]]] = {
     "sdpa_math": (None, _sdpa_factory("sdpa_math")),
     "flash_attn2": ("flash_attn", _flash_attn2),
     "flash_attn3": ("flash_attn_interface", _flash_attn3),
+    # FlashAttention-3's e4m3 kernel on our quantisation (wan_core/fa3_fp8.py): Hopper, 8-bit
+    "flash_attn3_fp8": ("flash_attn_interface", _flash_attn3_fp8),
     "sage": ("sageattention", _sage),
     # our Triton kernel (wan_core/sage_attention.py): FP8 (or INT8) Q·Kᵀ and FP8 P·V
     "sage_triton": ("triton", _sage_triton(qk_int8=False)),
     "sage_triton_int8": ("triton", _sage_triton(qk_int8=True)),
 }
 # Backends that are not exact (8-bit): "fast mode" picks them for self-attention only.
-APPROXIMATE = ("sage", "sage_triton", "sage_triton_int8")
+APPROXIMATE = ("sage", "sage_triton", "sage_triton_int8", "flash_attn3_fp8")
 
 # LightX2V's config names and other common spellings.
 ALIASES = {
@@ -122,6 +130,8 @@ ALIASES = {
     "flash_attn": "flash_attn2",
     "flash_attn_2": "flash_attn2",
     "flash_attn_3": "flash_attn3",
+    "fa3_fp8": "flash_attn3_fp8",
+    "flash_attn_3_fp8": "flash_attn3_fp8",
     "sage_attn": "sage",
     "sage_attn2": "sage_triton_int8",  # SageAttention2's scheme (INT8 Q·Kᵀ, FP8 P·V), our kernel: no package needed
     "sageattention": "sage",
@@ -152,6 +162,12 @@ def get_attention(name: str, device: str | torch.device | None = None) -> Attent
             f"attention backend {name!r} needs the package {package!r}, which is not installed "
             f"(pip install {pip.get(package, package)}), or choose 'sdpa'"
         )
+    if key == "flash_attn3_fp8":
+        from .fa3_fp8 import available
+
+        why = available(device if device is not None else "cpu")
+        if why is not None:
+            raise RuntimeError(f"attention backend {name!r} (FlashAttention-3 FP8) cannot run here: {why}; choose 'sdpa'")
     if key.startswith("sage_triton"):
         from .sage_attention import available
 
