@@ -68,7 +68,10 @@ def random_t5(device: str):
 
 
 def random_dit(variant: str):
-    """bf16, fp8 (FP8 linears) or fast (FP8 linears + 8-bit Triton self-attention); compiled."""
+    """bf16, fp8 (FP8 linears) or fast (FP8 linears + 8-bit Triton self-attention); compiled.
+    "@name" picks the self-attention backend ("fast@fa3_fp8": FlashAttention-3's e4m3 kernel)."""
+    variant, _, attn = variant.partition("@")
+    attn = attn.split("-")[0]  # "fast@fa3_fp8-offload"
     fp8 = variant.startswith(("fp8", "fast"))
     cfg = PRESETS["t2v-14b"]
     m = build_model(cfg, None, dtype=torch.bfloat16, device="cuda")
@@ -79,7 +82,7 @@ def random_dit(variant: str):
         from wan_core.linear import quantize_model
 
         quantize_model(m, kernel="auto")
-    m.set_attention("sage_triton" if variant.startswith("fast") else "auto")
+    m.set_attention(attn or ("sage_triton" if variant.startswith("fast") else "auto"))
     compile_blocks(m)
     return m
 

@@ -19,6 +19,8 @@ wheels=(); for d in .whl .whl2; do [ -d "$d" ] && wheels+=("$d"/*.whl); done
 if [ ${#wheels[@]} -gt 0 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "${wheels[@]}" 2>/dev/null
 fi
+# FlashAttention-3 objects carried in .fa3 (built on a CPU machine; see benchmarks/README.md): link them
+[ -x .fa3/install.sh ] && bash .fa3/install.sh | tail -1
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 opts="$OUT/sage_options.json"
 [ -f "$opts" ] || cp benchmarks/results/sage_options_h100.json "$opts"
@@ -33,11 +35,11 @@ for step in "$@"; do
                  --compile --compiled bf16,fast,fast-accum --sage-options "$opts" 2>&1 | tee "$OUT/bench_dit_fast.log" | grep -v -i warn | tail -8 ;;
     dit-fused) timeout 420 python3 benchmarks/bench_dit.py --res 480p --peers comfy --ours "" \
                  --compile --compiled ${DIT_VARIANTS:-bf16,fast,fp8} --sage-options "$opts" 2>&1 | tee "$OUT/bench_dit_fused.log" | grep -v -i warn | tail -10 ;;
-    dit-720) timeout 300 python3 benchmarks/bench_dit.py --res 720p --peers "" --ours "" --compile --compiled bf16 \
+    dit-720) timeout 300 python3 benchmarks/bench_dit.py --res 720p --peers "" --ours "" --compile --compiled ${DIT720_VARIANTS:-bf16} \
                  --sage-options "$opts" 2>&1 | tee "$OUT/bench_dit_720.log" | grep -v -i warn | tail -4 ;;
     fused-tests) timeout 300 python3 -m pytest -p no:cacheprovider -m gpu -q --tb=short tests/test_fused_gpu.py tests/test_sage_gpu.py tests/test_fp8_gpu.py tests/test_offload_gpu.py 2>&1 \
                  | tee "$OUT/fused_tests.log" | tail -15 ;;
-    e2e-fast) timeout 420 python3 benchmarks/bench_e2e.py --variants fast,fast-offload,fp8-offload --runs 1 2>&1 \
+    e2e-fast) timeout 420 python3 benchmarks/bench_e2e.py --variants ${E2E_VARIANTS:-fast,fast-offload,fp8-offload} --runs 1 2>&1 \
                  | tee "$OUT/bench_e2e_fast.log" | grep -v -i warn | tail -4; rm -f "$OUT"/*.mp4 ;;
     profile) timeout 240 python3 benchmarks/profile_dit.py --variants fast,bf16 2>&1 | tee "$OUT/profile_dit.log" | grep -v -i warn | tail -30 ;;
     *) echo "unknown step $step" ;;

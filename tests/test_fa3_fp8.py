@@ -77,3 +77,22 @@ def test_backend_names_and_clear_errors(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "flash_attn_interface" else real(n, *a))
     with pytest.raises(RuntimeError, match="CUDA GPUs only"):
         get_attention("flash_attn3_fp8", "cpu")
+
+
+def test_auto_picks_flash_attention_3_on_hopper_only_when_installed(monkeypatch):
+    real = importlib.util.find_spec
+    installed = {"yes": False}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: (object() if installed["yes"] else None) if n == "flash_attn_interface" else real(n, *a)
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cap = {"v": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: cap["v"])
+    assert resolve_name("auto", "cuda") == "sdpa_cudnn"
+    installed["yes"] = True
+    assert resolve_name("auto", "cuda") == "flash_attn3"
+    cap["v"] = (8, 9)  # Ada: FlashAttention-3 is Hopper-only
+    assert resolve_name("auto", "cuda") == "sdpa"
+    cap["v"] = (10, 0)  # Blackwell: not FA3's target either
+    assert resolve_name("auto", "cuda") == "sdpa_cudnn"
+    assert resolve_name("auto", "cpu") == "sdpa"

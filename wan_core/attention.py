@@ -139,12 +139,16 @@ ALIASES = {
 
 
 def resolve_name(name: str, device: str | torch.device | None = None) -> str:
-    """Canonical backend name; `auto` picks cuDNN SDPA on Hopper/Ada GPUs, plain SDPA elsewhere."""
+    """Canonical backend name. `auto` is the fastest exact attention here: FlashAttention-3 on
+    Hopper when the flash_attn_3 package is installed (656 vs 582 TFLOP/s for cuDNN at 480p on an
+    H100, benchmarks/results/probe_fa3_*), else cuDNN SDPA on Hopper/Ada GPUs, plain SDPA elsewhere."""
     key = ALIASES.get(name.lower(), name.lower())
     if key == "auto":
         dev = torch.device(device) if device is not None else None
         if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
             major, _ = torch.cuda.get_device_capability(dev)
+            if major == 9 and importlib.util.find_spec("flash_attn_interface") is not None:
+                return "flash_attn3"
             return "sdpa_cudnn" if major >= 9 else "sdpa"
         return "sdpa"
     if key not in BACKENDS:
