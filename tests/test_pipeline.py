@@ -286,6 +286,22 @@ def test_saved_video_is_encoded_while_decoding_and_a_failed_decode_leaves_no_fil
     monkeypatch.setattr(type(pipe.vae), "decode", decode)
     assert torch.equal(pipe.generate(3, PROMPT, save_result_path=str(tmp_path / "again.mp4")).frames, res.frames)
 
+    # the frames the pipeline assembles chunk by chunk (converted where the VAE runs) are exactly
+    # the plain decode's, in ComfyUI's layout; the writer gets them as uint8, tiled or not
+    from wan_core.video import frames_to_uint8, wan_to_frames
+
+    latent = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(5))
+    plain = wan_to_frames(pipe.vae.decode(latent)[0])
+    got = []
+    assert torch.equal(pipe.decode(latent, on_frames=got.append), plain)
+    assert [c.dtype for c in got] == [torch.uint8] * 3 and torch.equal(torch.cat(got), frames_to_uint8(plain))
+    pipe.config.use_tiling_vae, got = True, []
+    try:
+        torch.testing.assert_close(pipe.decode(latent, on_frames=got.append), plain, atol=1e-5, rtol=0)
+        assert len(got) == 1 and got[0].shape == plain.shape and got[0].dtype == torch.uint8
+    finally:
+        pipe.config.use_tiling_vae = False
+
 
 # ----------------------------------------------------------------------------------------------
 # the DiT cache with FP8 and LoRAs: strength changes and removal without reading the base again

@@ -247,3 +247,20 @@ def test_input_shapes_are_checked(pair):
         ours.encode(torch.zeros(1, 3, 4, 16, 16))
     with pytest.raises(ValueError, match="16 channels"):
         ours.decode(torch.zeros(1, 4, 1, 2, 2))
+
+
+def test_streaming_decode_keeps_nothing_and_hands_over_the_same_chunks():
+    """keep=False: the same chunks on the VAE's device (float32), no result assembled; it needs
+    on_frames and refuses tiling (whose chunks only exist at the end)."""
+    model = WanVAE(WanVAEConfig(dim=4, num_res_blocks=1)).eval()
+    _randomize(model, seed=2)
+    latent = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(4))
+    out = model.decode(latent)
+    chunks = []
+    assert model.decode(latent, on_frames=chunks.append, keep=False) is None
+    assert [c.dtype for c in chunks] == [torch.float32] * 3
+    assert torch.equal(torch.cat(chunks, dim=2), out)
+    with pytest.raises(ValueError, match="on_frames"):
+        model.decode(latent, keep=False)
+    with pytest.raises(ValueError, match="tile_size"):
+        model.decode(latent, tile_size=2, on_frames=chunks.append, keep=False)

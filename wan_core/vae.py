@@ -461,7 +461,8 @@ class WanVAE(nn.Module):
         tile_size: int | tuple[int, int] | None = None,
         out_device: torch.device | str | None = None,
         on_frames: Callable[[torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
+        keep: bool = True,
+    ) -> torch.Tensor | None:
         """Normalised latent `[B, 16, T, h, w]` -> video `[B, 3, 1 + 4(T-1), 8h, 8w]` in [-1, 1], float32.
 
         One latent frame at a time with one stream cache. `tile_size` (latent pixels, int or
@@ -475,6 +476,9 @@ class WanVAE(nn.Module):
         `out_device` puts the video elsewhere (e.g. "cpu") as it is produced. `on_frames` is
         handed each finished chunk `[B, 3, t, 8h, 8w]` (a view of the result) as soon as it is
         decoded, e.g. to encode a video while the rest decodes (tiled: once, at the end).
+        `keep=False` (untiled only) assembles no result: each chunk goes to `on_frames` on the
+        VAE's device, float32, and nothing is returned (the caller converts and keeps the frames
+        its own way, e.g. ComfyUI's layout on the GPU before one copy to the CPU).
         """
         b, zc, t, h, w = latents.shape
         r, s = self.config.temporal_ratio, self.config.spatial_ratio
@@ -483,13 +487,20 @@ class WanVAE(nn.Module):
         device, dtype = self.device, self.dtype
         mean, inv_std = self._latent_stats(device)
         x = self._layout(self.conv2((latents.to(device=device, dtype=torch.float32) / inv_std + mean).to(dtype)))
+        if not keep:
+            if tile_size is not None or on_frames is None:
+                raise ValueError("decode(keep=False) streams untiled chunks to on_frames: give on_frames, no tile_size")
+            cache: StreamCache = {}
+            for i in range(t):
+                on_frames(self.decoder(x[:, :, i : i + 1], cache).clamp_(-1, 1).float())
+            return None
         out = torch.empty(b, 3, 1 + r * (t - 1), h * s, w * s, dtype=torch.float32, device=out_device or device)
 
         def frames(i: int) -> slice:
             return slice(0, 1) if i == 0 else slice(1 + r * (i - 1), 1 + r * i)
 
         if tile_size is None:
-            cache: StreamCache = {}
+            cache = {}
             for i in range(t):
                 out[:, :, frames(i)] = self.decoder(x[:, :, i : i + 1], cache).clamp_(-1, 1)
                 if on_frames is not None:
