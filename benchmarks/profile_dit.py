@@ -47,8 +47,9 @@ def main():
         with torch.no_grad():
             for p in m.parameters():
                 p.normal_(0, 0.02)
-        m.set_attention("sage_triton" if variant == "fast" else "sdpa_cudnn")
-        if variant != "bf16":
+        base, _, attn = variant.partition("@")  # "fast@fa3_fp8": another self-attention backend
+        m.set_attention(attn or ("sage_triton" if base == "fast" else "sdpa_cudnn"))
+        if base != "bf16":
             quantize_model(m, kernel="auto")
         compile_blocks(m)
         x, t, c = bd.inputs(bd.SHAPES["480p"])
