@@ -109,7 +109,7 @@ def _t2v(name, title, note, loader_nodes, model_out, sampler, sampler_type="WanS
         Node(10, "WanTextEncode", dict(prompt=T2V_PROMPT, negative_prompt=DEFAULT_NEGATIVE_PROMPT), {"model": (1, 0)}),
         Node(11, sampler_type, s, links),
         Node(12, "WanVAEDecode", dict(tile_size=0), {"model": (1, 0), "samples": (11, 0)}),
-        Node(13, "WanSaveVideo", dict(filename_prefix=f"wan/{name}", fps=16.0, crf=19), {"images": (12, 0)}),
+        Node(13, "WanSaveVideo", dict(filename_prefix=f"wan/{name}", fps=16.0, crf=19, preset="medium"), {"images": (12, 0)}),
     ]
     return Scenario(name, title, note, nodes)
 
@@ -124,7 +124,7 @@ def _i2v(name, title, note, loader_nodes, model_out, sampler, width, height) -> 
         Node(14, "WanImageEncode", dict(width=width, height=height, num_frames=81), {"model": (1, 0), "image": (9, 0)}),
         Node(11, "WanSampler", s, {"model": (model_out, 0), "text_embeds": (10, 0), "image_embeds": (14, 0)}),
         Node(12, "WanVAEDecode", dict(tile_size=0), {"model": (1, 0), "samples": (11, 0)}),
-        Node(13, "WanSaveVideo", dict(filename_prefix=f"wan/{name}", fps=16.0, crf=19), {"images": (12, 0)}),
+        Node(13, "WanSaveVideo", dict(filename_prefix=f"wan/{name}", fps=16.0, crf=19, preset="medium"), {"images": (12, 0)}),
     ]
     return Scenario(name, title, note, nodes)
 

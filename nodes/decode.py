@@ -6,7 +6,7 @@ import torch
 
 from wan_core.spec import ModelSpec, build_vae, component_loaded
 from wan_core.vae import latent_from_raw
-from wan_core.video import wan_to_frames, write_video
+from wan_core.video import X264_PRESETS, wan_to_frames, write_video
 
 from . import compat, stats
 from .types import CATEGORY, IMAGE, LATENT, WAN_MODEL
@@ -63,15 +63,21 @@ class WanSaveVideo:
                     "INT",
                     {"default": 19, "min": 0, "max": 51, "tooltip": "quality: lower is better, 17-23 look clean"},
                 ),
-            }
+            },
+            "optional": {
+                "preset": (
+                    list(X264_PRESETS),
+                    {"default": "medium", "tooltip": "x264 speed: faster presets encode sooner, files a little larger"},
+                ),
+            },
         }
 
-    def save(self, images, filename_prefix: str = "wan/video", fps: float = 16.0, crf: int = 19):
+    def save(self, images, filename_prefix: str = "wan/video", fps: float = 16.0, crf: int = 19, preset: str = "medium"):
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] == 0:
             raise ValueError("WanSaveVideo: images must be IMAGE frames [T, H, W, 3]")
         with stats.stage("save") as rec:
             path, name, subfolder = compat.next_output_path(filename_prefix, "mp4")
-            codec = write_video(path, images, fps=fps, layout="comfy", crf=crf)
+            codec = write_video(path, images, fps=fps, layout="comfy", crf=crf, preset=preset)
         rec["codec"] = codec
         result = {"filename": name, "subfolder": subfolder, "type": "output", "format": "video/mp4"}
         return {"ui": {"images": [result], "animated": [True], "wan_timing": [rec]}, "result": ()}

@@ -120,6 +120,22 @@ def test_missing_component_is_named(tiny, tmp_path, capsys):
     assert "CLIP image encoder" in err
 
 
+def test_video_encoding_flags_reach_the_encoder(tiny, tmp_path, capsys):
+    """--video_crf / --video_preset (and the config keys) set x264's crf and preset: x264 writes its
+    settings into the stream (an SEI message), read back here."""
+    out = tmp_path / "fast.mp4"
+    rc = main(["--model_cls", "wan2.1_distill", "--model_path", tiny["t2v"], "--config_json", _config(tmp_path),
+               "--video_preset", "ultrafast", "--video_crf", "30", "--save_result_path", str(out)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    sei = out.read_bytes()
+    assert b"crf=30.0" in sei and b"subme=0" in sei  # ultrafast: no subpixel refinement
+    out = tmp_path / "default.mp4"
+    assert main(["--model_cls", "wan2.1_distill", "--model_path", tiny["t2v"], "--config_json",
+                 _config(tmp_path, video_preset="veryslow"), "--save_result_path", str(out)]) == 0  # fmt: skip
+    sei = out.read_bytes()
+    assert b"crf=19.0" in sei and b"subme=10" in sei  # veryslow from the config key, crf 19 by default
+
+
 def test_bad_inputs_get_clear_errors(tiny, tmp_path, capsys):
     t2v, i2v = ["--model_path", tiny["t2v"]], ["--task", "i2v", "--model_path", tiny["i2v"]]
     err = _run_error(t2v + ["--config_json", _config(tmp_path, target_width=50)], capsys)
@@ -134,6 +150,10 @@ def test_bad_inputs_get_clear_errors(tiny, tmp_path, capsys):
     assert "config JSON not found" in err
     err = _run_error(t2v + ["--model_cls", "wan2.2_moe"], capsys)
     assert "not supported" in err
+    err = _run_error(t2v + ["--config_json", _config(tmp_path), "--video_preset", "quick"], capsys)
+    assert "x264 preset must be one of" in err and "'quick'" in err and "text encode:" not in err  # before any work
+    err = _run_error(t2v + ["--config_json", _config(tmp_path, video_crf=70)], capsys)
+    assert "crf must be an integer in 0..51" in err
 
 
 def test_pending_features_and_unknown_keys(tiny, tmp_path, capsys):

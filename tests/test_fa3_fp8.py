@@ -2,6 +2,10 @@
 kernel itself runs in tests/test_fa3_gpu.py (marker gpu, needs the flash_attn_3 package)."""
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +13,8 @@ import torch.nn.functional as F
 
 from wan_core import fa3_fp8
 from wan_core.attention import APPROXIMATE, get_attention, resolve_name
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _exact(q, k, v):
@@ -96,3 +102,81 @@ def test_auto_picks_flash_attention_3_on_hopper_only_when_installed(monkeypatch)
     cap["v"] = (10, 0)  # Blackwell: not FA3's target either
     assert resolve_name("auto", "cuda") == "sdpa_cudnn"
     assert resolve_name("auto", "cpu") == "sdpa"
+
+
+QUANT_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
+import triton_interp  # noqa: F401  (before any kernel is defined)
+import torch
+from wan_core import fa3_fp8
+g = torch.Generator().manual_seed(0)
+res = {{}}
+for (b, l, h) in ((2, 300, 2), (1, 256, 3), (1, 70, 1)):  # partial blocks, an exact block, a short one
+    q = (torch.randn(b, l, h, 128, generator=g) * torch.tensor([1.0, 9.0, 0.2])[:h, None]).bfloat16()
+    k = (torch.randn(b, l, h, 128, generator=g) * 2 + 5 * torch.randn(1, 1, h, 128, generator=g)).bfloat16()
+    v = (torch.randn(b, l, h, 128, generator=g) + 3 * torch.randn(1, 1, h, 128, generator=g)).bfloat16()
+    got, ref = fa3_fp8._launch_quantize(q, k, v, tuned=False), fa3_fp8.quantize(q, k, v)
+    res[f"{{b}}-{{l}}-{{h}}"] = [[list(a.shape) == list(r.shape) and a.dtype == r.dtype,
+                                 (a.float() != r.float()).float().mean().item(),
+                                 ((a.float() - r.float()).abs().max() / r.float().abs().max()).item()]
+                                for a, r in zip(got, ref)]
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_quantize_kernels_equal_torch_quantize_in_the_interpreter():
+    """The Triton quantisation (stats pass with q/k ranges + per-head codes pass), run by Triton's
+    interpreter, against `quantize`: the same shapes, dtypes, q codes and q scales exactly; k and v
+    codes equal but where the means (summed in another order) move a value across a rounding
+    midpoint; their scales and the v means within float32 rounding."""
+    script = QUANT_SCRIPT.format(tests=os.path.join(ROOT, "tests"), root=ROOT)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(res) == 3
+    for key, tensors in res.items():
+        assert len(tensors) == 7
+        for i, (same_layout, mismatch, rel) in enumerate(tensors):
+            assert same_layout, (key, i)
+            if i in (0, 1):  # q codes, q scales: no mean involved
+                assert mismatch == 0.0, (key, i, mismatch)
+            elif i in (2, 4):  # k, v codes
+                assert mismatch < 1e-3, (key, i, mismatch)
+            else:  # k, v scales, v means
+                assert rel < 1e-6, (key, i, rel)
+
+
+def test_quantize_op_fake_matches_real():
+    from torch.library import opcheck
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 300, 2, 128, generator=g).bfloat16() for _ in range(3))
+    opcheck(torch.ops.wan_core.fa3_quantize.default, (q, k, v))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_quantize_kernels_compile_for_hopper():
+    """Every tile the autotuner tries compiles for sm_90 (the interpreter does not compile)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from wan_core import sage_quant_kernel as kern
+
+    def build(fn, sig, constexprs, num_warps):
+        src = ASTSource(fn=fn, signature=dict(sig, **{k: "constexpr" for k in constexprs}), constexprs=constexprs)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+    sig = {"k_ptr": "*bf16", "v_ptr": "*bf16", "part_ptr": "*fp32", "L": "i32", "C": "i32", "n_chunks": "i32",
+           "q_ptr": "*bf16"}
+    for cfg in kern.kv_stats_tuned.configs:
+        assert "cubin" in build(kern.kv_stats, sig, dict(cfg.kwargs, BLOCK_L=256, QK_RANGE=True), cfg.num_warps).asm
+    sig = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr")}
+    sig.update({n: "*fp32" for n in ("km_ptr", "vm_ptr", "qd_ptr", "kd_ptr", "vd_ptr")})
+    sig.update({n: "*fp8e4nv" for n in ("qc_ptr", "kc_ptr", "vc_ptr")}, L="i32", H="i32")
+    for cfg in kern.quantize_per_head_tuned.configs:
+        assert "cubin" in build(kern.quantize_per_head, sig, dict(cfg.kwargs, HEAD_DIM=128), cfg.num_warps).asm
+

@@ -121,8 +121,10 @@ def test_bad_inputs(tmp_path):
         write_video(out, torch.ones(2, 16, 16, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="fps must be positive"):
         write_video(out, torch.rand(2, 16, 16, 3), fps=0)
-    with pytest.raises(ValueError, match="crf must be in 0..51"):
+    with pytest.raises(ValueError, match="crf must be an integer in 0..51"):
         write_video(out, torch.rand(2, 16, 16, 3), crf=60)
+    with pytest.raises(ValueError, match="x264 preset must be one of ultrafast, .*, placebo; got 'fastest'"):
+        write_video(out, torch.rand(2, 16, 16, 3), preset="fastest")
     with pytest.raises(ValueError, match="odd_size must be"):
         write_video(out, torch.rand(2, 16, 16, 3), odd_size="stretch")
     with pytest.raises(ValueError, match="not available"):

@@ -129,6 +129,8 @@ def _generate_setup(p: argparse.ArgumentParser):
     p.add_argument("--save_latent", metavar="PATH", help="also save the final latent [1, 16, F, h, w] (torch.save, float32)")
     p.add_argument("--num_frames", dest="target_video_length", type=int, help="overrides target_video_length")
     p.add_argument("--target_shape", type=int, nargs=2, metavar=("H", "W"), help="overrides target_height/width")
+    p.add_argument("--video_crf", type=int, help="x264 crf of the saved mp4, 0..51 (default 19; overrides video_crf)")
+    p.add_argument("--video_preset", help="x264 speed preset of the saved mp4 (default medium; overrides video_preset)")
     p.add_argument("--use_prompt_enhancer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--return_result_tensor", action="store_true", help=argparse.SUPPRESS)
@@ -149,6 +151,9 @@ def _generate_setup(p: argparse.ArgumentParser):
             params["target_video_length"] = args.target_video_length
         if args.target_shape:
             params["target_height"], params["target_width"] = args.target_shape
+        for key in ("video_crf", "video_preset"):
+            if getattr(args, key) is not None:
+                params[key] = getattr(args, key)
         pipe = WanPipeline(
             args.model_path, args.model_cls, args.task, dit_path=args.dit_path, t5_path=args.t5_path,
             tokenizer_path=args.tokenizer_path, vae_path=args.vae_path, clip_path=args.clip_path,

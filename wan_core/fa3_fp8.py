@@ -13,9 +13,11 @@ decides the error, so the quantisation is ours:
   output afterwards (exact: the softmax weights of a row sum to one).
 - q, the smoothed k and the smoothed v each get one scale per (batch, head): amax / 448.
 
-`quantize` is that math in torch (inductor fuses it into the compiled block); `reference` runs
-the same quantised attention in float32 torch, for tests; `fa3_fp8_attention` is the backend
-(`[B, L, H, D]` in and out, as every backend in `attention.py`).
+`quantize` is that math in torch; on CUDA the backend runs it as two Triton kernels
+(`sage_quant_kernel.kv_stats` with QK_RANGE, then `quantize_per_head`: two reads of q, k and v,
+where inductor's code of `quantize` takes three of k and v); `reference` runs the same quantised
+attention in float32 torch, for tests; `fa3_fp8_attention` is the backend (`[B, L, H, D]` in and
+out, as every backend in `attention.py`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,66 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return qc, qd, kc, kd, vc, vd, vm
 
 
+# Self-attention's quantisation on CUDA: the Triton kernels (True) or `quantize`'s torch code
+# (False; inductor compiles it inside the block).
+TRITON_QUANTIZE = True
+
+
+def _launch_quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tuned: bool | None = None):
+    """`quantize` by `sage_quant_kernel`'s two kernels (autotuned on a GPU, fixed tiles in the
+    interpreter); same outputs, the means summed in another order."""
+    from . import sage_quant_kernel as kern
+
+    tuned = q.is_cuda if tuned is None else tuned
+    b, l, h, d = q.shape
+    c = h * d
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    block_l = 256
+    n_chunks = -(-l // block_l)
+    # per chunk of tokens and channel: sum k, sum v, max v, min v, max k, min k, max |q|
+    part = torch.empty(b, n_chunks, 7, c, dtype=torch.float32, device=q.device)
+    if tuned:
+        kern.kv_stats_tuned[lambda meta: (n_chunks, -(-c // meta["BLOCK_C"]), b)](
+            k, v, part, l, c, n_chunks, BLOCK_L=block_l, q_ptr=q, QK_RANGE=True)
+    else:
+        kern.kv_stats[(n_chunks, -(-c // 128), b)](k, v, part, l, c, n_chunks, BLOCK_L=block_l, BLOCK_C=128, SUB=16,
+                                                   q_ptr=q, QK_RANGE=True, num_warps=4)
+    km = part[:, :, 0].sum(1) / l  # [B, C]
+    vm = part[:, :, 1].sum(1) / l
+
+    def descale(amax_c: torch.Tensor) -> torch.Tensor:  # [B, C] per-channel amax -> [B, H]
+        return amax_c.view(b, h, d).amax(-1).clamp(min=1e-12) * (1.0 / FP8_MAX)
+
+    qd = descale(part[:, :, 6].amax(1))
+    kd = descale(torch.maximum(part[:, :, 4].amax(1) - km, km - part[:, :, 5].amin(1)))
+    vd = descale(torch.maximum(part[:, :, 2].amax(1) - vm, vm - part[:, :, 3].amin(1)))
+    qc, kc, vc = (torch.empty(b, l, h, d, dtype=FP8, device=q.device) for _ in range(3))
+    args = (q, k, v, km, vm, qd, kd, vd, qc, kc, vc, l, h)
+    if tuned:
+        kern.quantize_per_head_tuned[lambda meta: (-(-l // meta["BLOCK_T"]), h, b)](*args, HEAD_DIM=d)
+    else:
+        kern.quantize_per_head[(-(-l // 64), h, b)](*args, HEAD_DIM=d, BLOCK_T=64, SUB=16, num_warps=4)
+    return qc, qd, kc, kd, vc, vd, vm.view(b, 1, h, d)
+
+
+@torch.library.custom_op("wan_core::fa3_quantize", mutates_args=())
+def _quantize_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor]:
+    """`quantize` as one op (opaque to inductor): the Triton kernels on CUDA, the torch code elsewhere."""
+    if q.is_cuda:
+        return _launch_quantize(q, k, v)
+    return tuple(t.contiguous() for t in quantize(q, k, v))
+
+
+@_quantize_op.register_fake
+def _(q, k, v):
+    b, l, h, d = q.shape
+    codes = [q.new_empty(b, l, h, d, dtype=FP8) for _ in range(3)]
+    scales = [q.new_empty(b, h, dtype=torch.float32) for _ in range(3)]
+    return codes[0], scales[0], codes[1], scales[1], codes[2], scales[2], q.new_empty(b, 1, h, d, dtype=torch.float32)
+
+
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The quantised inputs' attention in float32 (exact softmax, no rounding of P), plus the v
     mean, in q's dtype: what the kernel approximates. [B, L, H, D]."""
@@ -80,7 +142,8 @@ def fa3_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     """Self-attention [B, L, H, D] -> [B, L, H, D] (q's dtype) by FlashAttention-3's e4m3 kernel."""
     from flash_attn_interface import flash_attn_func
 
-    qc, qd, kc, kd, vc, vd, vm = quantize(q, k, v)
+    packed = _quantize_op(q, k, v) if (q.is_cuda and TRITON_QUANTIZE) else quantize(q, k, v)
+    qc, qd, kc, kd, vc, vd, vm = packed
     out = flash_attn_func(qc, kc, vc, softmax_scale=q.shape[-1] ** -0.5, q_descale=qd, k_descale=kd, v_descale=vd)
     out = out[0] if isinstance(out, tuple) else out
     return (out.float() + vm).to(q.dtype)

@@ -139,6 +139,9 @@ class GenerationConfig:
     denoising_step_list: list[int] | None = None  # step distillation, e.g. [1000, 750, 500, 250]
     sample_solver: str = "unipc"  # official Wan key; LightX2V always runs UniPC
     fps: int = 16
+    # the mp4 written to save_result_path (wan_core keys; LightX2V writes x264 medium, crf 23)
+    video_crf: int = 19
+    video_preset: str = "medium"  # x264 speed preset, wan_core.video.X264_PRESETS
     use_tiling_vae: bool = False  # memory-bounded (tiled) VAE decode
     # component files (LightX2V keys); relative paths are taken from the model folder
     dit_original_ckpt: str | None = None
@@ -247,6 +250,9 @@ class GenerationConfig:
             )
         if self.text_len < 1:
             raise ValueError(f"text_len must be positive, got {self.text_len}")
+        from .video import check_encoding
+
+        check_encoding(self.video_crf, self.video_preset)
         if self.lora_configs is not None and not isinstance(self.lora_configs, list):
             raise ValueError(f"lora_configs must be a list of {{'path', 'strength'}} objects, got {self.lora_configs!r}")
         self.lora_list()
@@ -310,7 +316,7 @@ class GenerationConfig:
         if notable:
             warnings.warn(f"{source}: keys accepted but without effect in wan_core: {', '.join(notable)}", stacklevel=2)
         for k in ("infer_steps", "target_video_length", "target_height", "target_width", "text_len", "fps",
-                  "offload_resident_blocks", "offload_prefetch"):  # fmt: skip
+                  "offload_resident_blocks", "offload_prefetch", "video_crf"):  # fmt: skip
             if k in kw and isinstance(kw[k], float) and kw[k].is_integer():
                 kw[k] = int(kw[k])
         if kw.get("feature_caching") is None:

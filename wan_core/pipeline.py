@@ -619,7 +619,8 @@ class WanPipeline:
 
             os.makedirs(os.path.dirname(os.path.abspath(save_result_path)), exist_ok=True)
             # encoded on a worker thread while the VAE decodes the next frames; "save" is the rest
-            writer = VideoWriter(save_result_path, fps=cfg.fps, layout="comfy", background=True)
+            writer = VideoWriter(save_result_path, fps=cfg.fps, layout="comfy", crf=cfg.video_crf,
+                                 preset=cfg.video_preset, background=True)  # fmt: skip
         try:
             with stage("vae_decode"):
                 frames = self.decode(latent, on_frames=writer.write if writer is not None else None)

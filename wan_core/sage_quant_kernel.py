@@ -12,19 +12,25 @@ amax times the float32 reciprocal of 448, as the torch reference writes them (to
 division by a Python scalar multiplies by its reciprocal, its CPU division does not; writing the
 multiplication makes the reference the same on both), so the codes equal the reference's
 wherever the means agree.
+
+FlashAttention-3's FP8 inputs (`fa3_fp8.quantize`: one scale per batch and head for q, smoothed k
+and smoothed v) take the same two passes: `kv_stats` with QK_RANGE also keeps k's per-channel max
+and min and q's per-channel max |q| (each head's amax of k - mean is the largest of
+max(max - mean, mean - min) over its channels), and `quantize_per_head` writes the codes.
 """
 
 import triton
 import triton.language as tl
 
-__all__ = ["kv_stats", "quantize_qkv", "kv_stats_tuned", "quantize_qkv_tuned"]
+__all__ = ["kv_stats", "quantize_qkv", "quantize_per_head", "kv_stats_tuned", "quantize_qkv_tuned", "quantize_per_head_tuned"]
 
 
 @triton.jit
 def kv_stats(k_ptr, v_ptr, part_ptr, L, C, n_chunks, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
-             SUB: tl.constexpr):
+             SUB: tl.constexpr, q_ptr=None, QK_RANGE: tl.constexpr = False):
     """Partial statistics of one chunk of BLOCK_L tokens x BLOCK_C channels: part[b, chunk, 0..3, c]
-    = sum k, sum v, max v, min v over the chunk's tokens, SUB tokens at a time. k/v: [B, L, C]."""
+    = sum k, sum v, max v, min v over the chunk's tokens, SUB tokens at a time. k/v: [B, L, C].
+    With QK_RANGE (FlashAttention-3's per-head scales) also rows 4..6 = max k, min k, max |q|."""
     chunk = tl.program_id(0)
     cblk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -34,6 +40,9 @@ def kv_stats(k_ptr, v_ptr, part_ptr, L, C, n_chunks, BLOCK_L: tl.constexpr, BLOC
     sv = tl.zeros([SUB, BLOCK_C], dtype=tl.float32)
     mx = tl.full([SUB, BLOCK_C], float("-inf"), dtype=tl.float32)
     mn = tl.full([SUB, BLOCK_C], float("inf"), dtype=tl.float32)
+    kmx = tl.full([SUB, BLOCK_C], float("-inf"), dtype=tl.float32)
+    kmn = tl.full([SUB, BLOCK_C], float("inf"), dtype=tl.float32)
+    qmx = tl.zeros([SUB, BLOCK_C], dtype=tl.float32)
     for s in range(0, BLOCK_L, SUB):
         rows = chunk * BLOCK_L + s + tl.arange(0, SUB)
         mask = (rows < L)[:, None] & cmask[None, :]
@@ -44,11 +53,20 @@ def kv_stats(k_ptr, v_ptr, part_ptr, L, C, n_chunks, BLOCK_L: tl.constexpr, BLOC
         sv += v
         mx = tl.maximum(mx, tl.where(mask, v, float("-inf")))
         mn = tl.minimum(mn, tl.where(mask, v, float("inf")))
-    out = part_ptr + ((b * n_chunks + chunk) * 4) * C + cols
+        if QK_RANGE:
+            kmx = tl.maximum(kmx, tl.where(mask, k, float("-inf")))
+            kmn = tl.minimum(kmn, tl.where(mask, k, float("inf")))
+            qmx = tl.maximum(qmx, tl.abs(tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)))
+    rows_out = 7 if QK_RANGE else 4
+    out = part_ptr + ((b * n_chunks + chunk) * rows_out) * C + cols
     tl.store(out, tl.sum(sk, 0), mask=cmask)
     tl.store(out + C, tl.sum(sv, 0), mask=cmask)
     tl.store(out + 2 * C, tl.max(mx, 0), mask=cmask)
     tl.store(out + 3 * C, tl.min(mn, 0), mask=cmask)
+    if QK_RANGE:
+        tl.store(out + 4 * C, tl.max(kmx, 0), mask=cmask)
+        tl.store(out + 5 * C, tl.min(kmn, 0), mask=cmask)
+        tl.store(out + 6 * C, tl.max(qmx, 0), mask=cmask)
 
 
 @triton.jit
@@ -103,6 +121,34 @@ def quantize_qkv(q_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, vs_ptr,  # inputs: [B, L, 
         tl.store(vt_ptr + vt_offs, tl.trans(vcodes))
 
 
+@triton.jit
+def quantize_per_head(q_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, qd_ptr, kd_ptr, vd_ptr,  # [B, L, H, D]; [B, C]; [B, H]
+                      qc_ptr, kc_ptr, vc_ptr,  # codes [B, L, H, D], FlashAttention-3's layout
+                      L, H, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, SUB: tl.constexpr):
+    """FlashAttention-3's inputs: q, k - mean(k) and v - mean(v) over one (batch, head)'s scale
+    (`fa3_fp8.quantize`), BLOCK_T tokens of one head, SUB at a time; codes keep [B, L, H, D]."""
+    blk = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    C = H * HEAD_DIM
+    km = tl.load(km_ptr + b * C + h * HEAD_DIM + d)
+    vm = tl.load(vm_ptr + b * C + h * HEAD_DIM + d)
+    qd = tl.load(qd_ptr + b * H + h)
+    kd = tl.load(kd_ptr + b * H + h)
+    vd = tl.load(vd_ptr + b * H + h)
+    for s in range(0, BLOCK_T, SUB):
+        t = blk * BLOCK_T + s + tl.arange(0, SUB)
+        mask = (t < L)[:, None]
+        offs = (b * L + t.to(tl.int64))[:, None] * C + h * HEAD_DIM + d[None, :]
+        qf = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        kf = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32) - km[None, :]
+        vf = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32) - vm[None, :]
+        tl.store(qc_ptr + offs, tl.math.div_rn(qf, qd).to(tl.float8e4nv), mask=mask)
+        tl.store(kc_ptr + offs, tl.math.div_rn(kf, kd).to(tl.float8e4nv), mask=mask)
+        tl.store(vc_ptr + offs, tl.math.div_rn(vf, vd).to(tl.float8e4nv), mask=mask)
+
+
 def _tuned(fn, configs, key):
     return triton.autotune([triton.Config(c, num_warps=w) for c, w in configs], key=key)(fn)
 
@@ -115,3 +161,5 @@ kv_stats_tuned = _tuned(
     ["L", "C"],
 )
 quantize_qkv_tuned = _tuned(quantize_qkv, [(dict(SUB=sub), w) for sub in (16, 32, 64) for w in (4, 8)], ["L", "H"])
+quantize_per_head_tuned = _tuned(quantize_per_head, [(dict(BLOCK_T=bt, SUB=sub), w) for bt, sub in ((64, 16), (128, 32), (256, 32))
+                                                     for w in (4, 8)], ["L", "H"])

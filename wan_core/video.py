@@ -32,6 +32,17 @@ __all__ = [
 
 # H.264 encoders in order of preference, then the fallback every FFmpeg build has.
 _H264 = ("libx264",)
+# x264's speed presets, fastest first: at one crf, a slower preset spends more encoder time for a
+# smaller file of about the same quality.
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
+
+
+def check_encoding(crf: int, preset: str) -> None:
+    """ValueError for a crf or x264 preset the encoder would refuse (checked before any work)."""
+    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
+        raise ValueError(f"crf must be an integer in 0..51, got {crf!r}")
+    if preset not in X264_PRESETS:
+        raise ValueError(f"x264 preset must be one of {', '.join(X264_PRESETS)}; got {preset!r}")
 _FALLBACK = "mpeg4"
 
 
@@ -155,8 +166,7 @@ class VideoWriter:
     ):
         if not fps > 0:
             raise ValueError(f"fps must be positive, got {fps}")
-        if not 0 <= crf <= 51:
-            raise ValueError(f"crf must be in 0..51, got {crf}")
+        check_encoding(crf, preset)
         if odd_size not in ("pad", "crop", "error"):
             raise ValueError(f"odd_size must be 'pad', 'crop' or 'error', got {odd_size!r}")
         self.path, self.fps, self.layout, self.odd_size = os.fspath(path), fps, layout, odd_size
@@ -307,6 +317,7 @@ def write_video(
     fps: frames per second (Wan2.1 generates at 16).
     crf: x264 constant rate factor, 0 (best; lossless before chroma subsampling) .. 51 (worst); 17-23 look clean. For the
         mpeg4 fallback it maps to a fixed quantiser, about crf / 6 (clamped to 2..31).
+    preset: x264 speed preset (`X264_PRESETS`); "medium" is x264's and FFmpeg's default.
     codec: None picks libx264 if present, else mpeg4 (with a warning); naming one that this
         FFmpeg lacks is an error.
     odd_size: 'pad' (repeat the last row/column), 'crop' (drop it) or 'error'.
