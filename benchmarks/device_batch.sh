@@ -10,7 +10,8 @@
 #   fused-tests      pytest -m gpu tests/test_fused_gpu.py                              ~1 min
 #   dit-fused        bench_dit.py 480p: ComfyUI vs $DIT_VARIANTS (bf16,fast,fp8)     ~3 min
 #   dit-720          bench_dit.py 720p, ours bf16 compiled (no peer)                    ~2 min
-#   e2e-fast         bench_e2e.py fast, fast-offload, fp8-offload, one timed run each   ~5 min
+#   e2e-fast         bench_e2e.py $E2E_VARIANTS (fast,fast-offload,fp8-offload), one timed run
+#                    each, per x264 preset in $E2E_PRESETS (medium)                     ~5 min
 #   profile          profile_dit.py fast,bf16                                           ~2 min
 set -u
 export OUT="${OUT:-$PWD/out}"  # the scripts write their JSON (and e2e its mp4) there
@@ -28,7 +29,7 @@ for step in "$@"; do
   echo "=== $step"
   case "$step" in
     gpu-tests) timeout 300 python3 -m pytest -p no:cacheprovider -m gpu -q --tb=short \
-                 tests/test_fused_gpu.py tests/test_sage_gpu.py tests/test_fp8_gpu.py tests/test_offload_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+                 tests/test_fused_gpu.py tests/test_sage_gpu.py tests/test_fp8_gpu.py tests/test_offload_gpu.py tests/test_fa3_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     attention-quick) timeout 240 python3 benchmarks/bench_attention.py --quick 2>&1 \
                  | tee "$OUT/bench_attention_quick.log" | grep -v "^{'res'" | tail -8 ;;
     dit-fast) timeout 300 python3 benchmarks/bench_dit.py --res 480p --peers comfy --ours "" \
@@ -39,8 +40,8 @@ for step in "$@"; do
                  --sage-options "$opts" 2>&1 | tee "$OUT/bench_dit_720.log" | grep -v -i warn | tail -4 ;;
     fused-tests) timeout 300 python3 -m pytest -p no:cacheprovider -m gpu -q --tb=short tests/test_fused_gpu.py tests/test_sage_gpu.py tests/test_fp8_gpu.py tests/test_offload_gpu.py 2>&1 \
                  | tee "$OUT/fused_tests.log" | tail -15 ;;
-    e2e-fast) timeout 420 python3 benchmarks/bench_e2e.py --variants ${E2E_VARIANTS:-fast,fast-offload,fp8-offload} --runs 1 2>&1 \
-                 | tee "$OUT/bench_e2e_fast.log" | grep -v -i warn | tail -4; rm -f "$OUT"/*.mp4 ;;
+    e2e-fast) timeout 420 python3 benchmarks/bench_e2e.py --variants ${E2E_VARIANTS:-fast,fast-offload,fp8-offload} --runs 1 \
+                 --presets ${E2E_PRESETS:-medium} 2>&1 | tee "$OUT/bench_e2e_fast.log" | grep -v -i warn | tail -5; rm -f "$OUT"/*.mp4 ;;
     profile) timeout 240 python3 benchmarks/profile_dit.py --variants fast,bf16 2>&1 | tee "$OUT/profile_dit.log" | grep -v -i warn | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac
