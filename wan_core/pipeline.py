@@ -512,11 +512,10 @@ class WanPipeline:
         Untiled, each chunk is turned into ComfyUI's layout and into uint8 on the VAE's device and
         copied once into the result: the CPU does no per-pixel work (at 480p x 81 frames that work
         was ~0.4 s on a 2-core CPU, plus the writer's uint8 conversion, beside the encoder).
-        On a GPU the uint8 copies are asynchronous (pinned staging buffers) and each chunk is handed
-        on one chunk late, once its copy is done, so the GPU always has the next chunk queued
-        (waiting for every chunk's copy, as a plain `.cpu()` does, left it idle between chunks:
-        1.72 s for the stage in a whole run on an H100 with the encoder beside it, 1.28 s alone);
-        the float frames stay on the GPU until the end, then go to the CPU in one copy.
+        On a GPU the copies are asynchronous (pinned staging buffers) and each chunk is handed on
+        one chunk late, once its copy is done, so the GPU always has the next chunk queued: waiting
+        for every chunk's copy (as a plain `.cpu()` does) left it idle between chunks (1.72 s for
+        the stage in a whole run on an H100 with the encoder busy beside it, 1.28 s alone).
         """
         from .video import frames_to_uint8, wan_to_frames
 
@@ -532,11 +531,7 @@ class WanPipeline:
                 return frames
             frames = torch.empty(1 + r * (t - 1), h * s, w * s, 3, dtype=torch.float32)
             done = 0
-            dev = self.vae.device
-            # On a GPU with room for them (a quarter of what is free), the float frames are gathered
-            # there and copied to the CPU once at the end, while the encoder finishes the last frames.
-            on_gpu = dev.type == "cuda" and frames.numel() * 4 * 4 < torch.cuda.mem_get_info(dev)[0]
-            gathered = torch.empty(frames.shape, dtype=torch.float32, device=dev) if on_gpu else None
+            cuda = self.vae.device.type == "cuda"
             pending: list[tuple] = []  # copies in flight: (result rows, float staging, uint8 staging, finite, event)
 
             def hand_on(keep: int) -> None:
@@ -545,40 +540,31 @@ class WanPipeline:
                     event.synchronize()
                     if not finite.item():
                         raise ValueError("frames contain NaN or infinite values")
-                    if f32 is not None:
-                        rows.copy_(f32)
+                    rows.copy_(f32)
                     if on_frames is not None:
                         on_frames(u8)
 
             def chunk(c: torch.Tensor) -> None:  # [1, 3, t, H, W] in [-1, 1] on the VAE's device
                 nonlocal done
                 f = wan_to_frames(c[0])  # [t, H, W, 3] in [0, 1]
-                rows = slice(done, done + f.shape[0])
+                rows = frames[done : done + f.shape[0]]
                 done += f.shape[0]
-                if dev.type != "cuda":
-                    frames[rows].copy_(f)
+                if not cuda:
+                    rows.copy_(f)
                     if on_frames is not None:
                         on_frames(frames_to_uint8(f, layout="comfy"))
                     return
-                if gathered is not None:
-                    gathered[rows].copy_(f)
-                    f32 = None
-                else:
-                    f32 = torch.empty(f.shape, dtype=f.dtype, pin_memory=True).copy_(f, non_blocking=True)
-                u8 = None
-                if on_frames is not None:
-                    u8 = (f.clamp(0, 1) * 255).round_().to(torch.uint8)  # as frames_to_uint8, on the GPU
-                    u8 = torch.empty(u8.shape, dtype=u8.dtype, pin_memory=True).copy_(u8, non_blocking=True)
+                f32 = torch.empty(f.shape, dtype=f.dtype, pin_memory=True).copy_(f, non_blocking=True)
+                u8 = (f.clamp(0, 1) * 255).round_().to(torch.uint8)  # as frames_to_uint8, on the GPU
+                u8 = torch.empty(u8.shape, dtype=u8.dtype, pin_memory=True).copy_(u8, non_blocking=True)
                 finite = torch.isfinite(f).all()
                 event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(dev))
-                hand_on(keep=1)  # the previous chunk, whose copies ran while this one was queued
-                pending.append((frames[rows], f32, u8, finite, event))
+                event.record(torch.cuda.current_stream(self.vae.device))
+                hand_on(keep=1)  # the previous chunk, whose copy ran while this one was queued
+                pending.append((rows, f32, u8, finite, event))
 
             self.vae.decode(latent, on_frames=chunk, keep=False)
             hand_on(keep=0)
-            if gathered is not None:
-                frames.copy_(gathered)
         return frames
 
     # ------------------------------------------------------------------ the whole run
