@@ -2,10 +2,6 @@
 kernel itself runs in tests/test_fa3_gpu.py (marker gpu, needs the flash_attn_3 package)."""
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +10,7 @@ import torch.nn.functional as F
 from wan_core import fa3_fp8
 from wan_core.attention import APPROXIMATE, get_attention, resolve_name
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .triton_tools import needs_triton, run_interpreted
 
 
 def _exact(q, k, v):
@@ -125,17 +121,13 @@ print(json.dumps(res))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@needs_triton
 def test_quantize_kernels_equal_torch_quantize_in_the_interpreter():
     """The Triton quantisation (stats pass with q/k ranges + per-head codes pass), run by Triton's
     interpreter, against `quantize`: the same shapes, dtypes, q codes and q scales exactly; k and v
     codes equal but where the means (summed in another order) move a value across a rounding
     midpoint; their scales and the v means within float32 rounding."""
-    script = QUANT_SCRIPT.format(tests=os.path.join(ROOT, "tests"), root=ROOT)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_interpreted(QUANT_SCRIPT)
     assert len(res) == 3
     for key, tensors in res.items():
         assert len(tensors) == 7
@@ -147,36 +139,3 @@ def test_quantize_kernels_equal_torch_quantize_in_the_interpreter():
                 assert mismatch < 1e-3, (key, i, mismatch)
             else:  # k, v scales, v means
                 assert rel < 1e-6, (key, i, rel)
-
-
-def test_quantize_op_fake_matches_real():
-    from torch.library import opcheck
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 300, 2, 128, generator=g).bfloat16() for _ in range(3))
-    opcheck(torch.ops.wan_core.fa3_quantize.default, (q, k, v))
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-def test_quantize_kernels_compile_for_hopper():
-    """Every tile the autotuner tries compiles for sm_90 (the interpreter does not compile)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from wan_core import sage_quant_kernel as kern
-
-    def build(fn, sig, constexprs, num_warps):
-        src = ASTSource(fn=fn, signature=dict(sig, **{k: "constexpr" for k in constexprs}), constexprs=constexprs)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-
-    sig = {"k_ptr": "*bf16", "v_ptr": "*bf16", "part_ptr": "*fp32", "L": "i32", "C": "i32", "n_chunks": "i32",
-           "q_ptr": "*bf16"}
-    for cfg in kern.kv_stats_tuned.configs:
-        assert "cubin" in build(kern.kv_stats, sig, dict(cfg.kwargs, BLOCK_L=256, QK_RANGE=True), cfg.num_warps).asm
-    sig = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr")}
-    sig.update({n: "*fp32" for n in ("km_ptr", "vm_ptr", "qd_ptr", "kd_ptr", "vd_ptr")})
-    sig.update({n: "*fp8e4nv" for n in ("qc_ptr", "kc_ptr", "vc_ptr")}, L="i32", H="i32")
-    for cfg in kern.quantize_per_head_tuned.configs:
-        assert "cubin" in build(kern.quantize_per_head, sig, dict(cfg.kwargs, HEAD_DIM=128), cfg.num_warps).asm
-

@@ -2,11 +2,6 @@
 of those ops against their torch reference in Triton's interpreter (a CPU subprocess). The GPU run
 is test_fused_gpu.py."""
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,8 +14,8 @@ from wan_core.loading.dit import build_model
 from wan_core.optimize import compile_blocks
 
 from .test_dit import random_state_dict, tiny_cfg
+from .triton_tools import compile_for_hopper, needs_triton, run_interpreted
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_cpu_fp8 = pytest.mark.skipif(not _cpu_has_scaled_mm(), reason="this torch build has no CPU torch._scaled_mm")
 
 
@@ -199,17 +194,13 @@ print(json.dumps(res))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@needs_triton
 def test_triton_kernels_equal_reference_in_the_interpreter():
     """The Triton kernels themselves, run by Triton's interpreter on the CPU, for every flag
     combination the block uses, q/k's RMSNorm + RoPE, and an FP8 linear's row quantisation: the residual exactly, the bf16 or e4m3
     rows element for element (the GELU's tanh is written with exp, so a rare bf16 tie may round
     the other way)."""
-    script = INTERP_SCRIPT.format(tests=os.path.join(ROOT, "tests"), root=ROOT)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_interpreted(INTERP_SCRIPT)
     assert len(res) == 9
     for key, r in res.items():
         assert r["x"] == 0.0 and r["rs"] < 1e-6, (key, r)
@@ -218,21 +209,14 @@ def test_triton_kernels_equal_reference_in_the_interpreter():
         assert r["dtype"] == ("torch.float8_e4m3fn" if quant else "torch.bfloat16"), key
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@needs_triton
 def test_triton_kernels_compile_for_hopper():
     """The interpreter runs Python, not Triton's compiler: compile every kernel variant the block
     launches down to an sm_90 cubin on this CPU machine, so that what only the compiler rejects
     (non-constexpr globals, unsupported ops, layouts) fails here and not on the GPU."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from wan_core import fused_kernels as fk
 
-    def build(fn, sig, constexprs, num_warps):
-        sig = dict(sig, **{k: "constexpr" for k in constexprs})
-        src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    build = compile_for_hopper
 
     ptrs = "x_ptr d_ptr g_ptr w_ptr b_ptr sc_ptr sh_ptr xo_ptr h_ptr rs_ptr".split()
     for flags in ("00010", "00011", "11100", "11101", "10010", "10011"):

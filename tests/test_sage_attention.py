@@ -2,12 +2,6 @@
 kernel's math against exact attention, the Triton kernel itself through Triton's interpreter
 (a CPU subprocess), and the backend's errors. The GPU run of the kernel is test_sage_gpu.py."""
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +9,7 @@ import torch.nn.functional as F
 from wan_core import sage_attention as sa
 from wan_core.attention import APPROXIMATE, get_attention, resolve_name
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .triton_tools import compile_for_hopper, needs_triton, run_interpreted
 
 
 def exact(q, k, v):
@@ -122,17 +116,12 @@ print(json.dumps(res))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@needs_triton
 def test_triton_kernel_equals_reference_in_the_interpreter():
     """The kernel itself (not a copy of its math) run by Triton's interpreter on the CPU: equal to
     the torch reference, for INT8 and FP8 Q·Kᵀ, pointer and tensor-descriptor loads, with and
     without the software pipeline, with a masked partial key block, Lq != Lk, B = 2."""
-    script = INTERP_SCRIPT.format(tests=os.path.join(ROOT, "tests"), root=ROOT)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    print(proc.stdout)
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_interpreted(INTERP_SCRIPT)
     assert len(res) == 10
     for key, (rel, shape, stride_l) in res.items():
         assert rel < 1e-3, (key, rel)  # only e4m3 roundings of P at ties may differ (exp2 argument order)
@@ -186,16 +175,12 @@ print(json.dumps(res))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@needs_triton
 def test_quantize_kernels_equal_torch_quantize_in_the_interpreter():
     """The Triton quantisation (stats pass + codes pass) against `quantize` in Triton's
     interpreter: every code tensor and scale identical in shape, dtype and value, except that the
     means are summed in another order (a last-bit difference in v's means and scales)."""
-    script = QUANT_SCRIPT.format(tests=os.path.join(ROOT, "tests"), root=ROOT)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_interpreted(QUANT_SCRIPT)
     for key, tensors in res.items():
         assert len(tensors) == 7
         for i, (same_layout, mismatch, rel) in enumerate(tensors):
@@ -206,29 +191,34 @@ def test_quantize_kernels_equal_torch_quantize_in_the_interpreter():
                 assert rel < 1e-6, (key, i, rel)
 
 
-def test_quantize_op_fake_matches_real():
+@pytest.mark.parametrize("op", ["sage_quantize", "fa3_quantize"])  # this kernel's and FlashAttention-3's inputs
+def test_quantize_op_fake_matches_real(op):
     from torch.library import opcheck
+
+    import wan_core.fa3_fp8  # noqa: F401  (registers fa3_quantize)
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 300, 2, 128, generator=g).bfloat16() for _ in range(3))
-    opcheck(torch.ops.wan_core.sage_quantize.default, (q, k, v))
+    opcheck(getattr(torch.ops.wan_core, op).default, (q, k, v))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@needs_triton
 def test_quantize_kernels_compile_for_hopper():
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    """Every tile the autotuners try, for both attentions' quantisation, compiles for sm_90 (the
+    interpreter does not compile)."""
     from wan_core import sage_quant_kernel as kern
 
-    def build(fn, sig, constexprs, num_warps):
-        src = ASTSource(fn=fn, signature=dict(sig, **{k: "constexpr" for k in constexprs}), constexprs=constexprs)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-
+    build = compile_for_hopper
     sig = {"k_ptr": "*bf16", "v_ptr": "*bf16", "part_ptr": "*fp32", "L": "i32", "C": "i32", "n_chunks": "i32"}
-    for bc, sub in ((128, 16), (256, 8), (64, 32), (128, 32)):  # the autotuner's tiles
-        assert "cubin" in build(kern.kv_stats, sig, {"BLOCK_L": 256, "BLOCK_C": bc, "SUB": sub}, 4).asm
+    for cfg in kern.kv_stats_tuned.configs:
+        assert "cubin" in build(kern.kv_stats, sig, dict(cfg.kwargs, BLOCK_L=256), cfg.num_warps).asm
+        assert "cubin" in build(kern.kv_stats, dict(sig, q_ptr="*bf16"), dict(cfg.kwargs, BLOCK_L=256, QK_RANGE=True),
+                                cfg.num_warps).asm  # fmt: skip
+    qsig = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr")}
+    qsig.update({n: "*fp32" for n in ("km_ptr", "vm_ptr", "qd_ptr", "kd_ptr", "vd_ptr")})
+    qsig.update({n: "*fp8e4nv" for n in ("qc_ptr", "kc_ptr", "vc_ptr")}, L="i32", H="i32")
+    for cfg in kern.quantize_per_head_tuned.configs:
+        assert "cubin" in build(kern.quantize_per_head, qsig, dict(cfg.kwargs, HEAD_DIM=128), cfg.num_warps).asm
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "km_ptr": "*fp32", "vm_ptr": "*fp32", "vs_ptr": "*fp32",
            "qc_ptr": "*fp8e4nv", "qs_ptr": "*fp32", "kc_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "vt_ptr": "*fp8e4nv",
            "L": "i32", "Lp": "i32", "H": "i32", "q_extra": "fp32"}

@@ -1,0 +1,34 @@
+"""What the Triton kernel tests share: running a script in Triton's interpreter (a CPU subprocess,
+with `triton_interp`'s fixes imported first by the script) and compiling a kernel to an sm_90
+cubin on this GPU-less machine (what only the compiler rejects fails here, not on the GPU)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+
+def run_interpreted(script: str):
+    """Run `script` (its `{tests}` and `{root}` filled in for its sys.path) with TRITON_INTERPRET=1;
+    returns the JSON of its last output line."""
+    code = script.format(tests=os.path.join(ROOT, "tests"), root=ROOT)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compile_for_hopper(fn, sig: dict, constexprs: dict, num_warps: int):
+    """`fn` compiled for sm_90 with argument types `sig` and the constexpr values `constexprs`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature=dict(sig, **{k: "constexpr" for k in constexprs}), constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
