@@ -12,6 +12,7 @@
 #   dit-720          bench_dit.py 720p, ours bf16 compiled (no peer)                    ~2 min
 #   e2e-fast         bench_e2e.py $E2E_VARIANTS (fast,fast-offload,fp8-offload), one timed run
 #                    each, per x264 preset in $E2E_PRESETS (medium)                     ~5 min
+#   vae-stage        bench_vae_stage.py: pipeline.decode + mp4 writer, staged vs pinned ~1 min
 #   profile          profile_dit.py fast,bf16                                           ~2 min
 set -u
 export OUT="${OUT:-$PWD/out}"  # the scripts write their JSON (and e2e its mp4) there
@@ -42,6 +43,7 @@ for step in "$@"; do
                  | tee "$OUT/fused_tests.log" | tail -15 ;;
     e2e-fast) timeout 420 python3 benchmarks/bench_e2e.py --variants ${E2E_VARIANTS:-fast,fast-offload,fp8-offload} --runs 1 \
                  --presets ${E2E_PRESETS:-medium} --t5 ${E2E_T5:-host} 2>&1 | tee "$OUT/bench_e2e_fast.log" | grep -v -i warn | tail -5; rm -f "$OUT"/*.mp4 ;;
+    vae-stage) timeout 200 python3 benchmarks/bench_vae_stage.py 2>&1 | tee "$OUT/bench_vae_stage.log" | tail -8 ;;
     profile) timeout 240 python3 benchmarks/profile_dit.py --variants fast,bf16 2>&1 | tee "$OUT/profile_dit.log" | grep -v -i warn | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac

@@ -305,17 +305,22 @@ def test_saved_video_is_encoded_while_decoding_and_a_failed_decode_leaves_no_fil
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_decode_hands_on_each_chunk_after_its_asynchronous_copy(models):
-    """On a GPU the chunks are copied through pinned buffers without waiting and handed on one
-    chunk late: the result and the writer's uint8 chunks are still the plain decode's, in order,
-    and a NaN chunk still fails with a clear error."""
+@pytest.mark.parametrize("pin_result", [False, True])
+def test_gpu_decode_hands_on_each_chunk_after_its_asynchronous_copy(models, pin_result, monkeypatch):
+    """On a GPU the chunks are copied through pinned buffers (or straight into a page-locked
+    result) without waiting and handed on one chunk late: the result and the writer's uint8 chunks
+    are still the plain decode's, in order, and a NaN chunk still fails with a clear error."""
+    from wan_core import pipeline as wan_pipeline
     from wan_core.video import frames_to_uint8, wan_to_frames
+
+    monkeypatch.setattr(wan_pipeline, "PIN_RESULT", pin_result)
 
     pipe = WanPipeline(models["t2v", "wan"], dtype="fp32", device="cuda").create_generator(infer_steps=2, **T2V)
     latent = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(5))
     plain = wan_to_frames(pipe.vae.decode(latent.cuda())[0]).cpu()
     got = []
     frames = pipe.decode(latent, on_frames=got.append)
+    assert frames.is_pinned() == pin_result
     torch.testing.assert_close(frames, plain, atol=1e-6, rtol=0)
     assert [c.shape[0] for c in got] == [1, 4, 4] and all(c.dtype == torch.uint8 and not c.is_cuda for c in got)
     assert torch.equal(torch.cat(got), frames_to_uint8(frames))

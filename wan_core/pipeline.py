@@ -98,6 +98,13 @@ class GenerationResult:
         return "; ".join(parts)
 
 
+# pipeline.decode on a GPU: the float32 result in page-locked memory, each chunk copied straight
+# into it (True), or staged through a pinned buffer and copied into pageable memory (False, the
+# measured default). Not measured yet: benchmarks/bench_vae_stage.py compares the two. (A
+# page-locked result stays page-locked while the caller holds it; torch keeps freed ones cached.)
+PIN_RESULT = False
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -529,9 +536,9 @@ class WanPipeline:
                 if on_frames is not None:
                     on_frames(frames_to_uint8(frames))
                 return frames
-            frames = torch.empty(1 + r * (t - 1), h * s, w * s, 3, dtype=torch.float32)
-            done = 0
             cuda = self.vae.device.type == "cuda"
+            frames = torch.empty(1 + r * (t - 1), h * s, w * s, 3, dtype=torch.float32, pin_memory=cuda and PIN_RESULT)
+            done = 0
             pending: list[tuple] = []  # copies in flight: (result rows, float staging, uint8 staging, finite, event)
 
             def hand_on(keep: int) -> None:
@@ -540,7 +547,8 @@ class WanPipeline:
                     event.synchronize()
                     if not finite.item():
                         raise ValueError("frames contain NaN or infinite values")
-                    rows.copy_(f32)
+                    if f32 is not None:
+                        rows.copy_(f32)
                     if on_frames is not None:
                         on_frames(u8)
 
@@ -554,7 +562,11 @@ class WanPipeline:
                     if on_frames is not None:
                         on_frames(frames_to_uint8(f, layout="comfy"))
                     return
-                f32 = torch.empty(f.shape, dtype=f.dtype, pin_memory=True).copy_(f, non_blocking=True)
+                if frames.is_pinned():
+                    rows.copy_(f, non_blocking=True)  # straight into the page-locked result
+                    f32 = None
+                else:
+                    f32 = torch.empty(f.shape, dtype=f.dtype, pin_memory=True).copy_(f, non_blocking=True)
                 u8 = (f.clamp(0, 1) * 255).round_().to(torch.uint8)  # as frames_to_uint8, on the GPU
                 u8 = torch.empty(u8.shape, dtype=u8.dtype, pin_memory=True).copy_(u8, non_blocking=True)
                 finite = torch.isfinite(f).all()

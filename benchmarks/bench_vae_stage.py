@@ -1,0 +1,76 @@
+"""The whole run's VAE stage as `WanPipeline.generate` runs it: `pipeline.decode` (480x832x81,
+random bf16 VAE) alone and with the background mp4 writer beside it, per x264 preset, with the
+float32 result staged through pinned buffers (`PIN_RESULT` False, the default) or page-locked
+itself (True). "decode" is the stage, "tail" the encoder's time after it, as in bench_e2e.
+
+Measured against (probes_2026-11-27_h100.txt §4, §6): a bare decode loop with the writer beside
+it runs at 1.28 s; the pipeline's stage took 1.47-1.52 s with the writer, 1.35 s without.
+
+  python benchmarks/bench_vae_stage.py [--presets faster,medium] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_dit import log  # noqa: E402
+from wan_core import pipeline as wan_pipeline  # noqa: E402
+from wan_core.options import GenerationConfig  # noqa: E402
+from wan_core.pipeline import WanPipeline  # noqa: E402
+from wan_core.spec import ModelSpec  # noqa: E402
+from wan_core.vae import WanVAE  # noqa: E402
+from wan_core.video import VideoWriter  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", default="faster,medium")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    out_dir = os.environ.get("OUT", ".")
+    with torch.device("cuda"):
+        vae = WanVAE()
+    pipe = WanPipeline(dit_path="random", task="t2v", device="cuda")
+    pipe.spec, pipe.config = ModelSpec(dit="random", device="cuda"), GenerationConfig()
+    pipe.vae = vae.to(torch.bfloat16).eval()
+    latent = torch.randn(1, 16, 21, 60, 104, device="cuda")
+    mp4 = os.path.join(tempfile.gettempdir(), "bench_vae_stage.mp4")
+    results, rows = {"device": torch.cuda.get_device_name()}, []
+    pipe.decode(latent)  # warm-up: cuDNN's algorithm choice, pinned buffers
+    for preset in [None, *args.presets.split(",")]:
+        for pin in (False, True):
+            wan_pipeline.PIN_RESULT = pin
+            times, held = [], None
+            for _ in range(args.runs):
+                writer = VideoWriter(mp4, fps=16, layout="comfy", preset=preset, background=True) if preset else None
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                frames = pipe.decode(latent, on_frames=writer.write if writer else None)
+                t1 = time.perf_counter()
+                if writer:
+                    writer.close()
+                times.append((t1 - t0, time.perf_counter() - t1))
+                held = frames  # the caller keeps the last result while the next one is made
+            del held
+            decode, tail = sorted(times)[len(times) // 2]
+            name = f"{'pinned' if pin else 'staged'} result, {'no writer' if preset is None else 'x264 ' + preset}"
+            results[name] = {"runs": times}
+            rows.append((name, decode, tail))
+            log(f"{name}: {[(round(a, 3), round(b, 3)) for a, b in times]}")
+    with open(os.path.join(out_dir, "bench_vae_stage.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    log(f"\n{'VAE stage, 480x832x81 bf16':40s} {'decode s':>8s} {'tail s':>7s} {'total s':>7s}")
+    for name, decode, tail in rows:
+        log(f"{name:40s} {decode:8.3f} {tail:7.3f} {decode + tail:7.3f}")
+
+
+if __name__ == "__main__":
+    main()
