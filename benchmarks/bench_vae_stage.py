@@ -48,18 +48,18 @@ def main():
     for preset in [None, *args.presets.split(",")]:
         for pin in (False, True):
             wan_pipeline.PIN_RESULT = pin
-            times, held = [], None
+            times, frames = [], None
             for _ in range(args.runs):
                 writer = VideoWriter(mp4, fps=16, layout="comfy", preset=preset, background=True) if preset else None
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
+                # the previous result is still held while this one is made, as by a caller keeping it
                 frames = pipe.decode(latent, on_frames=writer.write if writer else None)
                 t1 = time.perf_counter()
                 if writer:
                     writer.close()
                 times.append((t1 - t0, time.perf_counter() - t1))
-                held = frames  # the caller keeps the last result while the next one is made
-            del held
+            del frames
             decode, tail = sorted(times)[len(times) // 2]
             name = f"{'pinned' if pin else 'staged'} result, {'no writer' if preset is None else 'x264 ' + preset}"
             results[name] = {"runs": times}

@@ -142,8 +142,7 @@ def fa3_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     """Self-attention [B, L, H, D] -> [B, L, H, D] (q's dtype) by FlashAttention-3's e4m3 kernel."""
     from flash_attn_interface import flash_attn_func
 
-    packed = _quantize_op(q, k, v) if (q.is_cuda and TRITON_QUANTIZE) else quantize(q, k, v)
-    qc, qd, kc, kd, vc, vd, vm = packed
+    qc, qd, kc, kd, vc, vd, vm = _quantize_op(q, k, v) if TRITON_QUANTIZE else quantize(q, k, v)
     out = flash_attn_func(qc, kc, vc, softmax_scale=q.shape[-1] ** -0.5, q_descale=qd, k_descale=kd, v_descale=vd)
     out = out[0] if isinstance(out, tuple) else out
     return (out.float() + vm).to(q.dtype)

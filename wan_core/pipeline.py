@@ -524,7 +524,7 @@ class WanPipeline:
         for every chunk's copy (as a plain `.cpu()` does) left it idle between chunks (1.72 s for
         the stage in a whole run on an H100 with the encoder busy beside it, 1.28 s alone).
         """
-        from .video import frames_to_uint8, wan_to_frames
+        from .video import frames_to_uint8, uint8_levels, wan_to_frames
 
         tile = VAE_TILE if self.config.use_tiling_vae else None
         _, _, t, h, w = latent.shape
@@ -567,8 +567,10 @@ class WanPipeline:
                     f32 = None
                 else:
                     f32 = torch.empty(f.shape, dtype=f.dtype, pin_memory=True).copy_(f, non_blocking=True)
-                u8 = (f.clamp(0, 1) * 255).round_().to(torch.uint8)  # as frames_to_uint8, on the GPU
-                u8 = torch.empty(u8.shape, dtype=u8.dtype, pin_memory=True).copy_(u8, non_blocking=True)
+                u8 = None
+                if on_frames is not None:
+                    u8 = uint8_levels(f)  # on the GPU
+                    u8 = torch.empty(u8.shape, dtype=u8.dtype, pin_memory=True).copy_(u8, non_blocking=True)
                 finite = torch.isfinite(f).all()
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(self.vae.device))

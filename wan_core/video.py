@@ -94,6 +94,11 @@ def _as_frames(video: torch.Tensor, layout: str | None) -> torch.Tensor:
     return video
 
 
+def uint8_levels(frames: torch.Tensor) -> torch.Tensor:
+    """Float frames in [0, 1] -> uint8 levels, rounded (not truncated), where the frames are."""
+    return (frames.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def frames_to_uint8(frames: torch.Tensor, layout: str | None = None) -> torch.Tensor:
     """Frames in either layout -> uint8 [T, H, W, 3] on the CPU, rounded (not truncated)."""
     frames = _as_frames(frames, layout)
@@ -103,7 +108,7 @@ def frames_to_uint8(frames: torch.Tensor, layout: str | None = None) -> torch.Te
         raise ValueError(f"frames must be float in [0, 1] (or uint8), got {frames.dtype}")
     if not torch.isfinite(frames).all():
         raise ValueError("frames contain NaN or infinite values")
-    return (frames.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    return uint8_levels(frames).cpu()
 
 
 def available_codec() -> str:
