@@ -1,7 +1,8 @@
 """The whole run's VAE stage as `WanPipeline.generate` runs it: `pipeline.decode` (480x832x81,
 random bf16 VAE) alone and with the background mp4 writer beside it, per x264 preset, with the
-float32 result staged through pinned buffers (`PIN_RESULT` False, the default) or page-locked
-itself (True). "decode" is the stage, "tail" the encoder's time after it, as in bench_e2e.
+float32 result staged through pinned buffers (`PIN_RESULT` False) or page-locked itself
+(True); the default (None) page-locks it when a writer takes the frames. "decode" is the stage,
+"tail" the encoder's time after it, as in bench_e2e.
 
 Measured against (probes_2026-11-27_h100.txt §4, §6): a bare decode loop with the writer beside
 it runs at 1.28 s; the pipeline's stage took 1.47-1.52 s with the writer, 1.35 s without.

@@ -99,10 +99,14 @@ class GenerationResult:
 
 
 # pipeline.decode on a GPU: the float32 result in page-locked memory, each chunk copied straight
-# into it (True), or staged through a pinned buffer and copied into pageable memory (False, the
-# measured default). Not measured yet: benchmarks/bench_vae_stage.py compares the two. (A
-# page-locked result stays page-locked while the caller holds it; torch keeps freed ones cached.)
-PIN_RESULT = False
+# into it (True), or staged through a pinned buffer and copied into pageable memory (False).
+# None (default): page-locked when a writer takes the frames. Measured on an H100
+# (bench_vae_stage_2026-11-27_h100.log): with the mp4 writer beside it the stage took 1.39 s
+# page-locked vs 1.50 s staged (x264 faster; medium 1.38 vs 1.48), the staged copies compete with
+# the encoder for the CPU; alone (ComfyUI's decode node) staged is faster, 1.37 vs 1.51 s (locking
+# 388 MB of fresh pages costs more than the copies it saves). A page-locked result stays
+# page-locked while the caller holds it; torch keeps freed ones cached.
+PIN_RESULT: bool | None = None
 
 
 def _sync(device) -> None:
@@ -537,7 +541,8 @@ class WanPipeline:
                     on_frames(frames_to_uint8(frames))
                 return frames
             cuda = self.vae.device.type == "cuda"
-            frames = torch.empty(1 + r * (t - 1), h * s, w * s, 3, dtype=torch.float32, pin_memory=cuda and PIN_RESULT)
+            pin = cuda and (on_frames is not None if PIN_RESULT is None else PIN_RESULT)
+            frames = torch.empty(1 + r * (t - 1), h * s, w * s, 3, dtype=torch.float32, pin_memory=pin)
             done = 0
             pending: list[tuple] = []  # copies in flight: (result rows, float staging, uint8 staging, finite, event)
 
