@@ -12,6 +12,7 @@
 #   dit-720          bench_dit.py 720p, ours bf16 compiled (no peer)                    ~2 min
 #   e2e-fast         bench_e2e.py $E2E_VARIANTS (fast,fast-offload,fp8-offload), one timed run
 #                    each, per x264 preset in $E2E_PRESETS (medium)                     ~5 min
+#   vae              bench_vae.py: VAE decode/encode, ours vs ComfyUI and diffusers     ~2 min
 #   vae-stage        bench_vae_stage.py: pipeline.decode + mp4 writer, staged vs pinned ~1 min
 #   profile          profile_dit.py fast,bf16                                           ~2 min
 set -u
@@ -30,7 +31,8 @@ for step in "$@"; do
   echo "=== $step"
   case "$step" in
     gpu-tests) timeout 300 python3 -m pytest -p no:cacheprovider -m gpu -q --tb=short \
-                 tests/test_fused_gpu.py tests/test_sage_gpu.py tests/test_fp8_gpu.py tests/test_offload_gpu.py tests/test_fa3_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+                 tests/test_fused_gpu.py tests/test_sage_gpu.py tests/test_fp8_gpu.py tests/test_offload_gpu.py tests/test_fa3_gpu.py \
+                 tests/test_vae.py tests/test_pipeline.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     attention-quick) timeout 240 python3 benchmarks/bench_attention.py --quick 2>&1 \
                  | tee "$OUT/bench_attention_quick.log" | grep -v "^{'res'" | tail -8 ;;
     dit-fast) timeout 300 python3 benchmarks/bench_dit.py --res 480p --peers comfy --ours "" \
@@ -43,6 +45,7 @@ for step in "$@"; do
                  | tee "$OUT/fused_tests.log" | tail -15 ;;
     e2e-fast) timeout 420 python3 benchmarks/bench_e2e.py --variants ${E2E_VARIANTS:-fast,fast-offload,fp8-offload} --runs 1 \
                  --presets ${E2E_PRESETS:-medium} --t5 ${E2E_T5:-host} 2>&1 | tee "$OUT/bench_e2e_fast.log" | grep -v -i warn | tail -5; rm -f "$OUT"/*.mp4 ;;
+    vae) timeout 240 python3 benchmarks/bench_vae.py 2>&1 | tee "$OUT/bench_vae.log" | tail -8 ;;
     vae-stage) timeout 200 python3 benchmarks/bench_vae_stage.py 2>&1 | tee "$OUT/bench_vae_stage.log" | tail -8 ;;
     profile) timeout 240 python3 benchmarks/profile_dit.py --variants fast,bf16 2>&1 | tee "$OUT/profile_dit.log" | grep -v -i warn | tail -30 ;;
     *) echo "unknown step $step" ;;

@@ -14,6 +14,8 @@ from wan_core.loading.io import CheckpointError
 from wan_core.loading.vae import diffusers_to_official, load_vae_state_dict
 from wan_core.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, Decoder3d, WanVAE, WanVAEConfig
 
+from .triton_tools import compile_for_hopper, needs_triton, run_interpreted
+
 # the reference key/shape lists live beside the checkout (../shared), not in the repository
 LAYOUT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint_layouts" / "wan2.1_vae.json"
 
@@ -142,11 +144,17 @@ def test_channels_last_layout_same_result_and_kept_throughout(pair, monkeypatch)
         latent = ours.encode(video)
         out = ours.decode(latent)
         tiled = ours.decode(latent, tile_size=2)
+        weights = [m.weight for m in ours.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+        weights_cl = [w.is_contiguous(memory_format=torch.channels_last_3d if w.dim() == 5 else torch.channels_last)
+                      for w in weights]
     finally:
         ours.channels_last = None
         for h in hooks:
             h.remove()
     assert seen and all(seen)
+    assert all(weights_cl) and not all(w.is_contiguous() for w in weights)  # stored as cuDNN is handed them
+    torch.testing.assert_close(ours.decode(plain_latent), plain_video, rtol=0, atol=0)  # back to plain, same numbers
+    assert all(w.is_contiguous() for w in weights)
     assert _rel(latent, plain_latent) <= 1e-5
     assert _rel(out, plain_video) <= 1e-5
     assert _rel(tiled, plain_video) <= 1e-5
@@ -264,3 +272,128 @@ def test_streaming_decode_keeps_nothing_and_hands_over_the_same_chunks():
         model.decode(latent, keep=False)
     with pytest.raises(ValueError, match="tile_size"):
         model.decode(latent, tile_size=2, on_frames=chunks.append, keep=False)
+
+
+# ---- the fused RMSNorm + SiLU kernel (vae_kernels) ------------------------------------------------
+NORM_INTERP_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
+import triton_interp  # noqa: F401  (before any kernel is defined)
+import torch
+from wan_core.vae import RMSNorm, dense_rows
+from wan_core.vae_kernels import launch_add_bias_residual, launch_rms_norm_silu
+g = torch.Generator().manual_seed(0)
+res = {{}}
+for dtype in (torch.float32, torch.bfloat16):
+    for c in (96, 40):  # not powers of two: masked channel tails
+        norm = RMSNorm(c)
+        with torch.no_grad():
+            norm.gamma.copy_(1 + 0.3 * torch.randn(norm.gamma.shape, generator=g))
+        norm = norm.to(dtype)
+        x = (torch.randn(2, c, 3, 5, 7, generator=g) * 4).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+        x[0, :, 0, 0, 0] = 0  # an all-zero pixel: the norm's floor, not a division by zero
+        bias = (torch.randn(c, generator=g) * 2).to(dtype)
+        for silu, b in ((False, None), (True, None), (True, bias)):
+            ref = norm(x, silu=silu, bias=b)  # the torch ops (CPU)
+            got = launch_rms_norm_silu(x, norm.gamma, norm.scale, silu, bias=b)
+            # into the chunk part of a [B, C, 2 + T, H, W] channels-last buffer, as CausalConv3d does
+            buf = torch.full((2, c, 5, 5, 7), 7.0, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
+            launch_rms_norm_silu(x, norm.gamma, norm.scale, silu, out=buf[:, :, 2:], bias=b)
+            key = f"norm {{str(dtype)[6:]}} C={{c}} silu={{silu}} bias={{b is not None}}"
+            diff = (got.float() - ref.float()).abs()
+            res[key] = dict(
+                dense=dense_rows(x) and dense_rows(buf[:, :, 2:]) and dense_rows(got),
+                exact=(diff == 0).float().mean().item(),
+                rel=(diff / ref.float().abs().clamp_min(1e-30)).max().item(),
+                into_buffer=torch.equal(buf[:, :, 2:], got),
+                history_kept=bool((buf[:, :, :2] == 7).all()),
+            )
+        s = (torch.randn(x.shape, generator=g) * 3).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+        ref = (x + bias.view(-1, 1, 1, 1)) + s  # a residual block's end in torch: conv + bias, + shortcut
+        got = launch_add_bias_residual(x.clone(), bias, s)
+        diff = (got.float() - ref.float()).abs()
+        res[f"residual {{str(dtype)[6:]}} C={{c}}"] = dict(
+            dense=dense_rows(got), exact=(diff == 0).float().mean().item(),
+            rel=(diff / ref.float().abs().clamp_min(1e-30)).max().item(), into_buffer=True, history_kept=True,
+        )
+print(json.dumps(res))
+"""
+
+
+@needs_triton
+def test_fused_rms_norm_matches_the_torch_ops_in_the_interpreter():
+    """The Triton RMSNorm (+ the previous conv's bias, + SiLU) equals the torch ops it replaces: in
+    float32 but for last-bit differences of the sum; in bf16 (rounded where torch rounds) to within
+    one bf16 step, nearly always exactly; written into a slice of the causal conv's buffer its
+    history is kept. The residual kernel (bias + shortcut) is exact."""
+    res = run_interpreted(NORM_INTERP_SCRIPT)
+    assert len(res) == 16
+    for key, r in res.items():
+        assert r["dense"] and r["into_buffer"] and r["history_kept"], (key, r)
+        if key.startswith("residual"):
+            assert r["exact"] == 1.0, (key, r)  # two rounded adds: nothing to differ in
+        elif "float32" in key:
+            assert r["rel"] < 1e-5, (key, r)
+        else:
+            assert r["rel"] <= 2**-7 and r["exact"] > 0.97, (key, r)
+
+
+@needs_triton
+def test_fused_rms_norm_compiles_for_hopper():
+    """Every variant the VAE launches (bf16 and float32, with and without SiLU and bias, 96-384
+    channels; the residual kernel) compiles to an sm_90 cubin on this CPU machine."""
+    from wan_core.vae_kernels import add_bias_residual, rms_norm_silu
+
+    for t in ("bf16", "fp32"):
+        sig = {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "g_ptr": f"*{t}", "o_ptr": f"*{t}", "R": "i32", "C": "i32",
+               "x_bstride": "i64", "o_bstride": "i64", "scale": "fp32"}
+        res_sig = {"h_ptr": f"*{t}", "bias_ptr": f"*{t}", "s_ptr": f"*{t}", "R": "i32", "C": "i32", "h_bstride": "i64",
+                   "s_bstride": "i64"}
+        for block_c in (128, 256, 512):
+            for silu, bias in ((False, False), (True, False), (True, True)):
+                consts = {"HAS_BIAS": bias, "SILU": silu, "BLOCK_R": 4096 // block_c, "BLOCK_C": block_c}
+                assert "cubin" in compile_for_hopper(rms_norm_silu, sig, consts, 4).asm
+            consts = {"BLOCK_R": 4096 // block_c, "BLOCK_C": block_c}
+            assert "cubin" in compile_for_hopper(add_bias_residual, res_sig, consts, 4).asm
+
+
+def test_dense_rows_accepts_only_the_layouts_the_kernel_indexes():
+    from wan_core.vae import dense_rows
+
+    cl = torch.empty(2, 8, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
+    buf = torch.empty(2, 8, 5, 4, 5).contiguous(memory_format=torch.channels_last_3d)
+    assert dense_rows(cl) and dense_rows(buf[:, :, 2:]) and dense_rows(buf[:1])
+    assert not dense_rows(torch.empty(2, 8, 3, 4, 5))  # channels-first
+    assert not dense_rows(buf[:, :4])  # a channel slice: rows no longer dense
+    assert not dense_rows(buf[..., 1:])  # a width slice
+    assert not dense_rows(torch.empty(2, 8, 4, 5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_decode_and_encode_with_the_fused_norm_equal_the_torch_ops(dtype, monkeypatch):
+    """On a GPU (channels-last) the VAE's norms and residual adds run as the Triton kernels, the
+    convs' biases folded into them: decode and encode give what the torch ops give (float32: to
+    rounding; bf16: within its rounding noise), and the kernels really ran (counted)."""
+    from wan_core import vae as vae_mod
+    from wan_core import vae_kernels
+
+    model = WanVAE(WanVAEConfig(dim=8), channels_last=True).eval()
+    _randomize(model, seed=1)
+    model = model.to("cuda", dtype)
+    g = torch.Generator().manual_seed(3)
+    latent = torch.randn(1, 16, 3, 6, 10, generator=g).cuda()
+    video = (torch.rand(1, 3, 9, 48, 80, generator=g) * 2 - 1).cuda()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # or 1-ulp differences grow to 1e-3
+    launches = []
+    for name in ("launch_rms_norm_silu", "launch_add_bias_residual"):
+        real = getattr(vae_kernels, name)
+        monkeypatch.setattr(vae_kernels, name, lambda *a, real=real, name=name, **k: launches.append(name) or real(*a, **k))
+    fused = model.decode(latent), model.encode(video)
+    assert launches.count("launch_rms_norm_silu") > 50 and launches.count("launch_add_bias_residual") > 20
+    monkeypatch.setattr(vae_mod, "HAS_TRITON", False)
+    plain = model.decode(latent), model.encode(video)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for a, b in zip(fused, plain):
+        assert _rel(a, b) < tol, _rel(a, b)

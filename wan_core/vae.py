@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .linear import HAS_TRITON
+
 __all__ = ["WanVAE", "WanVAEConfig", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD", "latent_to_raw", "latent_from_raw"]
 
 # Per-channel statistics of Wan2.1 latents: the DiT works on (mu - mean) / std.
@@ -118,6 +120,21 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=_CL)
 
 
+def dense_rows(t: torch.Tensor) -> bool:
+    """True when `[B, C, T, H, W]` `t` stores each batch item as T*H*W dense rows of C channels
+    (channels-last, or a time slice of a channels-last buffer): the layout `vae_kernels` indexes."""
+    if t.dim() != 5:
+        return False
+    _, c, _, h, w = t.shape
+    return t.stride(1) == 1 and t.stride(4) == c and t.stride(3) == w * c and t.stride(2) == h * w * c
+
+
+def fused(x: torch.Tensor) -> bool:
+    """Whether the VAE's norms and residual adds on `x` run as the Triton kernels of `vae_kernels`
+    (CUDA, Triton installed, channels-last activations)."""
+    return x.is_cuda and HAS_TRITON and dense_rows(x)
+
+
 def _empty(shape, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor of `shape` with the dtype, device and memory layout of `like`."""
     fmt = _CL if _is_channels_last(like) else torch.contiguous_format
@@ -166,11 +183,21 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=(0, ph, pw))
         self.history = 2 * pt
 
-    def forward(self, x: torch.Tensor, cache: StreamCache | None = None, norm: RMSNorm | None = None) -> torch.Tensor:
-        """`x` `[B, C, T, H, W]` -> conv(SiLU(norm(x)) if `norm` else x), causal in time."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: StreamCache | None = None,
+        norm: RMSNorm | None = None,
+        norm_bias: torch.Tensor | None = None,
+        bias: bool = True,
+    ) -> torch.Tensor:
+        """`x` `[B, C, T, H, W]` -> conv(SiLU(norm(x + norm_bias)) if `norm` else x), causal in time.
+
+        `norm_bias` is the previous conv's bias, left out of that conv (`bias=False`) and added here
+        in the norm's one pass: torch adds a conv's bias after cuDNN as a separate broadcast pass."""
         p = self.history
         if not p:
-            return super().forward(norm(x, silu=True) if norm is not None else x)
+            return self._conv(norm(x, silu=True, bias=norm_bias) if norm is not None else x, bias)
         b, c, t, h, w = x.shape
         buf = _empty((b, c, p + t, h, w), x)  # [B, C, history + T, H, W]
         prev = None if cache is None else cache.get(self)
@@ -181,10 +208,13 @@ class CausalConv3d(nn.Conv3d):
         if norm is None:
             buf[:, :, p:].copy_(x)
         else:
-            norm(x, silu=True, out=buf[:, :, p:])
+            norm(x, silu=True, out=buf[:, :, p:], bias=norm_bias)
         if cache is not None:
             cache[self] = buf[:, :, -p:].clone()  # clone: don't pin the whole buffer
-        return super().forward(buf)
+        return self._conv(buf, bias)
+
+    def _conv(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
+        return F.conv3d(x, self.weight, self.bias if bias else None, self.stride, self.padding)
 
 
 class RMSNorm(nn.Module):
@@ -199,8 +229,18 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
-    def forward(self, x: torch.Tensor, silu: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-        """`x` `[B, C, ...]` -> same shape (written into `out` when given)."""
+    def forward(
+        self, x: torch.Tensor, silu: bool = False, out: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`x` `[B, C, ...]` (plus a per-channel `bias` first) -> same shape (written into `out`
+        when given). Channels-last on a GPU: one Triton pass (`vae_kernels`); otherwise the torch
+        ops below (the same rounding)."""
+        if fused(x) and (out is None or dense_rows(out)):
+            from .vae_kernels import launch_rms_norm_silu
+
+            return launch_rms_norm_silu(x, self.gamma, self.scale, silu, out, bias)
+        if bias is not None:
+            x = x + bias.view(-1, *(1,) * (x.dim() - 2))
         inv = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
         inv = inv.clamp_min_(1e-12).reciprocal_().mul_(self.scale)  # [B, 1, ...]
         y = torch.mul(x, inv.to(x.dtype), out=out)
@@ -230,6 +270,12 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        if fused(x):  # the convs' biases go into the next pass (norm2's, the residual add's)
+            from .vae_kernels import launch_add_bias_residual
+
+            h = conv1(x, cache, norm=norm1, bias=False)
+            h = conv2(h, cache, norm=norm2, norm_bias=conv1.bias, bias=False)
+            return launch_add_bias_residual(h, conv2.bias, self.shortcut(x))
         h = conv1(x, cache, norm=norm1)
         h = conv2(h, cache, norm=norm2)
         return h.add_(self.shortcut(x))
@@ -419,9 +465,22 @@ class WanVAE(nn.Module):
         return self.conv2.weight.device
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` in the activation layout chosen by `channels_last` (a no-op when it already is)."""
+        """`x` in the activation layout chosen by `channels_last` (a no-op when it already is),
+        the conv weights stored in the same layout (see `_weights_layout`)."""
         cl = self.channels_last if self.channels_last is not None else x.is_cuda
+        self._weights_layout(cl)
         return x.contiguous(memory_format=_CL if cl else torch.contiguous_format)
+
+    def _weights_layout(self, channels_last: bool) -> None:
+        """Store every conv weight channels-last (or plain) to match the activations: torch hands
+        cuDNN the weight in the input's layout and copies it into that layout on every call
+        otherwise (~36 weight copies per decoded chunk). Values are unchanged; a weight already in
+        the layout is left alone, so this costs a walk over the modules per call."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                fmt = (_CL if m.weight.dim() == 5 else torch.channels_last) if channels_last else torch.contiguous_format
+                if not m.weight.is_contiguous(memory_format=fmt):
+                    m.weight.data = m.weight.data.contiguous(memory_format=fmt)
 
     def _latent_stats(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, 1/std) as float32 `[1, z, 1, 1, 1]`; built per call, so a meta-built model needs no buffer fix-up."""
