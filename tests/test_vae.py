@@ -294,8 +294,10 @@ for dtype in (torch.float32, torch.bfloat16):
         x[0, :, 0, 0, 0] = 0  # an all-zero pixel: the norm's floor, not a division by zero
         bias = (torch.randn(c, generator=g) * 2).to(dtype)
         for silu, b in ((False, None), (True, None), (True, bias)):
-            ref = norm(x, silu=silu, bias=b)  # the torch ops (CPU)
-            got = launch_rms_norm_silu(x, norm.gamma, norm.scale, silu, bias=b)
+            cl = dict(dtype=dtype, memory_format=torch.channels_last_3d)
+            ref_tail, tail = torch.empty(2, c, 2, 5, 7, **cl), torch.empty(2, c, 2, 5, 7, **cl)
+            ref = norm(x, silu=silu, bias=b, tail=ref_tail)  # the torch ops (CPU)
+            got = launch_rms_norm_silu(x, norm.gamma, norm.scale, silu, bias=b, tail=tail)
             # into the chunk part of a [B, C, 2 + T, H, W] channels-last buffer, as CausalConv3d does
             buf = torch.full((2, c, 5, 5, 7), 7.0, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
             launch_rms_norm_silu(x, norm.gamma, norm.scale, silu, out=buf[:, :, 2:], bias=b)
@@ -307,6 +309,7 @@ for dtype in (torch.float32, torch.bfloat16):
                 rel=(diff / ref.float().abs().clamp_min(1e-30)).max().item(),
                 into_buffer=torch.equal(buf[:, :, 2:], got),
                 history_kept=bool((buf[:, :, :2] == 7).all()),
+                tail=torch.equal(tail, got[:, :, -2:]) and torch.equal(ref_tail, ref[:, :, -2:]),
             )
         s = (torch.randn(x.shape, generator=g) * 3).to(dtype).contiguous(memory_format=torch.channels_last_3d)
         ref = (x + bias.view(-1, 1, 1, 1)) + s  # a residual block's end in torch: conv + bias, + shortcut
@@ -315,6 +318,7 @@ for dtype in (torch.float32, torch.bfloat16):
         res[f"residual {{str(dtype)[6:]}} C={{c}}"] = dict(
             dense=dense_rows(got), exact=(diff == 0).float().mean().item(),
             rel=(diff / ref.float().abs().clamp_min(1e-30)).max().item(), into_buffer=True, history_kept=True,
+            tail=True,
         )
 print(json.dumps(res))
 """
@@ -325,11 +329,12 @@ def test_fused_rms_norm_matches_the_torch_ops_in_the_interpreter():
     """The Triton RMSNorm (+ the previous conv's bias, + SiLU) equals the torch ops it replaces: in
     float32 but for last-bit differences of the sum; in bf16 (rounded where torch rounds) to within
     one bf16 step, nearly always exactly; written into a slice of the causal conv's buffer its
-    history is kept. The residual kernel (bias + shortcut) is exact."""
+    history is kept; the last frames written to a separate tail too (the next chunk's history) are
+    the output's. The residual kernel (bias + shortcut) is exact."""
     res = run_interpreted(NORM_INTERP_SCRIPT)
     assert len(res) == 16
     for key, r in res.items():
-        assert r["dense"] and r["into_buffer"] and r["history_kept"], (key, r)
+        assert r["dense"] and r["into_buffer"] and r["history_kept"] and r["tail"], (key, r)
         if key.startswith("residual"):
             assert r["exact"] == 1.0, (key, r)  # two rounded adds: nothing to differ in
         elif "float32" in key:
@@ -340,18 +345,18 @@ def test_fused_rms_norm_matches_the_torch_ops_in_the_interpreter():
 
 @needs_triton
 def test_fused_rms_norm_compiles_for_hopper():
-    """Every variant the VAE launches (bf16 and float32, with and without SiLU and bias, 96-384
-    channels; the residual kernel) compiles to an sm_90 cubin on this CPU machine."""
+    """Every variant the VAE launches (bf16 and float32, with and without SiLU, bias and tail,
+    96-384 channels; the residual kernel) compiles to an sm_90 cubin on this CPU machine."""
     from wan_core.vae_kernels import add_bias_residual, rms_norm_silu
 
     for t in ("bf16", "fp32"):
-        sig = {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "g_ptr": f"*{t}", "o_ptr": f"*{t}", "R": "i32", "C": "i32",
-               "x_bstride": "i64", "o_bstride": "i64", "scale": "fp32"}
+        sig = {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "g_ptr": f"*{t}", "o_ptr": f"*{t}", "t_ptr": f"*{t}", "R": "i32",
+               "C": "i32", "x_bstride": "i64", "o_bstride": "i64", "scale": "fp32", "t_start": "i32", "t_bstride": "i64"}
         res_sig = {"h_ptr": f"*{t}", "bias_ptr": f"*{t}", "s_ptr": f"*{t}", "R": "i32", "C": "i32", "h_bstride": "i64",
                    "s_bstride": "i64"}
         for block_c in (128, 256, 512):
-            for silu, bias in ((False, False), (True, False), (True, True)):
-                consts = {"HAS_BIAS": bias, "SILU": silu, "BLOCK_R": 4096 // block_c, "BLOCK_C": block_c}
+            for silu, bias, tail in ((False, False, False), (True, False, True), (True, True, False), (True, True, True)):
+                consts = {"HAS_BIAS": bias, "SILU": silu, "TAIL": tail, "BLOCK_R": 4096 // block_c, "BLOCK_C": block_c}
                 assert "cubin" in compile_for_hopper(rms_norm_silu, sig, consts, 4).asm
             consts = {"BLOCK_R": 4096 // block_c, "BLOCK_C": block_c}
             assert "cubin" in compile_for_hopper(add_bias_residual, res_sig, consts, 4).asm

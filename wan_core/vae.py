@@ -205,12 +205,15 @@ class CausalConv3d(nn.Conv3d):
             buf[:, :, :p].zero_()
         else:
             buf[:, :, :p].copy_(prev)
+        # the next chunk's history: the last p frames, kept apart (not a view: don't pin the whole
+        # buffer); the fused norm writes them there itself when the chunk has p frames or more
+        tail = _empty((b, c, p, h, w), x) if cache is not None and norm is not None and t >= p and fused(x) else None
         if norm is None:
             buf[:, :, p:].copy_(x)
         else:
-            norm(x, silu=True, out=buf[:, :, p:], bias=norm_bias)
+            norm(x, silu=True, out=buf[:, :, p:], bias=norm_bias, tail=tail)
         if cache is not None:
-            cache[self] = buf[:, :, -p:].clone()  # clone: don't pin the whole buffer
+            cache[self] = tail if tail is not None else buf[:, :, -p:].clone()
         return self._conv(buf, bias)
 
     def _conv(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -230,22 +233,30 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def forward(
-        self, x: torch.Tensor, silu: bool = False, out: torch.Tensor | None = None, bias: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        silu: bool = False,
+        out: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        tail: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`x` `[B, C, ...]` (plus a per-channel `bias` first) -> same shape (written into `out`
-        when given). Channels-last on a GPU: one Triton pass (`vae_kernels`); otherwise the torch
-        ops below (the same rounding)."""
-        if fused(x) and (out is None or dense_rows(out)):
+        when given; its last frames into `tail` too when given). Channels-last on a GPU: one Triton
+        pass (`vae_kernels`); otherwise the torch ops below (the same rounding)."""
+        if fused(x) and (out is None or dense_rows(out)) and (tail is None or dense_rows(tail)):
             from .vae_kernels import launch_rms_norm_silu
 
-            return launch_rms_norm_silu(x, self.gamma, self.scale, silu, out, bias)
+            return launch_rms_norm_silu(x, self.gamma, self.scale, silu, out, bias, tail)
         if bias is not None:
             x = x + bias.view(-1, *(1,) * (x.dim() - 2))
         inv = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
         inv = inv.clamp_min_(1e-12).reciprocal_().mul_(self.scale)  # [B, 1, ...]
         y = torch.mul(x, inv.to(x.dtype), out=out)
         y.mul_(self.gamma.view(-1, *(1,) * (x.dim() - 2)))
-        return F.silu(y, inplace=True) if silu else y
+        y = F.silu(y, inplace=True) if silu else y
+        if tail is not None:
+            tail.copy_(y[:, :, -tail.shape[2] :])
+        return y
 
 
 class ResidualBlock(nn.Module):

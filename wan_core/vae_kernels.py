@@ -23,12 +23,14 @@ __all__ = ["rms_norm_silu", "add_bias_residual", "launch_rms_norm_silu", "launch
 
 @triton.jit
 def rms_norm_silu(
-    x_ptr, bias_ptr, g_ptr, o_ptr,  # activations, the previous conv's bias [C], gamma [C], output
+    x_ptr, bias_ptr, g_ptr, o_ptr, t_ptr,  # activations, previous conv's bias [C], gamma [C], output, tail
     R, C, x_bstride, o_bstride, scale,  # pixel rows per batch item, channels, batch strides, sqrt(C)
-    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    t_start, t_bstride,  # first row that also goes to the tail, the tail's batch stride
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, TAIL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """BLOCK_R pixel rows of one batch item: x (+ bias) / ||x|| * sqrt(C) * gamma (then SiLU).
-    The output may be a slice of a larger buffer (the causal conv's history + chunk)."""
+    The output may be a slice of a larger buffer (the causal conv's history + chunk); rows from
+    `t_start` on are also written to the tail (the causal conv's history for the next chunk)."""
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
@@ -47,6 +49,8 @@ def rms_norm_silu(
     if SILU:
         y = y / (1.0 + tl.exp(-y))
     tl.store(o_ptr + b * o_bstride + offs, y.to(dt), mask=mask)
+    if TAIL:
+        tl.store(t_ptr + b * t_bstride + offs - t_start * C, y.to(dt), mask=mask & (rows[:, None] >= t_start))
 
 
 @triton.jit
@@ -83,17 +87,24 @@ def launch_rms_norm_silu(
     silu: bool,
     out: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    tail: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x` `[B, C, T, H, W]` with `vae.dense_rows` -> RMSNorm(x + bias) * gamma (SiLU'd), into
-    `out` if given (also `dense_rows`, same shape and dtype) or a new channels-last tensor."""
+    `out` if given (also `dense_rows`, same shape and dtype) or a new channels-last tensor.
+    `tail` `[B, C, p, H, W]` (`dense_rows`, p <= T) also receives the last p frames."""
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
     assert dense_rows(x) and dense_rows(out) and out.shape == x.shape and out.dtype == x.dtype
     grid, rows, block_r, block_c = _blocks(x)
+    t_start = 0
+    if tail is not None:
+        assert dense_rows(tail) and tail.shape[:2] == x.shape[:2] and tail.shape[3:] == x.shape[3:]
+        assert tail.shape[2] <= x.shape[2] and tail.dtype == x.dtype
+        t_start = rows - tail.shape[2] * x.shape[3] * x.shape[4]
     rms_norm_silu[grid](
-        x, bias if bias is not None else x, gamma.reshape(-1).contiguous(), out,
-        rows, x.shape[1], x.stride(0), out.stride(0), scale,
-        HAS_BIAS=bias is not None, SILU=silu, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        x, bias if bias is not None else x, gamma.reshape(-1).contiguous(), out, tail if tail is not None else out,
+        rows, x.shape[1], x.stride(0), out.stride(0), scale, t_start, tail.stride(0) if tail is not None else 0,
+        HAS_BIAS=bias is not None, SILU=silu, TAIL=tail is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip
     return out
 
