@@ -456,7 +456,7 @@ class WanVAE(nn.Module):
     every conv): on an H100, decoding 81 frames at 480x832 in bf16 took 1.28 s (3.55 GiB peak)
     against 1.56 s plain (the official code: 1.86 s). In that layout a pixel's channels are
     contiguous, so the norms and residual adds on a GPU run as the one-pass Triton kernels of
-    `vae_kernels` (0.93 s). None (default) picks it on CUDA and the plain layout elsewhere.
+    `vae_kernels` (0.91 s). None (default) picks it on CUDA and the plain layout elsewhere.
     Results are the same up to rounding.
     """
 
