@@ -351,7 +351,7 @@ def test_fused_rms_norm_compiles_for_hopper():
 
     for t in ("bf16", "fp32"):
         sig = {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "g_ptr": f"*{t}", "o_ptr": f"*{t}", "t_ptr": f"*{t}", "R": "i32",
-               "C": "i32", "x_bstride": "i64", "o_bstride": "i64", "scale": "fp32", "t_start": "i32", "t_bstride": "i64"}
+               "C": "i32", "x_bstride": "i64", "o_bstride": "i64", "scale": "fp32", "t_start": "i32", "t_off": "i64", "t_bstride": "i64"}
         res_sig = {"h_ptr": f"*{t}", "bias_ptr": f"*{t}", "s_ptr": f"*{t}", "R": "i32", "C": "i32", "h_bstride": "i64",
                    "s_bstride": "i64"}
         for block_c in (128, 256, 512):

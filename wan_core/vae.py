@@ -282,11 +282,14 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
         if fused(x):  # the convs' biases go into the next pass (norm2's, the residual add's)
-            from .vae_kernels import launch_add_bias_residual
-
             h = conv1(x, cache, norm=norm1, bias=False)
             h = conv2(h, cache, norm=norm2, norm_bias=conv1.bias, bias=False)
-            return launch_add_bias_residual(h, conv2.bias, self.shortcut(x))
+            s = self.shortcut(x)
+            if fused(h) and dense_rows(s) and s.dtype == h.dtype:
+                from .vae_kernels import launch_add_bias_residual
+
+                return launch_add_bias_residual(h, conv2.bias, s)
+            return h.add_(conv2.bias.view(-1, 1, 1, 1)).add_(s)  # e.g. a conv answered in another layout
         h = conv1(x, cache, norm=norm1)
         h = conv2(h, cache, norm=norm2)
         return h.add_(self.shortcut(x))

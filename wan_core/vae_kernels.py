@@ -1,15 +1,20 @@
-"""The VAE's RMSNorm (+ SiLU) as one Triton pass over channels-last activations.
+"""The VAE's per-pixel work as one Triton pass each over channels-last activations.
 
 Why: every VAE convolution but the first is preceded by RMSNorm over channels and a SiLU. In
 torch that is a float32 norm reduction, two broadcast multiplies (1/norm, gamma) and the SiLU:
 five passes over activations of up to 96 x 4 x 480 x 832 (300 MB in bf16 per chunk), the
-broadcasts on torch's slow strided path. Profiled on an H100 (480x832x81 decode, 1.27 s): the
-norms' reduce, multiplies and SiLU took ~0.46 s, more than a third of the decode. Channels-last,
-a pixel's channels are contiguous (96-384 values), so one program reads a block of pixel rows
-once and writes the result once (e.g. straight into the causal conv's history + chunk buffer).
+broadcasts on torch's slow strided path; and torch adds each conv's bias after cuDNN in one more
+broadcast pass. Profiled on an H100 (480x832x81 decode, 1.27 s): the norms' passes took ~0.46 s,
+the bias adds 0.11 s. Channels-last, a pixel's channels are contiguous (96-384 values), so one
+program reads a block of pixel rows once and writes the result once:
 
-Rounding follows the torch code (`vae.RMSNorm`): the norm in float32, 1/norm then x scale, that
-factor rounded to the activation dtype, each product rounded to it, SiLU from the rounded value.
+- `rms_norm_silu`: (x + the previous conv's bias) -> RMSNorm -> SiLU, written straight into the
+  causal conv's history + chunk buffer, and its last frames also into the next chunk's history;
+- `add_bias_residual`: a residual block's end, conv output + its bias + shortcut, in place.
+
+Rounding follows the torch code (`vae.RMSNorm`, a biased conv, `add_`): the norm in float32,
+1/norm then x scale, that factor rounded to the activation dtype, each product and sum rounded
+to it, SiLU from the rounded value.
 """
 
 import torch
@@ -25,7 +30,7 @@ __all__ = ["rms_norm_silu", "add_bias_residual", "launch_rms_norm_silu", "launch
 def rms_norm_silu(
     x_ptr, bias_ptr, g_ptr, o_ptr, t_ptr,  # activations, previous conv's bias [C], gamma [C], output, tail
     R, C, x_bstride, o_bstride, scale,  # pixel rows per batch item, channels, batch strides, sqrt(C)
-    t_start, t_bstride,  # first row that also goes to the tail, the tail's batch stride
+    t_start, t_off, t_bstride,  # first row that also goes to the tail, t_start * C, the tail's batch stride
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, TAIL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """BLOCK_R pixel rows of one batch item: x (+ bias) / ||x|| * sqrt(C) * gamma (then SiLU).
@@ -50,7 +55,7 @@ def rms_norm_silu(
         y = y / (1.0 + tl.exp(-y))
     tl.store(o_ptr + b * o_bstride + offs, y.to(dt), mask=mask)
     if TAIL:
-        tl.store(t_ptr + b * t_bstride + offs - t_start * C, y.to(dt), mask=mask & (rows[:, None] >= t_start))
+        tl.store(t_ptr + b * t_bstride + offs - t_off, y.to(dt), mask=mask & (rows[:, None] >= t_start))
 
 
 @triton.jit
@@ -103,7 +108,8 @@ def launch_rms_norm_silu(
         t_start = rows - tail.shape[2] * x.shape[3] * x.shape[4]
     rms_norm_silu[grid](
         x, bias if bias is not None else x, gamma.reshape(-1).contiguous(), out, tail if tail is not None else out,
-        rows, x.shape[1], x.stride(0), out.stride(0), scale, t_start, tail.stride(0) if tail is not None else 0,
+        rows, x.shape[1], x.stride(0), out.stride(0), scale,
+        t_start, t_start * x.shape[1], tail.stride(0) if tail is not None else 0,
         HAS_BIAS=bias is not None, SILU=silu, TAIL=tail is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip
     return out
