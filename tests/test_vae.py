@@ -376,7 +376,7 @@ def test_dense_rows_accepts_only_the_layouts_the_kernel_indexes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gpu_decode_and_encode_with_the_fused_norm_equal_the_torch_ops(dtype, monkeypatch):
     """On a GPU (channels-last) the VAE's norms and residual adds run as the Triton kernels, the
     convs' biases folded into them: decode and encode give what the torch ops give (float32: to
@@ -399,6 +399,6 @@ def test_gpu_decode_and_encode_with_the_fused_norm_equal_the_torch_ops(dtype, mo
     assert launches.count("launch_rms_norm_silu") > 50 and launches.count("launch_add_bias_residual") > 20
     monkeypatch.setattr(vae_mod, "HAS_TRITON", False)
     plain = model.decode(latent), model.encode(video)
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
     for a, b in zip(fused, plain):
         assert _rel(a, b) < tol, _rel(a, b)
