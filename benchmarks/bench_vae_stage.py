@@ -1,11 +1,9 @@
-"""The whole run's VAE stage as `WanPipeline.generate` runs it: `pipeline.decode` (480x832x81,
-random bf16 VAE) alone and with the background mp4 writer beside it, per x264 preset, with the
-float32 result staged through pinned buffers (`PIN_RESULT` False) or page-locked itself
-(True); the default (None) page-locks it when a writer takes the frames. "decode" is the stage,
-"tail" the encoder's time after it, as in bench_e2e.
-
-Measured against (probes_2026-11-27_h100.txt §4, §6): a bare decode loop with the writer beside
-it runs at 1.28 s; the pipeline's stage took 1.47-1.52 s with the writer, 1.35 s without.
+"""The VAE stage as `WanPipeline.generate` and ComfyUI's decode node run it: `vae_frames.decode_frames`
+(via `pipeline.decode`; 480x832x81, random bf16 VAE) alone and with the background mp4 writer beside
+it, per x264 preset, with the float32 result staged through pinned buffers (`PIN_RESULT` False) or
+page-locked itself (True); the default (None) page-locks it when a writer takes the frames.
+"decode" is the stage, "tail" the encoder's time after it, as in bench_e2e. First row: the decode
+node's former path (the VAE's chunks copied synchronously into a CPU video, frames made on the CPU).
 
   python benchmarks/bench_vae_stage.py [--presets faster,medium] [--runs 3]
 """
@@ -23,12 +21,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_dit import log  # noqa: E402
-from wan_core import pipeline as wan_pipeline  # noqa: E402
+from wan_core import vae_frames  # noqa: E402
 from wan_core.options import GenerationConfig  # noqa: E402
 from wan_core.pipeline import WanPipeline  # noqa: E402
 from wan_core.spec import ModelSpec  # noqa: E402
 from wan_core.vae import WanVAE  # noqa: E402
-from wan_core.video import VideoWriter  # noqa: E402
+from wan_core.video import VideoWriter, wan_to_frames  # noqa: E402
 
 
 def main():
@@ -46,9 +44,22 @@ def main():
     mp4 = os.path.join(tempfile.gettempdir(), "bench_vae_stage.mp4")
     results, rows = {"device": torch.cuda.get_device_name()}, []
     pipe.decode(latent)  # warm-up: cuDNN's algorithm choice, pinned buffers
+    # ComfyUI's decode node before it shared decode_frames: each chunk copied synchronously into a
+    # CPU video, then the frame layout and [0, 1] scaling on the CPU
+    times = []
+    for _ in range(args.runs):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        frames = wan_to_frames(vae.decode(latent, out_device="cpu"))
+        times.append((time.perf_counter() - t0, 0.0))
+    del frames
+    name = "former node path: CPU video + CPU frames"
+    results[name] = {"runs": times}
+    rows.append((name, sorted(times)[len(times) // 2][0], 0.0))
+    log(f"{name}: {[round(a, 3) for a, _ in times]}")
     for preset in [None, *args.presets.split(",")]:
         for pin in (False, True):
-            wan_pipeline.PIN_RESULT = pin
+            vae_frames.PIN_RESULT = pin
             times, frames = [], None
             for _ in range(args.runs):
                 writer = VideoWriter(mp4, fps=16, layout="comfy", preset=preset, background=True) if preset else None

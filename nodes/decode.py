@@ -6,7 +6,8 @@ import torch
 
 from wan_core.spec import ModelSpec, build_vae, component_loaded
 from wan_core.vae import latent_from_raw
-from wan_core.video import X264_PRESETS, wan_to_frames, write_video
+from wan_core.vae_frames import decode_frames
+from wan_core.video import X264_PRESETS, write_video
 
 from . import compat, stats
 from .types import CATEGORY, IMAGE, LATENT, WAN_MODEL
@@ -38,8 +39,7 @@ class WanVAEDecode:
         with stats.stage("VAE decode", model.torch_device) as rec:
             with component_loaded(build_vae(model), model, "vae") as vae:
                 z = latent_from_raw(latent[:1])  # LATENT holds raw VAE latents (ComfyUI's convention)
-                video = vae.decode(z, tile_size=tile_size or None, out_device="cpu")
-            frames = wan_to_frames(video)  # [1, 3, T, H, W] in [-1, 1] -> [T, H, W, 3] in [0, 1]
+                frames = decode_frames(vae, z, tile_size or None)  # [T, H, W, 3] in [0, 1] on the CPU
         return {"ui": stats.ui(rec), "result": (frames,)}
 
 

@@ -310,10 +310,10 @@ def test_gpu_decode_hands_on_each_chunk_after_its_asynchronous_copy(models, pin_
     """On a GPU the chunks are copied through pinned buffers (or straight into a page-locked
     result) without waiting and handed on one chunk late: the result and the writer's uint8 chunks
     are still the plain decode's, in order, and a NaN chunk still fails with a clear error."""
-    from wan_core import pipeline as wan_pipeline
+    from wan_core import vae_frames
     from wan_core.video import frames_to_uint8, wan_to_frames
 
-    monkeypatch.setattr(wan_pipeline, "PIN_RESULT", pin_result)
+    monkeypatch.setattr(vae_frames, "PIN_RESULT", pin_result)
 
     pipe = WanPipeline(models["t2v", "wan"], dtype="fp32", device="cuda").create_generator(infer_steps=2, **T2V)
     latent = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(5))

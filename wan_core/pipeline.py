@@ -64,6 +64,7 @@ from .spec import (
     build_vae,
     component_loaded,
 )
+from .vae_frames import decode_frames
 
 __all__ = ["WanPipeline", "GenerationResult", "MODEL_CLASSES"]
 
@@ -515,79 +516,11 @@ class WanPipeline:
         return latent
 
     def decode(self, latent: torch.Tensor, on_frames: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Final latent -> frames [T, H, W, 3] float32 in [0, 1] on the CPU.
-
-        on_frames: handed each decoded chunk of frames as it is produced, uint8 [t, H, W, 3] on
-        the CPU (tiled decoding: once, all frames), e.g. a background `VideoWriter.write`.
-
-        Untiled, each chunk is turned into ComfyUI's layout and into uint8 on the VAE's device and
-        copied once into the result: the CPU does no per-pixel work (at 480p x 81 frames that work
-        was ~0.4 s on a 2-core CPU, plus the writer's uint8 conversion, beside the encoder).
-        On a GPU the copies are asynchronous (pinned staging buffers) and each chunk is handed on
-        one chunk late, once its copy is done, so the GPU always has the next chunk queued: waiting
-        for every chunk's copy (as a plain `.cpu()` does) left it idle between chunks (1.72 s for
-        the stage in a whole run on an H100 with the encoder busy beside it, 1.28 s alone).
-        """
-        from .video import frames_to_uint8, uint8_levels, wan_to_frames
-
+        """Final latent -> frames [T, H, W, 3] float32 in [0, 1] on the CPU (`vae_frames.decode_frames`;
+        tiled when `use_tiling_vae`). on_frames: handed each decoded chunk, uint8 [t, H, W, 3] on the CPU."""
         tile = VAE_TILE if self.config.use_tiling_vae else None
-        _, _, t, h, w = latent.shape
-        r, s = self.vae.config.temporal_ratio, self.vae.config.spatial_ratio
-        with torch.no_grad(), component_loaded(self.vae, self._need_spec(), "vae"):
-            if tile is not None:
-                video = self.vae.decode(latent, tile_size=tile, out_device="cpu")  # [1, 3, T, H, W]
-                frames = wan_to_frames(video[0])
-                if on_frames is not None:
-                    on_frames(frames_to_uint8(frames))
-                return frames
-            cuda = self.vae.device.type == "cuda"
-            pin = cuda and (on_frames is not None if PIN_RESULT is None else PIN_RESULT)
-            frames = torch.empty(1 + r * (t - 1), h * s, w * s, 3, dtype=torch.float32, pin_memory=pin)
-            done = 0
-            pending: list[tuple] = []  # copies in flight: (result rows, float staging, uint8 staging, finite, event)
-
-            def hand_on(keep: int) -> None:
-                while len(pending) > keep:
-                    rows, f32, u8, finite, event = pending.pop(0)
-                    event.synchronize()
-                    if not finite.item():
-                        raise ValueError("frames contain NaN or infinite values")
-                    if f32 is not None:
-                        rows.copy_(f32)
-                    if on_frames is not None:
-                        on_frames(u8)
-
-            def chunk(c: torch.Tensor) -> None:  # [1, 3, t, H, W] in [-1, 1] on the VAE's device
-                nonlocal done
-                f = wan_to_frames(c[0])  # [t, H, W, 3] in [0, 1]
-                rows = frames[done : done + f.shape[0]]
-                done += f.shape[0]
-                if not cuda:
-                    rows.copy_(f)
-                    if on_frames is not None:
-                        on_frames(frames_to_uint8(f, layout="comfy"))
-                    return
-                if frames.is_pinned():
-                    rows.copy_(f, non_blocking=True)  # straight into the page-locked result
-                    f32 = None
-                else:
-                    f32 = torch.empty(f.shape, dtype=f.dtype, pin_memory=True).copy_(f, non_blocking=True)
-                u8 = None
-                if on_frames is not None:
-                    u8 = uint8_levels(f)  # on the GPU
-                    u8 = torch.empty(u8.shape, dtype=u8.dtype, pin_memory=True).copy_(u8, non_blocking=True)
-                # the NaN check's answer travels with the frames: reading the GPU flag (`.item()`)
-                # would wait for everything queued, this chunk's decode included, and leave the GPU
-                # idle until the next chunk is queued (~1.5 ms a chunk, 46 ms a 480p decode)
-                finite = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(torch.isfinite(f).all(), non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(self.vae.device))
-                hand_on(keep=1)  # the previous chunk, whose copy ran while this one was queued
-                pending.append((rows, f32, u8, finite, event))
-
-            self.vae.decode(latent, on_frames=chunk, keep=False)
-            hand_on(keep=0)
-        return frames
+        with component_loaded(self.vae, self._need_spec(), "vae"):
+            return decode_frames(self.vae, latent, tile, on_frames)
 
     # ------------------------------------------------------------------ the whole run
     def generate(
