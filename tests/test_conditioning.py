@@ -83,6 +83,8 @@ def test_image_to_tensor_is_to_tensor_arithmetic(tmp_path):
 class _RecordingVAE:
     """Stands in for WanVAE.encode: records its input, returns a latent that encodes it recognisably."""
 
+    dtype, device = torch.float32, torch.device("cpu")  # where the clip is built (WanVAE's properties)
+
     def encode(self, video):
         self.video = video.clone()
         b, _, t, h, w = video.shape
@@ -118,3 +120,16 @@ def test_prepare_i2v_follows_the_official_data_flow(area, size):
     assert torch.equal(cond.y[0, :4], official_mask(9, lat_h, lat_w))
     assert torch.equal(cond.y[0, 4:], vae.encode(vae.video)[0])
     assert cond.clip_fea.shape == (1, 257, 1280)
+
+
+def test_first_frame_clip_is_built_in_the_vaes_dtype():
+    """The clip goes to the VAE in its dtype (a bf16 VAE gets bf16 frames: the first one the image
+    rounded once, the rest exact zeros), not as a float32 copy converted chunk by chunk."""
+    from wan_core.conditioning import encode_first_frame
+
+    vae = _RecordingVAE()
+    vae.dtype = torch.bfloat16
+    image = torch.rand(3, 16, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    encode_first_frame(vae, image, frames=5)
+    assert vae.video.dtype == torch.bfloat16 and vae.video.shape == (1, 3, 5, 16, 24)
+    assert torch.equal(vae.video[0, :, 0], image.bfloat16()) and vae.video[0, :, 1:].eq(0).all()
