@@ -89,7 +89,7 @@ class _RecordingVAE:
         self.video = video.clone()
         b, _, t, h, w = video.shape
         # latent frame k = mean of its video frames, spread over 16 channels, at 1/8 size
-        pooled = F.avg_pool3d(F.pad(video, (0, 0, 0, 0, 3, 0), mode="replicate"), (4, 8, 8))  # [B, 3, F_lat, h, w]
+        pooled = F.avg_pool3d(F.pad(video.float(), (0, 0, 0, 0, 3, 0), mode="replicate"), (4, 8, 8))  # [B, 3, F_lat, h, w]
         return pooled.repeat(1, 6, 1, 1, 1)[:, :16]
 
 
