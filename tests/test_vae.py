@@ -380,7 +380,8 @@ def test_dense_rows_accepts_only_the_layouts_the_kernel_indexes():
 def test_gpu_decode_and_encode_with_the_fused_norm_equal_the_torch_ops(dtype, monkeypatch):
     """On a GPU (channels-last) the VAE's norms and residual adds run as the Triton kernels, the
     convs' biases folded into them: decode and encode give what the torch ops give (float32: to
-    rounding; bf16: within its rounding noise), and the kernels really ran (counted)."""
+    rounding; bf16: within its rounding noise), tiled decoding too, and the kernels really ran
+    (counted)."""
     from wan_core import vae as vae_mod
     from wan_core import vae_kernels
 
@@ -395,10 +396,10 @@ def test_gpu_decode_and_encode_with_the_fused_norm_equal_the_torch_ops(dtype, mo
     for name in ("launch_rms_norm_silu", "launch_add_bias_residual"):
         real = getattr(vae_kernels, name)
         monkeypatch.setattr(vae_kernels, name, lambda *a, real=real, name=name, **k: launches.append(name) or real(*a, **k))
-    fused = model.decode(latent), model.encode(video)
+    fused = model.decode(latent), model.encode(video), model.decode(latent, tile_size=4)
     assert launches.count("launch_rms_norm_silu") > 50 and launches.count("launch_add_bias_residual") > 20
     monkeypatch.setattr(vae_mod, "HAS_TRITON", False)
-    plain = model.decode(latent), model.encode(video)
+    plain = model.decode(latent), model.encode(video), model.decode(latent, tile_size=4)
     tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
     for a, b in zip(fused, plain):
         assert _rel(a, b) < tol, _rel(a, b)
