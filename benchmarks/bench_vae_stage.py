@@ -44,6 +44,12 @@ def main():
     mp4 = os.path.join(tempfile.gettempdir(), "bench_vae_stage.mp4")
     results, rows = {"device": torch.cuda.get_device_name()}, []
     pipe.decode(latent)  # warm-up: cuDNN's algorithm choice, pinned buffers
+
+    def record(name: str, times: list[tuple[float, float]]) -> None:  # (stage, tail) per run; the median run's
+        results[name] = {"runs": times}
+        rows.append((name, *sorted(times)[len(times) // 2]))
+        log(f"{name}: {[(round(a, 3), round(b, 3)) for a, b in times]}")
+
     # ComfyUI's decode node before it shared decode_frames: each chunk copied synchronously into a
     # CPU video, then the frame layout and [0, 1] scaling on the CPU
     times = []
@@ -53,10 +59,7 @@ def main():
         frames = wan_to_frames(vae.decode(latent, out_device="cpu"))
         times.append((time.perf_counter() - t0, 0.0))
     del frames
-    name = "former node path: CPU video + CPU frames"
-    results[name] = {"runs": times}
-    rows.append((name, sorted(times)[len(times) // 2][0], 0.0))
-    log(f"{name}: {[round(a, 3) for a, _ in times]}")
+    record("former node path: CPU video + CPU frames", times)
     for preset in [None, *args.presets.split(",")]:
         for pin in (False, True):
             vae_frames.PIN_RESULT = pin
@@ -72,11 +75,7 @@ def main():
                     writer.close()
                 times.append((t1 - t0, time.perf_counter() - t1))
             del frames
-            decode, tail = sorted(times)[len(times) // 2]
-            name = f"{'pinned' if pin else 'staged'} result, {'no writer' if preset is None else 'x264 ' + preset}"
-            results[name] = {"runs": times}
-            rows.append((name, decode, tail))
-            log(f"{name}: {[(round(a, 3), round(b, 3)) for a, b in times]}")
+            record(f"{'pinned' if pin else 'staged'} result, {'no writer' if preset is None else 'x264 ' + preset}", times)
     with open(os.path.join(out_dir, "bench_vae_stage.json"), "w") as f:
         json.dump(results, f, indent=1)
     log(f"\n{'VAE stage, 480x832x81 bf16':40s} {'decode s':>8s} {'tail s':>7s} {'total s':>7s}")

@@ -99,17 +99,6 @@ class GenerationResult:
         return "; ".join(parts)
 
 
-# pipeline.decode on a GPU: the float32 result in page-locked memory, each chunk copied straight
-# into it (True), or staged through a pinned buffer and copied into pageable memory (False).
-# None (default): page-locked when a writer takes the frames. Measured on an H100
-# (bench_vae_stage_2026-11-27_h100.log): with the mp4 writer beside it the stage took 1.39 s
-# page-locked vs 1.50 s staged (x264 faster; medium 1.38 vs 1.48), the staged copies compete with
-# the encoder for the CPU; alone (ComfyUI's decode node) staged is faster, 1.37 vs 1.51 s (locking
-# 388 MB of fresh pages costs more than the copies it saves). A page-locked result stays
-# page-locked while the caller holds it; torch keeps freed ones cached.
-PIN_RESULT: bool | None = None
-
-
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

@@ -206,8 +206,8 @@ class CausalConv3d(nn.Conv3d):
         else:
             buf[:, :, :p].copy_(prev)
         # the next chunk's history: the last p frames, kept apart (not a view: don't pin the whole
-        # buffer); the fused norm writes them there itself when the chunk has p frames or more
-        tail = _empty((b, c, p, h, w), x) if cache is not None and norm is not None and t >= p and fused(x) else None
+        # buffer); the norm writes them there itself when the chunk has p frames or more
+        tail = _empty((b, c, p, h, w), x) if cache is not None and norm is not None and t >= p else None
         if norm is None:
             buf[:, :, p:].copy_(x)
         else:
@@ -259,6 +259,18 @@ class RMSNorm(nn.Module):
         return y
 
 
+def _add_residual(h: torch.Tensor, bias: torch.Tensor | None, shortcut: torch.Tensor) -> torch.Tensor:
+    """`h` (+ a per-channel `bias`) + `shortcut`, in place: one Triton pass (`vae_kernels`) when
+    both are channels-last on a GPU, otherwise the torch adds (the same rounding)."""
+    if bias is not None and fused(h) and dense_rows(shortcut) and shortcut.dtype == h.dtype:
+        from .vae_kernels import launch_add_bias_residual
+
+        return launch_add_bias_residual(h, bias, shortcut)
+    if bias is not None:
+        h = h.add_(bias.view(-1, *(1,) * (h.dim() - 2)))
+    return h.add_(shortcut)
+
+
 class ResidualBlock(nn.Module):
     """norm-SiLU-conv3x3x3 twice, plus a 1x1x1 shortcut when the width changes.
 
@@ -281,18 +293,10 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        if fused(x):  # the convs' biases go into the next pass (norm2's, the residual add's)
-            h = conv1(x, cache, norm=norm1, bias=False)
-            h = conv2(h, cache, norm=norm2, norm_bias=conv1.bias, bias=False)
-            s = self.shortcut(x)
-            if fused(h) and dense_rows(s) and s.dtype == h.dtype:
-                from .vae_kernels import launch_add_bias_residual
-
-                return launch_add_bias_residual(h, conv2.bias, s)
-            return h.add_(conv2.bias.view(-1, 1, 1, 1)).add_(s)  # e.g. a conv answered in another layout
-        h = conv1(x, cache, norm=norm1)
-        h = conv2(h, cache, norm=norm2)
-        return h.add_(self.shortcut(x))
+        fold = fused(x)  # the convs' biases go into the next pass (norm2's, the residual add's)
+        h = conv1(x, cache, norm=norm1, bias=not fold)
+        h = conv2(h, cache, norm=norm2, norm_bias=conv1.bias if fold else None, bias=not fold)
+        return _add_residual(h, conv2.bias if fold else None, self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -480,12 +484,17 @@ class WanVAE(nn.Module):
     def device(self) -> torch.device:
         return self.conv2.weight.device
 
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` in the activation layout chosen by `channels_last` (a no-op when it already is),
-        the conv weights stored in the same layout (see `_weights_layout`)."""
-        cl = self.channels_last if self.channels_last is not None else x.is_cuda
+    def _use_channels_last(self) -> bool:
+        """The activation layout of this call (`channels_last`; None: channels-last on CUDA), with
+        the conv weights stored in it (see `_weights_layout`). Once per encode/decode call."""
+        cl = self.channels_last if self.channels_last is not None else self.device.type == "cuda"
         self._weights_layout(cl)
-        return x.contiguous(memory_format=_CL if cl else torch.contiguous_format)
+        return cl
+
+    @staticmethod
+    def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        """`x` in the activation layout of this call (a no-op when it already is)."""
+        return x.contiguous(memory_format=_CL if channels_last else torch.contiguous_format)
 
     def _weights_layout(self, channels_last: bool) -> None:
         """Store every conv weight channels-last (or plain) to match the activations: torch hands
@@ -521,10 +530,11 @@ class WanVAE(nn.Module):
         device, dtype = self.device, self.dtype
         w_mu, b_mu = self.conv1.weight[:z], self.conv1.bias[:z]  # only the mean half of conv1 is needed
         out = torch.empty(b, z, 1 + (t - 1) // r, h // s, w // s, dtype=torch.float32, device=device)
+        cl = self._use_channels_last()
         cache: StreamCache = {}
         for i in range(out.shape[2]):
             t0, t1 = (0, 1) if i == 0 else (1 + r * (i - 1), 1 + r * i)
-            x = self._layout(video[:, :, t0:t1].to(device=device, dtype=dtype))
+            x = self._layout(video[:, :, t0:t1].to(device=device, dtype=dtype), cl)
             out[:, :, i : i + 1] = F.conv3d(self.encoder(x, cache), w_mu, b_mu)
         mean, inv_std = self._latent_stats(device)
         return out.sub_(mean).mul_(inv_std)
@@ -561,7 +571,8 @@ class WanVAE(nn.Module):
             raise ValueError(f"latents must have {self.config.z_dim} channels, got {list(latents.shape)}")
         device, dtype = self.device, self.dtype
         mean, inv_std = self._latent_stats(device)
-        x = self._layout(self.conv2((latents.to(device=device, dtype=torch.float32) / inv_std + mean).to(dtype)))
+        cl = self._use_channels_last()
+        x = self._layout(self.conv2((latents.to(device=device, dtype=torch.float32) / inv_std + mean).to(dtype)), cl)
         if not keep:
             if tile_size is not None or on_frames is None:
                 raise ValueError("decode(keep=False) streams untiled chunks to on_frames: give on_frames, no tile_size")
@@ -592,7 +603,7 @@ class WanVAE(nn.Module):
                 ry0, ry1, rx0, rx1 = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
                 tile_cache: StreamCache = {}
                 for i in range(t):
-                    y = self.decoder.upper(self._layout(feats[:, :, i : i + 1, ry0:ry1, rx0:rx1]), tile_cache)
+                    y = self.decoder.upper(self._layout(feats[:, :, i : i + 1, ry0:ry1, rx0:rx1], cl), tile_cache)
                     core = y[:, :, :, (y0 - ry0) * s : (y1 - ry0) * s, (x0 - rx0) * s : (x1 - rx0) * s]
                     out[:, :, frames(i), y0 * s : y1 * s, x0 * s : x1 * s] = core.clamp(-1, 1)
         if on_frames is not None:

@@ -32,6 +32,7 @@ __all__ = [
 
 # H.264 encoders in order of preference, then the fallback every FFmpeg build has.
 _H264 = ("libx264",)
+_FALLBACK = "mpeg4"
 # x264's speed presets, fastest first: at one crf, a slower preset spends more encoder time for a
 # smaller file of about the same quality.
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
@@ -43,7 +44,6 @@ def check_encoding(crf: int, preset: str) -> None:
         raise ValueError(f"crf must be an integer in 0..51, got {crf!r}")
     if preset not in X264_PRESETS:
         raise ValueError(f"x264 preset must be one of {', '.join(X264_PRESETS)}; got {preset!r}")
-_FALLBACK = "mpeg4"
 
 
 def wan_to_frames(video: torch.Tensor) -> torch.Tensor:
