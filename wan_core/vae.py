@@ -167,6 +167,12 @@ def _upsample2x(x: torch.Tensor, frames: int = 1) -> torch.Tensor:
     return y.expand(b, c, t, frames, h, 2, w, 2).reshape(b, c, t * frames, 2 * h, 2 * w)
 
 
+# 3x3x3 causal convs with input channels in this range run time-folded on CUDA (`CausalConv3d`).
+# Measured on an H100, one 4-frame chunk at 480x832 in bf16: 96 -> 96 channels 2.56 ms as cuDNN's
+# conv3d, 1.84 ms as the folded conv2d; 192 and 384 channels gain nothing (benchmarks/NOTES.md).
+FOLD_TIME_CHANNELS = range(64, 97)
+
+
 class CausalConv3d(nn.Conv3d):
     """Conv3d whose temporal padding sits entirely in the past, streamed through a cache.
 
@@ -176,12 +182,32 @@ class CausalConv3d(nn.Conv3d):
 
     History and chunk are assembled in one buffer, and the RMSNorm + SiLU that precede most convs
     write their output straight into it (`norm=`), so no separate concatenation pass is needed.
+
+    Time-folded form (`fold_time`, for a 3-frame kernel): cuDNN runs 3-D convs with few channels
+    far below its 2-D speed, so the buffer is `[B*T, 3C, H, W]` instead, output frame j's channels
+    being input frames j-2, j-1, j side by side, and the conv is one conv2d with the kernel's
+    three time taps laid along its input channels (`folded`: `[O, 3C, kh, kw]`). Each frame is
+    written three times (the norm does it in its one pass), the same sums are taken in another
+    order.
     """
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size, stride=1, padding=0):
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
         super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=(0, ph, pw))
         self.history = 2 * pt
+        self.folded: torch.Tensor | None = None  # the time-folded weight when `fold_time` is on
+
+    def can_fold_time(self) -> bool:
+        return self.history == 2 and self.kernel_size[0] == 3 and self.stride[0] == 1 and self.dilation[0] == 1
+
+    def fold_time(self, on: bool) -> None:
+        """Run as the time-folded conv2d (see the class docstring) from now on, or not. The folded
+        weight is derived from `weight` here: call again after changing the weights."""
+        if on and not self.can_fold_time():
+            raise ValueError(f"only a causal conv with a 3-frame kernel folds time, not {self}")
+        w = self.weight.detach()
+        # [O, C, 3, kh, kw] -> [O, 3, C, kh, kw] -> [O, 3C, kh, kw]: time tap i meets channel slot i
+        self.folded = w.transpose(1, 2).flatten(1, 2).contiguous(memory_format=torch.channels_last) if on else None
 
     def forward(
         self,
@@ -198,6 +224,8 @@ class CausalConv3d(nn.Conv3d):
         p = self.history
         if not p:
             return self._conv(norm(x, silu=True, bias=norm_bias) if norm is not None else x, bias)
+        if self.folded is not None and self.folded.dtype == x.dtype and self.folded.device == x.device:
+            return self._forward_folded(x, cache, norm, norm_bias, bias)
         b, c, t, h, w = x.shape
         buf = _empty((b, c, p + t, h, w), x)  # [B, C, history + T, H, W]
         prev = None if cache is None else cache.get(self)
@@ -215,6 +243,35 @@ class CausalConv3d(nn.Conv3d):
         if cache is not None:
             cache[self] = tail if tail is not None else buf[:, :, -p:].clone()
         return self._conv(buf, bias)
+
+    def _forward_folded(self, x, cache, norm, norm_bias, bias) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        folded = torch.empty(b * t, 3 * c, h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        # slot i of output frame j holds frame j + i of [history (2 frames), chunk]
+        slots = folded.unflatten(0, (b, t)).transpose(1, 2).unflatten(1, (3, c))  # [B, 3, C, T, H, W] views
+        prev = None if cache is None else cache.get(self)
+        for i, j0, hist in ((0, 0, slice(0, min(2, t))), (1, 0, slice(1, 2))):  # the history's places
+            dst = slots[:, i, :, j0 : j0 + hist.stop - hist.start]
+            dst.zero_() if prev is None else dst.copy_(prev[:, :, hist])
+        tail = _empty((b, c, 2, h, w), x) if cache is not None and t >= 2 else None
+        if norm is not None and fused(x):
+            from .vae_kernels import launch_rms_norm_silu
+
+            launch_rms_norm_silu(x, norm.gamma, norm.scale, True, bias=norm_bias, tail=tail, folded=folded)
+        else:
+            y = norm(x, silu=True, bias=norm_bias) if norm is not None else x
+            for i in range(3):  # chunk frame f -> slot i of output frame f + 2 - i
+                slots[:, i, :, 2 - i :].copy_(y[:, :, : t - 2 + i])
+            if tail is not None:
+                tail.copy_(y[:, :, -2:])
+        if cache is not None:
+            if tail is None:  # a 1-frame chunk: the history's last frame, then the chunk's
+                tail = _empty((b, c, 2, h, w), x)
+                tail[:, :, :1].copy_(slots[:, 1, :, -1:])
+                tail[:, :, 1:].copy_(slots[:, 2, :, -1:])
+            cache[self] = tail
+        y = F.conv2d(folded, self.folded, self.bias if bias else None, self.stride[1:], self.padding[1:])
+        return y.unflatten(0, (b, t)).transpose(1, 2)  # [B*T, O, H, W] -> [B, O, T, H, W], same storage
 
     def _conv(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
         return F.conv3d(x, self.weight, self.bias if bias else None, self.stride, self.padding)
@@ -500,12 +557,17 @@ class WanVAE(nn.Module):
         """Store every conv weight channels-last (or plain) to match the activations: torch hands
         cuDNN the weight in the input's layout and copies it into that layout on every call
         otherwise (~36 weight copies per decoded chunk). Values are unchanged; a weight already in
-        the layout is left alone, so this costs a walk over the modules per call."""
+        the layout is left alone, so this costs a walk over the modules per call. Channels-last on
+        CUDA, the 3x3x3 convs with `FOLD_TIME_CHANNELS` inputs run time-folded (`CausalConv3d`),
+        their folded weights derived afresh (a few small copies)."""
+        fold = channels_last and self.device.type == "cuda"
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Conv3d)):
                 fmt = (_CL if m.weight.dim() == 5 else torch.channels_last) if channels_last else torch.contiguous_format
                 if not m.weight.is_contiguous(memory_format=fmt):
                     m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+            if isinstance(m, CausalConv3d) and m.can_fold_time():
+                m.fold_time(fold and m.in_channels in FOLD_TIME_CHANNELS)
 
     def _latent_stats(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, 1/std) as float32 `[1, z, 1, 1, 1]`; built per call, so a meta-built model needs no buffer fix-up."""

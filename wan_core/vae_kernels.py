@@ -9,7 +9,8 @@ the bias adds 0.11 s. Channels-last, a pixel's channels are contiguous (96-384 v
 program reads a block of pixel rows once and writes the result once:
 
 - `rms_norm_silu`: (x + the previous conv's bias) -> RMSNorm -> SiLU, written straight into the
-  causal conv's history + chunk buffer, and its last frames also into the next chunk's history;
+  causal conv's history + chunk buffer (or three times into its time-folded buffer, see
+  `vae.CausalConv3d`), and its last frames also into the next chunk's history;
 - `add_bias_residual`: a residual block's end, conv output + its bias + shortcut, in place.
 
 Rounding follows the torch code (`vae.RMSNorm`, a biased conv, `add_`): the norm in float32,
@@ -31,11 +32,15 @@ def rms_norm_silu(
     x_ptr, bias_ptr, g_ptr, o_ptr, t_ptr,  # activations, previous conv's bias [C], gamma [C], output, tail
     R, C, x_bstride, o_bstride, scale,  # pixel rows per batch item, channels, batch strides, sqrt(C)
     t_start, t_off, t_bstride,  # first row that also goes to the tail, t_start * C, the tail's batch stride
-    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, TAIL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    frame_rows,  # pixel rows per frame (FOLD only)
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, TAIL: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """BLOCK_R pixel rows of one batch item: x (+ bias) / ||x|| * sqrt(C) * gamma (then SiLU).
     The output may be a slice of a larger buffer (the causal conv's history + chunk); rows from
-    `t_start` on are also written to the tail (the causal conv's history for the next chunk)."""
+    `t_start` on are also written to the tail (the causal conv's history for the next chunk).
+    FOLD: the output is a time-folded buffer, rows of 3C channels (`vae.CausalConv3d`): frame f
+    goes to slot 2 of row-frame f, slot 1 of f + 1 and slot 0 of f + 2 (those that exist)."""
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
@@ -53,7 +58,13 @@ def rms_norm_silu(
     y = (y * g[None, :]).to(dt).to(tl.float32)
     if SILU:
         y = y / (1.0 + tl.exp(-y))
-    tl.store(o_ptr + b * o_bstride + offs, y.to(dt), mask=mask)
+    if FOLD:
+        for i in tl.static_range(3):
+            dst = rows + (2 - i) * frame_rows  # the same pixel, 2 - i frames later
+            o_offs = dst[:, None] * (3 * C) + i * C + cols[None, :]
+            tl.store(o_ptr + b * o_bstride + o_offs, y.to(dt), mask=mask & (dst[:, None] < R))
+    else:
+        tl.store(o_ptr + b * o_bstride + offs, y.to(dt), mask=mask)
     if TAIL:
         tl.store(t_ptr + b * t_bstride + offs - t_off, y.to(dt), mask=mask & (rows[:, None] >= t_start))
 
@@ -93,13 +104,23 @@ def launch_rms_norm_silu(
     out: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     tail: torch.Tensor | None = None,
+    folded: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x` `[B, C, T, H, W]` with `vae.dense_rows` -> RMSNorm(x + bias) * gamma (SiLU'd), into
     `out` if given (also `dense_rows`, same shape and dtype) or a new channels-last tensor.
-    `tail` `[B, C, p, H, W]` (`dense_rows`, p <= T) also receives the last p frames."""
-    if out is None:
+    `tail` `[B, C, p, H, W]` (`dense_rows`, p <= T) also receives the last p frames.
+    `folded` (instead of `out`): a `[B*T, 3C, H, W]` channels-last time-folded buffer
+    (`vae.CausalConv3d`) that receives each frame in the three places the conv reads it; returned."""
+    b, c, t, h, w = x.shape
+    if folded is not None:
+        assert out is None and folded.shape == (b * t, 3 * c, h, w) and folded.dtype == x.dtype
+        assert folded.is_contiguous(memory_format=torch.channels_last)
+        out = folded
+    elif out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
-    assert dense_rows(x) and dense_rows(out) and out.shape == x.shape and out.dtype == x.dtype
+    else:
+        assert dense_rows(out) and out.shape == x.shape and out.dtype == x.dtype
+    assert dense_rows(x)
     grid, rows, block_r, block_c = _blocks(x)
     t_start = 0
     if tail is not None:
@@ -108,9 +129,10 @@ def launch_rms_norm_silu(
         t_start = rows - tail.shape[2] * x.shape[3] * x.shape[4]
     rms_norm_silu[grid](
         x, bias if bias is not None else x, gamma.reshape(-1).contiguous(), out, tail if tail is not None else out,
-        rows, x.shape[1], x.stride(0), out.stride(0), scale,
-        t_start, t_start * x.shape[1], tail.stride(0) if tail is not None else 0,
-        HAS_BIAS=bias is not None, SILU=silu, TAIL=tail is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        rows, c, x.stride(0), t * out.stride(0) if folded is not None else out.stride(0), scale,
+        t_start, t_start * c, tail.stride(0) if tail is not None else 0, h * w,
+        HAS_BIAS=bias is not None, SILU=silu, TAIL=tail is not None, FOLD=folded is not None, BLOCK_R=block_r,
+        BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip
     return out
 
