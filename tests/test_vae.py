@@ -462,7 +462,7 @@ def test_dense_rows_accepts_only_the_layouts_the_kernel_indexes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gpu_decode_and_encode_with_the_fused_norm_equal_the_torch_ops(dtype, monkeypatch):
     """On a GPU (channels-last) the VAE's norms and residual adds run as the Triton kernels, the
-    convs' biases folded into them, the 16-channel convs time-folded: decode and encode give what
+    convs' biases folded into them, the 3- and 16-channel convs time-folded: decode and encode give what
     the torch ops and 3-D convs give (float32: to rounding; 16-bit: as close to the float32 result
     as the torch path), tiled decoding too, and the kernels really ran
     (counted)."""
@@ -485,11 +485,11 @@ def test_gpu_decode_and_encode_with_the_fused_norm_equal_the_torch_ops(dtype, mo
             return real(*a, **k)
 
         monkeypatch.setattr(vae_kernels, name, counted)
-    monkeypatch.setattr(vae_mod, "FOLD_TIME_CHANNELS", range(16, 17))  # some convs time-folded, as 96 are at full size
+    monkeypatch.setattr(vae_mod, "FOLD_TIME_CHANNELS", {3, 16})  # some convs time-folded, as 3 and 96 are at full size
     fused = model.decode(latent), model.encode(video), model.decode(latent, tile_size=4)
     assert launches.count("launch_rms_norm_silu") > 50 and launches.count("launch_add_bias_residual") > 20
     assert launches.count("launch_rms_norm_silu folded") > 10
-    monkeypatch.setattr(vae_mod, "FOLD_TIME_CHANNELS", range(0))
+    monkeypatch.setattr(vae_mod, "FOLD_TIME_CHANNELS", set())
     monkeypatch.setattr(vae_mod, "HAS_TRITON", False)
     plain = model.decode(latent), model.encode(video), model.decode(latent, tile_size=4)
     if dtype == torch.float32:

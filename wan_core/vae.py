@@ -167,10 +167,12 @@ def _upsample2x(x: torch.Tensor, frames: int = 1) -> torch.Tensor:
     return y.expand(b, c, t, frames, h, 2, w, 2).reshape(b, c, t * frames, 2 * h, 2 * w)
 
 
-# 3x3x3 causal convs with input channels in this range run time-folded on CUDA (`CausalConv3d`).
-# Measured on an H100, one 4-frame chunk at 480x832 in bf16: 96 -> 96 channels 2.56 ms as cuDNN's
-# conv3d, 1.84 ms as the folded conv2d; 192 and 384 channels gain nothing (benchmarks/NOTES.md).
-FOLD_TIME_CHANNELS = range(64, 97)
+# 3x3x3 causal convs with these input channel counts run time-folded on CUDA (`CausalConv3d`).
+# Measured on an H100, 480x832x81 in bf16 (benchmarks/NOTES.md): folding the 96-channel convs took
+# the decode from 0.927 to 0.796 s and the encode from 0.626 to 0.522 s (+0.5 GB peak); the
+# encoder's first conv (3 channels, the video) 0.01 s more off the encode; folding the 192- and
+# 384-channel convs too made both slower again.
+FOLD_TIME_CHANNELS = frozenset({3, *range(64, 97)})
 
 
 class CausalConv3d(nn.Conv3d):
