@@ -196,6 +196,35 @@ def test_time_folded_causal_conv_equals_the_3d_conv(channels_last):
         CausalConv3d(8, 8, 1).fold_time(True)
 
 
+@pytest.mark.parametrize("mode", ["upsample2d", "upsample3d"])
+def test_subpixel_upsampler_equals_upsample_then_conv(mode):
+    """`Resample.use_subpixel`: the 2x2 phase kernels at the source resolution and the strided
+    copy give nearest-upsample + 3x3 conv, for the plain upsampler and for upsample3d's two frame
+    groups (after its time conv, from the second chunk on); the output stays channels-last. On
+    plain-layout activations the upsample + conv path runs whatever the switch."""
+    from wan_core.vae import Resample, _is_channels_last
+
+    up = Resample(12, mode).eval()
+    _randomize(up, seed=8)
+    outs = {}
+    with torch.no_grad():
+        for on in (False, True):
+            up.use_subpixel(on)
+            assert (up.phases is not None) == on
+            cache, g = {}, torch.Generator().manual_seed(9)
+            xs = [torch.randn(2, 12, t, 5, 7, generator=g).contiguous(memory_format=torch.channels_last_3d) for t in (2, 3)]
+            outs[on] = [up(x, cache) for x in xs]
+        for a, b in zip(outs[True], outs[False]):
+            assert a.shape == b.shape and _rel(a, b) < 1e-5, _rel(a, b)
+            assert _is_channels_last(a)
+        assert [o.shape[2] for o in outs[True]] == ([2, 3] if mode == "upsample2d" else [2, 6])
+        x = torch.randn(1, 12, 2, 4, 4, generator=torch.Generator().manual_seed(10))
+        up.use_subpixel(True)
+        on = up(x, {})
+        up.use_subpixel(False)
+        assert torch.equal(on, up(x, {}))
+
+
 def test_vae_with_time_folded_convs_equals_plain(monkeypatch):
     """Encode and decode (plain and tiled) with every foldable conv time-folded give the unfolded
     numbers (on CUDA the 96-channel convs fold by themselves; here all are made to); a conv's

@@ -167,6 +167,45 @@ def _upsample2x(x: torch.Tensor, frames: int = 1) -> torch.Tensor:
     return y.expand(b, c, t, frames, h, 2, w, 2).reshape(b, c, t * frames, 2 * h, 2 * w)
 
 
+# Nearest 2x upsampling then a 3x3 conv (padding 1), seen from one output phase (py, px) = (row,
+# column) parity: the three kernel rows fall on two source rows, i-1 and i for even output rows
+# (taps 0 | 1 + 2), i and i+1 for odd ones (taps 0 + 1 | 2); columns likewise.
+_PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))  # [parity, source tap, kernel tap]
+
+
+def _phase_kernels(w: torch.Tensor) -> torch.Tensor:
+    """3x3 kernel `[O, C, 3, 3]` -> the four phases' 2x2 kernels on the source image, stacked as
+    `[4O, C, 2, 2]` (phase 2*py + px first)."""
+    taps = torch.tensor(_PHASE_TAPS, dtype=w.dtype, device=w.device)  # [2, 2, 3]
+    k = torch.einsum("pak,qbl,ockl->pqocab", taps, taps, w)  # [py, px, O, C, 2, 2]
+    return k.flatten(0, 2)
+
+
+def _subpixel_conv(x: torch.Tensor, frames: int, phase_w: torch.Tensor, phase_b: torch.Tensor) -> torch.Tensor:
+    """`conv3x3(nearest_upsample_2x(x))` per frame, computed at the source resolution: one 2x2
+    conv with the four phases' kernels (`_phase_kernels`, 4/9 of the multiply-adds, no upsampled
+    copy of the input), then one strided copy that puts each phase's pixels in place.
+
+    `x` `[B, f*C, T, H, W]` channels-last, its channels f groups that become f consecutive frames
+    (`_upsample2x`) -> `[B, O, f*T, 2H, 2W]` channels-last."""
+    b, fc, t, h, w = x.shape
+    c = fc // frames
+    rows = x.permute(0, 2, 3, 4, 1)  # [B, T, H, W, fC], the storage order
+    if frames == 1:
+        src = rows.reshape(b * t, h, w, c)  # a view
+    else:  # the frame groups interleaved in time: one copy at the source resolution
+        src = rows.reshape(b, t, h, w, frames, c).permute(0, 1, 4, 2, 3, 5).reshape(b * t * frames, h, w, c)
+    y = F.conv2d(src.permute(0, 3, 1, 2), phase_w, phase_b, padding=1)  # [N, 4O, H+1, W+1]
+    y = y.contiguous(memory_format=torch.channels_last)  # (cuDNN's layout already; the CPU's may differ)
+    n, o = y.shape[0], y.shape[1] // 4
+    s_n, _, s_h, s_w = y.stride()
+    # output pixel (2i + py, 2j + px), channel c = y[n, (2py + px) O + c, i + py, j + px]
+    phases = y.as_strided((n, h, 2, w, 2, o), (s_n, s_h, s_h + 2 * o, s_w, s_w + o, 1))
+    out = torch.empty(b, frames * t, 2 * h, 2 * w, o, dtype=x.dtype, device=x.device)
+    out.view(n, h, 2, w, 2, o).copy_(phases)
+    return out.permute(0, 4, 1, 2, 3)  # [B, O, fT, 2H, 2W]
+
+
 # 3x3x3 causal convs with these input channel counts run time-folded on CUDA (`CausalConv3d`).
 # Measured on an H100, 480x832x81 in bf16 (benchmarks/NOTES.md): folding the 96-channel convs took
 # the decode from 0.927 to 0.796 s and the encode from 0.626 to 0.522 s (+0.5 GB peak); the
@@ -394,6 +433,7 @@ class Resample(nn.Module):
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         self.mode = mode
+        self.phases: tuple[torch.Tensor, torch.Tensor] | None = None  # see `use_subpixel`
         if mode.startswith("up"):
             self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(dim, dim // 2, 3, padding=1))
             if mode == "upsample3d":
@@ -403,14 +443,27 @@ class Resample(nn.Module):
             if mode == "downsample3d":
                 self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
+    def use_subpixel(self, on: bool) -> None:
+        """Upsamplers: run nearest-upsample + conv in its sub-pixel form (`_subpixel_conv`) on
+        channels-last activations from now on, or not. The phase kernels are derived from the
+        conv's weight here: call again after changing the weights."""
+        if not on or not self.mode.startswith("up"):
+            self.phases = None
+            return
+        conv = self.resample[1]
+        w = _phase_kernels(conv.weight.detach().float()).to(conv.weight.dtype)
+        self.phases = w.contiguous(memory_format=torch.channels_last), conv.bias.detach().repeat(4)
+
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         if self.mode.startswith("up"):
+            frames = 1
             if self.mode == "upsample3d" and self in cache:
-                x = _upsample2x(self.time_conv(x, cache), frames=2)  # [B, 2C, T, H, W] -> [B, C, 2T, 2H, 2W]
+                x, frames = self.time_conv(x, cache), 2  # [B, 2C, T, H, W]: two frames' channels
             else:
                 cache[self] = True  # upsample3d: the first chunk passes through in time
-                x = _upsample2x(x)
-            return _conv_per_frame(self.resample[1], x)
+            if self.phases is not None and self.phases[0].dtype == x.dtype and _is_channels_last(x):
+                return _subpixel_conv(x, frames, *self.phases)
+            return _conv_per_frame(self.resample[1], _upsample2x(x, frames))  # [B, C, fT, 2H, 2W]
 
         padded = _empty((*x.shape[:3], x.shape[3] + 1, x.shape[4] + 1), x)  # zero row/column at bottom/right
         padded[..., -1, :].zero_()
@@ -561,7 +614,8 @@ class WanVAE(nn.Module):
         otherwise (~36 weight copies per decoded chunk). Values are unchanged; a weight already in
         the layout is left alone, so this costs a walk over the modules per call. Channels-last on
         CUDA, the 3x3x3 convs with `FOLD_TIME_CHANNELS` inputs run time-folded (`CausalConv3d`),
-        their folded weights derived afresh (a few small copies)."""
+        and channels-last the upsamplers run in sub-pixel form (`_subpixel_conv`), their derived
+        weights made afresh (a few small kernels)."""
         fold = channels_last and self.device.type == "cuda"
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Conv3d)):
@@ -570,6 +624,8 @@ class WanVAE(nn.Module):
                     m.weight.data = m.weight.data.contiguous(memory_format=fmt)
             if isinstance(m, CausalConv3d) and m.can_fold_time():
                 m.fold_time(fold and m.in_channels in FOLD_TIME_CHANNELS)
+            if isinstance(m, Resample):
+                m.use_subpixel(channels_last)
 
     def _latent_stats(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, 1/std) as float32 `[1, z, 1, 1, 1]`; built per call, so a meta-built model needs no buffer fix-up."""
