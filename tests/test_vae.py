@@ -379,7 +379,7 @@ sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
 import triton_interp  # noqa: F401  (before any kernel is defined)
 import torch
 from wan_core.vae import RMSNorm, dense_rows
-from wan_core.vae_kernels import launch_add_bias_residual, launch_rms_norm_silu
+from wan_core.vae_kernels import launch_add_bias_residual, launch_fold_rows, launch_rms_norm_silu
 g = torch.Generator().manual_seed(0)
 res = {{}}
 for dtype in (torch.float32, torch.bfloat16):
@@ -418,6 +418,20 @@ for dtype in (torch.float32, torch.bfloat16):
                 tail=torch.equal(tail, got[:, :, -2:]) and torch.equal(ref_tail, ref[:, :, -2:]),
                 folded=folded,
             )
+        # plain copies into a time-folded buffer: two history frames (before frame 0), then a chunk
+        for t in (3, 1):
+            hist = torch.randn(2, c, 2, 5, 7, generator=g).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+            fold = torch.full((2 * t, 3 * c, 5, 7), 7.0, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            slots = fold.unflatten(0, (2, t)).transpose(1, 2).unflatten(1, (3, c))
+            launch_fold_rows(hist, fold, shift=2)
+            ok = torch.equal(slots[:, 0, :, : min(2, t)], hist[:, :, : min(2, t)]) and torch.equal(slots[:, 1, :, :1], hist[:, :, 1:])
+            ok = ok and bool((slots[:, 2] == 7).all() and (slots[:, 1, :, 1:] == 7).all() and (slots[:, 0, :, 2:] == 7).all())
+            xt = x[:, :, :t]
+            launch_fold_rows(xt, fold, shift=0)
+            ok = ok and all(torch.equal(slots[:, i, :, 2 - i :], xt[:, :, : t - 2 + i]) for i in range(3))
+            ok = ok and torch.equal(slots[:, 1, :, :1], hist[:, :, 1:])  # the history kept
+            res[f"fold_rows {{str(dtype)[6:]}} C={{c}} T={{t}}"] = dict(
+                dense=True, exact=1.0, rel=0.0, into_buffer=ok, history_kept=True, tail=True, folded=ok)
         s = (torch.randn(x.shape, generator=g) * 3).to(dtype).contiguous(memory_format=torch.channels_last_3d)
         ref = (x + bias.view(-1, 1, 1, 1)) + s  # a residual block's end in torch: conv + bias, + shortcut
         got = launch_add_bias_residual(x.clone(), bias, s)
@@ -438,13 +452,14 @@ def test_fused_rms_norm_matches_the_torch_ops_in_the_interpreter():
     one bf16 step, nearly always exactly; written into a slice of the causal conv's buffer its
     history is kept; the last frames written to a separate tail too (the next chunk's history) are
     the output's; written time-folded, each frame lands in its three slots and nothing else is
-    touched. The residual kernel (bias + shortcut) is exact."""
+    touched (so do the history frames and an un-normed chunk copied by `fold_rows`, 1- and
+    3-frame chunks). The residual kernel (bias + shortcut) is exact."""
     res = run_interpreted(NORM_INTERP_SCRIPT)
-    assert len(res) == 16
+    assert len(res) == 24
     for key, r in res.items():
         assert r["dense"] and r["into_buffer"] and r["history_kept"] and r["tail"] and r["folded"], (key, r)
-        if key.startswith("residual"):
-            assert r["exact"] == 1.0, (key, r)  # two rounded adds: nothing to differ in
+        if key.startswith(("residual", "fold_rows")):
+            assert r["exact"] == 1.0, (key, r)  # two rounded adds, or copies: nothing to differ in
         elif "float32" in key:
             assert r["rel"] < 1e-5, (key, r)
         else:
@@ -455,15 +470,17 @@ def test_fused_rms_norm_matches_the_torch_ops_in_the_interpreter():
 def test_fused_rms_norm_compiles_for_hopper():
     """Every variant the VAE launches (bf16 and float32, with and without SiLU, bias and tail,
     time-folded or not, 96-384 channels; the residual kernel) compiles to an sm_90 cubin on this CPU machine."""
-    from wan_core.vae_kernels import add_bias_residual, rms_norm_silu
+    from wan_core.vae_kernels import add_bias_residual, fold_rows, rms_norm_silu
 
     for t in ("bf16", "fp32"):
         sig = {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "g_ptr": f"*{t}", "o_ptr": f"*{t}", "t_ptr": f"*{t}", "R": "i32",
                "C": "i32", "x_bstride": "i64", "o_bstride": "i64", "scale": "fp32", "t_start": "i32", "t_off": "i64", "t_bstride": "i64",
                "frame_rows": "i32"}
+        fold_sig = {"x_ptr": f"*{t}", "o_ptr": f"*{t}", "R": "i32", "C": "i32", "x_bstride": "i64", "o_bstride": "i64",
+                    "frame_rows": "i32", "out_rows": "i32", "shift_rows": "i32"}
         res_sig = {"h_ptr": f"*{t}", "bias_ptr": f"*{t}", "s_ptr": f"*{t}", "R": "i32", "C": "i32", "h_bstride": "i64",
                    "s_bstride": "i64"}
-        for block_c in (128, 256, 512):
+        for block_c in (4, 128, 256, 512):
             for silu, bias, tail, fold in ((False, False, False, False), (True, False, True, False),
                                            (True, True, False, False), (True, True, True, False), (True, True, True, True),
                                            (True, False, False, True)):
@@ -472,6 +489,7 @@ def test_fused_rms_norm_compiles_for_hopper():
                 assert "cubin" in compile_for_hopper(rms_norm_silu, sig, consts, 4).asm
             consts = {"BLOCK_R": 4096 // block_c, "BLOCK_C": block_c}
             assert "cubin" in compile_for_hopper(add_bias_residual, res_sig, consts, 4).asm
+            assert "cubin" in compile_for_hopper(fold_rows, fold_sig, consts, 4).asm
 
 
 def test_dense_rows_accepts_only_the_layouts_the_kernel_indexes():

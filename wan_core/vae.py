@@ -291,14 +291,22 @@ class CausalConv3d(nn.Conv3d):
         # slot i of output frame j holds frame j + i of [history (2 frames), chunk]
         slots = folded.unflatten(0, (b, t)).transpose(1, 2).unflatten(1, (3, c))  # [B, 3, C, T, H, W] views
         prev = None if cache is None else cache.get(self)
-        for i, j0, hist in ((0, 0, slice(0, min(2, t))), (1, 0, slice(1, 2))):  # the history's places
-            dst = slots[:, i, :, j0 : j0 + hist.stop - hist.start]
-            dst.zero_() if prev is None else dst.copy_(prev[:, :, hist])
+        kernels = fused(x) and (prev is None or dense_rows(prev))
+        if kernels:
+            from .vae_kernels import launch_fold_rows, launch_rms_norm_silu
+        if prev is not None and kernels:
+            launch_fold_rows(prev, folded, shift=2)
+        else:
+            for i, hist in ((0, slice(0, min(2, t))), (1, slice(1, 2))):  # the history's places
+                dst = slots[:, i, :, : hist.stop - hist.start]
+                dst.zero_() if prev is None else dst.copy_(prev[:, :, hist])
         tail = _empty((b, c, 2, h, w), x) if cache is not None and t >= 2 else None
-        if norm is not None and fused(x):
-            from .vae_kernels import launch_rms_norm_silu
-
+        if norm is not None and kernels:
             launch_rms_norm_silu(x, norm.gamma, norm.scale, True, bias=norm_bias, tail=tail, folded=folded)
+        elif norm is None and kernels:
+            launch_fold_rows(x, folded, shift=0)
+            if tail is not None:
+                tail.copy_(x[:, :, -2:])
         else:
             y = norm(x, silu=True, bias=norm_bias) if norm is not None else x
             for i in range(3):  # chunk frame f -> slot i of output frame f + 2 - i

@@ -24,7 +24,37 @@ import triton.language as tl
 
 from .vae import dense_rows
 
-__all__ = ["rms_norm_silu", "add_bias_residual", "launch_rms_norm_silu", "launch_add_bias_residual"]
+__all__ = [
+    "rms_norm_silu", "add_bias_residual", "fold_rows", "launch_rms_norm_silu", "launch_add_bias_residual",
+    "launch_fold_rows",
+]
+
+
+@triton.jit
+def _fold_store(o_ptr, y, rows, cols, mask, C, frame_rows, out_rows, shift_rows):
+    """Store pixel rows `y` [BLOCK_R, BLOCK_C] into a time-folded buffer (rows of 3C channels,
+    `out_rows` of them): source row r goes to channel slot i of row r + (2 - i) * frame_rows -
+    shift_rows, the same pixel 2 - i frames later, where that row exists."""
+    for i in tl.static_range(3):
+        dst = rows + (2 - i) * frame_rows - shift_rows
+        o_offs = dst[:, None] * (3 * C) + i * C + cols[None, :]
+        tl.store(o_ptr + o_offs, y, mask=mask & (dst[:, None] >= 0) & (dst[:, None] < out_rows))
+
+
+@triton.jit
+def fold_rows(
+    x_ptr, o_ptr, R, C, x_bstride, o_bstride, frame_rows, out_rows, shift_rows,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Copy BLOCK_R pixel rows of one batch item into a time-folded buffer (`_fold_store`): the
+    causal conv's history frames (shift_rows = their rows: they precede the buffer's frame 0), or
+    a chunk that no norm writes."""
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    y = tl.load(x_ptr + b * x_bstride + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    _fold_store(o_ptr + b * o_bstride, y, rows, cols, mask, C, frame_rows, out_rows, shift_rows)
 
 
 @triton.jit
@@ -59,10 +89,7 @@ def rms_norm_silu(
     if SILU:
         y = y / (1.0 + tl.exp(-y))
     if FOLD:
-        for i in tl.static_range(3):
-            dst = rows + (2 - i) * frame_rows  # the same pixel, 2 - i frames later
-            o_offs = dst[:, None] * (3 * C) + i * C + cols[None, :]
-            tl.store(o_ptr + b * o_bstride + o_offs, y.to(dt), mask=mask & (dst[:, None] < R))
+        _fold_store(o_ptr + b * o_bstride, y.to(dt), rows, cols, mask, C, frame_rows, R, 0)
     else:
         tl.store(o_ptr + b * o_bstride + offs, y.to(dt), mask=mask)
     if TAIL:
@@ -146,3 +173,19 @@ def launch_add_bias_residual(h: torch.Tensor, bias: torch.Tensor, shortcut: torc
         num_warps=4,
     )  # fmt: skip
     return h
+
+
+def launch_fold_rows(x: torch.Tensor, folded: torch.Tensor, shift: int) -> torch.Tensor:
+    """Copy `x` `[B, C, t, H, W]` (`dense_rows`) into the `[B*T, 3C, H, W]` channels-last
+    time-folded buffer (`vae.CausalConv3d`), its frames taken to start `shift` frames before the
+    buffer's first: shift=2 for the history, 0 for a chunk. Returns `folded`."""
+    b, c, t, h, w = x.shape
+    n = folded.shape[0] // b
+    assert dense_rows(x) and folded.shape == (b * n, 3 * c, h, w) and folded.dtype == x.dtype
+    assert folded.is_contiguous(memory_format=torch.channels_last)
+    grid, rows, block_r, block_c = _blocks(x)
+    fold_rows[grid](
+        x, folded, rows, c, x.stride(0), n * folded.stride(0), h * w, n * h * w, shift * h * w,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+    )  # fmt: skip
+    return folded
