@@ -379,7 +379,7 @@ sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
 import triton_interp  # noqa: F401  (before any kernel is defined)
 import torch
 from wan_core.vae import RMSNorm, dense_rows
-from wan_core.vae_kernels import launch_add_bias_residual, launch_fold_rows, launch_rms_norm_silu
+from wan_core.vae_kernels import launch_add_bias_residual, launch_fold_rows, launch_rms_norm_silu, launch_subpixel_rows
 g = torch.Generator().manual_seed(0)
 res = {{}}
 for dtype in (torch.float32, torch.bfloat16):
@@ -432,6 +432,13 @@ for dtype in (torch.float32, torch.bfloat16):
             ok = ok and torch.equal(slots[:, 1, :, :1], hist[:, :, 1:])  # the history kept
             res[f"fold_rows {{str(dtype)[6:]}} C={{c}} T={{t}}"] = dict(
                 dense=True, exact=1.0, rel=0.0, into_buffer=ok, history_kept=True, tail=True, folded=ok)
+        # the sub-pixel upsampler's phase gather: kernel vs the strided copy of the torch path
+        yph = torch.randn(3, 4 * c, 5, 7, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        want = yph.as_strided((3, 4, 2, 6, 2, c), (yph.stride(0), yph.stride(2), yph.stride(2) + 2 * c, yph.stride(3),
+                                                  yph.stride(3) + c, 1)).reshape(3, 8, 12, c)
+        ok = torch.equal(launch_subpixel_rows(yph, torch.empty(3, 8, 12, c, dtype=dtype)), want)
+        res[f"subpixel {{str(dtype)[6:]}} C={{c}}"] = dict(
+            dense=True, exact=1.0, rel=0.0, into_buffer=ok, history_kept=True, tail=True, folded=ok)
         s = (torch.randn(x.shape, generator=g) * 3).to(dtype).contiguous(memory_format=torch.channels_last_3d)
         ref = (x + bias.view(-1, 1, 1, 1)) + s  # a residual block's end in torch: conv + bias, + shortcut
         got = launch_add_bias_residual(x.clone(), bias, s)
@@ -453,12 +460,13 @@ def test_fused_rms_norm_matches_the_torch_ops_in_the_interpreter():
     history is kept; the last frames written to a separate tail too (the next chunk's history) are
     the output's; written time-folded, each frame lands in its three slots and nothing else is
     touched (so do the history frames and an un-normed chunk copied by `fold_rows`, 1- and
-    3-frame chunks). The residual kernel (bias + shortcut) is exact."""
+    3-frame chunks). The residual kernel (bias + shortcut) is exact, and so is the sub-pixel
+    upsampler's phase gather (against the torch path's strided copy)."""
     res = run_interpreted(NORM_INTERP_SCRIPT)
-    assert len(res) == 24
+    assert len(res) == 28
     for key, r in res.items():
         assert r["dense"] and r["into_buffer"] and r["history_kept"] and r["tail"] and r["folded"], (key, r)
-        if key.startswith(("residual", "fold_rows")):
+        if key.startswith(("residual", "fold_rows", "subpixel")):
             assert r["exact"] == 1.0, (key, r)  # two rounded adds, or copies: nothing to differ in
         elif "float32" in key:
             assert r["rel"] < 1e-5, (key, r)
@@ -470,7 +478,7 @@ def test_fused_rms_norm_matches_the_torch_ops_in_the_interpreter():
 def test_fused_rms_norm_compiles_for_hopper():
     """Every variant the VAE launches (bf16 and float32, with and without SiLU, bias and tail,
     time-folded or not, 96-384 channels; the residual kernel) compiles to an sm_90 cubin on this CPU machine."""
-    from wan_core.vae_kernels import add_bias_residual, fold_rows, rms_norm_silu
+    from wan_core.vae_kernels import add_bias_residual, fold_rows, rms_norm_silu, subpixel_rows
 
     for t in ("bf16", "fp32"):
         sig = {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "g_ptr": f"*{t}", "o_ptr": f"*{t}", "t_ptr": f"*{t}", "R": "i32",
@@ -478,6 +486,8 @@ def test_fused_rms_norm_compiles_for_hopper():
                "frame_rows": "i32"}
         fold_sig = {"x_ptr": f"*{t}", "o_ptr": f"*{t}", "R": "i32", "C": "i32", "x_bstride": "i64", "o_bstride": "i64",
                     "frame_rows": "i32", "out_rows": "i32", "shift_rows": "i32"}
+        sub_sig = {"y_ptr": f"*{t}", "o_ptr": f"*{t}", "H": "i32", "W": "i32", "O": "i32", "y_bstride": "i64",
+                   "o_bstride": "i64"}
         res_sig = {"h_ptr": f"*{t}", "bias_ptr": f"*{t}", "s_ptr": f"*{t}", "R": "i32", "C": "i32", "h_bstride": "i64",
                    "s_bstride": "i64"}
         for block_c in (4, 128, 256, 512):
@@ -490,6 +500,7 @@ def test_fused_rms_norm_compiles_for_hopper():
             consts = {"BLOCK_R": 4096 // block_c, "BLOCK_C": block_c}
             assert "cubin" in compile_for_hopper(add_bias_residual, res_sig, consts, 4).asm
             assert "cubin" in compile_for_hopper(fold_rows, fold_sig, consts, 4).asm
+            assert "cubin" in compile_for_hopper(subpixel_rows, sub_sig, consts, 4).asm
 
 
 def test_dense_rows_accepts_only_the_layouts_the_kernel_indexes():

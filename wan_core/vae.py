@@ -198,11 +198,16 @@ def _subpixel_conv(x: torch.Tensor, frames: int, phase_w: torch.Tensor, phase_b:
     y = F.conv2d(src.permute(0, 3, 1, 2), phase_w, phase_b, padding=1)  # [N, 4O, H+1, W+1]
     y = y.contiguous(memory_format=torch.channels_last)  # (cuDNN's layout already; the CPU's may differ)
     n, o = y.shape[0], y.shape[1] // 4
-    s_n, _, s_h, s_w = y.stride()
-    # output pixel (2i + py, 2j + px), channel c = y[n, (2py + px) O + c, i + py, j + px]
-    phases = y.as_strided((n, h, 2, w, 2, o), (s_n, s_h, s_h + 2 * o, s_w, s_w + o, 1))
     out = torch.empty(b, frames * t, 2 * h, 2 * w, o, dtype=x.dtype, device=x.device)
-    out.view(n, h, 2, w, 2, o).copy_(phases)
+    if y.is_cuda and HAS_TRITON:
+        from .vae_kernels import launch_subpixel_rows
+
+        launch_subpixel_rows(y, out.view(n, 2 * h, 2 * w, o))
+    else:
+        s_n, _, s_h, s_w = y.stride()
+        # output pixel (2i + py, 2j + px), channel c = y[n, (2py + px) O + c, i + py, j + px]
+        phases = y.as_strided((n, h, 2, w, 2, o), (s_n, s_h, s_h + 2 * o, s_w, s_w + o, 1))
+        out.view(n, h, 2, w, 2, o).copy_(phases)
     return out.permute(0, 4, 1, 2, 3)  # [B, O, fT, 2H, 2W]
 
 

@@ -25,8 +25,8 @@ import triton.language as tl
 from .vae import dense_rows
 
 __all__ = [
-    "rms_norm_silu", "add_bias_residual", "fold_rows", "launch_rms_norm_silu", "launch_add_bias_residual",
-    "launch_fold_rows",
+    "rms_norm_silu", "add_bias_residual", "fold_rows", "subpixel_rows", "launch_rms_norm_silu",
+    "launch_add_bias_residual", "launch_fold_rows", "launch_subpixel_rows",
 ]
 
 
@@ -115,6 +115,24 @@ def add_bias_residual(
     tl.store(h_ptr + b * h_bstride + offs, h.to(dt), mask=mask)
 
 
+@triton.jit
+def subpixel_rows(
+    y_ptr, o_ptr, H, W, O, y_bstride, o_bstride,  # phase conv output [N, H+1, W+1, 4O], output [N, 2H, 2W, O]
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """BLOCK_R output pixels of one image of `vae._subpixel_conv`: pixel (2i + py, 2j + px) is
+    channel block 2py + px of the phase conv's pixel (i + py, j + px)."""
+    n = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # output pixels, row-major
+    cols = tl.arange(0, BLOCK_C)
+    yy, xx = rows // (2 * W), rows % (2 * W)
+    py, px = yy % 2, xx % 2
+    src = (yy // 2 + py) * (W + 1) + (xx // 2 + px)  # the phase conv's pixel
+    mask = (rows[:, None] < 4 * H * W) & (cols[None, :] < O)
+    v = tl.load(y_ptr + n * y_bstride + src[:, None] * (4 * O) + ((2 * py + px) * O)[:, None] + cols[None, :], mask=mask)
+    tl.store(o_ptr + n * o_bstride + rows[:, None] * O + cols[None, :], v, mask=mask)
+
+
 def _blocks(x: torch.Tensor) -> tuple[tuple[int, int], int, int, int]:
     """(grid, rows per batch item, BLOCK_R, BLOCK_C) for `[B, C, T, H, W]` x: ~4,096 values a program."""
     b, c, t, h, w = x.shape
@@ -189,3 +207,18 @@ def launch_fold_rows(x: torch.Tensor, folded: torch.Tensor, shift: int) -> torch
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip
     return folded
+
+
+def launch_subpixel_rows(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`y` `[N, 4O, H+1, W+1]` channels-last (the phase conv of `vae._subpixel_conv`) -> its
+    phases in place in `out`, a contiguous `[N, 2H, 2W, O]`. Returns `out`."""
+    n, o4, h1, w1 = y.shape
+    o, h, w = o4 // 4, h1 - 1, w1 - 1
+    assert y.is_contiguous(memory_format=torch.channels_last) and out.shape == (n, 2 * h, 2 * w, o)
+    assert out.is_contiguous() and out.dtype == y.dtype
+    block_c = 1 << (o - 1).bit_length()
+    block_r = max(1, 4096 // block_c)
+    subpixel_rows[(triton.cdiv(4 * h * w, block_r), n)](
+        y, out, h, w, o, y.stride(0), out.stride(0), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+    )  # fmt: skip
+    return out
