@@ -588,8 +588,9 @@ class WanVAE(nn.Module):
     every conv): on an H100, decoding 81 frames at 480x832 in bf16 took 1.28 s (3.55 GiB peak)
     against 1.56 s plain (the official code: 1.86 s). In that layout a pixel's channels are
     contiguous, so the norms and residual adds on a GPU run as the one-pass Triton kernels of
-    `vae_kernels` (0.91 s). None (default) picks it on CUDA and the plain layout elsewhere.
-    Results are the same up to rounding.
+    `vae_kernels` (0.91 s); with the 96-channel convs time-folded (`CausalConv3d`) and the
+    upsamplers in sub-pixel form (`Resample.use_subpixel`): 0.72-0.73 s, 4.03 GiB peak. None
+    (default) picks it on CUDA and the plain layout elsewhere. Results are the same up to rounding.
     """
 
     def __init__(self, config: WanVAEConfig | None = None, channels_last: bool | None = None):
@@ -689,8 +690,8 @@ class WanVAE(nn.Module):
         by the upper part's receptive field (`Decoder3d.upper_halo`, 13 latent pixels for Wan2.1)
         and cropped back, so the tiled result equals the plain one (no blending, no seams) up to
         rounding: on an H100, bitwise equal in fp32 with TF32 off; in bf16 max abs 0.035 (rel L2
-        4.5e-3), the noise of differently sized convs. 480x832, tile 32: peak 1.83 GiB instead
-        of 3.55, 2.6x the time (the halo is recomputed per tile).
+        4.5e-3), the noise of differently sized convs. 480x832, tile 32: peak 2.00 GiB instead
+        of 4.03, 2.6x the time (the halo is recomputed per tile).
         `out_device` puts the video elsewhere (e.g. "cpu") as it is produced. `on_frames` is
         handed each finished chunk `[B, 3, t, 8h, 8w]` (a view of the result) as soon as it is
         decoded, e.g. to encode a video while the rest decodes (tiled: once, at the end).
