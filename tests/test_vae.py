@@ -225,6 +225,23 @@ def test_subpixel_upsampler_equals_upsample_then_conv(mode):
         assert torch.equal(on, up(x, {}))
 
 
+def test_full_size_vae_folds_the_measured_convs():
+    """At full size the time-folding rule picks what was measured to pay on the H100: the convs
+    with 96 input channels (the full-resolution ones and the encoder's 96 -> 192) and the
+    encoder's first conv; not the decoder's 96 -> 3 head, nor any 192- or 384-channel input."""
+    from wan_core.vae import CausalConv3d, folds_on_cuda
+
+    with torch.device("meta"):
+        model = WanVAE()
+    folded = {}
+    for name, m in model.named_modules():
+        if isinstance(m, CausalConv3d) and folds_on_cuda(m):
+            folded[name] = (m.in_channels, m.out_channels)
+    assert set(folded.values()) == {(3, 96), (96, 96), (96, 192)}
+    assert "encoder.conv1" in folded and "decoder.head.2" not in folded
+    assert sum(v == (96, 96) for v in folded.values()) == 10  # decoder: 3 blocks x 2, encoder: 2 x 2
+
+
 def test_vae_with_time_folded_convs_equals_plain(monkeypatch):
     """Encode and decode (plain and tiled) with every foldable conv time-folded give the unfolded
     numbers (on CUDA the 96-channel convs fold by themselves; here all are made to); a conv's
@@ -544,6 +561,7 @@ def test_gpu_decode_and_encode_with_the_fused_norm_equal_the_torch_ops(dtype, mo
 
         monkeypatch.setattr(vae_kernels, name, counted)
     monkeypatch.setattr(vae_mod, "FOLD_TIME_CHANNELS", {3, 16})  # some convs time-folded, as 3 and 96 are at full size
+    monkeypatch.setattr(vae_mod, "FOLD_MIN_OUT", 1)
     fused = model.decode(latent), model.encode(video), model.decode(latent, tile_size=4)
     assert launches.count("launch_rms_norm_silu") > 50 and launches.count("launch_add_bias_residual") > 20
     assert launches.count("launch_rms_norm_silu folded") > 10

@@ -215,8 +215,15 @@ def _subpixel_conv(x: torch.Tensor, frames: int, phase_w: torch.Tensor, phase_b:
 # Measured on an H100, 480x832x81 in bf16 (benchmarks/NOTES.md): folding the 96-channel convs took
 # the decode from 0.927 to 0.796 s and the encode from 0.626 to 0.522 s (+0.5 GB peak); the
 # encoder's first conv (3 channels, the video) 0.01 s more off the encode; folding the 192- and
-# 384-channel convs too made both slower again.
+# 384-channel convs too made both slower again, and so did folding the decoder's head (96 -> 3
+# channels: +3 ms, its three writes cost more than the 2-D conv saves), hence FOLD_MIN_OUT.
 FOLD_TIME_CHANNELS = frozenset({3, *range(64, 97)})
+FOLD_MIN_OUT = 64
+
+
+def folds_on_cuda(conv: CausalConv3d) -> bool:
+    """Whether `conv` runs time-folded when the VAE runs channels-last on CUDA (the rule above)."""
+    return conv.can_fold_time() and conv.in_channels in FOLD_TIME_CHANNELS and conv.out_channels >= FOLD_MIN_OUT
 
 
 class CausalConv3d(nn.Conv3d):
@@ -627,7 +634,8 @@ class WanVAE(nn.Module):
         cuDNN the weight in the input's layout and copies it into that layout on every call
         otherwise (~36 weight copies per decoded chunk). Values are unchanged; a weight already in
         the layout is left alone, so this costs a walk over the modules per call. Channels-last on
-        CUDA, the 3x3x3 convs with `FOLD_TIME_CHANNELS` inputs run time-folded (`CausalConv3d`),
+        CUDA, the 3x3x3 convs with `FOLD_TIME_CHANNELS` inputs (and `FOLD_MIN_OUT` outputs or more)
+        run time-folded (`CausalConv3d`),
         and channels-last the upsamplers run in sub-pixel form (`_subpixel_conv`), their derived
         weights made afresh (a few small kernels)."""
         fold = channels_last and self.device.type == "cuda"
@@ -637,7 +645,7 @@ class WanVAE(nn.Module):
                 if not m.weight.is_contiguous(memory_format=fmt):
                     m.weight.data = m.weight.data.contiguous(memory_format=fmt)
             if isinstance(m, CausalConv3d) and m.can_fold_time():
-                m.fold_time(fold and m.in_channels in FOLD_TIME_CHANNELS)
+                m.fold_time(fold and folds_on_cuda(m))
             if isinstance(m, Resample):
                 m.use_subpixel(channels_last)
 
