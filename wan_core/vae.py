@@ -17,9 +17,11 @@ image latent:
   the channels (split into two frames) runs over the stream *without* the first chunk (its
   history starts as zeros there).
 
-Everything stays channels-first `[B, C, T, H, W]`: the checkpoint's per-frame 2-D convolutions run
-as 3-D convolutions with a 1-frame kernel (a view of the same weight), so no activation is ever
-permuted to `[B*T, C, H, W]` and back.
+Activations are `[B, C, T, H, W]` between modules (stored channels-last on CUDA: `WanVAE`): the
+checkpoint's per-frame 2-D convolutions run as 3-D convolutions with a 1-frame kernel (a view of
+the same weight). Two GPU forms see frames as a batch of images internally, as views of the same
+storage where they can: the time-folded causal convs (`CausalConv3d.fold_time`) and the
+sub-pixel upsamplers (`Resample.use_subpixel`); both compute the same sums as the plain form.
 """
 
 from __future__ import annotations
