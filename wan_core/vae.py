@@ -228,6 +228,31 @@ def folds_on_cuda(conv: CausalConv3d) -> bool:
     return conv.can_fold_time() and conv.in_channels in FOLD_TIME_CHANNELS and conv.out_channels >= FOLD_MIN_OUT
 
 
+def _slots(folded: torch.Tensor, b: int, c: int) -> torch.Tensor:
+    """The time-folded buffer `[B*T, 3C, H, W]` seen as `[B, 3, C, T, H, W]` (slot, then frame)."""
+    return folded.unflatten(0, (b, -1)).transpose(1, 2).unflatten(1, (3, c))
+
+
+def _fold_in(src: torch.Tensor, folded: torch.Tensor, shift: int, kernel: bool) -> None:
+    """Copy frames `src` `[B, C, n, H, W]` into the time-folded buffer of `CausalConv3d`, the first
+    of them `shift` frames before the chunk's first (2: the history; 0: the chunk). Frame f lands
+    in slot i of output frame f - shift + 2 - i, where that frame exists. `kernel`: by one Triton
+    pass (`vae_kernels.fold_rows`), else by torch copies."""
+    if kernel:
+        from .vae_kernels import launch_fold_rows
+
+        launch_fold_rows(src, folded, shift)
+        return
+    b, c, n = src.shape[:3]
+    slots = _slots(folded, b, c)
+    t = slots.shape[3]
+    for i in range(3):
+        j0 = 2 - i - shift  # output frame of src frame 0
+        f0, f1 = max(0, -j0), min(n, t - j0)
+        if f1 > f0:
+            slots[:, i, :, f0 + j0 : f1 + j0].copy_(src[:, :, f0:f1])
+
+
 class CausalConv3d(nn.Conv3d):
     """Conv3d whose temporal padding sits entirely in the past, streamed through a cache.
 
@@ -301,37 +326,28 @@ class CausalConv3d(nn.Conv3d):
 
     def _forward_folded(self, x, cache, norm, norm_bias, bias) -> torch.Tensor:
         b, c, t, h, w = x.shape
+        # output frame j's channels: frames j, j + 1, j + 2 of [history (2 frames), chunk], slots 0-2
         folded = torch.empty(b * t, 3 * c, h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-        # slot i of output frame j holds frame j + i of [history (2 frames), chunk]
-        slots = folded.unflatten(0, (b, t)).transpose(1, 2).unflatten(1, (3, c))  # [B, 3, C, T, H, W] views
         prev = None if cache is None else cache.get(self)
-        kernels = fused(x) and (prev is None or dense_rows(prev))
-        if kernels:
-            from .vae_kernels import launch_fold_rows, launch_rms_norm_silu
-        if prev is not None and kernels:
-            launch_fold_rows(prev, folded, shift=2)
-        else:
-            for i, hist in ((0, slice(0, min(2, t))), (1, slice(1, 2))):  # the history's places
-                dst = slots[:, i, :, : hist.stop - hist.start]
-                dst.zero_() if prev is None else dst.copy_(prev[:, :, hist])
-        tail = _empty((b, c, 2, h, w), x) if cache is not None and t >= 2 else None
-        if norm is not None and kernels:
-            launch_rms_norm_silu(x, norm.gamma, norm.scale, True, bias=norm_bias, tail=tail, folded=folded)
-        elif norm is None and kernels:
-            launch_fold_rows(x, folded, shift=0)
-            if tail is not None:
-                tail.copy_(x[:, :, -2:])
+        if prev is None:  # the start of a clip: zeros in the past
+            prev = _empty((b, c, 2, h, w), x).zero_()
+        kernels = fused(x) and dense_rows(prev)
+        _fold_in(prev, folded, 2, kernels)
+        tail = _empty((b, c, 2, h, w), x) if cache is not None else None  # the next chunk's history
+        if norm is not None and kernels:  # the norm writes the chunk's three places (and the tail) itself
+            from .vae_kernels import launch_rms_norm_silu
+
+            launch_rms_norm_silu(x, norm.gamma, norm.scale, True, bias=norm_bias, tail=tail if t >= 2 else None,
+                                 folded=folded)
         else:
             y = norm(x, silu=True, bias=norm_bias) if norm is not None else x
-            for i in range(3):  # chunk frame f -> slot i of output frame f + 2 - i
-                slots[:, i, :, 2 - i :].copy_(y[:, :, : t - 2 + i])
-            if tail is not None:
+            _fold_in(y, folded, 0, kernels)
+            if tail is not None and t >= 2:
                 tail.copy_(y[:, :, -2:])
+        if tail is not None and t == 1:  # a 1-frame chunk: the history's last frame, then the chunk's
+            tail[:, :, :1].copy_(prev[:, :, 1:])
+            tail[:, :, 1:].copy_(_slots(folded, b, c)[:, 2, :, :1])
         if cache is not None:
-            if tail is None:  # a 1-frame chunk: the history's last frame, then the chunk's
-                tail = _empty((b, c, 2, h, w), x)
-                tail[:, :, :1].copy_(slots[:, 1, :, -1:])
-                tail[:, :, 1:].copy_(slots[:, 2, :, -1:])
             cache[self] = tail
         y = F.conv2d(folded, self.folded, self.bias if bias else None, self.stride[1:], self.padding[1:])
         return y.unflatten(0, (b, t)).transpose(1, 2)  # [B*T, O, H, W] -> [B, O, T, H, W], same storage
@@ -483,7 +499,8 @@ class Resample(nn.Module):
                 x, frames = self.time_conv(x, cache), 2  # [B, 2C, T, H, W]: two frames' channels
             else:
                 cache[self] = True  # upsample3d: the first chunk passes through in time
-            if self.phases is not None and self.phases[0].dtype == x.dtype and _is_channels_last(x):
+            w = self.phases[0] if self.phases is not None else None
+            if w is not None and w.dtype == x.dtype and w.device == x.device and _is_channels_last(x):
                 return _subpixel_conv(x, frames, *self.phases)
             return _conv_per_frame(self.resample[1], _upsample2x(x, frames))  # [B, C, fT, 2H, 2W]
 
