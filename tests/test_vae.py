@@ -153,6 +153,7 @@ def test_channels_last_layout_same_result_and_kept_throughout(pair, monkeypatch)
             h.remove()
     assert seen and all(seen)
     assert all(weights_cl) and not all(w.is_contiguous() for w in weights)  # stored as cuDNN is handed them
+    assert all(m.phases is None for m in ours.modules() if hasattr(m, "phases"))  # sub-pixel kernels: per call
     torch.testing.assert_close(ours.decode(plain_latent), plain_video, rtol=0, atol=0)  # back to plain, same numbers
     assert all(w.is_contiguous() for w in weights)
     assert _rel(latent, plain_latent) <= 1e-5
@@ -245,7 +246,8 @@ def test_full_size_vae_folds_the_measured_convs():
 def test_vae_with_time_folded_convs_equals_plain(monkeypatch):
     """Encode and decode (plain and tiled) with every foldable conv time-folded give the unfolded
     numbers (on CUDA the 96-channel convs fold by themselves; here all are made to); a conv's
-    folded weight is made afresh per call, so new weights are picked up."""
+    folded weight is made afresh per call, so new weights are picked up, and dropped after it (an
+    offloaded VAE keeps nothing on the GPU)."""
     from wan_core.vae import CausalConv3d
 
     model = WanVAE(WanVAEConfig(dim=4, num_res_blocks=1)).eval()
@@ -262,17 +264,24 @@ def test_vae_with_time_folded_convs_equals_plain(monkeypatch):
             if isinstance(m, CausalConv3d) and m.can_fold_time():
                 m.fold_time(True)
 
+    convs = [m for m in model.modules() if isinstance(m, CausalConv3d)]
+    seen = []  # per conv call: did it run folded
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(mod.folded is not None)) for m in convs]
     monkeypatch.setattr(WanVAE, "_weights_layout", fold_all)
     folded = model.decode(latent), model.decode(latent, tile_size=2), model.encode(video)
-    assert sum(m.folded is not None for m in model.modules() if isinstance(m, CausalConv3d)) >= 10
+    assert sum(seen) >= 10 * 3
     for a, b in zip(folded, plain):
         assert _rel(a, b) < 1e-5, _rel(a, b)
+    assert all(m.folded is None for m in convs)  # dropped after each call
     with torch.no_grad():
         model.decoder.head[2].weight.mul_(2)
     assert _rel(model.decode(latent), plain[0]) > 1e-2  # the new weight is used
     monkeypatch.setattr(WanVAE, "_weights_layout", layout)
+    seen.clear()
     model.decode(latent)
-    assert all(m.folded is None for m in model.modules() if isinstance(m, CausalConv3d))  # on the CPU: unfolded
+    assert seen and not any(seen)  # on the CPU: unfolded
+    for h in hooks:
+        h.remove()
 
 
 def test_full_size_meta_build_matches_checkpoint_layout():

@@ -26,6 +26,7 @@ sub-pixel upsamplers (`Resample.use_subpixel`); both compute the same sums as th
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -602,6 +603,19 @@ class Decoder3d(nn.Module):
         return math.ceil(reach)
 
 
+def _drops_conv_forms(method):
+    """An encode/decode method that drops its call's derived conv weights when it ends, whatever way."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._drop_conv_forms()
+
+    return wrapper
+
+
 class WanVAE(nn.Module):
     """Wan2.1 VAE. `encode`: video -> normalised latent; `decode`: normalised latent -> video.
 
@@ -635,6 +649,15 @@ class WanVAE(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.conv2.weight.device
+
+    def _drop_conv_forms(self) -> None:
+        """Drop the weights `_weights_layout` derived for this call (time-folded, sub-pixel): made
+        afresh per call, they would otherwise stay on the GPU after an offload moves the VAE away."""
+        for m in self.modules():
+            if isinstance(m, CausalConv3d):
+                m.folded = None
+            elif isinstance(m, Resample):
+                m.phases = None
 
     def _use_channels_last(self) -> bool:
         """The activation layout of this call (`channels_last`; None: channels-last on CUDA), with
@@ -676,6 +699,7 @@ class WanVAE(nn.Module):
         return mean, 1.0 / std
 
     @torch.no_grad()
+    @_drops_conv_forms
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Video `[B, 3, 1 + 4k, H, W]` in [-1, 1] -> latent mean `[B, 16, 1 + k, H/8, W/8]`, float32.
 
@@ -701,6 +725,7 @@ class WanVAE(nn.Module):
         return out.sub_(mean).mul_(inv_std)
 
     @torch.no_grad()
+    @_drops_conv_forms
     def decode(
         self,
         latents: torch.Tensor,
