@@ -603,11 +603,13 @@ class Decoder3d(nn.Module):
         return math.ceil(reach)
 
 
-def _drops_conv_forms(method):
-    """An encode/decode method that drops its call's derived conv weights when it ends, whatever way."""
+def _conv_forms_per_call(method):
+    """An encode/decode method: the conv weights put in the call's layout and its derived weights
+    made before it (`WanVAE._weights_layout`), those dropped when it ends, whatever way."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        self._weights_layout(self._channels_last())
         try:
             return method(self, *args, **kwargs)
         finally:
@@ -659,12 +661,9 @@ class WanVAE(nn.Module):
             elif isinstance(m, Resample):
                 m.phases = None
 
-    def _use_channels_last(self) -> bool:
-        """The activation layout of this call (`channels_last`; None: channels-last on CUDA), with
-        the conv weights stored in it (see `_weights_layout`). Once per encode/decode call."""
-        cl = self.channels_last if self.channels_last is not None else self.device.type == "cuda"
-        self._weights_layout(cl)
-        return cl
+    def _channels_last(self) -> bool:
+        """The activation layout of a call: `channels_last`, or None: channels-last on CUDA."""
+        return self.channels_last if self.channels_last is not None else self.device.type == "cuda"
 
     @staticmethod
     def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -675,11 +674,10 @@ class WanVAE(nn.Module):
         """Store every conv weight channels-last (or plain) to match the activations: torch hands
         cuDNN the weight in the input's layout and copies it into that layout on every call
         otherwise (~36 weight copies per decoded chunk). Values are unchanged; a weight already in
-        the layout is left alone, so this costs a walk over the modules per call. Channels-last on
-        CUDA, the 3x3x3 convs with `FOLD_TIME_CHANNELS` inputs (and `FOLD_MIN_OUT` outputs or more)
-        run time-folded (`CausalConv3d`),
-        and channels-last the upsamplers run in sub-pixel form (`_subpixel_conv`), their derived
-        weights made afresh (a few small kernels)."""
+        the layout is left alone, so this costs a walk over the modules per call. Channels-last,
+        the upsamplers run in sub-pixel form (`_subpixel_conv`), and on CUDA the convs
+        `folds_on_cuda` picks run time-folded (`CausalConv3d`); their derived weights are made here
+        (a few small kernels) and dropped after the call (`_conv_forms_per_call`)."""
         fold = channels_last and self.device.type == "cuda"
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Conv3d)):
@@ -699,7 +697,7 @@ class WanVAE(nn.Module):
         return mean, 1.0 / std
 
     @torch.no_grad()
-    @_drops_conv_forms
+    @_conv_forms_per_call
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Video `[B, 3, 1 + 4k, H, W]` in [-1, 1] -> latent mean `[B, 16, 1 + k, H/8, W/8]`, float32.
 
@@ -715,7 +713,7 @@ class WanVAE(nn.Module):
         device, dtype = self.device, self.dtype
         w_mu, b_mu = self.conv1.weight[:z], self.conv1.bias[:z]  # only the mean half of conv1 is needed
         out = torch.empty(b, z, 1 + (t - 1) // r, h // s, w // s, dtype=torch.float32, device=device)
-        cl = self._use_channels_last()
+        cl = self._channels_last()
         cache: StreamCache = {}
         for i in range(out.shape[2]):
             t0, t1 = (0, 1) if i == 0 else (1 + r * (i - 1), 1 + r * i)
@@ -725,7 +723,7 @@ class WanVAE(nn.Module):
         return out.sub_(mean).mul_(inv_std)
 
     @torch.no_grad()
-    @_drops_conv_forms
+    @_conv_forms_per_call
     def decode(
         self,
         latents: torch.Tensor,
@@ -757,7 +755,7 @@ class WanVAE(nn.Module):
             raise ValueError(f"latents must have {self.config.z_dim} channels, got {list(latents.shape)}")
         device, dtype = self.device, self.dtype
         mean, inv_std = self._latent_stats(device)
-        cl = self._use_channels_last()
+        cl = self._channels_last()
         x = self._layout(self.conv2((latents.to(device=device, dtype=torch.float32) / inv_std + mean).to(dtype)), cl)
         if not keep:
             if tile_size is not None or on_frames is None:
