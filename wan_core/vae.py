@@ -187,7 +187,8 @@ def _phase_kernels(w: torch.Tensor) -> torch.Tensor:
 def _subpixel_conv(x: torch.Tensor, frames: int, phase_w: torch.Tensor, phase_b: torch.Tensor) -> torch.Tensor:
     """`conv3x3(nearest_upsample_2x(x))` per frame, computed at the source resolution: one 2x2
     conv with the four phases' kernels (`_phase_kernels`, 4/9 of the multiply-adds, no upsampled
-    copy of the input), then one strided copy that puts each phase's pixels in place.
+    copy of the input), then one pass that puts each phase's pixels in place (the Triton gather
+    `vae_kernels.subpixel_rows` on a GPU, a strided copy elsewhere).
 
     `x` `[B, f*C, T, H, W]` channels-last, its channels f groups that become f consecutive frames
     (`_upsample2x`) -> `[B, O, f*T, 2H, 2W]` channels-last."""
