@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_dit import timeit  # noqa: E402
-from wan_core import sage_attention as sa  # noqa: E402
-from wan_core import sage_kernel  # noqa: E402
-from wan_core.attention import get_attention  # noqa: E402
+from wan_core.kernels import sage_attention as sa  # noqa: E402
+from wan_core.kernels import sage_kernel  # noqa: E402
+from wan_core.kernels.attention import get_attention  # noqa: E402
 
 TOKENS = {"480p": 32760, "720p": 75600}
 

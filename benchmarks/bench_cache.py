@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_dit import SHAPES, inputs, log, timeit  # noqa: E402
 
-from wan_core.cache import (  # noqa: E402
+from wan_core.layers.cache import (  # noqa: E402
     MAGCACHE_RATIOS,
     CachePolicy,
     FeatureCache,
@@ -59,11 +59,11 @@ from wan_core.cache import (  # noqa: E402
     resample_nearest,
     simulate,
 )
-from wan_core.config import PRESETS  # noqa: E402
+from wan_core.layers.compile import compile_blocks  # noqa: E402
 from wan_core.loading.dit import build_model  # noqa: E402
-from wan_core.optimize import compile_blocks  # noqa: E402
-from wan_core.sampling import Cond, make_noise, sample  # noqa: E402
-from wan_core.schedulers import make_scheduler  # noqa: E402
+from wan_core.models.config import PRESETS  # noqa: E402
+from wan_core.sampling.loop import Cond, make_noise, sample  # noqa: E402
+from wan_core.sampling.schedulers import make_scheduler  # noqa: E402
 
 # TeaCache4Wan2.1 README, "Wan2.1 t2v 14B" (720p, A800): seconds for (use_ret_steps, thresh).
 TEA_PUBLISHED_S = {

@@ -28,8 +28,8 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from wan_core.config import PRESETS  # noqa: E402
 from wan_core.loading.dit import build_model  # noqa: E402
+from wan_core.models.config import PRESETS  # noqa: E402
 
 SHAPES = {"480p": (21, 60, 104), "720p": (21, 90, 160)}
 RESULTS: dict = {}
@@ -110,7 +110,7 @@ def main():
     args = ap.parse_args()
     resolutions = [r for r in args.res.split(",") if r]
     if args.sage_options and os.path.exists(args.sage_options):
-        from wan_core import sage_attention
+        from wan_core.kernels import sage_attention
 
         with open(args.sage_options) as f:
             sage_attention.KERNEL_OPTIONS.update(json.load(f))
@@ -176,16 +176,16 @@ def main():
             m.set_attention(attn or ("sage_triton" if base.startswith("fast") else "sdpa_cudnn"))
             mk = 2 if "mk2" in flags else 1 if "mk" in flags else 0
             if base != "bf16":
-                from wan_core.linear import quantize_model
+                from wan_core.layers.fp8 import quantize_model
 
                 quantize_model(m, kernel="scaled_mm" if base.endswith("-exact") else "auto")
                 gc.collect()
                 torch.cuda.empty_cache()
-            from wan_core import sage_attention
+            from wan_core.kernels import sage_attention
 
             sage_attention.TRITON_QUANTIZE = "torchquant" not in flags  # "+torchquant": q/k/v quantised by inductor
             if "nofuse" not in flags:  # "+nofuse": the plain Block, all float32 work left to inductor
-                from wan_core.fused_block import fuse_blocks
+                from wan_core.layers.fused_block import fuse_blocks
 
                 fuse_blocks(m, qk_rope="noqk" not in flags)  # "+noqk": q/k norm and RoPE left to inductor
             for blk in m.blocks:  # "+mk": inductor's multi-kernel (persistent reductions up to 16k wide

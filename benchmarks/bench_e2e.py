@@ -27,15 +27,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_dit import log  # noqa: E402
 from wan_core import pipeline as wan_pipeline  # noqa: E402
-from wan_core.config import PRESETS  # noqa: E402
+from wan_core.layers.compile import compile_blocks  # noqa: E402
 from wan_core.loading.dit import build_model  # noqa: E402
-from wan_core.optimize import compile_blocks  # noqa: E402
+from wan_core.models.config import PRESETS  # noqa: E402
+from wan_core.models.text_encoder import WanTextEncoder  # noqa: E402
+from wan_core.models.tokenizer import load_tokenizer, write_tiny_tokenizer  # noqa: E402
+from wan_core.models.vae import WanVAE  # noqa: E402
 from wan_core.options import GenerationConfig  # noqa: E402
 from wan_core.pipeline import WanPipeline  # noqa: E402
 from wan_core.spec import ModelSpec  # noqa: E402
-from wan_core.text_encoder import WanTextEncoder  # noqa: E402
-from wan_core.tokenizer import load_tokenizer, write_tiny_tokenizer  # noqa: E402
-from wan_core.vae import WanVAE  # noqa: E402
 
 
 class HostResidentEncoder:
@@ -81,7 +81,7 @@ def random_dit(variant: str):
         for p in m.parameters():
             p.normal_(0, 0.02)
     if fp8:
-        from wan_core.linear import quantize_model
+        from wan_core.layers.fp8 import quantize_model
 
         quantize_model(m, kernel="auto")
     m.set_attention(attn or ("sage_triton" if variant.startswith("fast") else "auto"))
@@ -116,7 +116,7 @@ def main():
         if variant.endswith("-offload"):
             # The DiT waits in pinned host RAM while the T5 runs, and comes to the GPU for sampling
             # (model-granularity offload): the T5 and the DiT are never on the GPU together.
-            from wan_core.offload import enable_offload
+            from wan_core.layers.offload import enable_offload
 
             handle = enable_offload(dit, granularity="model", device="cuda")
         presets = args.presets.split(",")

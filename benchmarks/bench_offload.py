@@ -12,7 +12,7 @@ in host memory: the whole model is on the GPU only for the resident baseline. Ro
   in the table);
 - model: model offload; s/forward is the loop's (the weights are on the GPU), `load s` is the
   one copy of the DiT onto the GPU a run pays before its loop.
-FP8 rows (when `wan_core.linear` exists): the block linears quantised per block on the GPU
+FP8 rows (when `wan_core.layers.fp8` exists): the block linears quantised per block on the GPU
 (per-channel e4m3, the `auto` kernel), then the same rows. Blocks compiled as in production
 (`compile_blocks`) unless --no-compile. Also printed: the host->device bandwidth of one block
 from pinned memory, and whether each output equals its resident baseline bitwise.
@@ -38,10 +38,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from bench_dit import SHAPES, inputs, log, timeit  # noqa: E402
 
-from wan_core.config import PRESETS  # noqa: E402
+from wan_core.layers.compile import compile_blocks  # noqa: E402
+from wan_core.layers.offload import GiB, activation_bytes, enable_offload, weight_sizes  # noqa: E402
 from wan_core.loading.dit import build_model  # noqa: E402
-from wan_core.offload import GiB, activation_bytes, enable_offload, weight_sizes  # noqa: E402
-from wan_core.optimize import compile_blocks  # noqa: E402
+from wan_core.models.config import PRESETS  # noqa: E402
 
 RESULTS: dict = {}
 ROWS: list[dict] = []
@@ -65,9 +65,9 @@ def random_host_model(cfg, dtype=torch.bfloat16):
 
 
 def quantize_blocks_on_gpu(model) -> bool:
-    """FP8 block linears (wan_core.linear), one block at a time on the GPU; False if FP8 is not there."""
+    """FP8 block linears (wan_core.layers.fp8), one block at a time on the GPU; False if FP8 is not there."""
     try:
-        from wan_core.linear import FP8Linear, is_block_linear, set_fp8_kernel
+        from wan_core.layers.fp8 import FP8Linear, is_block_linear, set_fp8_kernel
     except ImportError:
         return False
     for i, blk in enumerate(model.blocks):
@@ -219,7 +219,7 @@ def main():
                 log(f"FP8 blocks ({RESULTS['fp8_kernel']}) in {time.time() - t0:.0f} s")
                 run_rows(model, "fp8", grid, tokens, residents[:1], args.fp8_budget, args.reps, refs)
             else:
-                log("wan_core.linear not available: no FP8 rows")
+                log("wan_core.layers.fp8 not available: no FP8 rows")
         except Exception:
             traceback.print_exc()
             RESULTS["fp8_error"] = traceback.format_exc()[-800:]

@@ -30,10 +30,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from wan_core.config import PRESETS  # noqa: E402
-from wan_core.loading.dit import build_model  # noqa: E402
-from wan_core.optimize import compile_blocks  # noqa: E402
-from wan_core.parallel import (  # noqa: E402
+from wan_core.layers.compile import compile_blocks  # noqa: E402
+from wan_core.layers.parallel import (  # noqa: E402
     ParallelConfig,
     build_groups,
     cfg_parallel_predict,
@@ -41,8 +39,10 @@ from wan_core.parallel import (  # noqa: E402
     enable_sequence_parallel,
     init_process_group,
 )
-from wan_core.parallel.ring import LSE_BACKENDS, lse_attention_math  # noqa: E402
-from wan_core.sampling import Cond, guided_velocity  # noqa: E402
+from wan_core.layers.parallel.ring import LSE_BACKENDS, lse_attention_math  # noqa: E402
+from wan_core.loading.dit import build_model  # noqa: E402
+from wan_core.models.config import PRESETS  # noqa: E402
+from wan_core.sampling.loop import Cond, guided_velocity  # noqa: E402
 
 SHAPES = {"480p": (21, 60, 104), "720p": (21, 90, 160)}
 RESULTS: dict = {}
@@ -128,10 +128,10 @@ def workers_smoke(n: int = 2) -> None:
     import signal
     import tempfile
 
+    from wan_core.layers.parallel.workers import RunCancelled, SampleRequest, WorkerGroup, WorkerGroupError
     from wan_core.loading.dit import save_dit
-    from wan_core.parallel.workers import RunCancelled, SampleRequest, WorkerGroup, WorkerGroupError
-    from wan_core.sampling import make_noise, sample
-    from wan_core.schedulers import make_scheduler
+    from wan_core.sampling.loop import make_noise, sample
+    from wan_core.sampling.schedulers import make_scheduler
     from wan_core.spec import ModelSpec, build_dit
 
     cfg = PRESETS["t2v-1.3b"].replace(num_layers=2)
@@ -305,7 +305,7 @@ def main():
         # ---- fast mode (FP8 linears + 8-bit self-attention), 1 GPU and Ulysses N, per forward --------
         if "fast" in modes:
             try:
-                from wan_core.linear import quantize_model
+                from wan_core.layers.fp8 import quantize_model
 
                 torch._dynamo.reset()
                 quantize_model(model, kernel="auto")

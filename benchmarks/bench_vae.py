@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_dit import log, timeit  # noqa: E402
-from wan_core.vae import WanVAE  # noqa: E402
+from wan_core.models.vae import WanVAE  # noqa: E402
 
 RESULTS: dict = {}
 ROWS: list = []

@@ -22,10 +22,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_dit import log  # noqa: E402
 from wan_core import vae_frames  # noqa: E402
+from wan_core.models.vae import WanVAE  # noqa: E402
 from wan_core.options import GenerationConfig  # noqa: E402
 from wan_core.pipeline import WanPipeline  # noqa: E402
 from wan_core.spec import ModelSpec  # noqa: E402
-from wan_core.vae import WanVAE  # noqa: E402
 from wan_core.video import VideoWriter, wan_to_frames  # noqa: E402
 
 

@@ -17,10 +17,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_dit as bd  # noqa: E402
 
-from wan_core.config import PRESETS  # noqa: E402
-from wan_core.linear import quantize_model  # noqa: E402
+from wan_core.layers.compile import compile_blocks  # noqa: E402
+from wan_core.layers.fp8 import quantize_model  # noqa: E402
 from wan_core.loading.dit import build_model  # noqa: E402
-from wan_core.optimize import compile_blocks  # noqa: E402
+from wan_core.models.config import PRESETS  # noqa: E402
 
 
 def group(name: str) -> str:

@@ -1,13 +1,13 @@
 """WanCacheConfig: feature caching settings for WanSampler (skip DiT evaluations that barely change).
 
 For the 50-step base models: TeaCache ("Tea") or MagCache ("Mag") reuse the previous step's block
-residual when the change is predicted to be small (`wan_core.cache`). The sampler reports how
+residual when the change is predicted to be small (`wan_core.layers.cache`). The sampler reports how
 many DiT evaluations were skipped in its stage record.
 """
 
 from __future__ import annotations
 
-from wan_core.cache import MODEL_KEYS
+from wan_core.layers.cache import MODEL_KEYS
 
 from .types import CATEGORY, WAN_CACHE, CacheSettings
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 
-from wan_core.attention import BACKENDS
-from wan_core.discover import find_model_files
-from wan_core.linear import KERNELS
+from wan_core.kernels.attention import BACKENDS
+from wan_core.layers.fp8 import KERNELS
+from wan_core.loading.discover import find_model_files
 from wan_core.loading.dit import find_dit_files
 from wan_core.loading.io import CheckpointError, read_keys
 from wan_core.spec import ModelSpec

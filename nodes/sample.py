@@ -6,13 +6,13 @@ import threading
 
 import torch
 
-from wan_core.cache import cache_from_config, published_model_key
-from wan_core.denoise import denoise
-from wan_core.preview import fit_rgb_projection, latent_to_rgb
-from wan_core.sampling import Cond, latent_shape, make_noise
-from wan_core.schedulers import make_scheduler
+from wan_core.layers.cache import cache_from_config, published_model_key
+from wan_core.models.vae import latent_to_raw
+from wan_core.sampling.denoise import denoise
+from wan_core.sampling.loop import Cond, latent_shape, make_noise
+from wan_core.sampling.preview import fit_rgb_projection, latent_to_rgb
+from wan_core.sampling.schedulers import make_scheduler
 from wan_core.spec import ModelSpec, build_dit, build_vae, component_loaded
-from wan_core.vae import latent_to_raw
 
 from . import compat, stats
 from .types import (
@@ -237,8 +237,8 @@ class WanMultiGPUSampler:
         cfg_parallel: bool = False,
         image_embeds: ImageEmbeds | None = None,
     ):
-        from wan_core.parallel.group import ParallelConfig
-        from wan_core.parallel.workers import RunCancelled, SampleRequest, get_worker_group
+        from wan_core.layers.parallel.group import ParallelConfig
+        from wan_core.layers.parallel.workers import RunCancelled, SampleRequest, get_worker_group
 
         shape, i2v = check_run(model, image_embeds, width, height, num_frames)
         step_list = parse_step_list(denoising_step_list) if scheduler == "distill" else None

@@ -41,7 +41,7 @@ class TextEmbeds:
 class ImageEmbeds:
     """I2V conditioning for one start image, made for a video size and frame count."""
 
-    cond: object  # wan_core.conditioning.I2VCondition (y, clip_fea, height, width)
+    cond: object  # wan_core.models.conditioning.I2VCondition (y, clip_fea, height, width)
     num_frames: int
 
     @property
@@ -70,7 +70,7 @@ class OffloadSettings:
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """What WanCacheConfig chose; the sampler turns it into a `wan_core.cache.FeatureCache` per run.
+    """What WanCacheConfig chose; the sampler turns it into a `wan_core.layers.cache.FeatureCache` per run.
 
     start_step -1 and end_step 0 mean "the method's default"; end_step < 0 counts from the end;
     max_skips (TeaCache) 0 means no cap; cache_model "auto" picks the published table from the DiT.
@@ -88,7 +88,7 @@ class CacheSettings:
     cache_model: str = "auto"
 
     def to_config(self) -> dict:
-        """The LightX2V / wan_core.cache config keys these settings stand for."""
+        """The LightX2V / wan_core.layers.cache config keys these settings stand for."""
         if self.method == "Tea":
             out = {"feature_caching": "Tea", "teacache_thresh": self.teacache_thresh, "use_ret_steps": self.use_ret_steps}
             prefix = "teacache"

@@ -5,10 +5,10 @@ import pytest
 
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory):
-    """Two tiny random LoRA files for the tiny T2V DiT (wan_core.tiny): one on every linear, one
+    """Two tiny random LoRA files for the tiny T2V DiT (wan_core.loading.tiny): one on every linear, one
     on the blocks only in kohya naming."""
     from wan_core.loading.lora import random_lora, save_lora
-    from wan_core.tiny import tiny_dit_config
+    from wan_core.loading.tiny import tiny_dit_config
 
     root = tmp_path_factory.mktemp("loras")
     cfg = tiny_dit_config("t2v")

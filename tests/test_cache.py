@@ -1,4 +1,4 @@
-"""Feature caching (wan_core.cache): exactness when nothing is skipped, the skip arithmetic, branch
+"""Feature caching (wan_core.layers.cache): exactness when nothing is skipped, the skip arithmetic, branch
 separation, the decision rules against transcriptions of the reference algorithms, config keys,
 calibration and its command line. Tiny random DiT, fp32, CPU."""
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from wan_core.cache import (
+from wan_core.layers.cache import (
     COND,
     MAGCACHE_RATIOS,
     TEACACHE_COEFFICIENTS,
@@ -27,11 +27,11 @@ from wan_core.cache import (
     rel_l1,
     simulate,
 )
-from wan_core.cache import main as calibrate_main
-from wan_core.config import PRESETS
+from wan_core.layers.cache import main as calibrate_main
 from wan_core.loading.dit import build_model, save_dit
-from wan_core.sampling import Cond, guided_velocity, make_noise, sample
-from wan_core.schedulers import make_scheduler
+from wan_core.models.config import PRESETS
+from wan_core.sampling.loop import Cond, guided_velocity, make_noise, sample
+from wan_core.sampling.schedulers import make_scheduler
 
 from .test_dit import random_state_dict, tiny_cfg
 

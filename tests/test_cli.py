@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from wan_core.cli import main
+from wan_core.loading.tiny import COMFY_NAMES, write_tiny_model
 from wan_core.options import FeatureNotAvailable, GenerationConfig
-from wan_core.tiny import COMFY_NAMES, write_tiny_model
 from wan_core.video import read_video
 
 WAN_REF = Path(os.environ.get("WAN_REF_DIR", "/work/ref/Wan-Video+Wan2.1"))
@@ -179,20 +179,20 @@ def test_pending_features_and_unknown_keys(tiny, tmp_path, capsys):
     # defaults of those keys are fine
     cfg = GenerationConfig.from_dict({**DISTILL_CONFIG, "parallel": {"seq_p_size": 1, "cfg_p_size": 1}, "lora_configs": []})
     cfg.check("t2v")
-    # the caching keys are kept for wan_core.cache, and survive a keyword update
+    # the caching keys are kept for wan_core.layers.cache, and survive a keyword update
     cfg = GenerationConfig.from_dict({**DISTILL_CONFIG, "feature_caching": "Mag", "magcache_K": 4, "magcache_thresh": 0.1})
     cfg = cfg.updated({"infer_steps": 4})
     assert cfg.cache_config() == {"feature_caching": "Mag", "infer_steps": 4, "magcache_K": 4, "magcache_thresh": 0.1}
 
 
 def test_convert_fp8_subcommand(tiny, tmp_path, capsys):
-    """`convert-fp8` is wan_core.convert mounted: same file as the Python call, LoRAs merged first."""
+    """`convert-fp8` is wan_core.loading.convert mounted: same file as the Python call, LoRAs merged first."""
     import torch
 
-    from wan_core.convert import convert_to_fp8
+    from wan_core.loading.convert import convert_to_fp8
     from wan_core.loading.io import read_state_dict
     from wan_core.loading.lora import random_lora, save_lora
-    from wan_core.tiny import tiny_dit_config
+    from wan_core.loading.tiny import tiny_dit_config
 
     lora = save_lora(random_lora(tiny_dit_config("t2v"), rank=2, seed=4), tmp_path / "l.safetensors")
     out = tmp_path / "fp8.safetensors"
@@ -206,7 +206,7 @@ def test_convert_fp8_subcommand(tiny, tmp_path, capsys):
 
 
 def test_calibrate_cache_subcommand_feeds_a_cached_run(tiny, tmp_path, capsys):
-    """`calibrate-cache` (wan_core.cache's own command line) fits TeaCache coefficients for a model with
+    """`calibrate-cache` (wan_core.layers.cache's own command line) fits TeaCache coefficients for a model with
     no published ones; its 'config' block then runs that model with feature_caching 'Tea'."""
     import torch
     from safetensors.torch import save_file

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wan_core.conditioning import fit_to_area, i2v_mask, image_to_tensor, load_image, prepare_i2v, resize_image
+from wan_core.models.conditioning import fit_to_area, i2v_mask, image_to_tensor, load_image, prepare_i2v, resize_image
 
 AREA_480P = 480 * 832
 AREA_720P = 720 * 1280
@@ -125,7 +125,7 @@ def test_prepare_i2v_follows_the_official_data_flow(area, size):
 def test_first_frame_clip_is_built_in_the_vaes_dtype():
     """The clip goes to the VAE in its dtype (a bf16 VAE gets bf16 frames: the first one the image
     rounded once, the rest exact zeros), not as a float32 copy converted chunk by chunk."""
-    from wan_core.conditioning import encode_first_frame
+    from wan_core.models.conditioning import encode_first_frame
 
     vae = _RecordingVAE()
     vae.dtype = torch.bfloat16

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from wan_core.config import PRESETS, WanConfig
-from wan_core.dit import WanModel
 from wan_core.loading.dit import build_model, official_to_diffusers
+from wan_core.models.config import PRESETS, WanConfig
+from wan_core.models.dit import WanModel
 
 LAYOUTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "checkpoint_layouts")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wan_core import fa3_fp8
-from wan_core.attention import APPROXIMATE, get_attention, resolve_name
+from wan_core.kernels import fa3_fp8
+from wan_core.kernels.attention import APPROXIMATE, get_attention, resolve_name
 
 from .triton_tools import needs_triton, run_interpreted
 
@@ -105,7 +105,7 @@ import json, sys
 sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
 import triton_interp  # noqa: F401  (before any kernel is defined)
 import torch
-from wan_core import fa3_fp8
+from wan_core.kernels import fa3_fp8
 g = torch.Generator().manual_seed(0)
 res = {{}}
 for (b, l, h) in ((2, 300, 2), (1, 256, 3), (1, 70, 1)):  # partial blocks, an exact block, a short one

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wan_core import fa3_fp8
-from wan_core.attention import get_attention
+from wan_core.kernels import fa3_fp8
+from wan_core.kernels.attention import get_attention
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available() or fa3_fp8.available("cuda") is not None:

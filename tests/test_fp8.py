@@ -12,9 +12,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from wan_core.config import PRESETS
-from wan_core.convert import convert_to_fp8, main
-from wan_core.linear import (
+from wan_core.layers.fp8 import (
     FP8_DTYPE,
     FP8Linear,
     _cpu_has_scaled_mm,
@@ -27,8 +25,10 @@ from wan_core.linear import (
     set_fp8_kernel,
 )
 from wan_core.loading import CheckpointError, read_keys
+from wan_core.loading.convert import convert_to_fp8, main
 from wan_core.loading.dit import build_model, save_dit
 from wan_core.loading.fp8 import build_fp8_model, detect_fp8_layout, load_fp8_dit
+from wan_core.models.config import PRESETS
 
 from .test_dit import _layout, random_state_dict, tiny_cfg
 from .test_dit import dit_inputs as _inputs
@@ -346,7 +346,7 @@ def test_converter_merges_loras_before_quantising(tmp_path, monkeypatch, i2v):
         with torch.no_grad():
             model.get_submodule("blocks.0.ffn.0").weight.mul_(2.0)
 
-    monkeypatch.setitem(sys.modules, "wan_core.lora", types.SimpleNamespace(apply_loras=apply_loras))
+    monkeypatch.setitem(sys.modules, "wan_core.layers.lora", types.SimpleNamespace(apply_loras=apply_loras))
     seen = []
     dst = convert_to_fp8(src, str(tmp_path / "l.safetensors"), loras=[("a.safetensors", 0.7)], dtype=torch.float32,
                          before_quantize=lambda m: seen.append(type(m.get_submodule("blocks.0.ffn.0")).__name__))  # fmt: skip
@@ -355,15 +355,15 @@ def test_converter_merges_loras_before_quantising(tmp_path, monkeypatch, i2v):
     codes, s = quantize_weight(sd["blocks.0.ffn.0.weight"] * 2.0)
     assert torch.equal(m.get_submodule("blocks.0.ffn.0").weight.view(torch.uint8), codes.view(torch.uint8))
 
-    monkeypatch.setitem(sys.modules, "wan_core.lora", None)  # not installed -> clear error
-    with pytest.raises(RuntimeError, match="needs wan_core.lora"):
+    monkeypatch.setitem(sys.modules, "wan_core.layers.lora", None)  # not installed -> clear error
+    with pytest.raises(RuntimeError, match="needs wan_core.layers.lora"):
         convert_to_fp8(src, str(tmp_path / "x.safetensors"), loras=[("a.safetensors", 1.0)])
 
 
 def test_converter_with_a_real_lora_file(tmp_path, i2v):
-    """End to end with wan_core.lora: the FP8 file holds quantize(W + strength * alpha / r * up @ down)."""
-    if not hasattr(pytest.importorskip("wan_core.lora"), "apply_loras"):
-        pytest.skip("wan_core.lora has no apply_loras")
+    """End to end with wan_core.layers.lora: the FP8 file holds quantize(W + strength * alpha / r * up @ down)."""
+    if not hasattr(pytest.importorskip("wan_core.layers.lora"), "apply_loras"):
+        pytest.skip("wan_core.layers.lora has no apply_loras")
     cfg, sd, _, _, _ = i2v
     src = save_dit(sd, str(tmp_path / "one"), layout="single", cfg=cfg)
     g = torch.Generator().manual_seed(9)

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from wan_core.linear import FP8Linear, quantize_model, quantize_rows, set_fp8_kernel
+from wan_core.layers.fp8 import FP8Linear, quantize_model, quantize_rows, set_fp8_kernel
 from wan_core.loading.dit import build_model
 
 from .test_dit import random_state_dict, tiny_cfg

@@ -6,12 +6,12 @@ is test_fused_gpu.py."""
 import pytest
 import torch
 
-from wan_core.dit import Block
-from wan_core.fused_block import FusedBlock, fuse_blocks, unfuse_blocks
-from wan_core.fused_ops import QuantRows
-from wan_core.linear import FP8Linear, _cpu_has_scaled_mm, quantize_model
+from wan_core.kernels.fused_ops import QuantRows
+from wan_core.layers.compile import compile_blocks
+from wan_core.layers.fp8 import FP8Linear, _cpu_has_scaled_mm, quantize_model
+from wan_core.layers.fused_block import FusedBlock, fuse_blocks, unfuse_blocks
 from wan_core.loading.dit import build_model
-from wan_core.optimize import compile_blocks
+from wan_core.models.dit import Block
 
 from .test_dit import random_state_dict, tiny_cfg
 from .triton_tools import compile_for_hopper, needs_triton, run_interpreted
@@ -158,7 +158,7 @@ import json, sys
 sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
 import triton_interp  # noqa: F401  (before any kernel is defined)
 import torch
-from wan_core import fused_ops as fo
+from wan_core.kernels import fused_ops as fo
 res = {{}}
 g = torch.Generator().manual_seed(0)
 b, l, c = 2, 5, 96  # C not a power of two: the masked tail of the row
@@ -179,15 +179,15 @@ u = (torch.randn(3, 4, 300, generator=g) * 2).bfloat16()
 got, ref = fo._launch_gelu_quant(u), fo.reference_gelu_quant(u)
 res["gelu"] = dict(x=0.0, h=(got[0].float() != ref[0].float()).float().mean().item(), dtype=str(got[0].dtype),
                    rs=((got[1] - ref[1]).abs() / ref[1]).max().item())
-from wan_core.dit import rope_tables
+from wan_core.models.dit import rope_tables
 q = (torch.randn(2, 12, 48, generator=g) * 2).bfloat16()  # 3 heads of 16, a (2, 2, 3) grid
 cos, sin = rope_tables((2, 2, 3), 16)
 w = 1 + 0.1 * torch.randn(48, generator=g)
 got, ref = fo._launch_rms_norm_rope(q, w, cos, sin, 1e-6, 3), fo.reference_rms_norm_rope(q, w, cos, sin, 1e-6, 3)
 res["rope"] = dict(x=0.0, h=(got.float() != ref.float()).float().mean().item(), dtype=str(got.dtype), rs=0.0)
-from wan_core import linear
+from wan_core.kernels import fp8_rows as linear
 a = (torch.randn(10, 300, generator=g) * 3).bfloat16()
-got, ref = linear._launch_quant_rows(a), linear.quantize_rows(a)
+got, ref = linear.launch_quant_rows(a), linear.quantize_rows(a)
 res["quant"] = dict(x=0.0, h=(got[0].float() != ref[0].float()).float().mean().item(), dtype=str(got[0].dtype),
                     rs=((got[1] - ref[1]).abs() / ref[1]).max().item())
 print(json.dumps(res))
@@ -214,7 +214,7 @@ def test_triton_kernels_compile_for_hopper():
     """The interpreter runs Python, not Triton's compiler: compile every kernel variant the block
     launches down to an sm_90 cubin on this CPU machine, so that what only the compiler rejects
     (non-constexpr globals, unsupported ops, layouts) fails here and not on the GPU."""
-    from wan_core import fused_kernels as fk
+    from wan_core.kernels import fused_kernels as fk
 
     build = compile_for_hopper
 
@@ -240,7 +240,7 @@ def test_fake_ops_match_real_ops():
     (the residual stream enters the first block transposed)."""
     from torch.library import opcheck
 
-    from wan_core.dit import rope_tables
+    from wan_core.models.dit import rope_tables
 
     g = torch.Generator().manual_seed(0)
     b, l, c = 2, 6, 64

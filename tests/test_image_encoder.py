@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from wan_core.image_encoder import ImageEncoderConfig, WanImageEncoder, preprocess_images
 from wan_core.loading.clip import WAN_UNUSED, convert_clip_vision, detect_layout
 from wan_core.loading.io import CheckpointError
+from wan_core.models.image_encoder import ImageEncoderConfig, WanImageEncoder, preprocess_images
 
 # the shared reference folder sits next to the repository (as for tests/test_dit.py)
 LAYOUTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint_layouts"

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wan_core.layers.lora import LoraMismatchError, apply_loras, lora_report, remove_loras, set_lora_strengths
 from wan_core.loading import CheckpointError
 from wan_core.loading.dit import build_model
 from wan_core.loading.lora import (
@@ -19,7 +20,6 @@ from wan_core.loading.lora import (
     random_lora,
     save_lora,
 )
-from wan_core.lora import LoraMismatchError, apply_loras, lora_report, remove_loras, set_lora_strengths
 
 from .test_dit import dit_inputs as _inputs
 from .test_dit import random_state_dict, tiny_cfg
@@ -321,7 +321,7 @@ def _swap_attention_linears(model, make):
 
 
 def _fp8linear(lin):
-    from wan_core.linear import FP8Linear
+    from wan_core.layers.fp8 import FP8Linear
 
     return FP8Linear.from_linear(lin)  # kernel 'dequant', compute dtype = the linear's
 
@@ -371,7 +371,7 @@ def test_originals_given_by_the_caller_are_kept_not_copied(tmp_path):
         return views.get(name)
 
     apply_loras(ours, [(lw, 0.8)], originals=provider)
-    from wan_core.lora import _state
+    from wan_core.layers.lora import _state
 
     kept = _state(ours).originals
     assert asked and all(kept[n] is views[n] for n in asked)  # the caller's tensors, not copies

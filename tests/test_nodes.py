@@ -260,7 +260,7 @@ def test_cancel_stops_between_steps(models):
 def test_preview_projection_recovers_a_linear_decoder():
     from types import SimpleNamespace
 
-    from wan_core.preview import fit_rgb_projection, latent_to_rgb
+    from wan_core.sampling.preview import fit_rgb_projection, latent_to_rgb
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(3, 16, generator=g) * 0.2, torch.randn(3, generator=g) * 0.1
@@ -336,7 +336,7 @@ def test_cache_config_node_and_sampler(models):
 
 def test_lora_on_an_fp8_model(models):
     """WanFP8Loader on a bf16 file (quantised on load) + WanLoraApply: the LoRA runs beside the FP8 linears."""
-    from wan_core.lora import lora_report
+    from wan_core.layers.lora import lora_report
     from wan_core.spec import build_dit
 
     fp8 = _load(cls="WanFP8Loader")
@@ -421,10 +421,10 @@ def test_latent_is_comfyui_raw_convention(models):
     """LATENT carries raw VAE latents, as ComfyUI's own nodes exchange them: the sampler's output is
     `latent_to_raw` of the engine's latent, and WanVAEDecode of a raw latent equals the engine's
     decode of the normalised one (so core VAE Decode / core samplers mix with ours)."""
-    from wan_core.sampling import Cond, make_noise, sample
-    from wan_core.schedulers import make_scheduler
+    from wan_core.models.vae import WAN21_LATENT_MEAN, latent_from_raw, latent_to_raw
+    from wan_core.sampling.loop import Cond, make_noise, sample
+    from wan_core.sampling.schedulers import make_scheduler
     from wan_core.spec import build_dit, build_vae
-    from wan_core.vae import WAN21_LATENT_MEAN, latent_from_raw, latent_to_raw
 
     model = _load()
     text = _text(model)

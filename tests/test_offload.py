@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from wan_core.linear import FP8_DTYPE, quantize_model
-from wan_core.loading.dit import build_model
-from wan_core.offload import (
+from wan_core.layers.fp8 import FP8_DTYPE, quantize_model
+from wan_core.layers.offload import (
     BlockOffload,
     GiB,
     ModelOffload,
@@ -23,6 +22,7 @@ from wan_core.offload import (
     tokens_for,
     weight_sizes,
 )
+from wan_core.loading.dit import build_model
 
 from .test_dit import random_state_dict, tiny_cfg
 
@@ -281,7 +281,7 @@ def test_hooks_coexist_with_compiled_blocks():
 
 
 def test_explain_oom_names_the_option_and_a_budget_that_fits():
-    from wan_core.config import PRESETS
+    from wan_core.models.config import PRESETS
 
     model = build_model(PRESETS["t2v-14b"], None, dtype=torch.bfloat16, device="meta")
     tokens = tokens_for(81, 480, 832)

@@ -1,5 +1,5 @@
 """CPU offload through the three doors: the CLI's LightX2V keys, the Python API and the
-WanOffloadConfig node reach `wan_core.offload.enable_offload` with the right arguments, and the
+WanOffloadConfig node reach `wan_core.layers.offload.enable_offload` with the right arguments, and the
 offloaded run gives the resident run's result; a CUDA out-of-memory error at the run boundary is
 re-worded by `explain_oom`; LoRA changes on an offloaded DiT give the fresh build's numbers.
 
@@ -20,10 +20,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from wan_core.offload import BlockOffload, GiB, ModelOffload
+from wan_core.layers.offload import BlockOffload, GiB, ModelOffload
+from wan_core.loading.tiny import write_tiny_model
 from wan_core.pipeline import WanPipeline
 from wan_core.spec import ModelSpec, build_dit, clear_cache, offload_handle
-from wan_core.tiny import write_tiny_model
 
 TOL = 1e-5
 RUN = dict(infer_steps=2, target_video_length=5, target_height=32, target_width=48, sample_guide_scale=4.0, sample_shift=5.0)
@@ -51,7 +51,7 @@ def resident(model_dir):
 @pytest.fixture
 def calls(monkeypatch):
     """Every enable_offload call (its arguments), passed through to the real one."""
-    import wan_core.offload as offload
+    import wan_core.layers.offload as offload
 
     seen = []
     real = offload.enable_offload
@@ -181,7 +181,7 @@ def _oom(*args, **kwargs):
 
 
 def test_oom_in_generate_names_the_offload_option(model_dir, monkeypatch, calls, tmp_path, capsys):
-    import wan_core.denoise as denoise  # the denoising stage every door runs
+    import wan_core.sampling.denoise as denoise  # the denoising stage every door runs
 
     monkeypatch.setattr(denoise, "sample", _oom)
     pipe = _pipe(model_dir)
@@ -208,7 +208,7 @@ def test_oom_in_the_sampler_node_suggests_a_budget_for_the_card(model_dir, monke
 
     spec = _pipe(model_dir).spec
     text = NODE_CLASS_MAPPINGS["WanTextEncode"]().encode(spec, PROMPT, "")["result"][0]
-    import wan_core.denoise as denoise
+    import wan_core.sampling.denoise as denoise
 
     monkeypatch.setattr(denoise, "sample", _oom)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -13,8 +13,8 @@
 import pytest
 import torch
 
+from wan_core.layers.offload import GiB, activation_bytes, enable_offload, offload_component, weight_sizes
 from wan_core.loading.dit import build_model
-from wan_core.offload import GiB, activation_bytes, enable_offload, offload_component, weight_sizes
 
 from .test_dit import random_state_dict, tiny_cfg
 
@@ -68,7 +68,7 @@ def test_block_offload_equals_resident_on_cuda(resident, prefetch):
 
 
 def test_block_offload_with_compiled_blocks_equals_compiled_resident():
-    from wan_core.optimize import compile_blocks
+    from wan_core.layers.compile import compile_blocks
 
     cfg = tiny_cfg(**MID)
     sd = _sd(cfg)

@@ -15,9 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from wan_core.fused_block import fuse_blocks, unfuse_blocks
-from wan_core.loading.dit import build_model
-from wan_core.parallel import (
+from wan_core.layers.fused_block import fuse_blocks, unfuse_blocks
+from wan_core.layers.parallel import (
     ParallelConfig,
     build_groups,
     disable_sequence_parallel,
@@ -25,10 +24,11 @@ from wan_core.parallel import (
     init_process_group,
     parallel_sample,
 )
-from wan_core.parallel.apply import split_layout
-from wan_core.parallel.ring import get_lse_attention, lse_attention_math, merge_partial
-from wan_core.sampling import Cond, make_noise, sample
-from wan_core.schedulers import make_scheduler
+from wan_core.layers.parallel.apply import split_layout
+from wan_core.layers.parallel.ring import get_lse_attention, lse_attention_math, merge_partial
+from wan_core.loading.dit import build_model
+from wan_core.sampling.loop import Cond, make_noise, sample
+from wan_core.sampling.schedulers import make_scheduler
 
 from .test_dit import random_state_dict, rel_err, tiny_cfg
 
@@ -137,7 +137,7 @@ def _check_cached_sampling(model, pc: ParallelConfig, groups_cache: dict):
     """A TeaCache ('block0' indicator: reads the tokens) attached outside sequence parallel, with
     CFG parallel declaring each rank's branch: the same steps are skipped and the same latent
     comes out as in one process."""
-    from wan_core.cache import FeatureCache, TeaCachePolicy, feature_cache, guided_velocity_branches
+    from wan_core.layers.cache import FeatureCache, TeaCachePolicy, feature_cache, guided_velocity_branches
 
     groups = groups_cache.get(pc) or groups_cache.setdefault(pc, build_groups(pc, model.cfg.num_heads))
     g = torch.Generator().manual_seed(6)
@@ -232,9 +232,9 @@ def test_eight_processes_seed_layouts(tmp_path):
 # ---- torchrun: a whole generation on 2 CPU processes writes the frames of 1 process ------------
 _TORCHRUN_SCRIPT = """
 import sys, torch
-from wan_core.parallel import run_distributed_generate
+from wan_core.layers.parallel import run_distributed_generate
 from wan_core.pipeline import WanPipeline
-from wan_core.sampling import make_noise, sample
+from wan_core.sampling.loop import make_noise, sample
 
 model_dir, out, parallel = sys.argv[1], sys.argv[2], eval(sys.argv[3])
 torch.set_num_threads(1)
@@ -261,8 +261,8 @@ def test_torchrun_generation_equals_one_process(tmp_path):
     import subprocess
     import sys
 
+    from wan_core.loading.tiny import tiny_model_dir
     from wan_core.pipeline import WanPipeline
-    from wan_core.tiny import tiny_model_dir
 
     model_dir = tiny_model_dir("t2v", "wan")
     pipe = WanPipeline(model_dir, dtype="fp32", device="cpu").create_generator(

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from wan_core.cli import main
+from wan_core.layers.parallel import ParallelConfig
+from wan_core.loading.tiny import write_tiny_model
 from wan_core.options import GenerationConfig
-from wan_core.parallel import ParallelConfig
 from wan_core.pipeline import WanPipeline
-from wan_core.tiny import write_tiny_model
 from wan_core.video import read_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

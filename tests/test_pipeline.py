@@ -1,6 +1,6 @@
 """Whole runs of WanPipeline against diffusers' WanPipeline / WanImageToVideoPipeline.
 
-One tiny random model is written twice by `wan_core.tiny` with the same values: in the Wan-AI
+One tiny random model is written twice by `wan_core.loading.tiny` with the same values: in the Wan-AI
 layout (what our pipeline loads) and in the diffusers layout, which diffusers loads with its own
 `from_pretrained` (so the layout writer is checked too: a mis-mapped name would leave a random
 weight in diffusers and the outputs would differ). Both sides get the same prompt, image and noise
@@ -31,12 +31,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wan_core.conditioning import resize_image
+from wan_core.loading.tiny import write_tiny_model
+from wan_core.models.conditioning import resize_image
 from wan_core.options import DEFAULT_NEGATIVE_PROMPT
 from wan_core.pipeline import WanPipeline
-from wan_core.sampling import make_noise
+from wan_core.sampling.loop import make_noise
 from wan_core.spec import ModelSpec, build_dit, clear_cache
-from wan_core.tiny import write_tiny_model
 
 from .test_schedulers import diffusers_unipc, official_unipc_grid
 
@@ -245,7 +245,7 @@ def test_stage_methods_compose_to_generate(models):
     assert torch.equal(latent, full.latent)
     assert torch.equal(pipe.decode(latent), full.frames)
     # the predict hook (what a multi-process run passes: CFG parallel over a one-process predict) is used as given
-    from wan_core.sampling import guided_velocity
+    from wan_core.sampling.loop import guided_velocity
 
     seen = []
 
@@ -351,8 +351,8 @@ def test_lora_changes_reuse_the_cached_base(models, loras, fp8, monkeypatch):
     import wan_core.loading.dit as dit_loading
     import wan_core.loading.fp8 as fp8_loading
     import wan_core.loading.lora as lora_loading
-    from wan_core.linear import FP8Linear
-    from wan_core.lora import lora_report
+    from wan_core.layers.fp8 import FP8Linear
+    from wan_core.layers.lora import lora_report
 
     a, b = loras
     spec = ModelSpec(dit=str(models["t2v", "wan"]), dtype="fp32", device="cpu", fp8=fp8)
@@ -390,7 +390,7 @@ def test_compiled_blocks_run_lora_branches_added_later(models, loras, monkeypatc
     compiles, so adding, changing and removing branches on a compiled FP8 model gives the eager
     results. Checked with dynamo's 'eager' backend (the same tracing and guards as inductor on CUDA,
     no C++ compile), the model's blocks compiled by build_dit as on a GPU."""
-    import wan_core.optimize as optimize
+    import wan_core.layers.compile as optimize
 
     a, b = loras
     monkeypatch.setattr(optimize, "compile_blocks", lambda model: [blk.compile(backend="eager", dynamic=False) for blk in model.blocks])

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wan_core import sage_attention as sa
-from wan_core.attention import APPROXIMATE, get_attention, resolve_name
+from wan_core.kernels import sage_attention as sa
+from wan_core.kernels.attention import APPROXIMATE, get_attention, resolve_name
 
 from .triton_tools import compile_for_hopper, needs_triton, run_interpreted
 
@@ -99,7 +99,7 @@ import json, sys
 sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
 import triton_interp  # noqa: F401  (before any kernel is defined)
 import torch
-from wan_core import sage_attention as sa
+from wan_core.kernels import sage_attention as sa
 res = {{}}
 for qk_int8, tma, pipe, ws in ((True, False, False, False), (False, False, True, False), (False, True, True, False),
                                (True, True, False, False), (False, True, False, True)):
@@ -133,7 +133,7 @@ def test_eight_bit_self_attention_keeps_cross_attention_exact(monkeypatch):
     """WanModel.set_attention: with an 8-bit self-attention and no cross backend named, the
     cross-attention stays on exact SDPA ("auto"); named, it is what was named. (The 8-bit kernel
     needs CUDA, so a stand-in function is registered under its name here.)"""
-    import wan_core.attention as attention
+    import wan_core.kernels.attention as attention
     from wan_core.loading.dit import build_model
 
     from .test_dit import random_state_dict, tiny_cfg
@@ -159,7 +159,7 @@ import json, sys
 sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
 import triton_interp  # noqa: F401  (before any kernel is defined)
 import torch
-from wan_core import sage_attention as sa
+from wan_core.kernels import sage_attention as sa
 g = torch.Generator().manual_seed(0)
 res = {{}}
 for (b, l, h) in ((2, 300, 2), (1, 256, 3), (1, 70, 1)):  # partial blocks, an exact block, a short one
@@ -195,7 +195,7 @@ def test_quantize_kernels_equal_torch_quantize_in_the_interpreter():
 def test_quantize_op_fake_matches_real(op):
     from torch.library import opcheck
 
-    import wan_core.fa3_fp8  # noqa: F401  (registers fa3_quantize)
+    import wan_core.kernels.fa3_fp8  # noqa: F401  (registers fa3_quantize)
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 300, 2, 128, generator=g).bfloat16() for _ in range(3))
@@ -206,7 +206,7 @@ def test_quantize_op_fake_matches_real(op):
 def test_quantize_kernels_compile_for_hopper():
     """Every tile the autotuners try, for both attentions' quantisation, compiles for sm_90 (the
     interpreter does not compile)."""
-    from wan_core import sage_quant_kernel as kern
+    from wan_core.kernels import sage_quant_kernel as kern
 
     build = compile_for_hopper
     sig = {"k_ptr": "*bf16", "v_ptr": "*bf16", "part_ptr": "*fp32", "L": "i32", "C": "i32", "n_chunks": "i32"}

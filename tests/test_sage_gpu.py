@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from wan_core import sage_attention as sa
-from wan_core.attention import APPROXIMATE, get_attention
+from wan_core.kernels import sage_attention as sa
+from wan_core.kernels.attention import APPROXIMATE, get_attention
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available() or sa.available("cuda") is not None:
@@ -78,7 +78,7 @@ def test_compiled_block_with_the_kernel_matches_eager():
 def test_dit_forward_in_fast_mode_is_close_to_exact():
     """A small DiT with head_dim 128 (as Wan's): 8-bit self-attention (+ FP8 linears) against the
     same weights with exact SDPA, on the same inputs: the fast-mode bar (cosine >= 0.99)."""
-    from wan_core.linear import quantize_model
+    from wan_core.layers.fp8 import quantize_model
     from wan_core.loading.dit import build_model
 
     from .test_dit import random_state_dict, tiny_cfg

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from wan_core.loading.dit import build_model
-from wan_core.sampling import Cond, latent_shape, make_noise, sample
-from wan_core.schedulers import make_scheduler
+from wan_core.sampling.loop import Cond, latent_shape, make_noise, sample
+from wan_core.sampling.schedulers import make_scheduler
 
 from .test_dit import diffusers_model, random_state_dict, rel_err, tiny_cfg
 from .test_schedulers import diffusers_unipc_official_grid

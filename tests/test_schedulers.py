@@ -1,4 +1,4 @@
-"""wan_core.schedulers against diffusers' schedulers, the official Wan UniPC file and LightX2V's distill formula.
+"""wan_core.sampling.schedulers against diffusers' schedulers, the official Wan UniPC file and LightX2V's distill formula.
 
 The "model" is a fixed random affine map ``v = x @ A^T + b`` (deterministic, cheap), so whole sampling loops can be
 compared step for step.
@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-from wan_core.schedulers import (
+from wan_core.sampling.schedulers import (
     SCHEDULER_NAMES,
     FlowEulerScheduler,
     FlowUniPCScheduler,

@@ -27,8 +27,8 @@ from wan_core.loading.t5 import (
     wan_key_to_transformers,
     wan_to_transformers,
 )
-from wan_core.text_encoder import WanTextEncoder, build_umt5_encoder, umt5_config_from_state_dict
-from wan_core.tokenizer import TokenizerError, clean_prompt, load_tokenizer, write_tiny_tokenizer
+from wan_core.models.text_encoder import WanTextEncoder, build_umt5_encoder, umt5_config_from_state_dict
+from wan_core.models.tokenizer import TokenizerError, clean_prompt, load_tokenizer, write_tiny_tokenizer
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _LAYOUT_DIRS = [

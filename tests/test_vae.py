@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from wan_core.loading.io import CheckpointError
 from wan_core.loading.vae import diffusers_to_official, load_vae_state_dict
-from wan_core.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, Decoder3d, WanVAE, WanVAEConfig
+from wan_core.models.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, Decoder3d, WanVAE, WanVAEConfig
 
 from .triton_tools import compile_for_hopper, needs_triton, run_interpreted
 
@@ -120,7 +120,7 @@ def test_channels_last_layout_same_result_and_kept_throughout(pair, monkeypatch)
     and none of our ops silently falls back to the plain layout on the way (every conv input
     stays channels-last), encode, plain decode and tiled decode alike. The CPU conv returns
     plain layout whatever it gets, so it is made to answer in the input's layout as cuDNN does."""
-    from wan_core.vae import CausalConv3d, _is_channels_last
+    from wan_core.models.vae import CausalConv3d, _is_channels_last
 
     conv3d = torch.nn.functional.conv3d
 
@@ -168,7 +168,7 @@ def test_time_folded_causal_conv_equals_the_3d_conv(channels_last):
     in a row (a 1-frame chunk's history mixes the old history and the new frame), with and without
     the norm (+ bias) written into the buffer, without a cache (zeros in the past). A conv without
     a 3-frame kernel refuses to fold."""
-    from wan_core.vae import CausalConv3d, RMSNorm
+    from wan_core.models.vae import CausalConv3d, RMSNorm
 
     g = torch.Generator().manual_seed(0)
     conv = CausalConv3d(8, 6, 3, padding=1).eval()
@@ -203,7 +203,7 @@ def test_subpixel_upsampler_equals_upsample_then_conv(mode):
     copy give nearest-upsample + 3x3 conv, for the plain upsampler and for upsample3d's two frame
     groups (after its time conv, from the second chunk on); the output stays channels-last. On
     plain-layout activations the upsample + conv path runs whatever the switch."""
-    from wan_core.vae import Resample, _is_channels_last
+    from wan_core.models.vae import Resample, _is_channels_last
 
     up = Resample(12, mode).eval()
     _randomize(up, seed=8)
@@ -230,7 +230,7 @@ def test_full_size_vae_folds_the_measured_convs():
     """At full size the time-folding rule picks what was measured to pay on the H100: the convs
     with 96 input channels (the full-resolution ones and the encoder's 96 -> 192) and the
     encoder's first conv; not the decoder's 96 -> 3 head, nor any 192- or 384-channel input."""
-    from wan_core.vae import CausalConv3d, folds_on_cuda
+    from wan_core.models.vae import CausalConv3d, folds_on_cuda
 
     with torch.device("meta"):
         model = WanVAE()
@@ -248,7 +248,7 @@ def test_vae_with_time_folded_convs_equals_plain(monkeypatch):
     numbers (on CUDA the 96-channel convs fold by themselves; here all are made to); a conv's
     folded weight is made afresh per call, so new weights are picked up, and dropped after it (an
     offloaded VAE keeps nothing on the GPU)."""
-    from wan_core.vae import CausalConv3d
+    from wan_core.models.vae import CausalConv3d
 
     model = WanVAE(WanVAEConfig(dim=4, num_res_blocks=1)).eval()
     _randomize(model, seed=5)
@@ -404,8 +404,8 @@ import json, sys
 sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
 import triton_interp  # noqa: F401  (before any kernel is defined)
 import torch
-from wan_core.vae import RMSNorm, dense_rows
-from wan_core.vae_kernels import launch_add_bias_residual, launch_fold_rows, launch_rms_norm_silu, launch_subpixel_rows
+from wan_core.models.vae import RMSNorm, dense_rows
+from wan_core.kernels.vae_kernels import launch_add_bias_residual, launch_fold_rows, launch_rms_norm_silu, launch_subpixel_rows
 g = torch.Generator().manual_seed(0)
 res = {{}}
 for dtype in (torch.float32, torch.bfloat16):
@@ -504,7 +504,7 @@ def test_fused_rms_norm_matches_the_torch_ops_in_the_interpreter():
 def test_fused_rms_norm_compiles_for_hopper():
     """Every variant the VAE launches (bf16 and float32, with and without SiLU, bias and tail,
     time-folded or not, 96-384 channels; the residual kernel) compiles to an sm_90 cubin on this CPU machine."""
-    from wan_core.vae_kernels import add_bias_residual, fold_rows, rms_norm_silu, subpixel_rows
+    from wan_core.kernels.vae_kernels import add_bias_residual, fold_rows, rms_norm_silu, subpixel_rows
 
     for t in ("bf16", "fp32"):
         sig = {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "g_ptr": f"*{t}", "o_ptr": f"*{t}", "t_ptr": f"*{t}", "R": "i32",
@@ -530,7 +530,7 @@ def test_fused_rms_norm_compiles_for_hopper():
 
 
 def test_dense_rows_accepts_only_the_layouts_the_kernel_indexes():
-    from wan_core.vae import dense_rows
+    from wan_core.models.vae import dense_rows
 
     cl = torch.empty(2, 8, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
     buf = torch.empty(2, 8, 5, 4, 5).contiguous(memory_format=torch.channels_last_3d)
@@ -550,8 +550,8 @@ def test_gpu_decode_and_encode_with_the_fused_norm_equal_the_torch_ops(dtype, mo
     the torch ops and 3-D convs give (float32: to rounding; 16-bit: as close to the float32 result
     as the torch path), tiled decoding too, and the kernels really ran
     (counted)."""
-    from wan_core import vae as vae_mod
-    from wan_core import vae_kernels
+    from wan_core.kernels import vae_kernels
+    from wan_core.models import vae as vae_mod
 
     model = WanVAE(WanVAEConfig(dim=8), channels_last=True).eval()
     _randomize(model, seed=1)

@@ -26,13 +26,13 @@ import pytest
 import torch
 
 from wan_core.cli import main
-from wan_core.convert import convert_to_fp8
-from wan_core.linear import FP8Linear
+from wan_core.layers.fp8 import FP8Linear
+from wan_core.layers.lora import apply_loras, lora_report
+from wan_core.loading.convert import convert_to_fp8
 from wan_core.loading.dit import load_dit, save_dit
 from wan_core.loading.lora import random_lora, save_lora
-from wan_core.lora import apply_loras, lora_report
+from wan_core.loading.tiny import tiny_dit_config, write_tiny_model
 from wan_core.pipeline import WanPipeline
-from wan_core.tiny import tiny_dit_config, write_tiny_model
 
 PROMPT = "a red fox running through the snowy forest"
 SEED = 7

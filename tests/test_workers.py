@@ -15,10 +15,10 @@ import psutil
 import pytest
 import torch
 
+from wan_core.layers.parallel.workers import RunCancelled, SampleRequest, WorkerGroup, WorkerGroupError
 from wan_core.loading.dit import save_dit
-from wan_core.parallel.workers import RunCancelled, SampleRequest, WorkerGroup, WorkerGroupError
-from wan_core.sampling import Cond, make_noise, sample
-from wan_core.schedulers import make_scheduler
+from wan_core.sampling.loop import Cond, make_noise, sample
+from wan_core.sampling.schedulers import make_scheduler
 from wan_core.spec import ModelSpec, build_dit
 
 from .test_dit import random_state_dict, rel_err, tiny_cfg

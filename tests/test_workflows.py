@@ -250,8 +250,8 @@ def test_api_workflow_runs_headless(name, comfy_dirs):
 def test_second_run_does_not_reload(comfy_dirs, monkeypatch):
     """Models are described by the loader and built once: running the workflow again reads no weights."""
     import wan_core.loading.dit as dit_loading
-    import wan_core.text_encoder as te
-    import wan_core.vae as vae
+    import wan_core.models.text_encoder as te
+    import wan_core.models.vae as vae
 
     _run("wan21_t2v_14b_base", comfy_dirs)
     calls = []

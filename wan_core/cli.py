@@ -190,7 +190,7 @@ def _tiny_setup(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=0)
 
     def run(args) -> int:
-        from .tiny import write_tiny_model
+        from .loading.tiny import write_tiny_model
 
         path = write_tiny_model(args.out, args.task, args.layout, args.seed)
         print(f"wrote a tiny random {args.task} model ({args.layout} layout) to {path}")
@@ -225,8 +225,8 @@ def _demo_setup(p: argparse.ArgumentParser):
     p.add_argument("--cache_dir", help="where the tiny model is kept (default ~/.cache/wan_core or $WAN_CORE_CACHE)")
 
     def run(args) -> int:
+        from .loading.tiny import tiny_model_dir
         from .pipeline import WanPipeline
-        from .tiny import tiny_model_dir
 
         model = tiny_model_dir(args.task, root=args.cache_dir)
         print(f"tiny random-weight model: {model}  (the video shows noise patterns: the weights are random)")
@@ -248,7 +248,7 @@ def _demo_setup(p: argparse.ArgumentParser):
 
 @subcommand("convert-fp8", "Convert a DiT checkpoint (optionally with LoRAs merged) to per-channel FP8 safetensors")
 def _convert_setup(p: argparse.ArgumentParser):
-    from . import convert
+    from .loading import convert
 
     convert.add_arguments(p)
     return convert.run
@@ -256,7 +256,7 @@ def _convert_setup(p: argparse.ArgumentParser):
 
 @passthrough("calibrate-cache", "Fit TeaCache coefficients / MagCache ratios for a DiT (uncached sampling runs)")
 def _calibrate_main():
-    from .cache.calibrate import main as calibrate_main
+    from .layers.cache.calibrate import main as calibrate_main
 
     return calibrate_main
 
@@ -268,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from .loading.io import CheckpointError
+    from .models.tokenizer import TokenizerError
     from .options import FeatureNotAvailable
-    from .tokenizer import TokenizerError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):

@@ -6,9 +6,9 @@ A LightX2V user's config files work unchanged. Every key falls in one of four gr
   (`feature_caching` with its Tea/Mag keys, kept in `GenerationConfig.cache`), CPU offload
   (`cpu_offload`, `offload_granularity`, `t5_cpu_offload` / `text_encoder_cpu_offload`,
   `clip_cpu_offload`, `vae_cpu_offload`; ours: `vram_budget_gb`, `offload_resident_blocks`,
-  `offload_prefetch`; see `wan_core.offload.OffloadOptions`) and several GPUs (`parallel`:
+  `offload_prefetch`; see `wan_core.layers.offload.OffloadOptions`) and several GPUs (`parallel`:
   `cfg_p_size`, `seq_p_size`, `seq_p_attn_type`; ours: `ulysses_p_size`, `ring_p_size`; see
-  `wan_core.parallel.ParallelConfig`; it runs under torchrun);
+  `wan_core.layers.parallel.ParallelConfig`; it runs under torchrun);
 - pending: keys of features that land later (disk offload, quantized T5/CLIP, ...). They
   are parsed; asking for anything but their default raises `FeatureNotAvailable` naming the key.
   A feature that lands moves its keys from `PENDING` into the used group;
@@ -26,7 +26,7 @@ linears (LightX2V refuses merging a LoRA into a quantized model); feature cachin
 kernel it has, with a warning, as attention backends named in a config do. `t5_cpu_offload`
 (and the CLIP / VAE flags) keep the model in host memory and move it to the GPU for its stage
 (LightX2V runs T5 on the CPU instead); `offload_granularity` "phase" runs as "block"
-(`wan_core.offload`); `seq_p_attn_type` "ulysses-4090" runs as "ulysses". Under torchrun with no
+(`wan_core.layers.offload`); `seq_p_attn_type` "ulysses-4090" runs as "ulysses". Under torchrun with no
 `parallel` key (or `parallel: false`), every process joins one Ulysses group over the whole world
 (LightX2V would run the same video on every process).
 """
@@ -78,8 +78,8 @@ _QUALIFIERS = {
 }  # fmt: skip
 # LightX2V caching methods wan_core does not have (Tea and Mag it has).
 _LIGHTX2V_CACHE_METHODS = ("TaylorSeer", "Ada", "Custom", "FirstBlock", "DualBlock", "DynamicBlock")
-# Feature-caching keys (LightX2V's, plus wan_core.cache's extras): kept as given in `GenerationConfig.cache`
-# and read by `wan_core.cache.cache_from_config`.
+# Feature-caching keys (LightX2V's, plus wan_core.layers.cache's extras): kept as given in `GenerationConfig.cache`
+# and read by `wan_core.layers.cache.cache_from_config`.
 CACHE_KEYS = {
     "teacache_thresh", "use_ret_steps", "coefficients", "teacache_indicator", "teacache_start_step",
     "teacache_end_step", "teacache_max_skips", "magcache_thresh", "magcache_K", "magcache_retention_ratio",
@@ -105,7 +105,7 @@ KWARG_ALIASES = {
 
 
 def parallel_dict(v) -> dict:
-    """A `parallel` value as the dict `wan_core.parallel.ParallelConfig.from_dict` reads ({} for false/None).
+    """A `parallel` value as the dict `wan_core.layers.parallel.ParallelConfig.from_dict` reads ({} for false/None).
 
     LightX2V's consumer-card Ulysses variant ("ulysses-4090": all-to-all without peer-to-peer
     links) runs as plain Ulysses; NCCL picks the transport here.
@@ -161,7 +161,7 @@ class GenerationConfig:
     # feature caching: "NoCaching" | "Tea" | "Mag", its other keys (CACHE_KEYS) as given in `cache`
     feature_caching: str = "NoCaching"
     cache: dict[str, Any] = field(default_factory=dict)
-    # CPU offload (`wan_core.offload`): the DiT by "model" or "block" ("phase" runs as block); the
+    # CPU offload (`wan_core.layers.offload`): the DiT by "model" or "block" ("phase" runs as block); the
     # component flags default to cpu_offload; vram_budget_gb chooses the resident blocks
     # (exclusive with offload_resident_blocks: blocks kept on the GPU for good, 0 = all stream)
     cpu_offload: bool = False
@@ -172,7 +172,7 @@ class GenerationConfig:
     vram_budget_gb: float | None = None
     offload_resident_blocks: int | None = None
     offload_prefetch: int = 1
-    # several GPUs (`wan_core.parallel`, under torchrun): {"cfg_p_size", "seq_p_size", "seq_p_attn_type", ...}
+    # several GPUs (`wan_core.layers.parallel`, under torchrun): {"cfg_p_size", "seq_p_size", "seq_p_attn_type", ...}
     parallel: dict[str, Any] | bool | None = None
     # keys of features not built yet, as given (see PENDING)
     pending: dict[str, Any] = field(default_factory=dict)
@@ -193,25 +193,25 @@ class GenerationConfig:
         return int(self.target_height) * int(self.target_width)
 
     def scheduler(self):
-        from .schedulers import scheduler_from_config
+        from .sampling.schedulers import scheduler_from_config
 
         return scheduler_from_config(dataclasses.asdict(self))
 
     def cache_config(self) -> dict[str, Any]:
-        """The keys `wan_core.cache.cache_from_config` reads (method, run length, Tea/Mag settings)."""
+        """The keys `wan_core.layers.cache.cache_from_config` reads (method, run length, Tea/Mag settings)."""
         return {"feature_caching": self.feature_caching, "infer_steps": len(self.scheduler()), **self.cache}
 
     def offload_options(self):
-        """The offload settings (`wan_core.offload.OffloadOptions`) these keys ask for."""
-        from .offload import OffloadOptions
+        """The offload settings (`wan_core.layers.offload.OffloadOptions`) these keys ask for."""
+        from .layers.offload import OffloadOptions
 
         keys = ("cpu_offload", "offload_granularity", "t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload",
                 "vram_budget_gb", "offload_resident_blocks", "offload_prefetch")  # fmt: skip
         return OffloadOptions.from_config({k: getattr(self, k) for k in keys if getattr(self, k) is not None})
 
     def parallel_config(self, world_size: int | None = None):
-        """The degrees (`wan_core.parallel.ParallelConfig`) `parallel` asks for in a world of `world_size`."""
-        from .parallel.group import ParallelConfig
+        """The degrees (`wan_core.layers.parallel.ParallelConfig`) `parallel` asks for in a world of `world_size`."""
+        from .layers.parallel.group import ParallelConfig
 
         return ParallelConfig.from_dict(parallel_dict(self.parallel), world_size=world_size)
 
@@ -258,7 +258,7 @@ class GenerationConfig:
         self.lora_list()
         if self.dit_quantized:
             _check_scheme(self.dit_quant_scheme or "fp8")
-        from .cache import CACHE_METHODS
+        from .layers.cache import CACHE_METHODS
 
         method = self.feature_caching or "NoCaching"
         if method in _LIGHTX2V_CACHE_METHODS:
@@ -340,7 +340,7 @@ class GenerationConfig:
 
 def _check_scheme(name) -> None:
     """A `dit_quant_scheme` wan_core can run (FP8 per-channel); ValueError naming the supported ones."""
-    from .linear import resolve_kernel
+    from .layers.fp8 import resolve_kernel
 
     if not isinstance(name, str):
         raise ValueError(f"dit_quant_scheme must be a string such as 'fp8-sgl', got {name!r}")

@@ -6,7 +6,7 @@
     result.frames      # [T, H, W, 3] float in [0, 1]; result.timings, result.peak_memory
 
 `create_generator` reads the settings (LightX2V config keys, see `wan_core.options`), finds the
-component files (`wan_core.discover`), and builds the models through the `ModelSpec` cache, so
+component files (`wan_core.loading.discover`), and builds the models through the `ModelSpec` cache, so
 a second pipeline over the same files shares them. `generate` runs the stages, each also public
 for the ComfyUI nodes: `encode_text` -> (`encode_image`) -> `sample` -> `decode`.
 
@@ -29,7 +29,7 @@ Memory (16-24 GB cards): `cpu_offload=True, offload_granularity="block"` keeps t
 memory and streams its blocks through the GPU (`vram_budget_gb=14` lets it keep as many blocks
 resident as fit); T5 / CLIP / VAE follow `cpu_offload` unless their own flags say otherwise
 (`t5_cpu_offload`, ...). A CUDA out-of-memory error in the sampling loop is re-raised with the
-offload settings that would fit (`wan_core.offload.explain_oom`).
+offload settings that would fit (`wan_core.layers.offload.explain_oom`).
 
 Several GPUs: run the script (or `python -m wan_core`) under `torchrun --nproc_per_node=N`, with
 `parallel={"seq_p_size": N, "seq_p_attn_type": "ulysses"}` (or `cfg_p_size=2` x ...); without a
@@ -51,11 +51,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .conditioning import I2VCondition, load_image, prepare_i2v
-from .denoise import denoise
-from .discover import find_model_files
+from .loading.discover import find_model_files
+from .models.conditioning import I2VCondition, load_image, prepare_i2v
 from .options import DEFAULT_NEGATIVE_PROMPT, GenerationConfig, parallel_dict
-from .sampling import Cond, StepInfo, latent_shape, make_noise
+from .sampling.denoise import denoise
+from .sampling.loop import Cond, StepInfo, latent_shape, make_noise
 from .spec import (
     ModelSpec,
     build_dit,
@@ -109,7 +109,7 @@ def _fp8_choice(scheme: str | None, device: str) -> str:
     scheme is a preference: one this machine cannot run (sgl-kernel missing, no FP8 tensor cores, a
     CPU) falls back to 'auto' with a warning ('auto' = torch._scaled_mm, fast accumulation, on Ada/Hopper; the
     dequantizing kernel elsewhere); names wan_core does not support at all are errors."""
-    from .linear import resolve_kernel
+    from .layers.fp8 import resolve_kernel
 
     name = scheme or "fp8"
     try:
@@ -124,7 +124,7 @@ def _fp8_choice(scheme: str | None, device: str) -> str:
 def _attention_choice(name: str | None, fallback: str | None, device: str, key: str) -> str | None:
     """A backend named in a config is a preference: if it cannot run here (package missing, a GPU
     kernel on a CPU, or a sparse attention wan_core does not have), warn and use `fallback`."""
-    from .attention import get_attention
+    from .kernels.attention import get_attention
 
     if name is None:
         return fallback
@@ -140,7 +140,7 @@ def _attention_choice(name: str | None, fallback: str | None, device: str, key: 
 class WanPipeline:
     """Wan2.1 T2V / I2V generation from a model folder or individual files.
 
-    model_path: a Wan-AI, ComfyUI `models` or diffusers folder (see `wan_core.discover`); any of
+    model_path: a Wan-AI, ComfyUI `models` or diffusers folder (see `wan_core.loading.discover`); any of
     dit_path / t5_path / tokenizer_path / vae_path / clip_path gives (or overrides) one file.
     model_cls: 'wan2.1' or 'wan2.1_distill' (the latter defaults to the 4-step distill schedule).
     dtype / device / attention: 'auto' = bf16 on GPU (fp32 on CPU), CUDA if present, the best
@@ -177,7 +177,7 @@ class WanPipeline:
         self.spec: ModelSpec | None = None
         self.cache_report = None  # CacheReport of the last sampling run (feature caching on)
         self._enabled: dict = {}  # keys set by enable_lora / enable_quantize / enable_cache / ...
-        self.parallel_run = None  # wan_core.parallel.DistributedRun of a multi-process run
+        self.parallel_run = None  # wan_core.layers.parallel.DistributedRun of a multi-process run
         self._owns_group = False  # this pipeline initialised the process group (close() leaves it)
 
     # ------------------------------------------------------------------ LightX2V's enable_* calls
@@ -215,7 +215,7 @@ class WanPipeline:
         magcache_retention_ratio: float = 0.2,
         magcache_ratios: list | None = None,
     ) -> WanPipeline:
-        """Feature caching for the next `create_generator` (LightX2V's defaults; see `wan_core.cache`)."""
+        """Feature caching for the next `create_generator` (LightX2V's defaults; see `wan_core.layers.cache`)."""
         self._enabled["feature_caching"] = cache_method
         if cache_method == "Tea":
             self._enabled.update(coefficients=coefficients or [], teacache_thresh=teacache_thresh, use_ret_steps=use_ret_steps)
@@ -238,7 +238,7 @@ class WanPipeline:
         prefetch: int = 1,
     ) -> WanPipeline:
         """CPU offload for the next `create_generator` (LightX2V's arguments; ours: the VRAM budget, the
-        blocks kept on the GPU for good, the blocks copied ahead). See `wan_core.offload`."""
+        blocks kept on the GPU for good, the blocks copied ahead). See `wan_core.layers.offload`."""
         self._enabled.update(
             cpu_offload=cpu_offload, offload_granularity=offload_granularity, t5_cpu_offload=text_encoder_offload,
             clip_cpu_offload=image_encoder_offload, vae_cpu_offload=vae_offload, offload_prefetch=prefetch,
@@ -333,7 +333,7 @@ class WanPipeline:
         self.load()
         self._parallelize()
         if loras:
-            from .lora import lora_report
+            from .layers.lora import lora_report
 
             log.info("LoRA: %s", lora_report(self.dit))
         self._make_cache(cfg.target_height, cfg.target_width)  # a cache setting that cannot work fails now
@@ -354,7 +354,7 @@ class WanPipeline:
         process group already made); a `parallel` key outside any such world is a clear error."""
         import torch.distributed as dist
 
-        from .parallel.launch import is_torchrun
+        from .layers.parallel.launch import is_torchrun
 
         if self.parallel_run is not None:
             return
@@ -374,7 +374,7 @@ class WanPipeline:
                 "Python script: `torchrun --nproc_per_node=N script.py`), or in ComfyUI use the Wan Multi-GPU "
                 "Sampler node; remove the key to run on one GPU"
             )
-        from .parallel import DistributedRun, ParallelConfig, build_groups, init_process_group
+        from .layers.parallel import DistributedRun, ParallelConfig, build_groups, init_process_group
 
         pc = ParallelConfig.from_dict(parallel_dict(cfg.parallel), world_size=world)
         pc.validate(world_size=world)  # on every rank before any communicator: a sentence, not a hang
@@ -387,7 +387,7 @@ class WanPipeline:
 
     def _parallelize(self) -> None:
         """Sequence parallel on the DiT for this run's groups (once per model); off for a one-process run."""
-        from .parallel import disable_sequence_parallel
+        from .layers.parallel import disable_sequence_parallel
 
         state = self.dit.__dict__.get("_sequence_parallel")  # (originals, had_own, prev, groups) when enabled
         if self.parallel_run is None:
@@ -411,16 +411,16 @@ class WanPipeline:
             run.close()
         self._owns_group = False
         if getattr(self, "dit", None) is not None:
-            from .parallel import disable_sequence_parallel
+            from .layers.parallel import disable_sequence_parallel
 
             disable_sequence_parallel(self.dit)
 
     def _make_cache(self, height: int, width: int):
         """A fresh `FeatureCache` for one run (None without feature caching); published tables chosen
-        for this DiT and video size unless the config gives its own (`wan_core.cache.config`)."""
+        for this DiT and video size unless the config gives its own (`wan_core.layers.cache.config`)."""
         if (self.config.feature_caching or "NoCaching") == "NoCaching":
             return None
-        from .cache import cache_from_config, published_model_key
+        from .layers.cache import cache_from_config, published_model_key
 
         return cache_from_config(self.config.cache_config(), published_model_key(self.dit.cfg, height, width))
 
@@ -482,7 +482,7 @@ class WanPipeline:
         """Denoise `noise` [1, 16, F, h, w] to the final latent with the configured schedule and guidance.
 
         predict: the guidance step `predict(model, x, t, cond, uncond, guidance)` of
-        `wan_core.sampling.sample`, used as given. None: the pipeline's own, i.e.
+        `wan_core.sampling.loop.sample`, used as given. None: the pipeline's own, i.e.
         `sampling.guided_velocity` (`cache.guided_velocity_branches` with feature caching on),
         wrapped for CFG parallel in a multi-process run. An offloaded DiT is on the GPU for this
         call only; a CUDA out-of-memory error here is re-raised with offload settings that fit.

@@ -16,7 +16,7 @@ FP8 linears swapped in at load (`fp8`), regional compile (after quantisation), t
 reloads the base: see "the DiT" below.
 
 CPU offload: an offloaded DiT is read into host memory but set up for the compute device
-(attention backends, FP8 kernel, compile), then `wan_core.offload.enable_offload` attaches its
+(attention backends, FP8 kernel, compile), then `wan_core.layers.offload.enable_offload` attaches its
 hooks; whoever runs it wraps the denoising loop in `dit_loaded(model)`, so the GPU is free for
 the VAE afterwards. T5 / CLIP / VAE with their offload flag are built in host memory and used
 inside `component_loaded(...)` (on the GPU for their stage only). On a CPU-only run the same
@@ -82,10 +82,10 @@ class ModelSpec:
     `dtype` is the compute dtype of the DiT, T5 and CLIP ('auto': bf16 on GPU, fp32 on CPU);
     `vae_dtype` defaults to `dtype`.
     fp8: FP8 kernel or LightX2V scheme for the DiT's block linears ('auto', 'scaled_mm', 'sgl',
-    'dequant', 'fp8-sgl', ... see `wan_core.linear`): an FP8 file is used as stored, a bf16 one is
+    'dequant', 'fp8-sgl', ... see `wan_core.layers.fp8`): an FP8 file is used as stored, a bf16 one is
     quantised on load. None: high precision, except that a DiT file stored in FP8 runs as FP8 ('auto').
     loras: ((path, strength), ...) applied in order; lora_mode: 'auto' (merge into high-precision
-    weights, low-rank branch beside FP8 linears), 'merge' or 'branch' (`wan_core.lora`).
+    weights, low-rank branch beside FP8 linears), 'merge' or 'branch' (`wan_core.layers.lora`).
     compile: regional torch.compile of the blocks ('auto': on CUDA).
     offload: CPU offload of the DiT: None (resident), 'model' (all of it on the GPU for the
     denoising loop only) or 'block' (blocks streamed through the GPU; 'phase' runs as 'block').
@@ -302,10 +302,10 @@ def _load_base(spec: ModelSpec, fp8: str | None, kernel: str | None, dt, dev, co
     """Read the DiT files once: FP8 linears swapped in when asked (an FP8 file as stored, block linears of
     a high-precision file quantised on load), then regional compile (after quantisation, so the compiled
     graphs see the FP8 linears). An offloaded DiT is read into host memory but set up for `dev`."""
-    from .linear import set_fp8_kernel
+    from .layers.compile import compile_blocks
+    from .layers.fp8 import set_fp8_kernel
     from .loading.dit import load_dit
     from .loading.fp8 import load_fp8_dit
-    from .optimize import compile_blocks
 
     path = list(spec.dit) if isinstance(spec.dit, tuple) else spec.dit
     if spec.offload is None:
@@ -337,7 +337,7 @@ def _load_base(spec: ModelSpec, fp8: str | None, kernel: str | None, dt, dev, co
 
 def _enable_offload(entry: _DitEntry, spec: ModelSpec, dev: str) -> None:
     """Attach CPU offload to the cached DiT (last, after FP8 / compile / LoRAs), or nothing."""
-    from .offload import enable_offload
+    from .layers.offload import enable_offload
 
     if spec.offload is None or entry.offload is not None:
         return
@@ -402,7 +402,7 @@ def _sync_loras(entry: _DitEntry, spec: ModelSpec) -> None:
     Each path leads to the same floating-point sums in the same order, so all three give the same
     bits as a fresh build.
     """
-    from .lora import apply_loras, remove_loras, set_lora_strengths
+    from .layers.lora import apply_loras, remove_loras, set_lora_strengths
 
     model = entry.model
     want = [(_stamp(p), os.fspath(p), float(s)) for p, s in spec.loras]
@@ -436,8 +436,8 @@ def _sync_loras(entry: _DitEntry, spec: ModelSpec) -> None:
 @_normal_tensors
 def build_dit(spec: ModelSpec):
     """The DiT of `spec`: built once, FP8 / LoRAs / compile / offload applied, cached (see above)."""
-    from .linear import resolve_kernel, set_fp8_kernel
-    from .optimize import should_compile
+    from .layers.compile import should_compile
+    from .layers.fp8 import resolve_kernel, set_fp8_kernel
 
     if spec.lora_mode not in ("auto", "merge", "branch"):
         raise ValueError(f"lora_mode must be 'auto', 'merge' or 'branch', got {spec.lora_mode!r}")
@@ -458,7 +458,7 @@ def build_dit(spec: ModelSpec):
 
 
 def offload_handle(model):
-    """The `wan_core.offload.OffloadHandle` attached to a built model, or None when it is resident."""
+    """The `wan_core.layers.offload.OffloadHandle` attached to a built model, or None when it is resident."""
     return getattr(model, "__dict__", {}).get("_wan_offload")
 
 
@@ -484,11 +484,11 @@ def dit_loaded(model, x: torch.Tensor | None = None):
 
 def component_loaded(obj, spec: ModelSpec, part: str):
     """Context manager: T5 ('t5'), CLIP ('clip') or the VAE ('vae') on the compute device for one
-    stage when `spec` offloads it (`wan_core.offload.offload_component`), else as it is."""
+    stage when `spec` offloads it (`wan_core.layers.offload.offload_component`), else as it is."""
     flag = {"t5": spec.offload_text_encoder, "clip": spec.offload_image_encoder, "vae": spec.offload_vae}[part]
     if not flag or obj is None:
         return contextlib.nullcontext(obj)
-    from .offload import offload_component
+    from .layers.offload import offload_component
 
     return offload_component(obj, spec.torch_device)
 
@@ -500,7 +500,7 @@ def _part_device(spec: ModelSpec, offloaded: bool) -> str:
 
 def dit_lora_report(spec: ModelSpec):
     """The `LoraReport` of the cached DiT (what `build_dit(spec)` applied)."""
-    from .lora import lora_report
+    from .layers.lora import lora_report
 
     return lora_report(build_dit(spec))
 
@@ -508,7 +508,7 @@ def dit_lora_report(spec: ModelSpec):
 @_normal_tensors
 def build_text_encoder(spec: ModelSpec):
     """The umT5 text encoder (with its tokenizer) of `spec`, cached."""
-    from .text_encoder import WanTextEncoder
+    from .models.text_encoder import WanTextEncoder
 
     if not spec.t5:
         raise ValueError("this ModelSpec names no T5 text encoder file")
@@ -524,7 +524,7 @@ def build_text_encoder(spec: ModelSpec):
 @_normal_tensors
 def build_vae(spec: ModelSpec):
     """The Wan2.1 VAE of `spec`, cached."""
-    from .vae import WanVAE
+    from .models.vae import WanVAE
 
     if not spec.vae:
         raise ValueError("this ModelSpec names no VAE file")
@@ -536,7 +536,7 @@ def build_vae(spec: ModelSpec):
 @_normal_tensors
 def build_image_encoder(spec: ModelSpec):
     """The CLIP image encoder of `spec` (I2V), cached."""
-    from .image_encoder import WanImageEncoder
+    from .models.image_encoder import WanImageEncoder
 
     if not spec.clip:
         raise ValueError("this ModelSpec names no CLIP image encoder file")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from .vae import WanVAE
+from .models.vae import WanVAE
 
 __all__ = ["decode_frames", "PIN_RESULT"]
 

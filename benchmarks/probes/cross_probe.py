@@ -1,7 +1,7 @@
 """Cross-attention backends at Wan 14B shapes: q [1, L, 40, 128] bf16, k/v [1, 512 (text) or 257 (image), 40, 128]."""
 import torch
 import torch.nn.functional as F
-from wan_core.attention import get_attention
+from wan_core.kernels.attention import get_attention
 dev = torch.device("cuda")
 def bench(fn, iters=30):
     for _ in range(3):

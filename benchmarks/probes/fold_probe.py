@@ -1,7 +1,7 @@
 """Probe: which causal convs to time-fold (vae.FOLD_TIME_CHANNELS), whole decode/encode 480x832x81 bf16."""
 import time, torch
-from wan_core import vae as V
-from wan_core.vae import WanVAE
+from wan_core.models import vae as V
+from wan_core.models.vae import WanVAE
 torch.manual_seed(0)
 m = WanVAE()
 with torch.no_grad():

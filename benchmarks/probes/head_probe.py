@@ -1,7 +1,7 @@
 """Probe: the decoder head conv (96 -> 3) time-folded (current rule) or as cuDNN's conv3d."""
 import time, torch
-from wan_core import vae as V
-from wan_core.vae import WanVAE, CausalConv3d
+from wan_core.models import vae as V
+from wan_core.models.vae import WanVAE, CausalConv3d
 torch.manual_seed(0)
 m = WanVAE()
 with torch.no_grad():

@@ -2,7 +2,7 @@
 import os, sys, time, collections
 import torch
 sys.path.insert(0, os.getcwd())
-from wan_core.vae import WanVAE
+from wan_core.models.vae import WanVAE
 with torch.device("cuda"):
     vae = WanVAE()
 vae = vae.to(torch.bfloat16).eval()

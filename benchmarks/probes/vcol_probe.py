@@ -2,7 +2,7 @@
 import sys
 import torch
 import torch.nn.functional as F
-from wan_core import fa3_fp8
+from wan_core.kernels import fa3_fp8
 from flash_attn_interface import flash_attn_func
 name = sys.argv[1]
 dev = torch.device("cuda")

@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import WanConfig, config_from_json
-from ..dit import FP32_PARAM_PATTERNS, WanModel
-from ..optimize import compile_blocks, should_compile
+from ..layers.compile import compile_blocks, should_compile
+from ..models.config import WanConfig, config_from_json
+from ..models.dit import FP32_PARAM_PATTERNS, WanModel
 from .io import CheckpointError, read_metadata, read_state_dict
 
 __all__ = [

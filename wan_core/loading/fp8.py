@@ -32,10 +32,10 @@ import json
 
 import torch
 
-from ..config import WanConfig, config_from_json
-from ..dit import WanModel
-from ..linear import FP8_DTYPE, FP8Linear, is_block_linear, quantize_weight, set_fp8_kernel
-from ..optimize import compile_blocks, should_compile
+from ..layers.compile import compile_blocks, should_compile
+from ..layers.fp8 import FP8_DTYPE, FP8Linear, is_block_linear, quantize_weight, set_fp8_kernel
+from ..models.config import WanConfig, config_from_json
+from ..models.dit import WanModel
 from .dit import PREFIXES, _check_keys, find_dit_files, param_dtype, to_official
 from .io import CheckpointError, read_keys, read_metadata, read_state_dict
 
@@ -252,7 +252,7 @@ def load_fp8_dit(
 ) -> WanModel:
     """Load a Wan2.1 DiT whose block linears are FP8 (any layout of this module), ready to run.
 
-    kernel: FP8 matmul kernel or LightX2V scheme (`wan_core.linear`), resolved once for `device`;
+    kernel: FP8 matmul kernel or LightX2V scheme (`wan_core.layers.fp8`), resolved once for `device`;
     dtype: compute dtype of everything that is not fp8; quantize: also quantise block linears
     the file holds in high precision (per-channel scales), e.g. to run a bf16 checkpoint in FP8;
     the rest as `wan_core.loading.dit.load_dit`.

@@ -15,7 +15,7 @@ A LoRA file is a flat dict of tensors. Whatever tool wrote it, each key is
   extractor writes); ComfyUI-style `<name>.modulation.diff` means the same as `diff_m`.
 
 `parse_lora` turns such a dict into a `LoraWeights`: one `LoraTarget` per official module name.
-It checks the file against no model; `wan_core.lora` does that when it applies the LoRA.
+It checks the file against no model; `wan_core.layers.lora` does that when it applies the LoRA.
 `save_lora` writes a normalised LoRA back in any of these layouts (tiny test files, the CLI's
 and the nodes' tests), `random_lora` makes one for a config.
 """
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import WanConfig
+from ..models.config import WanConfig
 from .dit import _DIFFUSERS_TO_OFFICIAL, _rename, official_to_diffusers
 from .io import CheckpointError, read_state_dict
 
@@ -325,7 +325,7 @@ def random_lora(
     affine norms (norm3, norm_q, norm_k) and on the first target, and `diff_m` on every block
     and the head, as LightX2V's distill LoRAs carry.
     """
-    from ..dit import WanModel
+    from ..models.dit import WanModel
 
     with torch.device("meta"):
         model = WanModel(cfg)

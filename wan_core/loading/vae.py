@@ -1,7 +1,7 @@
 """Key maps for the Wan2.1 VAE.
 
 Users bring the VAE in three layouts; all become the official names of `Wan2.1_VAE.pth`, which
-are the module names of `wan_core.vae.WanVAE`:
+are the module names of `wan_core.models.vae.WanVAE`:
 
 - official `Wan2.1_VAE.pth` (a pickled state dict): used as is;
 - ComfyUI `wan_2.1_vae.safetensors`: the same names, sometimes behind a prefix such as `vae.` or

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loading.clip import convert_clip_vision
-from .loading.io import CheckpointError, read_state_dict
+from ..loading.clip import convert_clip_vision
+from ..loading.io import CheckpointError, read_state_dict
 
 __all__ = ["ImageEncoderConfig", "WanImageEncoder", "preprocess_images", "CLIP_MEAN", "CLIP_STD"]
 

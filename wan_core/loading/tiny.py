@@ -29,8 +29,8 @@ import tempfile
 
 import torch
 
-from .config import WanConfig
-from .vae import WanVAE, WanVAEConfig
+from ..models.config import WanConfig
+from ..models.vae import WanVAE, WanVAEConfig
 
 __all__ = ["LAYOUTS", "TINY_DIT", "TINY_T5", "TINY_CLIP", "TINY_VAE_DIM", "write_tiny_model", "tiny_model_dir", "COMFY_NAMES"]
 
@@ -82,7 +82,7 @@ def tiny_dit_config(task: str) -> WanConfig:
 
 
 def tiny_dit_state_dict(task: str, seed: int) -> dict[str, torch.Tensor]:
-    from .dit import WanModel
+    from ..models.dit import WanModel
 
     with torch.device("meta"):
         model = WanModel(tiny_dit_config(task))
@@ -166,8 +166,8 @@ def _clip_to_wan(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tens
 
 
 def _write_wan(out, task, dit_sd, cfg, t5, tok_dir, vae_sd, clip_sd, seed):
-    from .loading.dit import save_dit
-    from .loading.t5 import transformers_to_wan
+    from .dit import save_dit
+    from .t5 import transformers_to_wan
 
     save_dit(dit_sd, out, layout="wan", cfg=cfg)
     _save(transformers_to_wan(t5.state_dict()), os.path.join(out, "models_t5_umt5-xxl-enc-bf16.pth"), torch.bfloat16)
@@ -178,7 +178,7 @@ def _write_wan(out, task, dit_sd, cfg, t5, tok_dir, vae_sd, clip_sd, seed):
 
 
 def _write_comfyui(out, task, dit_sd, cfg, t5, tok_dir, vae_sd, clip_sd, seed):
-    from .loading.dit import save_dit
+    from .dit import save_dit
 
     os.makedirs(os.path.join(out, "diffusion_models"), exist_ok=True)
     save_dit({k: v.bfloat16() if v.is_floating_point() else v for k, v in dit_sd.items()}, os.path.join(out, COMFY_NAMES[task]), layout="comfyui", cfg=cfg)
@@ -197,7 +197,7 @@ def _diffusers_vae_names() -> dict[str, str]:
     """official VAE name -> diffusers AutoencoderKLWan name, for the tiny config."""
     from diffusers import AutoencoderKLWan
 
-    from .loading.vae import diffusers_to_official
+    from .vae import diffusers_to_official
 
     with torch.device("meta"):
         ref = AutoencoderKLWan(base_dim=TINY_VAE_DIM)
@@ -212,7 +212,7 @@ def _write_diffusers(out, task, dit_sd, cfg, t5, tok_dir, vae_sd, clip_sd, seed)
         raise ImportError("writing the diffusers layout needs the diffusers package (pip install diffusers)") from e
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    from .loading.dit import save_dit
+    from .dit import save_dit
 
     save_dit(dit_sd, out, layout="diffusers", cfg=cfg)
     tcfg = {
@@ -304,7 +304,7 @@ _WRITERS = {"wan": _write_wan, "comfyui": _write_comfyui, "diffusers": _write_di
 
 def write_tiny_model(out: str | os.PathLike, task: str = "t2v", layout: str = "wan", seed: int = 0) -> str:
     """Write a complete tiny random model for `task` in `layout` under `out`; returns `out` (the model_path)."""
-    from .tokenizer import load_tokenizer, write_tiny_tokenizer
+    from ..models.tokenizer import load_tokenizer, write_tiny_tokenizer
 
     if task not in ("t2v", "i2v"):
         raise ValueError(f"task must be 't2v' or 'i2v', got {task!r}")

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .dit import Block, LayerNorm, RMSNorm, SelfAttention
-from .fused_ops import add_norm_mod, gelu_quant, linear_gelu, rms_norm_rope
-from .linear import FP8Linear
+from ..kernels.fused_ops import add_norm_mod, gelu_quant, linear_gelu, rms_norm_rope
+from ..models.dit import Block, LayerNorm, RMSNorm, SelfAttention
+from .fp8 import FP8Linear
 
 __all__ = ["FusedBlock", "FusedSelfAttention", "fuse_blocks", "unfuse_blocks"]
 

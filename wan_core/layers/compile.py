@@ -4,7 +4,7 @@ Regional compilation: each transformer block is compiled on its own (all 40 shar
 so the compile cost is paid once, about 17 s on an H100). Inductor fuses the float32 work
 around the matmuls (norms, modulation, RoPE, gates, residual adds), which in eager mode costs
 about 0.8 s of a 3.5 s 480p forward (benchmarks/RESULTS.md). Before compiling, the blocks are
-swapped to `FusedBlock` (wan_core.fused_block): the LayerNorms with their residual adds,
+swapped to `FusedBlock` (wan_core.layers.fused_block): the LayerNorms with their residual adds,
 modulations and FP8 activation quantisations run as single-pass ops, which inductor's looped
 reductions are not.
 """

@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .linear import FP8Linear, quantize_model
-from .loading.dit import load_dit, save_dit
+from ..layers.fp8 import FP8Linear, quantize_model
+from .dit import load_dit, save_dit
 
 __all__ = ["convert_to_fp8", "fp8_export_state_dict", "add_arguments", "run", "main"]
 
@@ -30,15 +30,15 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.flo
 
 def _merge_loras(model, loras: Sequence[tuple[str, float]]) -> None:
     try:
-        lora = importlib.import_module("wan_core.lora")
+        lora = importlib.import_module("wan_core.layers.lora")
     except ImportError as e:
         raise RuntimeError(
-            "merging LoRAs before the FP8 conversion needs wan_core.lora (apply_loras), which this installation "
+            "merging LoRAs before the FP8 conversion needs wan_core.layers.lora (apply_loras), which this installation "
             "does not have; convert without --lora, or merge the LoRA into the bf16 checkpoint first"
         ) from e
     apply = getattr(lora, "apply_loras", None)
     if apply is None:
-        raise RuntimeError("wan_core.lora has no apply_loras(model, loras, mode='merge'); cannot merge LoRAs")
+        raise RuntimeError("wan_core.layers.lora has no apply_loras(model, loras, mode='merge'); cannot merge LoRAs")
     # keep_originals=False: the merge is baked in for good, no copy of the touched weights is kept
     apply(model, list(loras), mode="merge", keep_originals=False)
 
@@ -64,7 +64,7 @@ def convert_to_fp8(
 ) -> str:
     """Convert a DiT checkpoint (any layout `load_dit` reads) to an FP8 file; returns its path.
 
-    loras: [(file, strength)] merged into the weights before quantising (needs wan_core.lora);
+    loras: [(file, strength)] merged into the weights before quantising (needs wan_core.layers.lora);
     before_quantize: a hook called with the loaded high-precision model (merging, edits);
     dtype: precision the model is held in before quantising (bf16 for a bf16 checkpoint keeps
     RAM at one model; float32 for float32 sources); layout: 'single' (plain official names, the

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import APPROXIMATE, AttentionFn, get_attention
+from ..kernels.attention import APPROXIMATE, AttentionFn, get_attention
 from .config import WanConfig
 
 __all__ = ["WanModel", "rope_tables", "apply_rope", "sinusoidal_embedding", "FP32_PARAM_PATTERNS"]

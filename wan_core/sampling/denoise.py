@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from .sampling import Cond, StepInfo, guided_velocity, sample
+from .loop import Cond, StepInfo, guided_velocity, sample
 from .schedulers import FlowScheduler
 
 __all__ = ["denoise", "token_count"]
@@ -38,13 +38,13 @@ def denoise(
 ):
     """Run the sampler; returns (final latent, the cache's report or None).
 
-    cache: a `wan_core.cache.FeatureCache` (or None); predict: the guidance step, default
+    cache: a `wan_core.layers.cache.FeatureCache` (or None); predict: the guidance step, default
     `guided_velocity` (its branch-declaring twin when a cache is attached); wrap_predict: applied
     to the default (CFG parallel wraps it this way).
     """
-    from .cache import feature_cache, guided_velocity_branches
-    from .offload import explain_oom
-    from .spec import dit_loaded
+    from ..layers.cache import feature_cache, guided_velocity_branches
+    from ..layers.offload import explain_oom
+    from ..spec import dit_loaded
 
     if predict is None:
         predict = guided_velocity_branches if cache is not None else guided_velocity

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..sampling import Cond, StepInfo, sample
+from ...sampling.loop import Cond, StepInfo, sample
 from .apply import enable_sequence_parallel
 from .cfg import cfg_parallel_predict
 from .group import ParallelConfig, ParallelGroups, build_groups, init_process_group
@@ -42,7 +42,7 @@ def parallel_sample(
     callback: Callable[[StepInfo], None] | None = None,
     base_predict: Callable | None = None,
 ) -> torch.Tensor:
-    """`wan_core.sampling.sample` with CFG parallel; `model` must already be parallelised
+    """`wan_core.sampling.loop.sample` with CFG parallel; `model` must already be parallelised
     (`enable_sequence_parallel`) for the groups' sequence degree. Returns the same latent on every rank."""
     predict = cfg_parallel_predict(groups) if base_predict is None else cfg_parallel_predict(groups, base_predict)
     return sample(model, noise, scheduler, cond, uncond, guidance, callback=callback, predict=predict)
@@ -83,7 +83,7 @@ class DistributedRun:
 
     @property
     def predict(self) -> Callable:
-        """The `predict` to give `wan_core.sampling.sample` (CFG parallel when cfg degree is 2)."""
+        """The `predict` to give `wan_core.sampling.loop.sample` (CFG parallel when cfg degree is 2)."""
         return cfg_parallel_predict(self.groups)
 
     def predict_with(self, base: Callable) -> Callable:

@@ -29,7 +29,7 @@ from .policies import INDICATORS, TeaCachePolicy
 
 __all__ = ["CalibrationResult", "calibrate_teacache", "main"]
 
-log = logging.getLogger("wan_core.cache")
+log = logging.getLogger("wan_core.layers.cache")
 
 # Steps whose changes feed each fit: (first step, steps dropped at the end) as the policy uses them.
 _FIT_RANGE = {"e0": (5, 0), "e": (1, 1), "block0": (1, 0)}
@@ -110,7 +110,7 @@ def calibrate_teacache(
     `coefficients[1]`), their mean relative fit error, and the mean MagCache ratio tables.
     cond / uncond: `sampling.Cond`.
     """
-    from ..sampling import sample  # here, not at the top: sampling may import wan_core.cache
+    from ...sampling.loop import sample  # here, not at the top: sampling may import wan_core.layers.cache
 
     noises = [noise] if isinstance(noise, torch.Tensor) else list(noise)
     n = len(scheduler)
@@ -198,10 +198,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..loading.dit import load_dit
-    from ..loading.io import read_state_dict
-    from ..sampling import Cond, latent_shape, make_noise
-    from ..schedulers import make_scheduler
+    from ...loading.dit import load_dit
+    from ...loading.io import read_state_dict
+    from ...sampling.loop import Cond, latent_shape, make_noise
+    from ...sampling.schedulers import make_scheduler
 
     args = _parser().parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]

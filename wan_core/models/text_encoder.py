@@ -25,8 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .loading.io import CheckpointError, read_state_dict
-from .loading.t5 import convert_umt5_state_dict, detect_layout
+from ..loading.io import CheckpointError, read_state_dict
+from ..loading.t5 import convert_umt5_state_dict, detect_layout
 from .tokenizer import TEXT_LEN, TokenizerError, UMT5Tokenizer, load_tokenizer
 
 __all__ = ["WanTextEncoder", "umt5_config_from_state_dict", "build_umt5_encoder", "find_tokenizer"]

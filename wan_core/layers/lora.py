@@ -37,9 +37,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dit import FP32_PARAM_PATTERNS
-from .loading.io import CheckpointError
-from .loading.lora import LoraTarget, LoraWeights, load_lora, parse_lora
+from ..loading.io import CheckpointError
+from ..loading.lora import LoraTarget, LoraWeights, load_lora, parse_lora
+from ..models.dit import FP32_PARAM_PATTERNS
 
 __all__ = [
     "apply_loras",

@@ -48,7 +48,7 @@ __all__ = [
     "rel_l1",
 ]
 
-log = logging.getLogger("wan_core.cache")
+log = logging.getLogger("wan_core.layers.cache")
 
 COND, UNCOND = "cond", "uncond"
 _BRANCH: contextvars.ContextVar[str | None] = contextvars.ContextVar("wan_core_cache_branch", default=None)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..sampling import Cond, StepInfo
+from ...sampling.loop import Cond, StepInfo
 from .apply import enable_sequence_parallel
 from .group import ParallelConfig, build_groups, init_process_group
 from .launch import _to, parallel_sample
@@ -69,7 +69,7 @@ class RunCancelled(Exception):
 class SampleRequest:
     """What one sampling run needs besides the model (all picklable, small).
 
-    noise: [B, 16, F, H, W] float32 (same on every rank); scheduler: a `wan_core.schedulers`
+    noise: [B, 16, F, H, W] float32 (same on every rank); scheduler: a `wan_core.sampling.schedulers`
     scheduler (reset at the start); cond/uncond: `Cond` (CPU tensors are fine, moved to each
     worker's device); preview: send x0 (CPU float32) with every progress message.
     """
@@ -112,7 +112,7 @@ def build_dit_for_device(spec: Any, device: torch.device):
     A `wan_core.spec.ModelSpec` is rebuilt for `device`; other objects may offer
     `build_dit(device)` or be callables `spec(device)` (tests, benchmarks).
     """
-    from ..spec import ModelSpec, build_dit
+    from ...spec import ModelSpec, build_dit
 
     if isinstance(spec, ModelSpec):
         return build_dit(spec.replace(device=str(device)))

@@ -17,7 +17,7 @@ import glob
 import os
 from dataclasses import dataclass
 
-from .loading.io import CheckpointError, read_keys
+from .io import CheckpointError, read_keys
 
 __all__ = ["ModelFiles", "find_model_files", "MissingComponentError"]
 

@@ -1,4 +1,4 @@
-"""Triton kernels of `wan_core.fused_ops`: the float32 work between a block's matmuls, one pass each.
+"""Triton kernels of `wan_core.kernels.fused_ops`: the float32 work between a block's matmuls, one pass each.
 
 Why hand-written: inductor compiles a LayerNorm over 5,120 channels (and the FP8 activation
 quantisation after it, whose amax needs the normalised row) as a looped reduction that reads the
@@ -10,7 +10,7 @@ for the FFN's hidden row (13,824 channels): tanh GELU, then the e4m3 row for the
 
 Rounding follows the unfused torch code exactly where it rounds: the normalised row is rounded
 to bf16 before its amax is taken, the multiplier 448/amax is rounded to bf16, and the product is
-rounded to bf16 before the e4m3 cast (`wan_core.linear.quantize_rows` on a bf16 tensor).
+rounded to bf16 before the e4m3 cast (`wan_core.layers.fp8.quantize_rows` on a bf16 tensor).
 """
 
 import triton

@@ -1,4 +1,4 @@
-"""The Triton kernel of `wan_core.sage_attention` (8-bit Q·Kᵀ and P·V, float32 online softmax).
+"""The Triton kernel of `wan_core.kernels.sage_attention` (8-bit Q·Kᵀ and P·V, float32 online softmax).
 
 One program computes BLOCK_M query rows of one (batch, head) over all keys: the flash-attention
 loop with 8-bit tensor-core matmuls. At 8 bits the tensor cores are no longer the bottleneck;

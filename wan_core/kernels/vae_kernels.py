@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .vae import dense_rows
+from ..models.vae import dense_rows
 
 __all__ = [
     "rms_norm_silu", "add_bias_residual", "fold_rows", "subpixel_rows", "launch_rms_norm_silu",

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .linear import HAS_TRITON
+from ..kernels.fp8_rows import HAS_TRITON
 
 __all__ = ["WanVAE", "WanVAEConfig", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD", "latent_to_raw", "latent_from_raw"]
 
@@ -204,7 +204,7 @@ def _subpixel_conv(x: torch.Tensor, frames: int, phase_w: torch.Tensor, phase_b:
     n, o = y.shape[0], y.shape[1] // 4
     out = torch.empty(b, frames * t, 2 * h, 2 * w, o, dtype=x.dtype, device=x.device)
     if y.is_cuda and HAS_TRITON:
-        from .vae_kernels import launch_subpixel_rows
+        from ..kernels.vae_kernels import launch_subpixel_rows
 
         launch_subpixel_rows(y, out.view(n, 2 * h, 2 * w, o))
     else:
@@ -241,7 +241,7 @@ def _fold_in(src: torch.Tensor, folded: torch.Tensor, shift: int, kernel: bool) 
     in slot i of output frame f - shift + 2 - i, where that frame exists. `kernel`: by one Triton
     pass (`vae_kernels.fold_rows`), else by torch copies."""
     if kernel:
-        from .vae_kernels import launch_fold_rows
+        from ..kernels.vae_kernels import launch_fold_rows
 
         launch_fold_rows(src, folded, shift)
         return
@@ -337,7 +337,7 @@ class CausalConv3d(nn.Conv3d):
         _fold_in(prev, folded, 2, kernels)
         tail = _empty((b, c, 2, h, w), x) if cache is not None else None  # the next chunk's history
         if norm is not None and kernels:  # the norm writes the chunk's three places (and the tail) itself
-            from .vae_kernels import launch_rms_norm_silu
+            from ..kernels.vae_kernels import launch_rms_norm_silu
 
             launch_rms_norm_silu(x, norm.gamma, norm.scale, True, bias=norm_bias, tail=tail if t >= 2 else None,
                                  folded=folded)
@@ -382,7 +382,7 @@ class RMSNorm(nn.Module):
         when given; its last frames into `tail` too when given). Channels-last on a GPU: one Triton
         pass (`vae_kernels`); otherwise the torch ops below (the same rounding)."""
         if fused(x) and (out is None or dense_rows(out)) and (tail is None or dense_rows(tail)):
-            from .vae_kernels import launch_rms_norm_silu
+            from ..kernels.vae_kernels import launch_rms_norm_silu
 
             return launch_rms_norm_silu(x, self.gamma, self.scale, silu, out, bias, tail)
         if bias is not None:
@@ -401,7 +401,7 @@ def _add_residual(h: torch.Tensor, bias: torch.Tensor | None, shortcut: torch.Te
     """`h` (+ a per-channel `bias`) + `shortcut`, in place: one Triton pass (`vae_kernels`) when
     both are channels-last on a GPU, otherwise the torch adds (the same rounding)."""
     if bias is not None and fused(h) and dense_rows(shortcut) and shortcut.dtype == h.dtype:
-        from .vae_kernels import launch_add_bias_residual
+        from ..kernels.vae_kernels import launch_add_bias_residual
 
         return launch_add_bias_residual(h, bias, shortcut)
     if bias is not None:
@@ -810,8 +810,8 @@ class WanVAE(nn.Module):
         architecture is read off the tensor shapes unless `config` is given. Tensors already in
         `dtype` on the CPU stay memory-mapped.
         """
-        from .loading.io import CheckpointError
-        from .loading.vae import check_vae_state_dict, load_vae_state_dict
+        from ..loading.io import CheckpointError
+        from ..loading.vae import check_vae_state_dict, load_vae_state_dict
 
         sd = load_vae_state_dict(path)
         if config is None:

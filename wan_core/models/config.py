@@ -147,7 +147,7 @@ def config_from_json(cfg: dict[str, Any], shapes: dict[str, Any] | None = None) 
 class RunConfig:
     """Per-run choices, given once when a model is built.
 
-    attention: backend for self-attention (see `wan_core.attention.BACKENDS`; LightX2V names
+    attention: backend for self-attention (see `wan_core.kernels.attention.BACKENDS`; LightX2V names
     such as `torch_sdpa`, `flash_attn2`, `flash_attn3`, `sage_attn2` are accepted);
     cross_attention: backend for the text/image cross-attention (defaults to `attention`).
     """

@@ -1,4 +1,4 @@
-"""Single-pass ops for the float32 work between a block's matmuls (used by `wan_core.fused_block`).
+"""Single-pass ops for the float32 work between a block's matmuls (used by `wan_core.layers.fused_block`).
 
 - `add_norm_mod`: residual add (optionally gated) + LayerNorm (optionally affine) + modulation,
   output bf16, or e4m3 codes with one scale per token (`QuantRows`) for FP8 linears.
@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .dit import apply_rope
-from .linear import FP8_DTYPE, HAS_TRITON, next_pow2, quantize_rows
+from ..models.dit import apply_rope
+from .fp8_rows import FP8_DTYPE, HAS_TRITON, next_pow2, quantize_rows
 
 __all__ = [
     "QuantRows",
@@ -149,10 +149,10 @@ def reference_gelu_quant(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _launch_gelu_quant(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from .linear import _launch_quant_rows
+    from .fp8_rows import launch_quant_rows
 
     n = u.shape[-1]
-    codes, rs = _launch_quant_rows(u.reshape(-1, n).contiguous(), gelu=True)
+    codes, rs = launch_quant_rows(u.reshape(-1, n).contiguous(), gelu=True)
     return codes.view(u.shape), rs
 
 

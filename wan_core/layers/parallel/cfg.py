@@ -1,6 +1,6 @@
 """CFG parallel: the conditional and unconditional DiT evaluations of a step on two rank groups.
 
-Replaces `wan_core.sampling.guided_velocity` as the `predict` of `sample`. Ranks with cfg index 0
+Replaces `wan_core.sampling.loop.guided_velocity` as the `predict` of `sample`. Ranks with cfg index 0
 evaluate the conditional branch, index 1 the unconditional one; one all-gather of the two
 float32 velocities across the cfg group lets every rank form v_u + g (v_c - v_u) with the same
 arithmetic as one process, so the latents stay identical on all ranks and no broadcast is needed.
@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ..sampling import Cond, guided_velocity
+from ...sampling.loop import Cond, guided_velocity
 from .group import ParallelGroups
 
 __all__ = ["cfg_parallel_predict"]
