@@ -103,16 +103,14 @@ def populate_models(root: str, scratch: str) -> tuple[dict[str, str], dict[str, 
 # validation of widget values against INPUT_TYPES
 
 
-FORMATS = os.path.join(REPO, "..", "shared", "reference", "FORMATS.md")
+FORMATS = os.path.join(REPO, "tests", "reference", "FORMATS.md")
 MODEL_FILE_INPUTS = {"dit", "text_encoder", "vae", "clip_vision", "lora"}  # combos listing a model folder
 
 
-def real_file_names() -> set[str] | None:
-    """The .safetensors names FORMATS.md says users have (plus the 720p twins it mentions), or None."""
+def real_file_names() -> set[str]:
+    """The .safetensors names FORMATS.md says users have (plus the 720p twins it mentions)."""
     import re
 
-    if not os.path.isfile(FORMATS):
-        return None
     with open(FORMATS, encoding="utf-8") as f:
         names = set(re.findall(r"`([\w.\-]+\.safetensors)`", f.read()))
     return names | {n.replace("480p", "720p") for n in names if n.startswith("wan2.1_i2v_480p_14B")}

@@ -11,7 +11,7 @@ from wan_core.loading.dit import build_model, official_to_diffusers
 from wan_core.models.config import PRESETS, WanConfig
 from wan_core.models.dit import WanModel
 
-LAYOUTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "checkpoint_layouts")
+LAYOUTS = os.path.join(os.path.dirname(__file__), "reference", "checkpoint_layouts")
 
 
 def tiny_cfg(model_type="t2v", **kw) -> WanConfig:
@@ -123,10 +123,7 @@ def test_batch_rows_are_independent():
 
 
 def _layout(name):
-    path = os.path.join(LAYOUTS, name)
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not available")
-    with open(path) as f:
+    with open(os.path.join(LAYOUTS, name)) as f:
         return json.load(f)["tensors"]
 
 

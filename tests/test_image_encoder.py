@@ -24,8 +24,7 @@ from wan_core.loading.clip import WAN_UNUSED, convert_clip_vision, detect_layout
 from wan_core.loading.io import CheckpointError
 from wan_core.models.image_encoder import ImageEncoderConfig, WanImageEncoder, preprocess_images
 
-# the shared reference folder sits next to the repository (as for tests/test_dit.py)
-LAYOUTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint_layouts"
+LAYOUTS = Path(__file__).resolve().parent / "reference" / "checkpoint_layouts"
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]

@@ -123,8 +123,8 @@ def test_pack_entry_point_imports_as_comfyui_does(tmp_path):
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js not installed")
 def test_js_presets_match_the_workflows(tmp_path):
-    sys.path.insert(0, os.path.join(REPO, "example_workflows"))
-    import generate
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import generate_workflows as generate
 
     shutil.copy(os.path.join(REPO, "js", "wan_presets.js"), tmp_path / "wan_presets.mjs")
     script = tmp_path / "t.mjs"

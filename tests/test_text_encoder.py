@@ -30,12 +30,7 @@ from wan_core.loading.t5 import (
 from wan_core.models.text_encoder import WanTextEncoder, build_umt5_encoder, umt5_config_from_state_dict
 from wan_core.models.tokenizer import TokenizerError, clean_prompt, load_tokenizer, write_tiny_tokenizer
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_LAYOUT_DIRS = [
-    os.path.join(_HERE, "..", "shared", "reference", "checkpoint_layouts"),
-    os.path.join(_HERE, "..", "..", "shared", "reference", "checkpoint_layouts"),
-]
-LAYOUTS = next((d for d in _LAYOUT_DIRS if os.path.isdir(d)), None)
+LAYOUTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", "checkpoint_layouts")
 
 HEADS = 4
 PROMPTS = [
@@ -318,8 +313,6 @@ def test_wan_folder_finds_its_tokenizer(tmp_path, hf_model, hf_sd, tok_dir):
 
 
 def _layout(name: str) -> dict[str, tuple[int, ...]]:
-    if LAYOUTS is None:
-        pytest.skip("shared/reference/checkpoint_layouts not found")
     with open(os.path.join(LAYOUTS, name)) as f:
         return {k: tuple(v) for k, v in json.load(f)["tensors"].items()}
 

@@ -1,13 +1,14 @@
 """Write the example workflows: one per seed scenario, in ComfyUI's UI format and API format.
 
-    python example_workflows/generate.py          # rewrite the JSON files
-    python example_workflows/generate.py --check  # exit 1 if a committed file is out of date
+    python tools/generate_workflows.py          # rewrite the JSON files
+    python tools/generate_workflows.py --check  # exit 1 if a committed file is out of date
 
 Each scenario is declared once below as a small graph (node type, widget values by input name,
 links); both formats are derived from it and from the nodes' own INPUT_TYPES, so a renamed or
 re-ordered input can never leave a stale workflow behind. UI files go in example_workflows/
 (ComfyUI lists every *.json there as one of the pack's templates); their API twins go in
-example_workflows/api/ (not listed as templates; for POST /prompt and `comfy run`).
+example_workflows/api/ (not listed as templates; for POST /prompt and `comfy run`). This script lives outside
+example_workflows/ because ComfyUI serves that folder as the pack's templates.
 
 File names are the ones users have (FORMATS.md): ComfyUI's repackaged Wan2.1 files, lightx2v's
 distill models and LoRAs.
@@ -20,8 +21,9 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(REPO, "example_workflows")
+sys.path.insert(0, REPO)
 
 from nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 from nodes.types import DEFAULT_NEGATIVE_PROMPT, DISTILL_STEP_LIST  # noqa: E402
@@ -38,7 +40,7 @@ CORE_NODES = {
 }
 
 # ----------------------------------------------------------------------------------------------
-# file names users have (../shared/reference/FORMATS.md)
+# file names users have (tests/reference/FORMATS.md)
 T2V = "wan2.1_t2v_14B_bf16.safetensors"
 I2V_480 = "wan2.1_i2v_480p_14B_bf16.safetensors"
 I2V_720 = "wan2.1_i2v_720p_14B_bf16.safetensors"
@@ -310,7 +312,7 @@ def main(argv: list[str]) -> int:
     check = "--check" in argv
     stale = []
     for rel, text in render().items():
-        path = os.path.join(HERE, rel)
+        path = os.path.join(OUT, rel)
         old = open(path, encoding="utf-8").read() if os.path.isfile(path) else None
         if old != text:
             stale.append(rel)
@@ -319,7 +321,7 @@ def main(argv: list[str]) -> int:
                 with open(path, "w", encoding="utf-8") as f:
                     f.write(text)
     if check and stale:
-        print("out of date (run python example_workflows/generate.py):", ", ".join(stale))
+        print("out of date (run python tools/generate_workflows.py):", ", ".join(stale))
         return 1
     print(("checked" if check else "wrote"), len(render()), "files" + (f", {len(stale)} changed" if stale else ""))
     return 0
