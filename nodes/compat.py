@@ -232,15 +232,3 @@ class Progress:
         if _progress_hook is not None:
             _progress_hook(value, self.total, preview)
 
-
-def send_to_frontend(event: str, data: dict) -> None:
-    """Push a message to the browser (ComfyUI's websocket); a no-op outside ComfyUI."""
-    if not IN_COMFYUI:
-        return
-    try:
-        from server import PromptServer  # type: ignore[import-not-found]
-
-        if PromptServer.instance is not None:
-            PromptServer.instance.send_sync(event, data)
-    except Exception as e:  # the run must not fail because a browser message could not be sent
-        log.debug("could not send %s to the front end: %s", event, e)

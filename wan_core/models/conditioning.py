@@ -48,10 +48,6 @@ class I2VCondition:
     height: int  # video size fixed by the image and the target area
     width: int
 
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        return self.y.shape[-2], self.y.shape[-1]
-
 
 def image_to_tensor(image) -> torch.Tensor:
     """A PIL image, a uint8 [H, W, 3] array or a float [3, H, W] tensor in [-1, 1] -> float32 [3, H, W] in [-1, 1].

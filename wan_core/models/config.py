@@ -1,24 +1,21 @@
-"""Architecture and run-time configuration.
+"""DiT architecture configuration.
 
 `WanConfig` describes a DiT architecture (frozen, the same for every run of a model); presets
 cover the three official models, and `from_state_dict` reads the dimensions off tensor shapes so
 that a checkpoint with a partial or missing `config.json` (some distill repositories ship one
-without `in_dim`) still builds the right model. `RunConfig` holds the choices made per run
-(dtype, device, attention backend); it is passed once when the model is built.
+without `in_dim`) still builds the right model. The run-time choices a model is built with
+(dtype, attention backend, FP8, LoRA, offload) are the `ModelSpec` of `wan_core.spec`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["WanConfig", "RunConfig", "PRESETS", "config_from_json"]
-
-# Number of CLIP tokens the I2V model receives (ViT-H/14 at 224 px: 16 x 16 patches + class token).
-CLIP_TOKENS = 257
+__all__ = ["WanConfig", "PRESETS", "config_from_json"]
 
 
 @dataclass(frozen=True)
@@ -142,22 +139,3 @@ def config_from_json(cfg: dict[str, Any], shapes: dict[str, Any] | None = None) 
     keep = {k: given[k] for k in ("num_heads", "eps", "text_len") if k in given}
     return inferred.replace(**keep)
 
-
-@dataclass
-class RunConfig:
-    """Per-run choices, given once when a model is built.
-
-    attention: backend for self-attention (see `wan_core.kernels.attention.BACKENDS`; LightX2V names
-    such as `torch_sdpa`, `flash_attn2`, `flash_attn3`, `sage_attn2` are accepted);
-    cross_attention: backend for the text/image cross-attention (defaults to `attention`).
-    """
-
-    dtype: torch.dtype = torch.bfloat16
-    device: str | torch.device = "cpu"
-    attention: str = "auto"
-    cross_attention: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def cross_attention_backend(self) -> str:
-        return self.cross_attention or self.attention
