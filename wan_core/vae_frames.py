@@ -16,12 +16,10 @@ __all__ = ["decode_frames", "PIN_RESULT"]
 
 # decode_frames on a GPU: the float32 result in page-locked memory, each chunk copied straight
 # into it (True), or staged through a pinned buffer and copied into pageable memory (False).
-# None (default): page-locked when a writer takes the frames. Measured on an H100
-# (bench_vae_stage_nosync_2026-11-27_h100.log): with the mp4 writer beside it the stage took
-# 0.926 s page-locked vs 0.942 s staged (x264 faster; medium 0.923 vs 0.950), the staged copies
-# compete with the encoder for the CPU; alone staged is faster, 0.940 vs 1.155 s (locking 388 MB
-# of fresh pages costs more than the copies it saves). A page-locked result stays
-# page-locked while the caller holds it; torch keeps freed ones cached.
+# None (default): page-locked when a writer takes the frames, whose encoder the staged copies
+# compete with for the CPU; alone, staging is faster (locking fresh pages costs more than the
+# copies it saves; benchmarks/NOTES.md). A page-locked result stays page-locked while the
+# caller holds it; torch keeps freed ones cached.
 PIN_RESULT: bool | None = None
 
 
@@ -39,13 +37,11 @@ def decode_frames(
     decoding: once, all frames), e.g. a background `VideoWriter.write`.
 
     Untiled, each chunk is turned into ComfyUI's layout and into uint8 on the VAE's device and
-    copied once into the result: the CPU does no per-pixel work (at 480p x 81 frames that work
-    was ~0.4 s on a 2-core CPU, plus the writer's uint8 conversion, beside the encoder).
+    copied once into the result: the CPU, busy with the video encoder, does no per-pixel work.
     On a GPU the copies are asynchronous (pinned staging buffers) and each chunk is handed on
     one chunk late, once its copy is done, so the GPU always has the next chunk queued: waiting
-    for every chunk's copy (as a plain `.cpu()` does) left it idle between chunks (1.72 s for
-    the stage in a whole run on an H100 with the encoder busy beside it, 1.28 s alone, before the
-    VAE's fused kernels; now 0.93 s and 0.925 s, the bare decode 0.918 s).
+    for every chunk's copy (as a plain `.cpu()` does) leaves it idle between chunks
+    (benchmarks/NOTES.md log).
     """
     from .video import frames_to_uint8, uint8_levels, wan_to_frames
 
@@ -96,7 +92,7 @@ def decode_frames(
                 u8 = torch.empty(u8.shape, dtype=u8.dtype, pin_memory=True).copy_(u8, non_blocking=True)
             # the NaN check's answer travels with the frames: reading the GPU flag (`.item()`)
             # would wait for everything queued, this chunk's decode included, and leave the GPU
-            # idle until the next chunk is queued (~1.5 ms a chunk, 46 ms a 480p decode)
+            # idle until the next chunk is queued
             finite = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(torch.isfinite(f).all(), non_blocking=True)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(vae.device))

@@ -254,7 +254,7 @@ class VideoWriter:
             self._stream.width, self._stream.height, self._stream.pix_fmt = w, h, "yuv420p"
             self._stream.thread_type = "AUTO"  # frame + slice threads: the encoder uses the machine's cores
         # One frame at a time: the float -> uint8 conversion stays in cache and overlaps the
-        # encoder's threads (81 frames at 832x480 on 2 cores: 2.9 s -> 1.0-1.5 s).
+        # encoder's threads (benchmarks/NOTES.md).
         for frame in data:
             rgb = frames_to_uint8(frame.contiguous()[None], layout="comfy")[0]
             for packet in self._stream.encode(av.VideoFrame.from_ndarray(rgb.numpy(), format="rgb24")):

@@ -112,10 +112,10 @@ BACKENDS: dict[str, tuple[str | None, Callable[[], AttentionFn]]] = {
     "sdpa_math": (None, _sdpa_factory("sdpa_math")),
     "flash_attn2": ("flash_attn", _flash_attn2),
     "flash_attn3": ("flash_attn_interface", _flash_attn3),
-    # FlashAttention-3's e4m3 kernel on our quantisation (wan_core/fa3_fp8.py): Hopper, 8-bit
+    # FlashAttention-3's e4m3 kernel on our quantisation (kernels/fa3_fp8.py): Hopper, 8-bit
     "flash_attn3_fp8": ("flash_attn_interface", _flash_attn3_fp8),
     "sage": ("sageattention", _sage),
-    # our Triton kernel (wan_core/sage_attention.py): FP8 (or INT8) Q·Kᵀ and FP8 P·V
+    # our Triton kernel (kernels/sage_attention.py): FP8 (or INT8) Q·Kᵀ and FP8 P·V
     "sage_triton": ("triton", _sage_triton(qk_int8=False)),
     "sage_triton_int8": ("triton", _sage_triton(qk_int8=True)),
 }
@@ -140,8 +140,8 @@ ALIASES = {
 
 def resolve_name(name: str, device: str | torch.device | None = None) -> str:
     """Canonical backend name. `auto` is the fastest exact attention here: FlashAttention-3 on
-    Hopper when the flash_attn_3 package is installed (656 vs 582 TFLOP/s for cuDNN at 480p on an
-    H100, benchmarks/results/probe_fa3_*), else cuDNN SDPA on Hopper/Ada GPUs, plain SDPA elsewhere."""
+    Hopper when the flash_attn_3 package is installed (faster than cuDNN there, benchmarks/NOTES.md),
+    else cuDNN SDPA on Hopper/Ada GPUs, plain SDPA elsewhere."""
     key = ALIASES.get(name.lower(), name.lower())
     if key == "auto":
         dev = torch.device(device) if device is not None else None

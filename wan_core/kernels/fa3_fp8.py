@@ -2,7 +2,7 @@
 
 Why: FlashAttention-3 overlaps the softmax of one warpgroup with the matmuls of another, which
 our Triton kernel (`sage_attention.py`) cannot express; its e4m3 forward is the fastest 8-bit
-attention we can run on an H100 when the `flash_attn_3` package is installed. The kernel takes
+attention we can run on Hopper when the `flash_attn_3` package is installed. The kernel takes
 e4m3 q/k/v with one float32 "descale" per (batch, head) for each and returns bf16. What goes in
 decides the error, so the quantisation is ours:
 

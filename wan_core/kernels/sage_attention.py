@@ -1,8 +1,8 @@
 """8-bit attention in the SageAttention manner, as one Triton kernel ("fast mode" self-attention).
 
-Why: at 480p a Wan 14B forward spends about 1.5 s of its 2.7 s in self-attention (8.8e14 FLOP
-at cuDNN's 588 TFLOP/s on an H100). Hopper's FP8/INT8 tensor cores run twice the bf16 rate, so
-both attention matmuls are done in 8 bits here:
+Why: self-attention is more than half of a Wan 14B forward at 480p (benchmarks/NOTES.md, "The
+two numbers"), and Hopper's FP8/INT8 tensor cores run twice the bf16 rate, so both attention
+matmuls are done in 8 bits here:
 
 - S = Q·Kᵀ in FP8 e4m3 (or INT8), Q with one scale per token and head, K with one per 256 keys
   and head. K is first "smoothed": its mean over the tokens is subtracted, which changes every
@@ -11,8 +11,8 @@ both attention matmuls are done in 8 bits here:
 - O = P·V with P (the softmax numerators, in [0, 1]) scaled by 448 into e4m3, and V in e4m3 with
   one scale per channel and head, after V is smoothed too: its mean over the keys is subtracted
   and added back to the output (exact, as the softmax weights sum to one); for values with a
-  shared channel bias this cuts the error several-fold (a 14B forward's cosine to bf16 went
-  from 0.991 to 0.9988). The row sums of P are taken in float32 before the rounding; the
+  shared channel bias this cuts the error several-fold (benchmarks/NOTES.md log, "v smoothed").
+  The row sums of P are taken in float32 before the rounding; the
   accumulators are float32; the output is bf16.
 
 The quantisation is `quantize` (torch code, the reference), run for self-attention on CUDA by two
@@ -175,11 +175,11 @@ def reference(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype=torch.bflo
     return o.transpose(1, 2).to(out_dtype)
 
 
-# ---- the kernel (wan_core/sage_kernel.py, imported on first use: Triton is optional) -------------
+# ---- the kernel (wan_core/kernels/sage_kernel.py, imported on first use: Triton is optional) -----
 
 
-# How the kernel is run on CUDA, from benchmarks/bench_attention.py on H100s: TMA loads 778-789
-# TFLOP/s vs 677 without; the hand-pipelined loop 793 on one machine and 681 on another.
+# How the kernel is run on CUDA: TMA loads beat pointer loads; the hand-pipelined loop and Triton's
+# warp specialisation gave no steady gain (benchmarks/bench_attention.py; figures in NOTES.md).
 KERNEL_OPTIONS = {"use_tma": True, "pipeline": False, "warp_spec": False}
 
 

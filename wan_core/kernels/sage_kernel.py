@@ -18,8 +18,8 @@ USE_TMA loads the q/k/v tiles with the bulk tensor copy engine (host-side tensor
 PIPELINE issues the next tile's Q·Kᵀ before this tile's softmax, so that the tensor cores and
 the exp2 units overlap (FlashAttention-3's intra-warpgroup overlap, written out by hand).
 WARP_SPEC asks Triton's automatic warp specialisation to split the loop into load, matmul and
-softmax warps (Triton documents it for Blackwell; its Hopper pass is tried by
-benchmarks/bench_attention.py, off until measured). The
+softmax warps (Triton documents it for Blackwell; off: its Hopper pass gained nothing here,
+benchmarks/NOTES.md). The
 last partial key block is masked; padded query rows are computed and not stored.
 """
 
@@ -125,7 +125,7 @@ def _set_block_shapes(nargs):
         nargs["VT"].block_shape = [d, bn]
 
 
-# BLOCK_N = 256 was tried on the H100: it spills registers and never won the autotuning.
+# No BLOCK_N = 256: it spills registers (benchmarks/NOTES.md).
 CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
     for bm, bn, w, s in [(64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3),

@@ -18,9 +18,8 @@ per call:
 - "sgl": `sgl_kernel.fp8_scaled_mm` (the sgl-kernel package), same scales as "scaled_mm".
 - "dequant": weight.float() · scale cast to the compute dtype, then `F.linear`; for CPUs and
   GPUs without FP8 tensor cores. Memory is still halved; the matmul itself is not faster.
-- "auto": "scaled_mm_fast" on a CUDA GPU that has FP8, else "dequant". On the H100 fast
-  accumulation made the 14B fast-mode forward 7 % faster (2.274 -> 2.123 s at 480p) with its
-  output's cosine to ComfyUI's bf16 forward unchanged (0.99864 -> 0.99876), the same trade
+- "auto": "scaled_mm_fast" on a CUDA GPU that has FP8, else "dequant": fast accumulation is
+  faster with the output's cosine to bf16 unchanged (benchmarks/NOTES.md log), the same trade
   LightX2V makes (its fp8-torchao scheme); "scaled_mm" remains for the exact float32 promotion.
 
 LightX2V's `dit_quant_scheme` names are accepted (see `LIGHTX2V_SCHEMES` for the mapping and

@@ -129,8 +129,8 @@ def encode_first_frame(vae, image: torch.Tensor, frames: int) -> torch.Tensor:
 
     `image` is [3, H, W] in [-1, 1] at the video size. The zero frames are real VAE input: the
     causal encoder carries the first frame's features into every later latent frame. The clip is
-    built where the VAE runs, in its dtype (what each chunk becomes on its way in): a float32 CPU
-    clip (388 MB at 480p) cost a CPU pass and a synchronous copy per chunk.
+    built where the VAE runs, in its dtype (what each chunk becomes on its way in), so that no
+    float32 CPU clip costs a CPU pass and a synchronous copy per chunk.
     """
     _, h, w = image.shape
     video = torch.zeros(3, frames, h, w, dtype=vae.dtype, device=vae.device)

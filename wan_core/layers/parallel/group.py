@@ -37,8 +37,7 @@ class ParallelConfig:
     ring: int = 1  # K/V passed around a ring, partial outputs merged by log-sum-exp
     ring_attention: str = "auto"  # LSE attention used by ring steps (see ring.lse_attention)
     # Head slices whose all-to-alls overlap the attention of the neighbouring slice (1: none).
-    # On 2 H100s at 480p the gain was within noise (1.482 vs 1.486 s per forward): the exchange
-    # is ~1 ms of a ~37 ms block there; it is meant for higher degrees, where it weighs more.
+    # Meant for higher degrees, where the exchange weighs more than at 2 GPUs (benchmarks/NOTES.md).
     ulysses_chunks: int = 2
 
     def __post_init__(self):
