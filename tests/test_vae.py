@@ -119,7 +119,8 @@ def test_channels_last_layout_same_result_and_kept_throughout(pair, monkeypatch)
     and none of our ops silently falls back to the plain layout on the way (every conv input
     stays channels-last), encode, plain decode and tiled decode alike. The CPU conv returns
     plain layout whatever it gets, so it is made to answer in the input's layout as cuDNN does."""
-    from wan_core.models.vae import CausalConv3d, _is_channels_last
+    from wan_core.kernels.vae_layout import is_channels_last as _is_channels_last
+    from wan_core.models.vae import CausalConv3d
 
     conv3d = torch.nn.functional.conv3d
 
@@ -197,13 +198,23 @@ def test_time_folded_causal_conv_equals_the_3d_conv(channels_last):
 
 
 @pytest.mark.parametrize("mode", ["upsample2d", "upsample3d"])
-def test_subpixel_upsampler_equals_upsample_then_conv(mode):
+def test_subpixel_upsampler_equals_upsample_then_conv(mode, monkeypatch):
     """`Resample.use_subpixel`: the 2x2 phase kernels at the source resolution and the strided
     copy give nearest-upsample + 3x3 conv, for the plain upsampler and for upsample3d's two frame
     groups (after its time conv, from the second chunk on); the output stays channels-last. On
-    plain-layout activations the upsample + conv path runs whatever the switch."""
-    from wan_core.models.vae import Resample, _is_channels_last
+    plain-layout activations the upsample + conv path runs whatever the switch. (The CPU's conv3d
+    answers single-threaded in plain layout, so the time conv is made to keep its input's layout
+    as cuDNN does: the second chunk reaches the sub-pixel form whatever the thread count.)"""
+    from wan_core.kernels.vae_layout import is_channels_last as _is_channels_last
+    from wan_core.models.vae import Resample
 
+    conv3d = torch.nn.functional.conv3d
+
+    def conv3d_keeping_layout(x, *args, **kwargs):
+        y = conv3d(x, *args, **kwargs)
+        return y.contiguous(memory_format=torch.channels_last_3d) if _is_channels_last(x) else y
+
+    monkeypatch.setattr(torch.nn.functional, "conv3d", conv3d_keeping_layout)
     up = Resample(12, mode).eval()
     _randomize(up, seed=8)
     outs = {}
@@ -229,13 +240,14 @@ def test_full_size_vae_folds_the_measured_convs():
     """At full size the time-folding rule picks what was measured to pay on the H100: the convs
     with 96 input channels (the full-resolution ones and the encoder's 96 -> 192) and the
     encoder's first conv; not the decoder's 96 -> 3 head, nor any 192- or 384-channel input."""
-    from wan_core.models.vae import CausalConv3d, folds_on_cuda
+    from wan_core.kernels.vae_forms import folds_time_on_cuda
+    from wan_core.models.vae import CausalConv3d
 
     with torch.device("meta"):
         model = WanVAE()
     folded = {}
     for name, m in model.named_modules():
-        if isinstance(m, CausalConv3d) and folds_on_cuda(m):
+        if isinstance(m, CausalConv3d) and m.can_fold_time() and folds_time_on_cuda(m.in_channels, m.out_channels):
             folded[name] = (m.in_channels, m.out_channels)
     assert set(folded.values()) == {(3, 96), (96, 96), (96, 192)}
     assert "encoder.conv1" in folded and "decoder.head.2" not in folded
@@ -401,7 +413,8 @@ import json, sys
 sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
 import triton_interp  # noqa: F401  (before any kernel is defined)
 import torch
-from wan_core.models.vae import RMSNorm, dense_rows
+from wan_core.models.vae import RMSNorm
+from wan_core.kernels.vae_layout import dense_rows
 from wan_core.kernels.vae_kernels import launch_add_bias_residual, launch_fold_rows, launch_rms_norm_silu, launch_subpixel_rows
 g = torch.Generator().manual_seed(0)
 res = {{}}
@@ -527,7 +540,7 @@ def test_fused_rms_norm_compiles_for_hopper():
 
 
 def test_dense_rows_accepts_only_the_layouts_the_kernel_indexes():
-    from wan_core.models.vae import dense_rows
+    from wan_core.kernels.vae_layout import dense_rows
 
     cl = torch.empty(2, 8, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
     buf = torch.empty(2, 8, 5, 4, 5).contiguous(memory_format=torch.channels_last_3d)
@@ -547,8 +560,7 @@ def test_gpu_decode_and_encode_with_the_fused_norm_equal_the_torch_ops(dtype, mo
     the torch ops and 3-D convs give (float32: to rounding; 16-bit: as close to the float32 result
     as the torch path), tiled decoding too, and the kernels really ran
     (counted)."""
-    from wan_core.kernels import vae_kernels
-    from wan_core.models import vae as vae_mod
+    from wan_core.kernels import vae_forms, vae_kernels
 
     model = WanVAE(WanVAEConfig(dim=8), channels_last=True).eval()
     _randomize(model, seed=1)
@@ -566,13 +578,13 @@ def test_gpu_decode_and_encode_with_the_fused_norm_equal_the_torch_ops(dtype, mo
             return real(*a, **k)
 
         monkeypatch.setattr(vae_kernels, name, counted)
-    monkeypatch.setattr(vae_mod, "FOLD_TIME_CHANNELS", {3, 16})  # some convs time-folded, as 3 and 96 are at full size
-    monkeypatch.setattr(vae_mod, "FOLD_MIN_OUT", 1)
+    monkeypatch.setattr(vae_forms, "FOLD_TIME_CHANNELS", {3, 16})  # some convs time-folded, as 3 and 96 are at full size
+    monkeypatch.setattr(vae_forms, "FOLD_MIN_OUT", 1)
     fused = model.decode(latent), model.encode(video), model.decode(latent, tile_size=4)
     assert launches.count("launch_rms_norm_silu") > 50 and launches.count("launch_add_bias_residual") > 20
     assert launches.count("launch_rms_norm_silu folded") > 10
-    monkeypatch.setattr(vae_mod, "FOLD_TIME_CHANNELS", set())
-    monkeypatch.setattr(vae_mod, "HAS_TRITON", False)
+    monkeypatch.setattr(vae_forms, "FOLD_TIME_CHANNELS", set())
+    monkeypatch.setattr(vae_forms, "HAS_TRITON", False)  # the torch per-pixel passes (`vae_forms.TORCH_OPS`)
     plain = model.decode(latent), model.encode(video), model.decode(latent, tile_size=4)
     if dtype == torch.float32:
         for a, b in zip(fused, plain):

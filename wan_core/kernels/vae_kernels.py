@@ -4,25 +4,26 @@ Why: every VAE convolution but the first is preceded by RMSNorm over channels an
 torch that is a float32 norm reduction, two broadcast multiplies (1/norm, gamma) and the SiLU:
 five passes over activations of up to 96 x 4 x 480 x 832 (300 MB in bf16 per chunk), the
 broadcasts on torch's slow strided path; and torch adds each conv's bias after cuDNN in one more
-broadcast pass. Profiled on an H100 (480x832x81 decode, 1.27 s): the norms' passes took ~0.46 s,
-the bias adds 0.11 s. Channels-last, a pixel's channels are contiguous (96-384 values), so one
-program reads a block of pixel rows once and writes the result once:
+broadcast pass (the profile: benchmarks/NOTES.md). Channels-last, a pixel's channels are
+contiguous (96-384 values), so one program reads a block of pixel rows once and writes the
+result once:
 
 - `rms_norm_silu`: (x + the previous conv's bias) -> RMSNorm -> SiLU, written straight into the
   causal conv's history + chunk buffer (or three times into its time-folded buffer, see
-  `vae.CausalConv3d`), and its last frames also into the next chunk's history;
-- `add_bias_residual`: a residual block's end, conv output + its bias + shortcut, in place.
+  `vae_forms.time_folded_conv`), and its last frames also into the next chunk's history;
+- `add_bias_residual`: a residual block's end, conv output + its bias + shortcut, in place;
+- `fold_rows`, `subpixel_rows`: the copies of the time-folded convs and sub-pixel upsamplers.
 
-Rounding follows the torch code (`vae.RMSNorm`, a biased conv, `add_`): the norm in float32,
-1/norm then x scale, that factor rounded to the activation dtype, each product and sum rounded
-to it, SiLU from the rounded value.
+Rounding follows the torch code (`vae_forms.rms_norm`, a biased conv, `add_residual`): the norm
+in float32, 1/norm then x scale, that factor rounded to the activation dtype, each product and
+sum rounded to it, SiLU from the rounded value. `vae_forms.TRITON_OPS` calls the launchers.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ..models.vae import dense_rows
+from .vae_layout import dense_rows
 
 __all__ = [
     "rms_norm_silu", "add_bias_residual", "fold_rows", "subpixel_rows", "launch_rms_norm_silu",
@@ -69,7 +70,7 @@ def rms_norm_silu(
     """BLOCK_R pixel rows of one batch item: x (+ bias) / ||x|| * sqrt(C) * gamma (then SiLU).
     The output may be a slice of a larger buffer (the causal conv's history + chunk); rows from
     `t_start` on are also written to the tail (the causal conv's history for the next chunk).
-    FOLD: the output is a time-folded buffer, rows of 3C channels (`vae.CausalConv3d`): frame f
+    FOLD: the output is a time-folded buffer, rows of 3C channels (`vae_forms.time_folded_conv`): frame f
     goes to slot 2 of row-frame f, slot 1 of f + 1 and slot 0 of f + 2 (those that exist)."""
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -120,7 +121,7 @@ def subpixel_rows(
     y_ptr, o_ptr, H, W, O, y_bstride, o_bstride,  # phase conv output [N, H+1, W+1, 4O], output [N, 2H, 2W, O]
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """BLOCK_R output pixels of one image of `vae._subpixel_conv`: pixel (2i + py, 2j + px) is
+    """BLOCK_R output pixels of one image of `vae_forms.subpixel_conv`: pixel (2i + py, 2j + px) is
     channel block 2py + px of the phase conv's pixel (i + py, j + px)."""
     n = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # output pixels, row-major
@@ -151,11 +152,11 @@ def launch_rms_norm_silu(
     tail: torch.Tensor | None = None,
     folded: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`x` `[B, C, T, H, W]` with `vae.dense_rows` -> RMSNorm(x + bias) * gamma (SiLU'd), into
+    """`x` `[B, C, T, H, W]` with `dense_rows` -> RMSNorm(x + bias) * gamma (SiLU'd), into
     `out` if given (also `dense_rows`, same shape and dtype) or a new channels-last tensor.
     `tail` `[B, C, p, H, W]` (`dense_rows`, p <= T) also receives the last p frames.
     `folded` (instead of `out`): a `[B*T, 3C, H, W]` channels-last time-folded buffer
-    (`vae.CausalConv3d`) that receives each frame in the three places the conv reads it; returned."""
+    (`vae_forms.time_folded_conv`) that receives each frame in the three places the conv reads it; returned."""
     b, c, t, h, w = x.shape
     if folded is not None:
         assert out is None and folded.shape == (b * t, 3 * c, h, w) and folded.dtype == x.dtype
@@ -195,7 +196,7 @@ def launch_add_bias_residual(h: torch.Tensor, bias: torch.Tensor, shortcut: torc
 
 def launch_fold_rows(x: torch.Tensor, folded: torch.Tensor, shift: int) -> torch.Tensor:
     """Copy `x` `[B, C, t, H, W]` (`dense_rows`) into the `[B*T, 3C, H, W]` channels-last
-    time-folded buffer (`vae.CausalConv3d`), its frames taken to start `shift` frames before the
+    time-folded buffer (`vae_forms.time_folded_conv`), its frames taken to start `shift` frames before the
     buffer's first: shift=2 for the history, 0 for a chunk. Returns `folded`."""
     b, c, t, h, w = x.shape
     n = folded.shape[0] // b
@@ -210,7 +211,7 @@ def launch_fold_rows(x: torch.Tensor, folded: torch.Tensor, shift: int) -> torch
 
 
 def launch_subpixel_rows(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`y` `[N, 4O, H+1, W+1]` channels-last (the phase conv of `vae._subpixel_conv`) -> its
+    """`y` `[N, 4O, H+1, W+1]` channels-last (the phase conv of `vae_forms.subpixel_conv`) -> its
     phases in place in `out`, a contiguous `[N, 2H, 2W, O]`. Returns `out`."""
     n, o4, h1, w1 = y.shape
     o, h, w = o4 // 4, h1 - 1, w1 - 1

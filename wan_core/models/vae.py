@@ -19,9 +19,10 @@ image latent:
 
 Activations are `[B, C, T, H, W]` between modules (stored channels-last on CUDA: `WanVAE`): the
 checkpoint's per-frame 2-D convolutions run as 3-D convolutions with a 1-frame kernel (a view of
-the same weight). Two GPU forms see frames as a batch of images internally, as views of the same
-storage where they can: the time-folded causal convs (`CausalConv3d.fold_time`) and the
-sub-pixel upsamplers (`Resample.use_subpixel`); both compute the same sums as the plain form.
+the same weight). Faster forms of the same sums live beside the kernels, in
+`wan_core.kernels.vae_forms`, and each encode/decode call picks them once at its start: the
+per-pixel passes (norms, residual adds: torch, or one Triton pass each), the time-folded causal
+convs (`CausalConv3d.fold_time`) and the sub-pixel upsamplers (`Resample.use_subpixel`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.fp8_rows import HAS_TRITON
+from ..kernels.vae_forms import (
+    TORCH_OPS,
+    VAEOps,
+    folds_time_on_cuda,
+    subpixel_conv,
+    subpixel_weights,
+    time_folded_conv,
+    time_folded_weight,
+    vae_ops,
+    weight_in_layout,
+)
+from ..kernels.vae_layout import CL, empty_as, is_channels_last
 
 __all__ = ["WanVAE", "WanVAEConfig", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD", "latent_to_raw", "latent_from_raw"]
 
@@ -115,35 +127,6 @@ class WanVAEConfig:
         )
 
 
-_CL = torch.channels_last_3d
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    """True for a `[B, C, T, H, W]` tensor stored as `[B, T, H, W, C]` (and not also plain contiguous)."""
-    return x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=_CL)
-
-
-def dense_rows(t: torch.Tensor) -> bool:
-    """True when `[B, C, T, H, W]` `t` stores each batch item as T*H*W dense rows of C channels
-    (channels-last, or a time slice of a channels-last buffer): the layout `vae_kernels` indexes."""
-    if t.dim() != 5:
-        return False
-    _, c, _, h, w = t.shape
-    return t.stride(1) == 1 and t.stride(4) == c and t.stride(3) == w * c and t.stride(2) == h * w * c
-
-
-def fused(x: torch.Tensor) -> bool:
-    """Whether the VAE's norms and residual adds on `x` run as the Triton kernels of `vae_kernels`
-    (CUDA, Triton installed, channels-last activations)."""
-    return x.is_cuda and HAS_TRITON and dense_rows(x)
-
-
-def _empty(shape, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor of `shape` with the dtype, device and memory layout of `like`."""
-    fmt = _CL if _is_channels_last(like) else torch.contiguous_format
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
-
-
 def _conv_per_frame(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """A checkpoint 2-D conv applied to every frame of `[B, C, T, H, W]` (kernel viewed as 1xkxk)."""
     return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, stride=(1, *conv.stride), padding=(0, *conv.padding))
@@ -160,7 +143,7 @@ def _upsample2x(x: torch.Tensor, frames: int = 1) -> torch.Tensor:
     """
     b, c, t, h, w = x.shape
     c //= frames
-    if _is_channels_last(x):
+    if is_channels_last(x):
         y = x.permute(0, 2, 3, 4, 1).view(b, t, h, w, frames, c)  # storage order
         y = y.permute(0, 1, 4, 2, 3, 5)[:, :, :, :, None, :, None, :]  # [B, T, f, H, 1, W, 1, C]
         y = y.expand(b, t, frames, h, 2, w, 2, c).reshape(b, t * frames, 2 * h, 2 * w, c)
@@ -168,91 +151,6 @@ def _upsample2x(x: torch.Tensor, frames: int = 1) -> torch.Tensor:
     y = x.view(b, frames, c, t, h, w).permute(0, 2, 3, 1, 4, 5)  # [B, C, T, f, H, W]
     y = y[:, :, :, :, :, None, :, None]  # [B, C, T, f, H, 1, W, 1]
     return y.expand(b, c, t, frames, h, 2, w, 2).reshape(b, c, t * frames, 2 * h, 2 * w)
-
-
-# Nearest 2x upsampling then a 3x3 conv (padding 1), seen from one output phase (py, px) = (row,
-# column) parity: the three kernel rows fall on two source rows, i-1 and i for even output rows
-# (taps 0 | 1 + 2), i and i+1 for odd ones (taps 0 + 1 | 2); columns likewise.
-_PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))  # [parity, source tap, kernel tap]
-
-
-def _phase_kernels(w: torch.Tensor) -> torch.Tensor:
-    """3x3 kernel `[O, C, 3, 3]` -> the four phases' 2x2 kernels on the source image, stacked as
-    `[4O, C, 2, 2]` (phase 2*py + px first)."""
-    taps = torch.tensor(_PHASE_TAPS, dtype=w.dtype, device=w.device)  # [2, 2, 3]
-    k = torch.einsum("pak,qbl,ockl->pqocab", taps, taps, w)  # [py, px, O, C, 2, 2]
-    return k.flatten(0, 2)
-
-
-def _subpixel_conv(x: torch.Tensor, frames: int, phase_w: torch.Tensor, phase_b: torch.Tensor) -> torch.Tensor:
-    """`conv3x3(nearest_upsample_2x(x))` per frame, computed at the source resolution: one 2x2
-    conv with the four phases' kernels (`_phase_kernels`, 4/9 of the multiply-adds, no upsampled
-    copy of the input), then one pass that puts each phase's pixels in place (the Triton gather
-    `vae_kernels.subpixel_rows` on a GPU, a strided copy elsewhere).
-
-    `x` `[B, f*C, T, H, W]` channels-last, its channels f groups that become f consecutive frames
-    (`_upsample2x`) -> `[B, O, f*T, 2H, 2W]` channels-last."""
-    b, fc, t, h, w = x.shape
-    c = fc // frames
-    rows = x.permute(0, 2, 3, 4, 1)  # [B, T, H, W, fC], the storage order
-    if frames == 1:
-        src = rows.reshape(b * t, h, w, c)  # a view
-    else:  # the frame groups interleaved in time: one copy at the source resolution
-        src = rows.reshape(b, t, h, w, frames, c).permute(0, 1, 4, 2, 3, 5).reshape(b * t * frames, h, w, c)
-    y = F.conv2d(src.permute(0, 3, 1, 2), phase_w, phase_b, padding=1)  # [N, 4O, H+1, W+1]
-    y = y.contiguous(memory_format=torch.channels_last)  # (cuDNN's layout already; the CPU's may differ)
-    n, o = y.shape[0], y.shape[1] // 4
-    out = torch.empty(b, frames * t, 2 * h, 2 * w, o, dtype=x.dtype, device=x.device)
-    if y.is_cuda and HAS_TRITON:
-        from ..kernels.vae_kernels import launch_subpixel_rows
-
-        launch_subpixel_rows(y, out.view(n, 2 * h, 2 * w, o))
-    else:
-        s_n, _, s_h, s_w = y.stride()
-        # output pixel (2i + py, 2j + px), channel c = y[n, (2py + px) O + c, i + py, j + px]
-        phases = y.as_strided((n, h, 2, w, 2, o), (s_n, s_h, s_h + 2 * o, s_w, s_w + o, 1))
-        out.view(n, h, 2, w, 2, o).copy_(phases)
-    return out.permute(0, 4, 1, 2, 3)  # [B, O, fT, 2H, 2W]
-
-
-# 3x3x3 causal convs with these input channel counts run time-folded on CUDA (`CausalConv3d`).
-# Measured on an H100, 480x832x81 in bf16 (benchmarks/NOTES.md): folding the 96-channel convs took
-# the decode from 0.927 to 0.796 s and the encode from 0.626 to 0.522 s (+0.5 GB peak); the
-# encoder's first conv (3 channels, the video) 0.01 s more off the encode; folding the 192- and
-# 384-channel convs too made both slower again, and so did folding the decoder's head (96 -> 3
-# channels: +3 ms, its three writes cost more than the 2-D conv saves), hence FOLD_MIN_OUT.
-FOLD_TIME_CHANNELS = frozenset({3, *range(64, 97)})
-FOLD_MIN_OUT = 64
-
-
-def folds_on_cuda(conv: CausalConv3d) -> bool:
-    """Whether `conv` runs time-folded when the VAE runs channels-last on CUDA (the rule above)."""
-    return conv.can_fold_time() and conv.in_channels in FOLD_TIME_CHANNELS and conv.out_channels >= FOLD_MIN_OUT
-
-
-def _slots(folded: torch.Tensor, b: int, c: int) -> torch.Tensor:
-    """The time-folded buffer `[B*T, 3C, H, W]` seen as `[B, 3, C, T, H, W]` (slot, then frame)."""
-    return folded.unflatten(0, (b, -1)).transpose(1, 2).unflatten(1, (3, c))
-
-
-def _fold_in(src: torch.Tensor, folded: torch.Tensor, shift: int, kernel: bool) -> None:
-    """Copy frames `src` `[B, C, n, H, W]` into the time-folded buffer of `CausalConv3d`, the first
-    of them `shift` frames before the chunk's first (2: the history; 0: the chunk). Frame f lands
-    in slot i of output frame f - shift + 2 - i, where that frame exists. `kernel`: by one Triton
-    pass (`vae_kernels.fold_rows`), else by torch copies."""
-    if kernel:
-        from ..kernels.vae_kernels import launch_fold_rows
-
-        launch_fold_rows(src, folded, shift)
-        return
-    b, c, n = src.shape[:3]
-    slots = _slots(folded, b, c)
-    t = slots.shape[3]
-    for i in range(3):
-        j0 = 2 - i - shift  # output frame of src frame 0
-        f0, f1 = max(0, -j0), min(n, t - j0)
-        if f1 > f0:
-            slots[:, i, :, f0 + j0 : f1 + j0].copy_(src[:, :, f0:f1])
 
 
 class CausalConv3d(nn.Conv3d):
@@ -264,32 +162,26 @@ class CausalConv3d(nn.Conv3d):
 
     History and chunk are assembled in one buffer, and the RMSNorm + SiLU that precede most convs
     write their output straight into it (`norm=`), so no separate concatenation pass is needed.
-
-    Time-folded form (`fold_time`, for a 3-frame kernel): cuDNN runs 3-D convs with few channels
-    far below its 2-D speed, so the buffer is `[B*T, 3C, H, W]` instead, output frame j's channels
-    being input frames j-2, j-1, j side by side, and the conv is one conv2d with the kernel's
-    three time taps laid along its input channels (`folded`: `[O, 3C, kh, kw]`). Each frame is
-    written three times (the norm does it in its one pass), the same sums are taken in another
-    order.
+    With `fold_time` on (a 3-frame kernel), the conv runs as `vae_forms.time_folded_conv`: the
+    same sums as one conv2d over frames stacked with their two predecessors on the channels.
     """
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size, stride=1, padding=0):
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
         super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=(0, ph, pw))
         self.history = 2 * pt
-        self.folded: torch.Tensor | None = None  # the time-folded weight when `fold_time` is on
+        self.folded: torch.Tensor | None = None  # the time-folded weight while `fold_time` is on
+        self.ops: VAEOps = TORCH_OPS  # the per-pixel passes, set per call by `WanVAE`
 
     def can_fold_time(self) -> bool:
         return self.history == 2 and self.kernel_size[0] == 3 and self.stride[0] == 1 and self.dilation[0] == 1
 
     def fold_time(self, on: bool) -> None:
-        """Run as the time-folded conv2d (see the class docstring) from now on, or not. The folded
-        weight is derived from `weight` here: call again after changing the weights."""
+        """Run time-folded (`vae_forms.time_folded_conv`) from now on, or not. The folded weight is
+        derived from `weight` here: call again after changing the weights."""
         if on and not self.can_fold_time():
             raise ValueError(f"only a causal conv with a 3-frame kernel folds time, not {self}")
-        w = self.weight.detach()
-        # [O, C, 3, kh, kw] -> [O, 3, C, kh, kw] -> [O, 3C, kh, kw]: time tap i meets channel slot i
-        self.folded = w.transpose(1, 2).flatten(1, 2).contiguous(memory_format=torch.channels_last) if on else None
+        self.folded = time_folded_weight(self.weight) if on else None
 
     def forward(
         self,
@@ -302,73 +194,54 @@ class CausalConv3d(nn.Conv3d):
         """`x` `[B, C, T, H, W]` -> conv(SiLU(norm(x + norm_bias)) if `norm` else x), causal in time.
 
         `norm_bias` is the previous conv's bias, left out of that conv (`bias=False`) and added here
-        in the norm's one pass: torch adds a conv's bias after cuDNN as a separate broadcast pass."""
-        p = self.history
-        if not p:
+        in the norm's one pass (`VAEOps.biases_in_next_pass`)."""
+        if not self.history:
             return self._conv(norm(x, silu=True, bias=norm_bias) if norm is not None else x, bias)
-        if self.folded is not None and self.folded.dtype == x.dtype and self.folded.device == x.device:
-            return self._forward_folded(x, cache, norm, norm_bias, bias)
-        b, c, t, h, w = x.shape
-        buf = _empty((b, c, p + t, h, w), x)  # [B, C, history + T, H, W]
         prev = None if cache is None else cache.get(self)
+        if self.folded is not None:
+            y, tail = time_folded_conv(
+                x, prev, self.folded, self.bias if bias else None, self.stride[1:], self.padding[1:], self.ops.fold_in,
+                norm, norm_bias, keep_tail=cache is not None,
+            )  # fmt: skip
+        else:
+            y, tail = self._buffered(x, prev, norm, norm_bias, bias, keep_tail=cache is not None)
+        if cache is not None:
+            cache[self] = tail
+        return y
+
+    def _buffered(self, x, prev, norm, norm_bias, bias: bool, keep_tail: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The 3-D conv over [history, chunk] -> (output, the next chunk's history if `keep_tail`)."""
+        p = self.history
+        b, c, t, h, w = x.shape
+        buf = empty_as((b, c, p + t, h, w), x)  # [B, C, history + T, H, W]
         if prev is None:
             buf[:, :, :p].zero_()
         else:
             buf[:, :, :p].copy_(prev)
         # the next chunk's history: the last p frames, kept apart (not a view: don't pin the whole
         # buffer); the norm writes them there itself when the chunk has p frames or more
-        tail = _empty((b, c, p, h, w), x) if cache is not None and norm is not None and t >= p else None
+        tail = empty_as((b, c, p, h, w), x) if keep_tail and norm is not None and t >= p else None
         if norm is None:
             buf[:, :, p:].copy_(x)
         else:
             norm(x, silu=True, out=buf[:, :, p:], bias=norm_bias, tail=tail)
-        if cache is not None:
-            cache[self] = tail if tail is not None else buf[:, :, -p:].clone()
-        return self._conv(buf, bias)
-
-    def _forward_folded(self, x, cache, norm, norm_bias, bias) -> torch.Tensor:
-        b, c, t, h, w = x.shape
-        # output frame j's channels: frames j, j + 1, j + 2 of [history (2 frames), chunk], slots 0-2
-        folded = torch.empty(b * t, 3 * c, h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-        prev = None if cache is None else cache.get(self)
-        if prev is None:  # the start of a clip: zeros in the past
-            prev = _empty((b, c, 2, h, w), x).zero_()
-        kernels = fused(x) and dense_rows(prev)
-        _fold_in(prev, folded, 2, kernels)
-        tail = _empty((b, c, 2, h, w), x) if cache is not None else None  # the next chunk's history
-        if norm is not None and kernels:  # the norm writes the chunk's three places (and the tail) itself
-            from ..kernels.vae_kernels import launch_rms_norm_silu
-
-            launch_rms_norm_silu(x, norm.gamma, norm.scale, True, bias=norm_bias, tail=tail if t >= 2 else None,
-                                 folded=folded)
-        else:
-            y = norm(x, silu=True, bias=norm_bias) if norm is not None else x
-            _fold_in(y, folded, 0, kernels)
-            if tail is not None and t >= 2:
-                tail.copy_(y[:, :, -2:])
-        if tail is not None and t == 1:  # a 1-frame chunk: the history's last frame, then the chunk's
-            tail[:, :, :1].copy_(prev[:, :, 1:])
-            tail[:, :, 1:].copy_(_slots(folded, b, c)[:, 2, :, :1])
-        if cache is not None:
-            cache[self] = tail
-        y = F.conv2d(folded, self.folded, self.bias if bias else None, self.stride[1:], self.padding[1:])
-        return y.unflatten(0, (b, t)).transpose(1, 2)  # [B*T, O, H, W] -> [B, O, T, H, W], same storage
+        if keep_tail and tail is None:
+            tail = buf[:, :, -p:].clone()
+        return self._conv(buf, bias), tail
 
     def _conv(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
         return F.conv3d(x, self.weight, self.bias if bias else None, self.stride, self.padding)
 
 
 class RMSNorm(nn.Module):
-    """L2 normalisation over channels times sqrt(C) and a per-channel `gamma`.
-
-    The norm is accumulated in float32 whatever the activation dtype (bf16 sums of squares over
-    384 channels lose too much); `silu=True` applies the SiLU that always follows it in place.
-    """
+    """L2 normalisation over channels times sqrt(C) and a per-channel `gamma`, computed by
+    `VAEOps.norm` (`vae_forms.rms_norm`: accumulated in float32; or its one Triton pass)."""
 
     def __init__(self, dim: int, images: bool = False):
         super().__init__()
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+        self.ops: VAEOps = TORCH_OPS  # set per call by `WanVAE`
 
     def forward(
         self,
@@ -377,36 +250,12 @@ class RMSNorm(nn.Module):
         out: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
         tail: torch.Tensor | None = None,
+        folded: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`x` `[B, C, ...]` (plus a per-channel `bias` first) -> same shape (written into `out`
-        when given; its last frames into `tail` too when given). Channels-last on a GPU: one Triton
-        pass (`vae_kernels`); otherwise the torch ops below (the same rounding)."""
-        if fused(x) and (out is None or dense_rows(out)) and (tail is None or dense_rows(tail)):
-            from ..kernels.vae_kernels import launch_rms_norm_silu
-
-            return launch_rms_norm_silu(x, self.gamma, self.scale, silu, out, bias, tail)
-        if bias is not None:
-            x = x + bias.view(-1, *(1,) * (x.dim() - 2))
-        inv = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
-        inv = inv.clamp_min_(1e-12).reciprocal_().mul_(self.scale)  # [B, 1, ...]
-        y = torch.mul(x, inv.to(x.dtype), out=out)
-        y.mul_(self.gamma.view(-1, *(1,) * (x.dim() - 2)))
-        y = F.silu(y, inplace=True) if silu else y
-        if tail is not None:
-            tail.copy_(y[:, :, -tail.shape[2] :])
-        return y
-
-
-def _add_residual(h: torch.Tensor, bias: torch.Tensor | None, shortcut: torch.Tensor) -> torch.Tensor:
-    """`h` (+ a per-channel `bias`) + `shortcut`, in place: one Triton pass (`vae_kernels`) when
-    both are channels-last on a GPU, otherwise the torch adds (the same rounding)."""
-    if bias is not None and fused(h) and dense_rows(shortcut) and shortcut.dtype == h.dtype:
-        from ..kernels.vae_kernels import launch_add_bias_residual
-
-        return launch_add_bias_residual(h, bias, shortcut)
-    if bias is not None:
-        h = h.add_(bias.view(-1, *(1,) * (h.dim() - 2)))
-    return h.add_(shortcut)
+        """`x` `[B, C, ...]` (plus a per-channel `bias` first) -> same shape, SiLU'd if `silu`
+        (written into `out` when given; its last frames into `tail` too when given; into a
+        time-folded conv's buffer `folded` instead: `vae_forms.rms_norm`)."""
+        return self.ops.norm(x, self.gamma, self.scale, silu, out, bias, tail, folded)
 
 
 class ResidualBlock(nn.Module):
@@ -428,13 +277,15 @@ class ResidualBlock(nn.Module):
             CausalConv3d(out_dim, out_dim, 3, padding=1),
         )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+        self.ops: VAEOps = TORCH_OPS  # set per call by `WanVAE`
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        fold = fused(x)  # the convs' biases go into the next pass (norm2's, the residual add's)
-        h = conv1(x, cache, norm=norm1, bias=not fold)
-        h = conv2(h, cache, norm=norm2, norm_bias=conv1.bias if fold else None, bias=not fold)
-        return _add_residual(h, conv2.bias if fold else None, self.shortcut(x))
+        ops = self.ops
+        late = ops.biases_in_next_pass  # the convs' biases go into the next pass (norm2's, the residual add's)
+        h = conv1(x, cache, norm=norm1, bias=not late)
+        h = conv2(h, cache, norm=norm2, norm_bias=conv1.bias if late else None, bias=not late)
+        return ops.add_residual(h, conv2.bias if late else None, self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -456,7 +307,7 @@ class AttentionBlock(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v)  # [B*T, 1, HW, C]
         o = F.linear(o, self.proj.weight.reshape(c, c), self.proj.bias)
         o = o.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # [B, C, T, H, W] (strided view)
-        return torch.add(x, o, out=_empty(x.shape, x))
+        return torch.add(x, o, out=empty_as(x.shape, x))
 
 
 class Resample(nn.Module):
@@ -474,6 +325,7 @@ class Resample(nn.Module):
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         self.mode = mode
         self.phases: tuple[torch.Tensor, torch.Tensor] | None = None  # see `use_subpixel`
+        self.ops: VAEOps = TORCH_OPS  # set per call by `WanVAE`
         if mode.startswith("up"):
             self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(dim, dim // 2, 3, padding=1))
             if mode == "upsample3d":
@@ -484,15 +336,11 @@ class Resample(nn.Module):
                 self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
     def use_subpixel(self, on: bool) -> None:
-        """Upsamplers: run nearest-upsample + conv in its sub-pixel form (`_subpixel_conv`) on
-        channels-last activations from now on, or not. The phase kernels are derived from the
+        """Upsamplers: run nearest-upsample + conv in its sub-pixel form (`vae_forms.subpixel_conv`)
+        on channels-last activations from now on, or not. The phase kernels are derived from the
         conv's weight here: call again after changing the weights."""
-        if not on or not self.mode.startswith("up"):
-            self.phases = None
-            return
         conv = self.resample[1]
-        w = _phase_kernels(conv.weight.detach().float()).to(conv.weight.dtype)
-        self.phases = w.contiguous(memory_format=torch.channels_last), conv.bias.detach().repeat(4)
+        self.phases = subpixel_weights(conv.weight, conv.bias) if on and self.mode.startswith("up") else None
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         if self.mode.startswith("up"):
@@ -501,12 +349,11 @@ class Resample(nn.Module):
                 x, frames = self.time_conv(x, cache), 2  # [B, 2C, T, H, W]: two frames' channels
             else:
                 cache[self] = True  # upsample3d: the first chunk passes through in time
-            w = self.phases[0] if self.phases is not None else None
-            if w is not None and w.dtype == x.dtype and w.device == x.device and _is_channels_last(x):
-                return _subpixel_conv(x, frames, *self.phases)
+            if self.phases is not None and is_channels_last(x):
+                return subpixel_conv(x, frames, *self.phases, self.ops.gather_phases)
             return _conv_per_frame(self.resample[1], _upsample2x(x, frames))  # [B, C, fT, 2H, 2W]
 
-        padded = _empty((*x.shape[:3], x.shape[3] + 1, x.shape[4] + 1), x)  # zero row/column at bottom/right
+        padded = empty_as((*x.shape[:3], x.shape[3] + 1, x.shape[4] + 1), x)  # zero row/column at bottom/right
         padded[..., -1, :].zero_()
         padded[..., :-1, -1].zero_()
         padded[..., :-1, :-1].copy_(x)
@@ -604,9 +451,13 @@ class Decoder3d(nn.Module):
         return math.ceil(reach)
 
 
+# the modules that run per-pixel passes: `WanVAE` hands them the call's `VAEOps`
+_WITH_OPS = (CausalConv3d, RMSNorm, ResidualBlock, Resample)
+
+
 def _conv_forms_per_call(method):
-    """An encode/decode method: the conv weights put in the call's layout and its derived weights
-    made before it (`WanVAE._weights_layout`), those dropped when it ends, whatever way."""
+    """An encode/decode method: the call's forms chosen and the conv weights put in its layout
+    before it (`WanVAE._weights_layout`), the derived weights dropped when it ends, whatever way."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -628,12 +479,10 @@ class WanVAE(nn.Module):
 
     `channels_last`: store activations as `[B, T, H, W, C]` (logical shape unchanged). cuDNN's
     bf16 3-D convolutions run natively in that layout (NCDHW costs it a transpose in and out of
-    every conv): on an H100, decoding 81 frames at 480x832 in bf16 took 1.28 s (3.55 GiB peak)
-    against 1.56 s plain (the official code: 1.86 s). In that layout a pixel's channels are
-    contiguous, so the norms and residual adds on a GPU run as the one-pass Triton kernels of
-    `vae_kernels` (0.91 s); with the 96-channel convs time-folded (`CausalConv3d`) and the
-    upsamplers in sub-pixel form (`Resample.use_subpixel`): 0.72-0.73 s, 4.03 GiB peak. None
-    (default) picks it on CUDA and the plain layout elsewhere. Results are the same up to rounding.
+    every conv), and a pixel's channels are contiguous, so the norms and residual adds on a GPU
+    run as one-pass Triton kernels; the GPU forms of `vae_forms` (time-folded convs, sub-pixel
+    upsamplers) build on it. None (default) picks it on CUDA and the plain layout elsewhere.
+    Results are the same up to rounding; the measured speed-ups: benchmarks/NOTES.md.
     """
 
     def __init__(self, config: WanVAEConfig | None = None, channels_last: bool | None = None):
@@ -655,12 +504,15 @@ class WanVAE(nn.Module):
 
     def _drop_conv_forms(self) -> None:
         """Drop the weights `_weights_layout` derived for this call (time-folded, sub-pixel): made
-        afresh per call, they would otherwise stay on the GPU after an offload moves the VAE away."""
+        afresh per call, they would otherwise stay on the GPU after an offload moves the VAE away.
+        The per-pixel passes go back to torch's."""
         for m in self.modules():
             if isinstance(m, CausalConv3d):
                 m.folded = None
             elif isinstance(m, Resample):
                 m.phases = None
+            if isinstance(m, _WITH_OPS):
+                m.ops = TORCH_OPS
 
     def _channels_last(self) -> bool:
         """The activation layout of a call: `channels_last`, or None: channels-last on CUDA."""
@@ -669,26 +521,27 @@ class WanVAE(nn.Module):
     @staticmethod
     def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
         """`x` in the activation layout of this call (a no-op when it already is)."""
-        return x.contiguous(memory_format=_CL if channels_last else torch.contiguous_format)
+        return x.contiguous(memory_format=CL if channels_last else torch.contiguous_format)
 
     def _weights_layout(self, channels_last: bool) -> None:
-        """Store every conv weight channels-last (or plain) to match the activations: torch hands
-        cuDNN the weight in the input's layout and copies it into that layout on every call
-        otherwise (~36 weight copies per decoded chunk). Values are unchanged; a weight already in
-        the layout is left alone, so this costs a walk over the modules per call. Channels-last,
-        the upsamplers run in sub-pixel form (`_subpixel_conv`), and on CUDA the convs
-        `folds_on_cuda` picks run time-folded (`CausalConv3d`); their derived weights are made here
-        (a few small kernels) and dropped after the call (`_conv_forms_per_call`)."""
+        """Choose this call's forms, once, for the activation layout and the VAE's device: every
+        conv weight stored in the activations' layout (`vae_forms.weight_in_layout`; a walk over
+        the modules per call), the per-pixel passes (`vae_forms.vae_ops`) handed to the modules;
+        channels-last, the upsamplers in sub-pixel form (`Resample.use_subpixel`), and on CUDA the
+        convs `vae_forms.folds_time_on_cuda` picks time-folded (`CausalConv3d.fold_time`). Their
+        derived weights are made here (a few small kernels) and dropped after the call
+        (`_conv_forms_per_call`)."""
         fold = channels_last and self.device.type == "cuda"
+        ops = vae_ops(self.device, channels_last)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Conv3d)):
-                fmt = (_CL if m.weight.dim() == 5 else torch.channels_last) if channels_last else torch.contiguous_format
-                if not m.weight.is_contiguous(memory_format=fmt):
-                    m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+                weight_in_layout(m, channels_last)
             if isinstance(m, CausalConv3d) and m.can_fold_time():
-                m.fold_time(fold and folds_on_cuda(m))
+                m.fold_time(fold and folds_time_on_cuda(m.in_channels, m.out_channels))
             if isinstance(m, Resample):
                 m.use_subpixel(channels_last)
+            if isinstance(m, _WITH_OPS):
+                m.ops = ops
 
     def _latent_stats(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, 1/std) as float32 `[1, z, 1, 1, 1]`; built per call, so a meta-built model needs no buffer fix-up."""
@@ -740,9 +593,8 @@ class WanVAE(nn.Module):
         runs on whole frames, the convolution-only upper part runs tile by tile, each tile widened
         by the upper part's receptive field (`Decoder3d.upper_halo`, 13 latent pixels for Wan2.1)
         and cropped back, so the tiled result equals the plain one (no blending, no seams) up to
-        rounding: on an H100, bitwise equal in fp32 with TF32 off; in bf16 max abs 0.035 (rel L2
-        4.5e-3), the noise of differently sized convs. 480x832, tile 32: peak 2.00 GiB instead
-        of 4.03, 2.6x the time (the halo is recomputed per tile).
+        the rounding noise of differently sized convs; it costs time, the halo being recomputed
+        per tile (measured: benchmarks/NOTES.md).
         `out_device` puts the video elsewhere (e.g. "cpu") as it is produced. `on_frames` is
         handed each finished chunk `[B, 3, t, 8h, 8w]` (a view of the result) as soon as it is
         decoded, e.g. to encode a video while the rest decodes (tiled: once, at the end).
