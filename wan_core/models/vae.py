@@ -31,100 +31,22 @@ import functools
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.vae_forms import (
-    TORCH_OPS,
-    VAEOps,
-    folds_time_on_cuda,
-    subpixel_conv,
-    subpixel_weights,
-    time_folded_conv,
-    time_folded_weight,
-    vae_ops,
-    weight_in_layout,
-)
+from ..kernels import vae_forms
 from ..kernels.vae_layout import CL, empty_as, is_channels_last
+from .vae_config import WAN21_LATENT_MEAN, WAN21_LATENT_STD, WanVAEConfig
 
 __all__ = ["WanVAE", "WanVAEConfig", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD", "latent_to_raw", "latent_from_raw"]
-
-# Per-channel statistics of Wan2.1 latents: the DiT works on (mu - mean) / std.
-WAN21_LATENT_MEAN = (
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
-)  # fmt: skip
-WAN21_LATENT_STD = (
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
-)  # fmt: skip
 
 # A stream cache: module -> the state it carries from one chunk of a clip to the next (the last
 # input frames of a temporal conv, or a "first chunk seen" flag). One fresh dict per clip (or per
 # tile of a clip); modules hold no state themselves, so one model can serve many streams.
 StreamCache = dict
-
-
-@dataclass(frozen=True)
-class WanVAEConfig:
-    """Architecture of the VAE; the defaults are Wan2.1's (`Wan2.1_VAE.pth`)."""
-
-    dim: int = 96
-    z_dim: int = 16
-    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    # per level transition of the encoder; the decoder uses the reverse (official spelling kept)
-    temperal_downsample: tuple[bool, ...] = (False, True, True)
-    latents_mean: tuple[float, ...] = WAN21_LATENT_MEAN
-    latents_std: tuple[float, ...] = WAN21_LATENT_STD
-
-    def __post_init__(self):
-        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
-            raise ValueError("temperal_downsample needs one entry per level transition (len(dim_mult) - 1)")
-        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
-            raise ValueError(f"latents_mean/latents_std need {self.z_dim} values (z_dim)")
-
-    @property
-    def spatial_ratio(self) -> int:
-        return 2 ** (len(self.dim_mult) - 1)
-
-    @property
-    def temporal_ratio(self) -> int:
-        return 2 ** sum(self.temperal_downsample)
-
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> WanVAEConfig:
-        """Read the architecture off tensor shapes (official key names, see `loading.vae`).
-
-        The encoder's `downsamples` list is walked in order: residual blocks (their output width
-        gives `dim_mult`) separated by resamplers (a `time_conv` marks a temporal one). Latent
-        statistics are Wan2.1's for z_dim 16 and the identity otherwise.
-        """
-        dim = sd["encoder.conv1.weight"].shape[0]
-        z_dim = sd["conv2.weight"].shape[0]
-        indices = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.downsamples.")})
-        levels: list[list[int]] = [[]]
-        temporal: list[bool] = []
-        for i in indices:
-            p = f"encoder.downsamples.{i}."
-            if p + "resample.1.weight" in sd:
-                temporal.append(p + "time_conv.weight" in sd)
-                levels.append([])
-            else:
-                levels[-1].append(sd[p + "residual.2.weight"].shape[0])
-        stats = {} if z_dim == 16 else {"latents_mean": (0.0,) * z_dim, "latents_std": (1.0,) * z_dim}
-        return cls(
-            dim=dim,
-            z_dim=z_dim,
-            dim_mult=tuple(level[-1] // dim for level in levels),
-            num_res_blocks=len(levels[0]),
-            temperal_downsample=tuple(temporal),
-            **stats,
-        )
 
 
 def _conv_per_frame(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +93,7 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=(0, ph, pw))
         self.history = 2 * pt
         self.folded: torch.Tensor | None = None  # the time-folded weight while `fold_time` is on
-        self.ops: VAEOps = TORCH_OPS  # the per-pixel passes, set per call by `WanVAE`
+        self.ops: vae_forms.VAEOps = vae_forms.TORCH_OPS  # the per-pixel passes, set per call by `WanVAE`
 
     def can_fold_time(self) -> bool:
         return self.history == 2 and self.kernel_size[0] == 3 and self.stride[0] == 1 and self.dilation[0] == 1
@@ -181,16 +103,10 @@ class CausalConv3d(nn.Conv3d):
         derived from `weight` here: call again after changing the weights."""
         if on and not self.can_fold_time():
             raise ValueError(f"only a causal conv with a 3-frame kernel folds time, not {self}")
-        self.folded = time_folded_weight(self.weight) if on else None
+        self.folded = vae_forms.time_folded_weight(self.weight) if on else None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cache: StreamCache | None = None,
-        norm: RMSNorm | None = None,
-        norm_bias: torch.Tensor | None = None,
-        bias: bool = True,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None, norm: RMSNorm | None = None,
+                norm_bias: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
         """`x` `[B, C, T, H, W]` -> conv(SiLU(norm(x + norm_bias)) if `norm` else x), causal in time.
 
         `norm_bias` is the previous conv's bias, left out of that conv (`bias=False`) and added here
@@ -199,7 +115,7 @@ class CausalConv3d(nn.Conv3d):
             return self._conv(norm(x, silu=True, bias=norm_bias) if norm is not None else x, bias)
         prev = None if cache is None else cache.get(self)
         if self.folded is not None:
-            y, tail = time_folded_conv(
+            y, tail = vae_forms.time_folded_conv(
                 x, prev, self.folded, self.bias if bias else None, self.stride[1:], self.padding[1:], self.ops.fold_in,
                 norm, norm_bias, keep_tail=cache is not None,
             )  # fmt: skip
@@ -241,17 +157,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
-        self.ops: VAEOps = TORCH_OPS  # set per call by `WanVAE`
+        self.ops: vae_forms.VAEOps = vae_forms.TORCH_OPS  # set per call by `WanVAE`
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        silu: bool = False,
-        out: torch.Tensor | None = None,
-        bias: torch.Tensor | None = None,
-        tail: torch.Tensor | None = None,
-        folded: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu: bool = False, out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                tail: torch.Tensor | None = None, folded: torch.Tensor | None = None) -> torch.Tensor:
         """`x` `[B, C, ...]` (plus a per-channel `bias` first) -> same shape, SiLU'd if `silu`
         (written into `out` when given; its last frames into `tail` too when given; into a
         time-folded conv's buffer `folded` instead: `vae_forms.rms_norm`)."""
@@ -277,7 +186,7 @@ class ResidualBlock(nn.Module):
             CausalConv3d(out_dim, out_dim, 3, padding=1),
         )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
-        self.ops: VAEOps = TORCH_OPS  # set per call by `WanVAE`
+        self.ops: vae_forms.VAEOps = vae_forms.TORCH_OPS  # set per call by `WanVAE`
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
@@ -325,7 +234,7 @@ class Resample(nn.Module):
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         self.mode = mode
         self.phases: tuple[torch.Tensor, torch.Tensor] | None = None  # see `use_subpixel`
-        self.ops: VAEOps = TORCH_OPS  # set per call by `WanVAE`
+        self.ops: vae_forms.VAEOps = vae_forms.TORCH_OPS  # set per call by `WanVAE`
         if mode.startswith("up"):
             self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(dim, dim // 2, 3, padding=1))
             if mode == "upsample3d":
@@ -340,7 +249,7 @@ class Resample(nn.Module):
         on channels-last activations from now on, or not. The phase kernels are derived from the
         conv's weight here: call again after changing the weights."""
         conv = self.resample[1]
-        self.phases = subpixel_weights(conv.weight, conv.bias) if on and self.mode.startswith("up") else None
+        self.phases = vae_forms.subpixel_weights(conv.weight, conv.bias) if on and self.mode.startswith("up") else None
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         if self.mode.startswith("up"):
@@ -350,7 +259,7 @@ class Resample(nn.Module):
             else:
                 cache[self] = True  # upsample3d: the first chunk passes through in time
             if self.phases is not None and is_channels_last(x):
-                return subpixel_conv(x, frames, *self.phases, self.ops.gather_phases)
+                return vae_forms.subpixel_conv(x, frames, *self.phases, self.ops.gather_phases)
             return _conv_per_frame(self.resample[1], _upsample2x(x, frames))  # [B, C, fT, 2H, 2W]
 
         padded = empty_as((*x.shape[:3], x.shape[3] + 1, x.shape[4] + 1), x)  # zero row/column at bottom/right
@@ -512,7 +421,7 @@ class WanVAE(nn.Module):
             elif isinstance(m, Resample):
                 m.phases = None
             if isinstance(m, _WITH_OPS):
-                m.ops = TORCH_OPS
+                m.ops = vae_forms.TORCH_OPS
 
     def _channels_last(self) -> bool:
         """The activation layout of a call: `channels_last`, or None: channels-last on CUDA."""
@@ -532,23 +441,16 @@ class WanVAE(nn.Module):
         derived weights are made here (a few small kernels) and dropped after the call
         (`_conv_forms_per_call`)."""
         fold = channels_last and self.device.type == "cuda"
-        ops = vae_ops(self.device, channels_last)
+        ops = vae_forms.vae_ops(self.device, channels_last)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Conv3d)):
-                weight_in_layout(m, channels_last)
+                vae_forms.weight_in_layout(m, channels_last)
             if isinstance(m, CausalConv3d) and m.can_fold_time():
-                m.fold_time(fold and folds_time_on_cuda(m.in_channels, m.out_channels))
+                m.fold_time(fold and vae_forms.folds_time_on_cuda(m.in_channels, m.out_channels))
             if isinstance(m, Resample):
                 m.use_subpixel(channels_last)
             if isinstance(m, _WITH_OPS):
                 m.ops = ops
-
-    def _latent_stats(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, 1/std) as float32 `[1, z, 1, 1, 1]`; built per call, so a meta-built model needs no buffer fix-up."""
-        z = self.config.z_dim
-        mean = torch.tensor(self.config.latents_mean, dtype=torch.float32, device=device).view(1, z, 1, 1, 1)
-        std = torch.tensor(self.config.latents_std, dtype=torch.float32, device=device).view(1, z, 1, 1, 1)
-        return mean, 1.0 / std
 
     @torch.no_grad()
     @_conv_forms_per_call
@@ -573,19 +475,14 @@ class WanVAE(nn.Module):
             t0, t1 = (0, 1) if i == 0 else (1 + r * (i - 1), 1 + r * i)
             x = self._layout(video[:, :, t0:t1].to(device=device, dtype=dtype), cl)
             out[:, :, i : i + 1] = F.conv3d(self.encoder(x, cache), w_mu, b_mu)
-        mean, inv_std = self._latent_stats(device)
-        return out.sub_(mean).mul_(inv_std)
+        mean, std = self.config.latent_stats(device)
+        return out.sub_(mean).mul_(1.0 / std)
 
     @torch.no_grad()
     @_conv_forms_per_call
-    def decode(
-        self,
-        latents: torch.Tensor,
-        tile_size: int | tuple[int, int] | None = None,
-        out_device: torch.device | str | None = None,
-        on_frames: Callable[[torch.Tensor], None] | None = None,
-        keep: bool = True,
-    ) -> torch.Tensor | None:
+    def decode(self, latents: torch.Tensor, tile_size: int | tuple[int, int] | None = None,
+               out_device: torch.device | str | None = None, on_frames: Callable[[torch.Tensor], None] | None = None,
+               keep: bool = True) -> torch.Tensor | None:
         """Normalised latent `[B, 16, T, h, w]` -> video `[B, 3, 1 + 4(T-1), 8h, 8w]` in [-1, 1], float32.
 
         One latent frame at a time with one stream cache. `tile_size` (latent pixels, int or
@@ -607,7 +504,8 @@ class WanVAE(nn.Module):
         if zc != self.config.z_dim:
             raise ValueError(f"latents must have {self.config.z_dim} channels, got {list(latents.shape)}")
         device, dtype = self.device, self.dtype
-        mean, inv_std = self._latent_stats(device)
+        mean, std = self.config.latent_stats(device)
+        inv_std = 1.0 / std
         cl = self._channels_last()
         x = self._layout(self.conv2((latents.to(device=device, dtype=torch.float32) / inv_std + mean).to(dtype)), cl)
         if not keep:
@@ -648,13 +546,8 @@ class WanVAE(nn.Module):
         return out
 
     @classmethod
-    def from_file(
-        cls,
-        path: str | os.PathLike,
-        dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str = "cpu",
-        config: WanVAEConfig | None = None,
-    ) -> WanVAE:
+    def from_file(cls, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                  config: WanVAEConfig | None = None) -> WanVAE:
         """Build on the meta device and assign the (memory-mapped) weights of `path`.
 
         Accepts every layout `wan_core.loading.vae.load_vae_state_dict` knows (official `.pth`,
@@ -682,13 +575,6 @@ class WanVAE(nn.Module):
         return model.eval().requires_grad_(False)
 
 
-def _stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (1, len(WAN21_LATENT_MEAN), 1, 1, 1)
-    mean = torch.tensor(WAN21_LATENT_MEAN, dtype=torch.float32, device=like.device).view(shape)
-    std = torch.tensor(WAN21_LATENT_STD, dtype=torch.float32, device=like.device).view(shape)
-    return mean, std
-
-
 def latent_to_raw(z: torch.Tensor) -> torch.Tensor:
     """The DiT's normalised latent [B, 16, F, h, w] -> the raw VAE latent `z * std + mean`.
 
@@ -696,12 +582,12 @@ def latent_to_raw(z: torch.Tensor) -> torch.Tensor:
     and back on the way out), so the pack's nodes exchange raw latents: ComfyUI's own VAE Decode
     can read what WanSampler writes, and WanVAEDecode what a core sampler writes.
     """
-    mean, std = _stats(z)
+    mean, std = WanVAEConfig().latent_stats(z.device)
     return z.float() * std + mean
 
 
 def latent_from_raw(x: torch.Tensor) -> torch.Tensor:
     """Inverse of `latent_to_raw`: raw VAE latent -> the normalised latent the DiT and `decode` take."""
-    mean, std = _stats(x)
+    mean, std = WanVAEConfig().latent_stats(x.device)
     return (x.float() - mean) / std
 
