@@ -6,8 +6,9 @@ activation layout are only known per encode/decode call.
 
 - `VAEOps`: the per-pixel passes: RMSNorm (+ the previous conv's bias, + SiLU, written straight
   into a causal conv's buffer), a residual block's end (+ the conv's bias), the copies into a
-  time-folded buffer, the sub-pixel phase gather. `TORCH_OPS` anywhere; `TRITON_OPS` (one Triton
-  pass each, `vae_kernels`) for channels-last activations on CUDA (`vae_ops`).
+  time-folded buffer, the sub-pixel phase gather. `TORCH_OPS` anywhere; `TRITON_OPS` on CUDA
+  (`vae_ops`): one Triton pass each (`vae_kernels`) over activations in the layout the kernels
+  index (channels-last rows, `dense_rows`), the torch pass for any other.
 - Time-folded causal convs (`time_folded_conv`): cuDNN runs 3-D convs with few channels far
   below its 2-D speed, so a 3-frame causal conv runs as one conv2d over frames stacked with their
   two predecessors on the channels. `folds_time_on_cuda` picks the convs where that pays.
@@ -105,7 +106,11 @@ def gather_phases(y: torch.Tensor, out: torch.Tensor) -> None:
     out.view(n, h, 2, w, 2, o).copy_(phases)
 
 
-# ---- per-pixel passes: Triton (`vae_kernels`), where the tensors have the layout it indexes ----------
+# ---- per-pixel passes: Triton (`vae_kernels`), where the tensors have the layout it indexes --------
+def _never(x: torch.Tensor) -> bool:
+    return False
+
+
 def rms_norm_triton(x, gamma, scale, silu=False, out=None, bias=None, tail=None, folded=None) -> torch.Tensor:
     """`rms_norm` as one pass (`vae_kernels.rms_norm_silu`) on `dense_rows` tensors; else `rms_norm`."""
     if dense_rows(x) and (out is None or dense_rows(out)) and (tail is None or dense_rows(tail)):
@@ -149,25 +154,24 @@ class VAEOps:
     """The per-pixel passes one VAE call runs with (the same math, the same rounding)."""
 
     name: str
+    # whether activation x goes through the one-pass kernels (they index its layout). Where it
+    # does, a conv's bias is added by the pass after it (the next norm, the residual add): torch
+    # adds it after cuDNN as a separate broadcast pass, the kernels for free
+    fused: Callable[[torch.Tensor], bool]
     norm: NormFn
     add_residual: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
     fold_in: Callable[[torch.Tensor, torch.Tensor, int], None]
     gather_phases: Callable[[torch.Tensor, torch.Tensor], None]
-    # a conv's bias is added by the pass after it (the next norm, the residual add) rather than by
-    # the conv: torch adds it after cuDNN as a separate broadcast pass, the Triton passes for free
-    biases_in_next_pass: bool
 
 
-TORCH_OPS = VAEOps("torch", rms_norm, add_residual, fold_in, gather_phases, biases_in_next_pass=False)
-TRITON_OPS = VAEOps(
-    "triton", rms_norm_triton, add_residual_triton, fold_in_triton, gather_phases_triton, biases_in_next_pass=True
-)
+TORCH_OPS = VAEOps("torch", _never, rms_norm, add_residual, fold_in, gather_phases)
+TRITON_OPS = VAEOps("triton", dense_rows, rms_norm_triton, add_residual_triton, fold_in_triton, gather_phases_triton)
 
 
-def vae_ops(device: torch.device, channels_last: bool) -> VAEOps:
-    """The per-pixel passes for activations on `device` in the given layout: Triton's on CUDA with
-    channels-last activations (a pixel's channels contiguous) when Triton is installed, else torch's."""
-    return TRITON_OPS if channels_last and device.type == "cuda" and HAS_TRITON else TORCH_OPS
+def vae_ops(device: torch.device) -> VAEOps:
+    """The per-pixel passes for a VAE on `device`: Triton's on CUDA when Triton is installed
+    (they take the channels-last activations, the default there), else torch's."""
+    return TRITON_OPS if device.type == "cuda" and HAS_TRITON else TORCH_OPS
 
 
 # ---- time-folded causal convs --------------------------------------------------------------------
@@ -197,7 +201,7 @@ def time_folded_conv(
     bias: torch.Tensor | None,
     stride: tuple[int, int],
     padding: tuple[int, int],
-    fold: Callable[[torch.Tensor, torch.Tensor, int], None],
+    ops: VAEOps,
     norm: NormFn | None = None,
     norm_bias: torch.Tensor | None = None,
     keep_tail: bool = True,
@@ -208,21 +212,25 @@ def time_folded_conv(
 
     `x` `[B, C, T, H, W]`, `prev` the history `[B, C, 2, H, W]` (None: zeros, a clip's start).
     `norm` (the RMSNorm + SiLU before the conv, called as `rms_norm` is, with `norm_bias`) writes
-    each frame into its three places in its one pass; `fold` copies frames in (`VAEOps.fold_in`).
+    each frame into its three places in its one pass where the kernels take `x` and `prev`
+    (`ops.fused`); otherwise the frames are normed, then copied in (`ops.fold_in` / `fold_in`).
     -> (`[B, O, T, H, W]`, the next chunk's history `[B, C, 2, H, W]` if `keep_tail`, else None).
     """
     b, c, t, h, w = x.shape
     folded = torch.empty(b * t, 3 * c, h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     if prev is None:  # the start of a clip: zeros in the past
         prev = empty_as((b, c, 2, h, w), x).zero_()
+    kernels = ops.fused(x) and ops.fused(prev)
+    fold = ops.fold_in if kernels else fold_in
     fold(prev, folded, 2)
     tail = empty_as((b, c, 2, h, w), x) if keep_tail else None  # the next chunk's history
-    if norm is not None:
+    if norm is not None and kernels:  # the norm writes the chunk's three places (and the tail) itself
         norm(x, silu=True, bias=norm_bias, tail=tail if t >= 2 else None, folded=folded)
     else:
-        fold(x, folded, 0)
+        y = norm(x, silu=True, bias=norm_bias) if norm is not None else x
+        fold(y, folded, 0)
         if tail is not None and t >= 2:
-            tail.copy_(x[:, :, -2:])
+            tail.copy_(y[:, :, -2:])
     if tail is not None and t == 1:  # a 1-frame chunk: the history's last frame, then the chunk's
         tail[:, :, :1].copy_(prev[:, :, 1:])
         tail[:, :, 1:].copy_(_slots(folded, b, c)[:, 2, :, :1])

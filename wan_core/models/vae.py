@@ -110,13 +110,13 @@ class CausalConv3d(nn.Conv3d):
         """`x` `[B, C, T, H, W]` -> conv(SiLU(norm(x + norm_bias)) if `norm` else x), causal in time.
 
         `norm_bias` is the previous conv's bias, left out of that conv (`bias=False`) and added here
-        in the norm's one pass (`VAEOps.biases_in_next_pass`)."""
+        in the norm's one pass (where `VAEOps.fused`)."""
         if not self.history:
             return self._conv(norm(x, silu=True, bias=norm_bias) if norm is not None else x, bias)
         prev = None if cache is None else cache.get(self)
         if self.folded is not None:
             y, tail = vae_forms.time_folded_conv(
-                x, prev, self.folded, self.bias if bias else None, self.stride[1:], self.padding[1:], self.ops.fold_in,
+                x, prev, self.folded, self.bias if bias else None, self.stride[1:], self.padding[1:], self.ops,
                 norm, norm_bias, keep_tail=cache is not None,
             )  # fmt: skip
         else:
@@ -190,11 +190,10 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        ops = self.ops
-        late = ops.biases_in_next_pass  # the convs' biases go into the next pass (norm2's, the residual add's)
+        late = self.ops.fused(x)  # the convs' biases go into the next pass (norm2's, the residual add's)
         h = conv1(x, cache, norm=norm1, bias=not late)
         h = conv2(h, cache, norm=norm2, norm_bias=conv1.bias if late else None, bias=not late)
-        return ops.add_residual(h, conv2.bias if late else None, self.shortcut(x))
+        return self.ops.add_residual(h, conv2.bias if late else None, self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -435,13 +434,13 @@ class WanVAE(nn.Module):
     def _weights_layout(self, channels_last: bool) -> None:
         """Choose this call's forms, once, for the activation layout and the VAE's device: every
         conv weight stored in the activations' layout (`vae_forms.weight_in_layout`; a walk over
-        the modules per call), the per-pixel passes (`vae_forms.vae_ops`) handed to the modules;
+        the modules per call), the device's per-pixel passes (`vae_forms.vae_ops`) handed to the modules;
         channels-last, the upsamplers in sub-pixel form (`Resample.use_subpixel`), and on CUDA the
         convs `vae_forms.folds_time_on_cuda` picks time-folded (`CausalConv3d.fold_time`). Their
         derived weights are made here (a few small kernels) and dropped after the call
         (`_conv_forms_per_call`)."""
         fold = channels_last and self.device.type == "cuda"
-        ops = vae_forms.vae_ops(self.device, channels_last)
+        ops = vae_forms.vae_ops(self.device)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Conv3d)):
                 vae_forms.weight_in_layout(m, channels_last)
@@ -476,7 +475,8 @@ class WanVAE(nn.Module):
             x = self._layout(video[:, :, t0:t1].to(device=device, dtype=dtype), cl)
             out[:, :, i : i + 1] = F.conv3d(self.encoder(x, cache), w_mu, b_mu)
         mean, std = self.config.latent_stats(device)
-        return out.sub_(mean).mul_(1.0 / std)
+        inv_std = 1.0 / std
+        return out.sub_(mean).mul_(inv_std)
 
     @torch.no_grad()
     @_conv_forms_per_call
