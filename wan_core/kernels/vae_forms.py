@@ -202,7 +202,7 @@ def time_folded_conv(
     stride: tuple[int, int],
     padding: tuple[int, int],
     ops: VAEOps,
-    norm: NormFn | None = None,
+    norm: Callable[..., torch.Tensor] | None = None,
     norm_bias: torch.Tensor | None = None,
     keep_tail: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -211,9 +211,10 @@ def time_folded_conv(
     kernel with its time taps laid along the input channels (`time_folded_weight`).
 
     `x` `[B, C, T, H, W]`, `prev` the history `[B, C, 2, H, W]` (None: zeros, a clip's start).
-    `norm` (the RMSNorm + SiLU before the conv, called as `rms_norm` is, with `norm_bias`) writes
-    each frame into its three places in its one pass where the kernels take `x` and `prev`
-    (`ops.fused`); otherwise the frames are normed, then copied in (`ops.fold_in` / `fold_in`).
+    `norm`: the RMSNorm module before the conv (called `norm(x, silu=True, bias=norm_bias, ...)`,
+    its arguments those of `rms_norm` after gamma and scale). Where the kernels take `x` and
+    `prev` (`ops.fused`) it writes each frame into its three places in its one pass; otherwise
+    the frames are normed, then copied in (`ops.fold_in`, or `fold_in`).
     -> (`[B, O, T, H, W]`, the next chunk's history `[B, C, 2, H, W]` if `keep_tail`, else None).
     """
     b, c, t, h, w = x.shape

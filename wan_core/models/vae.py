@@ -115,10 +115,10 @@ class CausalConv3d(nn.Conv3d):
             return self._conv(norm(x, silu=True, bias=norm_bias) if norm is not None else x, bias)
         prev = None if cache is None else cache.get(self)
         if self.folded is not None:
+            b = self.bias if bias else None
             y, tail = vae_forms.time_folded_conv(
-                x, prev, self.folded, self.bias if bias else None, self.stride[1:], self.padding[1:], self.ops,
-                norm, norm_bias, keep_tail=cache is not None,
-            )  # fmt: skip
+                x, prev, self.folded, b, self.stride[1:], self.padding[1:], self.ops, norm, norm_bias, cache is not None
+            )
         else:
             y, tail = self._buffered(x, prev, norm, norm_bias, bias, keep_tail=cache is not None)
         if cache is not None:
