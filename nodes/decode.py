@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from wan_core.model_cache import build_vae, component_loaded
 from wan_core.models.vae import latent_from_raw
-from wan_core.spec import ModelSpec, build_vae, component_loaded
+from wan_core.spec import ModelSpec
 from wan_core.vae_frames import decode_frames
 from wan_core.video import X264_PRESETS, write_video
 

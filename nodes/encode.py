@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from wan_core.model_cache import build_image_encoder, build_text_encoder, build_vae, component_loaded
 from wan_core.models.conditioning import prepare_i2v
-from wan_core.spec import ModelSpec, build_image_encoder, build_text_encoder, build_vae, component_loaded
+from wan_core.spec import ModelSpec
 from wan_core.video import frames_to_wan
 
 from . import stats

@@ -1,7 +1,7 @@
 """Loader nodes: they describe a model (a `wan_core.spec.ModelSpec`), they do not build it.
 
 The spec is built lazily by the first node that needs weights (text encode, sampling, decode)
-and cached by `wan_core.spec`, so re-running a graph does not reload 28 GB, and a LoRA
+and cached by `wan_core.model_cache`, so re-running a graph does not reload 28 GB, and a LoRA
 strength change rebuilds only what the LoRA touches.
 """
 
@@ -14,10 +14,10 @@ from wan_core.layers.fp8 import KERNELS
 from wan_core.loading.discover import find_model_files
 from wan_core.loading.dit import find_dit_files
 from wan_core.loading.io import CheckpointError, read_keys
-from wan_core.spec import ModelSpec
+from wan_core.spec import ModelSpec, OffloadOptions
 
 from . import compat
-from .types import CATEGORY, WAN_MODEL, WAN_OFFLOAD, OffloadSettings
+from .types import CATEGORY, WAN_MODEL, WAN_OFFLOAD
 
 FROM_FOLDER = "(from model folder)"
 NONE = "(none)"
@@ -67,7 +67,7 @@ def make_spec(
     task: str,
     dtype: str,
     attention: str,
-    offload: OffloadSettings | None = None,
+    offload: OffloadOptions | None = None,
     fp8: str | None = None,
 ) -> ModelSpec:
     """Check the picked files and describe the model; nothing is read but file headers."""
@@ -116,28 +116,9 @@ def make_spec(
         dtype=dtype,
         attention=attention,
         fp8=fp8,
+        offload=offload or OffloadOptions(),
     )
-    return apply_offload(spec, offload)
-
-
-def apply_offload(spec: ModelSpec, offload: OffloadSettings | None) -> ModelSpec:
-    """The offload settings in the model description (built by `wan_core.spec`: hooks on the DiT,
-    the encoders and the VAE kept in CPU memory)."""
-    if offload is None or offload.is_default:
-        return spec
-    dit = offload.granularity != "none"
-    if offload.vram_budget_gb and offload.granularity != "block":
-        raise ValueError(
-            f"WanOffloadConfig: vram_budget_gb applies to granularity 'block' (it picks the blocks kept on the GPU), "
-            f"got granularity {offload.granularity!r}; set the budget to 0 or the granularity to block"
-        )
-    return spec.replace(
-        offload=offload.granularity if dit else None,
-        offload_budget_gb=offload.vram_budget_gb or None,
-        offload_text_encoder=offload.offload_encoders,
-        offload_image_encoder=offload.offload_encoders,
-        offload_vae=offload.offload_encoders,
-    )
+    return spec
 
 
 def _loader_inputs() -> dict:
@@ -286,9 +267,5 @@ class WanOffloadConfig:
         }
 
     def make(self, granularity: str, vram_budget_gb: float, offload_encoders: bool = True):
-        if granularity not in ("none", "model", "block"):
-            raise ValueError(f"offload granularity must be none, model or block, got {granularity!r}")
-        if vram_budget_gb and granularity != "block":
-            raise ValueError(f"vram_budget_gb applies to granularity 'block', got {granularity!r}; set it to 0")
-        settings = OffloadSettings(granularity, float(vram_budget_gb), bool(offload_encoders))
-        return (settings,)
+        enc = bool(offload_encoders)  # checked by OffloadOptions itself
+        return (OffloadOptions(granularity, vram_budget_gb, text_encoder=enc, image_encoder=enc, vae=enc),)

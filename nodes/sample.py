@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
 
 from wan_core.layers.cache import cache_from_config, published_model_key
+from wan_core.model_cache import build_vae, component_loaded, lease
 from wan_core.models.vae import latent_to_raw
 from wan_core.sampling.denoise import denoise
 from wan_core.sampling.loop import Cond, latent_shape, make_noise
 from wan_core.sampling.preview import fit_rgb_projection, latent_to_rgb
 from wan_core.sampling.schedulers import make_scheduler
-from wan_core.spec import ModelSpec, build_dit, build_vae, component_loaded
+from wan_core.spec import ModelSpec
 
 from . import compat, stats
 from .types import (
@@ -161,28 +163,29 @@ class WanSampler:
         shape, i2v = check_run(model, image_embeds, width, height, num_frames)
         step_list = parse_step_list(denoising_step_list) if scheduler == "distill" else None
         sched = make_scheduler(scheduler, steps, shift, step_list)
-        with stats.stage("load DiT", model.torch_device) as load_rec:
-            dit = build_dit(model)
-        fc = None
-        if cache is not None:  # checked before sampling: a table the model lacks is an error now
-            key = published_model_key(dit.cfg, shape[-2] * 8, shape[-1] * 8)
-            fc = cache_from_config({**cache.to_config(), "infer_steps": len(sched)}, key)
-        device = torch.device(model.torch_device)  # an offloaded DiT's weights live in CPU memory between runs
-        progress = compat.Progress(len(sched))
-        previews = compat.previews_enabled() and model.vae is not None
-        proj = _projection(model) if previews else None
+        with contextlib.ExitStack() as held:
+            with stats.stage("load DiT", model.torch_device) as load_rec:
+                dit = held.enter_context(lease(model))  # the shared DiT at this model's LoRAs, held for the run
+            fc = None
+            if cache is not None:  # checked before sampling: a table the model lacks is an error now
+                key = published_model_key(dit.cfg, shape[-2] * 8, shape[-1] * 8)
+                fc = cache_from_config({**cache.to_config(), "infer_steps": len(sched)}, key)
+            device = torch.device(model.torch_device)  # an offloaded DiT's weights live in CPU memory between runs
+            progress = compat.Progress(len(sched))
+            previews = compat.previews_enabled() and model.vae is not None
+            proj = _projection(model) if previews else None
 
-        def on_step(info):
-            image = compat.preview_payload(latent_to_rgb(info.x0, proj)) if proj is not None else None
-            progress.update(info.step + 1, image)
+            def on_step(info):
+                image = compat.preview_payload(latent_to_rgb(info.x0, proj)) if proj is not None else None
+                progress.update(info.step + 1, image)
 
-        kw = {"clip_fea": i2v.clip_fea.to(device), "y": i2v.y.to(device)} if i2v is not None else {}
-        cond = Cond(context=[text_embeds.positive.to(device)], **kw)
-        uncond = Cond(context=[text_embeds.negative.to(device)], **kw) if guidance != 1.0 else None
-        with stats.stage("sample", device) as rec:
-            noise = make_noise((1, *shape), seed, device=device)
-            with torch.inference_mode():
-                latent, report = denoise(dit, noise, sched, cond, uncond, guidance, fc, callback=on_step)
+            kw = {"clip_fea": i2v.clip_fea.to(device), "y": i2v.y.to(device)} if i2v is not None else {}
+            cond = Cond(context=[text_embeds.positive.to(device)], **kw)
+            uncond = Cond(context=[text_embeds.negative.to(device)], **kw) if guidance != 1.0 else None
+            with stats.stage("sample", device) as rec:
+                noise = make_noise((1, *shape), seed, device=device)
+                with torch.inference_mode():
+                    latent, report = denoise(dit, noise, sched, cond, uncond, guidance, fc, callback=on_step)
         rec["steps"] = len(sched)
         rec["seconds_per_step"] = round(rec["seconds"] / len(sched), 3)
         if report is not None:

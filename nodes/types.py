@@ -16,7 +16,7 @@ from wan_core.options import DEFAULT_NEGATIVE_PROMPT  # noqa: F401  (re-exported
 WAN_MODEL = "WAN_MODEL"  # wan_core.spec.ModelSpec: files + build options, built lazily and cached
 WAN_TEXT_EMBEDS = "WAN_TEXT_EMBEDS"  # TextEmbeds
 WAN_IMAGE_EMBEDS = "WAN_IMAGE_EMBEDS"  # ImageEmbeds (I2V conditioning)
-WAN_OFFLOAD = "WAN_OFFLOAD"  # OffloadSettings
+WAN_OFFLOAD = "WAN_OFFLOAD"  # wan_core.layers.offload.OffloadOptions (what ModelSpec.offload holds)
 WAN_CACHE = "WAN_CACHE"  # CacheSettings (feature caching for the sampler)
 # ComfyUI's own types, for interop with core nodes
 IMAGE = "IMAGE"  # float [T, H, W, 3] in [0, 1]
@@ -51,21 +51,6 @@ class ImageEmbeds:
     @property
     def width(self) -> int:
         return self.cond.width
-
-
-@dataclass(frozen=True)
-class OffloadSettings:
-    """What WanOffloadConfig chose; the loader copies it into the model description (`ModelSpec.offload*`)."""
-
-    granularity: str = "none"  # "none" | "model" | "block": CPU offload of the DiT
-    # block offload: "use at most X GiB" (weights + activations), which decides how many blocks stay on the
-    # GPU for good; 0: no budget, every block streams (resident_blocks 0: the least memory)
-    vram_budget_gb: float = 0.0
-    offload_encoders: bool = True  # T5, CLIP and the VAE in CPU memory, on the GPU for their stage only
-
-    @property
-    def is_default(self) -> bool:
-        return self.granularity == "none" and self.vram_budget_gb == 0.0 and not self.offload_encoders
 
 
 @dataclass(frozen=True)

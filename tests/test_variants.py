@@ -74,7 +74,7 @@ def files(tmp_path_factory):
     model = write_tiny_model(root / "Wan2.1-T2V-tiny", "t2v", "wan", seed=3)
     cfg = tiny_dit_config("t2v")
     lora = save_lora(random_lora(cfg, rank=4, seed=1, magnitude=0.1), os.path.join(model, LORA))
-    dit = load_dit(model, dtype=torch.float32, device="cpu", compile=False)
+    dit = load_dit(model, dtype=torch.float32, device="cpu")
     apply_loras(dit, [(lora, 1.0)], mode="merge", keep_originals=False)
     merged = save_dit(dit.state_dict(), os.path.join(model, MERGED), "single", cfg=dit.cfg)
     fp8 = convert_to_fp8(merged, os.path.join(model, FP8), dtype=torch.float32)

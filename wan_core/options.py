@@ -202,7 +202,7 @@ class GenerationConfig:
         return {"feature_caching": self.feature_caching, "infer_steps": len(self.scheduler()), **self.cache}
 
     def offload_options(self):
-        """The offload settings (`wan_core.layers.offload.OffloadOptions`) these keys ask for."""
+        """The offload settings (`wan_core.layers.offload.OffloadOptions`, which checks them) these keys ask for."""
         from .layers.offload import OffloadOptions
 
         keys = ("cpu_offload", "offload_granularity", "t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload",
@@ -269,18 +269,7 @@ class GenerationConfig:
         if method not in CACHE_METHODS:
             raise ValueError(f"feature_caching {method!r} is not a caching method; choose one of {CACHE_METHODS}")
         self.scheduler()  # scheduler keys (steps, shift, denoising_step_list) raise their own ValueErrors
-        off = self.offload_options()  # granularity values
-        if off.resident_blocks is not None and off.vram_budget_gb is not None:
-            raise ValueError("give vram_budget_gb or offload_resident_blocks, not both")
-        if off.resident_blocks is not None and (off.resident_blocks < 0 or off.granularity != "block"):
-            raise ValueError(
-                f"offload_resident_blocks={off.resident_blocks} needs offload_granularity 'block' and a count >= 0 "
-                "(blocks kept on the GPU for good; 0: every block streams)"
-            )
-        if off.vram_budget_gb is not None and off.vram_budget_gb < 0:
-            raise ValueError(f"vram_budget_gb must be positive, got {off.vram_budget_gb}")
-        if off.prefetch < 1:
-            raise ValueError(f"offload_prefetch must be >= 1 (blocks copied ahead of the running one), got {off.prefetch}")
+        self.offload_options()  # checked by OffloadOptions itself
         self.parallel_config()  # key names and types (the world size is checked when the run joins it)
 
     # ------------------------------------------------------------------ parsing

@@ -52,18 +52,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .loading.discover import find_model_files
+from .model_cache import build_image_encoder, build_text_encoder, build_vae, component_loaded, lease
 from .models.conditioning import I2VCondition, load_image, prepare_i2v
 from .options import DEFAULT_NEGATIVE_PROMPT, GenerationConfig, parallel_dict
+from .pipeline_calls import LightX2VCalls
 from .sampling.denoise import denoise
 from .sampling.loop import Cond, StepInfo, latent_shape, make_noise
-from .spec import (
-    ModelSpec,
-    build_dit,
-    build_image_encoder,
-    build_text_encoder,
-    build_vae,
-    component_loaded,
-)
+from .spec import ModelSpec
 from .vae_frames import decode_frames
 
 __all__ = ["WanPipeline", "GenerationResult", "MODEL_CLASSES"]
@@ -137,7 +132,7 @@ def _attention_choice(name: str | None, fallback: str | None, device: str, key: 
         return fallback
 
 
-class WanPipeline:
+class WanPipeline(LightX2VCalls):
     """Wan2.1 T2V / I2V generation from a model folder or individual files.
 
     model_path: a Wan-AI, ComfyUI `models` or diffusers folder (see `wan_core.loading.discover`); any of
@@ -180,87 +175,14 @@ class WanPipeline:
         self.parallel_run = None  # wan_core.layers.parallel.DistributedRun of a multi-process run
         self._owns_group = False  # this pipeline initialised the process group (close() leaves it)
 
-    # ------------------------------------------------------------------ LightX2V's enable_* calls
-    def enable_lora(self, lora_configs: list[dict], lora_dynamic_apply: bool = False) -> WanPipeline:
-        """LoRAs for the next `create_generator` ([{"path", "strength"}]; dynamic: low-rank branches, not merged)."""
-        self._enabled.update(lora_configs=list(lora_configs), lora_dynamic_apply=bool(lora_dynamic_apply))
-        return self
-
-    def enable_quantize(
-        self,
-        dit_quantized: bool = False,
-        dit_quantized_ckpt: str | None = None,
-        quant_scheme: str = "fp8-sgl",
-        text_encoder_quantized: bool = False,
-        image_encoder_quantized: bool = False,
-        **_other_ckpts,
-    ) -> WanPipeline:
-        """FP8 DiT for the next `create_generator` (T5/CLIP quantisation is not available: refused at check)."""
-        self._enabled.update(dit_quantized=dit_quantized, dit_quantized_ckpt=dit_quantized_ckpt, dit_quant_scheme=quant_scheme)
-        if text_encoder_quantized:
-            self._enabled["t5_quantized"] = True
-        if image_encoder_quantized:
-            self._enabled["clip_quantized"] = True
-        return self
-
-    def enable_cache(
-        self,
-        cache_method: str = "Tea",
-        coefficients: list | None = None,
-        teacache_thresh: float = 0.15,
-        use_ret_steps: bool = False,
-        magcache_calibration: bool = False,
-        magcache_K: int = 6,
-        magcache_thresh: float = 0.24,
-        magcache_retention_ratio: float = 0.2,
-        magcache_ratios: list | None = None,
-    ) -> WanPipeline:
-        """Feature caching for the next `create_generator` (LightX2V's defaults; see `wan_core.layers.cache`)."""
-        self._enabled["feature_caching"] = cache_method
-        if cache_method == "Tea":
-            self._enabled.update(coefficients=coefficients or [], teacache_thresh=teacache_thresh, use_ret_steps=use_ret_steps)
-        elif cache_method == "Mag":
-            self._enabled.update(
-                magcache_calibration=magcache_calibration, magcache_K=magcache_K, magcache_thresh=magcache_thresh,
-                magcache_retention_ratio=magcache_retention_ratio, magcache_ratios=magcache_ratios or [],
-            )  # fmt: skip
-        return self
-
-    def enable_offload(
-        self,
-        cpu_offload: bool = False,
-        offload_granularity: str = "block",
-        text_encoder_offload: bool = False,
-        image_encoder_offload: bool = False,
-        vae_offload: bool = False,
-        vram_budget_gb: float | None = None,
-        resident_blocks: int | None = None,
-        prefetch: int = 1,
-    ) -> WanPipeline:
-        """CPU offload for the next `create_generator` (LightX2V's arguments; ours: the VRAM budget, the
-        blocks kept on the GPU for good, the blocks copied ahead). See `wan_core.layers.offload`."""
-        self._enabled.update(
-            cpu_offload=cpu_offload, offload_granularity=offload_granularity, t5_cpu_offload=text_encoder_offload,
-            clip_cpu_offload=image_encoder_offload, vae_cpu_offload=vae_offload, offload_prefetch=prefetch,
-        )  # fmt: skip
-        if vram_budget_gb is not None:
-            self._enabled["vram_budget_gb"] = vram_budget_gb
-        if resident_blocks is not None:
-            self._enabled["offload_resident_blocks"] = resident_blocks
-        return self
-
-    def enable_parallel(self, cfg_p_size: int = 1, seq_p_size: int = 1, seq_p_attn_type: str = "ulysses") -> WanPipeline:
-        """Parallel degrees for the next `create_generator` (the process must run under torchrun)."""
-        self._enabled["parallel"] = {"cfg_p_size": cfg_p_size, "seq_p_size": seq_p_size, "seq_p_attn_type": seq_p_attn_type}
-        return self
-
     def switch_lora(self, lora_path: str, strength: float = 1.0) -> WanPipeline:
         """Replace the LoRAs by one ('' removes them all); the base DiT is not read again."""
         spec = self._need_spec()
         loras = ((self._find_file(lora_path, ("loras",), "lora_path"), float(strength)),) if lora_path else ()
         self.spec = spec.replace(loras=loras)
         self.config.lora_configs = [{"path": p, "strength": s} for p, s in loras]
-        self.dit = build_dit(self.spec)
+        with lease(self.spec) as dit:  # the LoRA files parsed and applied now: a bad file fails here
+            self.dit = dit
         return self
 
     # ------------------------------------------------------------------ setup
@@ -318,7 +240,7 @@ class WanPipeline:
             dit=files.dit, t5=files.t5, tokenizer=files.tokenizer, vae=files.vae,
             clip=files.clip if self.task == "i2v" else None, task=self.task, dtype=self.dtype,
             vae_dtype=self.vae_dtype, device=device, text_len=cfg.text_len, loras=loras,
-            lora_mode="branch" if cfg.lora_dynamic_apply else "auto", **_offload_fields(cfg),
+            lora_mode="branch" if cfg.lora_dynamic_apply else "auto", offload=cfg.offload_options(),
         )  # fmt: skip
         dev = spec.torch_device
         if cfg.dit_quantized:
@@ -331,22 +253,13 @@ class WanPipeline:
         self.spec = spec.replace(attention=self_attn, cross_attention=cross_attn)
         self.config = cfg
         self.load()
-        self._parallelize()
         if loras:
             from .layers.lora import lora_report
 
-            log.info("LoRA: %s", lora_report(self.dit))
+            with lease(self.spec) as dit:
+                log.info("LoRA: %s", lora_report(dit))
         self._make_cache(cfg.target_height, cfg.target_width)  # a cache setting that cannot work fails now
         return self
-
-    @classmethod
-    def from_spec(cls, spec: ModelSpec, config: GenerationConfig | None = None, model_cls: str = "wan2.1") -> WanPipeline:
-        """A pipeline over an already described model (what the ComfyUI nodes hold)."""
-        pipe = cls(dit_path=spec.dit, model_cls=model_cls, task=spec.task, dtype=spec.dtype, device=spec.device)
-        pipe.spec, pipe.config = spec, config or GenerationConfig()
-        pipe.config.check(spec.task)
-        pipe.load()
-        return pipe
 
     # ------------------------------------------------------------------ several processes
     def _join_world(self, cfg: GenerationConfig) -> None:
@@ -385,17 +298,18 @@ class WanPipeline:
         rank = self.parallel_run.rank
         log.info("rank %d of %d on %s: cfg %d x ulysses %d x ring %d", rank, world, dev, pc.cfg, pc.ulysses, pc.ring)
 
-    def _parallelize(self) -> None:
-        """Sequence parallel on the DiT for this run's groups (once per model); off for a one-process run."""
-        from .layers.parallel import disable_sequence_parallel
+    def _parallelize(self, dit) -> None:
+        """Sequence parallel on the leased DiT for this run's groups; off for a one-process run (the
+        cached DiT may carry another pipeline's)."""
+        from .layers.parallel.apply import SequenceParallelLayer
+        from .layers.stack import apply_layers, remove_layer
 
-        state = self.dit.__dict__.get("_sequence_parallel")  # (originals, had_own, prev, groups) when enabled
         if self.parallel_run is None:
-            if state is not None:  # the cached DiT was parallelised by another pipeline of this process
-                disable_sequence_parallel(self.dit)
+            remove_layer(dit, "sequence_parallel")
             return
-        if state is None or state[3] is not self.parallel_run.groups:
-            self.parallel_run.prepare(self.dit)
+        layer = SequenceParallelLayer(self.parallel_run.groups)
+        if layer.needed(dit):
+            apply_layers(dit, [layer])
             pc = self.parallel_run.groups.config
             if pc.sp > 1:
                 log.info("sequence parallel on the DiT: ulysses %d x ring %d", pc.ulysses, pc.ring)
@@ -410,10 +324,11 @@ class WanPipeline:
             run.barrier()
             run.close()
         self._owns_group = False
-        if getattr(self, "dit", None) is not None:
-            from .layers.parallel import disable_sequence_parallel
+        if self.spec is not None:
+            from .layers.stack import remove_layer
 
-            disable_sequence_parallel(self.dit)
+            with lease(self.spec) as dit:
+                remove_layer(dit, "sequence_parallel")
 
     def _make_cache(self, height: int, width: int):
         """A fresh `FeatureCache` for one run (None without feature caching); published tables chosen
@@ -425,9 +340,11 @@ class WanPipeline:
         return cache_from_config(self.config.cache_config(), published_model_key(self.dit.cfg, height, width))
 
     def load(self) -> None:
-        """Build (or fetch from the cache) every model of the spec."""
+        """Build (or fetch from the cache) every model of the spec. `self.dit` is the DiT as leased
+        for this pipeline at that moment: shared, so runs lease it again (`sample`)."""
         spec = self._need_spec()
-        self.dit = build_dit(spec)
+        with lease(spec) as dit:
+            self.dit = dit
         self.text_encoder = build_text_encoder(spec)
         self.vae = build_vae(spec)
         self.image_encoder = build_image_encoder(spec) if spec.task == "i2v" else None
@@ -493,13 +410,14 @@ class WanPipeline:
             extra = dict(clip_fea=image_cond.clip_fea.to(dev), y=image_cond.y.to(dev))
             cond = Cond(cond.context, **extra)
             uncond = Cond(uncond.context, **extra) if uncond is not None else None
-        self.dit = build_dit(self._need_spec())  # the cached DiT may carry another pipeline's LoRAs: set ours
-        self._parallelize()
-        cache = self._make_cache(noise.shape[-2] * 8, noise.shape[-1] * 8)
-        wrap = self.parallel_run.predict_with if self.parallel_run is not None else None
-        latent, self.cache_report = denoise(
-            self.dit, noise.to(dev), cfg.scheduler(), cond, uncond, cfg.guidance, cache, callback, predict, wrap
-        )
+        with lease(self._need_spec()) as dit:  # the shared DiT brought to our LoRAs, held for the run
+            self.dit = dit
+            self._parallelize(dit)
+            cache = self._make_cache(noise.shape[-2] * 8, noise.shape[-1] * 8)
+            wrap = self.parallel_run.predict_with if self.parallel_run is not None else None
+            latent, self.cache_report = denoise(
+                dit, noise.to(dev), cfg.scheduler(), cond, uncond, cfg.guidance, cache, callback, predict, wrap
+            )
         if self.cache_report is not None:
             log.info("%s", self.cache_report.summary())
         return latent
@@ -614,23 +532,6 @@ class WanPipeline:
         if peak is not None:
             log.info("peak GPU memory: %.2f GiB", peak / 2**30)
         return result
-
-
-def _offload_fields(cfg: GenerationConfig) -> dict:
-    """The ModelSpec offload fields the config's offload keys ask for."""
-    off = cfg.offload_options()
-    dit = off.cpu_offload
-    if not dit and (off.vram_budget_gb is not None or off.resident_blocks is not None):
-        warnings.warn("vram_budget_gb / offload_resident_blocks have no effect without cpu_offload=true", stacklevel=3)
-    return dict(
-        offload=off.granularity if dit else None,
-        offload_budget_gb=off.vram_budget_gb if dit else None,
-        offload_resident_blocks=off.resident_blocks if dit else None,
-        offload_prefetch=off.prefetch,
-        offload_text_encoder=off.text_encoder,
-        offload_image_encoder=off.image_encoder,
-        offload_vae=off.vae,
-    )
 
 
 def _progress_bar(total: int, enabled: bool):

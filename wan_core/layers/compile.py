@@ -1,19 +1,17 @@
-"""Speed options applied to a built model.
+"""Regional torch.compile of the DiT blocks, as a layer (`wan_core.layers.stack`).
 
-Regional compilation: each transformer block is compiled on its own (all 40 share one graph,
-so the compile cost is paid once, about 17 s on an H100). Inductor fuses the float32 work
-around the matmuls (norms, modulation, RoPE, gates, residual adds), which in eager mode costs
-about 0.8 s of a 3.5 s 480p forward (benchmarks/RESULTS.md). Before compiling, the blocks are
-swapped to `FusedBlock` (wan_core.layers.fused_block): the LayerNorms with their residual adds,
-modulations and FP8 activation quantisations run as single-pass ops, which inductor's looped
-reductions are not.
+Each transformer block is compiled on its own: all blocks share one graph, so the compile cost is
+paid once, and inductor fuses the float32 work around the matmuls (norms, modulation, RoPE,
+gates, residual adds); see benchmarks/NOTES.md for what it buys.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["compile_blocks", "should_compile"]
+from .stack import layer_state
+
+__all__ = ["compile_blocks", "should_compile", "CompileLayer"]
 
 
 def should_compile(option: bool | str, device) -> bool:
@@ -34,3 +32,41 @@ def compile_blocks(model, mode: str | None = None, fuse: bool = True) -> None:
         fuse_blocks(model)
     for block in model.blocks:
         block.compile(mode=mode, dynamic=False)
+    layer_state(model).compile = True
+
+
+def allow_hook_guards() -> None:
+    """Let torch.compile guard on module hooks, so a LoRA branch added to (or removed from) a block
+    that already ran compiled makes it recompile instead of being silently left out.
+
+    By default dynamo skips these guards (`skip_nnmodule_hook_guards=True`, for speed): a forward
+    hook registered after a block's first compiled call never runs. The flag is process-wide and
+    only adds guards; it must be set before the blocks are first traced, which is why the compile
+    layer sets it when it compiles.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+
+
+class CompileLayer:
+    """Regional compile (after the FP8 swap, before LoRAs: their branches are hooks the guards see)."""
+
+    name = "compile"
+
+    def __init__(self, mode: str | None = None):
+        self.mode = mode
+
+    def needed(self, model) -> bool:
+        return not layer_state(model).compile
+
+    def apply(self, model) -> None:
+        allow_hook_guards()
+        if self.mode is None:
+            compile_blocks(model)
+        else:
+            compile_blocks(model, self.mode)
+        layer_state(model).compile = True
+
+    def remove(self, model) -> None:
+        raise NotImplementedError("a compiled model stays compiled; build the model again without the compile layer")

@@ -41,8 +41,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.fp8_rows import _AMAX_FLOOR, FP8_DTYPE, FP8_MAX, HAS_TRITON, next_pow2, quantize_rows, quantize_rows_op  # noqa: F401
+from .stack import layer_state
 
 __all__ = [
+    "Fp8KernelLayer",
     "FP8_DTYPE",
     "FP8_MAX",
     "KERNELS",
@@ -387,7 +389,28 @@ def set_fp8_kernel(model: nn.Module, kernel: str, device: str | torch.device | N
     key = resolve_kernel(kernel, dev)
     for m in fp8:
         m.set_kernel(key, dev)
+    layer_state(model).fp8_kernel = key
     return key
+
+
+class Fp8KernelLayer:
+    """The matmul kernel of a model's FP8 linears as a layer (`wan_core.layers.stack`): the loader
+    swaps the linears in; this chooses how they run (another kernel: no reload)."""
+
+    name = "fp8_kernel"
+
+    def __init__(self, kernel: str, device: str | torch.device | None = None):
+        self.kernel, self.device = kernel, device
+        self.resolved = resolve_kernel(kernel, device)  # a kernel this device lacks fails here
+
+    def needed(self, model: nn.Module) -> bool:
+        return layer_state(model).fp8_kernel != self.resolved
+
+    def apply(self, model: nn.Module) -> None:
+        set_fp8_kernel(model, self.kernel, self.device)
+
+    def remove(self, model: nn.Module) -> None:
+        raise NotImplementedError("FP8 linears are part of a loaded model; load it again in high precision")
 
 
 def fp8_linear_names(model: nn.Module) -> list[str]:

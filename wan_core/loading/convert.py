@@ -72,7 +72,7 @@ def convert_to_fp8(
     """
     if layout not in ("single", "comfyui"):
         raise ValueError(f"FP8 output layout must be 'single' or 'comfyui', got {layout!r}")
-    model = load_dit(src, dtype=dtype, device="cpu", config=config, compile=False)
+    model = load_dit(src, dtype=dtype, device="cpu", config=config)
     if loras:
         _merge_loras(model, loras)
     if before_quantize is not None:

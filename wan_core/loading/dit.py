@@ -21,7 +21,6 @@ from collections.abc import Callable
 
 import torch
 
-from ..layers.compile import compile_blocks, should_compile
 from ..models.config import WanConfig, config_from_json
 from ..models.dit import FP32_PARAM_PATTERNS, WanModel
 from .io import CheckpointError, read_metadata, read_state_dict
@@ -225,13 +224,12 @@ def load_dit(
     cross_attention: str | None = None,
     task: str | None = None,
     config: dict | None = None,
-    compile: bool | str = "auto",
 ) -> WanModel:
     """Load a Wan2.1 DiT from a folder, a file, a shard index or a list of shards.
 
     task: 't2v' or 'i2v' to check that the checkpoint fits the run (an I2V DiT cannot run a
-    T2V task and vice versa); config: a config.json dict overriding the folder's; compile:
-    regional torch.compile of the blocks ('auto': on CUDA).
+    T2V task and vice versa); config: a config.json dict overriding the folder's. No layers: compile, LoRAs, offload are
+    applied after (`wan_core.layers.stack`).
     """
     if isinstance(path, (list, tuple)):
         files, folder_cfg = list(path), None
@@ -254,8 +252,6 @@ def load_dit(
         )
     model = build_model(cfg, sd, dtype=dtype, device=device, source=source)
     model.set_attention(attention, cross_attention, device=device)
-    if should_compile(compile, device):
-        compile_blocks(model)
     return model
 
 

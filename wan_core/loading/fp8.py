@@ -32,7 +32,6 @@ import json
 
 import torch
 
-from ..layers.compile import compile_blocks, should_compile
 from ..layers.fp8 import FP8_DTYPE, FP8Linear, is_block_linear, quantize_weight, set_fp8_kernel
 from ..models.config import WanConfig, config_from_json
 from ..models.dit import WanModel
@@ -248,7 +247,6 @@ def load_fp8_dit(
     cross_attention: str | None = None,
     task: str | None = None,
     config: dict | None = None,
-    compile: bool | str = "auto",
 ) -> WanModel:
     """Load a Wan2.1 DiT whose block linears are FP8 (any layout of this module), ready to run.
 
@@ -282,6 +280,4 @@ def load_fp8_dit(
     model = build_fp8_model(cfg, sd, scales, dtype=dtype, device=device, quantize=quantize, source=source)
     model.set_attention(attention, cross_attention, device=device)
     set_fp8_kernel(model, kernel, device)
-    if should_compile(compile, device):
-        compile_blocks(model)
     return model

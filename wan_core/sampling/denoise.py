@@ -1,7 +1,7 @@
 """The denoising stage as every door runs it (pipeline, CLI, ComfyUI sampler node).
 
-Around `sampling.sample`: the feature cache attached for the run (its branch-aware predict
-chosen), an offloaded DiT brought to the GPU for the loop only, and a CUDA out-of-memory error
+Around `sampling.sample`: the feature cache attached for the run (the last layer of
+`wan_core.layers.stack`; its branch-aware predict chosen), an offloaded DiT brought to the GPU for the loop only, and a CUDA out-of-memory error
 re-raised with the offload settings that would fit. One function, so the doors cannot drift.
 """
 
@@ -43,8 +43,7 @@ def denoise(
     to the default (CFG parallel wraps it this way).
     """
     from ..layers.cache import feature_cache, guided_velocity_branches
-    from ..layers.offload import explain_oom
-    from ..spec import dit_loaded
+    from ..layers.offload import dit_loaded, explain_oom
 
     if predict is None:
         predict = guided_velocity_branches if cache is not None else guided_velocity

@@ -202,11 +202,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ...loading.io import read_state_dict
     from ...sampling.loop import Cond, latent_shape, make_noise
     from ...sampling.schedulers import make_scheduler
+    from ..compile import CompileLayer, should_compile
+    from ..stack import apply_layers
 
     args = _parser().parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     compile_opt = {"auto": "auto", "true": True, "false": False}[args.compile]
-    model = load_dit(args.dit, dtype=dtype, device=args.device, attention=args.attention, compile=compile_opt)
+    model = load_dit(args.dit, dtype=dtype, device=args.device, attention=args.attention)
+    if should_compile(compile_opt, args.device):
+        apply_layers(model, [CompileLayer()])
     emb = read_state_dict(args.embeds)
     for k in ("context", "context_null"):
         if k not in emb:

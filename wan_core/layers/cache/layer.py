@@ -1,15 +1,16 @@
 """The caching layer: wraps a built `WanModel`'s block stack and skips it when a policy says so.
 
 How it attaches (DESIGN.md: optional features are layered on after build, `dit.py` has no
-branches for them): `FeatureCache.attach(model)` replaces two instance attributes,
+branches for them): a `FeatureCache` is the "cache" layer of `wan_core.layers.stack`, the last
+one; `apply(model)` (alias `attach`) replaces two instance attributes,
 - `model.embed_time`, to see the step's timestep `t` and the time embedding `e` it returns;
 - `model.forward_blocks`, the block stack: on a computed step it runs the original and keeps
   `residual = out - x` for the branch; on a skipped step it returns `x + residual`.
 The patch embedding, text embedding and head still run on a skipped step (cheap: about 1 % of
 an evaluation), so the output follows the current input exactly as in TeaCache / MagCache.
-`detach()` restores both attributes. Attach it *outside* sequence parallel (after the
-sequence-parallel wrapper of `forward_blocks`): then every rank sees the whole sequence and
-makes the same decision, which the collective attention requires.
+`remove(model)` (alias `detach()`) restores both. It goes *outside* sequence parallel (after the
+sequence-parallel wrapper of `forward_blocks`, as `stack.ORDER` says): then every rank sees the
+whole sequence and makes the same decision, which the collective attention requires.
 
 Which guidance branch is running is said explicitly by the caller: `with cache_branch("cond"):`
 around the model call (a context variable; `guided_velocity_branches` below does it, and
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..stack import apply_layers, layer_state, remove_layer
 from .policies import INDICATORS, BranchState, CachePolicy
 
 __all__ = [
@@ -155,11 +157,23 @@ class FeatureCache:
         self._e: torch.Tensor | None = None
         self._last_call: tuple[float | None, str | None] = (None, None)
 
-    # ---- attaching ----------------------------------------------------------------------
+    # ---- the layer ------------------------------------------------------------------------
+    name = "cache"
+
+    def needed(self, model) -> bool:
+        return layer_state(model).cache is not self
+
+    def apply(self, model) -> None:
+        self.attach(model)
+
+    def remove(self, model) -> None:
+        if layer_state(model).cache is self:
+            self.detach()
+
     def attach(self, model) -> FeatureCache:
         if self._model is not None:
             raise RuntimeError("this FeatureCache is already attached to a model")
-        if getattr(model, "feature_cache", None) is not None:
+        if layer_state(model).cache is not None:
             raise RuntimeError("the model already has a feature cache attached; detach it first")
         self._orig = {name: model.__dict__.get(name) for name in ("embed_time", "forward_blocks")}
         inner_embed, inner_blocks = model.embed_time, model.forward_blocks
@@ -175,7 +189,7 @@ class FeatureCache:
 
         model.embed_time = embed_time
         model.forward_blocks = forward_blocks
-        model.feature_cache = self
+        layer_state(model).cache = self
         self._model = model
         return self
 
@@ -189,7 +203,7 @@ class FeatureCache:
                 model.__dict__.pop(name, None)
             else:
                 model.__dict__[name] = orig
-        model.feature_cache = None
+        layer_state(model).cache = None
         self._model = None
         self._free()
 
@@ -313,9 +327,9 @@ def feature_cache(model, cache: FeatureCache | None, num_steps: int | None = Non
     if cache is None:
         yield None
         return
-    cache.attach(model)
+    apply_layers(model, [cache])
     try:
         cache.begin_run(num_steps)
         yield cache
     finally:
-        cache.detach()
+        remove_layer(model, "cache")

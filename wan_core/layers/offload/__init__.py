@@ -1,6 +1,6 @@
 """CPU offload of the DiT (by model or by block, with prefetch) and of the other models, by hooks.
 
-    handle = enable_offload(model, granularity="block", vram_budget_gb=14)  # after FP8 / LoRA / compile
+    handle = enable_offload(model, granularity="block", vram_budget_gb=14)  # after FP8 / LoRA / compile (layers.stack)
     with handle.loaded():            # the denoising loop; device memory released after
         for step in ...: model(...)
     with offload_component(vae):     # the VAE on the GPU for its stage only
@@ -16,12 +16,16 @@ current block's compute, so a finer unit would only add synchronisation points.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ..stack import layer_state
 from .budget import (
     ACT_BYTES_PER_TOKEN_CHANNEL,
     ACT_FIXED_BYTES,
@@ -41,6 +45,9 @@ __all__ = [
     "BlockOffload",
     "ModelOffload",
     "OffloadOptions",
+    "OffloadLayer",
+    "offload_handle",
+    "dit_loaded",
     "OffloadPlan",
     "offload_component",
     "explain_oom",
@@ -49,22 +56,14 @@ __all__ = [
     "weight_sizes",
     "tokens_for",
     "GRANULARITIES",
+    "OFFLOAD_GRANULARITIES",
     "ACT_BYTES_PER_TOKEN_CHANNEL",
     "ACT_FIXED_BYTES",
     "GiB",
 ]
 
 GRANULARITIES = ("model", "block", "phase")
-
-
-def _input_tokens(model: nn.Module, args: tuple, kwargs: dict) -> int | None:
-    """Tokens of a DiT forward from its latent input x [B, C, F, H, W] (patch size from the config)."""
-    x = args[0] if args else kwargs.get("x")
-    if not isinstance(x, torch.Tensor) or x.dim() != 5:
-        return None
-    pt, ph, pw = model.cfg.patch_size
-    b, _, f, h, w = x.shape
-    return b * (f // pt) * (h // ph) * (w // pw)
+OFFLOAD_GRANULARITIES = ("model", "block")  # what "phase" becomes
 
 
 def enable_offload(
@@ -130,42 +129,28 @@ def enable_offload(
     first = 0 if resident_blocks is None else resident_blocks
     if vram_budget_gb is not None and tokens is not None:
         first = plan(tokens).resident_blocks
-    handle = BlockOffload(model, device, resident_blocks=first, prefetch=prefetch)
-    handle.budget_gb = vram_budget_gb
-    if vram_budget_gb is not None:
-        planned: dict[str, Any] = {"tokens": tokens}
-
-        def follow_input(args, kwargs):
-            # Re-plan when unloaded (free: nothing to move) or when the input grew (needed to stay
-            # within the budget); a smaller input while loaded runs within the current plan, so
-            # alternating sizes inside one loop do not reload the resident blocks.
-            n = _input_tokens(model, args, kwargs)
-            known = planned["tokens"] is not None
-            if n is None or n == planned["tokens"] or (known and handle.is_loaded and n < planned["tokens"]):
-                return
-            handle.plan = plan(n)
-            planned["tokens"] = n
-            handle.set_resident_blocks(handle.plan.resident_blocks)
-
-        if tokens is not None:
-            handle.plan = plan(tokens)
-        handle.tokens_hook = follow_input
-    return handle
+    planner = plan if vram_budget_gb is not None else None
+    return BlockOffload(model, device, resident_blocks=first, prefetch=prefetch, planner=planner, tokens=tokens)
 
 
 @dataclass(frozen=True)
 class OffloadOptions:
-    """Offload settings in LightX2V's vocabulary (its config keys), plus ours.
+    """CPU offload settings: the one description the ComfyUI node, the CLI / config keys and
+    `ModelSpec.offload` share, checked here once.
 
-    LightX2V keys: `cpu_offload`, `offload_granularity` ("block" by default, as in LightX2V),
-    `t5_cpu_offload` / `text_encoder_cpu_offload`, `clip_cpu_offload`, `vae_cpu_offload` (each
-    defaults to `cpu_offload`). Ours: `vram_budget_gb`, `offload_resident_blocks`,
-    `offload_prefetch`. One difference: LightX2V's `t5_cpu_offload` runs T5 on the CPU; here the
-    component is kept in host memory and moved to the GPU for its stage (`offload_component`).
+    granularity: CPU offload of the DiT: None (resident), "model" (all of it on the GPU for the
+        denoising loop only) or "block" (blocks streamed through the GPU); "phase" (LightX2V)
+        runs as "block" (see the package doc), "none" / "" mean None.
+    vram_budget_gb: block offload, "use at most X GiB" (weights + activations): the number of
+        resident blocks is chosen per video size (0 / None: no budget).
+    resident_blocks: block offload, blocks kept on the GPU for good (None: every block streams);
+        exclusive with the budget.
+    prefetch: blocks copied ahead of the running one.
+    text_encoder / image_encoder / vae: keep T5 / CLIP / the VAE in host memory, on the GPU only
+        for their stage (independent of the DiT's granularity, as LightX2V's flags are).
     """
 
-    cpu_offload: bool = False
-    granularity: str = "block"
+    granularity: str | None = None
     vram_budget_gb: float | None = None
     resident_blocks: int | None = None
     prefetch: int = 1
@@ -173,30 +158,73 @@ class OffloadOptions:
     image_encoder: bool = False
     vae: bool = False
 
+    def __post_init__(self):
+        gran = self.granularity
+        gran = None if gran in (None, "none", "") else ("block" if gran == "phase" else gran)
+        if gran is not None and gran not in OFFLOAD_GRANULARITIES:
+            raise ValueError(f"offload_granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        object.__setattr__(self, "granularity", gran)
+        budget = float(self.vram_budget_gb) if self.vram_budget_gb else None
+        object.__setattr__(self, "vram_budget_gb", budget)
+        if self.resident_blocks is not None:
+            object.__setattr__(self, "resident_blocks", int(self.resident_blocks))
+        object.__setattr__(self, "prefetch", int(self.prefetch))
+        for name in ("text_encoder", "image_encoder", "vae"):
+            object.__setattr__(self, name, bool(getattr(self, name)))
+        if budget is not None and self.resident_blocks is not None:
+            raise ValueError("give vram_budget_gb or offload_resident_blocks, not both")
+        if budget is not None and budget < 0:
+            raise ValueError(f"vram_budget_gb must be positive, got {budget}")
+        if budget is not None and gran is None:
+            raise ValueError("vram_budget_gb needs CPU offload of the DiT (cpu_offload=true, granularity 'block')")
+        if budget is not None and gran != "block":
+            raise ValueError(
+                f"vram_budget_gb applies to granularity 'block' (it picks the blocks kept on the GPU), got granularity "
+                f"{gran!r}; set the budget to 0 or the granularity to block"
+            )
+        if self.resident_blocks is not None and (self.resident_blocks < 0 or gran != "block"):
+            raise ValueError(
+                f"offload_resident_blocks={self.resident_blocks} needs offload_granularity 'block' and a count >= 0 "
+                "(blocks kept on the GPU for good; 0: every block streams)"
+            )
+        if self.prefetch < 1:
+            raise ValueError(f"offload_prefetch must be >= 1 (blocks copied ahead of the running one), got {self.prefetch}")
+
+    @property
+    def cpu_offload(self) -> bool:
+        """Whether the DiT is offloaded (LightX2V's `cpu_offload`)."""
+        return self.granularity is not None
+
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> OffloadOptions:
+        """From LightX2V config keys: `cpu_offload`, `offload_granularity` ("block" by default, as in
+        LightX2V), `t5_cpu_offload` / `text_encoder_cpu_offload`, `clip_cpu_offload`, `vae_cpu_offload`
+        (each defaults to `cpu_offload`); ours: `vram_budget_gb`, `offload_resident_blocks`,
+        `offload_prefetch`. One difference: LightX2V's `t5_cpu_offload` runs T5 on the CPU; here the
+        component is kept in host memory and moved to the GPU for its stage (`offload_component`).
+        A budget or resident count without `cpu_offload` is dropped with a warning."""
         on = bool(cfg.get("cpu_offload", False))
         gran = cfg.get("offload_granularity") or "block"
         if gran not in GRANULARITIES:
             raise ValueError(f"offload_granularity must be one of {GRANULARITIES}, got {gran!r}")
-        budget = cfg.get("vram_budget_gb")
-        resident = cfg.get("offload_resident_blocks")
+        budget, resident = cfg.get("vram_budget_gb"), cfg.get("offload_resident_blocks")
+        if not on and (budget or resident is not None):
+            warnings.warn("vram_budget_gb / offload_resident_blocks have no effect without cpu_offload=true", stacklevel=3)
         return cls(
-            cpu_offload=on,
-            granularity="block" if gran == "phase" else gran,
-            vram_budget_gb=float(budget) if budget else None,
-            resident_blocks=int(resident) if resident is not None else None,
-            prefetch=int(cfg.get("offload_prefetch", 1)),
-            text_encoder=bool(cfg.get("t5_cpu_offload", cfg.get("text_encoder_cpu_offload", on))),
-            image_encoder=bool(cfg.get("clip_cpu_offload", on)),
-            vae=bool(cfg.get("vae_cpu_offload", on)),
+            granularity=gran if on else None,
+            vram_budget_gb=budget if on else None,
+            resident_blocks=resident if on else None,
+            prefetch=cfg.get("offload_prefetch", 1),
+            text_encoder=cfg.get("t5_cpu_offload", cfg.get("text_encoder_cpu_offload", on)),
+            image_encoder=cfg.get("clip_cpu_offload", on),
+            vae=cfg.get("vae_cpu_offload", on),
         )
 
     def apply(
         self, model: nn.Module, tokens: int | None = None, device: str | torch.device = "cuda"
     ) -> OffloadHandle | None:
-        """`enable_offload` with these settings, or None when `cpu_offload` is off."""
-        if not self.cpu_offload:
+        """`enable_offload` of the DiT with these settings, or None when it stays resident."""
+        if self.granularity is None:
             return None
         return enable_offload(
             model,
@@ -207,3 +235,54 @@ class OffloadOptions:
             prefetch=self.prefetch,
             device=device,
         )
+
+
+class OffloadLayer:
+    """The DiT's offload as a layer (`wan_core.layers.stack`): last of the weight layers.
+
+    The options are part of a cached model's identity (another granularity or budget is another
+    model), so `needed` only compares presence: attached when the options offload the DiT.
+    """
+
+    name = "offload"
+
+    def __init__(self, options: OffloadOptions | None, device: str | torch.device):
+        self.options, self.device = options, device
+
+    def needed(self, model: nn.Module) -> bool:
+        want = self.options is not None and self.options.cpu_offload
+        return want != (layer_state(model).offload is not None)
+
+    def apply(self, model: nn.Module) -> None:
+        self.remove(model)
+        if self.options is not None:
+            self.options.apply(model, device=self.device)
+
+    def remove(self, model: nn.Module) -> None:
+        """Weights back in host memory as plain tensors, hooks gone."""
+        handle = layer_state(model).offload
+        if handle is not None:
+            handle.remove()
+
+
+def offload_handle(module: nn.Module) -> OffloadHandle | None:
+    """The `OffloadHandle` attached to a module (the DiT, T5, CLIP, the VAE), or None when resident."""
+    return layer_state(module).offload if isinstance(module, nn.Module) else None
+
+
+@contextlib.contextmanager
+def dit_loaded(model: nn.Module, x: torch.Tensor | None = None) -> Iterator[nn.Module]:
+    """The DiT's weights on its device inside (an offloaded DiT: `handle.loaded()`; a resident one:
+    nothing to do). Wrap the denoising loop in it, so the GPU is free for the VAE after.
+
+    x: the latent [B, C, F, H, W] the loop will feed; with a VRAM budget the resident blocks are
+    planned for its token count before loading (once loaded, the plan can no longer change).
+    """
+    handle = offload_handle(model)
+    if handle is None:
+        yield model
+        return
+    if isinstance(handle, BlockOffload) and x is not None and not handle.is_loaded:
+        handle.plan_for(x)  # a budget too small for this size fails here
+    with handle.loaded():
+        yield model

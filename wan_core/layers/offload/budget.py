@@ -147,7 +147,9 @@ def explain_oom(
     full = rest + sum(blocks)
     if total_gb is None and torch.cuda.is_available():
         total_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB
-    handle = model.__dict__.get("_wan_offload")
+    from ..stack import layer_state
+
+    handle = layer_state(model).offload
     now = (
         f"offload_granularity={handle.granularity!r}"
         + (f" with {handle.resident_blocks} resident blocks" if handle.granularity == "block" else "")

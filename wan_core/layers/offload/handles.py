@@ -21,20 +21,21 @@ compiled forward only ever sees device tensors of the same shapes and dtypes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
 import torch
 import torch.nn as nn
 
+from ..stack import layer_state
+from .budget import OffloadPlan
 from .pack import TensorGroup, can_pin, module_tensors, pack_groups
 from .streams import make_copier
 
 __all__ = ["OffloadHandle", "ModelOffload", "BlockOffload", "offload_component", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 512 * 2**20  # group size when a module without `blocks` (an encoder, the VAE) is packed
-_ATTR = "_wan_offload"  # where a module keeps its handle
 
 
 def _blocks(module: nn.Module) -> nn.ModuleList | None:
@@ -70,7 +71,7 @@ class OffloadHandle:
     granularity = ""
 
     def __init__(self, module: nn.Module, device: str | torch.device):
-        if getattr(module, _ATTR, None) is not None:
+        if layer_state(module).offload is not None:
             raise RuntimeError("this module is already offloaded: call .remove() on its handle first")
         self.module = module
         self.device = torch.device(device)
@@ -85,7 +86,7 @@ class OffloadHandle:
         with _normal_tensors():
             self._build_groups()
             self.host_bytes_allocated = pack_groups(self.groups, self.pin)
-        module.__dict__[_ATTR] = self
+        layer_state(module).offload = self
         self.stats = {"loads": 0, "block_copies": 0, "bytes_copied": 0}
 
     # ---- groups -----------------------------------------------------------------------------
@@ -177,8 +178,9 @@ class OffloadHandle:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        if self.module.__dict__.get(_ATTR) is self:
-            del self.module.__dict__[_ATTR]
+        st = layer_state(self.module)
+        if st.offload is self:
+            st.offload = None
 
     def _device_copy(self, g: TensorGroup) -> torch.Tensor:
         buf = torch.empty(g.nbytes, dtype=torch.uint8, device=self.device)
@@ -232,7 +234,13 @@ class BlockOffload(OffloadHandle):
     granularity = "block"
 
     def __init__(
-        self, model: nn.Module, device: str | torch.device = "cuda", resident_blocks: int = 0, prefetch: int = 1
+        self,
+        model: nn.Module,
+        device: str | torch.device = "cuda",
+        resident_blocks: int = 0,
+        prefetch: int = 1,
+        planner: Callable[[int], OffloadPlan] | None = None,
+        tokens: int | None = None,
     ):
         if _blocks(model) is None:
             raise ValueError("block offload needs a model with a non-empty `blocks` ModuleList (the Wan DiT)")
@@ -244,9 +252,12 @@ class BlockOffload(OffloadHandle):
         self.set_resident_blocks(resident_blocks)
         self.copier = make_copier(self.device)
         self._state_reset()
-        self.tokens_hook = None  # set by enable_offload for a VRAM budget: re-plans per input size
-        self.budget_gb: float | None = None
-        self.plan = None  # the OffloadPlan in force when a budget chose resident_blocks
+        # With a VRAM budget, `planner(tokens)` chooses the resident blocks for an input size.
+        self.planner = planner
+        self.plan: OffloadPlan | None = None  # the plan in force when a budget chose resident_blocks
+        self._planned_tokens = tokens
+        if planner is not None and tokens is not None:
+            self.plan = planner(tokens)
         self._hooks.append(model.register_forward_pre_hook(torch.compiler.disable(self._pre_model), with_kwargs=True))
         for i, blk in enumerate(model.blocks):
             self._hooks.append(blk.register_forward_pre_hook(torch.compiler.disable(partial(self._pre_block, i))))
@@ -341,9 +352,28 @@ class BlockOffload(OffloadHandle):
         self.copier.record_free(self._free[(i - self._resident) % len(self._ring)])
         self._attached = None
 
+    def plan_for(self, x: torch.Tensor) -> None:
+        """With a VRAM budget: choose the resident blocks for a DiT input x [B, C, F, H, W].
+
+        Re-plans when unloaded (free: nothing to move) or when the input grew (needed to stay
+        within the budget); a smaller input while loaded runs within the current plan, so
+        alternating sizes inside one loop do not reload the resident blocks. A budget too small
+        for this size raises ValueError here.
+        """
+        if self.planner is None or not isinstance(x, torch.Tensor) or x.dim() != 5:
+            return
+        pt, ph, pw = self.module.cfg.patch_size
+        b, _, f, h, w = x.shape
+        n = b * (f // pt) * (h // ph) * (w // pw)
+        known = self._planned_tokens
+        if n == known or (known is not None and self._loaded and n < known):
+            return
+        self.plan = self.planner(n)
+        self._planned_tokens = n
+        self.set_resident_blocks(self.plan.resident_blocks)
+
     def _pre_model(self, module, args, kwargs):
-        if self.tokens_hook is not None:
-            self.tokens_hook(args, kwargs)
+        self.plan_for(args[0] if args else kwargs.get("x"))
         if not self._loaded:
             self.load()
         if self._ring:
@@ -389,7 +419,7 @@ def _component(module, device):
     target = module if isinstance(module, nn.Module) else getattr(module, "model", None)
     if not isinstance(target, nn.Module):
         raise TypeError(f"offload_component needs an nn.Module (or an object with one as .model), got {type(module)}")
-    handle = target.__dict__.get(_ATTR)
+    handle = layer_state(target).offload
     if handle is None:
         handle = ModelOffload(target, device, hook=False)
     elif not isinstance(handle, ModelOffload) or handle.device != _resolve(device):

@@ -25,11 +25,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..stack import layer_state
 from .group import ParallelGroups
 from .ring import get_lse_attention, ring_attention
 from .ulysses import heads_to_seq, pipelined_attention, seq_to_heads
 
-__all__ = ["enable_sequence_parallel", "disable_sequence_parallel", "SequenceParallelAttention", "split_layout"]
+__all__ = [
+    "enable_sequence_parallel", "disable_sequence_parallel", "sequence_parallel_groups", "SequenceParallelLayer",
+    "SequenceParallelState", "SequenceParallelAttention", "split_layout",
+]  # fmt: skip
 
 
 @dataclass
@@ -116,50 +120,88 @@ class _ForwardBlocks:
         return torch.cat(parts, dim=1)[:, :length]
 
 
+@dataclass
+class SequenceParallelState:
+    """What the sequence-parallel layer replaced (its `LayerState.sequence_parallel`)."""
+
+    groups: ParallelGroups  # the groups the model is split over
+    attn_fns: list  # each block's own self_attn.attn_fn, in block order
+    forward_blocks: object | None  # the model's own instance `forward_blocks` (None: the class method)
+
+
+class SequenceParallelLayer:
+    """Sequence parallel as a layer (`wan_core.layers.stack`): a per-run layer, after the weight
+    layers (it wraps the attention backends the blocks hold, compiled or not) and inside the cache."""
+
+    name = "sequence_parallel"
+
+    def __init__(self, groups: ParallelGroups, ring_attention_backend: str | None = None):
+        self.groups, self.ring_attention_backend = groups, ring_attention_backend
+
+    def needed(self, model) -> bool:
+        st = layer_state(model).sequence_parallel
+        if self.groups.config.sp == 1:
+            return st is not None
+        return st is None or st.groups is not self.groups
+
+    def apply(self, model) -> None:
+        self.remove(model)
+        pc = self.groups.config
+        if pc.sp == 1:
+            return
+        pc.validate(num_heads=model.cfg.num_heads)
+        # Where the blocks compute: an offloaded DiT keeps its weights in host memory between
+        # forwards, so its handle, not its first parameter, names the device.
+        handle = layer_state(model).offload
+        dev = handle.device if handle is not None else next(model.parameters()).device
+        lse = get_lse_attention(self.ring_attention_backend or pc.ring_attention, dev, model.dtype)
+        state = _SeqState()
+        originals = []
+        # One wrapper per distinct backend, shared by the blocks: compiled blocks guard on the
+        # objects they call, so 40 distinct wrappers would mean 40 recompilations.
+        wrappers: dict[int, SequenceParallelAttention] = {}
+        for blk in model.blocks:
+            fn = blk.self_attn.attn_fn
+            originals.append(fn)
+            if id(fn) not in wrappers:
+                wrappers[id(fn)] = SequenceParallelAttention(fn, self.groups, state, lse)
+            blk.self_attn.attn_fn = wrappers[id(fn)]
+        own = model.__dict__.get("forward_blocks")
+        model.forward_blocks = _ForwardBlocks(model.forward_blocks, self.groups, state)
+        layer_state(model).sequence_parallel = SequenceParallelState(self.groups, originals, own)
+
+    @staticmethod
+    def remove(model) -> None:
+        st = layer_state(model)
+        saved, st.sequence_parallel = st.sequence_parallel, None
+        if saved is None:
+            return
+        for blk, fn in zip(model.blocks, saved.attn_fns):
+            blk.self_attn.attn_fn = fn
+        if saved.forward_blocks is not None:
+            model.forward_blocks = saved.forward_blocks
+        else:
+            del model.forward_blocks
+
+
 def enable_sequence_parallel(model, groups: ParallelGroups, ring_attention_backend: str | None = None):
     """Make `model` run its block stack split over the sequence-parallel group (in place).
 
     Call after the model is built, its attention backend chosen (`set_attention`) and its
-    blocks compiled, if they are (`compile_blocks`); calling again with other groups re-wraps. A degree of 1 leaves the model as it is. Returns the model.
+    blocks compiled, if they are; calling again with other groups re-wraps. A degree of 1 leaves
+    the model as it is. Returns the model.
     """
-    pc = groups.config
-    disable_sequence_parallel(model)
-    if pc.sp == 1:
-        return model
-    pc.validate(num_heads=model.cfg.num_heads)
-    # Where the blocks compute: an offloaded DiT keeps its weights in host memory between
-    # forwards, so its handle, not its first parameter, names the device.
-    handle = model.__dict__.get("_wan_offload")
-    dev = handle.device if handle is not None else next(model.parameters()).device
-    lse = get_lse_attention(ring_attention_backend or pc.ring_attention, dev, model.dtype)
-    state = _SeqState()
-    originals = []
-    # One wrapper per distinct backend, shared by the blocks: compiled blocks guard on the
-    # objects they call, so 40 distinct wrappers would mean 40 recompilations.
-    wrappers: dict[int, SequenceParallelAttention] = {}
-    for blk in model.blocks:
-        fn = blk.self_attn.attn_fn
-        originals.append(fn)
-        if id(fn) not in wrappers:
-            wrappers[id(fn)] = SequenceParallelAttention(fn, groups, state, lse)
-        blk.self_attn.attn_fn = wrappers[id(fn)]
-    had_own = "forward_blocks" in model.__dict__
-    prev = model.forward_blocks
-    model.forward_blocks = _ForwardBlocks(prev, groups, state)
-    model._sequence_parallel = (originals, had_own, prev, groups)
+    SequenceParallelLayer(groups, ring_attention_backend).apply(model)
     return model
 
 
 def disable_sequence_parallel(model):
     """Undo `enable_sequence_parallel` (no-op when it is not enabled)."""
-    saved = model.__dict__.pop("_sequence_parallel", None)
-    if saved is None:
-        return model
-    originals, had_own, prev, _ = saved
-    for blk, fn in zip(model.blocks, originals):
-        blk.self_attn.attn_fn = fn
-    if had_own:
-        model.forward_blocks = prev
-    else:
-        del model.forward_blocks
+    SequenceParallelLayer.remove(model)
     return model
+
+
+def sequence_parallel_groups(model) -> ParallelGroups | None:
+    """The groups `model` is split over, or None when sequence parallel is off."""
+    st = layer_state(model).sequence_parallel
+    return st.groups if st is not None else None

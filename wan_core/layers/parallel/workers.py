@@ -25,6 +25,7 @@ tensor outlives a dead process.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import os
 import queue
@@ -106,20 +107,26 @@ def _cpu(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------------- worker side
+@contextlib.contextmanager
 def build_dit_for_device(spec: Any, device: torch.device):
-    """The DiT a spec describes, built on this worker's device (through the spec cache).
+    """The DiT a spec describes, on this worker's device, for a `with` block.
 
-    A `wan_core.spec.ModelSpec` is rebuilt for `device`; other objects may offer
-    `build_dit(device)` or be callables `spec(device)` (tests, benchmarks).
+    A `wan_core.spec.ModelSpec` is leased from the model cache for `device`; other objects may
+    offer `build_dit(device)` or be callables `spec(device)` (tests, benchmarks).
     """
-    from ...spec import ModelSpec, build_dit
+    from ...model_cache import lease
+    from ...spec import ModelSpec
 
     if isinstance(spec, ModelSpec):
-        return build_dit(spec.replace(device=str(device)))
+        with lease(spec.replace(device=str(device))) as model:
+            yield model
+        return
     if hasattr(spec, "build_dit"):
-        return spec.build_dit(device)
+        yield spec.build_dit(device)
+        return
     if callable(spec):
-        return spec(device)
+        yield spec(device)
+        return
     raise TypeError(f"cannot build a DiT from {type(spec).__name__}: pass a wan_core.spec.ModelSpec")
 
 
@@ -169,30 +176,30 @@ def _worker_main(rank, world, init_method, parallel, device, cmd_q, res_q, cance
 
 
 def _run_request(spec, req: SampleRequest, job, dev, groups, res_q, cancel_ev):
-    model = build_dit_for_device(spec, dev)
-    enable_sequence_parallel(model, groups)  # idempotent on a cached model
-    flag = torch.zeros(1, device=dev)
+    with build_dit_for_device(spec, dev) as model:
+        enable_sequence_parallel(model, groups)  # idempotent on a cached model
+        flag = torch.zeros(1, device=dev)
 
-    def callback(info: StepInfo) -> None:
-        if groups.is_main:
-            x0 = info.x0.float().cpu() if req.preview else None
-            res_q.put(_dumps(("progress", job, groups.rank, StepProgress(info.step, info.total, info.t, x0))))
-        flag.fill_(1.0 if cancel_ev.is_set() else 0.0)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        if flag.item() > 0:
-            raise _Cancelled
+        def callback(info: StepInfo) -> None:
+            if groups.is_main:
+                x0 = info.x0.float().cpu() if req.preview else None
+                res_q.put(_dumps(("progress", job, groups.rank, StepProgress(info.step, info.total, info.t, x0))))
+            flag.fill_(1.0 if cancel_ev.is_set() else 0.0)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+            if flag.item() > 0:
+                raise _Cancelled
 
-    with torch.no_grad():
-        latent = parallel_sample(
-            model,
-            req.noise.to(dev),
-            req.scheduler,
-            _to(req.cond, dev),
-            _to(req.uncond, dev),
-            req.guidance,
-            groups,
-            callback=callback,
-        )
+        with torch.no_grad():
+            latent = parallel_sample(
+                model,
+                req.noise.to(dev),
+                req.scheduler,
+                _to(req.cond, dev),
+                _to(req.uncond, dev),
+                req.guidance,
+                groups,
+                callback=callback,
+            )
     return latent.cpu() if groups.is_main else None
 
 

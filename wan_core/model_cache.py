@@ -1,0 +1,301 @@
+"""Built models, kept per process: the DiT is *leased* to a run, T5 / CLIP / the VAE are shared.
+
+    with model_cache.lease(spec) as dit:     # the one way to get the cached DiT
+        latent, _ = denoise(dit, noise, ...)
+
+The cache holds one base DiT per process, keyed by what needs a reload to change (its files,
+task, dtype, device, attention, whether it is FP8, compile, the offload settings). A lease
+brings that shared model to the spec's layers (`wan_core.layers.stack`: FP8 kernel, LoRAs and
+strengths, offload) and holds a lock until the `with` block ends, so two graphs with different
+LoRAs in one process each run with their own weights: another thread's lease waits, and a lease
+nested in a held one (same thread) that would change the model is an error instead of silently
+changing the weights under the outer one. LoRA changes never reload the base: merged weights are
+recomputed from kept originals, branches get new multipliers (`layers.lora_sync`), and the result
+is bitwise what a fresh build with that LoRA set gives.
+
+Costs: a merged LoRA keeps the original of every weight it touches (for a model on a GPU the
+original is read back from the memory-mapped checkpoint instead); with compiled blocks, a new set
+of LoRA *branches* recompiles the block graph once (benchmarks/NOTES.md), merged LoRAs never do.
+
+With CPU offload, any change under the offload is made with it removed and applied again after
+(`stack.apply_layers`): the offload's host copy is the master of every weight, and a LoRA's kept
+original may be that very memory, so a merge must never be written back into it. Re-attaching
+repacks only the blocks whose tensors changed.
+
+T5 / CLIP / the VAE are not changed by any layer: `build_text_encoder` & co. return the shared
+object. A file rewritten on disk (new size or mtime) is a new key, so a stale model is never
+served; a part built from another spec replaces the cached one (one of each at a time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .spec import ModelSpec
+
+__all__ = [
+    "lease", "build_text_encoder", "build_vae", "build_image_encoder", "component_loaded", "clear_cache",
+    "dit_fp8_layout",
+]  # fmt: skip
+
+_PARTS: dict[str, tuple[tuple, object]] = {}  # part -> (key, built object)
+_LOCK = threading.RLock()  # the parts table
+_DIT_LOCK = threading.RLock()  # held for a lease's duration
+_HELD = threading.local()  # this thread's lease depth
+
+
+def _stamp(path) -> tuple:
+    """A path's identity for the cache: the path plus size and mtime of every file under it."""
+    if path is None:
+        return (None,)
+    if isinstance(path, (tuple, list)):
+        return tuple(_stamp(p) for p in path)
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        out = []
+        for root, _, files in sorted(os.walk(path)):
+            for f in sorted(files):
+                st = os.stat(os.path.join(root, f))
+                out.append((os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns))
+        return (path, tuple(out))
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return (path, st.st_size, st.st_mtime_ns)
+    return (path,)
+
+
+def _normal_tensors(fn):
+    """Build outside `torch.inference_mode`: the models are cached and outlive the call, and
+    ComfyUI runs every node in inference mode; weights made there would be inference tensors,
+    which fail once anything (offload, a LoRA change, a run outside that mode) touches them."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _cached(part: str, key: tuple, make):
+    with _LOCK:
+        hit = _PARTS.get(part)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        _PARTS.pop(part, None)  # free the old one before building the new one
+        obj = make()
+        _PARTS[part] = (key, obj)
+        return obj
+
+
+def clear_cache() -> None:
+    """Forget every cached model (their memory is freed once no one else holds them)."""
+    with _DIT_LOCK, _LOCK:
+        _PARTS.clear()
+
+
+# ----------------------------------------------------------------------------- the DiT
+
+
+@dataclass
+class _DitEntry:
+    """The cached base DiT."""
+
+    model: object
+    file_views: dict | None = None  # the checkpoint's tensors, memory-mapped (LoRA originals on a GPU)
+
+
+_FP8_LAYOUT: dict[tuple, str] = {}  # stamp of a DiT path -> its FP8 layout (file headers only)
+
+
+def dit_fp8_layout(path) -> str:
+    """FP8 layout of a DiT path (`wan_core.loading.fp8.detect_fp8_layout`, memoized per file version)."""
+    from .loading.fp8 import detect_fp8_layout
+
+    key = _stamp(path)
+    if key not in _FP8_LAYOUT:
+        _FP8_LAYOUT[key] = detect_fp8_layout(list(path) if isinstance(path, tuple) else path)
+    return _FP8_LAYOUT[key]
+
+
+def _fp8_choice(spec: ModelSpec) -> str | None:
+    """The FP8 kernel/scheme to build with: `spec.fp8`, or 'auto' for a DiT file stored in FP8
+    (its e4m3 weights mean nothing without their scales, so it can only run as an FP8 model)."""
+    if spec.fp8 is not None:
+        return spec.fp8
+    return "auto" if dit_fp8_layout(spec.dit) != "none" else None
+
+
+def _load_base(spec: ModelSpec, fp8: str | None, dt, dev):
+    """Read the DiT files once, FP8 linears swapped in when asked (an FP8 file as stored, block
+    linears of a high-precision file quantised on load); no layers. An offloaded DiT is read into
+    host memory with the host's backends; the layers and `set_attention` below set it up for `dev`."""
+    from .loading.dit import load_dit
+    from .loading.fp8 import load_fp8_dit
+
+    path = list(spec.dit) if isinstance(spec.dit, tuple) else spec.dit
+    host = spec.offload.cpu_offload
+    if host and torch.device(dev).type == "cpu":
+        warnings.warn(
+            f"CPU offload ({spec.offload.granularity}) on a run whose compute device is the CPU saves no memory; "
+            "the offload mechanism runs with a second CPU placement",
+            stacklevel=6,  # the caller of the lease
+        )
+    where = dict(device="cpu", attention="auto") if host else dict(device=dev, attention=spec.attention)
+    common = dict(dtype=dt, cross_attention=None if host else spec.cross_attention, task=spec.task, **where)
+    if fp8 is None:
+        model = load_dit(path, **common)
+    else:  # on the host: a kernel the host runs; the fp8_kernel layer sets the device's
+        model = load_fp8_dit(path, kernel="auto" if host else fp8, quantize=True, **common)
+    if host:  # host placement: backends of the host first (a CUDA-only one would fail there), the real ones now
+        model.set_attention(spec.attention, spec.cross_attention, device=dev)
+    return model
+
+
+def _file_originals(entry: _DitEntry, spec: ModelSpec):
+    """For a DiT living on a GPU: the original of a weight a LoRA merges into is its tensor in the
+    memory-mapped checkpoint (same dtype, values untouched since load: the cached base is only ever
+    changed by LoRAs, which restore their originals), so no host copy is kept. On the CPU the
+    loaded weights are already file views (or host tensors) and `apply_loras` keeps them anyway."""
+    if torch.device(next(entry.model.parameters()).device).type == "cpu":
+        return None
+
+    def lookup(name: str, current: torch.Tensor):
+        if entry.file_views is None:
+            from .loading.dit import find_dit_files, to_official
+            from .loading.io import read_state_dict
+
+            path = list(spec.dit) if isinstance(spec.dit, tuple) else spec.dit
+            files = path if isinstance(path, list) else find_dit_files(path)[0]
+            entry.file_views = to_official(read_state_dict(files))  # mmap views: no RAM until read
+        view = entry.file_views.get(name)
+        return view if view is not None and view.dtype == current.dtype and view.shape == current.shape else None
+
+    return lookup
+
+
+def _layers(spec: ModelSpec, entry: _DitEntry, kernel_choice: str | None, compile: bool, dev: str) -> list:
+    """The weight layers of `spec`, in `wan_core.layers.stack.ORDER`."""
+    from .layers.compile import CompileLayer
+    from .layers.fp8 import Fp8KernelLayer
+    from .layers.lora_sync import LoraLayer, WantedLora
+    from .layers.offload import OffloadLayer
+
+    out = [Fp8KernelLayer(kernel_choice, dev)] if kernel_choice is not None else []
+    if compile:
+        out.append(CompileLayer())
+    wanted = tuple(WantedLora(_stamp(p), os.fspath(p), float(s)) for p, s in spec.loras)
+    out.append(LoraLayer(wanted, spec.lora_mode, _file_originals(entry, spec)))
+    out.append(OffloadLayer(spec.offload, dev))
+    return out
+
+
+@contextlib.contextmanager
+def lease(spec: ModelSpec) -> Iterator[torch.nn.Module]:
+    """The DiT of `spec`, brought to its FP8 kernel, LoRAs and offload, for the `with` block.
+
+    The model is shared: keep it (and anything computed lazily from it) inside the block. Another
+    thread's lease waits for this one to end; a lease nested in this thread's held one must ask for
+    the same model state (else RuntimeError: the outer holder would see its weights change).
+    """
+    from .layers.compile import should_compile
+    from .layers.stack import apply_layers
+
+    dev, dt = spec.torch_device, spec.torch_dtype
+    if spec.lora_mode not in ("auto", "merge", "branch"):
+        raise ValueError(f"lora_mode must be 'auto', 'merge' or 'branch', got {spec.lora_mode!r}")
+    fp8 = _fp8_choice(spec)
+    compile = should_compile(spec.compile, dev)
+    key = (_stamp(spec.dit), spec.task, dt, dev, spec.attention, spec.cross_attention, fp8 is not None, compile, spec.offload)
+    with _DIT_LOCK:
+        depth = getattr(_HELD, "depth", 0)
+        with torch.inference_mode(False), torch.no_grad():
+            if depth:
+                hit = _PARTS.get("dit")
+                if hit is None or hit[0] != key:
+                    raise RuntimeError("a lease of another DiT is held by this thread; end it before leasing this one")
+                layers = _layers(spec, hit[1], fp8, compile, dev)
+                if any(layer.needed(hit[1].model) for layer in layers):
+                    raise RuntimeError(
+                        "a lease of this DiT with other LoRAs / FP8 kernel is held by this thread; end it first"
+                    )
+                entry = hit[1]
+            else:
+                entry = _cached("dit", key, lambda: _DitEntry(_load_base(spec, fp8, dt, dev)))
+                apply_layers(entry.model, _layers(spec, entry, fp8, compile, dev))
+        _HELD.depth = depth + 1
+        try:
+            yield entry.model
+        finally:
+            _HELD.depth = depth
+
+
+# ----------------------------------------------------------------------------- T5, CLIP, VAE
+
+
+def component_loaded(obj, spec: ModelSpec, part: str):
+    """Context manager: T5 ('t5'), CLIP ('clip') or the VAE ('vae') on the compute device for one
+    stage when `spec` offloads it (`wan_core.layers.offload.offload_component`), else as it is."""
+    off = spec.offload
+    flag = {"t5": off.text_encoder, "clip": off.image_encoder, "vae": off.vae}[part]
+    if not flag or obj is None:
+        return contextlib.nullcontext(obj)
+    from .layers.offload import offload_component
+
+    return offload_component(obj, spec.torch_device)
+
+
+def _part_device(spec: ModelSpec, offloaded: bool) -> str:
+    """Where a component is built: the host when it is offloaded, else the compute device."""
+    return "cpu" if offloaded else spec.torch_device
+
+
+@_normal_tensors
+def build_text_encoder(spec: ModelSpec):
+    """The umT5 text encoder (with its tokenizer) of `spec`, cached."""
+    from .models.text_encoder import WanTextEncoder
+
+    if not spec.t5:
+        raise ValueError("this ModelSpec names no T5 text encoder file")
+    off = spec.offload.text_encoder
+    dev, dt = _part_device(spec, off), spec.torch_dtype
+    key = (_stamp(spec.t5), _stamp(spec.tokenizer), dt, dev, spec.text_len, off)
+    return _cached(
+        "t5",
+        key,
+        lambda: WanTextEncoder.from_files(spec.t5, spec.tokenizer, dtype=dt, device=dev, text_len=spec.text_len),
+    )
+
+
+@_normal_tensors
+def build_vae(spec: ModelSpec):
+    """The Wan2.1 VAE of `spec`, cached."""
+    from .models.vae import WanVAE
+
+    if not spec.vae:
+        raise ValueError("this ModelSpec names no VAE file")
+    off = spec.offload.vae
+    dev, dt = _part_device(spec, off), spec.torch_vae_dtype
+    key = (_stamp(spec.vae), dt, dev, off)
+    return _cached("vae", key, lambda: WanVAE.from_file(spec.vae, dtype=dt, device=dev))
+
+
+@_normal_tensors
+def build_image_encoder(spec: ModelSpec):
+    """The CLIP image encoder of `spec` (I2V), cached."""
+    from .models.image_encoder import WanImageEncoder
+
+    if not spec.clip:
+        raise ValueError("this ModelSpec names no CLIP image encoder file")
+    off = spec.offload.image_encoder
+    dev, dt = _part_device(spec, off), spec.torch_dtype
+    key = (_stamp(spec.clip), dt, dev, off)
+    return _cached("clip", key, lambda: WanImageEncoder.from_file(spec.clip, dtype=dt, device=dev))
