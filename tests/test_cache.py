@@ -28,6 +28,7 @@ from wan_core.layers.cache import (
     simulate,
 )
 from wan_core.layers.cache import main as calibrate_main
+from wan_core.layers.stack import layer_state
 from wan_core.loading.dit import build_model, save_dit
 from wan_core.models.config import PRESETS
 from wan_core.sampling.loop import Cond, guided_velocity, make_noise, sample
@@ -86,7 +87,7 @@ def test_threshold_zero_is_bitwise_uncached(setup, policy, predict):
     assert rep.computed == {COND: list(range(STEPS)), UNCOND: list(range(STEPS))}
     # detached: the model's own methods are back
     assert "forward_blocks" not in model.__dict__ and "embed_time" not in model.__dict__
-    assert model.feature_cache is None
+    assert layer_state(model).cache is None
 
 
 def test_skip_adds_the_cached_residual_of_the_same_branch(setup):

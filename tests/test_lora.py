@@ -354,7 +354,8 @@ def test_originals_given_by_the_caller_are_kept_not_copied(tmp_path):
     strength changes / removal give exactly what the copying path gives."""
     from wan_core.loading.dit import save_dit
     from wan_core.loading.io import read_state_dict
-    from wan_core.spec import ModelSpec, _DitEntry, _file_originals
+    from wan_core.model_cache import _DitEntry, _file_originals
+    from wan_core.spec import ModelSpec
 
     cfg = tiny_cfg()
     sd = random_state_dict(cfg, seed=4)

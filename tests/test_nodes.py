@@ -16,6 +16,7 @@ import torch
 
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, compat, types
 from tests.comfyui_helpers import REPO, WIDGET_TYPES, check_value, populate_models
+from wan_core.layers.offload import OffloadOptions
 
 CUSTOM_TYPES = {types.WAN_MODEL, types.WAN_TEXT_EMBEDS, types.WAN_IMAGE_EMBEDS, types.WAN_OFFLOAD, types.WAN_CACHE}
 COMFY_TYPES = {"IMAGE", "LATENT", "MASK"}
@@ -337,17 +338,18 @@ def test_cache_config_node_and_sampler(models):
 def test_lora_on_an_fp8_model(models):
     """WanFP8Loader on a bf16 file (quantised on load) + WanLoraApply: the LoRA runs beside the FP8 linears."""
     from wan_core.layers.lora import lora_report
-    from wan_core.spec import build_dit
+    from wan_core.model_cache import lease
 
     fp8 = _load(cls="WanFP8Loader")
     assert fp8.fp8 == "auto"
     with_lora = NODE_CLASS_MAPPINGS["WanLoraApply"]().apply(fp8, "wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors", 1.0)[0]
     text = _text(fp8)
     a, _ = _sample(with_lora, text, steps=1)
-    (summary,) = lora_report(build_dit(with_lora)).loras
+    with lease(with_lora) as dit:
+        (summary,) = lora_report(dit).loras
     assert summary.branched > 0
     b, _ = _sample(fp8, text, steps=1)
-    assert not torch.equal(a["samples"], b["samples"]) and len(lora_report(build_dit(fp8))) == 0
+    assert not torch.equal(a["samples"], b["samples"]) and _lora_count(fp8) == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,21 +397,29 @@ def test_lora_for_another_model_is_a_clear_error(models):
     assert "LoRA" in str(info.value) or "lora" in str(info.value), info.value
 
 
+def _lora_count(spec) -> int:
+    from wan_core.layers.lora import lora_report
+    from wan_core.model_cache import lease
+
+    with lease(spec) as dit:
+        return len(lora_report(dit))
+
+
 def test_offload_settings_reach_the_model_description(models):
     """WanOffloadConfig -> loader -> ModelSpec offload fields (the engine side: tests/test_offload_doors.py);
     the multi-GPU sampler checks its degrees before any process starts."""
     (offload,) = NODE_CLASS_MAPPINGS["WanOffloadConfig"]().make("block", 14.0)
-    assert offload == types.OffloadSettings("block", 14.0, True)
+    assert offload == OffloadOptions("block", 14.0, text_encoder=True, image_encoder=True, vae=True)
     model = NODE_CLASS_MAPPINGS["WanModelLoader"]().load(T2V, T5, VAE, "(none)", offload=offload)[0]
-    assert (model.offload, model.offload_budget_gb, model.offload_resident_blocks) == ("block", 14.0, None)
-    assert model.offload_text_encoder and model.offload_image_encoder and model.offload_vae
-    assert model.replace(offload=None, offload_budget_gb=None, offload_text_encoder=False, offload_image_encoder=False,
-                         offload_vae=False) == _load()  # fmt: skip
+    off = model.offload
+    assert (off.granularity, off.vram_budget_gb, off.resident_blocks) == ("block", 14.0, None)
+    assert off.text_encoder and off.image_encoder and off.vae
+    assert model.replace(offload=OffloadOptions()) == _load()
     (plain,) = NODE_CLASS_MAPPINGS["WanOffloadConfig"]().make("none", 0.0, False)
     assert NODE_CLASS_MAPPINGS["WanModelLoader"]().load(T2V, T5, VAE, "(none)", offload=plain)[0] == _load()
     (enc,) = NODE_CLASS_MAPPINGS["WanOffloadConfig"]().make("none", 0.0, True)  # encoders only, the DiT resident
     model = NODE_CLASS_MAPPINGS["WanModelLoader"]().load(T2V, T5, VAE, "(none)", offload=enc)[0]
-    assert model.offload is None and model.offload_vae
+    assert model.offload.granularity is None and model.offload.vae
     with pytest.raises(ValueError, match="applies to granularity 'block'"):
         NODE_CLASS_MAPPINGS["WanOffloadConfig"]().make("model", 14.0)
     text = _text(_load())
@@ -421,17 +431,16 @@ def test_latent_is_comfyui_raw_convention(models):
     """LATENT carries raw VAE latents, as ComfyUI's own nodes exchange them: the sampler's output is
     `latent_to_raw` of the engine's latent, and WanVAEDecode of a raw latent equals the engine's
     decode of the normalised one (so core VAE Decode / core samplers mix with ours)."""
+    from wan_core.model_cache import build_vae, lease
     from wan_core.models.vae import WAN21_LATENT_MEAN, latent_from_raw, latent_to_raw
     from wan_core.sampling.loop import Cond, make_noise, sample
     from wan_core.sampling.schedulers import make_scheduler
-    from wan_core.spec import build_dit, build_vae
 
     model = _load()
     text = _text(model)
     raw = _sample(model, text, steps=2)[0]["samples"]
-    dit = build_dit(model)
     noise = make_noise((1, *raw.shape[1:]), 3)
-    with torch.no_grad():
+    with torch.no_grad(), lease(model) as dit:
         z = sample(dit, noise, make_scheduler("unipc", 2, 5.0), Cond([text.positive]), Cond([text.negative]), 5.0)
     torch.testing.assert_close(raw, latent_to_raw(z), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(raw, z)  # really the other convention

@@ -18,6 +18,7 @@ from wan_core.layers.offload import (
     enable_offload,
     explain_oom,
     offload_component,
+    offload_handle,
     plan_block_offload,
     tokens_for,
     weight_sizes,
@@ -244,7 +245,7 @@ def test_offload_component_moves_and_releases():
     for _ in range(2):
         with offload_component(enc, device="cpu") as m:
             assert m is enc
-            handle = enc._wan_offload
+            handle = offload_handle(enc)
             host = [h.data_ptr() for g in handle.groups for h in g.host_views]
             assert all(p.data_ptr() not in host for p in enc.parameters())
             assert torch.equal(enc(x), ref)

@@ -20,10 +20,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from wan_core.layers.offload import BlockOffload, GiB, ModelOffload
+from wan_core.layers.offload import BlockOffload, GiB, ModelOffload, OffloadOptions, offload_handle
 from wan_core.loading.tiny import write_tiny_model
+from wan_core.model_cache import build_text_encoder, build_vae, clear_cache, lease
 from wan_core.pipeline import WanPipeline
-from wan_core.spec import ModelSpec, build_dit, clear_cache, offload_handle
+from wan_core.spec import ModelSpec
 
 TOL = 1e-5
 RUN = dict(infer_steps=2, target_video_length=5, target_height=32, target_width=48, sample_guide_scale=4.0, sample_shift=5.0)
@@ -125,16 +126,17 @@ def test_offload_options_are_checked(model_dir):
     with pytest.raises(ValueError, match="offload_granularity must be one of"):
         _pipe(model_dir, cpu_offload=True, offload_granularity="layer")
     with pytest.raises(ValueError, match="not both"):
-        ModelSpec(dit=model_dir, offload="block", offload_budget_gb=8, offload_resident_blocks=1)
+        ModelSpec(dit=model_dir, offload=OffloadOptions("block", vram_budget_gb=8, resident_blocks=1))
     with pytest.raises(ValueError, match="needs CPU offload of the DiT"):
-        ModelSpec(dit=model_dir, offload_budget_gb=8)
-    assert ModelSpec(dit=model_dir, offload="phase").offload == "block"
+        ModelSpec(dit=model_dir, offload=OffloadOptions(vram_budget_gb=8))
+    assert ModelSpec(dit=model_dir, offload="phase").offload == OffloadOptions("block")
 
 
 def test_cpu_only_offload_warns(model_dir):
     clear_cache()
     with pytest.warns(UserWarning, match="saves no memory"):
-        build_dit(ModelSpec(dit=model_dir, dtype="fp32", device="cpu", offload="block"))
+        with lease(ModelSpec(dit=model_dir, dtype="fp32", device="cpu", offload="block")):
+            pass
     clear_cache()
 
 
@@ -162,9 +164,9 @@ def test_cli_keys_reach_enable_offload(model_dir, resident, calls, tmp_path, cap
     assert rc == 0, err
     assert calls == [dict(granularity="block", resident_blocks=None, vram_budget_gb=0.5, prefetch=2, device="cpu")]
     assert rel_err(latent, resident.latent) <= TOL
-    dit = build_dit(ModelSpec(dit=model_dir, dtype="fp32", device="cpu", attention="auto", cross_attention=None,
-                              offload="block", offload_budget_gb=0.5, offload_prefetch=2))  # fmt: skip
-    handle = offload_handle(dit)
+    with lease(ModelSpec(dit=model_dir, dtype="fp32", device="cpu", attention="auto", cross_attention=None,
+                         offload=OffloadOptions("block", vram_budget_gb=0.5, prefetch=2))) as dit:  # fmt: skip
+        handle = offload_handle(dit)
     assert handle.plan.tokens == 1 * 2 * 2 * 3 and handle.plan.fits  # latent [1, 16, 2, 4, 6], patch 1x2x2
     assert handle.resident_blocks == handle.plan.resident_blocks == 2  # a tiny model fits whole
     # a budget below what block offload needs at this size: a sentence naming the minimum
@@ -236,7 +238,6 @@ def _node_run(spec, seed=5):
 
 def test_offload_node_reaches_the_engine_and_equals_the_plain_graph(model_dir, calls):
     from nodes import NODE_CLASS_MAPPINGS
-    from nodes.loaders import apply_offload
 
     spec = _pipe(model_dir).spec
     clear_cache()
@@ -244,15 +245,13 @@ def test_offload_node_reaches_the_engine_and_equals_the_plain_graph(model_dir, c
     text, plain, plain_frames = _node_run(spec)
     assert calls == []
     (settings,) = NODE_CLASS_MAPPINGS["WanOffloadConfig"]().make("block", 0.5, True)
-    off = apply_offload(spec, settings)
+    off = spec.replace(offload=settings)
     text2, samples, frames = _node_run(off)
     assert calls == [dict(granularity="block", resident_blocks=None, vram_budget_gb=0.5, prefetch=1, device="cpu")]
     assert torch.equal(text2.positive, text.positive)  # T5 moved for its stage: the same numbers
     assert rel_err(samples, plain) <= TOL and rel_err(frames, plain_frames) <= TOL
-    dit = build_dit(off)
-    assert not offload_handle(dit).is_loaded  # the sampler released the DiT before the decode ran
-    from wan_core.spec import build_text_encoder, build_vae
-
+    with lease(off) as dit:
+        assert not offload_handle(dit).is_loaded  # the sampler released the DiT before the decode ran
     assert isinstance(offload_handle(build_vae(off)), ModelOffload)
     assert isinstance(offload_handle(build_text_encoder(off).model), ModelOffload)
 
@@ -261,7 +260,7 @@ def test_offload_node_reaches_the_engine_and_equals_the_plain_graph(model_dir, c
 # the DiT cache: LoRA / FP8 on an offloaded base
 
 
-from .test_pipeline import _dit_out  # noqa: E402  (the same probe as the resident tests; `loras`: conftest.py)
+from .test_pipeline import _dit_out, _leased_out  # noqa: E402  (the same probe as the resident tests; `loras`: conftest.py)
 
 
 @pytest.mark.parametrize("fp8", [None, "dequant"])
@@ -276,19 +275,21 @@ def test_lora_changes_on_an_offloaded_base(model_dir, loras, fp8, calls):
     fresh = {}
     for s in sets:
         clear_cache()
-        fresh[s] = _dit_out(build_dit(spec.replace(loras=s)))
+        fresh[s] = _leased_out(spec.replace(loras=s))
     clear_cache()
-    resident = _dit_out(build_dit(spec.replace(offload=None)))
+    resident = _leased_out(spec.replace(offload=None))
     assert rel_err(fresh[()], resident) <= TOL
     clear_cache()
-    base = build_dit(spec)
+    with lease(spec) as base:
+        pass
     for s in sets + sets[::-1]:
-        model = build_dit(spec.replace(loras=s))
-        assert model is base and offload_handle(model) is not None
-        assert torch.equal(_dit_out(model), fresh[s]), s
+        with lease(spec.replace(loras=s)) as model:
+            assert model is base and offload_handle(model) is not None
+            assert torch.equal(_dit_out(model), fresh[s]), s
     assert not torch.equal(fresh[((a, 1.0),)], fresh[()])
     if fp8 is not None:  # FP8 weights are packed and moved as FP8
         handle = offload_handle(base)
         assert torch.float8_e4m3fn in handle.block_groups[0].dtypes
-        assert build_dit(spec.replace(fp8="auto")) is base and offload_handle(base) is not None
-        assert torch.equal(_dit_out(base), fresh[()])
+        with lease(spec.replace(fp8="auto")) as model:
+            assert model is base and offload_handle(base) is not None
+            assert torch.equal(_dit_out(base), fresh[()])

@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from wan_core.loading.tiny import write_tiny_model
+from wan_core.model_cache import clear_cache, lease
 from wan_core.models.conditioning import resize_image
 from wan_core.options import DEFAULT_NEGATIVE_PROMPT
 from wan_core.pipeline import WanPipeline
 from wan_core.sampling.loop import make_noise
-from wan_core.spec import ModelSpec, build_dit, clear_cache
+from wan_core.spec import ModelSpec
 
 from .test_schedulers import diffusers_unipc, official_unipc_grid
 
@@ -220,14 +221,15 @@ def test_spec_cache(models, tmp_path):
     import pickle
 
     assert pickle.loads(pickle.dumps(spec)) == spec
-    a = build_dit(spec)
-    assert build_dit(pickle.loads(pickle.dumps(spec))) is a
-    assert build_dit(spec.replace(attention="sdpa_math")) is not a
+    assert hash(pickle.loads(pickle.dumps(spec))) == hash(spec)
+    a = _leased(spec)
+    assert _leased(pickle.loads(pickle.dumps(spec))) is a
+    assert _leased(spec.replace(attention="sdpa_math")) is not a
     # rewriting the files makes a new key: no stale model
     path = write_tiny_model(tmp_path / "m", "t2v", "wan", seed=1)
-    b = build_dit(spec.replace(dit=str(path)))
+    b = _leased(spec.replace(dit=str(path)))
     write_tiny_model(path, "t2v", "wan", seed=2)
-    assert build_dit(spec.replace(dit=str(path))) is not b
+    assert _leased(spec.replace(dit=str(path))) is not b
     # two pipelines over the same files share the models
     p1 = WanPipeline(models["t2v", "wan"], dtype="fp32", device="cpu").create_generator(**T2V)
     p2 = WanPipeline(models["t2v", "wan"], dtype="fp32", device="cpu").create_generator(infer_steps=4, **T2V)
@@ -334,6 +336,18 @@ def test_gpu_decode_hands_on_each_chunk_after_its_asynchronous_copy(models, pin_
 # the DiT cache with FP8 and LoRAs: strength changes and removal without reading the base again
 
 
+def _leased(spec):
+    """The cached DiT object of `spec` (for identity checks; its weights are only meaningful in a lease)."""
+    with lease(spec) as model:
+        return model
+
+
+def _leased_out(spec):
+    """`_dit_out` of the DiT leased for `spec`."""
+    with lease(spec) as model:
+        return _dit_out(model)
+
+
 def _dit_out(model):
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(1, 16, 2, 4, 6, generator=g), [torch.randn(7, 32, generator=g)]
@@ -360,36 +374,37 @@ def test_lora_changes_reuse_the_cached_base(models, loras, fp8, monkeypatch):
     fresh = {}
     for s in sets:  # the reference: each LoRA set built from scratch
         clear_cache()
-        fresh[s] = _dit_out(build_dit(spec.replace(loras=s)))
+        fresh[s] = _leased_out(spec.replace(loras=s))
     clear_cache()
-    base = build_dit(spec)
-    plain = _dit_out(base)
+    with lease(spec) as base:
+        plain = _dit_out(base)
     assert fp8 is None or any(isinstance(m, FP8Linear) for m in base.modules())
-    build_dit(spec.replace(loras=((a, 1.0), (b, 1.0))))  # parse both LoRA files once
+    _leased(spec.replace(loras=((a, 1.0), (b, 1.0))))  # parse both LoRA files once
     reads = []
     for mod in (dit_loading, fp8_loading, lora_loading):
         real = mod.read_state_dict
         monkeypatch.setattr(mod, "read_state_dict", lambda *x, _r=real, **k: (reads.append(x[0]), _r(*x, **k))[1])
     for s in sets + sets[::-1]:
-        model = build_dit(spec.replace(loras=s))
-        assert model is base
-        assert torch.equal(_dit_out(model), fresh[s]), s
-        assert [x.strength for x in lora_report(model).loras] == [st for _, st in s]
+        with lease(spec.replace(loras=s)) as model:
+            assert model is base
+            assert torch.equal(_dit_out(model), fresh[s]), s
+            assert [x.strength for x in lora_report(model).loras] == [st for _, st in s]
     assert reads == [], "a LoRA change read a file again"
     assert torch.equal(fresh[()], plain) and not torch.equal(fresh[((a, 1.0),)], plain)
-    kinds = lora_report(build_dit(spec.replace(loras=((a, 1.0),)))).loras[0]
+    with lease(spec.replace(loras=((a, 1.0),))) as model:
+        kinds = lora_report(model).loras[0]
     assert (kinds.branched > 0) == (fp8 is not None) and kinds.merged > 0
     # another FP8 kernel is set on the same base, not reloaded
     if fp8 is not None:
-        assert build_dit(spec.replace(fp8="auto")) is base
+        assert _leased(spec.replace(fp8="auto")) is base
 
 
 def test_compiled_blocks_run_lora_branches_added_later(models, loras, monkeypatch):
     """torch.compile does not guard on module hooks by default: a LoRA branch added to a block that
-    already ran compiled would be silently left out. build_dit turns those guards on before it
+    already ran compiled would be silently left out. the compile layer turns those guards on before it
     compiles, so adding, changing and removing branches on a compiled FP8 model gives the eager
     results. Checked with dynamo's 'eager' backend (the same tracing and guards as inductor on CUDA,
-    no C++ compile), the model's blocks compiled by build_dit as on a GPU."""
+    no C++ compile), the model's blocks compiled by the lease's compile layer as on a GPU."""
     import wan_core.layers.compile as optimize
 
     a, b = loras
@@ -397,13 +412,13 @@ def test_compiled_blocks_run_lora_branches_added_later(models, loras, monkeypatc
     spec = ModelSpec(dit=str(models["t2v", "wan"]), dtype="fp32", device="cpu", fp8="dequant", lora_mode="branch")
     sets = [(), ((a, 1.0),), ((a, 0.3), (b, 1.0)), ()]
     clear_cache()
-    eager = {s: _dit_out(build_dit(spec.replace(loras=s))) for s in sets}
+    eager = {s: _leased_out(spec.replace(loras=s)) for s in sets}
     clear_cache()
     torch._dynamo.reset()
     compiled = spec.replace(compile=True)
     for s in sets:
-        model = build_dit(compiled.replace(loras=s))
-        assert model.blocks[0]._compiled_call_impl is not None
-        assert torch.allclose(_dit_out(model), eager[s], rtol=1e-5, atol=1e-6), s
+        with lease(compiled.replace(loras=s)) as model:
+            assert model.blocks[0]._compiled_call_impl is not None
+            assert torch.allclose(_dit_out(model), eager[s], rtol=1e-5, atol=1e-6), s
     clear_cache()
     torch._dynamo.reset()

@@ -17,9 +17,10 @@ import torch
 
 from wan_core.layers.parallel.workers import RunCancelled, SampleRequest, WorkerGroup, WorkerGroupError
 from wan_core.loading.dit import save_dit
+from wan_core.model_cache import lease
 from wan_core.sampling.loop import Cond, make_noise, sample
 from wan_core.sampling.schedulers import make_scheduler
-from wan_core.spec import ModelSpec, build_dit
+from wan_core.spec import ModelSpec
 
 from .test_dit import random_state_dict, rel_err, tiny_cfg
 
@@ -74,8 +75,8 @@ def setup(tmp_path_factory):
         guidance=4.5,
         preview=True,
     )
-    with torch.no_grad():
-        ref = sample(build_dit(spec), req.noise, make_scheduler("unipc", STEPS, 5.0), req.cond, req.uncond, req.guidance)
+    with torch.no_grad(), lease(spec) as dit:
+        ref = sample(dit, req.noise, make_scheduler("unipc", STEPS, 5.0), req.cond, req.uncond, req.guidance)
     return spec, req, ref
 
 

@@ -277,19 +277,21 @@ def test_offload_workflow_streams_the_dit_and_equals_the_resident_graph(comfy_di
     the samples of the same graph without WanOffloadConfig (fp32 on the CPU: ~1e-6, see test_offload_doors)."""
     import warnings
 
-    from wan_core.spec import build_dit, build_vae, offload_handle
+    from wan_core.layers.offload import offload_handle
+    from wan_core.model_cache import build_vae, lease
 
     name = "wan21_t2v_14b_offload_distill_lora"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*saves no memory")
         graph, done = _run(name, comfy_dirs)
         lora = next(k for k, n in graph.items() if n["class_type"] == "WanLoraApply")
-        handle = offload_handle(build_dit(done[lora][0][0]))  # the cached DiT the sampler ran
+        with lease(done[lora][0][0]) as dit:  # the cached DiT the sampler ran
+            handle = offload_handle(dit)
         assert handle is not None and handle.granularity == "block" and handle.stats["loads"] >= 1
         assert not handle.is_loaded
         loader = next(k for k, n in graph.items() if n["class_type"] == "WanModelLoader")
         spec = done[loader][0][0]
-        assert spec.offload == "block" and spec.offload_text_encoder and spec.offload_vae
+        assert spec.offload.granularity == "block" and spec.offload.text_encoder and spec.offload.vae
         assert offload_handle(build_vae(spec)) is not None  # packed in host memory by its first stage
         plain = {k: {**n, "inputs": {i: v for i, v in n["inputs"].items() if i != "offload"}}
                  for k, n in graph.items() if n["class_type"] != "WanOffloadConfig"}  # fmt: skip

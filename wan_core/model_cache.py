@@ -214,7 +214,9 @@ def lease(spec: ModelSpec) -> Iterator[torch.nn.Module]:
         raise ValueError(f"lora_mode must be 'auto', 'merge' or 'branch', got {spec.lora_mode!r}")
     fp8 = _fp8_choice(spec)
     compile = should_compile(spec.compile, dev)
-    key = (_stamp(spec.dit), spec.task, dt, dev, spec.attention, spec.cross_attention, fp8 is not None, compile, spec.offload)
+    o = spec.offload  # the DiT's part of it (T5 / CLIP / VAE flags are theirs)
+    offload = (o.granularity, o.vram_budget_gb, o.resident_blocks, o.prefetch)
+    key = (_stamp(spec.dit), spec.task, dt, dev, spec.attention, spec.cross_attention, fp8 is not None, compile, offload)
     with _DIT_LOCK:
         depth = getattr(_HELD, "depth", 0)
         with torch.inference_mode(False), torch.no_grad():

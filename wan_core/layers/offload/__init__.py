@@ -255,8 +255,10 @@ class OffloadLayer:
 
     def apply(self, model: nn.Module) -> None:
         self.remove(model)
-        if self.options is not None:
-            self.options.apply(model, device=self.device)
+        o = self.options
+        if o is not None and o.cpu_offload:
+            enable_offload(model, o.granularity, resident_blocks=o.resident_blocks, vram_budget_gb=o.vram_budget_gb,
+                           prefetch=o.prefetch, device=self.device)  # fmt: skip
 
     def remove(self, model: nn.Module) -> None:
         """Weights back in host memory as plain tensors, hooks gone."""
