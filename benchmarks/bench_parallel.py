@@ -130,9 +130,10 @@ def workers_smoke(n: int = 2) -> None:
 
     from wan_core.layers.parallel.workers import RunCancelled, SampleRequest, WorkerGroup, WorkerGroupError
     from wan_core.loading.dit import save_dit
+    from wan_core.model_cache import lease
     from wan_core.sampling.loop import make_noise, sample
     from wan_core.sampling.schedulers import make_scheduler
-    from wan_core.spec import ModelSpec, build_dit
+    from wan_core.spec import ModelSpec
 
     cfg = PRESETS["t2v-1.3b"].replace(num_layers=2)
     g = torch.Generator().manual_seed(0)
@@ -143,8 +144,8 @@ def workers_smoke(n: int = 2) -> None:
     spec = ModelSpec(dit=path, task="t2v", device="cuda", dtype="fp32", attention="sdpa")
     req = SampleRequest(make_noise((1, 16, 5, 30, 52), seed=1), make_scheduler("unipc", 4, 5.0),
                         Cond([torch.randn(20, 4096, generator=g)]), Cond([torch.randn(5, 4096, generator=g)]), 5.0)  # fmt: skip
-    with torch.no_grad():
-        ref = sample(build_dit(spec.replace(device="cuda:0")), req.noise.cuda(), make_scheduler("unipc", 4, 5.0),
+    with torch.no_grad(), lease(spec.replace(device="cuda:0")) as dit:
+        ref = sample(dit, req.noise.cuda(), make_scheduler("unipc", 4, 5.0),
                      Cond([c.cuda() for c in req.cond.context]), Cond([c.cuda() for c in req.uncond.context]), 5.0).cpu()  # fmt: skip
     out = {}
     for pc in ({"cfg": 2}, {"ulysses": 2}, {"ring": 2}):

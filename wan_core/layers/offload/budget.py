@@ -10,12 +10,9 @@ fixed ACT_FIXED_BYTES. A block's largest live set in eager bf16 is either in the
 (the float32 residual stream, 4 bytes per token-channel; the bf16 normed input, 2; q/k/v, 6; the
 float32 RoPE temporaries of q and k, about 12; the attention output and its projection, 4: about
 28) or in the FFN (stream and input, 6, plus two bf16 hidden tensors of ffn_dim, 4 ffn_dim; with
-the float32 gate product, about 10 dim + 4 ffn_dim). The measured peaks of the 14B DiT on an H100
-(benchmarks/RESULTS.md, eager; ffn_dim = 2.7 dim, so attention dominates) are 5.1 GiB at 32,760
-tokens and 11.3 GiB at 75,600 tokens over the 27.0 GiB of weights: 32.9 and 31.4 bytes per
-token-channel, covered by 32 plus the fixed part. Compiled blocks (inductor fuses the float32
-temporaries) measured 23.3 and 20.9, so the estimate errs on the safe side there. For the 1.3B model
-(ffn_dim = 5.8 dim) the FFN term is the larger: 33.3 per token-channel. `tokens` counts every sequence in the
+the float32 gate product, about 10 dim + 4 ffn_dim). The 32 covers the measured eager peaks of
+the 14B and 1.3B DiTs with a margin (benchmarks/NOTES.md, benchmarks/RESULTS.md); compiled blocks
+need less. `tokens` counts every sequence in the
 batch (CFG batched as batch 2 is twice the tokens); the fixed part covers the RoPE tables, the
 text context, the time embedding and the sampler's latents at these sizes.
 """
