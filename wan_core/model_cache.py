@@ -207,12 +207,15 @@ def lease(spec: ModelSpec) -> Iterator[torch.nn.Module]:
     the same model state (else RuntimeError: the outer holder would see its weights change).
     """
     from .layers.compile import should_compile
+    from .layers.fp8 import resolve_kernel
     from .layers.stack import apply_layers
 
     dev, dt = spec.torch_device, spec.torch_dtype
     if spec.lora_mode not in ("auto", "merge", "branch"):
         raise ValueError(f"lora_mode must be 'auto', 'merge' or 'branch', got {spec.lora_mode!r}")
     fp8 = _fp8_choice(spec)
+    if fp8 is not None:
+        resolve_kernel(fp8, dev)  # a kernel this device lacks fails before anything is read
     compile = should_compile(spec.compile, dev)
     o = spec.offload  # the DiT's part of it (T5 / CLIP / VAE flags are theirs)
     offload = (o.granularity, o.vram_budget_gb, o.resident_blocks, o.prefetch)

@@ -6,8 +6,8 @@
     result.frames      # [T, H, W, 3] float in [0, 1]; result.timings, result.peak_memory
 
 `create_generator` reads the settings (LightX2V config keys, see `wan_core.options`), finds the
-component files (`wan_core.loading.discover`), and builds the models through the `ModelSpec` cache, so
-a second pipeline over the same files shares them. `generate` runs the stages, each also public
+component files (`wan_core.loading.discover`), and builds the models through `wan_core.model_cache`,
+so a second pipeline over the same files shares them (each run leases the DiT at its own LoRAs). `generate` runs the stages, each also public
 for the ComfyUI nodes: `encode_text` -> (`encode_image`) -> `sample` -> `decode`.
 
 The seed's four variants, as LightX2V configures them (keys in a config JSON or keywords):
