@@ -42,7 +42,7 @@ import torch
 from .spec import ModelSpec
 
 __all__ = [
-    "lease", "build_text_encoder", "build_vae", "build_image_encoder", "component_loaded", "clear_cache",
+    "lease", "held", "build_text_encoder", "build_vae", "build_image_encoder", "component_loaded", "clear_cache",
     "dit_fp8_layout",
 ]  # fmt: skip
 
@@ -241,6 +241,14 @@ def lease(spec: ModelSpec) -> Iterator[torch.nn.Module]:
             yield entry.model
         finally:
             _HELD.depth = depth
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """No lease can start or change the DiT inside: for taking a per-run layer off a model an
+    earlier lease handed out (`WanPipeline.close`), without building anything."""
+    with _DIT_LOCK:
+        yield
 
 
 # ----------------------------------------------------------------------------- T5, CLIP, VAE

@@ -324,11 +324,12 @@ class WanPipeline(LightX2VCalls):
             run.barrier()
             run.close()
         self._owns_group = False
-        if self.spec is not None:
+        if getattr(self, "dit", None) is not None:
             from .layers.stack import remove_layer
+            from .model_cache import held
 
-            with lease(self.spec) as dit:
-                remove_layer(dit, "sequence_parallel")
+            with held():  # the DiT of our last lease (not re-leased: that could build one)
+                remove_layer(self.dit, "sequence_parallel")
 
     def _make_cache(self, height: int, width: int):
         """A fresh `FeatureCache` for one run (None without feature caching); published tables chosen

@@ -6,7 +6,7 @@ ComfyUI runs in one process; the group lives beside it and is reused from run to
   method, NCCL on GPUs, gloo on the CPU), each joining one process group and building the
   parallel mesh once;
 - `run(spec, request, progress, cancel)` sends every worker the model *description* (a
-  `wan_core.spec.ModelSpec`, never tensors: each worker builds the DiT itself through the model cache
+  `wan_core.spec.ModelSpec`, never tensors: each worker builds the DiT itself through the model
   cache, memory-mapping the same files, so host RAM is not multiplied and a second run with the
   same spec reuses the built model) and the small sampling inputs; the workers sample together
   (sequence and/or CFG parallel), rank 0 streams step progress (and x0 previews when asked) back
