@@ -302,10 +302,10 @@ class WanPipeline(LightX2VCalls):
         """Sequence parallel on the leased DiT for this run's groups; off for a one-process run (the
         cached DiT may carry another pipeline's)."""
         from .layers.parallel.apply import SequenceParallelLayer
-        from .layers.stack import apply_layers, remove_layer
+        from .layers.stack import apply_layers
 
         if self.parallel_run is None:
-            remove_layer(dit, "sequence_parallel")
+            SequenceParallelLayer.remove(dit)
             return
         layer = SequenceParallelLayer(self.parallel_run.groups)
         if layer.needed(dit):
@@ -325,11 +325,11 @@ class WanPipeline(LightX2VCalls):
             run.close()
         self._owns_group = False
         if getattr(self, "dit", None) is not None:
-            from .layers.stack import remove_layer
+            from .layers.parallel.apply import SequenceParallelLayer
             from .model_cache import held
 
             with held():  # the DiT of our last lease (not re-leased: that could build one)
-                remove_layer(self.dit, "sequence_parallel")
+                SequenceParallelLayer.remove(self.dit)
 
     def _make_cache(self, height: int, width: int):
         """A fresh `FeatureCache` for one run (None without feature caching); published tables chosen

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .lora import apply_loras, remove_loras, set_lora_strengths
-from .stack import layer_state
+from .stack import LoraSync, layer_state
 
 __all__ = ["LoraSync", "LoraLayer", "WantedLora"]
 
@@ -29,16 +29,6 @@ class WantedLora:
     key: tuple
     path: str
     strength: float
-
-
-@dataclass
-class LoraSync:
-    """The LoRA state of a model (its `LayerState.lora`): which files, in order, at which strengths."""
-
-    files: tuple = ()  # WantedLora.key of each applied LoRA, in order
-    strengths: tuple[float, ...] = ()
-    mode: str = "auto"
-    weights: dict = field(default_factory=dict)  # key -> LoraWeights (parsed files, most recently used last)
 
 
 def _sync(model) -> LoraSync:

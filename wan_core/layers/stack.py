@@ -17,24 +17,65 @@ after build, each a small object with `apply(model)` / `remove(model)`, in this 
   and makes the same skip decision, which the collective attention requires).
 
 Each layer keeps its state in one typed record on the model, `LayerState`, read and written
-through `layer_state(model)`; no layer reads another's private attributes.
+through `layer_state(model)`; no layer reads another's private attributes. The record types live
+here, so this module imports no layer; a layer is removed through its own object (`remove`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
 
 if TYPE_CHECKING:
-    from .cache.layer import FeatureCache
-    from .lora_sync import LoraSync
-    from .offload.handles import OffloadHandle
-    from .parallel.apply import SequenceParallelState
+    from .parallel.group import ParallelGroups
 
-__all__ = ["ORDER", "WEIGHT_LAYERS", "Layer", "LayerState", "layer_state", "apply_layers", "remove_layer"]
+__all__ = [
+    "ORDER", "WEIGHT_LAYERS", "Layer", "LayerState", "LoraSync", "SequenceParallelState", "layer_state",
+    "apply_layers",
+]  # fmt: skip
 
 ORDER: tuple[str, ...] = ("fp8_kernel", "compile", "lora", "offload", "sequence_parallel", "cache")
 WEIGHT_LAYERS = ORDER[:3]  # layers that change weights: made with the offload removed (it owns their host copy)
+
+
+# The records of the layers, defined here so that this module imports none of them (the layers
+# import it): plain dataclasses, and protocols for the two layers whose record is their own object.
+
+
+@dataclass
+class LoraSync:
+    """The LoRAs applied (`layers.lora_sync`): which files, in order, at which strengths."""
+
+    files: tuple = ()  # WantedLora.key of each applied LoRA, in order
+    strengths: tuple[float, ...] = ()
+    mode: str = "auto"
+    weights: dict[tuple, Any] = field(default_factory=dict)  # key -> LoraWeights (parsed, most recently used last)
+
+
+@dataclass
+class SequenceParallelState:
+    """What the sequence-parallel layer replaced (`layers.parallel.apply`)."""
+
+    groups: ParallelGroups  # the groups the model is split over
+    attn_fns: list  # each block's own self_attn.attn_fn, in block order
+    forward_blocks: object | None  # the model's own instance `forward_blocks` (None: the class method)
+
+
+class OffloadRecord(Protocol):
+    """An attached offload (`layers.offload.OffloadHandle`)."""
+
+    granularity: str
+    device: torch.device
+
+    def remove(self) -> None: ...
+
+
+class CacheRecord(Protocol):
+    """An attached feature cache (`layers.cache.FeatureCache`)."""
+
+    def detach(self) -> None: ...
 
 
 @dataclass
@@ -43,10 +84,10 @@ class LayerState:
 
     fp8_kernel: str | None = None  # resolved kernel name of the FP8 linears
     compile: bool = False  # blocks regionally compiled
-    lora: LoraSync | None = None  # the LoRA files and strengths applied (`layers.lora_sync`)
-    offload: OffloadHandle | None = None  # hooks streaming the weights from host memory
+    lora: LoraSync | None = None
+    offload: OffloadRecord | None = None  # hooks streaming the weights from host memory
     sequence_parallel: SequenceParallelState | None = None  # wrapped attention / block stack
-    cache: FeatureCache | None = None  # feature cache attached for a run
+    cache: CacheRecord | None = None  # feature cache attached for a run
 
 
 _ATTR = "layer_state"
@@ -95,27 +136,5 @@ def apply_layers(model, layers: list[Layer]) -> None:
         if layer.name in WEIGHT_LAYERS and st.offload is not None:
             if "offload" not in names:
                 raise ValueError(f"changing {layer.name!r} under an attached offload needs the offload layer too")
-            remove_layer(model, "offload")
+            st.offload.remove()  # weights back as plain host tensors; the offload layer below re-attaches
         layer.apply(model)
-
-
-def remove_layer(model, name: str) -> None:
-    """Remove the layer `name` from `model` (no-op when it is not applied)."""
-    st = layer_state(model)
-    if name == "offload" and st.offload is not None:
-        st.offload.remove()
-    elif name == "sequence_parallel" and st.sequence_parallel is not None:
-        from .parallel.apply import disable_sequence_parallel
-
-        disable_sequence_parallel(model)
-    elif name == "cache" and st.cache is not None:
-        st.cache.detach()
-    elif name == "lora" and st.lora is not None:
-        from .lora_sync import LoraLayer
-
-        LoraLayer(()).remove(model)
-    elif name in ("fp8_kernel", "compile"):
-        if getattr(st, name):
-            raise ValueError(f"the {name!r} layer is part of a built model's identity; build another model instead")
-    elif name not in ORDER:
-        raise ValueError(f"unknown layer {name!r}; layers are {ORDER}")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..stack import apply_layers, layer_state, remove_layer
+from ..stack import apply_layers, layer_state
 from .policies import INDICATORS, BranchState, CachePolicy
 
 __all__ = [
@@ -332,4 +332,4 @@ def feature_cache(model, cache: FeatureCache | None, num_steps: int | None = Non
         cache.begin_run(num_steps)
         yield cache
     finally:
-        remove_layer(model, "cache")
+        cache.remove(model)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..stack import layer_state
+from ..stack import SequenceParallelState, layer_state
 from .group import ParallelGroups
 from .ring import get_lse_attention, ring_attention
 from .ulysses import heads_to_seq, pipelined_attention, seq_to_heads
@@ -118,15 +118,6 @@ class _ForwardBlocks:
         parts = [torch.empty_like(out) for _ in range(p)]
         dist.all_gather(parts, out.contiguous(), group=g.sp_group)  # P x [B, Lc, C], in sequence order
         return torch.cat(parts, dim=1)[:, :length]
-
-
-@dataclass
-class SequenceParallelState:
-    """What the sequence-parallel layer replaced (its `LayerState.sequence_parallel`)."""
-
-    groups: ParallelGroups  # the groups the model is split over
-    attn_fns: list  # each block's own self_attn.attn_fn, in block order
-    forward_blocks: object | None  # the model's own instance `forward_blocks` (None: the class method)
 
 
 class SequenceParallelLayer:
