@@ -177,6 +177,7 @@ def main():
             p.normal_(0, 0.02)
     model.set_attention("sdpa" if args.smoke else "sdpa_cudnn")
     if not args.no_compile and not args.smoke:
+        model.set_block_ops("auto")  # the fused ops, as a CUDA build chooses
         compile_blocks(model)
     x, t, ctx = inputs(grid, dev=dev)
     log(f"model ready in {time.time() - t_start:.0f} s")

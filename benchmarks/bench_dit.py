@@ -8,8 +8,8 @@ ours (its parameter names are the official ones), so the output similarity is ch
                                  [--compile --compiled bf16,fp8,fast,fast-exact[,bf16+nofuse,...]]
 
 "fast" is fast mode: FP8 block linears and the 8-bit Triton self-attention, compiled. Compiled
-variants use FusedBlock (single-pass norm/modulate/quantise ops, as compile_blocks does); a
-"+nofuse" suffix times the plain Block, its float32 work left to inductor.
+variants use the "fused" block ops (single-pass norm/modulate/quantise ops, what a CUDA build
+chooses); a "+nofuse" suffix times the "torch" block ops, their float32 work left to inductor.
 
 Peers: ComfyUI from .carry/ComfyUI (a fetched checkout, never committed), diffusers from the
 environment. Prints a table last; writes JSON to $OUT/bench_dit.json (or ./bench_dit.json).
@@ -184,10 +184,15 @@ def main():
             from wan_core.kernels import sage_attention
 
             sage_attention.TRITON_QUANTIZE = "torchquant" not in flags  # "+torchquant": q/k/v quantised by inductor
-            if "nofuse" not in flags:  # "+nofuse": the plain Block, all float32 work left to inductor
-                from wan_core.layers.fused_block import fuse_blocks
+            if "nofuse" not in flags:  # "+nofuse": the plain torch ops, all float32 work left to inductor
+                import dataclasses
 
-                fuse_blocks(m, qk_rope="noqk" not in flags)  # "+noqk": q/k norm and RoPE left to inductor
+                from wan_core.kernels.block_ops import get_block_ops
+
+                ops = get_block_ops("fused")
+                if "noqk" in flags:  # "+noqk": q/k norm and RoPE left to inductor
+                    ops = dataclasses.replace(ops, qk_norm_rope=get_block_ops("torch").qk_norm_rope)
+                m.set_block_ops(ops)
             for blk in m.blocks:  # "+mk": inductor's multi-kernel (persistent reductions up to 16k wide
                 # where they time faster), "+mk2": persistent reductions forced
                 blk.compile(options={"triton.multi_kernel": mk} if mk else None)

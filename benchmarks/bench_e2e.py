@@ -86,6 +86,7 @@ def random_dit(variant: str):
 
         quantize_model(m, kernel="auto")
     m.set_attention(attn or ("sage_triton" if variant.startswith("fast") else "auto"))
+    m.set_block_ops("auto")  # the fused ops, as a CUDA build chooses
     compile_blocks(m)
     return m
 

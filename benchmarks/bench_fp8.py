@@ -86,6 +86,7 @@ def main():
     if args.compile:
         try:
             set_fp8_kernel(m, kernels[0])
+            m.set_block_ops("auto")  # the fused ops, as a CUDA build chooses
             compile_blocks(m)
             outs["fp8_compiled"] = bd.run_model(f"fp8[{kernels[0]}]+compile", m, cfg, resolutions)
         except Exception:
@@ -96,6 +97,7 @@ def main():
         torch.cuda.empty_cache()
         torch._dynamo.reset()
         m = random_model(cfg, args.attention)  # same seed: the same weights as the bf16 run
+        m.set_block_ops("auto")  # the fused ops, as a CUDA build chooses
         compile_blocks(m)
         outs["bf16_compiled"] = bd.run_model("bf16+compile", m, cfg, resolutions)
     del m

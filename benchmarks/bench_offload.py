@@ -204,6 +204,7 @@ def main():
     model = random_host_model(cfg)
     model.set_attention("auto", device="cuda")
     if not args.no_compile:
+        model.set_block_ops("auto", device="cuda")  # the fused ops, as a CUDA build chooses
         compile_blocks(model)
     rest, blocks = weight_sizes(model)
     RESULTS["activation_estimate_GiB"] = activation_bytes(model, tokens) / GiB

@@ -228,6 +228,7 @@ def main():
     dist.all_gather(probes, probe)
     assert all(torch.equal(probes[0], p) for p in probes), "ranks built different weights"
     if not args.no_compile:
+        model.set_block_ops("auto", device=dev)  # the fused ops, as a CUDA build chooses
         compile_blocks(model)
     RESULTS["build_s"] = time.time() - t0
     log(f"built {cfg.num_layers}-block 14B DiT in {RESULTS['build_s']:.1f} s, attention {model.blocks[0].self_attn.attn_fn.backend_name}")
@@ -312,6 +313,7 @@ def main():
                 quantize_model(model, kernel="auto")
                 model.set_attention("sage_triton", device=dev)
                 if not args.no_compile:
+                    model.set_block_ops("auto", device=dev)  # the fused ops, as a CUDA build chooses
                     compile_blocks(model)
                 torch.cuda.empty_cache()
                 res = "480p"

@@ -51,6 +51,7 @@ def main():
         m.set_attention(attn or ("sage_triton" if base == "fast" else "sdpa_cudnn"))
         if base != "bf16":
             quantize_model(m, kernel="auto")
+        m.set_block_ops("auto")  # the fused ops, as a CUDA build chooses
         compile_blocks(m)
         x, t, c = bd.inputs(bd.SHAPES["480p"])
         with torch.inference_mode():

@@ -1,20 +1,24 @@
-"""FusedBlock (single-pass norm/modulate/quantise ops) against the unfused Block; the Triton kernels
-of those ops against their torch reference in Triton's interpreter (a CPU subprocess). The GPU run
+"""The block's one forward with the "fused" block ops (single-pass norm/modulate/quantise ops)
+against the same forward with the "torch" ops; the Triton kernels of those ops against their torch
+reference in Triton's interpreter (a CPU subprocess), alone and inside a whole block. The GPU run
 is test_fused_gpu.py."""
 
+import os
 
 import pytest
 import torch
 
+from wan_core.kernels.block_ops import BLOCK_OPS, get_block_ops, resolve_block_ops
+from wan_core.kernels.fp8_rows import HAS_TRITON
 from wan_core.kernels.fused_ops import QuantRows
+from wan_core.kernels.rope import rope_tables
 from wan_core.layers.compile import compile_blocks
 from wan_core.layers.fp8 import FP8Linear, _cpu_has_scaled_mm, quantize_model
-from wan_core.layers.fused_block import FusedBlock, fuse_blocks, unfuse_blocks
 from wan_core.loading.dit import build_model
-from wan_core.models.dit import Block
+from wan_core.models.dit import Block, SelfAttention
 
 from .test_dit import random_state_dict, tiny_cfg
-from .triton_tools import compile_for_hopper, needs_triton, run_interpreted
+from .triton_tools import ROOT, compile_for_hopper, needs_triton, run_interpreted
 
 needs_cpu_fp8 = pytest.mark.skipif(not _cpu_has_scaled_mm(), reason="this torch build has no CPU torch._scaled_mm")
 
@@ -49,12 +53,18 @@ def _tiny_fp8_model():
     return quantize_model(model, kernel="scaled_mm"), cfg
 
 
+def _ops_names(model) -> set[str]:
+    return {m.ops.name for m in model.modules() if isinstance(m, (Block, SelfAttention))}
+
+
 def _run_both(model, inputs):
+    """The model's output with the default ("torch") block ops, then with the "fused" ones."""
     x, t, ctx, kw = inputs
     with torch.no_grad():
+        assert _ops_names(model) == {"torch"}
         ref = model(x, t, ctx, **kw)
-        fuse_blocks(model)
-        assert all(type(b) is FusedBlock for b in model.blocks)
+        model.set_block_ops("fused")
+        assert _ops_names(model) == {"fused"}
         out = model(x, t, ctx, **kw)
     return ref, out
 
@@ -62,7 +72,7 @@ def _run_both(model, inputs):
 @pytest.mark.parametrize("variant", ["t2v", "i2v", "no_cross_norm"])
 def test_fused_block_equals_block_bf16(variant):
     """bf16 linears: the fused ops (add+LayerNorm+modulate, linear with GELU epilogue) compute the
-    unfused block's float32 math, so the whole DiT output is identical."""
+    plain ops' float32 math, so the whole DiT output is identical."""
     cfg = tiny_cfg("i2v" if variant == "i2v" else "t2v", dim=128, ffn_dim=256, num_heads=2,
                    cross_attn_norm=variant != "no_cross_norm")
     model = build_model(cfg, random_state_dict(cfg), dtype=torch.bfloat16, device="cpu")
@@ -73,12 +83,12 @@ def test_fused_block_equals_block_bf16(variant):
 @needs_cpu_fp8
 def test_fused_block_fp8_feeds_quantised_rows_and_equals_block():
     """FP8 linears with an FP8 GEMM get QuantRows from the op before them (one quantisation for
-    q, k and v); the output is identical to the unfused block, which quantises inside each linear."""
+    q, k and v); the output is identical to the plain ops', where each linear quantises its input."""
     model, cfg = _tiny_fp8_model()
     x, t, ctx, kw = _inputs(cfg)
     with torch.no_grad():
         ref = model(x, t, ctx)
-    fuse_blocks(model)
+    model.set_block_ops("fused")
     seen = _inputs_seen(model)  # a pre-hook makes takes_codes False: look at the types without it
     for m in model.modules():
         if isinstance(m, FP8Linear):
@@ -107,7 +117,7 @@ def test_fused_block_fp8_feeds_quantised_rows_and_equals_block():
 @needs_cpu_fp8
 def test_linear_with_hooks_gets_bf16_input():
     """A hooked linear (a LoRA branch, offload's weight streaming) must see the bf16 activations:
-    the fused block feeds it a tensor, and the result is still identical to the unfused block."""
+    the fused ops feed it a tensor, and the result is still identical to the plain ops'."""
     model, cfg = _tiny_fp8_model()
     seen = _inputs_seen(model)  # every FP8 linear now has a pre-hook
     ref, out = _run_both(model, _inputs(cfg))
@@ -131,7 +141,7 @@ def test_fused_block_traces_whole_under_dynamo():
     x, t, ctx, _ = _inputs(cfg)
     with torch.no_grad():
         ref = model(x, t, ctx)
-        fuse_blocks(model)
+        model.set_block_ops("fused")
         for blk in model.blocks:
             blk.compile(backend="aot_eager", fullgraph=True)
         out = model(x, t, ctx)
@@ -139,20 +149,149 @@ def test_fused_block_traces_whole_under_dynamo():
     assert torch.equal(out, ref)
 
 
-def test_compile_blocks_fuses_and_unfuse_restores():
+def test_block_ops_are_chosen_once_and_compile_swaps_nothing():
+    """compile_blocks compiles the blocks as they are (no class swap, the ops chosen stay); the ops
+    are chosen by set_block_ops for every block and its self-attention, and chosen back."""
     cfg = tiny_cfg()
     model = build_model(cfg, random_state_dict(cfg), dtype=torch.float32, device="cpu")
     keys = list(model.state_dict())
-    compile_blocks(model, fuse=False)
-    assert all(type(b) is Block for b in model.blocks)
     compile_blocks(model)
-    assert all(type(b) is FusedBlock for b in model.blocks)
-    assert list(model.state_dict()) == keys
-    unfuse_blocks(model)
     assert all(type(b) is Block for b in model.blocks)
+    assert _ops_names(model) == {"torch"}
+    model.set_block_ops("fused")
+    assert all(type(b) is Block and type(b.self_attn) is SelfAttention for b in model.blocks)
+    assert all(b.ops is BLOCK_OPS["fused"] and b.self_attn.ops is BLOCK_OPS["fused"] for b in model.blocks)
+    assert list(model.state_dict()) == keys
+    model.set_block_ops("auto", device="cpu")  # the CPU's choice: the plain torch expressions
+    assert _ops_names(model) == {"torch"}
     torch._dynamo.reset()
+    assert resolve_block_ops("auto", "cuda") == ("fused" if HAS_TRITON else "torch")
+    assert resolve_block_ops("auto", "cpu") == "torch" and get_block_ops("fused").name == "fused"
+    with pytest.raises(ValueError, match="unknown block ops 'triton'"):
+        model.set_block_ops("triton")
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_loaders_choose_the_block_ops_of_the_device(tmp_path, fp8):
+    """load_dit / load_fp8_dit choose the block ops next to the attention backend: on the CPU the
+    plain torch expressions (CI runs the forward the tests above compare the fused ops with)."""
+    from wan_core.loading.dit import load_dit, save_dit
+    from wan_core.loading.fp8 import load_fp8_dit
+
+    cfg = tiny_cfg()
+    path = save_dit(random_state_dict(cfg), str(tmp_path / "dit"), cfg=cfg)
+    if fp8:
+        model = load_fp8_dit(path, dtype=torch.bfloat16, kernel="dequant", quantize=True, compile=False)
+    else:
+        model = load_dit(path, dtype=torch.float32, compile=False)
+    assert _ops_names(model) == {"torch"}
+
+
+def test_no_module_swaps_its_class():
+    """One forward per module: nothing in the engine assigns a module's `__class__`."""
+    hits = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "wan_core")):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name)) as f:
+                    hits += [f"{name}:{i}" for i, line in enumerate(f, 1) if "__class__ =" in line]
+    assert not hits
+
+
+def _one_block(cfg, fp8_kernel=None, seed=0):
+    """Block 0 of a tiny bf16 DiT (FP8 linears with `fp8_kernel` if given), and its inputs: the
+    float32 residual stream x [B, L, C], e0 [B, 6, C], bf16 text context, I2V image tokens, rope."""
+    model = build_model(cfg, random_state_dict(cfg, seed), dtype=torch.bfloat16, device="cpu")
+    if fp8_kernel is not None:
+        quantize_model(model, kernel=fp8_kernel)
+    g = torch.Generator().manual_seed(seed + 1)
+    grid = (2, 3, 4)
+    b, l, c = 2, 24, cfg.dim
+    x = torch.randn(b, l, c, generator=g) * 2  # float32, as between blocks
+    e0 = torch.randn(b, 6, c, generator=g) * 0.3
+    ctx = torch.randn(b, 9, c, generator=g).bfloat16()
+    img = torch.randn(b, 5, c, generator=g).bfloat16() if cfg.is_i2v else None
+    return model.blocks[0], (x, e0, ctx, img, rope_tables(grid, c // cfg.num_heads))
+
+
+def _block_with(block, ops, args):
+    block.ops = block.self_attn.ops = block.cross_attn.ops = get_block_ops(ops)
+    with torch.no_grad():
+        return block(*args)
+
+
+BLOCK_CASES = ["t2v", "i2v", "no_cross_norm", "no_qk_norm", "fp8_scaled_mm", "fp8_dequant"]
+
+
+def _block_case(case):
+    cfg = tiny_cfg("i2v" if case == "i2v" else "t2v", dim=128, ffn_dim=256, num_heads=2,
+                   cross_attn_norm=case != "no_cross_norm", qk_norm=case != "no_qk_norm")
+    return _one_block(cfg, case[4:] if case.startswith("fp8") else None)
+
+
+# fused ops each case's block runs once per forward: (add_norm_mod, rms_norm_rope, linear_gelu, gelu_quant)
+FUSED_CALLS = {"t2v": (3, 2, 1, 0), "i2v": (3, 2, 1, 0), "no_cross_norm": (2, 2, 1, 0), "no_qk_norm": (3, 0, 1, 0),
+               "fp8_scaled_mm": (3, 2, 0, 1), "fp8_dequant": (3, 2, 0, 0)}
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_one_block_same_numbers_through_fused_ops_and_torch_ops(case, monkeypatch):
+    """The same block, the same forward, once with the "torch" block ops and once with the "fused"
+    ones (on the CPU: the custom ops' torch references): bitwise equal. Tolerance zero because the
+    references round where the plain expressions round (float32 norm and modulation, one rounding
+    to bf16, the e4m3 quantisation of that bf16 row, the GELU of the bf16 linear output): only the
+    number of passes differs, not the arithmetic. The fused ops must really run (counted)."""
+    from wan_core.kernels import block_ops
+
+    if case == "fp8_scaled_mm" and not _cpu_has_scaled_mm():
+        pytest.skip("this torch build has no CPU torch._scaled_mm")
+    block, args = _block_case(case)
+    ref = _block_with(block, "torch", args)
+    calls = dict.fromkeys(("add_norm_mod", "rms_norm_rope", "linear_gelu", "gelu_quant"), 0)
+    for name in calls:
+        def counted(*a, _name=name, _fn=getattr(block_ops, name), **kw):
+            calls[_name] += 1
+            return _fn(*a, **kw)
+
+        monkeypatch.setattr(block_ops, name, counted)
+    out = _block_with(block, "fused", args)
+    assert tuple(calls.values()) == FUSED_CALLS[case], calls
+    assert ref.dtype == torch.float32 and ref.shape == args[0].shape
+    assert not torch.equal(ref, args[0])  # the block changed the residual stream
+    assert torch.equal(out, ref)
+
+
+BLOCK_INTERP_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
+import triton_interp  # noqa: F401  (before any kernel is defined)
+import torch
+from wan_core.kernels import fused_ops
+from wan_core.layers.fp8 import _cpu_has_scaled_mm
+from tests.test_fused_block import BLOCK_CASES, _block_case, _block_with
+fused_ops._use_triton = lambda t: True  # the Triton kernels (interpreted) instead of the references
+res = {{}}
+for case in BLOCK_CASES:
+    if case == "fp8_scaled_mm" and not _cpu_has_scaled_mm():
+        continue
+    block, args = _block_case(case)
+    ref, out = _block_with(block, "torch", args), _block_with(block, "fused", args)
+    res[case] = dict(rel=((out - ref).norm() / (ref - args[0]).norm()).item(), equal=torch.equal(out, ref))
+print(json.dumps(res))
+"""
+
+
+@needs_triton
+def test_one_block_through_the_triton_kernels_in_the_interpreter():
+    """The same comparison with the Triton kernels themselves (Triton's interpreter on the CPU)
+    inside the block. Their reductions run in another order than torch's, so a few bf16 or e4m3
+    ties round the other way (one step: 2^-8 relative for bf16) and move what follows a little:
+    the block's update (out - x) must agree to 1e-3 relative (seen: 0 to 4.5e-4), where a wrong
+    kernel (a missing gate, shift or rotation) is off by order one."""
+    res = run_interpreted(BLOCK_INTERP_SCRIPT)
+    assert {"t2v", "i2v", "no_cross_norm", "no_qk_norm", "fp8_dequant"} <= set(res)
+    for case, r in res.items():
+        assert r["rel"] < 1e-3, (case, r)
 INTERP_SCRIPT = r"""
 import json, sys
 sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})

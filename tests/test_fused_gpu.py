@@ -1,6 +1,6 @@
 """The fused block ops on a GPU (marker gpu; run on the device machine): Triton kernels vs their
-torch reference at the 14B widths, cuBLASLt's GELU epilogue is the tanh form, FusedBlock vs Block
-compiled by inductor."""
+torch reference at the 14B widths, cuBLASLt's GELU epilogue is the tanh form, the block forward
+with the "fused" ops vs the "torch" ops, compiled by inductor."""
 
 import importlib.util
 
@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from wan_core.kernels import fused_ops as fo
 from wan_core.layers.fp8 import quantize_model
-from wan_core.layers.fused_block import fuse_blocks
 from wan_core.loading.dit import build_model
 
 from .test_dit import random_state_dict, tiny_cfg
@@ -50,7 +49,7 @@ def test_gelu_quant_kernel_equals_reference():
 
 
 def test_rms_norm_rope_kernel_equals_reference():
-    from wan_core.models.dit import rope_tables
+    from wan_core.kernels.rope import rope_tables
 
     g = torch.Generator(device="cuda").manual_seed(4)
     grid = (3, 10, 12)
@@ -110,8 +109,10 @@ def test_fused_block_compiled_equals_block(fp8):
         exact = model(x, t, ctx).float()
         if fp8:
             quantize_model(model, kernel="auto")
+        assert {b.ops.name for b in model.blocks} == {"torch"}  # build_model's default
         ref = model(x, t, ctx).float()
-        fuse_blocks(model)
+        model.set_block_ops("auto")  # on CUDA with Triton: the fused ops
+        assert {b.ops.name for b in model.blocks} == {"fused"}
         eager = model(x, t, ctx).float()
         for blk in model.blocks:
             blk.compile(fullgraph=True)
@@ -123,3 +124,14 @@ def test_fused_block_compiled_equals_block(fp8):
             assert _cos(out, ref) > 0.999
         else:
             assert _cos(out, ref) > 0.9999, _cos(out, ref)
+
+
+def test_loader_chooses_the_fused_ops_on_cuda(tmp_path):
+    """load_dit on CUDA (Triton installed): every block and self-attention runs the fused ops,
+    compiled or not (chosen at build, like the attention backend)."""
+    from wan_core.loading.dit import load_dit, save_dit
+
+    cfg = tiny_cfg()
+    path = save_dit(random_state_dict(cfg), str(tmp_path / "dit"), cfg=cfg)
+    model = load_dit(path, dtype=torch.bfloat16, device="cuda", compile=False)
+    assert {m.ops.name for b in model.blocks for m in (b, b.self_attn)} == {"fused"}

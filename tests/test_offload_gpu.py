@@ -75,12 +75,14 @@ def test_block_offload_with_compiled_blocks_equals_compiled_resident():
     args = _inputs(cfg)
     ref_model = build_model(cfg, sd, dtype=torch.bfloat16, device="cuda")
     ref_model.set_attention("auto", device="cuda")
+    ref_model.set_block_ops("auto", device="cuda")  # the fused ops, as a CUDA build runs them
     compile_blocks(ref_model)
     with torch.inference_mode():
         ref = ref_model(*args)
     del ref_model
     model = build_model(cfg, sd, dtype=torch.bfloat16, device="cpu")
     model.set_attention("auto", device="cuda")
+    model.set_block_ops("auto", device="cuda")  # the fused ops, as a CUDA build runs them
     compile_blocks(model)
     enable_offload(model, "block", resident_blocks=2, device="cuda")
     with torch.inference_mode():

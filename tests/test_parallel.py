@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from wan_core.layers.fused_block import fuse_blocks, unfuse_blocks
 from wan_core.layers.parallel import (
     ParallelConfig,
     build_groups,
@@ -180,11 +179,11 @@ def _worker(rank: int, world: int, init_file: str, forward_cases: list, sampling
                 _check_sampling(model, pc, cache, model_type)
             if model_type == "t2v":
                 _check_cached_sampling(model, ParallelConfig(cfg=2, ulysses=world // 2), cache)
-                # the fused block (what compile_blocks runs on GPUs) under sequence parallel: its
+                # the fused block ops (what a CUDA build runs) under sequence parallel: the
                 # q/k RoPE op gets each rank's slice of the tables (padded tokens included)
-                fuse_blocks(model)
+                model.set_block_ops("fused")
                 _check_forward(model, forward_cases[0], cache, "t2v fused")
-                unfuse_blocks(model)
+                model.set_block_ops("torch")
         if world == 2:
             # A bad world size is refused before any communicator is made.
             try:

@@ -1,4 +1,4 @@
-"""Single-pass ops for the float32 work between a block's matmuls (used by `wan_core.layers.fused_block`).
+"""Single-pass ops for the float32 work between a block's matmuls (the "fused" `wan_core.kernels.block_ops`).
 
 - `add_norm_mod`: residual add (optionally gated) + LayerNorm (optionally affine) + modulation,
   output bf16, or e4m3 codes with one scale per token (`QuantRows`) for FP8 linears.
@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..models.dit import apply_rope
 from .fp8_rows import FP8_DTYPE, HAS_TRITON, next_pow2, quantize_rows
+from .rope import apply_rope
 
 __all__ = [
     "QuantRows",

@@ -2,7 +2,8 @@
 
 Each transformer block is compiled on its own: all blocks share one graph, so the compile cost is
 paid once, and inductor fuses the float32 work around the matmuls (norms, modulation, RoPE,
-gates, residual adds); see benchmarks/NOTES.md for what it buys.
+gates, residual adds); see benchmarks/NOTES.md for what it buys. Where the model's block ops are
+the fused ones (`WanModel.set_block_ops`), that work stays single-pass custom ops, opaque to inductor.
 """
 
 from __future__ import annotations
@@ -23,13 +24,8 @@ def should_compile(option: bool | str, device) -> bool:
     return bool(option)
 
 
-def compile_blocks(model, mode: str | None = None, fuse: bool = True) -> None:
-    """Compile every block of `model.blocks` in place (module.compile keeps names and state dict),
-    after swapping them to `FusedBlock` unless `fuse` is False."""
-    if fuse:
-        from .fused_block import fuse_blocks
-
-        fuse_blocks(model)
+def compile_blocks(model, mode: str | None = None) -> None:
+    """Compile every block of `model.blocks` in place (module.compile keeps names and state dict)."""
     for block in model.blocks:
         block.compile(mode=mode, dynamic=False)
     layer_state(model).compile = True

@@ -252,6 +252,7 @@ def load_dit(
         )
     model = build_model(cfg, sd, dtype=dtype, device=device, source=source)
     model.set_attention(attention, cross_attention, device=device)
+    model.set_block_ops("auto", device=device)  # fused single-pass ops on CUDA, plain torch elsewhere
     return model
 
 

@@ -279,5 +279,6 @@ def load_fp8_dit(
         )
     model = build_fp8_model(cfg, sd, scales, dtype=dtype, device=device, quantize=quantize, source=source)
     model.set_attention(attention, cross_attention, device=device)
+    model.set_block_ops("auto", device=device)  # fused single-pass ops on CUDA, plain torch elsewhere
     set_fp8_kernel(model, kernel, device)
     return model

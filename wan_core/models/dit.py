@@ -4,7 +4,10 @@ Module and parameter names are the official checkpoint names (`blocks.N.self_att
 `norm_k`, `ffn.0`, `modulation`, `head.head`, `img_emb.proj.N`), so official files load with no
 renaming. This file is the single-GPU math only: FP8 linears, LoRA, offload, caching and
 sequence parallel are layered on after build (they swap modules or wrap `forward_blocks` /
-an attention module's `attn_fn`), never branched on in here.
+an attention module's `attn_fn`), never branched on in here. Each module has one forward; the
+implementations of its pieces are functions chosen once at build time and stored on the module:
+the attention backend (`attn_fn`, `set_attention`) and the float32 work between a block's
+matmuls (`ops`, `set_block_ops`: plain torch, or single-pass fused ops on CUDA).
 
 Precision follows the official code where accuracy needs it: the timestep embedding, the
 modulation vectors, the norms and the head run in float32, and the residual stream between
@@ -20,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.attention import APPROXIMATE, AttentionFn, get_attention
+from ..kernels.block_ops import BlockOps, get_block_ops
+from ..kernels.rope import apply_rope, rope_tables
 from .config import WanConfig
 
 __all__ = ["WanModel", "rope_tables", "apply_rope", "sinusoidal_embedding", "FP32_PARAM_PATTERNS"]
@@ -35,47 +40,6 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
     angles = torch.outer(t, freqs)  # [B, half]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
-
-
-def _inv_freqs(n: int, theta: float = 10000.0) -> torch.Tensor:
-    # n rotation pairs spanning a sub-space of 2n channels: theta^(-2i / 2n)
-    return 1.0 / torch.pow(theta, torch.arange(0, 2 * n, 2, dtype=torch.float64) / (2 * n))
-
-
-def rope_tables(grid: tuple[int, int, int], head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of the 3-D RoPE for a (frames, height, width) token grid.
-
-    The head's D/2 rotation pairs are split between time, height and width as the official
-    code splits them (for D = 128: 22, 21, 21). Returns two float32 tensors [L, D/2],
-    L = F*H*W in (f, h, w) row-major order, the order of the patch tokens.
-    """
-    f, h, w = grid
-    c = head_dim // 2
-    n_h = n_w = c // 3
-    n_t = c - n_h - n_w
-    pos = [torch.arange(s, dtype=torch.float64) for s in (f, h, w)]
-    ang_t = torch.outer(pos[0], _inv_freqs(n_t))  # [F, n_t]
-    ang_h = torch.outer(pos[1], _inv_freqs(n_h))  # [H, n_h]
-    ang_w = torch.outer(pos[2], _inv_freqs(n_w))  # [W, n_w]
-    ang = torch.cat(
-        [
-            ang_t[:, None, None, :].expand(f, h, w, n_t),
-            ang_h[None, :, None, :].expand(f, h, w, n_h),
-            ang_w[None, None, :, :].expand(f, h, w, n_w),
-        ],
-        dim=-1,
-    ).reshape(f * h * w, c)  # [L, D/2]
-    return ang.cos().float().to(device), ang.sin().float().to(device)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x [B, L, H, D] by the angles of cos/sin [L, D/2] (float32 math)."""
-    b, l, h, d = x.shape
-    xf = x.float().view(b, l, h, d // 2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]  # [B, L, H, D/2]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)  # [B, L, H, D/2, 2]
-    return out.view(b, l, h, d).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -108,14 +72,16 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.attn_fn: AttentionFn = get_attention("sdpa")
+        self.ops: BlockOps = get_block_ops("torch")
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [B, L, C] in the compute dtype, or the rows already quantised for FP8 linears
+        (`QuantRows`, see `wan_core.kernels.block_ops`); rope: cos/sin tables [L, D/2]."""
         b, s, _ = x.shape
         n = self.num_heads
-        q = self.norm_q(self.q(x)).view(b, s, n, -1)  # [B, L, H, D]
-        k = self.norm_k(self.k(x)).view(b, s, n, -1)
+        q = self.ops.qk_norm_rope(self.q(x), self.norm_q, rope, n)  # [B, L, C] -> [B, L, H, D]: RoPE(norm_q(q))
+        k = self.ops.qk_norm_rope(self.k(x), self.norm_k, rope, n)
         v = self.v(x).view(b, s, n, -1)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return self.o(self.attn_fn(q, k, v).flatten(2))  # [B, L, H*D] -> [B, L, C]
 
 
@@ -157,20 +123,25 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.ops: BlockOps = get_block_ops("torch")
 
     def forward(self, x, e0, context, context_img, rope):
         """x: [B, L, C] float32 residual stream; e0: [B, 6, C] float32 time projection.
 
         The linears' input dtype is the context's (the text projection is never quantized, so this
-        stays bf16/fp32 when FP8 linears are swapped in).
+        stays bf16/fp32 when FP8 linears are swapped in). `self.ops` computes each residual add
+        with the LayerNorm and modulation after it; `feeds` names the linears h goes to.
         """
-        dt = context.dtype
+        dt, ops, sa, ca, ffn = context.dtype, self.ops, self.self_attn, self.cross_attn, self.ffn
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # 6 x [B, 1, C]
-        h = (self.norm1(x) * (1 + scale1) + shift1).to(dt)
-        x = x + self.self_attn(h, rope) * gate1
-        x = x + self.cross_attn(self.norm3(x).to(dt), context, context_img)
-        h = (self.norm2(x) * (1 + scale2) + shift2).to(dt)
-        return x + self.ffn(h) * gate2
+        # h = (norm1(x) * (1 + scale1) + shift1).to(dt)
+        _, h = ops.add_norm_mod(x, None, None, self.norm1, scale1, shift1, dt, feeds=(sa.q, sa.k, sa.v))
+        # x = x + self_attn(h) * gate1;  h = norm3(x).to(dt)
+        x, h = ops.add_norm_mod(x, sa(h, rope), gate1, self.norm3, None, None, dt, feeds=(ca.q,))
+        # x = x + cross_attn(h);  h = (norm2(x) * (1 + scale2) + shift2).to(dt)
+        x, h = ops.add_norm_mod(x, ca(h, context, context_img), None, self.norm2, scale2, shift2, dt,
+                                feeds=(ffn[0], ffn[2]))
+        return x + ops.ffn(ffn, h) * gate2
 
 
 class Head(nn.Module):
@@ -222,8 +193,8 @@ class WanModel(nn.Module):
         """Resolve the attention backends once and store them on the attention modules.
 
         Cross-attention follows self-attention unless named, except that an 8-bit (approximate)
-        self-attention leaves cross-attention on the exact "auto" backend: with 512 text keys it
-        costs ~1 % of the attention time, so 8 bits would buy nothing there but error.
+        self-attention leaves cross-attention on the exact "auto" backend: with 512 text keys it is
+        a small part of the attention time (benchmarks/NOTES.md), so 8 bits would buy nothing there but error.
         """
         dev = device if device is not None else self.patch_embedding.weight.device
         fn_self = get_attention(self_attn, dev)
@@ -233,6 +204,14 @@ class WanModel(nn.Module):
         for blk in self.blocks:
             blk.self_attn.attn_fn = fn_self
             blk.cross_attn.attn_fn = fn_cross
+
+    def set_block_ops(self, ops: str | BlockOps = "auto", device=None) -> None:
+        """Choose once how the blocks compute their float32 work between the matmuls
+        (`wan_core.kernels.block_ops`: 'torch', 'fused', or 'auto': fused on CUDA with Triton)."""
+        dev = device if device is not None else self.patch_embedding.weight.device
+        chosen = ops if isinstance(ops, BlockOps) else get_block_ops(ops, dev)
+        for blk in self.blocks:
+            blk.ops = blk.self_attn.ops = blk.cross_attn.ops = chosen  # cross-attention has no RoPE: unused there
 
     @property
     def dtype(self) -> torch.dtype:

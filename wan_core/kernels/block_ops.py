@@ -1,0 +1,123 @@
+"""The float32 work between a transformer block's matmuls, as functions chosen once per model.
+
+`Block.forward` (`wan_core.models.dit`) is the one forward of a block. For the work around its
+linears it calls the functions of a `BlockOps` stored on the block and its self-attention
+(`blk.ops`, chosen by `WanModel.set_block_ops`), as its attention modules call `attn_fn`:
+
+- `add_norm_mod(x, delta, gate, norm, scale, shift, out_dtype, feeds) -> (x, h)`: residual add
+  x + delta · gate (when delta), LayerNorm `norm`, modulation h · (1 + scale) + shift (when
+  scale); h goes to the linears `feeds`.
+- `qk_norm_rope(u, norm, rope, heads) -> [B, L, H, D]`: q's or k's RMSNorm, then the 3-D RoPE.
+- `ffn(ffn, h) -> [B, L, C]`: the feed-forward (linear, tanh GELU, linear).
+
+Two implementations share these signatures:
+
+- "torch": the plain expressions, what the model computes with nothing chosen (the CPU default).
+- "fused": the single-pass custom ops of `wan_core.kernels.fused_ops` (Triton on CUDA, their torch
+  reference elsewhere; opaque to torch.compile). Each residual add is done by the op that also
+  computes the next LayerNorm and modulation; the FFN's GELU runs in the first linear's GEMM
+  epilogue (bf16). Where every linear the output feeds is an FP8 linear whose kernel takes e4m3
+  codes (`takes_codes`: an FP8 GEMM and no hooks), the op hands them the rows already quantised
+  (`QuantRows`, one quantisation shared by q, k and v; the FFN's hidden row is quantised by its
+  GELU op). A linear with hooks (a LoRA branch, offload's weight streaming) gets bf16 as in
+  "torch": every feature keeps working, only the saving is lost. Why: benchmarks/NOTES.md.
+
+"auto" is "fused" on a CUDA device when Triton is installed, else "torch".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .fp8_rows import HAS_TRITON
+from .fused_ops import QuantRows, add_norm_mod, gelu_quant, linear_gelu, rms_norm_rope
+from .rope import apply_rope
+
+__all__ = ["BlockOps", "BLOCK_OPS", "get_block_ops", "resolve_block_ops"]
+
+
+@dataclass(frozen=True)
+class BlockOps:
+    """One implementation of a block's float32 work (signatures in the module docstring)."""
+
+    name: str
+    add_norm_mod: Callable
+    qk_norm_rope: Callable
+    ffn: Callable
+
+
+# ---- torch: the plain expressions --------------------------------------------------------------
+def _torch_add_norm_mod(x, delta, gate, norm, scale, shift, out_dtype, feeds):
+    if delta is not None:
+        x = x + delta * gate if gate is not None else x + delta
+    h = norm(x)
+    if scale is not None:
+        h = h * (1 + scale) + shift
+    return x, h.to(out_dtype)
+
+
+def _torch_qk_norm_rope(u, norm, rope, heads):
+    b, l, _ = u.shape
+    return apply_rope(norm(u).view(b, l, heads, -1), *rope)  # [B, L, C] -> [B, L, H, D]
+
+
+def _torch_ffn(ffn, h):
+    return ffn(h)
+
+
+# ---- fused: single-pass custom ops -------------------------------------------------------------
+def _takes_codes(linears) -> bool:
+    return all(getattr(m, "takes_codes", False) for m in linears)
+
+
+def _plain(m: nn.Module) -> bool:
+    """An nn.Linear whose weight can be used directly (no hooks, bias present)."""
+    return type(m) is nn.Linear and m.bias is not None and not (m._forward_hooks or m._forward_pre_hooks)
+
+
+def _fused_add_norm_mod(x, delta, gate, norm, scale, shift, out_dtype, feeds):
+    if not isinstance(norm, nn.LayerNorm):  # no norm there (a model without the cross-attention norm)
+        return _torch_add_norm_mod(x, delta, gate, norm, scale, shift, out_dtype, feeds)
+    quant = out_dtype == torch.bfloat16 and _takes_codes(feeds)
+    return add_norm_mod(x, delta, gate, norm=norm, scale=scale, shift=shift, quant=quant, out_dtype=out_dtype)
+
+
+def _fused_qk_norm_rope(u, norm, rope, heads):
+    if isinstance(norm, nn.Identity):  # a model without q/k norms: nothing to fuse
+        return _torch_qk_norm_rope(u, norm, rope, heads)
+    b, l, _ = u.shape
+    return rms_norm_rope(u, norm, rope, heads).view(b, l, heads, -1)  # [B, L, C] -> [B, L, H, D]
+
+
+def _fused_ffn(ffn, h):
+    f0, _, f2 = ffn
+    if isinstance(h, QuantRows):  # add_norm_mod found that both linears take codes
+        return f2(gelu_quant(f0(h)))
+    if _plain(f0):
+        return f2(linear_gelu(h, f0))
+    return ffn(h)
+
+
+BLOCK_OPS: dict[str, BlockOps] = {
+    "torch": BlockOps("torch", _torch_add_norm_mod, _torch_qk_norm_rope, _torch_ffn),
+    "fused": BlockOps("fused", _fused_add_norm_mod, _fused_qk_norm_rope, _fused_ffn),
+}
+
+
+def resolve_block_ops(name: str = "auto", device: str | torch.device | None = None) -> str:
+    """'auto' -> 'fused' on CUDA with Triton installed, else 'torch'; other names are checked."""
+    if name == "auto":
+        dev = torch.device(device if device is not None else "cpu")
+        return "fused" if dev.type == "cuda" and HAS_TRITON else "torch"
+    if name not in BLOCK_OPS:
+        raise ValueError(f"unknown block ops {name!r}; choose one of {['auto', *BLOCK_OPS]}")
+    return name
+
+
+def get_block_ops(name: str = "auto", device: str | torch.device | None = None) -> BlockOps:
+    """The `BlockOps` named (see `resolve_block_ops` for 'auto')."""
+    return BLOCK_OPS[resolve_block_ops(name, device)]
