@@ -149,6 +149,28 @@ def test_fused_block_traces_whole_under_dynamo():
     assert torch.equal(out, ref)
 
 
+def test_fused_ops_trace_as_one_graph_for_every_block():
+    """bf16 linears (nn.Linear: no `takes_codes`): the fused ops inside one fullgraph capture, one
+    graph shared by every block (the ops chosen are the same object), no recompile, same output."""
+    from torch._dynamo.utils import counters
+
+    cfg = tiny_cfg(dim=128, ffn_dim=256, num_heads=2, num_layers=3)
+    model = build_model(cfg, random_state_dict(cfg), dtype=torch.bfloat16, device="cpu")
+    x, t, ctx, _ = _inputs(cfg)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        ref = model(x, t, ctx)
+        model.set_block_ops("fused")
+        for blk in model.blocks:
+            blk.compile(backend="aot_eager", fullgraph=True, dynamic=False)
+        out = model(x, t, ctx)
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert torch.equal(out, ref)
+    assert graphs == 1
+
+
 def test_block_ops_are_chosen_once_and_compile_swaps_nothing():
     """compile_blocks compiles the blocks as they are (no class swap, the ops chosen stay); the ops
     are chosen by set_block_ops for every block and its self-attention, and chosen back."""
