@@ -8,9 +8,9 @@ add (with its gate), LayerNorm (with or without affine), modulation (·(1 + scal
 either a bf16 output or the row quantised to e4m3 with its scale. The GELU kernel does the same
 for the FFN's hidden row (13,824 channels): tanh GELU, then the e4m3 row for the second linear.
 
-Rounding follows the unfused torch code exactly where it rounds: the normalised row is rounded
+Rounding follows the plain torch code (the "torch" block ops) exactly where it rounds: the normalised row is rounded
 to bf16 before its amax is taken, the multiplier 448/amax is rounded to bf16, and the product is
-rounded to bf16 before the e4m3 cast (`wan_core.layers.fp8.quantize_rows` on a bf16 tensor).
+rounded to bf16 before the e4m3 cast (`wan_core.kernels.fp8_rows.quantize_rows` on a bf16 tensor).
 """
 
 import triton
@@ -24,7 +24,7 @@ __all__ = [
     "rms_norm_rope_tuned",
     "quant_rows_tuned",
 ]
-# 448 (the largest finite e4m3 value) and the amax floor of linear.quantize_rows are written as
+# 448 (the largest finite e4m3 value) and the amax floor of fp8_rows.quantize_rows are written as
 # literals in the kernels: Triton's compiler refuses non-constexpr globals, its interpreter constexpr ones
 
 
@@ -97,7 +97,7 @@ def rms_norm_rope(x_ptr, w_ptr, cos_ptr, sin_ptr, o_ptr, L, C, eps, HALF_D: tl.c
 
 @triton.jit
 def quant_rows(x_ptr, codes_ptr, rs_ptr, K, GELU: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One bf16 row of an FP8 linear's input -> e4m3 codes and its scale (linear.quantize_rows).
+    """One bf16 row of an FP8 linear's input -> e4m3 codes and its scale (fp8_rows.quantize_rows).
     GELU: the row is the FFN's hidden layer before its tanh GELU, applied first (rounded to bf16,
     as nn.GELU on bf16 returns)."""
     row = tl.program_id(0).to(tl.int64)

@@ -57,7 +57,7 @@ def _rows(v: torch.Tensor | None, b: int, c: int) -> torch.Tensor | None:
 
 # ---- add + norm + modulate ----------------------------------------------------------------------
 def reference_add_norm_mod(x, delta, gate, weight, bias, scale, shift, eps: float, quant: bool, out_dtype):
-    """The op's math in torch (the unfused block's expressions). x [B, L, C] float32; delta
+    """The op's math in torch (the "torch" block ops' expressions). x [B, L, C] float32; delta
     [B, L, C] or None; gate/scale/shift [B, C] float32 or None; weight/bias [C] or None.
     Returns (new residual or an empty tensor when no delta, h [B, L, C] out_dtype or e4m3 codes,
     row scales [B*L, 1] or an empty tensor)."""
@@ -175,7 +175,7 @@ def gelu_quant(u: torch.Tensor) -> QuantRows:
 # ---- RMSNorm + RoPE -------------------------------------------------------------------------------
 def reference_rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
                             heads: int) -> torch.Tensor:
-    """The unfused block's expressions: RMSNorm (float32, rounded to x's dtype), then `apply_rope`."""
+    """The "torch" block ops' expressions: RMSNorm (float32, rounded to x's dtype), then `apply_rope`."""
     b, l, c = x.shape
     y = F.rms_norm(x.float(), (c,), weight.float(), eps).to(x.dtype).contiguous()
     return apply_rope(y.view(b, l, heads, c // heads), cos, sin).view(b, l, c)
