@@ -99,7 +99,6 @@ def test_models_import_no_layers():
     assert _reaching("wan_core.models", "wan_core.layers") == {}
 
 
-@pytest.mark.xfail(strict=False, reason="wan_core/kernels/fused_ops.py imports models.dit (apply_rope; another helper moves it)")
 def test_kernels_import_no_models():
     assert _reaching("wan_core.kernels", "wan_core.models") == {}
 
