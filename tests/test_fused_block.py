@@ -203,9 +203,9 @@ def test_loaders_choose_the_block_ops_of_the_device(tmp_path, fp8):
     cfg = tiny_cfg()
     path = save_dit(random_state_dict(cfg), str(tmp_path / "dit"), cfg=cfg)
     if fp8:
-        model = load_fp8_dit(path, dtype=torch.bfloat16, kernel="dequant", quantize=True, compile=False)
+        model = load_fp8_dit(path, dtype=torch.bfloat16, kernel="dequant", quantize=True)
     else:
-        model = load_dit(path, dtype=torch.float32, compile=False)
+        model = load_dit(path, dtype=torch.float32)
     assert _ops_names(model) == {"torch"}
 
 

@@ -133,5 +133,5 @@ def test_loader_chooses_the_fused_ops_on_cuda(tmp_path):
 
     cfg = tiny_cfg()
     path = save_dit(random_state_dict(cfg), str(tmp_path / "dit"), cfg=cfg)
-    model = load_dit(path, dtype=torch.bfloat16, device="cuda", compile=False)
+    model = load_dit(path, dtype=torch.bfloat16, device="cuda")
     assert {m.ops.name for b in model.blocks for m in (b, b.self_attn)} == {"fused"}

@@ -157,6 +157,7 @@ def _load_base(spec: ModelSpec, fp8: str | None, dt, dev):
         model = load_fp8_dit(path, kernel="auto" if host else fp8, quantize=True, **common)
     if host:  # host placement: backends of the host first (a CUDA-only one would fail there), the real ones now
         model.set_attention(spec.attention, spec.cross_attention, device=dev)
+        model.set_block_ops("auto", device=dev)  # the device's block ops (fused on CUDA), as for attention
     return model
 
 
