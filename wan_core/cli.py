@@ -305,16 +305,18 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 2000 else text[:1997] + "..."
 
 
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM (a scheduler, `kill`, `docker stop`) stops the run as Ctrl-C does: the same cleanup path."""
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler, `kill`, `docker stop`) stops the run as Ctrl-C does: the same cleanup path.
+    Returns the previous handler (None where signals cannot be set: not the main thread)."""
     import signal
     import threading
 
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         parser.print_help()
         return 0
-    _sigterm_as_interrupt()
+    previous = _sigterm_as_interrupt()
     try:
         if argv[0] in _PASSTHROUGH:
             _setup_logging()
@@ -353,3 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         what = "" if user else f"{type(e).__name__}: "
         print(f"error: {what}{_one_line(e)}{'' if user else hint}", file=sys.stderr)
         return 2 if user else 1
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)

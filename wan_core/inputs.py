@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass
 
 __all__ = [
-    "SEED_MAX", "check_device", "check_seed", "check_prompt", "check_save_path", "RunEstimate", "estimate_run",
+    "SEED_MAX", "check_device", "check_attention", "check_seed", "check_prompt", "check_save_path", "RunEstimate", "estimate_run",
     "check_run_size",
 ]  # fmt: skip
 
@@ -49,6 +49,19 @@ def check_device(device) -> None:
     count = torch.cuda.device_count()
     if dev.index is not None and dev.index >= count:
         raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+
+
+def check_attention(name, device) -> None:
+    """An attention backend asked for by name (strict: not a config preference) that runs on `device`;
+    ValueError naming the reason (unknown name, package missing, a GPU kernel on a CPU)."""
+    if name is None or str(name) == "auto":
+        return
+    from .kernels.attention import get_attention
+
+    try:
+        get_attention(name, device)
+    except (ImportError, RuntimeError) as e:
+        raise ValueError(str(e)) from None
 
 
 def check_seed(seed) -> int | None:

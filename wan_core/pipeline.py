@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .inputs import check_device, check_prompt, check_run_size, check_save_path, check_seed
+from .inputs import check_attention, check_device, check_prompt, check_run_size, check_save_path, check_seed
 from .loading.discover import find_model_files
 from .model_cache import build_image_encoder, build_text_encoder, build_vae, component_loaded, lease
 from .models.conditioning import I2VCondition, load_image, prepare_i2v
@@ -247,6 +247,7 @@ class WanPipeline(LightX2VCalls):
         )  # fmt: skip
         dev = spec.torch_device
         check_run_size(cfg.target_video_length, cfg.target_height, cfg.target_width, dev, cfg.allow_large_runs)
+        check_attention(self.attention, dev)
         if cfg.dit_quantized:
             spec = spec.replace(fp8=_fp8_choice(cfg.dit_quant_scheme, dev))
         self_attn = _attention_choice(cfg.self_attn_1_type, self.attention, dev, "self_attn_1_type")
