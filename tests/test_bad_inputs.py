@@ -122,7 +122,7 @@ CHECKED_BEFORE_LOADING = [
     ("fps 0", lambda t: ["--config_json", _config(t, fps=0)], "fps must be a positive number"),
     ("fps string", lambda t: ["--config_json", _config(t, fps="16")], 'fps must be a number, got "16"'),
     ("image missing", lambda t: ["--task", "i2v", "--image_path", _bad_image(t, "missing")], "input image not found"),
-    ("not an image", lambda t: ["--task", "i2v", "--image_path", _bad_image(t, "text")], "is not an image file"),
+    ("not an image", lambda t: ["--task", "i2v", "--image_path", _bad_image(t, "text")], "is not a readable image file"),
     ("image folder", lambda t: ["--task", "i2v", "--image_path", _bad_image(t, "folder")], "is a folder"),
     ("truncated image", lambda t: ["--task", "i2v", "--image_path", _bad_image(t, "truncated")], "cannot be read"),
 ]  # fmt: skip

@@ -86,7 +86,7 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     except Image.DecompressionBombError as e:
         raise ValueError(f"input image {path!r} is too large to open safely ({e})") from None
     except UnidentifiedImageError:
-        raise ValueError(f"input image {path!r} is not an image file PIL can read (PNG, JPEG, WEBP, ...)") from None
+        raise ValueError(f"input image {path!r} is not a readable image file (PNG, JPEG, WEBP, ...)") from None
     except (OSError, SyntaxError) as e:  # unreadable (permissions) or a truncated / corrupt file
         raise ValueError(f"input image {path!r} cannot be read ({getattr(e, 'strerror', None) or e})") from None
 
