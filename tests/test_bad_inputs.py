@@ -335,6 +335,57 @@ def test_negative_guidance_warns(scale):
 
 
 # ---------------------------------------------------------------------------------------------
+# 8. LightX2V semantics: a DiT file's architecture comes from model_path's config.json
+
+
+def _bare_dit_file(tiny, path):
+    """The tiny DiT as one safetensors file without the config in its header (as a downloaded
+    merged/distilled checkpoint): its shapes give dim 64, from which 128-wide heads would make 1 head."""
+    from safetensors.torch import save_file
+
+    from wan_core.loading.dit import find_dit_files
+    from wan_core.loading.io import read_state_dict
+
+    files, _ = find_dit_files(tiny)
+    save_file({k: v.contiguous() for k, v in read_state_dict(files).items()}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("key", ["dit_original_ckpt", "dit_quantized_ckpt"])
+def test_dit_file_takes_the_architecture_from_model_path(key, tiny, tmp_path):
+    from wan_core.pipeline import WanPipeline
+
+    dit = _bare_dit_file(tiny, tmp_path / "merged.safetensors")
+    with open(os.path.join(tiny, "config.json")) as f:
+        heads = json.load(f)["num_heads"]
+    assert heads == 4 and max(1, 64 // 128) != heads  # what the shapes alone would give is wrong
+    extra = {"dit_quantized": True, "dit_quant_scheme": "fp8"} if key == "dit_quantized_ckpt" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the file agrees with the folder's config: no warning
+        warnings.filterwarnings("ignore", message=".*(FP8|fp8|quantis).*")
+        pipe = WanPipeline(tiny, "wan2.1_distill", device="cpu", dtype="fp32").create_generator(**TINY_RUN, **{key: dit}, **extra)
+    assert pipe.spec.dit == dit and pipe.dit.cfg.num_heads == heads
+
+
+def test_dit_file_contradicting_the_folder_config_warns(tiny, tmp_path):
+    import shutil
+
+    from wan_core.pipeline import WanPipeline
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny, folder)
+    with open(folder / "config.json") as f:
+        cfg = json.load(f)
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_layers": 3, "num_heads": 3}))
+    dit = _bare_dit_file(tiny, tmp_path / "other.safetensors")
+    with pytest.warns(UserWarning, match="does not match the checkpoint's tensors") as got:
+        pipe = WanPipeline(str(folder), "wan2.1_distill", device="cpu", dtype="fp32").create_generator(**TINY_RUN, dit_original_ckpt=dit)
+    text = " ".join(str(w.message) for w in got)
+    assert "num_layers 3 (file: 2)" in text and "num_heads 3 (does not divide the file's dim 64" in text
+    assert pipe.dit.cfg.num_layers == 2 and 64 % pipe.dit.cfg.num_heads == 0  # what the file holds runs
+
+
+# ---------------------------------------------------------------------------------------------
 # 9. install and first run
 
 

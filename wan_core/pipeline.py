@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .inputs import check_attention, check_device, check_prompt, check_run_size, check_save_path, check_seed
-from .loading.discover import find_model_files
+from .loading.discover import find_model_files, model_config_json
 from .model_cache import build_image_encoder, build_text_encoder, build_vae, component_loaded, lease
 from .models.conditioning import I2VCondition, load_image, prepare_i2v
 from .options import DEFAULT_NEGATIVE_PROMPT, GenerationConfig, parallel_dict
@@ -237,13 +237,15 @@ class WanPipeline(LightX2VCalls):
             vae=self.paths["vae"] or self._config_path(cfg.vae_path),
             clip=self.paths["clip"] or self._config_path(cfg.clip_original_ckpt),
         )
+        # a DiT given as one file (dit_original_ckpt, dit_quantized_ckpt): the architecture is model_path's, as in LightX2V
+        arch = model_config_json(self.model_path) if isinstance(files.dit, str) and os.path.isfile(files.dit) else None
         self._join_world(cfg)  # under torchrun: this rank's device, before anything is built
         device = str(self.parallel_run.device) if self.parallel_run is not None else str(self.device)
         spec = ModelSpec(
             dit=files.dit, t5=files.t5, tokenizer=files.tokenizer, vae=files.vae,
             clip=files.clip if self.task == "i2v" else None, task=self.task, dtype=self.dtype,
             vae_dtype=self.vae_dtype, device=device, text_len=cfg.text_len, loras=loras,
-            lora_mode="branch" if cfg.lora_dynamic_apply else "auto", offload=cfg.offload_options(),
+            lora_mode="branch" if cfg.lora_dynamic_apply else "auto", offload=cfg.offload_options(), dit_config=arch,
         )  # fmt: skip
         dev = spec.torch_device
         check_run_size(cfg.target_video_length, cfg.target_height, cfg.target_width, dev, cfg.allow_large_runs)
