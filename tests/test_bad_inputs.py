@@ -430,9 +430,9 @@ def test_progress_is_plain_lines_when_not_a_terminal(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "\r" not in err and "%|" not in err  # no bar redrawn into the log
     assert [ln.split(" (")[0] for ln in err.splitlines() if ln.startswith("step ")] == [f"step {i}/4" for i in range(1, 5)]
-    for name in ("DiT:", "T5 text encoder:", "VAE:"):  # what loads, with its size and time (or "cached")
+    for name in ("DiT:", "T5 text encoder:", "VAE:"):  # what loads, with its size and time
         line = next(ln for ln in err.splitlines() if ln.startswith(name))
-        assert "MiB" in line or "GiB" in line
+        assert ("MiB in " in line or "GiB in " in line) and line.endswith(" s"), line
 
 
 def test_test_extra_does_not_pin_triton():
