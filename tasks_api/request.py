@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import os
 import re
 import secrets
@@ -34,6 +35,10 @@ RANDOM_SEED_MAX = 2**32 - 1  # LightX2V draws random seeds in [0, 2**32 - 1]
 MAX_FRAMES = 1025
 MAX_SIDE = 4096
 MAX_STEPS = 1000
+# a prompt is cut to 512 umT5 tokens (a few thousand characters); far longer text is a mistake or an attack
+MAX_PROMPT_CHARS = 20_000
+# request bodies: JSON with at most one base64 image (env WAN_TASKS_MAX_BODY_MB overrides)
+MAX_BODY_BYTES = 64 * 2**20
 
 # LightX2V request fields without an effect here, with LightX2V's defaults: a value other than the
 # default gets a warning (video requests; the image-only ones come with /v1/tasks/image/).
@@ -232,24 +237,68 @@ def decode_base64_image(text: str) -> tuple[bytes, str] | None:
     return data, ext
 
 
+def _bomb(e: Exception, shown: str) -> RequestError:
+    return RequestError(400, f"image_path {shown}: the image is too large ({e})")
+
+
 def _check_image_bytes(data: bytes) -> None:
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over PIL's limit: refused, not warned
+            with Image.open(io.BytesIO(data)) as im:
+                im.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _bomb(e, "(base64 data)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise RequestError(400, f"image_path: the base64 data is not a readable image ({e})") from None
 
 
 def _check_image_file(path: str, shown: str) -> None:
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path):
-            pass
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path):
+                pass
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _bomb(e, repr(shown)[:200]) from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise RequestError(400, f"image_path {shown!r:.200} is not a readable image ({type(e).__name__})") from None
+
+
+def max_body_bytes() -> int:
+    """The body size limit: WAN_TASKS_MAX_BODY_MB (megabytes) if set to a positive number, else MAX_BODY_BYTES."""
+    raw = os.environ.get("WAN_TASKS_MAX_BODY_MB", "")
+    try:
+        return int(float(raw) * 2**20) if raw and float(raw) > 0 else MAX_BODY_BYTES
+    except ValueError:
+        return MAX_BODY_BYTES
+
+
+def parse_body(raw: bytes, limit: int | None = None) -> object:
+    """The bytes of a request body -> its JSON value; RequestError 413 over the size limit, 400 if not JSON."""
+    limit = max_body_bytes() if limit is None else limit
+    if len(raw) > limit:
+        raise body_too_large(len(raw), limit)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise RequestError(400, "the request body must be JSON (UTF-8)") from None
+
+
+def body_too_large(size: int | None, limit: int) -> RequestError:
+    got = f"{size / 2**20:.1f} MB" if size is not None else "more"
+    return RequestError(
+        413, f"the request body is {got}; at most {limit / 2**20:.0f} MB is accepted (a larger image: upload it "
+        "with ComfyUI's /upload/image and pass its name as image_path)",
+    )  # fmt: skip
 
 
 def image_input(image_path: str, task_id: str, input_dir: str) -> ImageInput:
@@ -312,6 +361,12 @@ def parse_request(
         raise RequestError(400, f"lora_name {lora_name!r:.200} not found in ComfyUI's loras folder")
     prompt = _str(body, "prompt") or ""
     negative = _str(body, "negative_prompt")
+    for name, text in (("prompt", prompt), ("negative_prompt", negative or "")):
+        if len(text) > MAX_PROMPT_CHARS:
+            raise RequestError(
+                400, f"{name} is {len(text):,} characters; at most {MAX_PROMPT_CHARS:,} are accepted "
+                "(the text encoder reads the first 512 tokens, a few thousand characters)",
+            )  # fmt: skip
     save = _str(body, "save_result_path") or ""
     image_path = _str(body, "image_path") or ""
 

@@ -6,13 +6,12 @@ Paths and answers are LightX2V's (lightx2v/server/api/tasks/*.py, service_routes
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 from aiohttp import web
 
-from .request import RequestError
+from .request import RequestError, body_too_large, max_body_bytes, parse_body
 from .service import TaskService
 from .workflow import TemplateError
 
@@ -24,10 +23,15 @@ def _error(status: int, detail: str) -> web.Response:
 
 
 async def _body(request: web.Request):
+    """The JSON body; 413 over the limit (checked on Content-Length before reading, and on the bytes)."""
+    limit = max_body_bytes()
+    if request.content_length is not None and request.content_length > limit:
+        raise body_too_large(request.content_length, limit)
     try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-        raise RequestError(400, "the request body must be JSON") from None
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as e:  # over aiohttp's client_max_size (ComfyUI's --max-upload-size)
+        raise RequestError(413, f"the request body is too large: {e.text}") from None
+    return parse_body(raw, limit)
 
 
 def handlers(service: TaskService) -> list[tuple[str, str, object]]:

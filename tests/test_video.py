@@ -8,6 +8,8 @@ about 1.6 at crf 19 (checked <= 3) and 1.4 at crf 0.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -171,13 +173,19 @@ def test_writer_errors_leave_no_partial_file_and_keep_an_old_one(tmp_path):
     w.write(torch.full((2, 48, 64, 3), float("nan")))
     with pytest.raises(ValueError, match="NaN"):
         w.close()
-    assert not out.exists()
+    # the partial file (written under a temporary name beside it) is removed; the old video stays
+    assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["v.mp4"]
     # chunks of different sizes; a writer given nothing
     w = VideoWriter(out)
     w.write(_smooth(t=2))
     with pytest.raises(ValueError, match="64x48"):
         w.write(_smooth(t=2, h=32))
     w.abort()
-    assert not out.exists()
+    assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["v.mp4"]
+    os.remove(out)
+    w = VideoWriter(out)  # a new file: nothing at all is left
+    w.write(_smooth(t=2))
+    w.abort()
+    assert os.listdir(tmp_path) == []
     with pytest.raises(ValueError, match="no frames"):
         VideoWriter(out).close()

@@ -12,7 +12,12 @@ TRITON_INTERPRET=1 (the tests run such a process with subprocess).
 
 import numpy as np
 import torch
+import triton
 from triton.runtime import interpreter
+
+for _name in ("_convert_float", "_patch_lang_tensor"):
+    if not hasattr(interpreter, _name):  # the tests skip before this (tests/triton_tools.py)
+        raise ImportError(f"triton {triton.__version__}: its interpreter has no {_name} to patch (written for triton 3.6)")
 
 _TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8e4nv": torch.float8_e4m3fn}
 _convert_float = interpreter._convert_float

@@ -16,6 +16,10 @@ Without a subcommand the arguments are LightX2V's (`python -m lightx2v.infer ...
         --config_json configs/wan_t2v_dist_ulysses.json --prompt "..." --save_result_path out.mp4
 
 Every process logs warnings only except the first, which shows the progress and writes the file.
+
+Errors: a user error (a bad flag, key, path or value) is one line `error: ...` (exit 2), checked
+before any model loads; `--debug` (anywhere on the line) or WAN_CORE_DEBUG=1 adds the traceback.
+SIGTERM is handled like Ctrl-C: the run stops, no partial video is left (exit 130).
 Adding a subcommand is one function decorated with `@subcommand(name, help)`: it receives its
 argparse parser, adds its arguments, and returns the function that runs it. A tool that owns its
 whole command line (`main(argv) -> int`) is mounted with `@passthrough(name, help)` instead.
@@ -58,8 +62,18 @@ def passthrough(name: str, help: str):
     return register
 
 
+_EPILOG = (
+    "Without a subcommand the arguments are LightX2V's and run `generate`: "
+    "python -m wan_core --model_path Wan2.1-T2V-14B --config_json cfg.json --prompt '...' is "
+    "python -m wan_core generate --model_path ... (see `python -m wan_core generate --help`). "
+    "--debug (or WAN_CORE_DEBUG=1) shows the traceback of an error."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m wan_core", description="Wan2.1 text/image-to-video (wan_core engine)")
+    parser = argparse.ArgumentParser(
+        prog="python -m wan_core", description="Wan2.1 text/image-to-video (wan_core engine)", epilog=_EPILOG
+    )
     subs = parser.add_subparsers(dest="command", metavar="{" + ",".join(_SUBCOMMANDS) + "}")
     for name, (help_text, setup) in _SUBCOMMANDS.items():
         if setup is None:  # a passthrough tool: listed here, run by main() before parsing
@@ -131,6 +145,8 @@ def _generate_setup(p: argparse.ArgumentParser):
     p.add_argument("--target_shape", type=int, nargs=2, metavar=("H", "W"), help="overrides target_height/width")
     p.add_argument("--video_crf", type=int, help="x264 crf of the saved mp4, 0..51 (default 19; overrides video_crf)")
     p.add_argument("--video_preset", help="x264 speed preset of the saved mp4 (default medium; overrides video_preset)")
+    p.add_argument("--allow-large", "--allow_large", dest="allow_large", action="store_true",
+                   help="run even when the size estimate exceeds this machine's memory (config key allow_large_runs)")  # fmt: skip
     p.add_argument("--use_prompt_enhancer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--return_result_tensor", action="store_true", help=argparse.SUPPRESS)
@@ -139,8 +155,17 @@ def _generate_setup(p: argparse.ArgumentParser):
     _add_model_args(p)
 
     def run(args) -> int:
+        from .inputs import check_prompt, check_save_path, check_seed
+        from .models.conditioning import load_image
         from .pipeline import WanPipeline
 
+        # the run's own inputs, before any model loads (the settings are checked by create_generator)
+        check_seed(args.seed)
+        check_prompt(args.prompt)
+        check_prompt(args.negative_prompt, "negative_prompt")
+        if _is_main_process():
+            check_save_path(args.save_result_path, "--save_result_path")
+        image = load_image(args.image_path) if args.task == "i2v" and args.image_path else None
         for flag in _IGNORED_FLAGS:
             if getattr(args, flag):
                 warnings.warn(f"--{flag} is accepted for LightX2V compatibility and ignored", stacklevel=1)
@@ -154,6 +179,8 @@ def _generate_setup(p: argparse.ArgumentParser):
         for key in ("video_crf", "video_preset"):
             if getattr(args, key) is not None:
                 params[key] = getattr(args, key)
+        if args.allow_large:
+            params["allow_large_runs"] = True
         pipe = WanPipeline(
             args.model_path, args.model_cls, args.task, dit_path=args.dit_path, t5_path=args.t5_path,
             tokenizer_path=args.tokenizer_path, vae_path=args.vae_path, clip_path=args.clip_path,
@@ -164,7 +191,7 @@ def _generate_setup(p: argparse.ArgumentParser):
         main_rank = pipe.parallel_run is None or pipe.parallel_run.is_main
         result = pipe.generate(
             seed=args.seed, prompt=args.prompt, negative_prompt=args.negative_prompt,
-            image_path=args.image_path or None, save_result_path=args.save_result_path, progress=main_rank,
+            image_path=args.image_path or None, image=image, save_result_path=args.save_result_path, progress=main_rank,
             return_latent=bool(args.save_latent),
         )  # fmt: skip
         if main_rank and args.save_latent:
@@ -264,20 +291,47 @@ def _calibrate_main():
 # ----------------------------------------------------------------------------- entry
 
 
-def main(argv: list[str] | None = None) -> int:
-    import torch
-
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that describe a mistake in the input (exit 2, message only)."""
     from .loading.io import CheckpointError
     from .models.tokenizer import TokenizerError
     from .options import FeatureNotAvailable
 
+    return (OSError, ValueError, TypeError, CheckpointError, TokenizerError, FeatureNotAvailable, ImportError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 2000 else text[:1997] + "..."
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler, `kill`, `docker stop`) stops the run as Ctrl-C does: the same cleanup path.
+    Returns the previous handler (None where signals cannot be set: not the main thread)."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("WAN_CORE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "generate")  # LightX2V style: flags only
     parser = build_parser()
     if not argv:
         parser.print_help()
         return 0
+    previous = _sigterm_as_interrupt()
     try:
         if argv[0] in _PASSTHROUGH:
             _setup_logging()
@@ -285,9 +339,24 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         _setup_logging()
         return args.run(args)
-    except (FileNotFoundError, ValueError, CheckpointError, TokenizerError, FeatureNotAvailable, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted: stopped, no partial video left", file=sys.stderr)
+        return 130
     except torch.OutOfMemoryError as e:  # re-worded by the pipeline: the offload settings that would fit
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 3
+    except Exception as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        user = isinstance(e, _user_errors())
+        hint = "" if debug else " (--debug shows the traceback)"
+        what = "" if user else f"{type(e).__name__}: "
+        print(f"error: {what}{_one_line(e)}{'' if user else hint}", file=sys.stderr)
+        return 2 if user else 1
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)

@@ -151,6 +151,11 @@ def _load_base(spec: ModelSpec, fp8: str | None, dt, dev):
         )
     where = dict(device="cpu", attention="auto") if host else dict(device=dev, attention=spec.attention)
     common = dict(dtype=dt, cross_attention=None if host else spec.cross_attention, task=spec.task, **where)
+    if spec.dit_config is not None:  # a DiT file's architecture from its model folder (LightX2V's rule)
+        import json
+
+        with open(spec.dit_config, encoding="utf-8") as f:
+            common["config"] = json.load(f)
     if fp8 is None:
         model = load_dit(path, **common)
     else:  # on the host: a kernel the host runs; the fp8_kernel layer sets the device's
@@ -220,7 +225,8 @@ def lease(spec: ModelSpec) -> Iterator[torch.nn.Module]:
     compile = should_compile(spec.compile, dev)
     o = spec.offload  # the DiT's part of it (T5 / CLIP / VAE flags are theirs)
     offload = (o.granularity, o.vram_budget_gb, o.resident_blocks, o.prefetch)
-    key = (_stamp(spec.dit), spec.task, dt, dev, spec.attention, spec.cross_attention, fp8 is not None, compile, offload)
+    key = (_stamp(spec.dit), _stamp(spec.dit_config), spec.task, dt, dev, spec.attention, spec.cross_attention,
+           fp8 is not None, compile, offload)  # fmt: skip
     with _DIT_LOCK:
         depth = getattr(_HELD, "depth", 0)
         with torch.inference_mode(False), torch.no_grad():

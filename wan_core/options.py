@@ -15,6 +15,9 @@ A LightX2V user's config files work unchanged. Every key falls in one of four gr
 - ignored: keys that change nothing here (memory housekeeping, prompt-enhancer servers,
   LightX2V-internal kernel choices); accepted with one warning;
 - unknown: anything else; accepted with a warning that names them (typos show up here).
+Every used key has a type (`typed_value`): yes/no keys take JSON true/false or the strings
+"true"/"false" (a non-empty string is not "yes"), numbers must be JSON numbers; anything else is a
+ValueError naming the key, raised before any model loads.
 
 Differences from LightX2V, on purpose: `enable_cfg` missing means "CFG if sample_guide_scale != 1"
 (LightX2V's config path defaults it to false, its Python API to guidance != 1; every shipped
@@ -104,6 +107,68 @@ KWARG_ALIASES = {
 }
 
 
+# The type of every field that `from_dict` reads: a wrong type is a ValueError naming the key, before any work.
+_BOOL = {"use_tiling_vae", "lora_dynamic_apply", "dit_quantized", "cpu_offload", "allow_large_runs"}
+_OPT_BOOL = {"enable_cfg", "t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload"}
+_INT = {"infer_steps", "target_video_length", "target_height", "target_width", "text_len", "video_crf", "offload_prefetch"}
+_OPT_INT = {"offload_resident_blocks"}
+_NUMBER = {"sample_guide_scale", "sample_shift", "fps"}
+_OPT_NUMBER = {"vram_budget_gb"}
+_STR = {"sample_solver", "video_preset", "offload_granularity", "feature_caching"}
+_OPT_STR = {
+    "self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type", "dit_original_ckpt", "t5_original_ckpt",
+    "t5_tokenizer_path", "vae_path", "clip_original_ckpt", "dit_quantized_ckpt", "dit_quant_scheme",
+}  # fmt: skip
+
+
+def _shown(v) -> str:
+    """A value as the user wrote it in JSON (null, true, "512"), cut short."""
+    if v is None or isinstance(v, (bool, str)):
+        text = json.dumps(v, ensure_ascii=False)
+    else:
+        text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _yes_no(key: str, v, source: str = "config"):
+    """A yes/no key: JSON true/false, or the strings "true"/"false" (any case); anything else is refused.
+
+    A non-empty string is not "true" here: `"enable_cfg": "false"` must not turn CFG on.
+    """
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        return v.strip().lower() == "true"
+    raise ValueError(f"{source}: {key} must be true or false, got {_shown(v)}")
+
+
+def typed_value(key: str, v, source: str = "config"):
+    """`v` checked (and normalised: 16.0 -> 16, "false" -> False) as the type of config key `key`."""
+    if v is None and key in _OPT_BOOL | _OPT_INT | _OPT_NUMBER | _OPT_STR | {"denoising_step_list", "lora_configs", "parallel"}:
+        return None
+    if key in _BOOL | _OPT_BOOL:
+        return _yes_no(key, v, source)
+    if key in _INT | _OPT_INT:
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{source}: {key} must be an integer, got {_shown(v)}")
+        return v
+    if key in _NUMBER | _OPT_NUMBER:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"{source}: {key} must be a number, got {_shown(v)}")
+        return int(v) if isinstance(v, float) and v.is_integer() and key == "fps" else v
+    if key in _STR | _OPT_STR:
+        if not isinstance(v, str):
+            raise ValueError(f"{source}: {key} must be a string, got {_shown(v)}")
+        return v
+    if key == "denoising_step_list":
+        if not isinstance(v, list) or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in v):
+            raise ValueError(f"{source}: denoising_step_list must be a list of timesteps like [1000, 750, 500, 250], got {_shown(v)}")
+        return [int(t) if isinstance(t, float) and t.is_integer() else t for t in v]
+    return v
+
+
 def parallel_dict(v) -> dict:
     """A `parallel` value as the dict `wan_core.layers.parallel.ParallelConfig.from_dict` reads ({} for false/None).
 
@@ -174,6 +239,8 @@ class GenerationConfig:
     offload_prefetch: int = 1
     # several GPUs (`wan_core.layers.parallel`, under torchrun): {"cfg_p_size", "seq_p_size", "seq_p_attn_type", ...}
     parallel: dict[str, Any] | bool | None = None
+    # ours: run beyond the memory estimate of `wan_core.inputs.check_run_size` (CLI --allow-large)
+    allow_large_runs: bool = False
     # keys of features not built yet, as given (see PENDING)
     pending: dict[str, Any] = field(default_factory=dict)
 
@@ -230,6 +297,9 @@ class GenerationConfig:
     # ------------------------------------------------------------------ checks
     def check(self, task: str = "t2v") -> None:
         """ValueError for an impossible run, FeatureNotAvailable for a feature that is not built yet."""
+        for f in dataclasses.fields(self):  # a config made from keywords has not been through from_dict
+            if f.name not in ("pending", "cache"):
+                setattr(self, f.name, typed_value(f.name, getattr(self, f.name)))
         for key, value in self.pending.items():
             feature, asks = PENDING[key]
             if asks(value):
@@ -250,6 +320,13 @@ class GenerationConfig:
             )
         if self.text_len < 1:
             raise ValueError(f"text_len must be positive, got {self.text_len}")
+        if not self.fps > 0:
+            raise ValueError(f"fps must be a positive number of frames per second, got {self.fps!r}")
+        if self.cfg_enabled and self.sample_guide_scale < 0:
+            warnings.warn(
+                f"sample_guide_scale={self.sample_guide_scale} is negative: guidance pushes the video away from "
+                "the prompt (towards the negative prompt); Wan uses 5.0", stacklevel=2,
+            )  # fmt: skip
         from .video import check_encoding
 
         check_encoding(self.video_crf, self.video_preset)
@@ -304,12 +381,11 @@ class GenerationConfig:
                                          "negative_prompt", "image_path", "save_result_path"})  # fmt: skip
         if notable:
             warnings.warn(f"{source}: keys accepted but without effect in wan_core: {', '.join(notable)}", stacklevel=2)
-        for k in ("infer_steps", "target_video_length", "target_height", "target_width", "text_len", "fps",
-                  "offload_resident_blocks", "offload_prefetch", "video_crf"):  # fmt: skip
-            if k in kw and isinstance(kw[k], float) and kw[k].is_integer():
-                kw[k] = int(kw[k])
-        if kw.get("feature_caching") is None:
-            kw.pop("feature_caching", None)
+        if "feature_caching" in kw and kw["feature_caching"] is None:
+            kw.pop("feature_caching")
+        kw = {k: typed_value(k, v, source) for k, v in kw.items()}
+        pending = {k: _yes_no(k, v, source) if PENDING[k][1] is bool and isinstance(v, str) else v
+                   for k, v in pending.items()}  # fmt: skip
         return cls(**kw, cache=cache, pending=pending)
 
     @classmethod

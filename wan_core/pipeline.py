@@ -51,11 +51,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .loading.discover import find_model_files
+from .inputs import check_attention, check_device, check_prompt, check_run_size, check_save_path, check_seed
+from .loading.discover import find_model_files, model_config_json
 from .model_cache import build_image_encoder, build_text_encoder, build_vae, component_loaded, lease
 from .models.conditioning import I2VCondition, load_image, prepare_i2v
 from .options import DEFAULT_NEGATIVE_PROMPT, GenerationConfig, parallel_dict
 from .pipeline_calls import LightX2VCalls
+from .progress import progress_bar, timed_build
 from .sampling.denoise import denoise
 from .sampling.loop import Cond, StepInfo, latent_shape, make_noise
 from .spec import ModelSpec
@@ -165,6 +167,7 @@ class WanPipeline(LightX2VCalls):
             raise ValueError(f"task must be 't2v' or 'i2v', got {task!r}")
         if model_path is None and dit_path is None:
             raise ValueError("give model_path (a model folder) or the component files (dit_path, t5_path, vae_path, ...)")
+        check_device(device)
         self.model_path, self.model_cls, self.task = model_path, model_cls, task
         self.paths = dict(dit=dit_path, t5=t5_path, tokenizer=tokenizer_path, vae=vae_path, clip=clip_path)
         self.dtype, self.vae_dtype, self.device, self.attention = dtype, vae_dtype, device, attention
@@ -234,15 +237,19 @@ class WanPipeline(LightX2VCalls):
             vae=self.paths["vae"] or self._config_path(cfg.vae_path),
             clip=self.paths["clip"] or self._config_path(cfg.clip_original_ckpt),
         )
+        # a DiT given as one file (dit_original_ckpt, dit_quantized_ckpt): the architecture is model_path's, as in LightX2V
+        arch = model_config_json(self.model_path) if isinstance(files.dit, str) and os.path.isfile(files.dit) else None
         self._join_world(cfg)  # under torchrun: this rank's device, before anything is built
         device = str(self.parallel_run.device) if self.parallel_run is not None else str(self.device)
         spec = ModelSpec(
             dit=files.dit, t5=files.t5, tokenizer=files.tokenizer, vae=files.vae,
             clip=files.clip if self.task == "i2v" else None, task=self.task, dtype=self.dtype,
             vae_dtype=self.vae_dtype, device=device, text_len=cfg.text_len, loras=loras,
-            lora_mode="branch" if cfg.lora_dynamic_apply else "auto", offload=cfg.offload_options(),
+            lora_mode="branch" if cfg.lora_dynamic_apply else "auto", offload=cfg.offload_options(), dit_config=arch,
         )  # fmt: skip
         dev = spec.torch_device
+        check_run_size(cfg.target_video_length, cfg.target_height, cfg.target_width, dev, cfg.allow_large_runs)
+        check_attention(self.attention, dev)
         if cfg.dit_quantized:
             spec = spec.replace(fp8=_fp8_choice(cfg.dit_quant_scheme, dev))
         self_attn = _attention_choice(cfg.self_attn_1_type, self.attention, dev, "self_attn_1_type")
@@ -344,11 +351,14 @@ class WanPipeline(LightX2VCalls):
         """Build (or fetch from the cache) every model of the spec. `self.dit` is the DiT as leased
         for this pipeline at that moment: shared, so runs lease it again (`sample`)."""
         spec = self._need_spec()
-        with lease(spec) as dit:
-            self.dit = dit
-        self.text_encoder = build_text_encoder(spec)
-        self.vae = build_vae(spec)
-        self.image_encoder = build_image_encoder(spec) if spec.task == "i2v" else None
+        def leased(s: ModelSpec):
+            with lease(s) as dit:
+                return dit
+
+        self.dit = timed_build("DiT", leased, spec)
+        self.text_encoder = timed_build("T5 text encoder", build_text_encoder, spec)
+        self.vae = timed_build("VAE", build_vae, spec)
+        self.image_encoder = timed_build("CLIP image encoder", build_image_encoder, spec) if spec.task == "i2v" else None
 
     def _need_spec(self) -> ModelSpec:
         if self.spec is None or self.config is None:
@@ -450,13 +460,18 @@ class WanPipeline(LightX2VCalls):
         In a multi-process run every process returns the frames; only the first writes the file."""
         spec, cfg = self._need_spec(), self.config
         dev = spec.torch_device
+        # every input checked before any model runs (wan_core.inputs)
+        seed = check_seed(seed)
+        prompt, negative_prompt = check_prompt(prompt), check_prompt(negative_prompt, "negative_prompt")
+        if self.parallel_run is None or self.parallel_run.is_main:
+            save_result_path = check_save_path(save_result_path)
         if self.task == "i2v" and image is None and not image_path:
             raise ValueError("the i2v task needs an input image: pass image_path=... (or image=...)")
         if self.task == "t2v" and (image is not None or image_path):
             warnings.warn("t2v ignores the input image", stacklevel=2)
         if self.task == "i2v" and image is None:
             image = load_image(image_path)  # a missing file fails here, before any model runs
-        if seed is None or seed < 0:
+        if seed is None:
             seed = secrets.randbelow(2**63)
             if self.parallel_run is not None:  # every rank must draw the same noise: take rank 0's seed
                 import torch.distributed as dist
@@ -486,7 +501,8 @@ class WanPipeline(LightX2VCalls):
         noise = make_noise(self.latent_shape(image_cond), seed, device=dev)
 
         step_times: list[float] = []
-        bar = _progress_bar(len(cfg.scheduler()), progress)
+        bar = progress_bar(len(cfg.scheduler()), progress)
+        step_level = logging.DEBUG if not bar.disable else logging.INFO  # one display: the bar or the lines
         last = [time.perf_counter()]
 
         def on_step(info: StepInfo) -> None:
@@ -495,7 +511,7 @@ class WanPipeline(LightX2VCalls):
             step_times.append(now - last[0])
             last[0] = now
             bar.update(1)
-            log.info("step %d/%d (t=%.1f): %.2f s", info.step + 1, info.total, info.t, step_times[-1])
+            log.log(step_level, "step %d/%d (t=%.1f): %.2f s", info.step + 1, info.total, info.t, step_times[-1])
             if callback is not None:
                 callback(info)
 
@@ -533,9 +549,3 @@ class WanPipeline(LightX2VCalls):
         if peak is not None:
             log.info("peak GPU memory: %.2f GiB", peak / 2**30)
         return result
-
-
-def _progress_bar(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="sampling", unit="step", disable=not enabled, leave=False)

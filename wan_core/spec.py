@@ -82,6 +82,8 @@ class ModelSpec:
     lora_mode: str = "auto"
     offload: OffloadOptions = OffloadOptions()
     compile: bool | str = "auto"
+    # the DiT's architecture (a config.json path) for a DiT given as one file: LightX2V takes it from model_path
+    dit_config: str | None = None
 
     def __post_init__(self):
         if self.task not in ("t2v", "i2v"):

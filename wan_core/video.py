@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import warnings
 from fractions import Fraction
 
@@ -155,6 +156,10 @@ class VideoWriter:
     the part of the encoding that outlasts the decode. `close()` waits for the worker, flushes the
     encoder and closes the file; an error in either thread, or `abort()`, leaves no partial file.
     Use as a context manager: an exception inside the `with` aborts.
+
+    The file is written under a temporary name beside `path` (`.<name>.<random>.partial<suffix>`)
+    and renamed to `path` by `close()`, in one step: a reader, a crash, a SIGTERM or a full disk
+    never leaves half a video at `path`, and an existing file there stays until the new one is whole.
     """
 
     def __init__(
@@ -184,7 +189,10 @@ class VideoWriter:
         else:
             self.options = {}
         self._container = self._stream = None
-        self._opened = False  # the file at `path` is ours to remove (a bad first chunk leaves an old one alone)
+        folder, name = os.path.split(os.path.abspath(self.path))
+        stem, suffix = os.path.splitext(name)
+        self._tmp = os.path.join(folder, f".{stem}.{secrets.token_hex(4)}.partial{suffix}")
+        self._opened = False  # the temporary file exists and is ours to remove
         self._size: tuple[int, int] | None = None
         self._error: BaseException | None = None
         self._queue = None
@@ -248,7 +256,7 @@ class VideoWriter:
             rate = Fraction(self.fps).limit_denominator(1001) if isinstance(self.fps, float) else Fraction(self.fps)
             # an .mkv / .mov name gets that container; anything else is written as mp4
             fmt = None if self.path.lower().endswith((".mkv", ".mov")) else "mp4"
-            self._container = av.open(self.path, mode="w", format=fmt)
+            self._container = av.open(self._tmp, mode="w", format=fmt)
             self._opened = True
             self._stream = self._container.add_stream(self.codec, rate=rate, options=self.options)
             self._stream.width, self._stream.height, self._stream.pix_fmt = w, h, "yuv420p"
@@ -278,13 +286,15 @@ class VideoWriter:
                 self._container.mux(packet)
             self._container.close()
             self._container = None
+            os.replace(self._tmp, self.path)  # the whole video appears at `path` at once
+            self._opened = False
         except BaseException:
             self.abort()
             raise
         return self.codec
 
     def abort(self) -> None:
-        """Stop, and remove the partial file (if this writer began one)."""
+        """Stop, and remove the partial (temporary) file; `path` is left as it was."""
         self._stop_worker()
         if self._container is not None:
             with contextlib.suppress(Exception):
@@ -292,7 +302,8 @@ class VideoWriter:
             self._container = None
         if self._opened:
             with contextlib.suppress(OSError):
-                os.remove(self.path)
+                os.remove(self._tmp)
+            self._opened = False
 
     def __enter__(self) -> VideoWriter:
         return self

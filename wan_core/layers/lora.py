@@ -291,7 +291,8 @@ def _missing_message(model: nn.Module, lw: LoraWeights, missing: list[str], matc
     return (
         f"{lw.source}: {len(missing)} LoRA target modules are not in this model "
         f"(e.g. {', '.join(missing[:4])}); {matched} targets match.{hint} "
-        "Pass strict=False to apply the matching part anyway."
+        "In Python, apply_loras(..., strict=False) applies the matching part anyway; from a config or the CLI, "
+        "use a LoRA made for this model (a Wan2.1 LoRA of the same size and task)."
     )
 
 

@@ -147,3 +147,17 @@ def find_model_files(
         clip=find("clip", clip, task == "i2v", "the CLIP image encoder (needed for i2v)"),
         layout=layout,
     )
+
+
+def model_config_json(model_path: str | None) -> str | None:
+    """The DiT architecture file of a model folder (Wan-AI: `config.json`; diffusers: `transformer/config.json`).
+
+    LightX2V takes the architecture from `model_path` also when the weights come from a separate file
+    (`dit_original_ckpt`, `dit_quantized_ckpt`): a file's shapes cannot tell the head count.
+    """
+    if not model_path or not os.path.isdir(model_path):
+        return None
+    for cand in (os.path.join(model_path, "config.json"), os.path.join(model_path, "transformer", "config.json")):
+        if os.path.isfile(cand):
+            return cand
+    return None

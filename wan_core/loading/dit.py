@@ -244,7 +244,7 @@ def load_dit(
         meta = read_metadata(first) if str(first).endswith(".safetensors") else {}
         if "wan_config" in meta:
             cfg_json = json.loads(meta["wan_config"])
-    cfg = config_from_json(cfg_json or {}, sd)
+    cfg = config_from_json(cfg_json or {}, sd, source=f"the architecture config of {source}")
     if task is not None and task != cfg.model_type:
         raise CheckpointError(
             f"{source}: this is a {cfg.model_type.upper()} DiT (in_dim {cfg.in_dim}), but the task is {task}; "

@@ -271,7 +271,7 @@ def load_fp8_dit(
     cfg_json = config if config is not None else folder_cfg
     if cfg_json is None and "wan_config" in meta:
         cfg_json = json.loads(meta["wan_config"])
-    cfg = config_from_json(cfg_json or {}, sd)
+    cfg = config_from_json(cfg_json or {}, sd, source=f"the architecture config of {path}")
     if task is not None and task != cfg.model_type:
         raise CheckpointError(
             f"{source}: this is a {cfg.model_type.upper()} DiT (in_dim {cfg.in_dim}), but the task is {task}; "

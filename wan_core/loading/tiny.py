@@ -311,6 +311,8 @@ def write_tiny_model(out: str | os.PathLike, task: str = "t2v", layout: str = "w
     if layout not in _WRITERS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     out = os.fspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is an existing file: give a folder (new or existing) for the model")
     os.makedirs(out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = write_tiny_tokenizer(os.path.join(tmp, "umt5-xxl"), seed=seed)
@@ -321,7 +323,19 @@ def write_tiny_model(out: str | os.PathLike, task: str = "t2v", layout: str = "w
         _WRITERS[layout](out, task, dit_sd, cfg, t5, tok_dir, tiny_vae_state_dict(seed), clip_sd, seed)
     with open(os.path.join(out, "TINY_RANDOM_MODEL.txt"), "w") as f:
         f.write(f"wan_core tiny random-weight {task} model, {layout} layout, seed {seed}: for tests and demos only.\n")
+    _readable_by_all(out)
     return out
+
+
+def _readable_by_all(root: str) -> None:
+    """Files 0644, folders 0755: temporary folders and copies are created owner-only (0600 / 0700), and a
+    model folder is read by other users (a ComfyUI service account, a container)."""
+    os.chmod(root, 0o755)
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(folder, d), 0o755)
+        for f in files:
+            os.chmod(os.path.join(folder, f), 0o644)
 
 
 def tiny_model_dir(task: str = "t2v", layout: str = "wan", root: str | None = None) -> str:

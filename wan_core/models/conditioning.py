@@ -71,17 +71,41 @@ def image_to_tensor(image) -> torch.Tensor:
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """Read an image file as RGB -> float32 [3, H, W] in [-1, 1]; a clear error if it is missing."""
+    """Read an image file as RGB -> float32 [3, H, W] in [-1, 1]; a one-line error if it is missing,
+    unreadable, not an image, or a decompression bomb (more pixels than PIL's limit)."""
     from PIL import Image, UnidentifiedImageError
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"input image {path!r} is a folder, not an image file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input image not found: {path}")
     try:
         with Image.open(path) as img:
-            return image_to_tensor(img.convert("RGB"))
-    except UnidentifiedImageError as e:
-        raise ValueError(f"{path}: not a readable image file ({e})") from e
+            return image_to_tensor(to_rgb(img))
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"input image {path!r} is too large to open safely ({e})") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"input image {path!r} is not a readable image file (PNG, JPEG, WEBP, ...)") from None
+    except (OSError, SyntaxError) as e:  # unreadable (permissions) or a truncated / corrupt file
+        raise ValueError(f"input image {path!r} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+
+
+def to_rgb(img):
+    """A PIL image -> 8-bit RGB. 16- and 32-bit integer images (16-bit grayscale PNG: mode I;16 or I)
+    are scaled from their 0..65535 range: PIL's own convert clips them at 255, a nearly white image."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.float64)
+        full = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        a = np.clip(np.round(a / full * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(a).convert("RGB")
+    if img.mode == "F":  # float images: 0..1 by convention
+        a = np.clip(np.round(np.asarray(img, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(a).convert("RGB")
+    return img.convert("RGB")
 
 
 def fit_to_area(height: int, width: int, max_area: int) -> tuple[int, int]:

@@ -123,12 +123,16 @@ _DIFFUSERS_CONFIG_KEYS = {
 }
 
 
-def config_from_json(cfg: dict[str, Any], shapes: dict[str, Any] | None = None) -> WanConfig:
+def config_from_json(cfg: dict[str, Any], shapes: dict[str, Any] | None = None, source: str = "config.json") -> WanConfig:
     """A Wan-AI `config.json` (possibly missing fields) merged over what the tensors say.
 
-    Tensor shapes win for everything they determine; the json supplies what shapes cannot
-    (`num_heads`, `eps`, `text_len`). Without shapes, missing fields take the dataclass defaults.
+    Tensor shapes win for everything they determine (they are what gets loaded), with a warning
+    naming each field where the json says otherwise; the json supplies what shapes cannot
+    (`num_heads`, `eps`, `text_len`). A `num_heads` that does not divide the file's width is
+    ignored, with a warning. Without shapes, missing fields take the dataclass defaults.
     """
+    import warnings
+
     cfg = {_DIFFUSERS_CONFIG_KEYS.get(k, k): v for k, v in cfg.items()}
     given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in _JSON_FIELDS}
     if "model_type" in given and given["model_type"] not in ("t2v", "i2v"):
@@ -137,5 +141,13 @@ def config_from_json(cfg: dict[str, Any], shapes: dict[str, Any] | None = None) 
         return WanConfig(**given)
     inferred = WanConfig.from_state_dict(shapes)
     keep = {k: given[k] for k in ("num_heads", "eps", "text_len") if k in given}
+    clash = [f"{k} {given[k]!r} (file: {getattr(inferred, k)!r})" for k in sorted(given)
+             if k not in keep and given[k] != getattr(inferred, k)]  # fmt: skip
+    heads = keep.get("num_heads")
+    if heads is not None and (not isinstance(heads, int) or heads < 1 or inferred.dim % heads):
+        clash.append(f"num_heads {heads!r} (does not divide the file's dim {inferred.dim}; using {inferred.num_heads})")
+        keep.pop("num_heads")
+    if clash:
+        warnings.warn(f"{source} does not match the checkpoint's tensors: {'; '.join(clash)}; loading what the file holds", stacklevel=3)
     return inferred.replace(**keep)
 

@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import unicodedata
+import warnings
 from collections.abc import Iterator, Sequence
 
 import regex
@@ -211,6 +212,12 @@ class UMT5Tokenizer:
             prompts = [prompts]
         if self.clean:
             prompts = [clean_prompt(p) for p in prompts]
+        lengths = [len(ids) for ids in self.hf(list(prompts), add_special_tokens=True).input_ids]
+        if max(lengths, default=0) > self.text_len:
+            warnings.warn(
+                f"a prompt of {max(lengths)} tokens is cut to the text encoder's {self.text_len} "
+                f"(text_len): the words after about token {self.text_len} have no effect", stacklevel=2,
+            )  # fmt: skip
         out = self.hf(
             list(prompts),
             padding="max_length",
