@@ -3,18 +3,73 @@
 Around `sampling.sample`: the feature cache attached for the run (the last layer of
 `wan_core.layers.stack`; its branch-aware predict chosen), an offloaded DiT brought to the GPU for the loop only, and a CUDA out-of-memory error
 re-raised with the offload settings that would fit. One function, so the doors cannot drift.
+
+`SampleRequest` + `denoise_request` are the same stage described as data: what a door (the
+ComfyUI sampler node, each rank of the multi-GPU worker group) hands over, the feature cache
+given as its config keys so every process builds its own for the model it holds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from .loop import Cond, StepInfo, guided_velocity, sample
 from .schedulers import FlowScheduler
 
-__all__ = ["denoise", "token_count"]
+__all__ = ["denoise", "denoise_request", "make_feature_cache", "SampleRequest", "token_count"]
+
+
+@dataclass
+class SampleRequest:
+    """One sampling run besides the model (all picklable and small: it travels to worker processes).
+
+    noise: [B, 16, F, H, W] float32; scheduler: a `wan_core.sampling.schedulers` scheduler (reset
+    at the start); cond/uncond: `Cond` (moved to the model's device by `denoise_request`);
+    preview: the worker group sends x0 (CPU float32) with every progress message; cache: feature
+    caching keys as LightX2V names them (`feature_caching`, `teacache_thresh`, ...; see
+    `wan_core.layers.cache.config`), None for no caching.
+    """
+
+    noise: torch.Tensor
+    scheduler: Any
+    cond: Cond
+    uncond: Cond | None = None
+    guidance: float = 5.0
+    preview: bool = False
+    cache: Mapping | None = None
+
+    def to(self, device) -> SampleRequest:
+        """The request with its tensors on `device`."""
+        return replace(self, noise=self.noise.to(device), cond=_cond_to(self.cond, device), uncond=_cond_to(self.uncond, device))
+
+
+def _cond_to(c: Cond | None, device) -> Cond | None:
+    if c is None:
+        return None
+
+    def move(v):
+        return v.to(device) if isinstance(v, torch.Tensor) else v
+
+    ctx = [move(x) for x in c.context] if isinstance(c.context, (list, tuple)) else move(c.context)
+    return Cond(ctx, move(c.clip_fea), move(c.y))
+
+
+def make_feature_cache(model, cache: Mapping | None, latent_shape, num_steps: int):
+    """A fresh `FeatureCache` for one run of `model` on a latent [B, C, F, h, w] (None: no caching).
+
+    The published table is chosen from the DiT and the video size unless the keys name one; a
+    model without one is a ValueError here, before any step runs.
+    """
+    if not cache or (cache.get("feature_caching") or "NoCaching") == "NoCaching":
+        return None
+    from ..layers.cache import cache_from_config, published_model_key
+
+    key = published_model_key(model.cfg, latent_shape[-2] * 8, latent_shape[-1] * 8)
+    return cache_from_config({**cache, "infer_steps": num_steps}, key)
 
 
 def token_count(model, latent_shape) -> int:
@@ -56,3 +111,19 @@ def denoise(
         except torch.OutOfMemoryError as e:
             raise explain_oom(e, model, token_count(model, noise.shape)) from e
     return latent, (cache.report() if cache is not None else None)
+
+
+def denoise_request(
+    model,
+    req: SampleRequest,
+    callback: Callable[[StepInfo], None] | None = None,
+    wrap_predict: Callable[[Callable], Callable] | None = None,
+    device=None,
+):
+    """`denoise` for a `SampleRequest`: its tensors moved to `device` (None: left where they are),
+    its feature cache built for this model; returns (final latent, cache report or None)."""
+    if device is not None:
+        req = req.to(device)
+    cache = make_feature_cache(model, req.cache, req.noise.shape, len(req.scheduler))
+    return denoise(model, req.noise, req.scheduler, req.cond, req.uncond, req.guidance, cache, callback,
+                   wrap_predict=wrap_predict)  # fmt: skip

@@ -1,7 +1,7 @@
 """One multi-process run: join the world, parallelise a model, sample, leave.
 
-Used three ways: under `torchrun` by the CLI (`run_distributed_generate`), by the persistent
-worker group of the ComfyUI node (`workers.py`), and from Python. Every rank runs the same
+Used under `torchrun` by the CLI (`run_distributed_generate`) and from Python (the ComfyUI
+node's persistent worker group, `workers.py`, keeps its own processes). Every rank runs the same
 program on the same inputs (seeded CPU noise makes them identical); after each step all ranks
 hold the same latent, so the main rank alone decodes and writes.
 """
@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ...sampling.loop import Cond, StepInfo, sample
+from ...sampling.denoise import denoise
+from ...sampling.loop import Cond, StepInfo, guided_velocity
 from .apply import enable_sequence_parallel
 from .cfg import cfg_parallel_predict
 from .group import ParallelConfig, ParallelGroups, build_groups, init_process_group
@@ -42,10 +43,11 @@ def parallel_sample(
     callback: Callable[[StepInfo], None] | None = None,
     base_predict: Callable | None = None,
 ) -> torch.Tensor:
-    """`wan_core.sampling.loop.sample` with CFG parallel; `model` must already be parallelised
-    (`enable_sequence_parallel`) for the groups' sequence degree. Returns the same latent on every rank."""
-    predict = cfg_parallel_predict(groups) if base_predict is None else cfg_parallel_predict(groups, base_predict)
-    return sample(model, noise, scheduler, cond, uncond, guidance, callback=callback, predict=predict)
+    """The denoising stage (`wan_core.sampling.denoise`: offloaded DiT loaded for the loop, OOM
+    advice) with CFG parallel; `model` must already be parallelised (`enable_sequence_parallel`)
+    for the groups' sequence degree. Returns the same latent on every rank."""
+    predict = cfg_parallel_predict(groups, base_predict or guided_velocity)
+    return denoise(model, noise, scheduler, cond, uncond, guidance, callback=callback, predict=predict)[0]
 
 
 @dataclass

@@ -8,15 +8,20 @@ ComfyUI runs in one process; the group lives beside it and is reused from run to
 - `run(spec, request, progress, cancel)` sends every worker the model *description* (a
   `wan_core.spec.ModelSpec`, never tensors: each worker builds the DiT itself through the model
   cache, memory-mapping the same files, so host RAM is not multiplied and a second run with the
-  same spec reuses the built model) and the small sampling inputs; the workers sample together
-  (sequence and/or CFG parallel), rank 0 streams step progress (and x0 previews when asked) back
-  through a queue, and the final latent comes back to the caller;
+  same spec reuses the built model) and the small sampling inputs (a `SampleRequest`); each
+  worker runs the same denoising stage as one process (`sampling.denoise_request`: feature
+  cache, offloaded DiT on the GPU for the loop only, out-of-memory advice) with CFG parallel
+  as its predict; rank 0 streams step progress (and x0 previews when asked) back through a
+  queue, and the final latent and the cache report come back to the caller;
 - cancel is honoured between steps: all ranks agree on it through one all-reduce per step, so
   they stop at the same step and the group stays usable;
 - when a worker dies or raises, the whole group is torn down (every process terminated, then
   killed, and joined: no orphans, GPUs freed), the error is raised to the caller with the
   worker's traceback, and the next `run` starts a fresh group. A worker also exits by itself
-  when its parent process disappears.
+  when its parent process disappears. A CUDA out-of-memory error reaches the caller as
+  `WorkerOutOfMemory` (a `torch.OutOfMemoryError`) carrying the worker's offload advice; a
+  feature-cache config the model cannot run is refused by every rank before the first step
+  (ValueError), and the group stays up.
 
 Messages are pickled with `torch.save` to bytes before they enter a queue, so no shared-memory
 tensor outlives a dead process.
@@ -41,16 +46,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ...sampling.loop import Cond, StepInfo
+from ...sampling.denoise import SampleRequest, denoise_request, make_feature_cache
+from ...sampling.loop import StepInfo
 from .apply import enable_sequence_parallel
+from .cfg import cfg_parallel_predict
 from .group import ParallelConfig, build_groups, init_process_group
-from .launch import _to, parallel_sample
+from .launch import _to
 
 __all__ = [
     "SampleRequest",
     "StepProgress",
     "WorkerGroup",
     "WorkerGroupError",
+    "WorkerOutOfMemory",
     "RunCancelled",
     "get_worker_group",
     "shutdown_worker_groups",
@@ -62,25 +70,13 @@ class WorkerGroupError(RuntimeError):
     """A worker died or failed; the group has been torn down (the next run starts a new one)."""
 
 
+class WorkerOutOfMemory(WorkerGroupError, torch.OutOfMemoryError):
+    """CUDA ran out of memory on a worker: the message is the worker's offload advice
+    (`wan_core.layers.offload.explain_oom`); the group has been torn down, freeing the GPUs."""
+
+
 class RunCancelled(Exception):
     """The run was cancelled between two steps; the group is still alive."""
-
-
-@dataclass
-class SampleRequest:
-    """What one sampling run needs besides the model (all picklable, small).
-
-    noise: [B, 16, F, H, W] float32 (same on every rank); scheduler: a `wan_core.sampling.schedulers`
-    scheduler (reset at the start); cond/uncond: `Cond` (CPU tensors are fine, moved to each
-    worker's device); preview: send x0 (CPU float32) with every progress message.
-    """
-
-    noise: torch.Tensor
-    scheduler: Any
-    cond: Cond
-    uncond: Cond | None = None
-    guidance: float = 5.0
-    preview: bool = False
 
 
 @dataclass
@@ -134,6 +130,10 @@ class _Cancelled(Exception):
     pass
 
 
+class _Refused(Exception):
+    """A request every rank rejects alike before its first collective (the group stays usable)."""
+
+
 def _watch_parent(parent_pid: int) -> None:
     """Exit when the parent is gone (re-parented), even in the middle of a run."""
 
@@ -162,13 +162,16 @@ def _worker_main(rank, world, init_method, parallel, device, cmd_q, res_q, cance
                 break
             _, job, spec, req = msg
             try:
-                latent = _run_request(spec, req, job, dev, groups, res_q, cancel_ev)
-                res_q.put(_dumps(("done", job, rank, latent)))
+                latent, report = _run_request(spec, req, job, dev, groups, res_q, cancel_ev)
+                res_q.put(_dumps(("done", job, rank, latent, report)))
             except _Cancelled:
                 res_q.put(_dumps(("cancelled", job, rank)))
+            except _Refused as e:
+                res_q.put(_dumps(("refused", job, rank, str(e))))
             job = None
-    except BaseException:
-        res_q.put(_dumps(("error", job, rank, traceback.format_exc())))
+    except BaseException as e:
+        oom = str(e) if isinstance(e, torch.OutOfMemoryError) else None  # explain_oom's advice, from denoise
+        res_q.put(_dumps(("error", job, rank, traceback.format_exc(), oom)))
         res_q.close()
         res_q.join_thread()  # the message must leave before the process does
         os._exit(1)  # no clean-up: the peers may be stuck in a collective; the parent kills them
@@ -176,31 +179,33 @@ def _worker_main(rank, world, init_method, parallel, device, cmd_q, res_q, cance
 
 
 def _run_request(spec, req: SampleRequest, job, dev, groups, res_q, cancel_ev):
+    """This rank's share of one run: `denoise_request` with CFG parallel as its predict; returns
+    (the final latent on rank 0, else None; this rank's cache report)."""
     with build_dit_for_device(spec, dev) as model:
-        enable_sequence_parallel(model, groups)  # idempotent on a cached model
-        flag = torch.zeros(1, device=dev)
+        try:  # the same config and model on every rank: all refuse alike, before any collective
+            make_feature_cache(model, req.cache, req.noise.shape, len(req.scheduler))
+        except ValueError as e:
+            raise _Refused(str(e)) from e
+        enable_sequence_parallel(model, groups)  # (re)wrapped for these groups on a cached model
+        latent, report = _denoise_on_rank(model, req, job, dev, groups, res_q, cancel_ev)
+    return (latent.cpu() if groups.is_main else None), report
 
-        def callback(info: StepInfo) -> None:
-            if groups.is_main:
-                x0 = info.x0.float().cpu() if req.preview else None
-                res_q.put(_dumps(("progress", job, groups.rank, StepProgress(info.step, info.total, info.t, x0))))
-            flag.fill_(1.0 if cancel_ev.is_set() else 0.0)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-            if flag.item() > 0:
-                raise _Cancelled
 
-        with torch.no_grad():
-            latent = parallel_sample(
-                model,
-                req.noise.to(dev),
-                req.scheduler,
-                _to(req.cond, dev),
-                _to(req.uncond, dev),
-                req.guidance,
-                groups,
-                callback=callback,
-            )
-    return latent.cpu() if groups.is_main else None
+def _denoise_on_rank(model, req: SampleRequest, job, dev, groups, res_q, cancel_ev):
+    flag = torch.zeros(1, device=dev)
+
+    def callback(info: StepInfo) -> None:
+        if groups.is_main:
+            x0 = info.x0.float().cpu() if req.preview else None
+            res_q.put(_dumps(("progress", job, groups.rank, StepProgress(info.step, info.total, info.t, x0))))
+        flag.fill_(1.0 if cancel_ev.is_set() else 0.0)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        if flag.item() > 0:
+            raise _Cancelled
+
+    # the feature cache wraps the sequence-parallel block stack (every rank sees the whole
+    # sequence and decides alike); under CFG parallel each rank's cache follows its own branch
+    return denoise_request(model, req, callback, wrap_predict=lambda base: cfg_parallel_predict(groups, base), device=dev)
 
 
 # ------------------------------------------------------------------------- parent side
@@ -367,6 +372,12 @@ class WorkerGroup:
                 # Name the killed one as the cause (a worker that raises reports before it exits,
                 # so its own message always comes first).
                 killed = [(i, p.exitcode) for i, p in enumerate(self._procs) if not p.is_alive() and (p.exitcode or 0) < 0]
+                if msg[4] is not None and not killed:
+                    self._teardown()  # the peers may wait in a collective; this frees the GPUs too
+                    err = WorkerOutOfMemory(
+                        f"{msg[4]}\n(multi-GPU worker {msg[2]}; the worker group was shut down and will restart on the next run)"
+                    )
+                    raise err from WorkerGroupError(msg[3])
                 if killed:
                     rank, code = killed[0]
                     last = msg[3].strip().splitlines()[-1] if msg[3].strip() else ""
@@ -384,12 +395,15 @@ class WorkerGroup:
         progress: Callable[[StepProgress], None] | None = None,
         cancel: Callable[[], bool] | None = None,
         timeout_s: float | None = None,
-    ) -> torch.Tensor:
-        """Sample on the workers; returns the final latent (CPU float32).
+    ):
+        """Sample on the workers; returns (final latent (CPU float32), the cache report or None),
+        as `sampling.denoise` does for one process.
 
         progress(StepProgress) is called in this thread after every step; cancel() is polled
         while waiting and, once true, stops the run after the current step (RunCancelled).
-        Raises WorkerGroupError when a worker dies or fails (the group is then gone).
+        Raises WorkerGroupError when a worker dies or fails (the group is then gone),
+        WorkerOutOfMemory (also a torch.OutOfMemoryError) when one ran out of GPU memory, and
+        ValueError for a feature-cache config the model cannot run (the group stays).
         """
         with self._lock:
             self.start()
@@ -403,7 +417,9 @@ class WorkerGroup:
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
             finished: set[int] = set()
             result = None
+            reports: dict[int, Any] = {}
             cancelled = False
+            refused = None
             while len(finished) < self.world_size:
                 msg = self._next(cancel, deadline)
                 if msg[1] != job:
@@ -415,16 +431,43 @@ class WorkerGroup:
                     finished.add(msg[2])
                     if msg[3] is not None:
                         result = msg[3]
+                    reports[msg[2]] = msg[4]
                 elif kind == "cancelled":
                     finished.add(msg[2])
                     cancelled = True
+                elif kind == "refused":
+                    finished.add(msg[2])
+                    refused = refused or msg[3]
+            if refused is not None:
+                raise ValueError(refused)
             if cancelled:
                 raise RunCancelled("the multi-GPU run was cancelled")
-            return result
+            return result, _merge_reports([reports[r] for r in sorted(reports)])
 
 
 def _cpu_request(req: SampleRequest) -> SampleRequest:
-    return SampleRequest(_cpu(req.noise), req.scheduler, _cpu(req.cond), _cpu(req.uncond), float(req.guidance), req.preview)
+    cache = dict(req.cache) if req.cache else None
+    return SampleRequest(_cpu(req.noise), req.scheduler, _cpu(req.cond), _cpu(req.uncond), float(req.guidance),
+                         req.preview, cache)  # fmt: skip
+
+
+def _merge_reports(reports: list):
+    """The ranks' cache reports as one run's: each branch from the first rank that evaluated it
+    (under CFG parallel the cond ranks hold "cond", the others "uncond"; sequence-parallel
+    ranks decide alike, so any one of them speaks for its group)."""
+    from ..cache import COND, UNCOND, CacheReport
+
+    reports = [r for r in reports if r is not None]
+    if not reports:
+        return None
+    computed: dict[str, list[int]] = {}
+    skipped: dict[str, list[int]] = {}
+    for r in reports:
+        for branch, steps in r.computed.items():
+            if branch not in computed:
+                computed[branch], skipped[branch] = list(steps), list(r.skipped.get(branch, []))
+    order = sorted(computed, key=lambda b: (b != COND, b != UNCOND))  # the one-process order: cond, uncond, others
+    return CacheReport(reports[0].policy, reports[0].num_steps, {b: computed[b] for b in order}, {b: skipped[b] for b in order})
 
 
 # ------------------------------------------------------------------------- shared groups
