@@ -7,7 +7,7 @@ many DiT evaluations were skipped in its stage record.
 
 from __future__ import annotations
 
-from wan_core.layers.cache import MODEL_KEYS
+from wan_core.api import CACHE_MODELS as MODEL_KEYS
 
 from .types import CATEGORY, WAN_CACHE, CacheSettings
 

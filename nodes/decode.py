@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from wan_core.model_cache import build_vae, component_loaded
-from wan_core.models.vae import latent_from_raw
-from wan_core.spec import ModelSpec
-from wan_core.vae_frames import decode_frames
-from wan_core.video import X264_PRESETS, write_video
+from wan_core.api import X264_PRESETS, ModelSpec, decode_video, latent_from_raw, write_video
 
 from . import compat, stats
 from .types import CATEGORY, IMAGE, LATENT, WAN_MODEL
@@ -38,9 +34,8 @@ class WanVAEDecode:
         if not isinstance(latent, torch.Tensor) or latent.ndim != 5:
             raise ValueError("WanVAEDecode: samples must be a video LATENT [B, 16, F, h, w] from WanSampler")
         with stats.stage("VAE decode", model.torch_device) as rec:
-            with component_loaded(build_vae(model), model, "vae") as vae:
-                z = latent_from_raw(latent[:1])  # LATENT holds raw VAE latents (ComfyUI's convention)
-                frames = decode_frames(vae, z, tile_size or None)  # [T, H, W, 3] in [0, 1] on the CPU
+            z = latent_from_raw(latent[:1])  # LATENT holds raw VAE latents (ComfyUI's convention)
+            frames = decode_video(model, z, tile_size or None)  # [T, H, W, 3] in [0, 1] on the CPU
         return {"ui": stats.ui(rec), "result": (frames,)}
 
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from wan_core.model_cache import build_image_encoder, build_text_encoder, build_vae, component_loaded
-from wan_core.models.conditioning import prepare_i2v
-from wan_core.spec import ModelSpec
-from wan_core.video import frames_to_wan
+from wan_core.api import ModelSpec, encode_prompts, encode_start_image
 
 from . import stats
 from .types import (
@@ -42,8 +39,8 @@ class WanTextEncode:
         }
 
     def encode(self, model: ModelSpec, prompt: str, negative_prompt: str):
-        with stats.stage("text encode") as rec, component_loaded(build_text_encoder(model), model, "t5") as te:
-            positive, negative = te.encode([prompt, negative_prompt])
+        with stats.stage("text encode") as rec:
+            positive, negative = encode_prompts(model, prompt, negative_prompt)
         return {"ui": stats.ui(rec), "result": (TextEmbeds(positive=positive, negative=negative, prompt=prompt),)}
 
 
@@ -82,8 +79,5 @@ class WanImageEncode:
         if (num_frames - 1) % 4:
             raise ValueError(f"num_frames must be 4n+1 (e.g. 81), got {num_frames}")
         with stats.stage("image encode") as rec:
-            start = frames_to_wan(image[:1])[:, 0]  # ComfyUI [1, H, W, 3] in [0, 1] -> Wan [3, H, W] in [-1, 1]
-            vae, clip = build_vae(model), build_image_encoder(model)
-            with component_loaded(vae, model, "vae"), component_loaded(clip, model, "clip"):
-                cond = prepare_i2v(start, vae, clip, num_frames, width * height)
+            cond = encode_start_image(model, image[:1], num_frames, width * height)
         return {"ui": stats.ui(rec), "result": (ImageEmbeds(cond=cond, num_frames=num_frames),)}

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 
-from wan_core.kernels.attention import BACKENDS
-from wan_core.layers.fp8 import KERNELS
-from wan_core.loading.discover import find_model_files
-from wan_core.loading.dit import find_dit_files
-from wan_core.loading.io import CheckpointError, read_keys
-from wan_core.spec import ModelSpec, OffloadOptions
+from wan_core.api import (
+    ATTENTION_BACKENDS,
+    FP8_KERNELS,
+    CheckpointError,
+    ModelSpec,
+    OffloadOptions,
+    find_dit_files,
+    find_model_files,
+    read_keys,
+)
 
 from . import compat
 from .types import CATEGORY, WAN_MODEL, WAN_OFFLOAD
@@ -22,9 +26,8 @@ from .types import CATEGORY, WAN_MODEL, WAN_OFFLOAD
 FROM_FOLDER = "(from model folder)"
 NONE = "(none)"
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
-ATTENTION = ["auto", *sorted(BACKENDS)]
+ATTENTION = ["auto", *ATTENTION_BACKENDS]
 TASKS = ["auto", "t2v", "i2v"]
-FP8_KERNELS = list(KERNELS)
 
 
 def is_wan_folder(path: str) -> bool:
@@ -183,7 +186,7 @@ class WanFP8Loader:
     def INPUT_TYPES(cls):
         spec = _loader_inputs()
         spec["required"]["fp8_kernel"] = (
-            FP8_KERNELS,
+            list(FP8_KERNELS),
             {"default": "auto", "tooltip": "auto: torch._scaled_mm with fast accumulation on Ada/Hopper (scaled_mm: without), dequantize elsewhere"},
         )
         return spec

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 
-import torch
-
-from wan_core.layers.cache import cache_from_config, published_model_key
-from wan_core.model_cache import build_vae, component_loaded, lease
-from wan_core.models.vae import latent_to_raw
-from wan_core.sampling.denoise import denoise
-from wan_core.sampling.loop import Cond, latent_shape, make_noise
-from wan_core.sampling.preview import fit_rgb_projection, latent_to_rgb
-from wan_core.sampling.schedulers import make_scheduler
-from wan_core.spec import ModelSpec
+from wan_core.api import (
+    ModelSpec,
+    ParallelConfig,
+    RunCancelled,
+    SamplerSettings,
+    latent_to_raw,
+    latent_to_rgb,
+    preview_projection,
+    run_sampler,
+    run_sampler_on_workers,
+)
 
 from . import compat, stats
 from .types import (
@@ -32,9 +32,6 @@ from .types import (
 
 SCHEDULERS = ["unipc", "euler", "distill"]
 MAX_SIZE = 4096
-
-_projections: dict = {}
-_projections_lock = threading.Lock()
 
 
 def parse_step_list(text: str) -> list[int]:
@@ -102,28 +99,37 @@ def sampler_inputs() -> dict:
     }
 
 
-def _projection(model: ModelSpec):
-    """The VAE's latent -> RGB preview map, fitted once per VAE file."""
-    key = (model.vae, str(model.torch_vae_dtype), model.torch_device)
-    with _projections_lock:
-        if key not in _projections:
-            with component_loaded(build_vae(model), model, "vae") as vae:
-                _projections[key] = fit_rgb_projection(vae)
-        return _projections[key]
-
-
 def check_run(model: ModelSpec, image_embeds: ImageEmbeds | None, width: int, height: int, num_frames: int):
-    """The latent shape [C, F, h, w] of the run and its I2V tensors; clear errors for a wrong pairing."""
+    """The video size (frames, height, width) of the run and its I2V conditioning; clear errors for a wrong pairing."""
     if model.task == "i2v":
         if image_embeds is None:
             raise ValueError(
                 "this is an image-to-video model: connect a WanImageEncode (with a start image) to the sampler's image_embeds"
             )
         c = image_embeds.cond
-        return latent_shape(image_embeds.num_frames, c.height, c.width), c
+        return (image_embeds.num_frames, c.height, c.width), c
     if image_embeds is not None:
         raise ValueError("image_embeds were given but the model is text-to-video: load an I2V model or disconnect them")
-    return latent_shape(num_frames, height, width), None
+    return (num_frames, height, width), None
+
+
+def settings(steps, guidance, shift, scheduler, seed, denoising_step_list, cache: CacheSettings | None = None) -> SamplerSettings:
+    """The widgets as the engine's SamplerSettings (the step list is read for the distill scheduler only)."""
+    step_list = tuple(parse_step_list(denoising_step_list)) if scheduler == "distill" else None
+    cache_keys = cache.to_config() if cache is not None else None
+    return SamplerSettings(steps, guidance, shift, scheduler, seed, step_list, cache_keys)
+
+
+def previews(model: ModelSpec):
+    """The latent -> RGB map for live previews, or None when the front end shows none."""
+    return preview_projection(model) if compat.previews_enabled() and model.vae is not None else None
+
+
+def cache_fields(report) -> dict:
+    """The feature cache's numbers for a stage record (nothing without caching)."""
+    if report is None:
+        return {}
+    return {"cache": report.summary(), "evaluations": report.evaluations, "skipped_evaluations": report.skipped_total}
 
 
 class WanSampler:
@@ -160,38 +166,27 @@ class WanSampler:
         image_embeds: ImageEmbeds | None = None,
         cache: CacheSettings | None = None,
     ):
-        shape, i2v = check_run(model, image_embeds, width, height, num_frames)
-        step_list = parse_step_list(denoising_step_list) if scheduler == "distill" else None
-        sched = make_scheduler(scheduler, steps, shift, step_list)
-        with contextlib.ExitStack() as held:
-            with stats.stage("load DiT", model.torch_device) as load_rec:
-                dit = held.enter_context(lease(model))  # the shared DiT at this model's LoRAs, held for the run
-            fc = None
-            if cache is not None:  # checked before sampling: a table the model lacks is an error now
-                key = published_model_key(dit.cfg, shape[-2] * 8, shape[-1] * 8)
-                fc = cache_from_config({**cache.to_config(), "infer_steps": len(sched)}, key)
-            device = torch.device(model.torch_device)  # an offloaded DiT's weights live in CPU memory between runs
-            progress = compat.Progress(len(sched))
-            previews = compat.previews_enabled() and model.vae is not None
-            proj = _projection(model) if previews else None
+        size, i2v = check_run(model, image_embeds, width, height, num_frames)
+        run = settings(steps, guidance, shift, scheduler, seed, denoising_step_list, cache)
+        proj = previews(model)
+        progress = compat.Progress(steps)
+        records: list[dict] = []
 
-            def on_step(info):
-                image = compat.preview_payload(latent_to_rgb(info.x0, proj)) if proj is not None else None
-                progress.update(info.step + 1, image)
+        @contextlib.contextmanager
+        def stage(name):  # the engine's "load DiT" and "sample" stages, timed for the front end
+            with stats.stage(name, model.torch_device) as rec:
+                records.append(rec)
+                yield
 
-            kw = {"clip_fea": i2v.clip_fea.to(device), "y": i2v.y.to(device)} if i2v is not None else {}
-            cond = Cond(context=[text_embeds.positive.to(device)], **kw)
-            uncond = Cond(context=[text_embeds.negative.to(device)], **kw) if guidance != 1.0 else None
-            with stats.stage("sample", device) as rec:
-                noise = make_noise((1, *shape), seed, device=device)
-                with torch.inference_mode():
-                    latent, report = denoise(dit, noise, sched, cond, uncond, guidance, fc, callback=on_step)
-        rec["steps"] = len(sched)
-        rec["seconds_per_step"] = round(rec["seconds"] / len(sched), 3)
-        if report is not None:
-            rec.update(cache=report.summary(), evaluations=report.evaluations, skipped_evaluations=report.skipped_total)
-        out = {"samples": latent_to_raw(latent).cpu()}  # ComfyUI's LATENT convention: raw VAE latents
-        return {"ui": stats.ui(load_rec, rec), "result": (out,)}
+        def on_step(info):
+            image = compat.preview_payload(latent_to_rgb(info.x0, proj)) if proj is not None else None
+            progress.update(info.step + 1, image)
+
+        result = run_sampler(model, run, text_embeds.positive, text_embeds.negative, size, i2v, on_step, stage)
+        records[-1].update(steps=result.steps, seconds_per_step=round(records[-1]["seconds"] / result.steps, 3))
+        records[-1].update(cache_fields(result.cache_report))
+        out = {"samples": latent_to_raw(result.latent)}  # ComfyUI's LATENT convention: raw VAE latents
+        return {"ui": stats.ui(*records), "result": (out,)}
 
 
 class WanMultiGPUSampler:
@@ -211,6 +206,7 @@ class WanMultiGPUSampler:
     @classmethod
     def INPUT_TYPES(cls):
         spec = sampler_inputs()
+        spec["optional"]["cache"] = (WAN_CACHE, {"tooltip": "feature caching (base models): from WanCacheConfig"})
         spec["required"].update(
             {
                 "num_gpus": ("INT", {"default": 2, "min": 1, "max": 64}),
@@ -239,28 +235,18 @@ class WanMultiGPUSampler:
         ring_degree: int = 1,
         cfg_parallel: bool = False,
         image_embeds: ImageEmbeds | None = None,
+        cache: CacheSettings | None = None,
     ):
-        from wan_core.layers.parallel.group import ParallelConfig
-        from wan_core.layers.parallel.workers import RunCancelled, SampleRequest, get_worker_group
-
-        shape, i2v = check_run(model, image_embeds, width, height, num_frames)
-        step_list = parse_step_list(denoising_step_list) if scheduler == "distill" else None
-        sched = make_scheduler(scheduler, steps, shift, step_list)
+        size, i2v = check_run(model, image_embeds, width, height, num_frames)
+        run = settings(steps, guidance, shift, scheduler, seed, denoising_step_list, cache)
         parallel = ParallelConfig(cfg=2 if cfg_parallel else 1, ulysses=ulysses_degree, ring=ring_degree)
         if parallel.world_size != num_gpus:
             raise ValueError(
                 f"num_gpus={num_gpus} but cfg ({parallel.cfg}) x ulysses ({ulysses_degree}) x ring ({ring_degree}) "
                 f"= {parallel.world_size}; make them agree"
             )
-        if cfg_parallel and guidance == 1.0:
-            raise ValueError("cfg_parallel needs guidance > 1 (there is no unconditional branch to run in parallel)")
-        device = model.torch_device
-        kw = {"clip_fea": i2v.clip_fea, "y": i2v.y} if i2v is not None else {}
-        cond = Cond(context=[text_embeds.positive], **kw)
-        uncond = Cond(context=[text_embeds.negative], **kw) if guidance != 1.0 else None
-        previews = compat.previews_enabled() and model.vae is not None
-        proj = _projection(model) if previews else None
-        progress = compat.Progress(len(sched))
+        proj = previews(model)
+        progress = compat.Progress(steps)
         interrupted: list[BaseException] = []
 
         def on_step(p):
@@ -272,17 +258,17 @@ class WanMultiGPUSampler:
             except BaseException as e:
                 interrupted.append(e)
 
-        request = SampleRequest(make_noise((1, *shape), seed), sched, cond, uncond, guidance, preview=proj is not None)
-        with stats.stage("multi-GPU sample", device) as rec:
-            group = get_worker_group(num_gpus, parallel, device="cuda" if device.startswith("cuda") else "cpu")
+        with stats.stage("multi-GPU sample", model.torch_device) as rec:
             try:
-                latent = group.run(
-                    model, request, on_step, cancel=lambda: bool(interrupted) or compat.cancel_requested()
-                )
+                result = run_sampler_on_workers(
+                    model, run, text_embeds.positive, text_embeds.negative, size, parallel, i2v, on_step,
+                    cancel=lambda: bool(interrupted) or compat.cancel_requested(), preview=proj is not None,
+                )  # fmt: skip
             except RunCancelled:
                 if interrupted:
                     raise interrupted[0] from None
                 compat.check_interrupted()
                 raise compat.Interrupted("run cancelled") from None
-        rec.update(steps=len(sched), seconds_per_step=round(rec["seconds"] / len(sched), 3), gpus=num_gpus)
-        return {"ui": stats.ui(rec), "result": ({"samples": latent_to_raw(latent).cpu()},)}
+        rec.update(steps=result.steps, seconds_per_step=round(rec["seconds"] / result.steps, 3), gpus=num_gpus)
+        rec.update(cache_fields(result.cache_report))
+        return {"ui": stats.ui(rec), "result": ({"samples": latent_to_raw(result.latent)},)}

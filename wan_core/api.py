@@ -1,0 +1,252 @@
+"""The engine's door for front ends: what the ComfyUI nodes call (and any other caller may).
+
+A node validates its inputs, calls one function here and returns its result; it does not reach
+into `layers`, `loading`, `models` or `sampling`. Each stage takes the model description
+(`ModelSpec`) and builds (or reuses) what it needs through the model cache (`model_cache`: the
+DiT leased for the run), so a graph that runs again does not load again. Sampling, in one process or on the multi-GPU worker
+group, goes through `sampling.denoise` like the pipeline and the CLI: the feature cache, the
+offloaded DiT on the GPU for the loop only, and the out-of-memory advice hold for every door.
+
+Latents here are the engine's (normalised, what the DiT denoises); ComfyUI's LATENT socket
+carries raw VAE latents: `latent_to_raw` / `latent_from_raw` convert at that boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .kernels.attention import BACKENDS
+from .layers.cache import MODEL_KEYS
+from .layers.fp8 import KERNELS
+from .layers.parallel.group import ParallelConfig
+from .layers.parallel.workers import RunCancelled, WorkerGroupError, get_worker_group
+from .loading.discover import find_model_files
+from .loading.dit import find_dit_files
+from .loading.io import CheckpointError, read_keys
+from .model_cache import build_image_encoder, build_text_encoder, build_vae, component_loaded, lease
+from .models.conditioning import I2VCondition, prepare_i2v
+from .models.vae import latent_from_raw, latent_to_raw
+from .sampling.denoise import SampleRequest, denoise_request
+from .sampling.loop import Cond, StepInfo, latent_shape, make_noise
+from .sampling.preview import fit_rgb_projection, latent_to_rgb
+from .sampling.schedulers import make_scheduler
+from .spec import ModelSpec, OffloadOptions
+from .vae_frames import decode_frames
+from .video import X264_PRESETS, frames_to_wan, write_video
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "CACHE_MODELS",
+    "FP8_KERNELS",
+    "X264_PRESETS",
+    "CheckpointError",
+    "I2VCondition",
+    "ModelSpec",
+    "OffloadOptions",
+    "ParallelConfig",
+    "RunCancelled",
+    "WorkerGroupError",
+    "SamplerSettings",
+    "SamplerResult",
+    "cache_config",
+    "decode_video",
+    "encode_prompts",
+    "encode_start_image",
+    "find_dit_files",
+    "find_model_files",
+    "latent_from_raw",
+    "latent_to_raw",
+    "latent_to_rgb",
+    "preview_projection",
+    "read_keys",
+    "run_sampler",
+    "run_sampler_on_workers",
+    "write_video",
+]
+
+ATTENTION_BACKENDS: tuple[str, ...] = tuple(sorted(BACKENDS))  # names `ModelSpec.attention` takes ("auto" too)
+FP8_KERNELS: tuple[str, ...] = tuple(KERNELS)  # names `ModelSpec.fp8` takes
+CACHE_MODELS: tuple[str, ...] = tuple(MODEL_KEYS)  # published feature-cache tables (`cache_model`)
+
+
+# ------------------------------------------------------------------------- settings
+def cache_config(
+    method: str,
+    *,
+    teacache_thresh: float = 0.2,
+    use_ret_steps: bool = True,
+    magcache_thresh: float = 0.24,
+    magcache_K: int = 6,
+    magcache_retention_ratio: float = 0.2,
+    start_step: int = -1,
+    end_step: int = 0,
+    max_skips: int = 0,
+    cache_model: str = "auto",
+) -> dict:
+    """Feature-caching keys (LightX2V's names, `wan_core.layers.cache.config`) for a method's
+    settings: start_step -1 / end_step 0 / max_skips 0 / cache_model "auto" leave the method's
+    defaults; end_step < 0 counts from the end."""
+    if method == "Tea":
+        out: dict = {"feature_caching": "Tea", "teacache_thresh": teacache_thresh, "use_ret_steps": use_ret_steps}
+        prefix = "teacache"
+        if max_skips > 0:
+            out["teacache_max_skips"] = max_skips
+    elif method == "Mag":
+        out = {"feature_caching": "Mag", "magcache_thresh": magcache_thresh, "magcache_K": magcache_K,
+               "magcache_retention_ratio": magcache_retention_ratio}  # fmt: skip
+        prefix = "magcache"
+    else:
+        raise ValueError(f"cache method must be 'Tea' or 'Mag', got {method!r}")
+    if start_step >= 0:
+        out[f"{prefix}_start_step"] = start_step
+    if end_step != 0:
+        out[f"{prefix}_end_step"] = end_step
+    if cache_model != "auto":
+        out["cache_model"] = cache_model
+    return out
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """The run-time choices of one sampling run (a sampler node's widgets).
+
+    step_list: the distill scheduler's timesteps (e.g. (1000, 750, 500, 250)); cache: feature
+    caching keys (`cache_config(...)`), None for none.
+    """
+
+    steps: int = 50
+    guidance: float = 5.0
+    shift: float = 5.0
+    scheduler: str = "unipc"
+    seed: int = 42
+    step_list: tuple[int, ...] | None = None
+    cache: Mapping | None = None
+
+
+@dataclass
+class SamplerResult:
+    latent: torch.Tensor  # [1, 16, F, h, w] float32 on the CPU, the engine's normalised latent
+    steps: int
+    cache_report: object | None = None  # `wan_core.layers.cache.CacheReport` when caching was on
+
+
+def _request(
+    settings: SamplerSettings,
+    positive: torch.Tensor,
+    negative: torch.Tensor | None,
+    size: tuple[int, int, int],
+    i2v: I2VCondition | None,
+    preview: bool = False,
+) -> SampleRequest:
+    """The run as data: noise from the seed, scheduler, conditions (CPU tensors); bad sizes and
+    schedules are errors here, before any model is built."""
+    shape = (1, *latent_shape(*size))  # [1, 16, F, h, w]
+    sched = make_scheduler(settings.scheduler, settings.steps, settings.shift,
+                           list(settings.step_list) if settings.step_list is not None else None)  # fmt: skip
+    kw = {"clip_fea": i2v.clip_fea, "y": i2v.y} if i2v is not None else {}
+    cond = Cond(context=[positive], **kw)
+    uncond = Cond(context=[negative], **kw) if settings.guidance != 1.0 else None
+    cache = dict(settings.cache) if settings.cache else None
+    return SampleRequest(make_noise(shape, settings.seed), sched, cond, uncond, settings.guidance, preview, cache)
+
+
+@contextlib.contextmanager
+def _no_stage(name: str) -> Iterator[None]:
+    yield None
+
+
+# ------------------------------------------------------------------------- sampling
+def run_sampler(
+    spec: ModelSpec,
+    settings: SamplerSettings,
+    positive: torch.Tensor,
+    negative: torch.Tensor | None,
+    size: tuple[int, int, int],
+    i2v: I2VCondition | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    stage: Callable[[str], contextlib.AbstractContextManager] = _no_stage,
+) -> SamplerResult:
+    """Denoise one video latent in this process.
+
+    positive / negative: umT5 features [L, 4096] (negative unused at guidance 1); size:
+    (frames, height, width) of the video (I2V: the size its conditioning was made for).
+    callback(StepInfo) after each step (raise from it to stop); stage(name): a context manager
+    around the "load DiT" and "sample" stages (timing).
+    """
+    req = _request(settings, positive, negative, size, i2v)
+    device = torch.device(spec.torch_device)  # an offloaded DiT's weights live in CPU memory between runs
+    with contextlib.ExitStack() as held:
+        with stage("load DiT"):
+            dit = held.enter_context(lease(spec))  # the shared DiT at this spec's LoRAs/offload, held for the run
+        with stage("sample"), torch.inference_mode():
+            latent, report = denoise_request(dit, req, callback, device=device)
+    return SamplerResult(latent.cpu(), len(req.scheduler), report)
+
+
+def run_sampler_on_workers(
+    spec: ModelSpec,
+    settings: SamplerSettings,
+    positive: torch.Tensor,
+    negative: torch.Tensor | None,
+    size: tuple[int, int, int],
+    parallel: ParallelConfig,
+    i2v: I2VCondition | None = None,
+    progress: Callable | None = None,
+    cancel: Callable[[], bool] | None = None,
+    preview: bool = False,
+) -> SamplerResult:
+    """`run_sampler` on the persistent multi-GPU worker group (`layers.parallel.workers`): one
+    process per GPU, sequence and/or CFG parallel, each rank through `sampling.denoise`.
+
+    progress(StepProgress) after each step (x0 previews when `preview`); cancel() is polled and
+    stops the run between steps (`RunCancelled`). A worker's CUDA out-of-memory error arrives as
+    a `torch.OutOfMemoryError` with the offload advice; other worker failures as WorkerGroupError.
+    """
+    if parallel.cfg == 2 and settings.guidance == 1.0:
+        raise ValueError("cfg_parallel needs guidance > 1 (there is no unconditional branch to run in parallel)")
+    req = _request(settings, positive, negative, size, i2v, preview)
+    kind = "cuda" if spec.torch_device.startswith("cuda") else "cpu"
+    group = get_worker_group(parallel.world_size, parallel, device=kind)
+    latent, report = group.run(spec, req, progress, cancel=cancel)
+    return SamplerResult(latent, len(req.scheduler), report)
+
+
+# ------------------------------------------------------------------------- encoders, decoder, previews
+def encode_prompts(spec: ModelSpec, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """umT5-XXL features [L, 4096] of the prompt and the negative prompt (the encoder cached by spec)."""
+    with component_loaded(build_text_encoder(spec), spec, "t5") as te:
+        positive, negative = te.encode([prompt, negative_prompt])
+    return positive, negative
+
+
+def encode_start_image(spec: ModelSpec, image: torch.Tensor, num_frames: int, max_area: int) -> I2VCondition:
+    """I2V conditioning from a start frame [1, H, W, 3] in [0, 1] (ComfyUI's IMAGE layout)."""
+    start = frames_to_wan(image[:1])[:, 0]  # [1, H, W, 3] in [0, 1] -> [3, H, W] in [-1, 1]
+    vae, clip = build_vae(spec), build_image_encoder(spec)
+    with component_loaded(vae, spec, "vae"), component_loaded(clip, spec, "clip"):
+        return prepare_i2v(start, vae, clip, num_frames, max_area)
+
+
+def decode_video(spec: ModelSpec, latent: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
+    """Engine latent [1, 16, F, h, w] -> frames [T, H, W, 3] in [0, 1] on the CPU (tiled when tile_size)."""
+    with component_loaded(build_vae(spec), spec, "vae") as vae:
+        return decode_frames(vae, latent, tile_size or None)
+
+
+_projections: dict = {}
+_projections_lock = threading.Lock()
+
+
+def preview_projection(spec: ModelSpec):
+    """The VAE's latent -> RGB map for live previews (`latent_to_rgb(x0, projection)`), fitted once per VAE file."""
+    key = (spec.vae, str(spec.torch_vae_dtype), spec.torch_device)
+    with _projections_lock:
+        if key not in _projections:
+            with component_loaded(build_vae(spec), spec, "vae") as vae:
+                _projections[key] = fit_rgb_projection(vae)
+        return _projections[key]
