@@ -6,7 +6,9 @@ The torchrun runs are 2 CPU processes on gloo over a tiny model, launched side b
 over 2 ranks with CFG, CFG parallel (cond and uncond on one rank each), and CFG parallel with a
 TeaCache that skips steps (each rank's cache follows its own branch). Their final latents
 (`--save_latent`) are compared with the one-process CLI run (fp32, rel <= 1e-5; measured: bitwise
-equal) and their mp4s decoded and compared frame by frame.
+equal) and their mp4s decoded and compared frame by frame. The ComfyUI multi-GPU sampler node
+(its persistent worker group, CFG parallel, a TeaCache) gives the one-process sampler node's latent
+and cache numbers.
 """
 
 from __future__ import annotations
@@ -133,3 +135,30 @@ def test_parallel_keys_are_read():
         pc({"tensor_p_size": 2})
     with pytest.raises(ValueError, match="'parallel' must be false or an object"):
         pc(4)
+
+
+def test_multi_gpu_sampler_node_runs_what_the_sampler_node_runs(tmp_path):
+    """The ComfyUI multi-GPU sampler (2 CPU workers, CFG parallel) with a TeaCache from WanCacheConfig:
+    the latent and the cache's numbers in its stage record are the one-process sampler node's."""
+    from nodes import NODE_CLASS_MAPPINGS
+    from wan_core.layers.parallel.workers import shutdown_worker_groups
+
+    model = write_tiny_model(tmp_path / "m", "t2v", "wan", seed=9)
+    spec = WanPipeline(model, dtype="fp32", device="cpu").create_generator(**RUN).spec
+    text = NODE_CLASS_MAPPINGS["WanTextEncode"]().encode(spec, "a red fox in the snow", "")["result"][0]
+    (tea,) = NODE_CLASS_MAPPINGS["WanCacheConfig"]().make("Tea", 10.0, False, 0.24, 6, 0.2, end_step=100, cache_model="t2v-14b")
+    args = (spec, text, 48, 32, 5, 4, 5.0, 5.0, "unipc", 11)
+    one = NODE_CLASS_MAPPINGS["WanSampler"]().sample(*args, cache=tea)
+    try:
+        multi = NODE_CLASS_MAPPINGS["WanMultiGPUSampler"]().sample(
+            *args, num_gpus=2, ulysses_degree=1, cfg_parallel=True, cache=tea
+        )
+    finally:
+        shutdown_worker_groups()
+    a, b = one["result"][0]["samples"], multi["result"][0]["samples"]
+    assert a.shape == b.shape and rel_err(b, a) <= 1e-5, rel_err(b, a)
+    rec_one, rec_multi = one["ui"]["wan_timing"][-1], multi["ui"]["wan_timing"][-1]
+    assert rec_multi["stage"] == "multi-GPU sample" and rec_multi["gpus"] == 2
+    assert rec_multi["skipped_evaluations"] > 0 and rec_multi["evaluations"] == 8
+    for key in ("cache", "evaluations", "skipped_evaluations"):
+        assert rec_multi[key] == rec_one[key], (key, rec_multi[key], rec_one[key])
