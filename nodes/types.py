@@ -6,10 +6,11 @@ picklable so that the multi-GPU sampler can send them to its worker processes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
+from wan_core.api import cache_config
 from wan_core.options import DEFAULT_NEGATIVE_PROMPT  # noqa: F401  (re-exported for the nodes)
 
 # Socket type names (defined once; every node refers to these constants).
@@ -74,23 +75,4 @@ class CacheSettings:
 
     def to_config(self) -> dict:
         """The LightX2V / wan_core.layers.cache config keys these settings stand for."""
-        if self.method == "Tea":
-            out = {"feature_caching": "Tea", "teacache_thresh": self.teacache_thresh, "use_ret_steps": self.use_ret_steps}
-            prefix = "teacache"
-            if self.max_skips > 0:
-                out["teacache_max_skips"] = self.max_skips
-        else:
-            out = {
-                "feature_caching": "Mag",
-                "magcache_thresh": self.magcache_thresh,
-                "magcache_K": self.magcache_K,
-                "magcache_retention_ratio": self.magcache_retention_ratio,
-            }
-            prefix = "magcache"
-        if self.start_step >= 0:
-            out[f"{prefix}_start_step"] = self.start_step
-        if self.end_step != 0:
-            out[f"{prefix}_end_step"] = self.end_step
-        if self.cache_model != "auto":
-            out["cache_model"] = self.cache_model
-        return out
+        return cache_config(**asdict(self))
