@@ -155,7 +155,7 @@ def workers_smoke(n: int = 2) -> None:
         out[f"{pc} start_s"] = time.time() - t0
         for i in range(2):
             t0 = time.time()
-            lat = grp.run(spec, req)
+            lat, _ = grp.run(spec, req)
             out[f"{pc} run{i}_s"] = time.time() - t0
             e = ((lat - ref).norm() / ref.norm()).item()
             out[f"{pc} run{i}_rel_err"] = e
@@ -174,7 +174,7 @@ def workers_smoke(n: int = 2) -> None:
             grp.run(spec, req)
         except WorkerGroupError as err:
             out[f"{pc} kill"] = str(err)[:120]
-        lat = grp.run(spec, req)
+        lat, _ = grp.run(spec, req)
         out[f"{pc} after_restart_rel_err"] = ((lat - ref).norm() / ref.norm()).item()
         grp.close()
         out[f"{pc} leftover_pids"] = [p for p in pids if os.path.exists(f"/proc/{p}")]
