@@ -352,6 +352,16 @@ class WorkerGroup:
         if cancel is not None and not self._cancel_ev.is_set() and cancel():
             self._cancel_ev.set()
 
+    def _killed(self, grace_s: float) -> list[tuple[int, int]]:
+        """(rank, exit code) of the workers killed by a signal; waits up to grace_s for one, since
+        a peer's collective can fail (socket closed) a moment before the killed process is reapable."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            killed = [(i, p.exitcode) for i, p in enumerate(self._procs) if not p.is_alive() and (p.exitcode or 0) < 0]
+            if killed or time.monotonic() >= deadline:
+                return killed
+            time.sleep(0.02)
+
     def _next(self, cancel: Callable[[], bool] | None, deadline: float | None):
         """The next message, watching for dead workers, cancel requests and the deadline."""
         while True:
@@ -371,7 +381,7 @@ class WorkerGroup:
                 # A worker killed from outside sends nothing; its peers then fail in a collective.
                 # Name the killed one as the cause (a worker that raises reports before it exits,
                 # so its own message always comes first).
-                killed = [(i, p.exitcode) for i, p in enumerate(self._procs) if not p.is_alive() and (p.exitcode or 0) < 0]
+                killed = self._killed(grace_s=0.5)
                 if msg[4] is not None and not killed:
                     self._teardown()  # the peers may wait in a collective; this frees the GPUs too
                     err = WorkerOutOfMemory(
