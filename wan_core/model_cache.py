@@ -138,8 +138,8 @@ def _load_base(spec: ModelSpec, fp8: str | None, dt, dev):
     """Read the DiT files once, FP8 linears swapped in when asked (an FP8 file as stored, block
     linears of a high-precision file quantised on load); no layers. An offloaded DiT is read into
     host memory with the host's backends; the layers and `set_attention` below set it up for `dev`."""
+    from .layers.fp8_build import load_fp8_dit
     from .loading.dit import load_dit
-    from .loading.fp8 import load_fp8_dit
 
     path = list(spec.dit) if isinstance(spec.dit, tuple) else spec.dit
     host = spec.offload.cpu_offload
