@@ -41,7 +41,7 @@ def populate_models(root: str, scratch: str) -> tuple[dict[str, str], dict[str, 
     whose engine feature (e.g. the FP8 converter) does not work yet. Also writes
     input/example.png beside `root` for LoadImage.
     """
-    from wan_core.loading.convert import convert_to_fp8
+    from wan_core.convert import convert_to_fp8
     from wan_core.loading.dit import save_dit, to_official
     from wan_core.loading.io import read_state_dict
     from wan_core.loading.lora import random_lora, save_lora
@@ -77,7 +77,7 @@ def populate_models(root: str, scratch: str) -> tuple[dict[str, str], dict[str, 
         try:
             convert_to_fp8(comfy[task], put("diffusion_models", name))
         except Exception as e:  # the FP8 engine is not finished: workflows naming this file are skipped
-            missing[name] = f"wan_core.loading.convert.convert_to_fp8 failed: {type(e).__name__}: {e}"
+            missing[name] = f"wan_core.convert.convert_to_fp8 failed: {type(e).__name__}: {e}"
             made.pop(name, None)
     for task, name in (
         ("t2v", "wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors"),

@@ -186,10 +186,10 @@ def test_pending_features_and_unknown_keys(tiny, tmp_path, capsys):
 
 
 def test_convert_fp8_subcommand(tiny, tmp_path, capsys):
-    """`convert-fp8` is wan_core.loading.convert mounted: same file as the Python call, LoRAs merged first."""
+    """`convert-fp8` is wan_core.convert mounted: same file as the Python call, LoRAs merged first."""
     import torch
 
-    from wan_core.loading.convert import convert_to_fp8
+    from wan_core.convert import convert_to_fp8
     from wan_core.loading.io import read_state_dict
     from wan_core.loading.lora import random_lora, save_lora
     from wan_core.loading.tiny import tiny_dit_config

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from wan_core.convert import convert_to_fp8, main
 from wan_core.layers.fp8 import (
     FP8_DTYPE,
     FP8Linear,
@@ -24,10 +25,10 @@ from wan_core.layers.fp8 import (
     resolve_kernel,
     set_fp8_kernel,
 )
+from wan_core.layers.fp8_build import build_fp8_model, load_fp8_dit
 from wan_core.loading import CheckpointError, read_keys
-from wan_core.loading.convert import convert_to_fp8, main
 from wan_core.loading.dit import build_model, save_dit
-from wan_core.loading.fp8 import build_fp8_model, detect_fp8_layout, load_fp8_dit
+from wan_core.loading.fp8 import detect_fp8_layout
 from wan_core.models.config import PRESETS
 
 from .test_dit import _layout, random_state_dict, tiny_cfg

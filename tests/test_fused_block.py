@@ -197,8 +197,8 @@ def test_block_ops_are_chosen_once_and_compile_swaps_nothing():
 def test_loaders_choose_the_block_ops_of_the_device(tmp_path, fp8):
     """load_dit / load_fp8_dit choose the block ops next to the attention backend: on the CPU the
     plain torch expressions (CI runs the forward the tests above compare the fused ops with)."""
+    from wan_core.layers.fp8_build import load_fp8_dit
     from wan_core.loading.dit import load_dit, save_dit
-    from wan_core.loading.fp8 import load_fp8_dit
 
     cfg = tiny_cfg()
     path = save_dit(random_state_dict(cfg), str(tmp_path / "dit"), cfg=cfg)

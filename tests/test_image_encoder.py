@@ -2,7 +2,7 @@
 
 The reference weights come from a random tiny transformers `CLIPVisionModel`; the test writes
 them in Wan's `.pth` layout (fused qkv, [1, 1, dim] class token, ...) and in ComfyUI's
-transformers layout, loads each file through `WanImageEncoder.from_file`, and compares:
+transformers layout, loads each file through `load_image_encoder`, and compares:
 - with transformers' `hidden_states[-2]` (penultimate block output, no post-norm);
 - with a from-scratch forward of the official open-clip ViT written here on the Wan-layout
   tensors, so a qkv split that matched a wrong inverse conversion would still be caught.
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from wan_core.loading.clip import WAN_UNUSED, convert_clip_vision, detect_layout
+from wan_core.loading.clip import WAN_UNUSED, convert_clip_vision, detect_layout, load_image_encoder
 from wan_core.loading.io import CheckpointError
 from wan_core.models.image_encoder import ImageEncoderConfig, WanImageEncoder, preprocess_images
 
@@ -135,7 +135,7 @@ def test_wan_pth_matches_transformers_and_official(tmp_path, dim, heads, pass_he
     path = tmp_path / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
     torch.save(wan_sd, path)
 
-    enc = WanImageEncoder.from_file(path, dtype=torch.float32, device="cpu", num_heads=heads if pass_heads else None)
+    enc = load_image_encoder(path, dtype=torch.float32, device="cpu", num_heads=heads if pass_heads else None)
     assert enc.config == ImageEncoderConfig(
         dim=dim, ffn_dim=2 * dim, num_heads=heads, num_layers=3, num_layers_used=2, image_size=42, patch_size=14
     )
@@ -182,8 +182,8 @@ def test_comfyui_layout_matches_wan_layout(tmp_path, prefix):
     save_file(comfy, tmp_path / "clip_vision_h.safetensors")
 
     images = torch.rand(1, 3, 42, 42) * 2 - 1
-    a = WanImageEncoder.from_file(tmp_path / "wan.pth", torch.float32).encode(images)
-    b = WanImageEncoder.from_file(tmp_path / "clip_vision_h.safetensors", torch.float32).encode(images)
+    a = load_image_encoder(tmp_path / "wan.pth", torch.float32).encode(images)
+    b = load_image_encoder(tmp_path / "clip_vision_h.safetensors", torch.float32).encode(images)
     assert torch.equal(a, b)
 
 
@@ -208,11 +208,11 @@ def test_from_file_adopts_memory_mapped_tensors(tmp_path, name):
         torch.save(_to_wan_layout(tower), path)
     else:
         save_file({f"vision_model.{k}": v.contiguous() for k, v in tower.items()}, path)
-    enc = WanImageEncoder.from_file(path, torch.float32)
+    enc = load_image_encoder(path, torch.float32)
     assert not any(p.is_meta for p in enc.parameters()) and not any(b.is_meta for b in enc.buffers())
     # same dtype on the CPU: every parameter (the split q/k/v included) is the mapped file's data
     assert all(_in_file_mapping(p, path) for p in enc.parameters())
-    half = WanImageEncoder.from_file(path, torch.bfloat16)
+    half = load_image_encoder(path, torch.bfloat16)
     assert half.dtype == torch.bfloat16 and half.encode(torch.zeros(1, 3, 42, 42)).dtype == torch.bfloat16
 
 
@@ -261,30 +261,30 @@ def test_key_maps_cover_the_real_checkpoints():
 
 def test_bad_files_raise_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
-        WanImageEncoder.from_file(tmp_path / "missing.pth")
+        load_image_encoder(tmp_path / "missing.pth")
 
     (tmp_path / "junk.safetensors").write_bytes(b"\x00\x01 not a safetensors file")
     with pytest.raises(CheckpointError, match="not a valid safetensors"):
-        WanImageEncoder.from_file(tmp_path / "junk.safetensors")
+        load_image_encoder(tmp_path / "junk.safetensors")
 
     save_file({"blocks.0.self_attn.q.weight": torch.zeros(4, 4)}, tmp_path / "dit.safetensors")
     with pytest.raises(CheckpointError, match="not a CLIP vision checkpoint"):
-        WanImageEncoder.from_file(tmp_path / "dit.safetensors")
+        load_image_encoder(tmp_path / "dit.safetensors")
 
     wan = _to_wan_layout(_tower_sd(_hf_model(160, 2)))
     broken = {k: v for k, v in wan.items() if k != "visual.transformer.1.mlp.0.bias"}
     torch.save(broken, tmp_path / "broken.pth")
     with pytest.raises(CheckpointError, match=r"missing \['encoder\.layers\.1\.mlp\.fc1\.bias'\]"):
-        WanImageEncoder.from_file(tmp_path / "broken.pth")
+        load_image_encoder(tmp_path / "broken.pth")
 
     odd = dict(wan, **{"visual.pos_embedding": torch.zeros(1, 11, 160)})
     torch.save(odd, tmp_path / "odd.pth")
     with pytest.raises(CheckpointError, match="not 1 \\+ a square grid"):
-        WanImageEncoder.from_file(tmp_path / "odd.pth")
+        load_image_encoder(tmp_path / "odd.pth")
 
     torch.save(dict(wan, **{"visual.transformer.0.attn.extra.weight": torch.zeros(2)}), tmp_path / "extra.pth")
     with pytest.raises(CheckpointError, match="unknown key"):
-        WanImageEncoder.from_file(tmp_path / "extra.pth")
+        load_image_encoder(tmp_path / "extra.pth")
 
     with pytest.raises(CheckpointError, match="pass num_heads"):
         ImageEncoderConfig.from_state_dict(convert_clip_vision(_to_wan_layout(_tower_sd(_hf_model(32, 4)))))

@@ -22,12 +22,13 @@ from wan_core.loading.io import CheckpointError
 from wan_core.loading.t5 import (
     convert_umt5_state_dict,
     detect_layout,
+    load_text_encoder,
     transformers_key_to_wan,
     transformers_to_wan,
     wan_key_to_transformers,
     wan_to_transformers,
 )
-from wan_core.models.text_encoder import WanTextEncoder, build_umt5_encoder, umt5_config_from_state_dict
+from wan_core.models.text_encoder import build_umt5_encoder, umt5_config_from_state_dict
 from wan_core.models.tokenizer import TokenizerError, clean_prompt, load_tokenizer, write_tiny_tokenizer
 
 LAYOUTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", "checkpoint_layouts")
@@ -180,7 +181,7 @@ def test_clean_prompt_follows_wan_whitespace_clean():
 
 
 def test_wan_pth_equals_transformers_and_wan_math(hf_model, hf_sd, tok_dir, wan_pth):
-    enc = WanTextEncoder.from_files(wan_pth, tokenizer=tok_dir, dtype=torch.float32)
+    enc = load_text_encoder(wan_pth, tokenizer=tok_dir, dtype=torch.float32)
     ours = enc.encode(PROMPTS)
     ref, ids, mask = reference_outputs(hf_model, tok_dir, PROMPTS)
     math_out = wan_math(torch.load(wan_pth, weights_only=True), ids, mask, HEADS)
@@ -199,7 +200,7 @@ def test_wan_pth_equals_transformers_and_wan_math(hf_model, hf_sd, tok_dir, wan_
 def test_bf16_equals_transformers_bf16(hf_model, tok_dir, wan_pth):
     import copy
 
-    enc = WanTextEncoder.from_files(wan_pth, tokenizer=tok_dir, dtype=torch.bfloat16)
+    enc = load_text_encoder(wan_pth, tokenizer=tok_dir, dtype=torch.bfloat16)
     assert enc.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in enc.model.parameters())
     ref16, _, _ = reference_outputs(copy.deepcopy(hf_model).to(torch.bfloat16), tok_dir, PROMPTS[:2])
     ref32, _, _ = reference_outputs(hf_model, tok_dir, PROMPTS[:2])
@@ -218,7 +219,7 @@ def test_comfyui_layout_round_trips(tmp_path, hf_model, hf_sd, tok_dir, prefix, 
     path = str(tmp_path / "umt5_xxl_fp16.safetensors")
     save_file({k: v.contiguous() for k, v in sd.items()}, path)
     assert detect_layout(sd) == ("transformers", prefix)
-    enc = WanTextEncoder.from_files(path, dtype=torch.float32)  # tokenizer from the embedded spiece_model
+    enc = load_text_encoder(path, dtype=torch.float32)  # tokenizer from the embedded spiece_model
     ref, _, _ = reference_outputs(hf_model, tok_dir, PROMPTS)
     for o, r in zip(enc.encode(PROMPTS), ref):
         assert o.shape == r.shape and rel_err(o, r) <= 1e-5
@@ -245,7 +246,7 @@ def test_comfyui_fp8_scaled_dequantizes(tmp_path, hf_model, hf_sd, tok_dir):
     sd = _fp8_per_tensor(hf_sd, prefix="umt5xxl.transformer.")
     path = str(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors")
     save_file(sd, path)
-    enc = WanTextEncoder.from_files(path, tokenizer=tok_dir, dtype=torch.float32)
+    enc = load_text_encoder(path, tokenizer=tok_dir, dtype=torch.float32)
     # the loaded weights are exactly fp8 * scale
     name = "encoder.block.1.layer.1.DenseReluDense.wi_0.weight"
     p = "umt5xxl.transformer."
@@ -303,7 +304,7 @@ def test_wan_folder_finds_its_tokenizer(tmp_path, hf_model, hf_sd, tok_dir):
     shutil.copytree(tok_dir, tmp_path / "google" / "umt5-xxl")
     path = str(tmp_path / "models_t5_umt5-xxl-enc-bf16.pth")
     torch.save(transformers_to_wan(hf_sd), path)
-    enc = WanTextEncoder.from_files(path, dtype=torch.float32)
+    enc = load_text_encoder(path, dtype=torch.float32)
     ref, _, _ = reference_outputs(hf_model, tok_dir, PROMPTS[:2])
     for o, r in zip(enc.encode(PROMPTS[:2]), ref):
         assert rel_err(o, r) <= 1e-5
@@ -353,14 +354,14 @@ def test_not_a_t5_file(tmp_path):
     path = str(tmp_path / "dit.safetensors")
     save_file({"blocks.0.self_attn.q.weight": torch.zeros(4, 4), "head.head.weight": torch.zeros(4, 4)}, path)
     with pytest.raises(CheckpointError, match="not a umT5 text encoder checkpoint"):
-        WanTextEncoder.from_files(path, tokenizer=None)
+        load_text_encoder(path, tokenizer=None)
 
 
 def test_missing_or_wrong_tokenizer(tmp_path, hf_sd, tok_dir, wan_pth):
     with pytest.raises(TokenizerError, match="no tokenizer given"):
-        WanTextEncoder.from_files(wan_pth)
+        load_text_encoder(wan_pth)
     with pytest.raises(TokenizerError, match="tokenizer not found"):
-        WanTextEncoder.from_files(wan_pth, tokenizer=str(tmp_path / "google" / "umt5-xxl"))
+        load_text_encoder(wan_pth, tokenizer=str(tmp_path / "google" / "umt5-xxl"))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(TokenizerError, match="no tokenizer.json or spiece.model"):
@@ -369,7 +370,7 @@ def test_missing_or_wrong_tokenizer(tmp_path, hf_sd, tok_dir, wan_pth):
         load_tokenizer(b"definitely not a model")
     big = write_tiny_tokenizer(tmp_path / "big", vocab_size=500)
     with pytest.raises(TokenizerError, match="wrong tokenizer for this checkpoint"):
-        WanTextEncoder.from_files(wan_pth, tokenizer=big)
+        load_text_encoder(wan_pth, tokenizer=big)
 
 
 def test_incomplete_checkpoint(tmp_path, hf_sd):

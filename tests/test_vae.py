@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from wan_core.loading.io import CheckpointError
-from wan_core.loading.vae import diffusers_to_official, load_vae_state_dict
+from wan_core.loading.vae import diffusers_to_official, load_vae, load_vae_state_dict
 from wan_core.models.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, Decoder3d, WanVAE, WanVAEConfig
 
 from .triton_tools import compile_for_hopper, needs_triton, run_interpreted
@@ -333,7 +333,7 @@ def test_file_layouts_round_trip(tmp_path, pair):
     want_video = ours.decode(want_latent)
     for name, path in paths.items():
         assert set(load_vae_state_dict(path)) == set(sd), name
-        model = WanVAE.from_file(path, dtype=torch.float32)
+        model = load_vae(path, dtype=torch.float32)
         assert model.config == ours.config, name
         assert torch.equal(model.encode(video), want_latent), name
         assert torch.equal(model.decode(want_latent), want_video), name
@@ -343,7 +343,7 @@ def test_bf16_close_to_fp32(tmp_path, pair):
     _, ours = pair
     path = tmp_path / "vae.safetensors"
     save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, path)
-    model = WanVAE.from_file(path, dtype=torch.bfloat16)
+    model = load_vae(path, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
     video = torch.rand(1, 3, 5, 16, 24, generator=torch.Generator().manual_seed(5)) * 2 - 1
     latent = model.encode(video)
@@ -360,26 +360,26 @@ def test_wrong_files_give_clear_errors(tmp_path, pair):
     not_vae = tmp_path / "dit.safetensors"
     save_file({"blocks.0.self_attn.q.weight": torch.zeros(4, 4), "head.head.weight": torch.zeros(4, 4)}, not_vae)
     with pytest.raises(CheckpointError, match=r"not a Wan2\.1 VAE.*encoder\.conv1\.weight.*found 2 tensors.*blocks\.0"):
-        WanVAE.from_file(not_vae)
+        load_vae(not_vae)
 
     missing = tmp_path / "missing.safetensors"
     save_file({k: v for k, v in sd.items() if k != "decoder.head.2.bias"}, missing)
     with pytest.raises(
         CheckpointError, match=r"missing\.safetensors.*1 missing tensors \(e\.g\. decoder\.head\.2\.bias\)"
     ):
-        WanVAE.from_file(missing)
+        load_vae(missing)
 
     wrong_shape = tmp_path / "wrong_shape.safetensors"
     save_file({**sd, "decoder.middle.1.proj.bias": torch.zeros(5)}, wrong_shape)
     with pytest.raises(
         CheckpointError, match=r"1 tensors of the wrong shape \(e\.g\. decoder\.middle\.1\.proj\.bias \[5\]"
     ):
-        WanVAE.from_file(wrong_shape)
+        load_vae(wrong_shape)
 
     wan22 = tmp_path / "wan2.2_vae.safetensors"
     save_file({**sd, "decoder.upsamples.0.upsamples.0.residual.2.weight": torch.zeros(1)}, wan22)
     with pytest.raises(CheckpointError, match=r"Wan2\.2 VAE"):
-        WanVAE.from_file(wan22)
+        load_vae(wan22)
 
 
 def test_input_shapes_are_checked(pair):

@@ -26,9 +26,9 @@ import pytest
 import torch
 
 from wan_core.cli import main
+from wan_core.convert import convert_to_fp8
 from wan_core.layers.fp8 import FP8Linear
 from wan_core.layers.lora import apply_loras, lora_report
-from wan_core.loading.convert import convert_to_fp8
 from wan_core.loading.dit import load_dit, save_dit
 from wan_core.loading.lora import random_lora, save_lora
 from wan_core.loading.tiny import tiny_dit_config, write_tiny_model

@@ -244,12 +244,12 @@ def test_api_workflow_runs_headless(name, comfy_dirs):
 def test_second_run_does_not_reload(comfy_dirs, monkeypatch):
     """Models are described by the loader and built once: running the workflow again reads no weights."""
     import wan_core.loading.dit as dit_loading
-    import wan_core.models.text_encoder as te
-    import wan_core.models.vae as vae
+    import wan_core.loading.t5 as t5_loading
+    import wan_core.loading.vae as vae_loading
 
     _run("wan21_t2v_14b_base", comfy_dirs)
     calls = []
-    for mod, attr in ((dit_loading, "load_dit"), (te.WanTextEncoder, "from_files"), (vae.WanVAE, "from_file")):
+    for mod, attr in ((dit_loading, "load_dit"), (t5_loading, "load_text_encoder"), (vae_loading, "load_vae")):
         real = getattr(mod, attr)
         monkeypatch.setattr(mod, attr, lambda *a, _real=real, _n=attr, **k: (calls.append(_n), _real(*a, **k))[1])
     _run("wan21_t2v_14b_base", comfy_dirs)

@@ -275,7 +275,7 @@ def _demo_setup(p: argparse.ArgumentParser):
 
 @subcommand("convert-fp8", "Convert a DiT checkpoint (optionally with LoRAs merged) to per-channel FP8 safetensors")
 def _convert_setup(p: argparse.ArgumentParser):
-    from .loading import convert
+    from . import convert
 
     convert.add_arguments(p)
     return convert.run

@@ -138,8 +138,8 @@ def _load_base(spec: ModelSpec, fp8: str | None, dt, dev):
     """Read the DiT files once, FP8 linears swapped in when asked (an FP8 file as stored, block
     linears of a high-precision file quantised on load); no layers. An offloaded DiT is read into
     host memory with the host's backends; the layers and `set_attention` below set it up for `dev`."""
+    from .layers.fp8_build import load_fp8_dit
     from .loading.dit import load_dit
-    from .loading.fp8 import load_fp8_dit
 
     path = list(spec.dit) if isinstance(spec.dit, tuple) else spec.dit
     host = spec.offload.cpu_offload
@@ -281,7 +281,7 @@ def _part_device(spec: ModelSpec, offloaded: bool) -> str:
 @_normal_tensors
 def build_text_encoder(spec: ModelSpec):
     """The umT5 text encoder (with its tokenizer) of `spec`, cached."""
-    from .models.text_encoder import WanTextEncoder
+    from .loading.t5 import load_text_encoder
 
     if not spec.t5:
         raise ValueError("this ModelSpec names no T5 text encoder file")
@@ -291,31 +291,31 @@ def build_text_encoder(spec: ModelSpec):
     return _cached(
         "t5",
         key,
-        lambda: WanTextEncoder.from_files(spec.t5, spec.tokenizer, dtype=dt, device=dev, text_len=spec.text_len),
+        lambda: load_text_encoder(spec.t5, spec.tokenizer, dtype=dt, device=dev, text_len=spec.text_len),
     )
 
 
 @_normal_tensors
 def build_vae(spec: ModelSpec):
     """The Wan2.1 VAE of `spec`, cached."""
-    from .models.vae import WanVAE
+    from .loading.vae import load_vae
 
     if not spec.vae:
         raise ValueError("this ModelSpec names no VAE file")
     off = spec.offload.vae
     dev, dt = _part_device(spec, off), spec.torch_vae_dtype
     key = (_stamp(spec.vae), dt, dev, off)
-    return _cached("vae", key, lambda: WanVAE.from_file(spec.vae, dtype=dt, device=dev))
+    return _cached("vae", key, lambda: load_vae(spec.vae, dtype=dt, device=dev))
 
 
 @_normal_tensors
 def build_image_encoder(spec: ModelSpec):
     """The CLIP image encoder of `spec` (I2V), cached."""
-    from .models.image_encoder import WanImageEncoder
+    from .loading.clip import load_image_encoder
 
     if not spec.clip:
         raise ValueError("this ModelSpec names no CLIP image encoder file")
     off = spec.offload.image_encoder
     dev, dt = _part_device(spec, off), spec.torch_dtype
     key = (_stamp(spec.clip), dt, dev, off)
-    return _cached("clip", key, lambda: WanImageEncoder.from_file(spec.clip, dtype=dt, device=dev))
+    return _cached("clip", key, lambda: load_image_encoder(spec.clip, dtype=dt, device=dev))

@@ -15,18 +15,27 @@ transformers 4, so the encoder loads these names into whichever of the two it ho
 
 Every tensor of the vision tower gets a name (the encoder decides what it runs); only the
 projection heads are left out. The maps work on any tensors, including `meta` tensors built from a key/shape list, and only
-slice or view (never copy), so memory-mapped weights stay memory-mapped.
+slice or view (never copy), so memory-mapped weights stay memory-mapped. `load_image_encoder` reads a
+file of either layout into a `wan_core.models.image_encoder.WanImageEncoder`.
 """
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
 
-from .io import CheckpointError
+from ..models.image_encoder import ImageEncoderConfig, WanImageEncoder
+from .io import CheckpointError, read_state_dict
 
-__all__ = ["detect_layout", "wan_visual_to_transformers", "transformers_to_canonical", "convert_clip_vision"]
+__all__ = [
+    "detect_layout",
+    "wan_visual_to_transformers",
+    "transformers_to_canonical",
+    "convert_clip_vision",
+    "load_image_encoder",
+]
 
 # official block sub-module -> transformers encoder-layer sub-module (the fused qkv is handled apart)
 _WAN_BLOCK_RENAMES = {
@@ -140,3 +149,43 @@ def convert_clip_vision(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if layout == "wan":
         return wan_visual_to_transformers(sd, prefix)
     return transformers_to_canonical(sd, prefix)
+
+
+def load_image_encoder(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float16,
+    device: str | torch.device = "cpu",
+    num_heads: int | None = None,
+) -> WanImageEncoder:
+    """Build on `meta`, then adopt the file's (memory-mapped) tensors: no second RAM copy.
+
+    Accepts Wan's `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth` and ComfyUI's
+    `clip_vision_h.safetensors` (any key prefix); dimensions, image size included, come from
+    the tensor shapes.
+    """
+    sd = convert_clip_vision(read_state_dict(path))
+    config = ImageEncoderConfig.from_state_dict(sd, num_heads=num_heads)
+    with torch.device("meta"):
+        encoder = WanImageEncoder(config)
+    wanted = encoder.tower.state_dict()
+    # on file but never run (the encoder's docstring): the last block and the final norm
+    skipped = tuple(f"encoder.layers.{i}." for i in range(config.num_layers_used, config.num_layers))
+    skipped += ("post_layernorm.",)
+    sd = {k: v for k, v in sd.items() if not k.startswith(skipped)}
+    missing = sorted(set(wanted) - sd.keys())
+    unexpected = sorted(sd.keys() - set(wanted))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{os.fspath(path)}: CLIP vision tensors do not fit a ViT with {config}: "
+            f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
+        )
+    for k, v in sd.items():
+        expect = wanted[k].shape
+        if v.shape != expect:
+            raise CheckpointError(f"{os.fspath(path)}: {k} has shape {tuple(v.shape)}, expected {tuple(expect)}")
+    encoder.tower.load_state_dict(sd, assign=True, strict=True)
+    # the index buffer is not in any file: rebuild it where the model will live
+    embeddings = encoder.tower.embeddings
+    embeddings.position_ids = torch.arange(config.num_tokens, device=device).unsqueeze(0)
+    return encoder.to(device=device, dtype=dtype)

@@ -17,28 +17,26 @@ Layouts (`detect_fp8_layout` names them):
 - "none": no fp8 tensor (a bf16/fp16/fp32 checkpoint).
 Keys may carry ComfyUI's `model.diffusion_model.` prefix or diffusers names (`to_official`).
 
-What the loader builds: the block linears whose file weights are fp8 become `FP8Linear`
-(e4m3 codes kept as they are, mmap views on the CPU, no dequantise/requantise round trip;
-an e5m2 weight is requantised per channel to e4m3); with `quantize=True` block linears stored in
-high precision are quantised too (a bf16 checkpoint becomes an FP8 model tensor by tensor, no
-second copy of the model in RAM). fp8 weights of the layers kept in high precision (embeddings,
-head, time/text/image projections) are dequantised to the model dtype. Activation scales in a
-file (`scale_input`, `input_scale`) are not used: our kernels compute them per token at run time.
+What this module returns (`read_fp8_dit`, `fp8_state_dict`): official names, fp8 weights as
+stored (e4m3/e5m2 codes, memory-mapped, nothing dequantised) and one float32 [out, 1] scale per
+fp8 weight, whatever the layout. Activation scales in a file (`scale_input`, `input_scale`) are
+dropped: our kernels compute them per token at run time. It builds nothing: the FP8 model (block
+linears swapped for `FP8Linear`, quantise-on-load of a high-precision file) is built by the FP8
+layer, `wan_core.layers.fp8_build.load_fp8_dit`, so the loaders import no layer.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import torch
 
-from ..layers.fp8 import FP8_DTYPE, FP8Linear, is_block_linear, quantize_weight, set_fp8_kernel
 from ..models.config import WanConfig, config_from_json
-from ..models.dit import WanModel
-from .dit import PREFIXES, _check_keys, find_dit_files, param_dtype, to_official
+from .dit import PREFIXES, find_dit_files, to_official
 from .io import CheckpointError, read_keys, read_metadata, read_state_dict
 
-__all__ = ["FP8_LAYOUTS", "detect_fp8_layout", "fp8_state_dict", "build_fp8_model", "load_fp8_dit"]
+__all__ = ["FP8_LAYOUTS", "Fp8Checkpoint", "detect_fp8_layout", "fp8_state_dict", "read_fp8_dit"]
 
 FP8_LAYOUTS = ("lightx2v", "comfyui_scaled", "comfyui_quant", "plain_fp8", "none")
 
@@ -188,72 +186,22 @@ def fp8_state_dict(
     return sd, scales, layout
 
 
-def build_fp8_model(
-    cfg: WanConfig,
-    sd: dict[str, torch.Tensor],
-    scales: dict[str, torch.Tensor],
-    dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu",
-    quantize: bool = False,
-    source: str = "state dict",
-) -> WanModel:
-    """Build on the meta device with FP8Linear where the block linears have fp8 weights (or all
-    block linears with `quantize`), assign the tensors (converted one by one), kernel 'dequant'."""
-    with torch.device("meta"):
-        model = WanModel(cfg)
-    fp8_names = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and is_block_linear(n) and (n in scales or (quantize and f"{n}.weight" in sd))
-    ]
-    for n in fp8_names:
-        lin = model.get_submodule(n)
-        parent, _, child = n.rpartition(".")
-        fp8 = FP8Linear(lin.in_features, lin.out_features, lin.bias is not None, dtype, device="meta")
-        setattr(model.get_submodule(parent), child, fp8)
-    expected = dict(model.state_dict())
-    _check_keys(set(expected), set(sd) | {f"{n}.weight_scale" for n in fp8_names}, source)
+@dataclass(frozen=True)
+class Fp8Checkpoint:
+    """A DiT file read into our FP8 layout (`fp8_state_dict`) with its architecture: nothing built."""
 
-    out: dict[str, torch.Tensor] = {}
-    fp8_set = set(fp8_names)
-    for k, v in sd.items():
-        name = k[: -len(".weight")] if k.endswith(".weight") else None
-        want = tuple(expected[k].shape)
-        if tuple(v.shape) != want:
-            raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, expected {want}")
-        if name in fp8_set:
-            if name in scales and v.dtype == FP8_DTYPE:
-                codes, scale = v, scales[name]
-            else:  # e5m2 codes, or a high-precision weight with quantize=True
-                w = v.float() * scales[name] if name in scales else v
-                codes, scale = quantize_weight(w.to(device))
-            out[k] = codes.to(device)
-            out[f"{name}.weight_scale"] = scale.to(device=device, dtype=torch.float32)
-        elif name is not None and name in scales:  # fp8 weight of a layer we keep in high precision
-            out[k] = (v.to(device).float() * scales[name].to(device)).to(param_dtype(k, dtype))
-        else:
-            out[k] = v.to(device=device, dtype=param_dtype(k, dtype))
-    model.load_state_dict(out, assign=True, strict=True)
-    return model.eval().requires_grad_(False)
+    cfg: WanConfig
+    sd: dict[str, torch.Tensor]  # official names; fp8 weights as stored, the rest as in the file
+    scales: dict[str, torch.Tensor]  # {linear name: float32 [out, 1]} of the fp8 weights
+    layout: str  # one of FP8_LAYOUTS
+    source: str  # the path as given, for error messages
 
 
-def load_fp8_dit(
-    path: str | list[str],
-    kernel: str = "auto",
-    dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu",
-    quantize: bool = False,
-    attention: str = "auto",
-    cross_attention: str | None = None,
-    task: str | None = None,
-    config: dict | None = None,
-) -> WanModel:
-    """Load a Wan2.1 DiT whose block linears are FP8 (any layout of this module), ready to run.
+def read_fp8_dit(path: str | list[str], task: str | None = None, config: dict | None = None) -> Fp8Checkpoint:
+    """Read a Wan2.1 DiT file in any layout of this module (a high-precision one gives no scales).
 
-    kernel: FP8 matmul kernel or LightX2V scheme (`wan_core.layers.fp8`), resolved once for `device`;
-    dtype: compute dtype of everything that is not fp8; quantize: also quantise block linears
-    the file holds in high precision (per-channel scales), e.g. to run a bf16 checkpoint in FP8;
-    the rest as `wan_core.loading.dit.load_dit`.
+    task: 't2v' or 'i2v' to check that the checkpoint fits the run; config: a config.json dict
+    overriding the folder's (else the folder's, else the `wan_config` header of our own files).
     """
     if isinstance(path, (list, tuple)):
         files, folder_cfg = list(path), None
@@ -263,11 +211,6 @@ def load_fp8_dit(
     first = files[0] if isinstance(files, list) else files
     meta = read_metadata(first) if str(first).endswith((".safetensors", ".sft", ".index.json")) else {}
     sd, scales, layout = fp8_state_dict(read_state_dict(files), meta, source)
-    if not scales and not quantize:
-        raise CheckpointError(
-            f"{source}: no fp8 weights in this checkpoint (layout {layout}); load it with load_dit, "
-            "or pass quantize=True to quantise its block linears on load"
-        )
     cfg_json = config if config is not None else folder_cfg
     if cfg_json is None and "wan_config" in meta:
         cfg_json = json.loads(meta["wan_config"])
@@ -277,8 +220,4 @@ def load_fp8_dit(
             f"{source}: this is a {cfg.model_type.upper()} DiT (in_dim {cfg.in_dim}), but the task is {task}; "
             f"use a Wan2.1-{task.upper()} checkpoint"
         )
-    model = build_fp8_model(cfg, sd, scales, dtype=dtype, device=device, quantize=quantize, source=source)
-    model.set_attention(attention, cross_attention, device=device)
-    model.set_block_ops("auto", device=device)  # fused single-pass ops on CUDA, plain torch elsewhere
-    set_fp8_kernel(model, kernel, device)
-    return model
+    return Fp8Checkpoint(cfg, sd, scales, layout, source)

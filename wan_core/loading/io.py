@@ -14,14 +14,12 @@ from collections.abc import Iterable
 
 import torch
 
+from ..models.errors import CheckpointError
+
 __all__ = ["CheckpointError", "read_state_dict", "read_keys", "read_metadata", "expand_paths"]
 
 _SAFETENSORS = (".safetensors", ".sft")
 _PICKLES = (".pth", ".pt", ".bin", ".ckpt")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, or not what the caller asked for."""
 
 
 def expand_paths(path: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:

@@ -11,15 +11,20 @@ ones (`shared.weight`, `encoder.block.N.layer.0.SelfAttention.q.weight`, ...). L
   per-tensor `X.scale_weight` and a `scaled_fp8` marker tensor.
 Quantized weights are dequantized on load (`weight * scale`, computed in fp32, then cast once to
 the compute dtype); float weights already in the compute dtype stay memory-mapped views.
+`load_text_encoder` reads a file of any of these layouts (and finds its tokenizer) into a
+`wan_core.models.text_encoder.WanTextEncoder`.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
 import torch
 
+from ..models.text_encoder import WanTextEncoder, build_umt5_encoder
+from ..models.tokenizer import TEXT_LEN, TokenizerError, load_tokenizer
 from .io import CheckpointError, read_state_dict
 
 __all__ = [
@@ -31,6 +36,8 @@ __all__ = [
     "transformers_to_wan",
     "convert_umt5_state_dict",
     "load_umt5_checkpoint",
+    "find_tokenizer",
+    "load_text_encoder",
 ]
 
 # Wan name -> transformers name. The gated FFN: Wan's `gate.0` is the GELU branch (`wi_0`), its
@@ -247,3 +254,40 @@ def load_umt5_checkpoint(
 ) -> UMT5Checkpoint:
     """Read (memory-mapped) and convert a umT5 encoder file: see `convert_umt5_state_dict`."""
     return convert_umt5_state_dict(read_state_dict(path), dtype, device)
+
+
+def find_tokenizer(checkpoint) -> str | None:
+    """The `google/umt5-xxl` folder beside a Wan-AI checkpoint file, if there is one."""
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        return None
+    folder = os.path.join(os.path.dirname(os.path.abspath(os.fspath(checkpoint))), "google", "umt5-xxl")
+    return folder if os.path.isdir(folder) else None
+
+
+def load_text_encoder(
+    checkpoint,
+    tokenizer=None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    text_len: int = TEXT_LEN,
+) -> WanTextEncoder:
+    """Load the encoder from a checkpoint file (any supported layout) and find its tokenizer.
+
+    `tokenizer`: a `google/umt5-xxl` folder, a `spiece.model` file, sentencepiece bytes or a
+    `UMT5Tokenizer`. If None: the `spiece_model` tensor inside the checkpoint (ComfyUI files),
+    else the `google/umt5-xxl` folder beside the checkpoint (Wan-AI model folders), else a
+    TokenizerError. The tokenizer is resolved before any weight is converted.
+    """
+    raw = read_state_dict(checkpoint)
+    detect_layout(k for k in raw if not k.endswith("spiece_model"))  # not a T5 file: fail here
+    if tokenizer is None:
+        embedded = next((v for k, v in raw.items() if k.endswith("spiece_model")), None)
+        tokenizer = embedded if embedded is not None else find_tokenizer(checkpoint)
+    if tokenizer is None:
+        raise TokenizerError(
+            f"{checkpoint}: no tokenizer given, none embedded in the file (ComfyUI 'spiece_model') and no "
+            "google/umt5-xxl folder beside it; pass tokenizer=<path to the google/umt5-xxl folder>"
+        )
+    tok = load_tokenizer(tokenizer, text_len)
+    ckpt = convert_umt5_state_dict(raw, dtype=dtype, device=device)
+    return WanTextEncoder(build_umt5_encoder(ckpt.state_dict), tok)

@@ -24,7 +24,8 @@ diffusers <-> official, derived from the two module structures (Wan2.1, non-resi
 where offset(I) counts the entries of the decoder's flat `upsamples` list before level I (its
 residual blocks plus its upsampler). Resamplers (`resample.1`, `time_conv`) and attention blocks
 (`norm`, `to_qkv`, `proj`) have the same inner names in both. The maps only rename: tensors stay
-the same objects, so memory-mapped weights stay memory-mapped.
+the same objects, so memory-mapped weights stay memory-mapped. `load_vae` reads a file of any of
+these layouts into a `wan_core.models.vae.WanVAE`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import re
 
 import torch
 
+from ..models.vae import WanVAE
+from ..models.vae_config import WanVAEConfig
 from .io import CheckpointError, read_state_dict
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "to_official_vae",
     "load_vae_state_dict",
     "check_vae_state_dict",
+    "load_vae",
 ]
 
 # Prefixes a VAE's keys may carry in files made by other tools (longest first).
@@ -175,3 +179,30 @@ def check_vae_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, tuple[
         problems.append(f"{len(wrong)} tensors of the wrong shape (e.g. {shown})")
     if problems:
         raise CheckpointError(f"{where}not the expected Wan2.1 VAE ({len(expected)} tensors): " + "; ".join(problems))
+
+
+def load_vae(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    config: WanVAEConfig | None = None,
+) -> WanVAE:
+    """Build on the meta device and assign the (memory-mapped) weights of `path`.
+
+    Accepts every layout `load_vae_state_dict` knows (official `.pth`, ComfyUI safetensors with or
+    without prefix, diffusers `AutoencoderKLWan`). The architecture is read off the tensor shapes
+    unless `config` is given. Tensors already in `dtype` on the CPU stay memory-mapped.
+    """
+    sd = load_vae_state_dict(path)
+    if config is None:
+        try:
+            config = WanVAEConfig.from_state_dict(sd)
+        except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
+            raise CheckpointError(f"{os.fspath(path)}: cannot read the VAE architecture off the tensors ({e!r})") from e
+    with torch.device("meta"):
+        model = WanVAE(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_vae_state_dict(sd, expected, source=os.fspath(path))
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

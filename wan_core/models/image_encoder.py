@@ -10,20 +10,19 @@ is what the DiT's `img_emb` consumes.
 The tower is transformers' `CLIPVisionModel`, which has the same architecture (pre-norm blocks,
 exact-erf GELU, LayerNorm eps 1e-5, class token first, conv patch embedding without bias), built
 with one block fewer than the checkpoint holds and with its final norm removed: the block and
-norm Wan never reads are neither loaded nor run.
+norm Wan never reads are neither loaded nor run. Files are read by
+`wan_core.loading.clip.load_image_encoder`.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loading.clip import convert_clip_vision
-from ..loading.io import CheckpointError, read_state_dict
+from .errors import CheckpointError
 
 __all__ = ["ImageEncoderConfig", "WanImageEncoder", "preprocess_images", "CLIP_MEAN", "CLIP_STD"]
 
@@ -125,47 +124,6 @@ class WanImageEncoder(nn.Module):
         # Wan reads the blocks' output, never the pooled + normed class token
         self.tower.post_layernorm = nn.Identity()
         self.eval().requires_grad_(False)
-
-    @classmethod
-    def from_file(
-        cls,
-        path: str | os.PathLike,
-        dtype: torch.dtype = torch.float16,
-        device: str | torch.device = "cpu",
-        num_heads: int | None = None,
-    ) -> WanImageEncoder:
-        """Build on `meta`, then adopt the file's (memory-mapped) tensors: no second RAM copy.
-
-        Accepts Wan's `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth` and ComfyUI's
-        `clip_vision_h.safetensors` (any key prefix); dimensions, image size included, come from
-        the tensor shapes.
-        """
-        sd = convert_clip_vision(read_state_dict(path))
-        config = ImageEncoderConfig.from_state_dict(sd, num_heads=num_heads)
-        with torch.device("meta"):
-            encoder = cls(config)
-        wanted = encoder.tower.state_dict()
-        # on file but never run (see the module docstring): the last block and the final norm
-        skipped = tuple(f"encoder.layers.{i}." for i in range(config.num_layers_used, config.num_layers))
-        skipped += ("post_layernorm.",)
-        sd = {k: v for k, v in sd.items() if not k.startswith(skipped)}
-        missing = sorted(set(wanted) - sd.keys())
-        unexpected = sorted(sd.keys() - set(wanted))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{os.fspath(path)}: CLIP vision tensors do not fit a ViT with {config}: "
-                f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
-                f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
-            )
-        for k, v in sd.items():
-            expect = wanted[k].shape
-            if v.shape != expect:
-                raise CheckpointError(f"{os.fspath(path)}: {k} has shape {tuple(v.shape)}, expected {tuple(expect)}")
-        encoder.tower.load_state_dict(sd, assign=True, strict=True)
-        # the index buffer is not in any file: rebuild it where the model will live
-        embeddings = encoder.tower.embeddings
-        embeddings.position_ids = torch.arange(config.num_tokens, device=device).unsqueeze(0)
-        return encoder.to(device=device, dtype=dtype)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -14,22 +14,21 @@ true token count (the mask sum). The DiT zero-pads the contexts back to 512 itse
 
 The model is built on the meta device and the memory-mapped tensors are assigned to it, so the
 weights are never held twice in RAM; the architecture is read off the tensor shapes, so tiny
-test checkpoints load through the same path as the 5.7 B-parameter one.
+test checkpoints load through the same path as the 5.7 B-parameter one. Files (every layout)
+and tokenizers are found and read by `wan_core.loading.t5.load_text_encoder`.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 
 import torch
 
-from ..loading.io import CheckpointError, read_state_dict
-from ..loading.t5 import convert_umt5_state_dict, detect_layout
-from .tokenizer import TEXT_LEN, TokenizerError, UMT5Tokenizer, load_tokenizer
+from .errors import CheckpointError
+from .tokenizer import TokenizerError, UMT5Tokenizer
 
-__all__ = ["WanTextEncoder", "umt5_config_from_state_dict", "build_umt5_encoder", "find_tokenizer"]
+__all__ = ["WanTextEncoder", "umt5_config_from_state_dict", "build_umt5_encoder"]
 
 _REL_BIAS = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
 _Q = "encoder.block.0.layer.0.SelfAttention.q.weight"
@@ -100,14 +99,6 @@ def build_umt5_encoder(sd: dict[str, torch.Tensor]):
     return model.requires_grad_(False).eval()
 
 
-def find_tokenizer(checkpoint) -> str | None:
-    """The `google/umt5-xxl` folder beside a Wan-AI checkpoint file, if there is one."""
-    if not isinstance(checkpoint, (str, os.PathLike)):
-        return None
-    folder = os.path.join(os.path.dirname(os.path.abspath(os.fspath(checkpoint))), "google", "umt5-xxl")
-    return folder if os.path.isdir(folder) else None
-
-
 class WanTextEncoder:
     """umT5-XXL encoder + tokenizer with Wan's exact prompt -> context semantics."""
 
@@ -119,36 +110,6 @@ class WanTextEncoder:
                 f"tokenizer has {len(tokenizer)} tokens but the encoder's embedding only "
                 f"{model.config.vocab_size} rows: wrong tokenizer for this checkpoint"
             )
-
-    @classmethod
-    def from_files(
-        cls,
-        checkpoint,
-        tokenizer=None,
-        dtype: torch.dtype = torch.bfloat16,
-        device: str | torch.device = "cpu",
-        text_len: int = TEXT_LEN,
-    ) -> WanTextEncoder:
-        """Load the encoder from a checkpoint file (any supported layout) and find its tokenizer.
-
-        `tokenizer`: a `google/umt5-xxl` folder, a `spiece.model` file, sentencepiece bytes or a
-        `UMT5Tokenizer`. If None: the `spiece_model` tensor inside the checkpoint (ComfyUI files),
-        else the `google/umt5-xxl` folder beside the checkpoint (Wan-AI model folders), else a
-        TokenizerError. The tokenizer is resolved before any weight is converted.
-        """
-        raw = read_state_dict(checkpoint)
-        detect_layout(k for k in raw if not k.endswith("spiece_model"))  # not a T5 file: fail here
-        if tokenizer is None:
-            embedded = next((v for k, v in raw.items() if k.endswith("spiece_model")), None)
-            tokenizer = embedded if embedded is not None else find_tokenizer(checkpoint)
-        if tokenizer is None:
-            raise TokenizerError(
-                f"{checkpoint}: no tokenizer given, none embedded in the file (ComfyUI 'spiece_model') and no "
-                "google/umt5-xxl folder beside it; pass tokenizer=<path to the google/umt5-xxl folder>"
-            )
-        tok = load_tokenizer(tokenizer, text_len)
-        ckpt = convert_umt5_state_dict(raw, dtype=dtype, device=device)
-        return cls(build_umt5_encoder(ckpt.state_dict), tok)
 
     @property
     def device(self) -> torch.device:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Callable
 from fractions import Fraction
 
@@ -381,9 +380,9 @@ def _conv_forms_per_call(method):
 class WanVAE(nn.Module):
     """Wan2.1 VAE. `encode`: video -> normalised latent; `decode`: normalised latent -> video.
 
-    Build from a file with `WanVAE.from_file(path, dtype=..., device=...)`; the weights' dtype is
-    the compute dtype (fp32 or bf16). Inputs may live on another device (e.g. a CPU video): they
-    are moved chunk by chunk.
+    Build from a file with `wan_core.loading.vae.load_vae(path, dtype=..., device=...)`; the
+    weights' dtype is the compute dtype (fp32 or bf16). Inputs may live on another device (e.g. a
+    CPU video): they are moved chunk by chunk.
 
     `channels_last`: store activations as `[B, T, H, W, C]` (logical shape unchanged). cuDNN's
     bf16 3-D convolutions run natively in that layout (NCDHW costs it a transpose in and out of
@@ -544,35 +543,6 @@ class WanVAE(nn.Module):
         if on_frames is not None:
             on_frames(out)
         return out
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                  config: WanVAEConfig | None = None) -> WanVAE:
-        """Build on the meta device and assign the (memory-mapped) weights of `path`.
-
-        Accepts every layout `wan_core.loading.vae.load_vae_state_dict` knows (official `.pth`,
-        ComfyUI safetensors with or without prefix, diffusers `AutoencoderKLWan`). The
-        architecture is read off the tensor shapes unless `config` is given. Tensors already in
-        `dtype` on the CPU stay memory-mapped.
-        """
-        from ..loading.io import CheckpointError
-        from ..loading.vae import check_vae_state_dict, load_vae_state_dict
-
-        sd = load_vae_state_dict(path)
-        if config is None:
-            try:
-                config = WanVAEConfig.from_state_dict(sd)
-            except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
-                raise CheckpointError(
-                    f"{os.fspath(path)}: cannot read the VAE architecture off the tensors ({e!r})"
-                ) from e
-        with torch.device("meta"):
-            model = cls(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        check_vae_state_dict(sd, expected, source=os.fspath(path))
-        sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
-        model.load_state_dict(sd, strict=True, assign=True)
-        return model.eval().requires_grad_(False)
 
 
 def latent_to_raw(z: torch.Tensor) -> torch.Tensor:

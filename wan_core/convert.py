@@ -7,7 +7,8 @@ the architecture in the safetensors header (`wan_config`), so `load_fp8_dit` (an
 `fp8-*` schemes) read it back. LoRAs can be merged into the high-precision weights first:
 merging before the cast loses nothing beyond the cast itself (merging into FP8 codes would).
 
-CLI (mounted by `wan_core.cli` as `python -m wan_core convert-fp8 ...`):
+A tool, not a loader (it builds the FP8 layer and merges LoRAs), so it sits beside the CLI that
+mounts it as `python -m wan_core convert-fp8 ...`:
 
   convert-fp8 SRC DST [--lora FILE[:STRENGTH]]... [--dtype bf16|fp32] [--layout single|comfyui]
 """
@@ -20,8 +21,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..layers.fp8 import FP8Linear, quantize_model
-from .dit import load_dit, save_dit
+from .layers.fp8 import FP8Linear, quantize_model
+from .loading.dit import load_dit, save_dit
 
 __all__ = ["convert_to_fp8", "fp8_export_state_dict", "add_arguments", "run", "main"]
 
