@@ -6,9 +6,8 @@ Sources a user may have, all turned into the same transformers `T5Tokenizer`:
 - a folder or file with only the sentencepiece model (`spiece.model`);
 - the raw sentencepiece model bytes that ComfyUI stores inside its umT5 checkpoints as the uint8
   tensor `spiece_model`.
-A bare sentencepiece model is turned into a transformers tokenizer from its pieces, scores and
-normalizer table, the construction transformers applies to a `spiece.model`; the table is read
-with sentencepiece's own protobuf schema (`sentencepiece_model_pb2`, needs the protobuf package).
+A bare sentencepiece model is converted by transformers itself (`T5TokenizerFast.from_pretrained`
+on a folder holding only `spiece.model`; the conversion reads the model with protobuf).
 
 Prompt cleaning follows the official `clean='whitespace'` path: `ftfy.fix_text`, HTML unescape
 twice, strip, and collapse whitespace runs into one space.
@@ -24,6 +23,7 @@ import io
 import logging
 import os
 import random
+import tempfile
 import warnings
 from collections.abc import Sequence
 
@@ -59,61 +59,42 @@ def clean_prompt(text: str) -> str:
     return _WHITESPACE_RUN.sub(" ", text).strip()
 
 
-# ----------------------------------------------------------------------------- sentencepiece proto
-
-
-def _precompiled_charsmap(model_proto: bytes) -> bytes | None:
-    """`ModelProto.normalizer_spec.precompiled_charsmap`: the compiled NFKC-style table.
-
-    Read with sentencepiece's own schema module, as transformers' `SentencePieceExtractor` does.
-    None for an 'identity' normalizer (no table).
-    """
-    try:
-        from sentencepiece import sentencepiece_model_pb2
-    except Exception as e:  # ImportError without protobuf; protobuf's VersionError when it is too old
-        raise TokenizerError(
-            f"reading a sentencepiece model needs the protobuf package at least as new as the one "
-            f"sentencepiece was generated with (pip install -U protobuf): {type(e).__name__}: {e}"
-        ) from e
-    proto = sentencepiece_model_pb2.ModelProto()
-    try:
-        proto.ParseFromString(model_proto)
-    except Exception as e:
-        raise TokenizerError(f"not a sentencepiece model ({type(e).__name__}: {e})") from e
-    return proto.normalizer_spec.precompiled_charsmap or None
-
-
 # ----------------------------------------------------------------------------- loading
 
 
 def _from_spiece_bytes(model_proto: bytes):
-    """A transformers `T5Tokenizer` with the pieces, scores and normalizer of a sentencepiece model.
+    """A transformers T5 tokenizer made from a bare sentencepiece model by transformers itself.
 
-    The same construction transformers applies when it converts `spiece.model` itself (Unigram
-    model, precompiled normalizer, metaspace pre-tokenizer, `</s>` appended); no extra ids are
-    added, as in ComfyUI, which tokenizes with plain sentencepiece.
+    The bytes are written as `spiece.model` into a temporary folder and loaded with
+    `T5TokenizerFast.from_pretrained`, whose own conversion (needs protobuf) reads the pieces,
+    scores and normalizer table, on transformers 4 and 5 alike. No extra ids are added, as in
+    ComfyUI, which tokenizes with plain sentencepiece.
     """
     import sentencepiece
-    from transformers import T5Tokenizer
+    from transformers import T5TokenizerFast
 
     try:
         sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
     except Exception as e:
         raise TokenizerError(f"not a sentencepiece model ({type(e).__name__}: {e})") from e
-    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
     if sp.pad_id() != 0 or sp.eos_id() != 1 or sp.unk_id() != 2:
         raise TokenizerError(
             "sentencepiece model does not have the T5 special ids (<pad>=0, </s>=1, <unk>=2): "
             f"got pad={sp.pad_id()}, eos={sp.eos_id()}, unk={sp.unk_id()}"
         )
-    return T5Tokenizer(
-        vocab=pieces,
-        _spm_precompiled_charsmap=_precompiled_charsmap(model_proto),
-        eos_token=pieces[1][0],
-        unk_token=pieces[2][0],
-        pad_token=pieces[0][0],
-        extra_ids=0,
-    )
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "spiece.model"), "wb") as f:
+            f.write(model_proto)
+        try:
+            tok = T5TokenizerFast.from_pretrained(
+                folder, extra_ids=0, legacy=True, eos_token=sp.id_to_piece(1), unk_token=sp.id_to_piece(2),
+                pad_token=sp.id_to_piece(0), local_files_only=True,
+            )  # fmt: skip
+        except Exception as e:  # e.g. ImportError: transformers' conversion needs protobuf
+            raise TokenizerError(f"transformers could not convert this sentencepiece model ({type(e).__name__}: {e})") from e
+    if len(tok) != sp.get_piece_size():
+        raise TokenizerError(f"converted tokenizer has {len(tok)} tokens, the sentencepiece model {sp.get_piece_size()}")
+    return tok
 
 
 def _from_folder(folder: str):
