@@ -6,14 +6,11 @@ Sources a user may have, all turned into the same transformers `T5Tokenizer`:
 - a folder or file with only the sentencepiece model (`spiece.model`);
 - the raw sentencepiece model bytes that ComfyUI stores inside its umT5 checkpoints as the uint8
   tensor `spiece_model`.
-A bare sentencepiece model is turned into a transformers tokenizer from its pieces, scores and
-normalizer table. transformers' own conversion needs the protobuf package, which we do not
-require, so the few protobuf fields we need are read by hand (`_proto_fields`).
+A bare sentencepiece model is converted by transformers itself (`T5TokenizerFast.from_pretrained`
+on a folder holding only `spiece.model`; the conversion reads the model with protobuf).
 
-Prompt cleaning follows the official `clean='whitespace'` path: `ftfy.fix_text` (when ftfy is
-installed; otherwise `_fix_text_subset`, which does the ftfy steps that change well-formed text
-and are not already done by the tokenizer's NFKC normalizer), HTML unescape twice, strip, and
-collapse whitespace runs into one space.
+Prompt cleaning follows the official `clean='whitespace'` path: `ftfy.fix_text`, HTML unescape
+twice, strip, and collapse whitespace runs into one space.
 
 `write_tiny_tokenizer` trains a small sentencepiece model at run time and writes a folder in the
 `google/umt5-xxl` layout, for tests and tiny demo models (no download, no network).
@@ -26,10 +23,11 @@ import io
 import logging
 import os
 import random
-import unicodedata
+import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
+import ftfy
 import regex
 import torch
 
@@ -52,128 +50,51 @@ class TokenizerError(ValueError):
 
 # ----------------------------------------------------------------------------- prompt cleaning
 
-_ANSI_ESCAPE = regex.compile(r"\033\[((?:\d|;)*)([a-zA-Z])")
-_SINGLE_QUOTES = regex.compile("[\u02bc\u2018-\u201b]")
-_DOUBLE_QUOTES = regex.compile("[\u201c-\u201f]")
-# ftfy's "control characters to delete": C0 controls other than \t \n \f \r, DEL, deprecated
-# format characters, the BOM, interlinear annotation marks, musical formatting, language tags.
-_CONTROL_CHARS = regex.compile(
-    "[\x00-\x08\x0b\x0e-\x1f\x7f\u206a-\u206f\ufeff\ufff9-\ufffc\U0001d173-\U0001d17a\U000e0000-\U000e007f]"
-)
 _WHITESPACE_RUN = regex.compile(r"\s+")
-
-
-def _fix_text_subset(text: str) -> str:
-    """The part of `ftfy.fix_text` (default settings) that alters well-formed text.
-
-    Left out: mojibake repair (only matters for text that was decoded with the wrong codec),
-    C1-control decoding, and the width / ligature / line-break fixes, whose effect the tokenizer's
-    NFKC normalizer and the whitespace collapse below already produce.
-    """
-    if "<" not in text:  # ftfy's unescape_html="auto" leaves text that looks like HTML alone
-        text = html.unescape(text)
-    text = _ANSI_ESCAPE.sub("", text)
-    text = _DOUBLE_QUOTES.sub('"', _SINGLE_QUOTES.sub("'", text))
-    text = _CONTROL_CHARS.sub("", text)
-    return unicodedata.normalize("NFC", text)
-
-
-def _fix_text(text: str) -> str:
-    try:
-        import ftfy
-    except ImportError:
-        return _fix_text_subset(text)
-    return ftfy.fix_text(text)
 
 
 def clean_prompt(text: str) -> str:
     """Wan's 'whitespace' cleaning: fix text, HTML-unescape twice, collapse whitespace, strip."""
-    text = html.unescape(html.unescape(_fix_text(text))).strip()
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return _WHITESPACE_RUN.sub(" ", text).strip()
-
-
-# ----------------------------------------------------------------------------- sentencepiece proto
-
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if i >= len(buf):
-            raise TokenizerError("truncated protobuf varint")
-        byte = buf[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, i
-
-
-def _proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) of each field of one serialized protobuf message, in order."""
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 1:
-            value, i = buf[i : i + 8], i + 8
-        elif wire == 5:
-            value, i = buf[i : i + 4], i + 4
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            value, i = buf[i : i + n], i + n
-        else:
-            raise TokenizerError(f"unsupported protobuf wire type {wire}")
-        if i > len(buf):
-            raise TokenizerError("truncated protobuf message")
-        yield field, value
-
-
-def _precompiled_charsmap(model_proto: bytes) -> bytes | None:
-    """`ModelProto.normalizer_spec (3) .precompiled_charsmap (2)`: the compiled NFKC-style table.
-
-    None for an 'identity' normalizer (no table).
-    """
-    for field, value in _proto_fields(model_proto):
-        if field == 3 and isinstance(value, bytes):
-            for f, v in _proto_fields(value):
-                if f == 2 and isinstance(v, bytes) and len(v) > 0:
-                    return v
-    return None
 
 
 # ----------------------------------------------------------------------------- loading
 
 
 def _from_spiece_bytes(model_proto: bytes):
-    """A transformers `T5Tokenizer` with the pieces, scores and normalizer of a sentencepiece model.
+    """A transformers T5 tokenizer made from a bare sentencepiece model by transformers itself.
 
-    The same construction transformers applies when it converts `spiece.model` itself (Unigram
-    model, precompiled normalizer, metaspace pre-tokenizer, `</s>` appended); no extra ids are
-    added, as in ComfyUI, which tokenizes with plain sentencepiece.
+    The bytes are written as `spiece.model` into a temporary folder and loaded with
+    `T5TokenizerFast.from_pretrained`, whose own conversion (needs protobuf) reads the pieces,
+    scores and normalizer table, on transformers 4 and 5 alike. No extra ids are added, as in
+    ComfyUI, which tokenizes with plain sentencepiece.
     """
     import sentencepiece
-    from transformers import T5Tokenizer
+    from transformers import T5TokenizerFast
 
     try:
         sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
     except Exception as e:
         raise TokenizerError(f"not a sentencepiece model ({type(e).__name__}: {e})") from e
-    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
     if sp.pad_id() != 0 or sp.eos_id() != 1 or sp.unk_id() != 2:
         raise TokenizerError(
             "sentencepiece model does not have the T5 special ids (<pad>=0, </s>=1, <unk>=2): "
             f"got pad={sp.pad_id()}, eos={sp.eos_id()}, unk={sp.unk_id()}"
         )
-    return T5Tokenizer(
-        vocab=pieces,
-        _spm_precompiled_charsmap=_precompiled_charsmap(model_proto),
-        eos_token=pieces[1][0],
-        unk_token=pieces[2][0],
-        pad_token=pieces[0][0],
-        extra_ids=0,
-    )
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "spiece.model"), "wb") as f:
+            f.write(model_proto)
+        try:
+            tok = T5TokenizerFast.from_pretrained(
+                folder, extra_ids=0, legacy=True, eos_token=sp.id_to_piece(1), unk_token=sp.id_to_piece(2),
+                pad_token=sp.id_to_piece(0), local_files_only=True,
+            )  # fmt: skip
+        except Exception as e:  # e.g. ImportError: transformers' conversion needs protobuf
+            raise TokenizerError(f"transformers could not convert this sentencepiece model ({type(e).__name__}: {e})") from e
+    if len(tok) != sp.get_piece_size():
+        raise TokenizerError(f"converted tokenizer has {len(tok)} tokens, the sentencepiece model {sp.get_piece_size()}")
+    return tok
 
 
 def _from_folder(folder: str):
