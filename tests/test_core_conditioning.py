@@ -81,7 +81,9 @@ def test_multigpu_sampler_takes_core_conditioning(tiny):
     text = _embeds(model)
     par = dict(num_gpus=1, ulysses_degree=1, ring_degree=1, cfg_parallel=False)
     ours = _sample("WanMultiGPUSampler", model=model, text_embeds=text, **par)
-    theirs = _sample("WanMultiGPUSampler", model=model, positive=core(text.positive), negative=core(text.negative), **par)
+    theirs = _sample(
+        "WanMultiGPUSampler", model=model, positive=core(text.positive), negative=core(text.negative), **par
+    )
     assert torch.equal(ours, theirs)
 
 
