@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -242,8 +243,9 @@ def context_from_conditioning(conditioning, text_len: int = 512) -> torch.Tensor
     [tensor [1, N, D], dict]: the prompt's tokens and </s>, then pad tokens up to 512 that were
     masked out of the encoder's attention and zeroed in its output. Zero rows at the end are what
     the DiT appends itself, so they are trimmed: the result equals our encoder's per-prompt
-    features. Entries or keys this sampler cannot honour (combined conditionings, areas, masks,
-    timestep ranges, core I2V keys) are errors, never dropped.
+    features; a prompt over `text_len` tokens is cut there with a warning, as our encoder does.
+    Entries or keys this sampler cannot honour (combined conditionings, areas, masks, timestep
+    ranges, core I2V keys) are errors, never dropped.
     """
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
         raise ValueError(
@@ -270,11 +272,13 @@ def context_from_conditioning(conditioning, text_len: int = 512) -> torch.Tensor
     filled = (ctx != 0).any(dim=1).nonzero()
     # an all-zero conditioning (ConditioningZeroOut) keeps one zero row
     n = int(filled[-1]) + 1 if filled.numel() else 1
-    if n > text_len:
-        raise ValueError(
-            f"the prompt is {n} tokens long; Wan takes at most {text_len} (the official encoder truncates there): "
-            "shorten the prompt"
+    if n > text_len:  # as our encoder does with a long prompt (the official one truncates there)
+        warnings.warn(
+            f"a prompt of {n} tokens is cut to the DiT's {text_len} (text_len): the words after about token "
+            f"{text_len} have no effect",
+            stacklevel=2,
         )
+        n = text_len
     return ctx[:n].clone()  # [L, D]
 
 
