@@ -9,6 +9,7 @@ from wan_core.api import (
     ParallelConfig,
     RunCancelled,
     SamplerSettings,
+    context_from_conditioning,
     latent_to_raw,
     latent_to_rgb,
     preview_projection,
@@ -19,6 +20,7 @@ from wan_core.api import (
 from . import compat, stats
 from .types import (
     CATEGORY,
+    CONDITIONING,
     DISTILL_STEP_LIST,
     LATENT,
     WAN_CACHE,
@@ -48,7 +50,6 @@ def sampler_inputs() -> dict:
     return {
         "required": {
             "model": (WAN_MODEL,),
-            "text_embeds": (WAN_TEXT_EMBEDS,),
             "width": (
                 "INT",
                 {
@@ -95,8 +96,34 @@ def sampler_inputs() -> dict:
             "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
             "denoising_step_list": ("STRING", {"default": DISTILL_STEP_LIST, "tooltip": "distill scheduler only"}),
         },
-        "optional": {"image_embeds": (WAN_IMAGE_EMBEDS, {"tooltip": "I2V: from WanImageEncode"})},
+        "optional": {
+            "text_embeds": (WAN_TEXT_EMBEDS, {"tooltip": "from WanTextEncode; or connect positive/negative instead"}),
+            "positive": (CONDITIONING, {"tooltip": "instead of text_embeds: core CLIPTextEncode (CLIPLoader wan)"}),
+            "negative": (CONDITIONING, {"tooltip": "instead of text_embeds: core CLIPTextEncode; guidance > 1"}),
+            "image_embeds": (WAN_IMAGE_EMBEDS, {"tooltip": "I2V: from WanImageEncode"}),
+        },
     }
+
+
+def text_inputs(text_embeds: TextEmbeds | None, positive, negative, guidance: float):
+    """(positive, negative) umT5 features [L, 4096] from WanTextEncode's embeds or from core CONDITIONING."""
+    if text_embeds is not None:
+        if positive is not None or negative is not None:
+            raise ValueError(
+                "connect either text_embeds (WanTextEncode) or positive/negative (CLIPTextEncode), not both"
+            )
+        return text_embeds.positive, text_embeds.negative
+    if positive is None:
+        raise ValueError(
+            "no prompt: connect text_embeds (from WanTextEncode) or positive (from a core CLIPTextEncode, CLIPLoader type wan)"
+        )
+    if negative is None and guidance != 1.0:
+        raise ValueError(
+            "guidance > 1 needs a negative prompt: connect a CLIPTextEncode to negative (Wan's default negative "
+            "prompt, or an empty one), or set guidance to 1"
+        )
+    neg = context_from_conditioning(negative) if negative is not None else None
+    return context_from_conditioning(positive), neg
 
 
 def check_run(model: ModelSpec, image_embeds: ImageEmbeds | None, width: int, height: int, num_frames: int):
@@ -153,19 +180,22 @@ class WanSampler:
     def sample(
         self,
         model: ModelSpec,
-        text_embeds: TextEmbeds,
-        width: int,
-        height: int,
-        num_frames: int,
-        steps: int,
-        guidance: float,
-        shift: float,
-        scheduler: str,
-        seed: int,
+        text_embeds: TextEmbeds | None = None,
+        width: int = 832,
+        height: int = 480,
+        num_frames: int = 81,
+        steps: int = 50,
+        guidance: float = 5.0,
+        shift: float = 5.0,
+        scheduler: str = "unipc",
+        seed: int = 42,
         denoising_step_list: str = DISTILL_STEP_LIST,
         image_embeds: ImageEmbeds | None = None,
         cache: CacheSettings | None = None,
+        positive=None,
+        negative=None,
     ):
+        pos, neg = text_inputs(text_embeds, positive, negative, guidance)
         size, i2v = check_run(model, image_embeds, width, height, num_frames)
         run = settings(steps, guidance, shift, scheduler, seed, denoising_step_list, cache)
         proj = previews(model)
@@ -182,7 +212,7 @@ class WanSampler:
             image = compat.preview_payload(latent_to_rgb(info.x0, proj)) if proj is not None else None
             progress.update(info.step + 1, image)
 
-        result = run_sampler(model, run, text_embeds.positive, text_embeds.negative, size, i2v, on_step, stage)
+        result = run_sampler(model, run, pos, neg, size, i2v, on_step, stage)
         records[-1].update(steps=result.steps, seconds_per_step=round(records[-1]["seconds"] / result.steps, 3))
         records[-1].update(cache_fields(result.cache_report))
         out = {"samples": latent_to_raw(result.latent)}  # ComfyUI's LATENT convention: raw VAE latents
@@ -220,15 +250,15 @@ class WanMultiGPUSampler:
     def sample(
         self,
         model: ModelSpec,
-        text_embeds: TextEmbeds,
-        width: int,
-        height: int,
-        num_frames: int,
-        steps: int,
-        guidance: float,
-        shift: float,
-        scheduler: str,
-        seed: int,
+        text_embeds: TextEmbeds | None = None,
+        width: int = 832,
+        height: int = 480,
+        num_frames: int = 81,
+        steps: int = 50,
+        guidance: float = 5.0,
+        shift: float = 5.0,
+        scheduler: str = "unipc",
+        seed: int = 42,
         denoising_step_list: str = DISTILL_STEP_LIST,
         num_gpus: int = 2,
         ulysses_degree: int = 2,
@@ -236,7 +266,10 @@ class WanMultiGPUSampler:
         cfg_parallel: bool = False,
         image_embeds: ImageEmbeds | None = None,
         cache: CacheSettings | None = None,
+        positive=None,
+        negative=None,
     ):
+        pos, neg = text_inputs(text_embeds, positive, negative, guidance)
         size, i2v = check_run(model, image_embeds, width, height, num_frames)
         run = settings(steps, guidance, shift, scheduler, seed, denoising_step_list, cache)
         parallel = ParallelConfig(cfg=2 if cfg_parallel else 1, ulysses=ulysses_degree, ring=ring_degree)
@@ -261,7 +294,7 @@ class WanMultiGPUSampler:
         with stats.stage("multi-GPU sample", model.torch_device) as rec:
             try:
                 result = run_sampler_on_workers(
-                    model, run, text_embeds.positive, text_embeds.negative, size, parallel, i2v, on_step,
+                    model, run, pos, neg, size, parallel, i2v, on_step,
                     cancel=lambda: bool(interrupted) or compat.cancel_requested(), preview=proj is not None,
                 )  # fmt: skip
             except RunCancelled:

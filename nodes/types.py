@@ -22,6 +22,7 @@ WAN_CACHE = "WAN_CACHE"  # CacheSettings (feature caching for the sampler)
 # ComfyUI's own types, for interop with core nodes
 IMAGE = "IMAGE"  # float [T, H, W, 3] in [0, 1]
 LATENT = "LATENT"  # {"samples": [B, 16, F, h, w]} raw VAE latents, as ComfyUI's own nodes exchange them
+CONDITIONING = "CONDITIONING"  # [[tensor [1, tokens, 4096], dict]]: core CLIPTextEncode of a CLIPLoader (type wan)
 
 CATEGORY = "Wan Fast"
 

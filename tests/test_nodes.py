@@ -19,7 +19,7 @@ from tests.comfyui_helpers import REPO, WIDGET_TYPES, check_value, populate_mode
 from wan_core.layers.offload import OffloadOptions
 
 CUSTOM_TYPES = {types.WAN_MODEL, types.WAN_TEXT_EMBEDS, types.WAN_IMAGE_EMBEDS, types.WAN_OFFLOAD, types.WAN_CACHE}
-COMFY_TYPES = {"IMAGE", "LATENT", "MASK"}
+COMFY_TYPES = {"IMAGE", "LATENT", "MASK", "CONDITIONING"}
 EXPECTED_NODES = {
     "WanModelLoader", "WanFP8Loader", "WanLoraApply", "WanOffloadConfig", "WanTextEncode", "WanImageEncode",
     "WanSampler", "WanCacheConfig", "WanMultiGPUSampler", "WanVAEDecode", "WanSaveVideo",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ __all__ = [
     "SamplerSettings",
     "SamplerResult",
     "cache_config",
+    "context_from_conditioning",
     "decode_video",
     "encode_prompts",
     "encode_start_image",
@@ -155,6 +157,18 @@ def _request(
     return SampleRequest(make_noise(shape, settings.seed), sched, cond, uncond, settings.guidance, preview, cache)
 
 
+def _check_text_width(dit: torch.nn.Module, *texts: torch.Tensor | None) -> None:
+    """A clear error for text features of another encoder (core conditioning from a CLIP-L, a T5 of
+    another width), instead of a matmul shape error deep in the DiT."""
+    want = getattr(getattr(dit, "cfg", None), "text_dim", None)
+    for t in texts:
+        if want is not None and t is not None and t.shape[-1] != want:
+            raise ValueError(
+                f"the text features are {t.shape[-1]} wide but this DiT takes {want} (umT5-XXL): the conditioning "
+                "comes from another text encoder; for core nodes use CLIPLoader with type 'wan' and umt5_xxl"
+            )
+
+
 @contextlib.contextmanager
 def _no_stage(name: str) -> Iterator[None]:
     yield None
@@ -183,6 +197,7 @@ def run_sampler(
     with contextlib.ExitStack() as held:
         with stage("load DiT"):
             dit = held.enter_context(lease(spec))  # the shared DiT at this spec's LoRAs/offload, held for the run
+        _check_text_width(dit, positive, negative)
         with stage("sample"), torch.inference_mode():
             latent, report = denoise_request(dit, req, callback, device=device)
     return SamplerResult(latent.cpu(), len(req.scheduler), report)
@@ -214,6 +229,57 @@ def run_sampler_on_workers(
     group = get_worker_group(parallel.world_size, parallel, device=kind)
     latent, report = group.run(spec, req, progress, cancel=cancel)
     return SamplerResult(latent, len(req.scheduler), report)
+
+
+# ------------------------------------------------------------------------- ComfyUI's core conditioning
+# keys of a core conditioning entry that carry nothing for a Wan text condition
+_NEUTRAL_KEYS = frozenset({"pooled_output", "attention_mask"})
+
+
+def context_from_conditioning(conditioning, text_len: int = 512) -> torch.Tensor:
+    """umT5 features [L, D] (what `encode_prompts` gives) from ComfyUI's CONDITIONING of one prompt.
+
+    ComfyUI's Wan text path (`CLIPLoader` type wan + `CLIPTextEncode`) gives a list of one
+    [tensor [1, N, D], dict]: the prompt's tokens and </s>, then pad tokens up to 512 that were
+    masked out of the encoder's attention and zeroed in its output. Zero rows at the end are what
+    the DiT appends itself, so they are trimmed: the result equals our encoder's per-prompt
+    features; a prompt over `text_len` tokens is cut there with a warning, as our encoder does.
+    Entries or keys this sampler cannot honour (combined conditionings, areas, masks, timestep
+    ranges, core I2V keys) are errors, never dropped.
+    """
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ValueError(
+            "conditioning must be ComfyUI's CONDITIONING: a list of [tensor, dict] (e.g. from CLIPTextEncode)"
+        )
+    if len(conditioning) != 1:
+        raise ValueError(
+            f"the conditioning holds {len(conditioning)} entries (ConditioningCombine?): the Wan sampler takes one "
+            "prompt per input; use ConditioningConcat or one CLIPTextEncode"
+        )
+    entry = conditioning[0]
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[0], torch.Tensor):
+        raise ValueError("a CONDITIONING entry must be [tensor [1, tokens, 4096], dict]")
+    cond, extra = entry
+    other = sorted(k for k, v in (extra or {}).items() if k not in _NEUTRAL_KEYS and v is not None)
+    if other:
+        raise ValueError(
+            f"the conditioning carries {other}, which this sampler does not apply (only the text features are used); "
+            "for image-to-video use WanImageEncode, not the core Wan image nodes"
+        )
+    if cond.dim() != 3 or cond.shape[0] != 1:
+        raise ValueError(f"the conditioning tensor must be [1, tokens, features], got {list(cond.shape)}")
+    ctx = cond[0].detach().to("cpu", torch.float32)  # [N, D]
+    filled = (ctx != 0).any(dim=1).nonzero()
+    # an all-zero conditioning (ConditioningZeroOut) keeps one zero row
+    n = int(filled[-1]) + 1 if filled.numel() else 1
+    if n > text_len:  # as our encoder does with a long prompt (the official one truncates there)
+        warnings.warn(
+            f"a prompt of {n} tokens is cut to the DiT's {text_len} (text_len): the words after about token "
+            f"{text_len} have no effect",
+            stacklevel=2,
+        )
+        n = text_len
+    return ctx[:n].clone()  # [L, D]
 
 
 # ------------------------------------------------------------------------- encoders, decoder, previews
