@@ -33,7 +33,7 @@ def model_bytes(model) -> int:
 
 
 def timed_build(name: str, build: Callable, spec):
-    """`build(spec)`, logged as "DiT: 26.70 GiB in 41.2 s" (a model the cache already holds takes no time)."""
+    """`build(spec)`, logged as "DiT: <size> GiB in <time> s" (a model the cache already holds takes no time)."""
     t0 = time.perf_counter()
     model = build(spec)
     dt = time.perf_counter() - t0
