@@ -3,6 +3,7 @@ with `triton_interp`'s fixes imported first by the script) and compiling a kerne
 cubin on this GPU-less machine (what only the compiler rejects fails here, not on the GPU)."""
 
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -50,5 +51,12 @@ def compile_for_hopper(fn, sig: dict, constexprs: dict, num_warps: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    # Parameters left out that have a default (e.g. an optional pointer `q_ptr=None`) are passed as
+    # constexprs with that default: newer triton (3.8) needs every parameter in the signature.
+    params = inspect.signature(fn.fn).parameters
+    constexprs = dict(constexprs)
+    for name, p in params.items():
+        if name not in sig and name not in constexprs and p.default is not inspect.Parameter.empty:
+            constexprs[name] = p.default
     src = ASTSource(fn=fn, signature=dict(sig, **{k: "constexpr" for k in constexprs}), constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
