@@ -83,6 +83,9 @@ class WanPartPatcher:
 
     def detach(self, unpatch_all: bool = True) -> torch.nn.Module:
         if unpatch_all and _PATCHERS.get(self.part) is self:  # unpatch_all=False: the re-entry above
+            for loaded in _MM.current_loaded_models:  # ComfyUI drops its entry after this returns:
+                if loaded.model is self and loaded.model_finalizer is not None:  # the weights dying first
+                    loaded.model_finalizer.detach()  # must not shrink the list it is walking
             self.detaching = True
             try:
                 if not evict(self.part):
@@ -140,10 +143,28 @@ def install(model_management=None) -> bool:
     return True
 
 
+def loaded_models() -> list[dict]:
+    """ComfyUI's loaded models, ours and others: [{"class": module class, "device": ..., "part": ours or None}]."""
+    if _MM is None:
+        return []
+    out = []
+    for loaded in list(_MM.current_loaded_models):
+        patcher = loaded.model
+        if patcher is None:
+            continue
+        out.append(dict(
+            part=patcher.part if isinstance(patcher, WanPartPatcher) else None,
+            device=str(loaded.device),
+            **{"class": type(getattr(patcher, "model", None)).__name__},
+        ))  # fmt: skip
+    return out
+
+
 def add_route(prompt_server) -> None:
-    """GET /wan_fast/memory: {"parts": {part: {device: bytes}}, "tracked": [parts ComfyUI lists]}."""
+    """GET /wan_fast/memory: {"parts": {part: {device: bytes}} (our cache), "tracked": [our parts
+    ComfyUI lists], "comfyui": loaded_models()}."""
     from aiohttp import web
 
     @prompt_server.routes.get(ROUTE)
     async def memory_state(request):
-        return web.json_response({"parts": memory_report(), "tracked": tracked_parts()})
+        return web.json_response({"parts": memory_report(), "tracked": tracked_parts(), "comfyui": loaded_models()})
