@@ -37,7 +37,8 @@ def _normal_device(device) -> torch.device:
 class WanPartPatcher:
     """One cached part as `comfy.model_management.LoadedModel` sees a `ModelPatcher`.
 
-    Sizes are read live from the module (LoRA branches and offload change them). Nothing is ever
+    Sizes are the bytes on its device, read live from the module (LoRA branches and offload change
+    them), so ComfyUI sees it fully loaded and never asks VRAM for its host copies. Nothing is ever
     moved by ComfyUI: loading is a no-op (the engine placed the weights), a partial unload frees
     nothing, and `detach` evicts the part from the engine's cache (after the run, for a leased DiT).
     """
@@ -52,7 +53,7 @@ class WanPartPatcher:
         self.detaching = False
 
     def model_size(self) -> int:
-        return sum(part_bytes(self.model).values())
+        return self.loaded_size()  # only what sits on its device: a host copy (offload) is no VRAM to free
 
     def loaded_size(self) -> int:
         return part_bytes(self.model).get(str(self.load_device), 0)
