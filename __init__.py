@@ -42,6 +42,25 @@ def _register_tasks_api() -> None:
         logging.getLogger("wan_fast").exception("the LightX2V-compatible task API could not be added")
 
 
+def _register_memory() -> None:
+    """Inside ComfyUI only: our cached models join its model management (nodes/memory.py), and
+    GET /wan_fast/memory reports them. Outside ComfyUI nothing is registered."""
+    try:
+        if __package__:
+            from .nodes import memory
+        else:
+            from nodes import memory
+        if memory.install():
+            prompt_server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+            if prompt_server is not None and hasattr(prompt_server, "routes"):
+                memory.add_route(prompt_server)
+    except Exception:  # the nodes must keep working without it
+        import logging
+
+        logging.getLogger("wan_fast").exception("could not register with ComfyUI's model management")
+
+
 _register_tasks_api()
+_register_memory()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

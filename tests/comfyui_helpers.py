@@ -226,3 +226,19 @@ def run_api(graph: dict, input_dir: str | None = None) -> dict:
     for nid in outputs:
         run(nid)
     return done
+
+
+def write_core_wan_vae(path: str, seed: int = 0) -> str:
+    """A Wan2.1 VAE at its real width (random bf16 weights, ~250 MB) for ComfyUI's core VAELoader,
+    whose Wan VAE has a fixed width (the tiny one does not load there)."""
+    from safetensors.torch import save_file
+
+    from wan_core.models.vae import WanVAE, WanVAEConfig
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in WanVAE(WanVAEConfig()).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(sd, path)
+    return path

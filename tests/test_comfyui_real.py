@@ -9,7 +9,9 @@ models/ holds tiny random models under the example workflows' file names and who
 custom_nodes/ links this repository. The tests: the pack imports without errors, /object_info
 lists every node, the templates and the front-end extension are served, each API workflow
 (sizes reduced) posted to /prompt finishes with its mp4 in /history, /interrupt stops a long
-run, and `comfy run --workflow <api json> --wait` finishes against the same server.
+run, `comfy run --workflow <api json> --wait` finishes against the same server, and our models
+live under ComfyUI's model management (`POST /free` releases them; a core node that loads a model
+after our sampler runs in the same graph).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import uuid
 import pytest
 
 from nodes import NODE_CLASS_MAPPINGS
-from tests.comfyui_helpers import REPO, WORKFLOW_NAMES, load_api, populate_models, reduce_api
+from tests.comfyui_helpers import REPO, WORKFLOW_NAMES, load_api, populate_models, reduce_api, write_core_wan_vae
 
 pytestmark = pytest.mark.comfyui
 PACK = "comfyui-wan-fast"
@@ -239,3 +241,49 @@ def test_comfy_cli_run_wait(server, tmp_path):
         f for _, _, fs in os.walk(os.path.join(server.base, "output", "real")) for f in fs if f.startswith("comfy_cli")
     ]
     assert saved, out.stdout[-2000:]
+
+
+def _memory(server) -> dict:
+    return server.get("/wan_fast/memory")
+
+
+def _ok(server, graph: dict) -> dict:
+    entry = server.wait_history(server.queue(graph))
+    status = entry["status"]
+    if status["status_str"] == "error":
+        err = next((m[1] for m in status["messages"] if m[0] == "execution_error"), {})
+        pytest.fail(f"run failed in ComfyUI: {json.dumps(err)[:3000]}")
+    return entry
+
+
+def test_free_releases_our_models_and_a_core_node_follows_our_sampler(server):
+    """Our parts are in ComfyUI's `current_loaded_models`; POST /free {"unload_models": true}
+    empties our cache and ComfyUI's list of them; the next run reloads them, and a core VAE decode
+    (core VAELoader + VAEDecode: `load_models_gpu` with our models listed) after our sampler in
+    the same graph completes."""
+    graph = reduce_api(load_api("wan21_t2v_14b_distill_merged"), prefix="real/memory")
+    _ok(server, graph)
+    mem = _memory(server)
+    assert {"dit", "t5", "vae"} <= set(mem["parts"]) and mem["parts"]["dit"]["cpu"] > 0, mem
+    assert {"dit", "t5", "vae"} <= set(mem["tracked"]), mem  # ComfyUI's accounting lists them
+    assert {m["part"] for m in mem["comfyui"]} >= {"dit", "t5", "vae"}
+
+    assert server.post("/free", {"unload_models": True})[0] == 200
+    end = time.time() + 60
+    while _memory(server)["parts"]:  # handled by ComfyUI's worker loop between prompts
+        assert time.time() < end, f"/free left our models loaded: {_memory(server)}"
+        time.sleep(0.5)
+    mem = _memory(server)
+    assert mem["tracked"] == [] and not any(m["part"] for m in mem["comfyui"]), mem
+
+    write_core_wan_vae(os.path.join(server.base, "models", "vae", "core_wan_2.1_vae.safetensors"))
+    sampler = next(k for k, n in graph.items() if n["class_type"] == "WanSampler")
+    graph[sampler]["inputs"]["seed"] += 1  # a new run of the sampler (its cached output is not reused)
+    graph["90"] = {"class_type": "VAELoader", "inputs": {"vae_name": "core_wan_2.1_vae.safetensors"}}
+    graph["91"] = {"class_type": "VAEDecode", "inputs": {"samples": [sampler, 0], "vae": ["90", 0]}}
+    graph["92"] = {"class_type": "PreviewImage", "inputs": {"images": ["91", 0]}}
+    entry = _ok(server, graph)
+    assert entry["outputs"]["92"]["images"], "the core VAE decode after our sampler gave no image"
+    mem = _memory(server)
+    assert "dit" in mem["parts"] and "dit" in mem["tracked"], mem  # reloaded by the second run
+    assert any(m["part"] is None for m in mem["comfyui"]), mem  # the core VAE is listed beside ours

@@ -29,7 +29,18 @@ from .layers.parallel.workers import RunCancelled, WorkerGroupError, get_worker_
 from .loading.discover import find_model_files
 from .loading.dit import find_dit_files
 from .loading.io import CheckpointError, read_keys
-from .model_cache import build_image_encoder, build_text_encoder, build_vae, component_loaded, lease
+from .model_cache import (
+    build_image_encoder,
+    build_text_encoder,
+    build_vae,
+    component_loaded,
+    evict,
+    lease,
+    memory_report,
+    part_bytes,
+    register_memory_hooks,
+    unload_all,
+)
 from .models.conditioning import I2VCondition, prepare_i2v
 from .models.vae import latent_from_raw, latent_to_raw
 from .sampling.denoise import SampleRequest, denoise_request
@@ -59,15 +70,20 @@ __all__ = [
     "decode_video",
     "encode_prompts",
     "encode_start_image",
+    "evict",
     "find_dit_files",
     "find_model_files",
     "latent_from_raw",
     "latent_to_raw",
     "latent_to_rgb",
+    "memory_report",
+    "part_bytes",
     "preview_projection",
     "read_keys",
+    "register_memory_hooks",
     "run_sampler",
     "run_sampler_on_workers",
+    "unload_all",
     "write_video",
 ]
 

@@ -25,12 +25,18 @@ repacks only the blocks whose tensors changed.
 T5 / CLIP / the VAE are not changed by any layer: `build_text_encoder` & co. return the shared
 object. A file rewritten on disk (new size or mtime) is a new key, so a stale model is never
 served; a part built from another spec replaces the cached one (one of each at a time).
+
+A host's memory manager (ComfyUI's, through `nodes/memory.py`) sees the parts through
+`register_memory_hooks`: asked before a part is built (to make room), told when one is built and
+when one is dropped; it takes a part back with `evict`. An eviction asked while the DiT is leased
+is done when the lease ends (a running sampler keeps its weights); the next lease rebuilds it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import threading
 import warnings
@@ -43,7 +49,7 @@ from .spec import ModelSpec
 
 __all__ = [
     "lease", "held", "build_text_encoder", "build_vae", "build_image_encoder", "component_loaded", "clear_cache",
-    "dit_fp8_layout",
+    "dit_fp8_layout", "register_memory_hooks", "evict", "unload_all", "memory_report", "part_bytes",
 ]  # fmt: skip
 
 _PARTS: dict[str, tuple[tuple, object]] = {}  # part -> (key, built object)
@@ -85,21 +91,126 @@ def _normal_tensors(fn):
     return wrapper
 
 
-def _cached(part: str, key: tuple, make):
+def _cached(part: str, key: tuple, make, device=None, files=None, runs_on=None):
+    """The cached `part` if its key matches, else `make()` (built on `device` from `files`; it
+    computes on `runs_on`, default `device`: the memory hooks' view of it)."""
     with _LOCK:
         hit = _PARTS.get(part)
         if hit is not None and hit[0] == key:
             return hit[1]
-        _PARTS.pop(part, None)  # free the old one before building the new one
+        _drop(part)  # free the old one before building the new one
+        dev = torch.device(device if device is not None else "cpu")
+        _call_hook("before_load", part, dev, _files_bytes(files))
         obj = make()
         _PARTS[part] = (key, obj)
+        _call_hook("on_loaded", part, _model_of(obj), torch.device(runs_on) if runs_on is not None else dev)
         return obj
 
 
 def clear_cache() -> None:
     """Forget every cached model (their memory is freed once no one else holds them)."""
     with _DIT_LOCK, _LOCK:
-        _PARTS.clear()
+        for part in list(_PARTS):
+            _drop(part)
+
+
+# ----------------------------------------------------------------------------- memory hooks
+
+_HOOKS: dict[str, object] = {}
+_EVICT_AFTER_LEASE = threading.Event()  # set: drop the DiT when the held lease ends
+
+
+def register_memory_hooks(*, before_load=None, on_loaded=None, on_released=None) -> None:
+    """Let a host's memory manager follow the cached parts ('dit', 't5', 'clip', 'vae'); None
+    removes a hook. `before_load(part, device, nbytes)`: a part of about `nbytes` (its files'
+    size) is about to be built on `device`, make room; `on_loaded(part, module, device)`: it is
+    built (`module`: its torch module); `on_released(part)`: the cache dropped it. Hooks run
+    with the cache's lock held and must not build parts; their errors are logged, not raised."""
+    _HOOKS.update(before_load=before_load, on_loaded=on_loaded, on_released=on_released)
+
+
+def _call_hook(name: str, *args) -> None:
+    fn = _HOOKS.get(name)
+    if fn is not None:
+        try:
+            fn(*args)
+        except Exception:  # a memory manager's failure must not fail the run
+            logging.getLogger("wan_core").exception("memory hook %s(%s) failed", name, args[0])
+
+
+def _drop(part: str) -> None:
+    """Forget a cached part (caller holds `_LOCK`); its memory goes once no one else holds it."""
+    if _PARTS.pop(part, None) is not None:
+        _call_hook("on_released", part)
+
+
+def _files_bytes(files) -> int:
+    """Total size of the files (or folders) a part is built from: the estimate `before_load` gets."""
+    if files is None:
+        return 0
+    if isinstance(files, (tuple, list)):
+        return sum(_files_bytes(f) for f in files)
+    path = os.fspath(files)
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path) if os.path.isfile(path) else 0
+
+
+def _model_of(obj) -> torch.nn.Module:
+    """The torch module holding a cached part's weights (`WanTextEncoder` keeps it in `.model`)."""
+    if isinstance(obj, _DitEntry):
+        return obj.model
+    return obj if isinstance(obj, torch.nn.Module) else obj.model
+
+
+def part_bytes(module: torch.nn.Module) -> dict[str, int]:
+    """Bytes of a module's parameters and buffers per device ('cpu', 'cuda:0'), each storage once."""
+    seen: set[tuple[str, int]] = set()
+    out: dict[str, int] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type == "meta":
+            continue
+        st = t.untyped_storage()
+        ident = (str(t.device), st.data_ptr())
+        if ident not in seen:
+            seen.add(ident)
+            out[str(t.device)] = out.get(str(t.device), 0) + st.nbytes()
+    return out
+
+
+def memory_report() -> dict[str, dict[str, int]]:
+    """{part: {device: bytes}} of every cached part."""
+    with _LOCK:
+        return {part: part_bytes(_model_of(obj)) for part, (_, obj) in _PARTS.items()}
+
+
+def evict(part: str) -> bool:
+    """Drop a cached part so its memory can go (the next use rebuilds it). True when it is gone
+    (or was not cached); False for a DiT under a running lease, which is dropped when that
+    lease ends: a sampler never loses its weights mid-run."""
+    if part == "dit":
+        if not _DIT_LOCK.acquire(blocking=False):  # another thread's lease
+            _EVICT_AFTER_LEASE.set()
+            return False
+        try:
+            if getattr(_HELD, "depth", 0):  # this thread's own lease (a hook called from inside it)
+                _EVICT_AFTER_LEASE.set()
+                return False
+            with _LOCK:
+                _drop(part)
+        finally:
+            _DIT_LOCK.release()
+        return True
+    with _LOCK:
+        _drop(part)
+    return True
+
+
+def unload_all() -> list[str]:
+    """Evict every cached part; returns those dropped now (a leased DiT goes when its lease ends)."""
+    with _LOCK:
+        parts = list(_PARTS)
+    return [p for p in parts if evict(p)]
 
 
 # ----------------------------------------------------------------------------- the DiT
@@ -241,13 +352,18 @@ def lease(spec: ModelSpec) -> Iterator[torch.nn.Module]:
                     )
                 entry = hit[1]
             else:
-                entry = _cached("dit", key, lambda: _DitEntry(_load_base(spec, fp8, dt, dev)))
+                build_dev = "cpu" if o.cpu_offload else dev
+                entry = _cached("dit", key, lambda: _DitEntry(_load_base(spec, fp8, dt, dev)), build_dev, spec.dit, dev)
                 apply_layers(entry.model, _layers(spec, entry, fp8, compile, dev))
         _HELD.depth = depth + 1
         try:
             yield entry.model
         finally:
             _HELD.depth = depth
+            if not depth and _EVICT_AFTER_LEASE.is_set():  # asked for while the lease ran
+                _EVICT_AFTER_LEASE.clear()
+                with _LOCK:
+                    _drop("dit")
 
 
 @contextlib.contextmanager
@@ -292,6 +408,8 @@ def build_text_encoder(spec: ModelSpec):
         "t5",
         key,
         lambda: load_text_encoder(spec.t5, spec.tokenizer, dtype=dt, device=dev, text_len=spec.text_len),
+        dev,
+        spec.t5,
     )
 
 
@@ -305,7 +423,7 @@ def build_vae(spec: ModelSpec):
     off = spec.offload.vae
     dev, dt = _part_device(spec, off), spec.torch_vae_dtype
     key = (_stamp(spec.vae), dt, dev, off)
-    return _cached("vae", key, lambda: load_vae(spec.vae, dtype=dt, device=dev))
+    return _cached("vae", key, lambda: load_vae(spec.vae, dtype=dt, device=dev), dev, spec.vae)
 
 
 @_normal_tensors
@@ -318,4 +436,4 @@ def build_image_encoder(spec: ModelSpec):
     off = spec.offload.image_encoder
     dev, dt = _part_device(spec, off), spec.torch_dtype
     key = (_stamp(spec.clip), dt, dev, off)
-    return _cached("clip", key, lambda: load_image_encoder(spec.clip, dtype=dt, device=dev))
+    return _cached("clip", key, lambda: load_image_encoder(spec.clip, dtype=dt, device=dev), dev, spec.clip)
