@@ -1,0 +1,244 @@
+"""Host memory across repeated whole runs in one process: RSS and pinned memory per run.
+
+A user runs the same graph many times in one ComfyUI process; host RAM must not creep up until
+the process is killed. This runs N whole generations in one process and prints, per run, the
+resident set size (VmRSS) and the pinned host memory, then the growth of run N over run 2 (run 1
+builds the models and warms every cache; run 2 is the steady state to compare with).
+
+Pinned memory is read two ways: PyTorch's caching host allocator (`torch.cuda.memory.
+host_memory_stats()`, "allocated_bytes.all.current": every pinned block it holds, cached ones
+included; CUDA only), and the offload package's own count of its live packed host buffers
+(`wan_core.layers.offload.packed_host_bytes()`: pinned on CUDA, plain host memory on the CPU).
+
+Modes:
+  cpu       `WanPipeline` on the CPU with the tiny model (`python -m wan_core tiny-model`),
+            a distill LoRA on it, mp4 saved every run; `--offload block` adds the offload path.
+  cuda14b   `WanPipeline` on CUDA, Wan2.1-14B at full size with random weights (as
+            bench_e2e.py): 4 distill steps, 480x832, 17 frames, T5 umT5-XXL random on the GPU,
+            mp4 saved; `--offload model|block` keeps the DiT in pinned host memory.
+  nodes     the ComfyUI node classes headless (as tests/test_workflows.py): the
+            distill-LoRA T2V API workflow on tiny models, `--runs` times.
+
+  python benchmarks/soak.py --mode cpu [--runs 20] [--no-trim] [--json out.json]
+
+After each run: `gc.collect()` and, unless `--no-trim`, glibc `malloc_trim(0)` (what
+`wan_core.layers.offload.trim_host_memory` does; see RESULTS.md for the measured effect).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MiB = 2**20
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def pinned_bytes() -> tuple[int | None, int]:
+    """(bytes held by torch's caching host allocator or None without CUDA, our packed host buffers)."""
+    from wan_core.layers.offload import packed_host_bytes
+
+    torch_pinned = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        stats = torch.cuda.memory.host_memory_stats()
+        torch_pinned = int(stats.get("allocated_bytes.all.current", 0))
+    return torch_pinned, packed_host_bytes()
+
+
+def after_run(trim: bool) -> None:
+    from wan_core.layers.offload import trim_host_memory
+
+    gc.collect()
+    if trim:
+        trim_host_memory()
+
+
+def table(rows: list[dict], title: str) -> str:
+    lines = [title, f"{'run':>4s} {'s':>7s} {'RSS MiB':>10s} {'torch pinned MiB':>17s} {'ours packed MiB':>16s}"]
+    for r in rows:
+        tp = "-" if r["torch_pinned"] is None else f"{r['torch_pinned'] / MiB:.1f}"
+        lines.append(f"{r['run']:4d} {r['wall_s']:7.2f} {r['rss'] / MiB:10.1f} {tp:>17s} {r['packed'] / MiB:16.1f}")
+    if len(rows) >= 2:
+        base, last = rows[1], rows[-1]
+        d = last["rss"] - base["rss"]
+        lines.append(
+            f"RSS growth run {last['run']} vs run 2: {d / MiB:+.1f} MiB ({100 * d / base['rss']:+.2f} %); "
+            f"max over runs 2..{last['run']}: {(max(r['rss'] for r in rows[1:]) - base['rss']) / MiB:+.1f} MiB"
+        )
+        for key, name in (("torch_pinned", "torch pinned"), ("packed", "ours packed")):
+            if base[key] is not None:
+                lines.append(f"{name} growth run {last['run']} vs run 2: {(last[key] - base[key]) / MiB:+.1f} MiB")
+    return "\n".join(lines)
+
+
+def soak(run_once, runs: int, trim: bool, log=print) -> list[dict]:
+    """Call `run_once(i)` `runs` times; one row of memory readings after each."""
+    rows = []
+    for i in range(1, runs + 1):
+        t0 = time.perf_counter()
+        run_once(i)
+        wall = time.perf_counter() - t0
+        after_run(trim)
+        tp, ours = pinned_bytes()
+        rows.append(dict(run=i, wall_s=wall, rss=rss_bytes(), torch_pinned=tp, packed=ours))
+        r = rows[-1]
+        log(f"run {i}: {wall:.2f} s, RSS {r['rss'] / MiB:.1f} MiB, packed {ours / MiB:.1f} MiB"
+            + ("" if tp is None else f", torch pinned {tp / MiB:.1f} MiB"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- the modes
+
+
+def cpu_pipeline(out_dir: str, offload: str, lora: bool = True):
+    """A `WanPipeline` over the tiny T2V model on the CPU, a random distill-style LoRA on it."""
+    from wan_core.loading.lora import random_lora, save_lora
+    from wan_core.loading.tiny import tiny_dit_config, tiny_model_dir
+    from wan_core.pipeline import WanPipeline
+
+    model = tiny_model_dir("t2v", "wan")
+    params = dict(infer_steps=4, denoising_step_list=[1000, 750, 500, 250], sample_guide_scale=1.0,
+                  target_video_length=9, target_height=64, target_width=96)  # fmt: skip
+    if lora:
+        path = os.path.join(out_dir, "soak_lora.safetensors")
+        save_lora(random_lora(tiny_dit_config("t2v"), rank=4, seed=0), path)
+        params["lora_configs"] = [{"path": path, "strength": 1.0}]
+    if offload != "none":
+        params.update(cpu_offload=True, offload_granularity=offload)
+    pipe = WanPipeline(model_path=model, model_cls="wan2.1_distill", task="t2v", device="cpu")
+    with warnings_quiet():
+        pipe.create_generator(**params)
+    return pipe
+
+
+@contextlib.contextmanager
+def warnings_quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CPU offload on a CPU run saves no memory"
+        yield
+
+
+def mode_cpu(args) -> list[dict]:
+    out = tempfile.mkdtemp(prefix="soak-")
+    pipe = cpu_pipeline(out, args.offload)
+
+    def run(i):
+        with warnings_quiet():
+            pipe.generate(seed=i, prompt="a cat surfing a wave", save_result_path=os.path.join(out, "soak.mp4"))
+
+    return soak(run, args.runs, not args.no_trim)
+
+
+def mode_cuda14b(args) -> list[dict]:
+    """The 14B at full size, random weights, built in memory (no files): the lease is patched to
+    hand out this DiT, as benchmarks/bench_e2e.py does."""
+    from benchmarks.bench_e2e import random_dit, random_t5
+    from wan_core import pipeline as wan_pipeline
+    from wan_core.models.vae import WanVAE
+    from wan_core.options import GenerationConfig
+    from wan_core.pipeline import WanPipeline
+    from wan_core.spec import ModelSpec
+
+    out = os.environ.get("OUT") or tempfile.mkdtemp(prefix="soak-")
+    t0 = time.time()
+    t5 = random_t5("cuda")
+    with torch.device("cuda"):
+        vae = WanVAE()
+    vae = vae.to(torch.bfloat16).eval()
+    dit = random_dit(args.variant)
+    if args.offload != "none":
+        from wan_core.layers.offload import enable_offload
+
+        enable_offload(dit, granularity=args.offload, device="cuda", vram_budget_gb=args.vram_budget_gb)
+    print(f"models built in {time.time() - t0:.0f} s", flush=True)
+    cfg = GenerationConfig(infer_steps=4, denoising_step_list=[1000, 750, 500, 250], sample_guide_scale=1.0,
+                           target_video_length=args.frames, target_height=480, target_width=832)  # fmt: skip
+    pipe = WanPipeline(dit_path="random", task="t2v", device="cuda")
+    pipe.spec, pipe.config = ModelSpec(dit="random", device="cuda"), cfg
+    pipe.dit, pipe.text_encoder, pipe.vae, pipe.image_encoder = dit, t5, vae, None
+    wan_pipeline.lease = lambda spec, dit=dit: contextlib.nullcontext(dit)
+
+    def run(i):
+        pipe.generate(seed=i, prompt="a cat surfing a wave at sunset", save_result_path=os.path.join(out, "soak.mp4"))
+
+    rows = soak(run, args.runs, not args.no_trim)
+    for r in rows:
+        r["peak_gpu"] = torch.cuda.max_memory_allocated()
+    if os.path.exists(os.path.join(out, "soak.mp4")):
+        os.remove(os.path.join(out, "soak.mp4"))
+    return rows
+
+
+def mode_nodes(args) -> list[dict]:
+    from nodes import compat
+    from tests.comfyui_helpers import load_api, populate_models, reduce_api, run_api
+
+    root = tempfile.mkdtemp(prefix="soak-comfy-")
+    populate_models(os.path.join(root, "models"), os.path.join(root, "scratch"))
+    compat.set_models_root(os.path.join(root, "models"))
+    os.environ["WAN_OUTPUT_DIR"] = os.path.join(root, "output")
+    graph = reduce_api(load_api("wan21_t2v_14b_distill_lora"), prefix="soak/run")
+
+    def run(i):
+        g = json.loads(json.dumps(graph))
+        for node in g.values():
+            if node["class_type"] == "WanSampler":
+                node["inputs"]["seed"] = i
+        run_api(g, input_dir=os.path.join(root, "input"))
+
+    try:
+        return soak(run, args.runs, not args.no_trim)
+    finally:
+        compat.set_models_root()
+
+
+MODES = {"cpu": mode_cpu, "cuda14b": mode_cuda14b, "nodes": mode_nodes}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mode", default="cpu", choices=sorted(MODES))
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--no-trim", action="store_true", help="skip malloc_trim after each run")
+    ap.add_argument("--offload", default="none", choices=["none", "model", "block"])
+    ap.add_argument("--vram-budget-gb", type=float, default=None, help="block offload: resident blocks that fit")
+    ap.add_argument("--variant", default="bf16", help="cuda14b: DiT variant of bench_e2e.random_dit (bf16, fp8, fast)")
+    ap.add_argument("--frames", type=int, default=17, help="cuda14b: video length")
+    ap.add_argument("--json", default=None, help="write the rows here")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    rows = MODES[args.mode](args)
+    title = (f"soak {args.mode}: {args.runs} runs, offload {args.offload}, "
+             f"malloc_trim {'off' if args.no_trim else 'on'}, torch {torch.__version__}")  # fmt: skip
+    print(table(rows, title), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(mode=args.mode, args=vars(args), rows=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
