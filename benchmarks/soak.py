@@ -21,8 +21,9 @@ Modes:
 
   python benchmarks/soak.py --mode cpu [--runs 20] [--no-trim] [--json out.json]
 
-After each run: `gc.collect()` and, unless `--no-trim`, glibc `malloc_trim(0)` (what
-`wan_core.layers.offload.trim_host_memory` does; see RESULTS.md for the measured effect).
+The engine itself ends a run with glibc `malloc_trim(0)` (`wan_core.layers.offload.
+trim_host_memory`, in `WanPipeline.generate` and `api.decode_video`); `--no-trim` turns that off
+to measure what it does. Before each reading: `gc.collect()`.
 """
 
 from __future__ import annotations
@@ -66,12 +67,9 @@ def pinned_bytes() -> tuple[int | None, int]:
     return torch_pinned, packed_host_bytes()
 
 
-def after_run(trim: bool) -> None:
-    from wan_core.layers.offload import trim_host_memory
-
+def after_run() -> None:
+    """gc before reading, so that a reading is not a garbage cycle waiting for collection."""
     gc.collect()
-    if trim:
-        trim_host_memory()
 
 
 def table(rows: list[dict], title: str) -> str:
@@ -93,13 +91,17 @@ def table(rows: list[dict], title: str) -> str:
 
 
 def soak(run_once, runs: int, trim: bool, log=print) -> list[dict]:
-    """Call `run_once(i)` `runs` times; one row of memory readings after each."""
+    """Call `run_once(i)` `runs` times; one row of memory readings after each. trim: False turns
+    off the engine's malloc_trim after a run (`wan_core.layers.offload.host.TRIM`)."""
+    from wan_core.layers.offload import host
+
+    host.TRIM = trim
     rows = []
     for i in range(1, runs + 1):
         t0 = time.perf_counter()
         run_once(i)
         wall = time.perf_counter() - t0
-        after_run(trim)
+        after_run()
         tp, ours = pinned_bytes()
         rows.append(dict(run=i, wall_s=wall, rss=rss_bytes(), torch_pinned=tp, packed=ours))
         r = rows[-1]

@@ -90,16 +90,32 @@ def _cached(part: str, key: tuple, make):
         hit = _PARTS.get(part)
         if hit is not None and hit[0] == key:
             return hit[1]
-        _PARTS.pop(part, None)  # free the old one before building the new one
+        replaced = _PARTS.pop(part, None) is not None  # free the old one before building the new one
         obj = make()
         _PARTS[part] = (key, obj)
+        if replaced:
+            _release_host()  # pinned blocks of the old model the new one did not reuse
         return obj
 
 
+def _release_host() -> None:
+    """After a model is dropped: its packed host buffers are freed with it, but pinned ones go back
+    to PyTorch's host allocator cache, not to the OS; hand those back (`layers.offload.host`)."""
+    import gc
+
+    from .layers.offload.host import release_host_cache, trim_host_memory
+
+    gc.collect()  # a model in a reference cycle (hooks, the layers' records) is freed now, not later
+    release_host_cache()
+    trim_host_memory()
+
+
 def clear_cache() -> None:
-    """Forget every cached model (their memory is freed once no one else holds them)."""
+    """Forget every cached model (their memory is freed once no one else holds them, and pinned
+    host memory of theirs is returned to the OS)."""
     with _DIT_LOCK, _LOCK:
         _PARTS.clear()
+        _release_host()
 
 
 # ----------------------------------------------------------------------------- the DiT

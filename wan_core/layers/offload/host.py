@@ -11,7 +11,10 @@ process (pinned pages cannot be swapped).
 
 `trim_host_memory()` is glibc's `malloc_trim(0)`: a whole run frees many MiB of small CPU
 tensors and Python objects scattered over malloc arenas, and glibc keeps the free pages mapped;
-trimming after a run returns them, which keeps RSS flat across runs (benchmarks/soak.py).
+trimming after a run returns them, which keeps RSS flat across runs (benchmarks/soak.py;
+without it a CPU run with block offload swings by up to 125 MiB from run to run, and the
+headless node graph keeps 10 MiB more after a few runs). `WanPipeline.generate` and
+`api.decode_video` (the last engine stage of a node graph) call it once at their end.
 """
 
 from __future__ import annotations
@@ -55,12 +58,15 @@ def release_host_cache() -> None:
 
 
 _LIBC = None
+TRIM = True  # False: trim_host_memory does nothing (benchmarks/soak.py --no-trim measures without)
 
 
 def trim_host_memory() -> bool:
     """glibc `malloc_trim(0)`: free pages of the malloc heap go back to the OS. False where there
-    is no glibc (macOS, Windows, musl): nothing is done."""
+    is no glibc (macOS, Windows, musl) or TRIM is off: nothing is done."""
     global _LIBC
+    if not TRIM:
+        return False
     if _LIBC is None:
         try:
             _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
