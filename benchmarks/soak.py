@@ -6,7 +6,7 @@ resident set size (VmRSS) and the pinned host memory, then the growth of run N o
 builds the models and warms every cache; run 2 is the steady state to compare with).
 
 Pinned memory is read two ways: PyTorch's caching host allocator (`torch.cuda.memory.
-host_memory_stats()`, "allocated_bytes.all.current": every pinned block it holds, cached ones
+host_memory_stats()`, "allocated_bytes.current": every pinned block it holds, cached ones
 included; CUDA only), and the offload package's own count of its live packed host buffers
 (`wan_core.layers.offload.packed_host_bytes()`: pinned on CUDA, plain host memory on the CPU).
 
@@ -61,9 +61,9 @@ def pinned_bytes() -> tuple[int | None, int]:
     from wan_core.layers.offload import packed_host_bytes
 
     torch_pinned = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        stats = torch.cuda.memory.host_memory_stats()
-        torch_pinned = int(stats.get("allocated_bytes.all.current", 0))
+    if torch.cuda.is_available() and torch.cuda.is_initialized() and hasattr(torch.cuda.memory, "host_memory_stats"):
+        stats = torch.cuda.memory.host_memory_stats()  # pinned blocks held, active + cached
+        torch_pinned = int(stats.get("allocated_bytes.current", stats.get("allocated_bytes.all.current", 0)))
     return torch_pinned, packed_host_bytes()
 
 
@@ -187,8 +187,6 @@ def mode_cuda14b(args) -> list[dict]:
         pipe.generate(seed=i, prompt="a cat surfing a wave at sunset", save_result_path=os.path.join(out, "soak.mp4"))
 
     rows = soak(run, args.runs, not args.no_trim)
-    for r in rows:
-        r["peak_gpu"] = torch.cuda.max_memory_allocated()
     if os.path.exists(os.path.join(out, "soak.mp4")):
         os.remove(os.path.join(out, "soak.mp4"))
     return rows
