@@ -18,6 +18,9 @@ Modes:
             mp4 saved; `--offload model|block` keeps the DiT in pinned host memory.
   nodes     the ComfyUI node classes headless (as tests/test_workflows.py): the
             distill-LoRA T2V API workflow on tiny models, `--runs` times.
+  comfyui   the same API workflow posted `--runs` times to a real ComfyUI process on the CPU
+            (COMFYUI_DIR, COMFYUI_PYTHON as for `pytest -m comfyui`); RSS of that process
+            (packed / threads columns: not read there, 0).
 
   python benchmarks/soak.py --mode cpu [--runs 20] [--no-trim] [--json out.json]
 
@@ -35,6 +38,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -44,10 +48,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 2**20
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process (Linux /proc; 0 elsewhere)."""
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size of a process (this one by default; Linux /proc, 0 elsewhere)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
@@ -73,10 +77,10 @@ def after_run() -> None:
 
 
 def table(rows: list[dict], title: str) -> str:
-    lines = [title, f"{'run':>4s} {'s':>7s} {'RSS MiB':>10s} {'torch pinned MiB':>17s} {'ours packed MiB':>16s}"]
+    lines = [title, f"{'run':>4s} {'s':>7s} {'RSS MiB':>10s} {'torch pinned MiB':>17s} {'ours packed MiB':>16s} {'threads':>8s}"]
     for r in rows:
         tp = "-" if r["torch_pinned"] is None else f"{r['torch_pinned'] / MiB:.1f}"
-        lines.append(f"{r['run']:4d} {r['wall_s']:7.2f} {r['rss'] / MiB:10.1f} {tp:>17s} {r['packed'] / MiB:16.1f}")
+        lines.append(f"{r['run']:4d} {r['wall_s']:7.2f} {r['rss'] / MiB:10.1f} {tp:>17s} {r['packed'] / MiB:16.1f} {r['threads']:8d}")
     if len(rows) >= 2:
         base, last = rows[1], rows[-1]
         d = last["rss"] - base["rss"]
@@ -103,7 +107,7 @@ def soak(run_once, runs: int, trim: bool, log=print) -> list[dict]:
         wall = time.perf_counter() - t0
         after_run()
         tp, ours = pinned_bytes()
-        rows.append(dict(run=i, wall_s=wall, rss=rss_bytes(), torch_pinned=tp, packed=ours))
+        rows.append(dict(run=i, wall_s=wall, rss=rss_bytes(), torch_pinned=tp, packed=ours, threads=threading.active_count()))
         r = rows[-1]
         log(f"run {i}: {wall:.2f} s, RSS {r['rss'] / MiB:.1f} MiB, packed {ours / MiB:.1f} MiB"
             + ("" if tp is None else f", torch pinned {tp / MiB:.1f} MiB"))
@@ -215,7 +219,76 @@ def mode_nodes(args) -> list[dict]:
         compat.set_models_root()
 
 
-MODES = {"cpu": mode_cpu, "cuda14b": mode_cuda14b, "nodes": mode_nodes}
+def start_comfyui(tmp: str):
+    """A real ComfyUI on the CPU with this pack and the tiny models (as tests/test_comfyui_real.py
+    starts it): COMFYUI_DIR (copied, untouched) and COMFYUI_PYTHON from the environment."""
+    import shutil
+    import subprocess
+    import urllib.error
+
+    from tests.comfyui_helpers import REPO
+    from tests.test_comfyui_real import PACK, Server, _free_port
+
+    src = os.environ.get("COMFYUI_DIR")
+    if not src or not os.path.isfile(os.path.join(src, "main.py")):
+        raise SystemExit("--mode comfyui: set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON)")
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    app, base = os.path.join(tmp, "ComfyUI"), os.path.join(tmp, "base")
+    shutil.copytree(src, app, ignore=shutil.ignore_patterns(".git", "__pycache__"))
+    os.makedirs(os.path.join(base, "custom_nodes"))
+    os.makedirs(os.path.join(base, "user"))
+    os.symlink(REPO, os.path.join(base, "custom_nodes", PACK))
+    from tests.comfyui_helpers import populate_models
+
+    populate_models(os.path.join(base, "models"), os.path.join(tmp, "scratch"))
+    port, log = _free_port(), os.path.join(tmp, "comfyui.log")
+    cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", base,
+           "--disable-auto-launch"]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=app, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    srv = Server(f"http://127.0.0.1:{port}", base, proc, log, python)
+    end = time.time() + 300
+    while True:
+        try:
+            srv.get("/system_stats")
+            return srv
+        except (urllib.error.URLError, ConnectionError, OSError):
+            if proc.poll() is not None or time.time() > end:
+                proc.terminate()
+                raise RuntimeError("ComfyUI did not start:\n" + srv.log()[-4000:]) from None
+            time.sleep(1)
+
+
+def mode_comfyui(args) -> list[dict]:
+    """The distill-LoRA T2V API workflow posted `--runs` times to one real ComfyUI process (a new
+    seed each time, so the sampler, decode and save run again; loaders and encoders are cached by
+    ComfyUI as in real use); RSS is the ComfyUI process's. No malloc_trim switch here: the engine
+    in that process trims as it always does."""
+    from tests.comfyui_helpers import load_api, reduce_api
+
+    srv = start_comfyui(tempfile.mkdtemp(prefix="soak-comfyui-"))
+    graph = reduce_api(load_api("wan21_t2v_14b_distill_lora"), prefix="soak/run")
+    rows = []
+    try:
+        for i in range(1, args.runs + 1):
+            g = json.loads(json.dumps(graph))
+            for node in g.values():
+                if node["class_type"] == "WanSampler":
+                    node["inputs"]["seed"] = i
+            t0 = time.perf_counter()
+            entry = srv.wait_history(srv.queue(g))
+            if entry["status"]["status_str"] != "success":
+                raise RuntimeError(f"run {i} failed: {json.dumps(entry['status'])[:2000]}")
+            wall = time.perf_counter() - t0
+            rows.append(dict(run=i, wall_s=wall, rss=rss_bytes(srv.proc.pid), torch_pinned=None, packed=0, threads=0))
+            print(f"run {i}: {wall:.2f} s, ComfyUI RSS {rows[-1]['rss'] / MiB:.1f} MiB", flush=True)
+    finally:
+        srv.proc.terminate()
+        srv.proc.wait(timeout=30)
+    return rows
+
+
+MODES = {"cpu": mode_cpu, "cuda14b": mode_cuda14b, "nodes": mode_nodes, "comfyui": mode_comfyui}
 
 
 def main(argv=None):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 import warnings
 import weakref
 
@@ -38,13 +39,15 @@ def _fresh_cache():
 def test_repeated_pipeline_runs_do_not_grow_rss(tmp_path):
     pipe = cpu_pipeline(str(tmp_path), "none")
     pipe.config = pipe.config.updated(dict(target_video_length=17, target_height=128, target_width=192))
-    rss = []
+    rss, threads = [], []
     for i in range(6):
         res = pipe.generate(seed=i, prompt="a cat surfing", save_result_path=str(tmp_path / f"soak{i}.mp4"))
         assert res.frames.shape == (17, 128, 192, 3)
         del res
         after_run()
         rss.append(rss_bytes())
+        threads.append(threading.active_count())
+    assert threads[5] == threads[1], f"threads left behind by runs (video writers?): {threads}"
     if not rss[0]:
         pytest.skip("no /proc/self/status here")
     growth = max(rss[2:]) - rss[1]
