@@ -77,10 +77,15 @@ def after_run() -> None:
 
 
 def table(rows: list[dict], title: str) -> str:
-    lines = [title, f"{'run':>4s} {'s':>7s} {'RSS MiB':>10s} {'torch pinned MiB':>17s} {'ours packed MiB':>16s} {'threads':>8s}"]
+    lines = [
+        title,
+        f"{'run':>4s} {'s':>7s} {'RSS MiB':>10s} {'torch pinned MiB':>17s} {'ours packed MiB':>16s} {'threads':>8s}",
+    ]
     for r in rows:
         tp = "-" if r["torch_pinned"] is None else f"{r['torch_pinned'] / MiB:.1f}"
-        lines.append(f"{r['run']:4d} {r['wall_s']:7.2f} {r['rss'] / MiB:10.1f} {tp:>17s} {r['packed'] / MiB:16.1f} {r['threads']:8d}")
+        lines.append(
+            f"{r['run']:4d} {r['wall_s']:7.2f} {r['rss'] / MiB:10.1f} {tp:>17s} {r['packed'] / MiB:16.1f} {r['threads']:8d}"
+        )
     if len(rows) >= 2:
         base, last = rows[1], rows[-1]
         d = last["rss"] - base["rss"]
@@ -107,10 +112,14 @@ def soak(run_once, runs: int, trim: bool, log=print) -> list[dict]:
         wall = time.perf_counter() - t0
         after_run()
         tp, ours = pinned_bytes()
-        rows.append(dict(run=i, wall_s=wall, rss=rss_bytes(), torch_pinned=tp, packed=ours, threads=threading.active_count()))
+        rows.append(
+            dict(run=i, wall_s=wall, rss=rss_bytes(), torch_pinned=tp, packed=ours, threads=threading.active_count())
+        )
         r = rows[-1]
-        log(f"run {i}: {wall:.2f} s, RSS {r['rss'] / MiB:.1f} MiB, packed {ours / MiB:.1f} MiB"
-            + ("" if tp is None else f", torch pinned {tp / MiB:.1f} MiB"))
+        log(
+            f"run {i}: {wall:.2f} s, RSS {r['rss'] / MiB:.1f} MiB, packed {ours / MiB:.1f} MiB"
+            + ("" if tp is None else f", torch pinned {tp / MiB:.1f} MiB")
+        )
     return rows
 
 
@@ -245,7 +254,9 @@ def start_comfyui(tmp: str):
     cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", base,
            "--disable-auto-launch"]  # fmt: skip
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=app, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            cmd, cwd=app, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
     srv = Server(f"http://127.0.0.1:{port}", base, proc, log, python)
     end = time.time() + 300
     while True:

@@ -11,10 +11,11 @@ import warnings
 import weakref
 
 import pytest
+import torch
 
 from benchmarks.soak import after_run, cpu_pipeline, rss_bytes
 from wan_core import model_cache
-from wan_core.layers.offload import packed_host_bytes
+from wan_core.layers.offload import dit_loaded, packed_host_bytes
 from wan_core.loading.lora import random_lora, save_lora
 from wan_core.loading.tiny import tiny_dit_config, tiny_model_dir
 from wan_core.spec import ModelSpec, OffloadOptions
@@ -138,3 +139,28 @@ def test_lora_changes_do_not_reread_the_checkpoint_or_keep_copies(tmp_path, monk
     from wan_core.layers.stack import layer_state
 
     assert len(layer_state(dit).lora.weights) <= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_evicting_an_offloaded_dit_returns_its_pinned_memory():
+    """On CUDA the packed copy is pinned and comes from PyTorch's caching host allocator: after
+    `clear_cache()` the buffers are gone and the allocator holds no more pinned bytes than before
+    (its cached blocks were handed back to the OS, not kept for a model that is not coming back)."""
+    spec = _offload_spec().replace(device="cuda", dtype="bfloat16")
+    torch.cuda.init()
+    stats = torch.cuda.memory.host_memory_stats
+
+    def held() -> int:
+        s = stats()
+        return int(s.get("allocated_bytes.current", s.get("allocated_bytes.all.current", 0)))
+
+    before = held()
+    for _ in range(3):  # lease, load, evict, three times: nothing accumulates
+        with model_cache.lease(spec) as dit, dit_loaded(dit):  # packed into pinned memory, on the GPU and back
+            pass
+        assert packed_host_bytes(pinned=True) > 0 and held() > before
+        del dit
+        model_cache.clear_cache()
+        assert packed_host_bytes() == 0
+        assert held() <= before, f"pinned bytes held after eviction: {held() - before}"
