@@ -149,7 +149,9 @@ def test_evicting_an_offloaded_dit_returns_its_pinned_memory():
     (its cached blocks were handed back to the OS, not kept for a model that is not coming back)."""
     spec = _offload_spec().replace(device="cuda", dtype="bfloat16")
     torch.cuda.init()
-    stats = torch.cuda.memory.host_memory_stats
+    stats = getattr(torch.cuda.memory, "host_memory_stats", None)
+    if stats is None:
+        pytest.skip("this torch has no host allocator statistics")
 
     def held() -> int:
         s = stats()

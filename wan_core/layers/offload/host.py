@@ -53,8 +53,11 @@ def packed_host_bytes(pinned: bool | None = None) -> int:
 def release_host_cache() -> None:
     """Return the pinned blocks PyTorch's host allocator caches to the OS (a no-op without CUDA).
     Call it after dropping offloaded models: blocks still in use are not touched."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.accelerator.empty_host_cache()
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    empty = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:  # torch >= 2.9 / older builds' private name
+        empty()
 
 
 _LIBC = None
