@@ -24,6 +24,7 @@ import torch
 from .kernels.attention import BACKENDS
 from .layers.cache import MODEL_KEYS
 from .layers.fp8 import KERNELS
+from .layers.offload.host import trim_host_memory
 from .layers.parallel.group import ParallelConfig
 from .layers.parallel.workers import RunCancelled, WorkerGroupError, get_worker_group
 from .loading.discover import find_model_files
@@ -317,7 +318,9 @@ def encode_start_image(spec: ModelSpec, image: torch.Tensor, num_frames: int, ma
 def decode_video(spec: ModelSpec, latent: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
     """Engine latent [1, 16, F, h, w] -> frames [T, H, W, 3] in [0, 1] on the CPU (tiled when tile_size)."""
     with component_loaded(build_vae(spec), spec, "vae") as vae:
-        return decode_frames(vae, latent, tile_size or None)
+        frames = decode_frames(vae, latent, tile_size or None)
+    trim_host_memory()  # the last engine stage of a graph: the run's freed host memory back to the OS
+    return frames
 
 
 _projections: dict = {}

@@ -98,20 +98,37 @@ def _cached(part: str, key: tuple, make, device=None, files=None, runs_on=None):
         hit = _PARTS.get(part)
         if hit is not None and hit[0] == key:
             return hit[1]
+        replaced = part in _PARTS
         _drop(part)  # free the old one before building the new one
         dev = torch.device(device if device is not None else "cpu")
         _call_hook("before_load", part, dev, _files_bytes(files))
         obj = make()
         _PARTS[part] = (key, obj)
         _call_hook("on_loaded", part, _model_of(obj), torch.device(runs_on) if runs_on is not None else dev)
+        if replaced:
+            _release_host()  # pinned blocks of the old model the new one did not reuse
         return obj
 
 
+def _release_host() -> None:
+    """After a model is dropped: its packed host buffers are freed with it, but pinned ones go back
+    to PyTorch's host allocator cache, not to the OS; hand those back (`layers.offload.host`)."""
+    import gc
+
+    from .layers.offload.host import release_host_cache, trim_host_memory
+
+    gc.collect()  # a model in a reference cycle (hooks, the layers' records) is freed now, not later
+    release_host_cache()
+    trim_host_memory()
+
+
 def clear_cache() -> None:
-    """Forget every cached model (their memory is freed once no one else holds them)."""
+    """Forget every cached model (their memory is freed once no one else holds them, and pinned
+    host memory of theirs is returned to the OS)."""
     with _DIT_LOCK, _LOCK:
         for part in list(_PARTS):
             _drop(part)
+        _release_host()
 
 
 # ----------------------------------------------------------------------------- memory hooks
@@ -198,11 +215,13 @@ def evict(part: str) -> bool:
                 return False
             with _LOCK:
                 _drop(part)
+                _release_host()
         finally:
             _DIT_LOCK.release()
         return True
     with _LOCK:
         _drop(part)
+        _release_host()
     return True
 
 

@@ -548,4 +548,7 @@ class WanPipeline(LightX2VCalls):
         )  # fmt: skip
         if peak is not None:
             log.info("peak GPU memory: %.2f GiB", peak / 2**30)
+        from .layers.offload.host import trim_host_memory
+
+        trim_host_memory()  # the run's freed host memory back to the OS, so RSS does not creep run by run
         return result

@@ -38,6 +38,7 @@ from .budget import (
     weight_sizes,
 )
 from .handles import BlockOffload, ModelOffload, OffloadHandle, offload_component
+from .host import packed_host_bytes, release_host_cache, trim_host_memory
 
 __all__ = [
     "enable_offload",
@@ -60,6 +61,9 @@ __all__ = [
     "ACT_BYTES_PER_TOKEN_CHANNEL",
     "ACT_FIXED_BYTES",
     "GiB",
+    "packed_host_bytes",
+    "release_host_cache",
+    "trim_host_memory",
 ]
 
 GRANULARITIES = ("model", "block", "phase")

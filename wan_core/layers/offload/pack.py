@@ -27,6 +27,8 @@ from itertools import chain
 import torch
 import torch.nn as nn
 
+from .host import register_packed
+
 __all__ = ["ALIGN", "TensorGroup", "module_tensors", "pack_groups", "can_pin"]
 
 ALIGN = 512  # byte alignment of every tensor inside a packed buffer
@@ -214,6 +216,7 @@ def pack_groups(groups: Sequence[TensorGroup], pin: bool) -> int:
     allocated = 0
     for idx, slab_bytes in _slab_plan([g.nbytes for g in todo], pin):
         slab = torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=pin)
+        register_packed(slab, pin)  # counted until the last view of it is gone (host.py)
         allocated += slab_bytes
         off = 0
         for i in idx:
