@@ -18,7 +18,7 @@
 set -u
 export OUT="${OUT:-$PWD/out}"  # the scripts write their JSON (and e2e its mp4) there
 mkdir -p "$OUT"
-wheels=(); for d in .whl .whl2; do [ -d "$d" ] && wheels+=("$d"/*.whl); done
+wheels=(); for d in .whl .whl2 .whl3; do [ -d "$d" ] && wheels+=("$d"/*.whl); done
 if [ ${#wheels[@]} -gt 0 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "${wheels[@]}" 2>/dev/null
 fi
