@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call, several steps, each under its own timeout, logs teed to $OUT (the device tool
-# brings $OUT back). Carry .whl (diffusers), .whl2 (PyAV, for e2e) and .carry (ComfyUI, for dit)
-# as the steps need (see README.md here). Usage, as the device command:
+# brings $OUT back). Carry .whl (diffusers), .whl2 (PyAV, for e2e), .whl3 (ftfy, which the engine imports)
+# and .carry (ComfyUI, for dit) as the steps need (see README.md here). Usage, as the device command:
 #   bash benchmarks/device_batch.sh gpu-tests attention-quick dit-fast e2e-fast
 # Steps and their wall time on one H100:
 #   gpu-tests        pytest -m gpu: 8-bit attention, FP8, offload                       ~3 min
