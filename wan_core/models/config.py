@@ -1,7 +1,7 @@
 """DiT architecture configuration.
 
 `WanConfig` describes a DiT architecture (frozen, the same for every run of a model); presets
-cover the three official models, and `from_state_dict` reads the dimensions off tensor shapes so
+cover the official Wan2.1 models and the Wan2.2 A14B experts and TI2V-5B, and `from_state_dict` reads the dimensions off tensor shapes so
 that a checkpoint with a partial or missing `config.json` (some distill repositories ship one
 without `in_dim`) still builds the right model. The run-time choices a model is built with
 (dtype, attention backend, FP8, LoRA, offload) are the `ModelSpec` of `wan_core.spec`.
@@ -15,12 +15,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["WanConfig", "PRESETS", "config_from_json"]
+__all__ = ["WanConfig", "PRESETS", "MODEL_TYPES", "config_from_json"]
+
+MODEL_TYPES = ("t2v", "i2v", "ti2v")
 
 
 @dataclass(frozen=True)
 class WanConfig:
-    model_type: str = "t2v"  # "t2v" | "i2v" (i2v: in_dim 36, image cross-attention branch)
+    # "t2v" | "i2v" (in_dim 36: noise + mask + image latent `y`) | "ti2v" (Wan2.2 5B: 48-channel latent, no `y`)
+    model_type: str = "t2v"
     patch_size: tuple[int, int, int] = (1, 2, 2)
     text_len: int = 512
     in_dim: int = 16
@@ -35,10 +38,17 @@ class WanConfig:
     cross_attn_norm: bool = True
     eps: float = 1e-6
     image_dim: int = 1280  # CLIP feature width consumed by img_emb (i2v only)
+    # The CLIP image cross-attention branch (img_emb, k_img/v_img): Wan2.1 I2V has it, the Wan2.2
+    # I2V-A14B experts do not (they take `y` only). None: derived, True exactly for model_type "i2v".
+    clip_branch: bool | None = None
 
     def __post_init__(self):
-        if self.model_type not in ("t2v", "i2v"):
-            raise ValueError(f"model_type must be 't2v' or 'i2v', got {self.model_type!r}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.clip_branch is None:
+            object.__setattr__(self, "clip_branch", self.model_type == "i2v")
+        elif self.clip_branch and self.model_type != "i2v":
+            raise ValueError(f"a CLIP image branch needs model_type 'i2v', got {self.model_type!r}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if (self.dim // self.num_heads) % 2:
@@ -50,6 +60,7 @@ class WanConfig:
 
     @property
     def is_i2v(self) -> bool:
+        """Takes the image condition `y` (mask + first-frame latent) concatenated to the noise."""
         return self.model_type == "i2v"
 
     def replace(self, **kw) -> WanConfig:
@@ -58,7 +69,8 @@ class WanConfig:
     @classmethod
     def preset(cls, name: str) -> WanConfig:
         key = name.lower().replace("_", "-")
-        aliases = {"i2v-14b-480p": "i2v-14b", "i2v-14b-720p": "i2v-14b", "wan2.1-t2v-14b": "t2v-14b"}
+        aliases = {"i2v-14b-480p": "i2v-14b", "i2v-14b-720p": "i2v-14b", "wan2.1-t2v-14b": "t2v-14b",
+                   "wan2.2-t2v-a14b": "t2v-a14b", "wan2.2-i2v-a14b": "i2v-a14b", "wan2.2-ti2v-5b": "ti2v-5b"}
         key = aliases.get(key, key)
         if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
@@ -68,7 +80,11 @@ class WanConfig:
     def from_state_dict(cls, shapes: dict[str, Any], **overrides) -> WanConfig:
         """Infer the architecture from a state dict (tensors) or a name -> shape mapping.
 
-        Keys must already be in the official layout (see `wan_core.loading.dit`).
+        Keys must already be in the official layout (see `wan_core.loading.dit`). The task comes
+        from the input channels and the image keys: k_img -> Wan2.1 I2V; 36 input channels
+        without k_img -> a Wan2.2 I2V-A14B expert (no CLIP branch); 48 in and out (the Wan2.2
+        VAE's latent) -> TI2V-5B. A Wan2.2 T2V-A14B expert has the Wan2.1 T2V-14B layout exactly,
+        so it reads as that config (the same architecture).
         """
 
         def shape(k):
@@ -85,9 +101,16 @@ class WanConfig:
         num_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks."))
         ffn_dim = shape("blocks.0.ffn.0.weight")[0]
         out_dim = shape("head.head.weight")[0] // (patch[0] * patch[1] * patch[2])
-        is_i2v = "blocks.0.cross_attn.k_img.weight" in shapes
+        clip = "blocks.0.cross_attn.k_img.weight" in shapes
+        if clip or in_dim == out_dim + 20:  # noise + 4 mask + 16 image-latent channels
+            model_type = "i2v"
+        elif in_dim == out_dim == 48:
+            model_type = "ti2v"
+        else:
+            model_type = "t2v"
         kw: dict[str, Any] = dict(
-            model_type="i2v" if is_i2v else "t2v",
+            model_type=model_type,
+            clip_branch=clip,
             patch_size=tuple(patch),
             in_dim=in_dim,
             dim=dim,
@@ -99,10 +122,10 @@ class WanConfig:
             qk_norm="blocks.0.self_attn.norm_q.weight" in shapes,
             cross_attn_norm="blocks.0.norm3.weight" in shapes,
         )
-        if is_i2v and "img_emb.proj.1.weight" in shapes:
+        if clip and "img_emb.proj.1.weight" in shapes:
             kw["image_dim"] = shape("img_emb.proj.1.weight")[1]
         # Heads cannot be read off shapes: take the official value for known widths, else 128-wide heads.
-        kw["num_heads"] = {5120: 40, 1536: 12}.get(dim, max(1, dim // 128))
+        kw["num_heads"] = {5120: 40, 3072: 24, 1536: 12}.get(dim, max(1, dim // 128))
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 
@@ -111,6 +134,12 @@ PRESETS: dict[str, WanConfig] = {
     "t2v-14b": WanConfig(model_type="t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     "i2v-14b": WanConfig(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     "t2v-1.3b": WanConfig(model_type="t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    # Wan2.2 (tests/reference/WAN22.md). Each A14B expert (high- and low-noise) has this architecture;
+    # the T2V expert is the Wan2.1 T2V-14B one, the I2V expert drops the CLIP branch but keeps in_dim 36.
+    "t2v-a14b": WanConfig(model_type="t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "i2v-a14b": WanConfig(model_type="i2v", clip_branch=False, in_dim=36, dim=5120, ffn_dim=13824, num_heads=40,
+                          num_layers=40),
+    "ti2v-5b": WanConfig(model_type="ti2v", in_dim=48, out_dim=48, dim=3072, ffn_dim=14336, num_heads=24, num_layers=30),
 }
 
 _JSON_FIELDS = {f.name for f in dataclasses.fields(WanConfig)}
@@ -135,8 +164,8 @@ def config_from_json(cfg: dict[str, Any], shapes: dict[str, Any] | None = None, 
 
     cfg = {_DIFFUSERS_CONFIG_KEYS.get(k, k): v for k, v in cfg.items()}
     given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in _JSON_FIELDS}
-    if "model_type" in given and given["model_type"] not in ("t2v", "i2v"):
-        given.pop("model_type")  # flf2v / vace are not supported; shapes decide t2v vs i2v
+    if "model_type" in given and given["model_type"] not in MODEL_TYPES:
+        given.pop("model_type")  # flf2v / vace are not supported; shapes decide the task
     if shapes is None:
         return WanConfig(**given)
     inferred = WanConfig.from_state_dict(shapes)

@@ -1,4 +1,4 @@
-"""The Wan2.1 diffusion transformer (DiT), text-to-video and image-to-video.
+"""The Wan2.1 / Wan2.2 diffusion transformer (DiT), text-to-video and image-to-video.
 
 Module and parameter names are the official checkpoint names (`blocks.N.self_attn.q`,
 `norm_k`, `ffn.0`, `modulation`, `head.head`, `img_emb.proj.N`), so official files load with no
@@ -12,6 +12,10 @@ matmuls (`ops`, `set_block_ops`: plain torch, or single-pass fused ops on CUDA).
 Precision follows the official code where accuracy needs it: the timestep embedding, the
 modulation vectors, the norms and the head run in float32, and the residual stream between
 the blocks is kept in float32; the large linears and the attention run in the model dtype.
+
+Wan2.2 adds no module: its I2V-A14B experts are the I2V model without the CLIP branch
+(`cfg.clip_branch`), and TI2V-5B may take one timestep per token (`t` [B, L]), which makes the
+time embedding and every modulation per token instead of per batch row.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ FP32_PARAM_PATTERNS = ("modulation", "time_embedding.", "time_projection.", "hea
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
-    """[B] timesteps -> [B, dim] (cos half, then sin half), computed in float64 as the official code."""
+    """[N] timesteps -> [N, dim] (cos half, then sin half), computed in float64 as the official code."""
     half = dim // 2
     t = t.to(torch.float64)
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
@@ -119,21 +123,26 @@ class Block(nn.Module):
         self.norm1 = LayerNorm(dim, eps, elementwise_affine=False)
         self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.qk_norm, eps)
         self.norm3 = LayerNorm(dim, eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
-        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.qk_norm, eps, image=cfg.is_i2v)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.qk_norm, eps, image=cfg.clip_branch)
         self.norm2 = LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         self.ops: BlockOps = get_block_ops("torch")
 
     def forward(self, x, e0, context, context_img, rope):
-        """x: [B, L, C] float32 residual stream; e0: [B, 6, C] float32 time projection.
+        """x: [B, L, C] float32 residual stream; e0: float32 time projection, [B, 6, C] (one
+        timestep per row) or [B, L, 6, C] (one per token, Wan2.2 TI2V).
 
         The linears' input dtype is the context's (the text projection is never quantized, so this
         stays bf16/fp32 when FP8 linears are swapped in). `self.ops` computes each residual add
         with the LayerNorm and modulation after it; `feeds` names the linears h goes to.
         """
         dt, ops, sa, ca, ffn = context.dtype, self.ops, self.self_attn, self.cross_attn, self.ffn
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # 6 x [B, 1, C]
+        if e0.dim() == 3:
+            mods = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # 6 x [B, 1, C]
+        else:
+            mods = (self.modulation.float().unsqueeze(0) + e0).unbind(2)  # [1, 1, 6, C] + [B, L, 6, C] -> 6 x [B, L, C]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods
         # h = (norm1(x) * (1 + scale1) + shift1).to(dt)
         _, h = ops.add_norm_mod(x, None, None, self.norm1, scale1, shift1, dt, feeds=(sa.q, sa.k, sa.v))
         # x = x + self_attn(h) * gate1;  h = norm3(x).to(dt)
@@ -152,8 +161,13 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.modulation.float() + e[:, None, :].float()).unbind(1)  # 2 x [B, C]
-        h = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+        """x: [B, L, C]; e: [B, C] (one timestep per row) or [B, L, C] (per token)."""
+        if e.dim() == 2:
+            shift, scale = (self.modulation.float() + e[:, None, :].float()).unbind(1)  # 2 x [B, C]
+            shift, scale = shift[:, None], scale[:, None]  # [B, 1, C]
+        else:
+            shift, scale = (self.modulation.float().unsqueeze(0) + e.float().unsqueeze(2)).unbind(2)  # 2 x [B, L, C]
+        h = self.norm(x) * (1 + scale) + shift
         return F.linear(h, self.head.weight.float(), self.head.bias.float())
 
 
@@ -184,7 +198,7 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
-        if cfg.is_i2v:
+        if cfg.clip_branch:
             self.img_emb = ImageProjection(cfg.image_dim, cfg.dim)
         self._rope_cache: dict = {}
 
@@ -226,12 +240,17 @@ class WanModel(nn.Module):
         return self._rope_cache[key]
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B] timesteps (0..1000) -> e [B, C] and e0 [B, 6, C], float32."""
-        te = sinusoidal_embedding(self.cfg.freq_dim, t).float()
+        """Timesteps (0..1000) -> time embedding e and projection e0, float32.
+
+        t [B] -> e [B, C], e0 [B, 6, C]; t [B, L] (per token) -> e [B, L, C], e0 [B, L, 6, C],
+        every token embedded on its own, as the official Wan2.2 model does.
+        """
+        te = sinusoidal_embedding(self.cfg.freq_dim, t.reshape(-1)).float()  # [N, freq_dim], N = B or B*L
+        te = te.unflatten(0, t.shape)  # [B, freq_dim] or [B, L, freq_dim]
         lin1, act, lin2 = self.time_embedding
         e = F.linear(act(F.linear(te, lin1.weight.float(), lin1.bias.float())), lin2.weight.float(), lin2.bias.float())
         proj = self.time_projection[1]
-        e0 = F.linear(F.silu(e), proj.weight.float(), proj.bias.float()).unflatten(1, (6, self.cfg.dim))
+        e0 = F.linear(F.silu(e), proj.weight.float(), proj.bias.float()).unflatten(-1, (6, self.cfg.dim))
         return e, e0
 
     def embed_context(self, context, clip_fea: torch.Tensor | None):
@@ -250,7 +269,7 @@ class WanModel(nn.Module):
             rows.append(torch.cat([u, u.new_zeros(self.cfg.text_len - u.shape[0], u.shape[1])]))
         ctx = self.text_embedding(torch.stack(rows).to(dt))
         ctx_img = None
-        if self.cfg.is_i2v:
+        if self.cfg.clip_branch:
             if clip_fea is None:
                 raise ValueError("this is an image-to-video model: clip_fea (CLIP image tokens) is required")
             ctx_img = self.img_emb(clip_fea)
@@ -298,14 +317,23 @@ class WanModel(nn.Module):
     ) -> torch.Tensor:
         """Flow velocity for a noisy latent.
 
-        x: [B, 16, F, H, W] latent; t: [B] (or scalar) timestep in 0..1000; context: [B, Lt, 4096]
-        T5 features (Lt <= text_len, zero-padded here) or a list of [Li, 4096]; I2V: clip_fea
-        [B, 257, 1280] and y [B, 20, F, H, W]. Returns float32 [B, 16, F, H, W].
+        x: [B, out_dim, F, H, W] latent; t: [B] (or scalar) timestep in 0..1000, or [B, L'] one per
+        token (Wan2.2 TI2V; token order f, h, w; L' >= L tokens, extra trailing entries, the
+        official padding up to seq_len, are ignored; a batch of 1 is broadcast); context:
+        [B, Lt, 4096] T5 features (Lt <= text_len, zero-padded here) or a list of [Li, 4096];
+        Wan2.1 I2V: clip_fea [B, 257, 1280]; I2V: y [B, 20, F, H, W]. Returns float32, x's shape.
         """
-        t = torch.as_tensor(t, device=x.device).reshape(-1)
-        if t.numel() == 1 and x.shape[0] > 1:
-            t = t.expand(x.shape[0])
+        t = torch.as_tensor(t, device=x.device)
         tokens, grid = self.embed_video(x, y)
+        if t.dim() == 2:
+            n = tokens.shape[1]
+            if t.shape[1] < n:
+                raise ValueError(f"per-token timesteps: t has {t.shape[1]} entries per row, the latent makes {n} tokens")
+            t = t[:, :n].expand(x.shape[0], n)  # [B, L]
+        else:
+            t = t.reshape(-1)
+            if t.numel() == 1 and x.shape[0] > 1:
+                t = t.expand(x.shape[0])
         e, e0 = self.embed_time(t)
         ctx, ctx_img = self.embed_context(context, clip_fea)
         tokens = self.forward_blocks(tokens, e0, ctx, ctx_img, self.rope(grid, x.device))
