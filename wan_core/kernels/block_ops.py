@@ -79,8 +79,15 @@ def _plain(m: nn.Module) -> bool:
     return type(m) is nn.Linear and m.bias is not None and not (m._forward_hooks or m._forward_pre_hooks)
 
 
+def _per_token(v) -> bool:
+    """A modulation vector with one row per token ([B, L, C], Wan2.2 per-token timesteps)."""
+    return v is not None and v.dim() == 3 and v.shape[1] != 1
+
+
 def _fused_add_norm_mod(x, delta, gate, norm, scale, shift, out_dtype, feeds):
-    if not isinstance(norm, nn.LayerNorm):  # no norm there (a model without the cross-attention norm)
+    # The fused op takes one modulation row per batch item: no norm there (a model without the
+    # cross-attention norm) or per-token modulation -> the plain ops.
+    if not isinstance(norm, nn.LayerNorm) or _per_token(gate) or _per_token(scale):
         return _torch_add_norm_mod(x, delta, gate, norm, scale, shift, out_dtype, feeds)
     quant = out_dtype == torch.bfloat16 and _takes_codes(feeds)
     return add_norm_mod(x, delta, gate, norm=norm, scale=scale, shift=shift, quant=quant, out_dtype=out_dtype)
