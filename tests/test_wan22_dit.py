@@ -49,6 +49,9 @@ def test_detection_tells_wan21_i2v_from_wan22_i2v_expert():
         warnings.simplefilter("error")
         assert config_from_json({"model_type": "ti2v", "num_heads": 24}, _layout("wan2.2_ti2v_5b_dit.json")) == PRESETS["ti2v-5b"]
         assert config_from_json({"model_type": "i2v", "in_dim": 36}, _layout("wan2.2_i2v_a14b_dit.json")) == PRESETS["i2v-a14b"]
+        # diffusers' transformer config (Wan2.2-I2V-A14B-Diffusers): image_dim null = no CLIP branch
+        diffusers_cfg = {"in_channels": 36, "out_channels": 16, "num_attention_heads": 40, "image_dim": None}
+        assert config_from_json(diffusers_cfg, _layout("wan2.2_i2v_a14b_dit.json")) == PRESETS["i2v-a14b"]
     with pytest.raises(ValueError, match="CLIP image branch"):
         WanConfig(model_type="ti2v", clip_branch=True)
 

@@ -166,6 +166,8 @@ def config_from_json(cfg: dict[str, Any], shapes: dict[str, Any] | None = None, 
     given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in _JSON_FIELDS}
     if "model_type" in given and given["model_type"] not in MODEL_TYPES:
         given.pop("model_type")  # flf2v / vace are not supported; shapes decide the task
+    if given.get("image_dim", 0) is None:
+        given.pop("image_dim")  # diffusers' "no image branch" (T2V, Wan2.2 I2V): the shapes say that
     if shapes is None:
         return WanConfig(**given)
     inferred = WanConfig.from_state_dict(shapes)
