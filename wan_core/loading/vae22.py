@@ -1,0 +1,104 @@
+"""Reading a Wan2.2 VAE file: the official `Wan2.2_VAE.pth`, ComfyUI's `wan2.2_vae.safetensors`
+(with or without a prefix) and diffusers' `AutoencoderKLWan` (Wan2.2 config), all mapped to the
+official names `wan_core.models.vae22` uses; the key set is checked against the model's."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from ..models.vae22 import Wan22VAE, Wan22VAEConfig
+from .io import CheckpointError, read_state_dict
+from .vae import _RESNET_RENAMES, _TOP_RENAMES, KNOWN_PREFIXES, check_vae_state_dict
+
+__all__ = ["diffusers22_to_official", "to_official_vae22", "load_vae22_state_dict", "load_vae22"]
+
+# ComfyUI tells the two VAEs apart by this key; diffusers' Wan2.2 VAE by its residual up block's
+# upsampler (`upsampler`, singular; Wan2.1's is `upsamplers.0`).
+_OFFICIAL_ANCHOR = "decoder.upsamples.0.upsamples.0.residual.2.weight"
+_DIFFUSERS_ANCHOR = "decoder.up_blocks.0.upsampler.resample.1.weight"
+
+
+def diffusers22_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a diffusers `AutoencoderKLWan` state dict of the Wan2.2 config to the official names.
+
+    encoder.down_blocks.I.{resnets.J, downsampler} -> encoder.downsamples.I.downsamples.{J, n}
+    decoder.up_blocks.I.{resnets.J, upsampler} -> decoder.upsamples.I.upsamples.{J, n}
+    (n = the level's number of residual blocks); the rest as for the Wan2.1 VAE.
+    """
+    n_resnets: dict[tuple[str, int], int] = {}
+    for k in sd:
+        if m := re.match(r"(encoder\.down_blocks|decoder\.up_blocks)\.(\d+)\.resnets\.(\d+)\.", k):
+            key = (m.group(1), int(m.group(2)))
+            n_resnets[key] = max(n_resnets.get(key, 0), int(m.group(3)) + 1)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if parts[0] in ("encoder", "decoder") and parts[1] in ("mid_block", "down_blocks", "up_blocks"):
+            side, group = parts[0], parts[1]
+            if group == "mid_block":  # resnets.0, attentions.0, resnets.1 -> middle.0, .1, .2
+                n = int(parts[3])
+                head, rest = f"{side}.middle.{2 * n if parts[2] == 'resnets' else 2 * n + 1}", parts[4:]
+            else:
+                inner = "downsamples" if group == "down_blocks" else "upsamples"
+                level = int(parts[2])
+                if parts[3] == "resnets":
+                    pos, rest = int(parts[4]), parts[5:]
+                else:  # downsampler / upsampler
+                    pos, rest = n_resnets[(f"{side}.{group}", level)], parts[4:]
+                head = f"{side}.{inner}.{level}.{inner}.{pos}"
+            if rest[0] in _RESNET_RENAMES:
+                rest = [_RESNET_RENAMES[rest[0]], *rest[1:]]
+            out[".".join([head, *rest])] = v
+        elif parts[0] in ("encoder", "decoder") and parts[1] in _TOP_RENAMES:
+            out[".".join([parts[0], _TOP_RENAMES[parts[1]], *parts[2:]])] = v
+        elif parts[0] in ("quant_conv", "post_quant_conv"):
+            out[".".join([_TOP_RENAMES[parts[0]], *parts[1:]])] = v
+        else:
+            out[k] = v  # unknown: left for the completeness check to report
+    return out
+
+
+def to_official_vae22(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any supported layout (prefix stripped, diffusers renamed) -> official Wan2.2 VAE names."""
+    for prefix in ("", *KNOWN_PREFIXES):
+        if prefix + _OFFICIAL_ANCHOR in sd:
+            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+        if prefix + _DIFFUSERS_ANCHOR in sd:
+            return diffusers22_to_official({k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)})
+    if any(k.endswith("decoder.upsamples.0.residual.2.weight") or k.endswith("decoder.up_blocks.0.upsamplers.0.resample.1.weight")
+           for k in sd):
+        raise CheckpointError("this is a Wan2.1 VAE (16 latent channels); the Wan2.2 VAE (48 channels) is expected")
+    raise CheckpointError(
+        f"not a Wan2.2 VAE: expected a tensor such as {_OFFICIAL_ANCHOR} (official/ComfyUI) or {_DIFFUSERS_ANCHOR} "
+        f"(diffusers), optionally behind one of the prefixes {', '.join(KNOWN_PREFIXES)}; found {len(sd)} tensors"
+    )
+
+
+def load_vae22_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a Wan2.2 VAE file in any supported layout; keys come back in the official names."""
+    sd = read_state_dict(path)
+    try:
+        return to_official_vae22(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"{os.fspath(path)}: {e}") from e
+
+
+def load_vae22(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    config: Wan22VAEConfig | None = None,
+) -> Wan22VAE:
+    """Build on the meta device (the official architecture unless `config` is given), check the
+    file's keys and shapes against it, and assign the weights."""
+    sd = load_vae22_state_dict(path)
+    with torch.device("meta"):
+        model = Wan22VAE(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_vae_state_dict(sd, expected, source=os.fspath(path))
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
