@@ -67,14 +67,14 @@ def test_encode_decode_match_diffusers(pair, frames):
     latent = ours.encode(video)
     assert latent.shape == (1, 48, 1 + (frames - 1) // 4, 2, 3) and latent.dtype == torch.float32
     assert 0.1 < ref_latent.std()  # a non-trivial latent
-    assert _rel(latent, ref_latent) <= 1e-4
+    assert _rel(latent, ref_latent) <= 1e-4  # measured ~5e-7
 
     with torch.no_grad():
         ref_video = ref.decode(latent / inv_std + mean).sample
     video_out = ours.decode(latent)
     assert video_out.shape == video.shape
     assert 0.1 < ref_video.std() and (ref_video.abs() < 1).float().mean() > 0.5  # not saturated, not trivial
-    assert _rel(video_out, ref_video) <= 1e-4
+    assert _rel(video_out, ref_video) <= 1e-4  # measured ~3e-6
 
 
 def test_patchify_is_the_official_channel_order_and_inverts():
@@ -160,3 +160,46 @@ def test_input_shapes_are_checked(pair):
         ours.encode(torch.zeros(1, 3, 4, 32, 32))
     with pytest.raises(ValueError, match="48 channels"):
         ours.decode(torch.zeros(1, 16, 2, 2, 2))
+
+
+COMFY_SCRIPT = r"""
+import sys
+import torch
+sys.path.append(sys.argv[1])
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+from comfy.ldm.wan.vae2_2 import WanVAE
+d = torch.load(sys.argv[2])
+model = WanVAE(dim=8, dec_dim=16, z_dim=48, temperal_downsample=[False, True, True]).float().eval()
+model.load_state_dict(d["sd"], strict=True)  # the official names, no renaming
+with torch.no_grad():
+    mu = model.encode(d["video"])
+    video = model.decode(d["raw"])
+torch.save({"mu": mu, "video": video}, sys.argv[3])
+"""
+
+
+@pytest.mark.comfyui
+def test_matches_comfyui_port_of_the_official_vae(tmp_path, pair):
+    """ComfyUI's comfy/ldm/wan/vae2_2.py (the official module, verified equal to it) loads our
+    state dict strictly under its own names and gives the same latent and video."""
+    import os
+    import subprocess
+    import sys
+
+    src = os.environ.get("COMFYUI_DIR")
+    if not src or not os.path.isfile(os.path.join(src, "comfy", "ldm", "wan", "vae2_2.py")):
+        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout")
+    _, ours = pair
+    video = torch.rand(1, 3, 9, 32, 48, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    latent = ours.encode(video)
+    mean, inv_std = _stats()
+    torch.save({"sd": ours.state_dict(), "video": video, "raw": latent / inv_std + mean}, tmp_path / "in.pt")
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    run = subprocess.run([python, "-c", COMFY_SCRIPT, src, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                         capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=env)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert _rel(latent, (out["mu"] - mean) * inv_std) <= 1e-4
+    assert _rel(ours.decode(latent), out["video"].clamp(-1, 1)) <= 1e-4
