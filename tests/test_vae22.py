@@ -132,7 +132,7 @@ def test_file_layouts_load(tmp_path, pair, layout):
 
 
 def test_wrong_files_give_clear_errors(tmp_path, pair):
-    _, ours = pair
+    ref, ours = pair
     wan21 = WanVAE(WanVAEConfig(dim=8))
     p21 = tmp_path / "wan_2.1_vae.safetensors"
     save_file({k: v.contiguous() for k, v in wan21.state_dict().items()}, p21)
@@ -141,10 +141,14 @@ def test_wrong_files_give_clear_errors(tmp_path, pair):
     # and the reverse: the Wan2.1 loader names a Wan2.2 file
     p22 = tmp_path / "wan2.2_vae.safetensors"
     save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, p22)
-    with pytest.raises(CheckpointError, match="Wan2.2 VAE"):
+    with pytest.raises(CheckpointError, match="this is a Wan2.2 VAE"):
         load_vae(p22)
+    pd = tmp_path / "diffusers_wan22.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, pd)
+    with pytest.raises(CheckpointError, match="this is a Wan2.2 VAE"):
+        load_vae(pd)
     # the Wan2.2 file against the full-size architecture: shapes checked, with the file named
-    with pytest.raises(CheckpointError, match="wrong shape"):
+    with pytest.raises(CheckpointError, match="not the expected Wan2.2 VAE.*wrong shape"):
         load_vae22(p22)
     other = tmp_path / "t5.safetensors"
     save_file({"shared.weight": torch.zeros(2, 2)}, other)

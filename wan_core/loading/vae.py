@@ -90,7 +90,7 @@ def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def detect_vae_layout(keys) -> str:
     """ "official" or "diffusers" for a prefix-free key set; CheckpointError for anything else."""
     keys = set(keys)
-    if "decoder.upsamples.0.upsamples.0.residual.2.weight" in keys:
+    if {"decoder.upsamples.0.upsamples.0.residual.2.weight", "decoder.up_blocks.0.upsampler.resample.1.weight"} & keys:
         raise CheckpointError("this is a Wan2.2 VAE (48 latent channels); the Wan2.1 VAE (16 channels) is expected")
     if all(a in keys for a in _OFFICIAL_ANCHORS):
         return "official"
@@ -163,7 +163,8 @@ def load_vae_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{os.fspath(path)}: {e}") from e
 
 
-def check_vae_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str = "") -> None:
+def check_vae_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str = "",
+                         what: str = "Wan2.1 VAE") -> None:
     """CheckpointError unless `sd` has exactly the `expected` names with the expected shapes."""
     where = f"{source}: " if source else ""
     missing = sorted(set(expected) - set(sd))
@@ -178,7 +179,7 @@ def check_vae_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, tuple[
         shown = ", ".join(f"{k} {list(sd[k].shape)} vs {list(expected[k])}" for k in wrong[:3])
         problems.append(f"{len(wrong)} tensors of the wrong shape (e.g. {shown})")
     if problems:
-        raise CheckpointError(f"{where}not the expected Wan2.1 VAE ({len(expected)} tensors): " + "; ".join(problems))
+        raise CheckpointError(f"{where}not the expected {what} ({len(expected)} tensors): " + "; ".join(problems))
 
 
 def load_vae(

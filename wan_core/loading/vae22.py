@@ -98,7 +98,7 @@ def load_vae22(
     with torch.device("meta"):
         model = Wan22VAE(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_vae_state_dict(sd, expected, source=os.fspath(path))
+    check_vae_state_dict(sd, expected, source=os.fspath(path), what="Wan2.2 VAE")
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
