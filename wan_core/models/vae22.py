@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .vae import AttentionBlock, CausalConv3d, Resample, ResidualBlock, RMSNorm, StreamCache, _middle
+from .vae_config import VAEConfigChecks
 
 __all__ = ["Wan22VAE", "Wan22VAEConfig", "WAN22_LATENT_MEAN", "WAN22_LATENT_STD", "patchify", "unpatchify"]
 
@@ -47,7 +48,7 @@ WAN22_LATENT_STD = (
 
 
 @dataclass(frozen=True)
-class Wan22VAEConfig:
+class Wan22VAEConfig(VAEConfigChecks):
     """Architecture of the Wan2.2 VAE; the defaults are `Wan2.2_VAE.pth`'s."""
 
     dim: int = 160  # encoder base width
@@ -60,25 +61,9 @@ class Wan22VAEConfig:
     latents_mean: tuple[float, ...] = WAN22_LATENT_MEAN
     latents_std: tuple[float, ...] = WAN22_LATENT_STD
 
-    def __post_init__(self):
-        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
-            raise ValueError("temperal_downsample needs one entry per level transition (len(dim_mult) - 1)")
-        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
-            raise ValueError(f"latents_mean/latents_std need {self.z_dim} values (z_dim)")
-
     @property
     def spatial_ratio(self) -> int:
         return self.patch_size * 2 ** (len(self.dim_mult) - 1)
-
-    @property
-    def temporal_ratio(self) -> int:
-        return 2 ** sum(self.temperal_downsample)
-
-    def latent_stats(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) as float32 `[1, z, 1, 1, 1]`."""
-        shape = (1, self.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.latents_mean, dtype=torch.float32, device=device).view(shape)
-        return mean, torch.tensor(self.latents_std, dtype=torch.float32, device=device).view(shape)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:

@@ -20,8 +20,28 @@ WAN21_LATENT_STD = (
 )  # fmt: skip
 
 
+class VAEConfigChecks:
+    """What the Wan2.1 and Wan2.2 VAE configs share: field checks, temporal ratio, latent statistics."""
+
+    def __post_init__(self):
+        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError("temperal_downsample needs one entry per level transition (len(dim_mult) - 1)")
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise ValueError(f"latents_mean/latents_std need {self.z_dim} values (z_dim)")
+
+    @property
+    def temporal_ratio(self) -> int:
+        return 2 ** sum(self.temperal_downsample)
+
+    def latent_stats(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as float32 `[1, z, 1, 1, 1]`; built per call, so a meta-built model needs no buffer fix-up."""
+        shape = (1, self.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.latents_mean, dtype=torch.float32, device=device).view(shape)
+        return mean, torch.tensor(self.latents_std, dtype=torch.float32, device=device).view(shape)
+
+
 @dataclass(frozen=True)
-class WanVAEConfig:
+class WanVAEConfig(VAEConfigChecks):
     """Architecture of the VAE; the defaults are Wan2.1's (`Wan2.1_VAE.pth`)."""
 
     dim: int = 96
@@ -33,25 +53,9 @@ class WanVAEConfig:
     latents_mean: tuple[float, ...] = WAN21_LATENT_MEAN
     latents_std: tuple[float, ...] = WAN21_LATENT_STD
 
-    def __post_init__(self):
-        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
-            raise ValueError("temperal_downsample needs one entry per level transition (len(dim_mult) - 1)")
-        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
-            raise ValueError(f"latents_mean/latents_std need {self.z_dim} values (z_dim)")
-
     @property
     def spatial_ratio(self) -> int:
         return 2 ** (len(self.dim_mult) - 1)
-
-    @property
-    def temporal_ratio(self) -> int:
-        return 2 ** sum(self.temperal_downsample)
-
-    def latent_stats(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) as float32 `[1, z, 1, 1, 1]`; built per call, so a meta-built model needs no buffer fix-up."""
-        shape = (1, self.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.latents_mean, dtype=torch.float32, device=device).view(shape)
-        return mean, torch.tensor(self.latents_std, dtype=torch.float32, device=device).view(shape)
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> WanVAEConfig:
