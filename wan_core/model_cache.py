@@ -48,14 +48,15 @@ import torch
 from .spec import ModelSpec
 
 __all__ = [
-    "lease", "held", "build_text_encoder", "build_vae", "build_image_encoder", "component_loaded", "clear_cache",
+    "lease", "held", "dit_part", "DIT_PARTS", "build_text_encoder", "build_vae", "build_image_encoder", "component_loaded", "clear_cache",
     "dit_fp8_layout", "register_memory_hooks", "evict", "unload_all", "memory_report", "part_bytes",
 ]  # fmt: skip
 
 _PARTS: dict[str, tuple[tuple, object]] = {}  # part -> (key, built object)
 _LOCK = threading.RLock()  # the parts table
 _DIT_LOCK = threading.RLock()  # held for a lease's duration
-_HELD = threading.local()  # this thread's lease depth
+_HELD = threading.local()  # this thread's lease depth per DiT part ({part: depth})
+DIT_PARTS = ("dit", "dit_high", "dit_low")  # a Wan2.1 / TI2V DiT; the Wan2.2 A14B experts
 
 
 def _stamp(path) -> tuple:
@@ -134,11 +135,12 @@ def clear_cache() -> None:
 # ----------------------------------------------------------------------------- memory hooks
 
 _HOOKS: dict[str, object] = {}
-_EVICT_AFTER_LEASE = threading.Event()  # set: drop the DiT when the held lease ends
+_EVICT_AFTER_LEASE: set[str] = set()  # DiT parts to drop when their held lease ends
 
 
 def register_memory_hooks(*, before_load=None, on_loaded=None, on_released=None) -> None:
-    """Let a host's memory manager follow the cached parts ('dit', 't5', 'clip', 'vae'); None
+    """Let a host's memory manager follow the cached parts ('dit' or the Wan2.2 experts 'dit_high' /
+    'dit_low', 't5', 'clip', 'vae'); None
     removes a hook. `before_load(part, device, nbytes)`: a part of about `nbytes` (its files'
     size) is about to be built on `device`, make room; `on_loaded(part, module, device)`: it is
     built (`module`: its torch module); `on_released(part)`: the cache dropped it. Hooks run
@@ -205,13 +207,13 @@ def evict(part: str) -> bool:
     """Drop a cached part so its memory can go (the next use rebuilds it). True when it is gone
     (or was not cached); False for a DiT under a running lease, which is dropped when that
     lease ends: a sampler never loses its weights mid-run."""
-    if part == "dit":
+    if part in DIT_PARTS:
         if not _DIT_LOCK.acquire(blocking=False):  # another thread's lease
-            _EVICT_AFTER_LEASE.set()
+            _EVICT_AFTER_LEASE.add(part)
             return False
         try:
-            if getattr(_HELD, "depth", 0):  # this thread's own lease (a hook called from inside it)
-                _EVICT_AFTER_LEASE.set()
+            if _depths().get(part, 0):  # this thread's own lease (a hook called from inside it)
+                _EVICT_AFTER_LEASE.add(part)
                 return False
             with _LOCK:
                 _drop(part)
@@ -334,13 +336,40 @@ def _layers(spec: ModelSpec, entry: _DitEntry, kernel_choice: str | None, compil
     return out
 
 
+def _depths() -> dict[str, int]:
+    """This thread's lease depth per DiT part."""
+    if not hasattr(_HELD, "depths"):
+        _HELD.depths = {}
+    return _HELD.depths
+
+
+def dit_part(spec: ModelSpec) -> str:
+    """The cache part a spec's DiT lives in: 'dit', or 'dit_high' / 'dit_low' for a Wan2.2 expert."""
+    return "dit" if spec.expert is None else f"dit_{spec.expert}"
+
+
+def _drop_other_family(part: str) -> None:
+    """A plain DiT and an expert pair do not share the cache: leasing one drops the other's parts
+    (caller holds `_DIT_LOCK`; parts under a lease of this thread are kept)."""
+    held = {p for p, d in _depths().items() if d}
+    others = ("dit_high", "dit_low") if part == "dit" else ("dit",)
+    with _LOCK:
+        dropped = [p for p in others if p in _PARTS and p not in held]
+        for p in dropped:
+            _drop(p)
+        if dropped:
+            _release_host()
+
+
 @contextlib.contextmanager
 def lease(spec: ModelSpec) -> Iterator[torch.nn.Module]:
     """The DiT of `spec`, brought to its FP8 kernel, LoRAs and offload, for the `with` block.
 
     The model is shared: keep it (and anything computed lazily from it) inside the block. Another
-    thread's lease waits for this one to end; a lease nested in this thread's held one must ask for
-    the same model state (else RuntimeError: the outer holder would see its weights change).
+    thread's lease waits for this one to end; a lease nested in this thread's held one of the same
+    part must ask for the same model state (else RuntimeError: the outer holder would see its
+    weights change). The two Wan2.2 experts are two parts (`spec.expert`), leased together:
+    `with lease(high) as hi, lease(low) as lo:`.
     """
     from .layers.compile import should_compile
     from .layers.fp8 import resolve_kernel
@@ -357,11 +386,13 @@ def lease(spec: ModelSpec) -> Iterator[torch.nn.Module]:
     offload = (o.granularity, o.vram_budget_gb, o.resident_blocks, o.prefetch)
     key = (_stamp(spec.dit), _stamp(spec.dit_config), spec.task, dt, dev, spec.attention, spec.cross_attention,
            fp8 is not None, compile, offload)  # fmt: skip
+    part = dit_part(spec)
     with _DIT_LOCK:
-        depth = getattr(_HELD, "depth", 0)
+        depths = _depths()
+        depth = depths.get(part, 0)
         with torch.inference_mode(False), torch.no_grad():
             if depth:
-                hit = _PARTS.get("dit")
+                hit = _PARTS.get(part)
                 if hit is None or hit[0] != key:
                     raise RuntimeError("a lease of another DiT is held by this thread; end it before leasing this one")
                 layers = _layers(spec, hit[1], fp8, compile, dev)
@@ -371,18 +402,19 @@ def lease(spec: ModelSpec) -> Iterator[torch.nn.Module]:
                     )
                 entry = hit[1]
             else:
+                _drop_other_family(part)
                 build_dev = "cpu" if o.cpu_offload else dev
-                entry = _cached("dit", key, lambda: _DitEntry(_load_base(spec, fp8, dt, dev)), build_dev, spec.dit, dev)
+                entry = _cached(part, key, lambda: _DitEntry(_load_base(spec, fp8, dt, dev)), build_dev, spec.dit, dev)
                 apply_layers(entry.model, _layers(spec, entry, fp8, compile, dev))
-        _HELD.depth = depth + 1
+        depths[part] = depth + 1
         try:
             yield entry.model
         finally:
-            _HELD.depth = depth
-            if not depth and _EVICT_AFTER_LEASE.is_set():  # asked for while the lease ran
-                _EVICT_AFTER_LEASE.clear()
+            depths[part] = depth
+            if not depth and part in _EVICT_AFTER_LEASE:  # asked for while the lease ran
+                _EVICT_AFTER_LEASE.discard(part)
                 with _LOCK:
-                    _drop("dit")
+                    _drop(part)
 
 
 @contextlib.contextmanager
@@ -434,15 +466,17 @@ def build_text_encoder(spec: ModelSpec):
 
 @_normal_tensors
 def build_vae(spec: ModelSpec):
-    """The Wan2.1 VAE of `spec`, cached."""
+    """The VAE of `spec`, cached: the Wan2.1 VAE, or the Wan2.2 VAE (z 48) when the file is one."""
     from .loading.vae import load_vae
+    from .loading.vae22 import is_wan22_vae, load_vae22
 
     if not spec.vae:
         raise ValueError("this ModelSpec names no VAE file")
     off = spec.offload.vae
     dev, dt = _part_device(spec, off), spec.torch_vae_dtype
     key = (_stamp(spec.vae), dt, dev, off)
-    return _cached("vae", key, lambda: load_vae(spec.vae, dtype=dt, device=dev), dev, spec.vae)
+    load = load_vae22 if is_wan22_vae(spec.vae) else load_vae
+    return _cached("vae", key, lambda: load(spec.vae, dtype=dt, device=dev), dev, spec.vae)
 
 
 @_normal_tensors

@@ -95,7 +95,7 @@ IGNORED = {
     "warmup", "return_result_tensor", "model_cls", "task", "model_path", "config_json", "seed", "prompt",
     "negative_prompt", "image_path", "save_result_path", "use_image_encoder", "max_area", "num_channels_latents",
     "vae_stride", "patch_size", "norm_modulate_backend", "double_precision_rope", "enable_reuse", "aspect_ratio",
-    "boundary", "boundary_step_index", "audio_fps", "distilled_sigma_values", "support_tasks", "target_shape",
+    "audio_fps", "distilled_sigma_values", "support_tasks", "target_shape",
 }  # fmt: skip
 # LightX2V `create_generator(...)` keyword names -> config keys.
 KWARG_ALIASES = {
@@ -111,13 +111,14 @@ KWARG_ALIASES = {
 _BOOL = {"use_tiling_vae", "lora_dynamic_apply", "dit_quantized", "cpu_offload", "allow_large_runs"}
 _OPT_BOOL = {"enable_cfg", "t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload"}
 _INT = {"infer_steps", "target_video_length", "target_height", "target_width", "text_len", "video_crf", "offload_prefetch"}
-_OPT_INT = {"offload_resident_blocks"}
-_NUMBER = {"sample_guide_scale", "sample_shift", "fps"}
-_OPT_NUMBER = {"vram_budget_gb"}
+_OPT_INT = {"offload_resident_blocks", "boundary_step_index"}
+_NUMBER = {"sample_shift", "fps"}
+_OPT_NUMBER = {"vram_budget_gb", "boundary"}
 _STR = {"sample_solver", "video_preset", "offload_granularity", "feature_caching"}
 _OPT_STR = {
     "self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type", "dit_original_ckpt", "t5_original_ckpt",
     "t5_tokenizer_path", "vae_path", "clip_original_ckpt", "dit_quantized_ckpt", "dit_quant_scheme",
+    "high_noise_original_ckpt", "low_noise_original_ckpt", "high_noise_quantized_ckpt", "low_noise_quantized_ckpt",
 }  # fmt: skip
 
 
@@ -162,6 +163,15 @@ def typed_value(key: str, v, source: str = "config"):
         if not isinstance(v, str):
             raise ValueError(f"{source}: {key} must be a string, got {_shown(v)}")
         return v
+    if key == "sample_guide_scale":  # one scale, or [high-noise, low-noise] for Wan2.2 A14B (LightX2V's order)
+        if isinstance(v, (list, tuple)):
+            if len(v) != 2:
+                raise ValueError(f"{source}: sample_guide_scale must be a number or a list of two [high, low], got {_shown(v)}")
+            return [typed_value("sample_shift", g, source) for g in v]
+        try:
+            return typed_value("sample_shift", v, source)
+        except ValueError:
+            raise ValueError(f"{source}: sample_guide_scale must be a number, got {_shown(v)}") from None
     if key == "denoising_step_list":
         if not isinstance(v, list) or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in v):
             raise ValueError(f"{source}: denoising_step_list must be a list of timesteps like [1000, 750, 500, 250], got {_shown(v)}")
@@ -198,10 +208,14 @@ class GenerationConfig:
     self_attn_1_type: str | None = None  # None: the pipeline's own choice ('auto')
     cross_attn_1_type: str | None = None  # text cross-attention
     cross_attn_2_type: str | None = None  # image cross-attention (I2V); wan_core uses one backend for both
-    sample_guide_scale: float = 5.0
+    sample_guide_scale: float | list[float] = 5.0  # Wan2.2 A14B: [high-noise, low-noise], LightX2V's order
     sample_shift: float = 5.0
     enable_cfg: bool | None = None  # None: sample_guide_scale != 1
     denoising_step_list: list[int] | None = None  # step distillation, e.g. [1000, 750, 500, 250]
+    # Wan2.2 A14B expert switch: `boundary` (t >= boundary * 1000 -> high-noise expert; wan2.2_moe) or
+    # `boundary_step_index` (steps before it -> high-noise expert; wan2.2_moe_distill, ComfyUI's templates)
+    boundary: float | None = None
+    boundary_step_index: int | None = None
     sample_solver: str = "unipc"  # official Wan key; LightX2V always runs UniPC
     fps: int = 16
     # the mp4 written to save_result_path (wan_core keys; LightX2V writes x264 medium, crf 23)
@@ -214,6 +228,11 @@ class GenerationConfig:
     t5_tokenizer_path: str | None = None
     vae_path: str | None = None
     clip_original_ckpt: str | None = None
+    # Wan2.2 A14B experts given as files (LightX2V keys; the *_quantized_ckpt ones with dit_quantized)
+    high_noise_original_ckpt: str | None = None
+    low_noise_original_ckpt: str | None = None
+    high_noise_quantized_ckpt: str | None = None
+    low_noise_quantized_ckpt: str | None = None
     # LoRA: [{"path": ..., "strength": 1.0}, ...], relative paths taken from the model folder;
     # lora_dynamic_apply (LightX2V: keep the LoRA as a run-time branch) -> low-rank branches everywhere
     lora_configs: list[dict] | None = None
@@ -247,12 +266,24 @@ class GenerationConfig:
     # ------------------------------------------------------------------ derived
     @property
     def cfg_enabled(self) -> bool:
-        return bool(self.enable_cfg) if self.enable_cfg is not None else self.sample_guide_scale != 1
+        if self.enable_cfg is not None:
+            return bool(self.enable_cfg)
+        scales = self.sample_guide_scale if isinstance(self.sample_guide_scale, list) else [self.sample_guide_scale]
+        return any(g != 1 for g in scales)
 
     @property
     def guidance(self) -> float:
-        """The CFG scale actually applied (1.0 = one DiT evaluation per step)."""
+        """The CFG scale actually applied (1.0 = one DiT evaluation per step); one model's."""
+        if isinstance(self.sample_guide_scale, list):
+            raise ValueError("sample_guide_scale is a [high, low] list, which only the Wan2.2 A14B models (wan2.2_moe) use")
         return float(self.sample_guide_scale) if self.cfg_enabled else 1.0
+
+    @property
+    def guidances(self) -> tuple[float, float]:
+        """(high-noise, low-noise) CFG scales of a Wan2.2 A14B run; one number applies to both."""
+        g = self.sample_guide_scale
+        high, low = (g if isinstance(g, list) else [g, g])
+        return (float(high), float(low)) if self.cfg_enabled else (1.0, 1.0)
 
     @property
     def max_area(self) -> int:
@@ -322,7 +353,7 @@ class GenerationConfig:
             raise ValueError(f"text_len must be positive, got {self.text_len}")
         if not self.fps > 0:
             raise ValueError(f"fps must be a positive number of frames per second, got {self.fps!r}")
-        if self.cfg_enabled and self.sample_guide_scale < 0:
+        if self.cfg_enabled and min(self.guidances) < 0:
             warnings.warn(
                 f"sample_guide_scale={self.sample_guide_scale} is negative: guidance pushes the video away from "
                 "the prompt (towards the negative prompt); Wan uses 5.0", stacklevel=2,

@@ -52,22 +52,26 @@ from dataclasses import dataclass, field
 import torch
 
 from .inputs import check_attention, check_device, check_prompt, check_run_size, check_save_path, check_seed
-from .loading.discover import find_model_files, model_config_json
+from .loading.discover import find_model_files
 from .model_cache import build_image_encoder, build_text_encoder, build_vae, component_loaded, lease
-from .models.conditioning import I2VCondition, load_image, prepare_i2v
-from .options import DEFAULT_NEGATIVE_PROMPT, GenerationConfig, parallel_dict
+from .models.conditioning import I2VCondition, TI2VCondition, load_image, prepare_i2v, prepare_ti2v
+from .options import DEFAULT_NEGATIVE_PROMPT, GenerationConfig, parallel_dict, read_json
 from .pipeline_calls import LightX2VCalls
+from .pipeline_setup import arch_config, attention_choice, check_vae_fits, fp8_choice, sync
 from .progress import progress_bar, timed_build
 from .sampling.denoise import denoise
+from .sampling.experts import Experts
+from .sampling.first_frame import FirstFrame
 from .sampling.loop import Cond, StepInfo, latent_shape, make_noise
 from .spec import ModelSpec
 from .vae_frames import decode_frames
+from .wan22 import MOE_CLASSES, WAN22_CLASSES, expert_loras, expert_switch, model_defaults
 
 __all__ = ["WanPipeline", "GenerationResult", "MODEL_CLASSES"]
 
 log = logging.getLogger("wan_core.pipeline")
 
-MODEL_CLASSES = ("wan2.1", "wan2.1_distill")
+MODEL_CLASSES = ("wan2.1", "wan2.1_distill", *WAN22_CLASSES)
 DISTILL_STEPS = [1000, 750, 500, 250]  # lightx2v 4-step distill models
 VAE_TILE = 32  # latent pixels per tile when `use_tiling_vae` is on (256 video pixels)
 
@@ -96,44 +100,6 @@ class GenerationResult:
         return "; ".join(parts)
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _fp8_choice(scheme: str | None, device: str) -> str:
-    """`dit_quant_scheme` -> what ModelSpec.fp8 gets. Like an attention backend named in a config, a
-    scheme is a preference: one this machine cannot run (sgl-kernel missing, no FP8 tensor cores, a
-    CPU) falls back to 'auto' with a warning ('auto' = torch._scaled_mm, fast accumulation, on Ada/Hopper; the
-    dequantizing kernel elsewhere); names wan_core does not support at all are errors."""
-    from .layers.fp8 import resolve_kernel
-
-    name = scheme or "fp8"
-    try:
-        resolve_kernel(name, device)
-        return name
-    except (ImportError, RuntimeError) as e:
-        fallback = resolve_kernel("auto", device)
-        warnings.warn(f"dit_quant_scheme={name!r} cannot run here ({e}); using FP8 kernel {fallback!r}", stacklevel=3)
-        return "auto"
-
-
-def _attention_choice(name: str | None, fallback: str | None, device: str, key: str) -> str | None:
-    """A backend named in a config is a preference: if it cannot run here (package missing, a GPU
-    kernel on a CPU, or a sparse attention wan_core does not have), warn and use `fallback`."""
-    from .kernels.attention import get_attention
-
-    if name is None:
-        return fallback
-    try:
-        get_attention(name, device)
-        return name
-    except (ImportError, ValueError, RuntimeError) as e:
-        instead = repr(fallback) if fallback is not None else "the self-attention's backend (exact SDPA if that is 8-bit)"
-        warnings.warn(f"config {key}={name!r} cannot run here ({e}); using {instead}", stacklevel=3)
-        return fallback
-
-
 class WanPipeline(LightX2VCalls):
     """Wan2.1 T2V / I2V generation from a model folder or individual files.
 
@@ -160,16 +126,25 @@ class WanPipeline(LightX2VCalls):
         vae_dtype: str | torch.dtype | None = None,
         device: str = "auto",
         attention: str = "auto",
+        high_noise_path: str | None = None,
+        low_noise_path: str | None = None,
     ):
         if model_cls not in MODEL_CLASSES:
             raise ValueError(f"model_cls {model_cls!r} is not supported; wan_core runs {', '.join(MODEL_CLASSES)}")
         if task not in ("t2v", "i2v"):
             raise ValueError(f"task must be 't2v' or 'i2v', got {task!r}")
-        if model_path is None and dit_path is None:
+        self.moe = model_cls in MOE_CLASSES  # Wan2.2 A14B: two experts
+        if self.moe and dit_path is not None:
+            raise ValueError(f"{model_cls} has two experts: give high_noise_path= and low_noise_path=, not dit_path=")
+        if not self.moe and (high_noise_path or low_noise_path):
+            raise ValueError(f"high_noise_path / low_noise_path are for the two-expert Wan2.2 A14B models, not {model_cls}")
+        if model_path is None and dit_path is None and not (high_noise_path and low_noise_path):
             raise ValueError("give model_path (a model folder) or the component files (dit_path, t5_path, vae_path, ...)")
         check_device(device)
         self.model_path, self.model_cls, self.task = model_path, model_cls, task
-        self.paths = dict(dit=dit_path, t5=t5_path, tokenizer=tokenizer_path, vae=vae_path, clip=clip_path)
+        self.paths = dict(dit=dit_path, t5=t5_path, tokenizer=tokenizer_path, vae=vae_path, clip=clip_path,
+                          high=high_noise_path, low=low_noise_path)  # fmt: skip
+        self.spec_low: ModelSpec | None = None  # the low-noise expert of a two-expert run
         self.dtype, self.vae_dtype, self.device, self.attention = dtype, vae_dtype, device, attention
         self.config: GenerationConfig | None = None
         self.spec: ModelSpec | None = None
@@ -213,21 +188,79 @@ class WanPipeline(LightX2VCalls):
 
     def create_generator(self, config_json: str | None = None, **params) -> WanPipeline:
         """Read the settings (a LightX2V config JSON, then keyword overrides) and build the models."""
-        cfg = GenerationConfig.from_json(config_json) if config_json else GenerationConfig()
+        defaults = model_defaults(self.model_cls, self.task)  # Wan2.2's official settings; given keys win
+        given = read_json(config_json) if config_json else {}
+        cfg = GenerationConfig.from_dict({**defaults, **given}, source=config_json or "model defaults")
         if self.model_cls == "wan2.1_distill" and cfg.denoising_step_list is None and "denoising_step_list" not in params:
             cfg.denoising_step_list = list(DISTILL_STEPS)
         if self._enabled or params:
             cfg = cfg.updated({**self._enabled, **params}, source="create_generator")
         cfg.check(self.task)
+        files, dit_low, loras, loras_low = self._find_files(cfg)
+        # a DiT given as one file (dit_original_ckpt, dit_quantized_ckpt): the architecture is model_path's, as in LightX2V
+        arch = arch_config(self.model_path, files.dit, "high_noise_model" if self.moe else None)
+        self._join_world(cfg)  # under torchrun: this rank's device, before anything is built
+        device = str(self.parallel_run.device) if self.parallel_run is not None else str(self.device)
+        wan21_i2v = self.task == "i2v" and self.model_cls.startswith("wan2.1")
+        spec = ModelSpec(
+            dit=files.dit, t5=files.t5, tokenizer=files.tokenizer, vae=files.vae,
+            clip=files.clip if wan21_i2v else None, task="ti2v" if self.model_cls == "wan2.2" else self.task,
+            dtype=self.dtype, vae_dtype=self.vae_dtype, device=device, text_len=cfg.text_len, loras=loras,
+            lora_mode="branch" if cfg.lora_dynamic_apply else "auto", offload=cfg.offload_options(), dit_config=arch,
+            expert="high" if self.moe else None,
+        )  # fmt: skip
+        dev = spec.torch_device
+        if self.model_cls == "wan2.2" and (cfg.target_height % 32 or cfg.target_width % 32):
+            raise ValueError(f"TI2V-5B sizes are multiples of 32 (VAE 16 x patch 2), got {cfg.target_height}x{cfg.target_width}")
+        check_run_size(cfg.target_video_length, cfg.target_height, cfg.target_width, dev, cfg.allow_large_runs)
+        check_attention(self.attention, dev)
         if cfg.dit_quantized:
-            dit = self.paths["dit"] or self._config_path(cfg.dit_quantized_ckpt)  # None: the folder's DiT, quantised
+            spec = spec.replace(fp8=fp8_choice(cfg.dit_quant_scheme, dev))
+        self_attn = attention_choice(cfg.self_attn_1_type, self.attention, dev, "self_attn_1_type")
+        # no cross_attn_1_type: the model's rule (the self-attention backend, or exact SDPA when that is 8-bit)
+        cross_attn = attention_choice(cfg.cross_attn_1_type, None, dev, "cross_attn_1_type")
+        if cfg.cross_attn_2_type not in (None, cfg.cross_attn_1_type):
+            warnings.warn("cross_attn_2_type differs from cross_attn_1_type: wan_core runs one cross-attention backend (cross_attn_1_type)", stacklevel=2)
+        self.spec = spec.replace(attention=self_attn, cross_attention=cross_attn)
+        low_arch = arch_config(self.model_path, dit_low, "low_noise_model") if self.moe else None
+        self.spec_low = self.spec.replace(dit=dit_low, loras=loras_low, expert="low", dit_config=low_arch) if self.moe else None
+        if self.moe:
+            expert_switch(cfg, self.task)  # both boundary keys given: an error now
+            if (cfg.feature_caching or "NoCaching") != "NoCaching":
+                raise ValueError("feature caching (TeaCache / MagCache) is not available for the two-expert Wan2.2 A14B models")
+        self.config = cfg
+        self.load()
+        for s in (self.spec, self.spec_low):
+            if s is not None and s.loras:
+                from .layers.lora import lora_report
+
+                with lease(s) as dit:
+                    log.info("LoRA%s: %s", f" ({s.expert}-noise expert)" if s.expert else "", lora_report(dit))
+        self._make_cache(cfg.target_height, cfg.target_width)  # a cache setting that cannot work fails now
+        return self
+
+    def _find_files(self, cfg: GenerationConfig):
+        """(ModelFiles, low-noise expert path or None, LoRAs, low-noise expert's LoRAs) of the run: the
+        paths given to the pipeline, then the config's file keys, then the model folder's own files."""
+        find = self._find_file
+        q = cfg.dit_quantized
+        low = None
+        if self.moe:
+            dit = self.paths["high"] or self._config_path(cfg.high_noise_quantized_ckpt if q else cfg.high_noise_original_ckpt)
+            low = self.paths["low"] or self._config_path(cfg.low_noise_quantized_ckpt if q else cfg.low_noise_original_ckpt)
+            split = expert_loras(cfg.lora_configs)
+            loras, loras_low = (
+                tuple((find(p, ("loras",), f"{e}-noise LoRA path"), st) for p, st in split[e]) for e in ("high", "low")
+            )
         else:
-            if cfg.dit_quantized_ckpt:
-                warnings.warn("dit_quantized_ckpt is set but dit_quantized is false: the FP8 file is not used", stacklevel=2)
-            dit = self.paths["dit"] or self._config_path(cfg.dit_original_ckpt)
-        loras = tuple(
-            (self._find_file(p, ("loras",), f"lora_configs[{i}].path"), s) for i, (p, s) in enumerate(cfg.lora_list())
-        )
+            if q:
+                dit = self.paths["dit"] or self._config_path(cfg.dit_quantized_ckpt)  # None: the folder's DiT, quantised
+            else:
+                if cfg.dit_quantized_ckpt:
+                    warnings.warn("dit_quantized_ckpt is set but dit_quantized is false: the FP8 file is not used", stacklevel=3)
+                dit = self.paths["dit"] or self._config_path(cfg.dit_original_ckpt)
+            loras = tuple((find(p, ("loras",), f"lora_configs[{i}].path"), st) for i, (p, st) in enumerate(cfg.lora_list()))
+            loras_low = ()
         files = find_model_files(
             self.model_path,
             self.task,
@@ -236,37 +269,9 @@ class WanPipeline(LightX2VCalls):
             tokenizer=self.paths["tokenizer"] or self._config_path(cfg.t5_tokenizer_path),
             vae=self.paths["vae"] or self._config_path(cfg.vae_path),
             clip=self.paths["clip"] or self._config_path(cfg.clip_original_ckpt),
+            **(dict(family="wan2.2", dit_low=low) if self.model_cls in WAN22_CLASSES else {}),
         )
-        # a DiT given as one file (dit_original_ckpt, dit_quantized_ckpt): the architecture is model_path's, as in LightX2V
-        arch = model_config_json(self.model_path) if isinstance(files.dit, str) and os.path.isfile(files.dit) else None
-        self._join_world(cfg)  # under torchrun: this rank's device, before anything is built
-        device = str(self.parallel_run.device) if self.parallel_run is not None else str(self.device)
-        spec = ModelSpec(
-            dit=files.dit, t5=files.t5, tokenizer=files.tokenizer, vae=files.vae,
-            clip=files.clip if self.task == "i2v" else None, task=self.task, dtype=self.dtype,
-            vae_dtype=self.vae_dtype, device=device, text_len=cfg.text_len, loras=loras,
-            lora_mode="branch" if cfg.lora_dynamic_apply else "auto", offload=cfg.offload_options(), dit_config=arch,
-        )  # fmt: skip
-        dev = spec.torch_device
-        check_run_size(cfg.target_video_length, cfg.target_height, cfg.target_width, dev, cfg.allow_large_runs)
-        check_attention(self.attention, dev)
-        if cfg.dit_quantized:
-            spec = spec.replace(fp8=_fp8_choice(cfg.dit_quant_scheme, dev))
-        self_attn = _attention_choice(cfg.self_attn_1_type, self.attention, dev, "self_attn_1_type")
-        # no cross_attn_1_type: the model's rule (the self-attention backend, or exact SDPA when that is 8-bit)
-        cross_attn = _attention_choice(cfg.cross_attn_1_type, None, dev, "cross_attn_1_type")
-        if cfg.cross_attn_2_type not in (None, cfg.cross_attn_1_type):
-            warnings.warn("cross_attn_2_type differs from cross_attn_1_type: wan_core runs one cross-attention backend (cross_attn_1_type)", stacklevel=2)
-        self.spec = spec.replace(attention=self_attn, cross_attention=cross_attn)
-        self.config = cfg
-        self.load()
-        if loras:
-            from .layers.lora import lora_report
-
-            with lease(self.spec) as dit:
-                log.info("LoRA: %s", lora_report(dit))
-        self._make_cache(cfg.target_height, cfg.target_width)  # a cache setting that cannot work fails now
-        return self
+        return files, (files.dit_low if self.moe else None), loras, loras_low
 
     # ------------------------------------------------------------------ several processes
     def _join_world(self, cfg: GenerationConfig) -> None:
@@ -355,10 +360,12 @@ class WanPipeline(LightX2VCalls):
             with lease(s) as dit:
                 return dit
 
-        self.dit = timed_build("DiT", leased, spec)
+        self.dit = timed_build("high-noise expert" if self.moe else "DiT", leased, spec)
+        self.dit_low = timed_build("low-noise expert", leased, self.spec_low) if self.spec_low is not None else None
         self.text_encoder = timed_build("T5 text encoder", build_text_encoder, spec)
         self.vae = timed_build("VAE", build_vae, spec)
-        self.image_encoder = timed_build("CLIP image encoder", build_image_encoder, spec) if spec.task == "i2v" else None
+        self.image_encoder = timed_build("CLIP image encoder", build_image_encoder, spec) if spec.clip else None
+        check_vae_fits(self.dit, self.vae)
 
     def _need_spec(self) -> ModelSpec:
         if self.spec is None or self.config is None:
@@ -381,29 +388,33 @@ class WanPipeline(LightX2VCalls):
             neg = [c.to(dev) for c in te.encode([negative_prompt or DEFAULT_NEGATIVE_PROMPT])]
         return Cond(ctx), Cond(neg)
 
-    def encode_image(self, image) -> I2VCondition:
-        """I2V conditioning (CLIP tokens, mask, first-frame latent) for an image (path, PIL, array or tensor)."""
-        if self.image_encoder is None:
-            raise ValueError("encode_image needs an i2v pipeline (this one is t2v)")
+    def encode_image(self, image) -> I2VCondition | TI2VCondition:
+        """Image conditioning for an image (path, PIL, array or tensor): Wan2.1 I2V's CLIP tokens, mask
+        and first-frame latent (Wan2.2 I2V-A14B: the same without CLIP); TI2V-5B: the image's latent."""
+        if self.task != "i2v":
+            raise ValueError(f"encode_image needs an i2v pipeline (this one is {self.task})")
         if isinstance(image, (str, os.PathLike)):
             image = load_image(image)
         spec = self._need_spec()
-        with torch.no_grad(), component_loaded(self.vae, spec, "vae"), component_loaded(self.image_encoder, spec, "clip"):
-            return prepare_i2v(image, self.vae, self.image_encoder, self.config.target_video_length, self.config.max_area)
+        with torch.no_grad(), component_loaded(self.vae, spec, "vae"):
+            if self.model_cls == "wan2.2":
+                return prepare_ti2v(image, self.vae, self.config.max_area)
+            with component_loaded(self.image_encoder, spec, "clip"):
+                return prepare_i2v(image, self.vae, self.image_encoder, self.config.target_video_length, self.config.max_area)
 
-    def latent_shape(self, image_cond: I2VCondition | None = None) -> tuple[int, ...]:
-        """[1, 16, F_lat, h, w] of the run (I2V: the size the image fixed)."""
+    def latent_shape(self, image_cond: I2VCondition | TI2VCondition | None = None) -> tuple[int, ...]:
+        """[1, C, F_lat, h, w] of the run (C 16; TI2V-5B 48 at 16x; I2V: the size the image fixed)."""
         cfg = self.config
-        if image_cond is not None:
-            return (1, *latent_shape(cfg.target_video_length, image_cond.height, image_cond.width))
-        return (1, *latent_shape(cfg.target_video_length, cfg.target_height, cfg.target_width))
+        z, stride = (48, 16) if self.model_cls == "wan2.2" else (16, 8)
+        size = (image_cond.height, image_cond.width) if image_cond is not None else (cfg.target_height, cfg.target_width)
+        return (1, *latent_shape(cfg.target_video_length, *size, z_dim=z, stride=stride))
 
     def sample(
         self,
         noise: torch.Tensor,
         cond: Cond,
         uncond: Cond | None,
-        image_cond: I2VCondition | None = None,
+        image_cond: I2VCondition | TI2VCondition | None = None,
         callback: Callable[[StepInfo], None] | None = None,
         predict: Callable | None = None,
     ) -> torch.Tensor:
@@ -417,18 +428,28 @@ class WanPipeline(LightX2VCalls):
         """
         cfg = self.config
         dev = self.torch_device
-        if image_cond is not None:
-            extra = dict(clip_fea=image_cond.clip_fea.to(dev), y=image_cond.y.to(dev))
+        first_frame = None
+        if isinstance(image_cond, TI2VCondition):
+            first_frame = FirstFrame(image_cond.z.to(dev))
+        elif image_cond is not None:
+            clip_fea = image_cond.clip_fea.to(dev) if image_cond.clip_fea is not None else None
+            extra = dict(clip_fea=clip_fea, y=image_cond.y.to(dev))
             cond = Cond(cond.context, **extra)
             uncond = Cond(uncond.context, **extra) if uncond is not None else None
-        with lease(self._need_spec()) as dit:  # the shared DiT brought to our LoRAs, held for the run
-            self.dit = dit
+        with contextlib.ExitStack() as held:  # the shared DiT(s) brought to our LoRAs, held for the run
+            dit = held.enter_context(lease(self._need_spec()))
+            self.dit, model, guidance = dit, dit, (cfg.guidances[0] if self.moe else cfg.guidance)
             self._parallelize(dit)
+            if self.spec_low is not None:
+                self.dit_low = held.enter_context(lease(self.spec_low))
+                self._parallelize(self.dit_low)
+                model = Experts(dit, self.dit_low, expert_switch(cfg, self.task), *cfg.guidances)
             cache = self._make_cache(noise.shape[-2] * 8, noise.shape[-1] * 8)
             wrap = self.parallel_run.predict_with if self.parallel_run is not None else None
             latent, self.cache_report = denoise(
-                dit, noise.to(dev), cfg.scheduler(), cond, uncond, cfg.guidance, cache, callback, predict, wrap
-            )
+                model, noise.to(dev), cfg.scheduler(), cond, uncond, guidance, cache, callback, predict, wrap,
+                first_frame=first_frame,
+            )  # fmt: skip
         if self.cache_report is not None:
             log.info("%s", self.cache_report.summary())
         return latent
@@ -485,10 +506,10 @@ class WanPipeline(LightX2VCalls):
 
         @contextlib.contextmanager
         def stage(name: str):
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             yield
-            _sync(dev)
+            sync(dev)
             timings[name] = time.perf_counter() - t0
             log.info("%s: %.2f s", name.replace("_", " "), timings[name])
 
@@ -506,7 +527,7 @@ class WanPipeline(LightX2VCalls):
         last = [time.perf_counter()]
 
         def on_step(info: StepInfo) -> None:
-            _sync(dev)
+            sync(dev)
             now = time.perf_counter()
             step_times.append(now - last[0])
             last[0] = now

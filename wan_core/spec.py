@@ -50,7 +50,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which files make up a Wan2.1 model and how to build them.
+    """Which files make up a Wan model (Wan2.1, a Wan2.2 expert, TI2V-5B) and how to build them.
 
     Paths are plain strings (a DiT may be a folder, a file, a shard index or a tuple of shards);
     `dtype` is the compute dtype of the DiT, T5 and CLIP ('auto': bf16 on GPU, fp32 on CPU);
@@ -84,10 +84,14 @@ class ModelSpec:
     compile: bool | str = "auto"
     # the DiT's architecture (a config.json path) for a DiT given as one file: LightX2V takes it from model_path
     dit_config: str | None = None
+    # a Wan2.2 A14B expert: "high" / "low" (its own cache slot, `model_cache.dit_part`); None: a single DiT
+    expert: str | None = None
 
     def __post_init__(self):
-        if self.task not in ("t2v", "i2v"):
-            raise ValueError(f"task must be 't2v' or 'i2v', got {self.task!r}")
+        if self.task not in ("t2v", "i2v", "ti2v"):
+            raise ValueError(f"task must be 't2v', 'i2v' or 'ti2v', got {self.task!r}")
+        if self.expert not in (None, "high", "low"):
+            raise ValueError(f"expert must be 'high', 'low' or None, got {self.expert!r}")
         if not isinstance(self.offload, OffloadOptions):
             if self.offload is not None and not isinstance(self.offload, str):
                 raise TypeError(f"offload must be an OffloadOptions or a granularity, got {type(self.offload).__name__}")

@@ -10,10 +10,10 @@ import re
 import torch
 
 from ..models.vae22 import Wan22VAE, Wan22VAEConfig
-from .io import CheckpointError, read_state_dict
+from .io import CheckpointError, read_keys, read_state_dict
 from .vae import _RESNET_RENAMES, _TOP_RENAMES, KNOWN_PREFIXES, check_vae_state_dict
 
-__all__ = ["diffusers22_to_official", "to_official_vae22", "load_vae22_state_dict", "load_vae22"]
+__all__ = ["diffusers22_to_official", "to_official_vae22", "load_vae22_state_dict", "load_vae22", "is_wan22_vae"]
 
 # ComfyUI tells the two VAEs apart by this key; diffusers' Wan2.2 VAE by its residual up block's
 # upsampler (`upsampler`, singular; Wan2.1's is `upsamplers.0`).
@@ -102,3 +102,9 @@ def load_vae22(
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def is_wan22_vae(path: str | os.PathLike) -> bool:
+    """Whether a VAE file (any layout, any prefix) is the Wan2.2 VAE (z 48) rather than Wan2.1's
+    (a safetensors file is told by its header alone)."""
+    return any(k.endswith((_OFFICIAL_ANCHOR, _DIFFUSERS_ANCHOR)) for k in read_keys(path))

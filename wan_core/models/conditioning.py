@@ -33,6 +33,9 @@ __all__ = [
     "i2v_mask",
     "encode_first_frame",
     "prepare_i2v",
+    "TI2VCondition",
+    "best_output_size",
+    "prepare_ti2v",
 ]
 
 VAE_STRIDE = (4, 8, 8)  # (time, height, width) compression of the Wan2.1 VAE
@@ -44,7 +47,7 @@ class I2VCondition:
     """What an I2V run is conditioned on (the same for the positive and negative branch)."""
 
     y: torch.Tensor  # [1, 20, F_lat, lat_h, lat_w] float32: mask (4) + first-frame latent (16)
-    clip_fea: torch.Tensor  # [1, 257, 1280] CLIP tokens of the original image
+    clip_fea: torch.Tensor | None  # [1, 257, 1280] CLIP tokens of the original image (None: Wan2.2 I2V-A14B)
     height: int  # video size fixed by the image and the target area
     width: int
 
@@ -166,13 +169,65 @@ def prepare_i2v(image, vae, image_encoder, frames: int, max_area: int) -> I2VCon
     """The whole official I2V preparation for one image: size, CLIP tokens, mask and first-frame latent.
 
     `image`: anything `image_to_tensor` takes; `max_area`: target pixel count (480 * 832 for 480P,
-    720 * 1280 for 720P).
+    720 * 1280 for 720P); image_encoder None: no CLIP tokens (Wan2.2 I2V-A14B, same y otherwise).
     """
     img = image_to_tensor(image)
     lat_h, lat_w = fit_to_area(img.shape[1], img.shape[2], max_area)
     height, width = lat_h * VAE_STRIDE[1], lat_w * VAE_STRIDE[2]
-    clip_fea = image_encoder.encode(img[None])  # the original image; the encoder resizes it to 224
+    # the original image (the encoder resizes it to 224); Wan2.2 I2V-A14B has no CLIP branch
+    clip_fea = image_encoder.encode(img[None]) if image_encoder is not None else None
     latent = encode_first_frame(vae, resize_image(img, height, width), frames)
     mask = i2v_mask(frames, lat_h, lat_w, device=latent.device)
     y = torch.cat([mask, latent])[None]  # [1, 4 + 16, F_lat, lat_h, lat_w]
     return I2VCondition(y=y, clip_fea=clip_fea, height=height, width=width)
+
+
+@dataclass
+class TI2VCondition:
+    """TI2V-5B image conditioning: the image's latent, held as latent frame 0 (`sampling.FirstFrame`)."""
+
+    z: torch.Tensor  # [1, 48, 1, oh/16, ow/16] float32
+    height: int
+    width: int
+
+
+def best_output_size(w: int, h: int, dw: int, dh: int, expected_area: int) -> tuple[int, int]:
+    """(ow, oh): multiples of (dw, dh) within `expected_area`, the aspect closest to w / h
+    (official wan/utils/utils.py rule: fit the width first or the height first, keep the better)."""
+    ratio = w / h
+    ow = (expected_area * ratio) ** 0.5
+    oh = expected_area / ow
+    ow1 = int(ow // dw * dw)
+    oh1 = int(expected_area / ow1 // dh * dh)
+    oh2 = int(oh // dh * dh)
+    ow2 = int(expected_area / oh2 // dw * dw)
+    if min(ow1, oh1, ow2, oh2) <= 0:
+        raise ValueError(f"an image of {w}x{h} has too extreme an aspect ratio for a target area of {expected_area} pixels")
+    ratio1, ratio2 = ow1 / oh1, ow2 / oh2
+    if max(ratio / ratio1, ratio1 / ratio) < max(ratio / ratio2, ratio2 / ratio):
+        return ow1, oh1
+    return ow2, oh2
+
+
+def prepare_ti2v(image, vae, max_area: int, multiple: int = 32) -> TI2VCondition:
+    """The official TI2V-5B image preparation (wan/textimage2video.py `i2v`): the image LANCZOS-resized
+    to cover `best_output_size` (multiples of `multiple` = patch 2 x VAE stride 16) and centre-cropped,
+    then encoded alone by the Wan2.2 VAE -> z [1, 48, 1, oh/16, ow/16]."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, torch.Tensor):  # [3, H, W] in [-1, 1] -> the PIL image the official code resizes
+        arr = image_to_tensor(image).add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+        image = Image.fromarray(arr.numpy())
+    elif not hasattr(image, "convert"):
+        image = Image.fromarray(np.asarray(image))
+    img = to_rgb(image)
+    iw, ih = img.width, img.height
+    ow, oh = best_output_size(iw, ih, multiple, multiple, max_area)
+    scale = max(ow / iw, oh / ih)
+    img = img.resize((round(iw * scale), round(ih * scale)), Image.LANCZOS)
+    x1, y1 = (img.width - ow) // 2, (img.height - oh) // 2
+    img = img.crop((x1, y1, x1 + ow, y1 + oh))
+    x = image_to_tensor(img)  # [3, oh, ow] in [-1, 1]
+    z = vae.encode(x[:, None][None].to(device=vae.device, dtype=vae.dtype)).float()  # [1, 48, 1, oh/16, ow/16]
+    return TI2VCondition(z=z, height=oh, width=ow)

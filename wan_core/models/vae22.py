@@ -257,20 +257,40 @@ class Wan22VAE(nn.Module):
         return out.sub_(mean).mul_(1.0 / std)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, out_device: torch.device | str | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        latents: torch.Tensor,
+        tile_size: int | None = None,
+        out_device: torch.device | str | None = None,
+        on_frames=None,
+        keep: bool = True,
+    ) -> torch.Tensor | None:
         """Normalised latent `[B, 48, T, h, w]` -> video `[B, 3, 1 + 4(T-1), 16h, 16w]` in [-1, 1],
-        float32; one latent frame at a time with one stream cache."""
+        float32; one latent frame at a time with one stream cache.
+
+        on_frames: handed each decoded chunk `[B, 3, t, H, W]` on the VAE's device as it is made;
+        keep=False returns None instead of the whole video (the caller keeps what it needs).
+        Same signature as `WanVAE.decode`; tile_size (tiling) is refused: whole frames only.
+        """
         b, zc, t, h, w = latents.shape
         r, s, p = self.config.temporal_ratio, self.config.spatial_ratio, self.config.patch_size
         if zc != self.config.z_dim:
             raise ValueError(f"latents must have {self.config.z_dim} channels, got {list(latents.shape)}")
+        if tile_size is not None:
+            raise ValueError("tiled decoding (use_tiling_vae) is not available for the Wan2.2 VAE; decode whole frames")
         device, dtype = self.device, self.dtype
         mean, std = self.config.latent_stats(device)
         inv_std = 1.0 / std  # the official code stores 1/std and divides by it
         x = self.conv2((latents.to(device=device, dtype=torch.float32) / inv_std + mean).to(dtype))
-        out = torch.empty(b, 3, 1 + r * (t - 1), h * s, w * s, dtype=torch.float32, device=out_device or device)
+        out = None
+        if keep:
+            out = torch.empty(b, 3, 1 + r * (t - 1), h * s, w * s, dtype=torch.float32, device=out_device or device)
         cache: StreamCache = {}
         for i in range(t):
             frames = slice(0, 1) if i == 0 else slice(1 + r * (i - 1), 1 + r * i)
-            out[:, :, frames] = unpatchify(self.decoder(x[:, :, i : i + 1], cache), p).clamp_(-1, 1)
+            chunk = unpatchify(self.decoder(x[:, :, i : i + 1], cache), p).clamp_(-1, 1).float()
+            if on_frames is not None:
+                on_frames(chunk)
+            if out is not None:
+                out[:, :, frames] = chunk
         return out

@@ -11,12 +11,15 @@ given as its config keys so every process builds its own for the model it holds.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from .experts import Experts
+from .first_frame import FirstFrame
 from .loop import Cond, StepInfo, guided_velocity, sample
 from .schedulers import FlowScheduler
 
@@ -90,27 +93,58 @@ def denoise(
     callback: Callable[[StepInfo], None] | None = None,
     predict: Callable | None = None,
     wrap_predict: Callable[[Callable], Callable] | None = None,
+    first_frame: FirstFrame | None = None,
 ):
     """Run the sampler; returns (final latent, the cache's report or None).
 
-    cache: a `wan_core.layers.cache.FeatureCache` (or None); predict: the guidance step, default
-    `guided_velocity` (its branch-declaring twin when a cache is attached); wrap_predict: applied
-    to the default (CFG parallel wraps it this way).
+    model: a DiT or Wan2.2 `Experts` (an offloaded expert is on the GPU for its own steps only:
+    the swap happens at the switch); cache: a `wan_core.layers.cache.FeatureCache` (or None);
+    predict: the guidance step, default `guided_velocity` (its branch-declaring twin when a cache
+    is attached); wrap_predict: applied to the default (CFG parallel wraps it this way);
+    first_frame: TI2V-5B image conditioning.
     """
     from ..layers.cache import feature_cache, guided_velocity_branches
-    from ..layers.offload import dit_loaded, explain_oom
+    from ..layers.offload import explain_oom
 
+    experts = isinstance(model, Experts)
+    if experts and cache is not None:
+        raise ValueError("feature caching (TeaCache / MagCache) is not available for the two-expert Wan2.2 A14B models")
     if predict is None:
         predict = guided_velocity_branches if cache is not None else guided_velocity
         if wrap_predict is not None:
             predict = wrap_predict(predict)
-    with torch.no_grad(), feature_cache(model, cache, num_steps=len(scheduler)):
+    first = model.high if experts else model
+    with torch.no_grad(), feature_cache(first, cache, num_steps=len(scheduler)), _Residency(noise) as residency:
         try:
-            with dit_loaded(model, noise):  # an offloaded DiT on the GPU for the loop only
-                latent = sample(model, noise, scheduler, cond, uncond, guidance, callback=callback, predict=predict)
+            latent = sample(model, noise, scheduler, cond, uncond, guidance, callback=callback, predict=predict,
+                            first_frame=first_frame, on_expert=residency.activate)  # fmt: skip
         except torch.OutOfMemoryError as e:
-            raise explain_oom(e, model, token_count(model, noise.shape)) from e
+            raise explain_oom(e, residency.current or first, token_count(first, noise.shape)) from e
     return latent, (cache.report() if cache is not None else None)
+
+
+class _Residency:
+    """The running model's weights on its device, one model at a time: an offloaded DiT is brought
+    in (`layers.offload.dit_loaded`) before its first step and let go when another model takes
+    over (the Wan2.2 expert swap) or the loop ends, so the GPU is free for the VAE after."""
+
+    def __init__(self, noise: torch.Tensor):
+        self.noise = noise
+        self.current = None
+        self._stack = contextlib.ExitStack()
+
+    def activate(self, model) -> None:
+        from ..layers.offload import dit_loaded
+
+        self._stack.close()  # the previous model's weights go back first (two may not fit)
+        self.current = model
+        self._stack.enter_context(dit_loaded(model, self.noise))
+
+    def __enter__(self) -> _Residency:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
 
 
 def denoise_request(

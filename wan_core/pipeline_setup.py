@@ -1,0 +1,71 @@
+"""Choices `WanPipeline.create_generator` makes while setting a run up: which FP8 kernel and
+attention backends a config's names come down to on this machine, which config.json a DiT
+given as one file takes its architecture from, and whether the DiT and the VAE belong together."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .loading.discover import model_config_json
+
+__all__ = ["sync", "fp8_choice", "attention_choice", "check_vae_fits", "arch_config"]
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fp8_choice(scheme: str | None, device: str) -> str:
+    """`dit_quant_scheme` -> what ModelSpec.fp8 gets. Like an attention backend named in a config, a
+    scheme is a preference: one this machine cannot run (sgl-kernel missing, no FP8 tensor cores, a
+    CPU) falls back to 'auto' with a warning ('auto' = torch._scaled_mm, fast accumulation, on Ada/Hopper; the
+    dequantizing kernel elsewhere); names wan_core does not support at all are errors."""
+    from .layers.fp8 import resolve_kernel
+
+    name = scheme or "fp8"
+    try:
+        resolve_kernel(name, device)
+        return name
+    except (ImportError, RuntimeError) as e:
+        fallback = resolve_kernel("auto", device)
+        warnings.warn(f"dit_quant_scheme={name!r} cannot run here ({e}); using FP8 kernel {fallback!r}", stacklevel=3)
+        return "auto"
+
+
+def attention_choice(name: str | None, fallback: str | None, device: str, key: str) -> str | None:
+    """A backend named in a config is a preference: if it cannot run here (package missing, a GPU
+    kernel on a CPU, or a sparse attention wan_core does not have), warn and use `fallback`."""
+    from .kernels.attention import get_attention
+
+    if name is None:
+        return fallback
+    try:
+        get_attention(name, device)
+        return name
+    except (ImportError, ValueError, RuntimeError) as e:
+        instead = repr(fallback) if fallback is not None else "the self-attention's backend (exact SDPA if that is 8-bit)"
+        warnings.warn(f"config {key}={name!r} cannot run here ({e}); using {instead}", stacklevel=3)
+        return fallback
+
+
+def check_vae_fits(dit, vae) -> None:
+    """The DiT's latent channels must be the VAE's (TI2V-5B: 48 = the Wan2.2 VAE; Wan2.1 and A14B: 16)."""
+    z = vae.config.z_dim
+    if dit.cfg.out_dim != z:
+        want = "the Wan2.2 VAE (Wan2.2_VAE.pth, wan2.2_vae.safetensors)" if dit.cfg.out_dim == 48 else "the Wan2.1 VAE (Wan2.1_VAE.pth)"
+        raise ValueError(f"the DiT makes {dit.cfg.out_dim}-channel latents but the VAE has {z}: use {want}")
+
+
+def arch_config(model_path: str | None, dit, subfolder: str | None) -> str | None:
+    """config.json of a DiT given as one file: model_path's (a Wan2.2 expert's: its subfolder's), as LightX2V reads it."""
+    if not (isinstance(dit, str) and os.path.isfile(dit)):
+        return None
+    if subfolder and model_path and os.path.isdir(os.path.join(model_path, subfolder)):
+        return model_config_json(os.path.join(model_path, subfolder))
+    return model_config_json(model_path)
+
+
