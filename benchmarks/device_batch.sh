@@ -15,6 +15,8 @@
 #   vae              bench_vae.py: VAE decode/encode, ours vs ComfyUI and diffusers     ~2 min
 #   vae-stage        bench_vae_stage.py: pipeline.decode + mp4 writer, staged vs pinned ~1 min
 #   profile          profile_dit.py fast,bf16                                           ~2 min
+#   wan22            bench_wan22.py $WAN22_PARTS (forward5b,vae22,a14b,ti2v): TI2V-5B forward and
+#                    Wan2.2 VAE vs ComfyUI, whole A14B 4-step and TI2V-5B runs (carry .whl2) ~8 min
 set -u
 export OUT="${OUT:-$PWD/out}"  # the scripts write their JSON (and e2e its mp4) there
 mkdir -p "$OUT"
@@ -48,6 +50,8 @@ for step in "$@"; do
     vae) timeout 240 python3 benchmarks/bench_vae.py 2>&1 | tee "$OUT/bench_vae.log" | tail -8 ;;
     vae-stage) timeout 200 python3 benchmarks/bench_vae_stage.py 2>&1 | tee "$OUT/bench_vae_stage.log" | tail -8 ;;
     profile) timeout 240 python3 benchmarks/profile_dit.py --variants fast,bf16 2>&1 | tee "$OUT/profile_dit.log" | grep -v -i warn | tail -30 ;;
+    wan22) timeout 560 python3 benchmarks/bench_wan22.py --parts ${WAN22_PARTS:-forward5b,vae22,a14b,ti2v} 2>&1 \
+                 | tee "$OUT/bench_wan22.log" | grep -v -i warn | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -115,9 +115,11 @@ def _setup_logging() -> None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model files (any of them overrides what model_path holds)")
     g.add_argument("--dit_path", help="DiT file, shard index or folder")
+    g.add_argument("--high_noise_path", help="Wan2.2 A14B high-noise expert (file, shard index or folder)")
+    g.add_argument("--low_noise_path", help="Wan2.2 A14B low-noise expert (file, shard index or folder)")
     g.add_argument("--t5_path", help="umT5-XXL encoder file")
     g.add_argument("--tokenizer_path", help="google/umt5-xxl tokenizer folder")
-    g.add_argument("--vae_path", help="Wan2.1 VAE file")
+    g.add_argument("--vae_path", help="VAE file (Wan2.1; TI2V-5B: the Wan2.2 VAE)")
     g.add_argument("--clip_path", help="CLIP ViT-H/14 file (i2v)")
     g = p.add_argument_group("run")
     g.add_argument("--dtype", default="auto", help="bf16 | fp16 | fp32 | auto (bf16 on GPU, fp32 on CPU)")
@@ -131,7 +133,8 @@ _IGNORED_FLAGS = ("use_prompt_enhancer", "warmup", "return_result_tensor")
 
 @subcommand("generate", "Generate a video (LightX2V's flags and config JSON)")
 def _generate_setup(p: argparse.ArgumentParser):
-    p.add_argument("--model_cls", default="wan2.1", help="wan2.1 | wan2.1_distill")
+    p.add_argument("--model_cls", default="wan2.1",
+                   help="wan2.1 | wan2.1_distill | wan2.2_moe (A14B) | wan2.2_moe_distill (A14B 4-step) | wan2.2 (TI2V-5B)")  # fmt: skip
     p.add_argument("--task", default="t2v", choices=["t2v", "i2v"])
     p.add_argument("--model_path", help="model folder (Wan-AI, ComfyUI models/ or diffusers layout)")
     p.add_argument("--config_json", help="LightX2V config JSON (infer_steps, target_height, sample_shift, ...)")
@@ -185,6 +188,7 @@ def _generate_setup(p: argparse.ArgumentParser):
             args.model_path, args.model_cls, args.task, dit_path=args.dit_path, t5_path=args.t5_path,
             tokenizer_path=args.tokenizer_path, vae_path=args.vae_path, clip_path=args.clip_path,
             dtype=args.dtype, device=args.device, attention=args.attention,
+            high_noise_path=args.high_noise_path, low_noise_path=args.low_noise_path,
         )  # fmt: skip
         # under torchrun, create_generator joins the world and builds the models on this rank's GPU
         pipe.create_generator(args.config_json, **params)
