@@ -41,9 +41,11 @@ R: dict = {}
 GRID_5B = (31, 44, 80)  # 121 frames, 704 x 1280 through the Wan2.2 VAE (4 x 16 x 16)
 
 
-def _free():
+def _free(stage: str = ""):
     gc.collect()
     torch.cuda.empty_cache()
+    if stage:
+        log(f"[{stage}] allocated {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
 
 
 def _random_(module, std=0.02):
@@ -203,12 +205,16 @@ def part_a14b(args, t5, out_dir):
         from wan_core.layers.fp8 import quantize_model
 
         quantize_model(m, kernel="auto")
-        _free()
+        _free(f"{e}-noise expert in FP8")
         apply_loras(m, [(random_lora(cfg, rank=64, seed=i, targets="blocks", diffs=False, magnitude=0.01), 1.0)], mode="auto")
         m.set_attention(args.attn)
         m.set_block_ops("auto")
         compile_blocks(m)
         dits[e] = m
+        _free(f"{e}-noise expert with LoRA")
+    if t5 is None:
+        t5 = random_t5("cuda")
+        _free("T5")
     keys = dict(denoising_step_list=[1000, 750, 500, 250], sample_shift=5.0, enable_cfg=False, boundary_step_index=2)
     pipe = _pipeline("wan2.2_moe_distill", keys, dits, t5, vae)
     rows = _timed_runs(pipe, "A14B both resident", args.runs, args.presets.split(","), out_dir)
@@ -224,17 +230,23 @@ def part_a14b(args, t5, out_dir):
             torch.cuda.synchronize()
             R.setdefault("expert_upload_s", []).append(time.perf_counter() - t0)
     log(f"expert upload (host -> GPU), per expert: {[round(v, 3) for v in R['expert_upload_s']]} s")
-    rows += _timed_runs(pipe, "A14B swap", args.runs, args.presets.split(",")[:1], out_dir)
+    try:
+        rows += _timed_runs(pipe, "A14B swap", args.runs, args.presets.split(",")[:1], out_dir)
+    except Exception:
+        traceback.print_exc()
+        R["a14b_swap_error"] = traceback.format_exc()[-600:]
     for h in handles.values():
         h.remove()
     wan_pipeline.lease = None
     del pipe, dits, vae
     torch._dynamo.reset()
-    _free()
-    return rows
+    _free("after A14B")
+    return rows, t5
 
 
 def part_ti2v(args, t5, out_dir):
+    if t5 is None:
+        t5 = random_t5("cuda")
     from wan_core.models.vae22 import Wan22VAE
 
     cfg = PRESETS["ti2v-5b"]
@@ -277,9 +289,11 @@ def main():
             part_forward5b(args)
         if "vae22" in parts:
             part_vae22(args)
-        t5 = random_t5("cuda") if {"a14b", "ti2v"} & set(parts) else None
-        if "a14b" in parts:
-            rows += part_a14b(args, t5, out_dir)
+        if "a14b" in parts:  # builds the experts first, then the T5 (kept for ti2v)
+            a14b_rows, t5 = part_a14b(args, None, out_dir)
+            rows += a14b_rows
+        else:
+            t5 = None
         if "ti2v" in parts:
             rows += part_ti2v(args, t5, out_dir)
     finally:
