@@ -46,6 +46,7 @@ __all__ = [
 
 FAMILIES = ("wan2.1", "wan2.2")
 FAMILY_TASKS = {"wan2.1": ("t2v", "i2v"), "wan2.2": ("t2v", "i2v", "ti2v")}
+_NAME = {"wan2.1": "Wan2.1", "wan2.2": "Wan2.2"}
 
 _V21 = re.compile(r"wan[-_ ]?2[._-]?1(?![0-9])", re.I)
 _V22 = re.compile(r"wan[-_ ]?2[._-]?2(?![0-9])|ti2v|a14b|high[-_ ]?noise|low[-_ ]?noise", re.I)
@@ -184,7 +185,7 @@ def read_dit_facts(path) -> DitFacts:
     if clip:
         family, why = "wan2.1", "it has the CLIP image branch: img_emb / k_img"
     elif task == "i2v":
-        family, why = "wan2.2", f"in_dim {in_dim} without the CLIP image branch (no img_emb / k_img)"
+        family, why = "wan2.2", f"in_dim {in_dim}, no CLIP image branch: no img_emb / k_img"
     elif task == "ti2v":
         family, why = "wan2.2", "48 latent channels in and out"
     elif cfg and cfg.get("model_type") == "ti2v":
@@ -217,7 +218,7 @@ def check_dit_family(path, family: str, task: str, what: str = "the DiT") -> Dit
         else ""
     )
     raise ModelFamilyError(
-        f"{what} {facts.path} is {facts.desc}{why}, but a {family} {task.upper()} run needs "
+        f"{what} {facts.path} is {facts.desc}{why}, but a {_NAME[family]} {task.upper()} run needs "
         f"{_DESC[(family, task)]}{same_keys}: {_FIX[(family, task)]}"
     )
 
@@ -229,15 +230,6 @@ def check_expert_pair(high, low, task: str) -> tuple[DitFacts, DitFacts]:
     of one architecture (shapes). Headers and names only."""
     if task not in ("t2v", "i2v"):
         raise ValueError(f"an expert pair is Wan2.2 A14B T2V or I2V, not {task!r} (TI2V-5B is one DiT)")
-    same = (
-        not isinstance(high, (list, tuple))
-        and not isinstance(low, (list, tuple))
-        and os.path.realpath(high) == os.path.realpath(low)
-    )
-    if same:
-        raise ModelFamilyError(
-            f"the same file is given as both experts ({high}): give the high-noise expert as high and the low-noise one as low"
-        )
     fh = check_dit_family(high, "wan2.2", task, what="the high-noise expert")
     fl = check_dit_family(low, "wan2.2", task, what="the low-noise expert")
     if fh.role == "low" and fl.role == "high":
@@ -251,6 +243,10 @@ def check_expert_pair(high, low, task: str) -> tuple[DitFacts, DitFacts]:
                 f"the {slot}-noise expert given is a {other}-noise file ({facts.role_why}: {facts.path}); "
                 f"give the {slot}_noise file as the {slot}-noise expert (LightX2V: {slot}_noise_original_ckpt)"
             )
+    if os.path.realpath(fh.path) == os.path.realpath(fl.path):
+        raise ModelFamilyError(
+            f"the same file is given as both experts ({fh.path}): give the high-noise expert as high and the low-noise one as low"
+        )
     if fh.arch != fl.arch:
         raise ModelFamilyError(
             f"the two experts have different architectures (high: in_dim {fh.in_dim}, width {fh.arch[0][0]}, {fh.arch[2]} blocks; "
