@@ -111,8 +111,12 @@ def test_every_layout_is_discovered(models, task, layout):
     assert got == want
     assert files.clip is None and files.family == "wan2.2" and files.layout == layout
     assert files.experts == (None if task == "ti2v" else (want["high"], want["low"]))
-    if layout == "wan":
-        assert not list(root.glob("models_clip*"))  # no CLIP file: Wan2.2 has none
+    # no CLIP file in any layout: Wan2.2 has none
+    assert (
+        not list(root.glob("models_clip*"))
+        and not (root / "clip_vision").exists()
+        and not (root / "image_encoder").exists()
+    )
     if layout == "wan" and task != "ti2v":  # sharded experts, as the release
         assert (root / "high_noise_model" / "diffusion_pytorch_model.safetensors.index.json").is_file()
 
