@@ -215,16 +215,17 @@ def _generate_setup(p: argparse.ArgumentParser):
 
 @subcommand("tiny-model", "Write a tiny random-weight model in a real file layout (tests, demos)")
 def _tiny_setup(p: argparse.ArgumentParser):
-    p.add_argument("--task", default="t2v", choices=["t2v", "i2v"])
+    p.add_argument("--task", default="t2v", choices=["t2v", "i2v", "ti2v"], help="ti2v: Wan2.2 TI2V-5B")
     p.add_argument("--out", required=True, help="folder to write (the model_path)")
     p.add_argument("--layout", default="wan", choices=["wan", "comfyui", "diffusers"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", default="wan2.1", choices=["wan2.1", "wan2.2"], help="wan2.2: A14B experts, TI2V-5B")
 
     def run(args) -> int:
         from .loading.tiny import write_tiny_model
 
-        path = write_tiny_model(args.out, args.task, args.layout, args.seed)
-        print(f"wrote a tiny random {args.task} model ({args.layout} layout) to {path}")
+        path = write_tiny_model(args.out, args.task, args.layout, args.seed, family=args.family)
+        print(f"wrote a tiny random {args.family} {args.task} model ({args.layout} layout) to {path}")
         return 0
 
     return run

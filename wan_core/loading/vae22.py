@@ -13,7 +13,14 @@ from ..models.vae22 import Wan22VAE, Wan22VAEConfig
 from .io import CheckpointError, read_keys, read_state_dict
 from .vae import _RESNET_RENAMES, _TOP_RENAMES, KNOWN_PREFIXES, check_vae_state_dict
 
-__all__ = ["diffusers22_to_official", "to_official_vae22", "load_vae22_state_dict", "load_vae22", "is_wan22_vae"]
+__all__ = [
+    "diffusers22_to_official",
+    "to_official_vae22",
+    "load_vae22_state_dict",
+    "vae22_config_from_state_dict",
+    "load_vae22",
+    "is_wan22_vae",
+]
 
 # ComfyUI tells the two VAEs apart by this key; diffusers' Wan2.2 VAE by its residual up block's
 # upsampler (`upsampler`, singular; Wan2.1's is `upsamplers.0`).
@@ -86,15 +93,52 @@ def load_vae22_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{os.fspath(path)}: {e}") from e
 
 
+def vae22_config_from_state_dict(sd: dict) -> Wan22VAEConfig:
+    """The architecture read off official-named tensors (or name -> shape lists), for files of another
+    width than `Wan2.2_VAE.pth` (the tiny models): encoder/decoder widths from the convs around the
+    latent, the patch from the first conv's input (3p²), each encoder level's residual count and
+    temporal resampler (`time_conv`) from `encoder.downsamples.N.downsamples.M`. The latent statistics
+    are the official ones for z 48 and the identity otherwise."""
+
+    def shape(k: str) -> list[int]:
+        v = sd[k]
+        return list(v.shape) if isinstance(v, torch.Tensor) else list(v)
+
+    try:
+        dim, in_ch = shape("encoder.conv1.weight")[:2]
+        z_dim = shape("conv2.weight")[0]
+        levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.downsamples."))
+        widths, temporal, res_blocks = [], [], 0
+        for n in range(levels):
+            p = f"encoder.downsamples.{n}.downsamples."
+            blocks = sorted({int(k[len(p) :].split(".")[0]) for k in sd if k.startswith(p)})
+            res = [m for m in blocks if f"{p}{m}.residual.2.weight" in sd]
+            widths.append(shape(f"{p}{res[-1]}.residual.2.weight")[0])
+            res_blocks = len(res)
+            if n < levels - 1:
+                temporal.append(any(f"{p}{m}.time_conv.weight" in sd for m in blocks))
+        dim_mult = tuple(w // dim for w in widths)
+        dec_dim = shape("decoder.conv1.weight")[0] // dim_mult[-1]
+        patch = round((in_ch / 3) ** 0.5)
+    except (KeyError, IndexError, ValueError) as e:
+        raise CheckpointError(f"cannot read the Wan2.2 VAE architecture off the tensors ({e!r})") from e
+    stats = {} if z_dim == 48 else {"latents_mean": (0.0,) * z_dim, "latents_std": (1.0,) * z_dim}
+    return Wan22VAEConfig(dim=dim, dec_dim=dec_dim, z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=res_blocks,
+                          temperal_downsample=tuple(temporal), patch_size=patch, **stats)  # fmt: skip
+
+
 def load_vae22(
     path: str | os.PathLike,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     config: Wan22VAEConfig | None = None,
 ) -> Wan22VAE:
-    """Build on the meta device (the official architecture unless `config` is given), check the
-    file's keys and shapes against it, and assign the weights."""
+    """Build on the meta device (the architecture read off the file's shapes unless `config` is
+    given: the official one for `Wan2.2_VAE.pth`), check the file's keys and shapes against it,
+    and assign the weights."""
     sd = load_vae22_state_dict(path)
+    if config is None:
+        config = vae22_config_from_state_dict(sd)
     with torch.device("meta"):
         model = Wan22VAE(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
