@@ -41,6 +41,7 @@ file. `pipe.close()` leaves the process group the pipeline joined.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -57,7 +58,7 @@ from .model_cache import build_image_encoder, build_text_encoder, build_vae, com
 from .models.conditioning import I2VCondition, TI2VCondition, load_image, prepare_i2v, prepare_ti2v
 from .options import DEFAULT_NEGATIVE_PROMPT, GenerationConfig, parallel_dict, read_json
 from .pipeline_calls import LightX2VCalls
-from .pipeline_setup import arch_config, attention_choice, check_vae_fits, fp8_choice, sync
+from .pipeline_setup import arch_config, attention_choice, fp8_choice, sync
 from .progress import progress_bar, timed_build
 from .sampling.denoise import denoise
 from .sampling.experts import Experts
@@ -198,7 +199,7 @@ class WanPipeline(LightX2VCalls):
         cfg.check(self.task)
         files, dit_low, loras, loras_low = self._find_files(cfg)
         # a DiT given as one file (dit_original_ckpt, dit_quantized_ckpt): the architecture is model_path's, as in LightX2V
-        arch = arch_config(self.model_path, files.dit, "high_noise_model" if self.moe else None)
+        arch = arch_config(self.model_path, files.dit, "high" if self.moe else None)
         self._join_world(cfg)  # under torchrun: this rank's device, before anything is built
         device = str(self.parallel_run.device) if self.parallel_run is not None else str(self.device)
         wan21_i2v = self.task == "i2v" and self.model_cls.startswith("wan2.1")
@@ -222,7 +223,7 @@ class WanPipeline(LightX2VCalls):
         if cfg.cross_attn_2_type not in (None, cfg.cross_attn_1_type):
             warnings.warn("cross_attn_2_type differs from cross_attn_1_type: wan_core runs one cross-attention backend (cross_attn_1_type)", stacklevel=2)
         self.spec = spec.replace(attention=self_attn, cross_attention=cross_attn)
-        low_arch = arch_config(self.model_path, dit_low, "low_noise_model") if self.moe else None
+        low_arch = arch_config(self.model_path, dit_low, "low") if self.moe else None
         self.spec_low = self.spec.replace(dit=dit_low, loras=loras_low, expert="low", dit_config=low_arch) if self.moe else None
         if self.moe:
             expert_switch(cfg, self.task)  # both boundary keys given: an error now
@@ -261,17 +262,21 @@ class WanPipeline(LightX2VCalls):
                 dit = self.paths["dit"] or self._config_path(cfg.dit_original_ckpt)
             loras = tuple((find(p, ("loras",), f"lora_configs[{i}].path"), st) for i, (p, st) in enumerate(cfg.lora_list()))
             loras_low = ()
+        wan22 = self.model_cls in WAN22_CLASSES
         files = find_model_files(
             self.model_path,
-            self.task,
-            dit=dit,
+            "ti2v" if self.model_cls == "wan2.2" else self.task,
+            dit=None if self.moe else dit,
             t5=self.paths["t5"] or self._config_path(cfg.t5_original_ckpt),
             tokenizer=self.paths["tokenizer"] or self._config_path(cfg.t5_tokenizer_path),
             vae=self.paths["vae"] or self._config_path(cfg.vae_path),
-            clip=self.paths["clip"] or self._config_path(cfg.clip_original_ckpt),
-            **(dict(family="wan2.2", dit_low=low) if self.model_cls in WAN22_CLASSES else {}),
+            clip=None if wan22 else self.paths["clip"] or self._config_path(cfg.clip_original_ckpt),
+            family="wan2.2" if wan22 else "wan2.1",
+            **(dict(high=dit, low=low) if self.moe else {}),
         )
-        return files, (files.dit_low if self.moe else None), loras, loras_low
+        if self.moe:
+            files = dataclasses.replace(files, dit=files.dit_high)
+        return files, files.dit_low, loras, loras_low
 
     # ------------------------------------------------------------------ several processes
     def _join_world(self, cfg: GenerationConfig) -> None:
@@ -365,7 +370,6 @@ class WanPipeline(LightX2VCalls):
         self.text_encoder = timed_build("T5 text encoder", build_text_encoder, spec)
         self.vae = timed_build("VAE", build_vae, spec)
         self.image_encoder = timed_build("CLIP image encoder", build_image_encoder, spec) if spec.clip else None
-        check_vae_fits(self.dit, self.vae)
 
     def _need_spec(self) -> ModelSpec:
         if self.spec is None or self.config is None:

@@ -1,6 +1,6 @@
 """Choices `WanPipeline.create_generator` makes while setting a run up: which FP8 kernel and
-attention backends a config's names come down to on this machine, which config.json a DiT
-given as one file takes its architecture from, and whether the DiT and the VAE belong together."""
+attention backends a config's names come down to on this machine, and which config.json a DiT
+given as one file takes its architecture from."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from .loading.discover import model_config_json
 
-__all__ = ["sync", "fp8_choice", "attention_choice", "check_vae_fits", "arch_config"]
+__all__ = ["sync", "fp8_choice", "attention_choice", "arch_config"]
 
 
 def sync(device) -> None:
@@ -52,20 +52,8 @@ def attention_choice(name: str | None, fallback: str | None, device: str, key: s
         return fallback
 
 
-def check_vae_fits(dit, vae) -> None:
-    """The DiT's latent channels must be the VAE's (TI2V-5B: 48 = the Wan2.2 VAE; Wan2.1 and A14B: 16)."""
-    z = vae.config.z_dim
-    if dit.cfg.out_dim != z:
-        want = "the Wan2.2 VAE (Wan2.2_VAE.pth, wan2.2_vae.safetensors)" if dit.cfg.out_dim == 48 else "the Wan2.1 VAE (Wan2.1_VAE.pth)"
-        raise ValueError(f"the DiT makes {dit.cfg.out_dim}-channel latents but the VAE has {z}: use {want}")
-
-
-def arch_config(model_path: str | None, dit, subfolder: str | None) -> str | None:
-    """config.json of a DiT given as one file: model_path's (a Wan2.2 expert's: its subfolder's), as LightX2V reads it."""
+def arch_config(model_path: str | None, dit, expert: str | None = None) -> str | None:
+    """config.json of a DiT given as one file: model_path's (a Wan2.2 expert's: its folder's), as LightX2V reads it."""
     if not (isinstance(dit, str) and os.path.isfile(dit)):
         return None
-    if subfolder and model_path and os.path.isdir(os.path.join(model_path, subfolder)):
-        return model_config_json(os.path.join(model_path, subfolder))
-    return model_config_json(model_path)
-
-
+    return model_config_json(model_path, expert) if expert else model_config_json(model_path)
