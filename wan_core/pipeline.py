@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .inputs import check_attention, check_device, check_prompt, check_run_size, check_save_path, check_seed
+from .kernels.attention import resolve_name
 from .loading.discover import find_model_files, model_config_json
 from .model_cache import build_image_encoder, build_text_encoder, build_vae, component_loaded, lease
 from .models.conditioning import I2VCondition, load_image, prepare_i2v
@@ -120,12 +121,15 @@ def _fp8_choice(scheme: str | None, device: str) -> str:
 
 def _attention_choice(name: str | None, fallback: str | None, device: str, key: str) -> str | None:
     """A backend named in a config is a preference: if it cannot run here (package missing, a GPU
-    kernel on a CPU, or a sparse attention wan_core does not have), warn and use `fallback`."""
+    kernel on a CPU, a sparse attention wan_core does not have, or a self-attention-only backend
+    named for cross-attention), warn and use `fallback`."""
     from .kernels.attention import get_attention
 
     if name is None:
         return fallback
     try:
+        if key != "self_attn_1_type" and resolve_name(name, device) == "radial_attn":
+            raise ValueError("radial_attn is a self-attention backend (it needs the video layout)")
         get_attention(name, device)
         return name
     except (ImportError, ValueError, RuntimeError) as e:
@@ -258,6 +262,8 @@ class WanPipeline(LightX2VCalls):
         if cfg.cross_attn_2_type not in (None, cfg.cross_attn_1_type):
             warnings.warn("cross_attn_2_type differs from cross_attn_1_type: wan_core runs one cross-attention backend (cross_attn_1_type)", stacklevel=2)
         self.spec = spec.replace(attention=self_attn, cross_attention=cross_attn)
+        if self_attn is not None and resolve_name(self_attn, dev) == "radial_attn":
+            self.spec = self.spec.replace(radial=cfg.radial_options())  # decay_factor, dense_layers, dense_timesteps
         self.config = cfg
         self.load()
         if loras:

@@ -3,7 +3,9 @@
 One function, `sample`, used by every door (pipeline, CLI, nodes). Its two seams are what the
 optional features wrap: `predict` (how a velocity is obtained from the model for one step:
 classifier-free guidance by default; CFG-parallel replaces it) and `callback` (progress,
-previews and cancel hang on it; raising from it stops the run between two steps).
+previews and cancel hang on it; raising from it stops the run between two steps). Each step's
+model calls run inside `attention_context.sampling_step(i)`, for attention backends whose first
+steps differ (radial_attn's dense steps).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.attention_context import sampling_step
 from .schedulers import FlowScheduler
 
 __all__ = ["Cond", "StepInfo", "guided_velocity", "sample", "make_noise", "latent_shape"]
@@ -85,7 +88,8 @@ def sample(
     n = len(scheduler)
     for i in range(n):
         t = scheduler.timesteps[i].to(x.device).expand(x.shape[0])
-        v = predict(model, x, t, cond, uncond, guidance).float()
+        with sampling_step(i):
+            v = predict(model, x, t, cond, uncond, guidance).float()
         sigma = float(scheduler.sigmas[i])
         x0 = x - sigma * v
         x = scheduler.step(v, i, x)
