@@ -16,6 +16,7 @@ TRITON_INTERPRET=1 (the tests run such a process with subprocess).
 import numpy as np
 import torch
 import triton
+import triton.language as tl
 from triton.runtime import interpreter
 
 for _name in ("_convert_float", "_patch_lang_tensor"):
@@ -50,9 +51,9 @@ _create_dot = interpreter.InterpreterBuilder.create_dot
 
 def _create_dot_bf16(self, a, b, d, input_precision, max_num_imprecise_acc):
     def widened(x):
-        if x.dtype.scalar == triton.language.bfloat16:
-            data = _convert_float_torch(x.data, triton.language.bfloat16, triton.language.float32, None).view(np.float32)
-            return interpreter.TensorHandle(data, triton.language.float32)
+        if x.dtype.scalar == tl.bfloat16:
+            data = _convert_float_torch(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return interpreter.TensorHandle(data, tl.float32)
         return x
 
     return _create_dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)

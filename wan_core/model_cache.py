@@ -367,8 +367,8 @@ def lease(spec: ModelSpec) -> Iterator[torch.nn.Module]:
     compile = should_compile(spec.compile, dev)
     o = spec.offload  # the DiT's part of it (T5 / CLIP / VAE flags are theirs)
     offload = (o.granularity, o.vram_budget_gb, o.resident_blocks, o.prefetch)
-    key = (_stamp(spec.dit), _stamp(spec.dit_config), spec.task, dt, dev, spec.attention, spec.cross_attention, _radial_options(spec),
-           fp8 is not None, compile, offload)  # fmt: skip
+    key = (_stamp(spec.dit), _stamp(spec.dit_config), spec.task, dt, dev, spec.attention, spec.cross_attention,
+           _radial_options(spec), fp8 is not None, compile, offload)  # fmt: skip
     with _DIT_LOCK:
         depth = getattr(_HELD, "depth", 0)
         with torch.inference_mode(False), torch.no_grad():

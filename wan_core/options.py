@@ -112,8 +112,10 @@ KWARG_ALIASES = {
 # The type of every field that `from_dict` reads: a wrong type is a ValueError naming the key, before any work.
 _BOOL = {"use_tiling_vae", "lora_dynamic_apply", "dit_quantized", "cpu_offload", "allow_large_runs"}
 _OPT_BOOL = {"enable_cfg", "t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload"}
-_INT = {"infer_steps", "target_video_length", "target_height", "target_width", "text_len", "video_crf", "offload_prefetch",
-        "dense_layers", "dense_timesteps"}  # fmt: skip
+_INT = {
+    "infer_steps", "target_video_length", "target_height", "target_width", "text_len", "video_crf", "offload_prefetch",
+    "dense_layers", "dense_timesteps",
+}  # fmt: skip
 _OPT_INT = {"offload_resident_blocks"}
 _NUMBER = {"sample_guide_scale", "sample_shift", "fps", "decay_factor"}
 _OPT_NUMBER = {"vram_budget_gb"}
@@ -298,7 +300,7 @@ class GenerationConfig:
         return ALIASES.get(name, name) == "radial_attn"
 
     def radial_options(self):
-        """decay_factor / dense_layers / dense_timesteps as `wan_core.kernels.radial_attention.RadialOptions` (checked)."""
+        """decay_factor / dense_layers / dense_timesteps as a (checked) `kernels.radial_attention.RadialOptions`."""
         from .kernels.radial_attention import RadialOptions
 
         return RadialOptions(self.decay_factor, self.dense_layers, self.dense_timesteps)
@@ -372,8 +374,8 @@ class GenerationConfig:
         self.radial_options()  # ranges, checked by RadialOptions
         if self.uses_radial() and pc.ring > 1:
             raise ValueError(
-                f"self_attn_1_type 'radial_attn' needs every video token in one attention call, but 'parallel' asks for "
-                f"ring attention (ring degree {pc.ring}), which splits the sequence: use seq_p_attn_type 'ulysses'"
+                "self_attn_1_type 'radial_attn' needs every video token in one attention call, but 'parallel' asks "
+                f"for ring attention (ring degree {pc.ring}), which splits the sequence: use seq_p_attn_type 'ulysses'"
             )
 
     # ------------------------------------------------------------------ parsing

@@ -174,7 +174,9 @@ def resolve_name(name: str, device: str | torch.device | None = None) -> str:
     return key
 
 
-def get_attention(name: str, device: str | torch.device | None = None, radial: RadialOptions | None = None) -> AttentionFn:
+def get_attention(
+    name: str, device: str | torch.device | None = None, radial: RadialOptions | None = None
+) -> AttentionFn:
     """Resolve a backend once; a missing optional package is an ImportError naming it.
 
     radial: the options of `radial_attn` (None: its defaults); its dense layers and steps run the

@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from .attention_context import current_grid, current_step
 from .radial_mask import DECAY, RadialPlan, radial_plan
 
-__all__ = ["RadialOptions", "RadialAttention", "make_radial", "radial_attention_torch", "radial_attention_triton", "available"]
+__all__ = [
+    "RadialOptions",
+    "RadialAttention",
+    "make_radial",
+    "radial_attention_torch",
+    "radial_attention_triton",
+    "available",
+]
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RadialPlan) 
         raise ValueError(f"radial attention: {q.shape[1]} tokens, but the mask is for {plan.length}")
 
 
-def radial_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RadialPlan,
-                           max_bytes: int = 256 * 2**20) -> torch.Tensor:
+def radial_attention_torch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RadialPlan, max_bytes: int = 256 * 2**20
+) -> torch.Tensor:
     """Dense attention restricted to the plan's kept blocks, by SDPA with a token mask, a few
     query blocks at a time (the mask and scores of a chunk stay under `max_bytes`). [B, L, H, D]."""
     _check(q, k, v, plan)
@@ -96,8 +104,9 @@ def radial_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
     return out.transpose(1, 2)
 
 
-def radial_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RadialPlan,
-                            config: dict | None = None) -> torch.Tensor:
+def radial_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RadialPlan, config: dict | None = None
+) -> torch.Tensor:
     """The block-sparse Triton kernel: [B, L, H, D] in q's dtype. `config` (BLOCK_M, BLOCK_N,
     num_warps, num_stages) skips the autotuner (the Triton interpreter runs one fixed config)."""
     from . import radial_kernel
@@ -160,13 +169,16 @@ class RadialAttention:
             return self.dense(q, k, v)
         grid = current_grid()
         if grid is None:
-            raise RuntimeError("radial_attn needs the video layout, which WanModel.forward declares; it was called outside "
-                               "a model forward (wan_core.kernels.attention_context.video_grid)")  # fmt: skip
+            raise RuntimeError(
+                "radial_attn needs the video layout, which WanModel.forward declares; it was called outside a "
+                "model forward (wan_core.kernels.attention_context.video_grid)"
+            )
         frames, tokens_per_frame = grid[0], grid[1] * grid[2]
         if q.shape[1] != frames * tokens_per_frame:
             raise ValueError(
                 f"radial_attn got {q.shape[1]} tokens, but the video has {frames} x {tokens_per_frame} = "
-                f"{frames * tokens_per_frame}: it needs the whole sequence in one call (sequence parallel: Ulysses, not ring)"
+                f"{frames * tokens_per_frame}: it needs the whole sequence in one call (sequence parallel: Ulysses, "
+                "not ring)"
             )
         plan = self.plan(frames, tokens_per_frame, q.device)
         if self.use_triton and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):

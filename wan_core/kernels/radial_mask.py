@@ -85,7 +85,9 @@ def _pair_blocks(row_off: int, col_off: int, t: int, width: int, block_size: int
     return 5 * dense > 3 * nonzero  # more than 60 % of the non-empty columns dense
 
 
-def radial_block_mask(frames: int, tokens_per_frame: int, block_size: int = BLOCK, decay_factor: float = DECAY) -> torch.Tensor:
+def radial_block_mask(
+    frames: int, tokens_per_frame: int, block_size: int = BLOCK, decay_factor: float = DECAY
+) -> torch.Tensor:
     """The reference's block mask for `frames` x `tokens_per_frame` video tokens: bool
     [n, n], n = ceil(L / block_size) (True: the query block attends to the key block)."""
     f, t, bs = int(frames), int(tokens_per_frame), int(block_size)
@@ -138,7 +140,9 @@ def _plan(frames: int, tokens_per_frame: int, block_size: int, decay_factor: flo
     return RadialPlan(frames * tokens_per_frame, block_size, mask.to(dev), counts.to(dev), indices.to(dev))
 
 
-def radial_plan(frames: int, tokens_per_frame: int, decay_factor: float = DECAY, device="cpu", block_size: int = BLOCK) -> RadialPlan:
+def radial_plan(
+    frames: int, tokens_per_frame: int, decay_factor: float = DECAY, device="cpu", block_size: int = BLOCK
+) -> RadialPlan:
     """The plan of `radial_block_mask` on `device` (made once per layout, decay and device)."""
     return _plan(int(frames), int(tokens_per_frame), int(block_size), float(decay_factor), str(torch.device(device)))
 

@@ -142,7 +142,8 @@ class SequenceParallelLayer:
         if pc.sp == 1:
             return
         pc.validate(num_heads=model.cfg.num_heads)
-        whole = sorted({fn.backend_name for blk in model.blocks if getattr(fn := blk.self_attn.attn_fn, "whole_sequence", False)})
+        fns = [blk.self_attn.attn_fn for blk in model.blocks]
+        whole = sorted({fn.backend_name for fn in fns if getattr(fn, "whole_sequence", False)})
         if pc.ring > 1 and whole:  # ring steps attend chunk by chunk with their own LSE attention
             raise ValueError(
                 f"attention backend {whole[0]!r} needs every token of the video in one call, but ring attention "
