@@ -113,11 +113,11 @@ def radial_block_mask(
     return torch.from_numpy(mask)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RadialPlan:
     """A block mask in the forms its users want: `mask` bool [n, n]; per query block the number of
     kept key blocks `counts` int32 [n] and their indices, ascending, `indices` int32 [n, max count]
-    (the tail of a short row repeats no block: it is never read). `length` real tokens."""
+    (past its count a row holds other block indices, never read). `length` real tokens."""
 
     length: int
     block_size: int
