@@ -281,6 +281,7 @@ def _load_base(spec: ModelSpec, fp8: str | None, dt, dev):
             "the offload mechanism runs with a second CPU placement",
             stacklevel=6,  # the caller of the lease
         )
+    radial = _radial_options(spec)
     where = dict(device="cpu", attention="auto") if host else dict(device=dev, attention=spec.attention)
     common = dict(dtype=dt, cross_attention=None if host else spec.cross_attention, task=spec.task, **where)
     if spec.dit_config is not None:  # a DiT file's architecture from its model folder (LightX2V's rule)
@@ -293,9 +294,20 @@ def _load_base(spec: ModelSpec, fp8: str | None, dt, dev):
     else:  # on the host: a kernel the host runs; the fp8_kernel layer sets the device's
         model = load_fp8_dit(path, kernel="auto" if host else fp8, quantize=True, **common)
     if host:  # host placement: backends of the host first (a CUDA-only one would fail there), the real ones now
-        model.set_attention(spec.attention, spec.cross_attention, device=dev)
+        model.set_attention(spec.attention, spec.cross_attention, device=dev, radial=radial)
         model.set_block_ops("auto", device=dev)  # the device's block ops (fused on CUDA), as for attention
+    elif radial is not None:  # the loaders made radial_attn with its default options
+        model.set_attention(spec.attention, spec.cross_attention, device=dev, radial=radial)
     return model
+
+
+def _radial_options(spec: ModelSpec):
+    """`spec.radial` when the self-attention is radial_attn (else None: no part of the model)."""
+    from .kernels.attention import resolve_name
+
+    if spec.radial is None or resolve_name(spec.attention, spec.torch_device) != "radial_attn":
+        return None
+    return spec.radial
 
 
 def _file_originals(entry: _DitEntry, spec: ModelSpec):
@@ -385,7 +397,7 @@ def lease(spec: ModelSpec) -> Iterator[torch.nn.Module]:
     o = spec.offload  # the DiT's part of it (T5 / CLIP / VAE flags are theirs)
     offload = (o.granularity, o.vram_budget_gb, o.resident_blocks, o.prefetch)
     key = (_stamp(spec.dit), _stamp(spec.dit_config), spec.task, dt, dev, spec.attention, spec.cross_attention,
-           fp8 is not None, compile, offload)  # fmt: skip
+           _radial_options(spec), fp8 is not None, compile, offload)  # fmt: skip
     part = dit_part(spec)
     with _DIT_LOCK:
         depths = _depths()

@@ -8,7 +8,9 @@ A LightX2V user's config files work unchanged. Every key falls in one of four gr
   `clip_cpu_offload`, `vae_cpu_offload`; ours: `vram_budget_gb`, `offload_resident_blocks`,
   `offload_prefetch`; see `wan_core.layers.offload.OffloadOptions`) and several GPUs (`parallel`:
   `cfg_p_size`, `seq_p_size`, `seq_p_attn_type`; ours: `ulysses_p_size`, `ring_p_size`; see
-  `wan_core.layers.parallel.ParallelConfig`; it runs under torchrun);
+  `wan_core.layers.parallel.ParallelConfig`; it runs under torchrun), Radial Attention
+  (`self_attn_1_type: "radial_attn"` with the reference's `decay_factor`, `dense_layers`,
+  `dense_timesteps`; see `wan_core.kernels.radial_attention.RadialOptions`);
 - pending: keys of features that land later (disk offload, quantized T5/CLIP, ...). They
   are parsed; asking for anything but their default raises `FeatureNotAvailable` naming the key.
   A feature that lands moves its keys from `PENDING` into the used group;
@@ -110,9 +112,12 @@ KWARG_ALIASES = {
 # The type of every field that `from_dict` reads: a wrong type is a ValueError naming the key, before any work.
 _BOOL = {"use_tiling_vae", "lora_dynamic_apply", "dit_quantized", "cpu_offload", "allow_large_runs"}
 _OPT_BOOL = {"enable_cfg", "t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload"}
-_INT = {"infer_steps", "target_video_length", "target_height", "target_width", "text_len", "video_crf", "offload_prefetch"}
+_INT = {
+    "infer_steps", "target_video_length", "target_height", "target_width", "text_len", "video_crf", "offload_prefetch",
+    "dense_layers", "dense_timesteps",
+}  # fmt: skip
 _OPT_INT = {"offload_resident_blocks", "boundary_step_index"}
-_NUMBER = {"sample_shift", "fps"}
+_NUMBER = {"sample_shift", "fps", "decay_factor"}
 _OPT_NUMBER = {"vram_budget_gb", "boundary"}
 _STR = {"sample_solver", "video_preset", "offload_granularity", "feature_caching"}
 _OPT_STR = {
@@ -208,6 +213,11 @@ class GenerationConfig:
     self_attn_1_type: str | None = None  # None: the pipeline's own choice ('auto')
     cross_attn_1_type: str | None = None  # text cross-attention
     cross_attn_2_type: str | None = None  # image cross-attention (I2V); wan_core uses one backend for both
+    # self_attn_1_type "radial_attn" (block-sparse): the reference's options. LightX2V fixes decay 0.2 and
+    # keeps every step and layer sparse (these defaults); the reference's 50-step runs: 12 dense steps, 1 dense layer
+    decay_factor: float = 0.2
+    dense_layers: int = 0  # the first N blocks dense
+    dense_timesteps: int = 0  # the first N sampling steps dense
     sample_guide_scale: float | list[float] = 5.0  # Wan2.2 A14B: [high-noise, low-noise], LightX2V's order
     sample_shift: float = 5.0
     enable_cfg: bool | None = None  # None: sample_guide_scale != 1
@@ -313,6 +323,19 @@ class GenerationConfig:
 
         return ParallelConfig.from_dict(parallel_dict(self.parallel), world_size=world_size)
 
+    def uses_radial(self) -> bool:
+        """Whether self_attn_1_type names the radial (block-sparse) backend."""
+        from .kernels.attention import ALIASES
+
+        name = (self.self_attn_1_type or "").lower()
+        return ALIASES.get(name, name) == "radial_attn"
+
+    def radial_options(self):
+        """decay_factor / dense_layers / dense_timesteps as a (checked) `kernels.radial_attention.RadialOptions`."""
+        from .kernels.radial_attention import RadialOptions
+
+        return RadialOptions(self.decay_factor, self.dense_layers, self.dense_timesteps)
+
     def lora_list(self) -> list[tuple[str, float]]:
         """`lora_configs` as [(path as written, strength)]; ValueError for a malformed entry."""
         out = []
@@ -378,7 +401,13 @@ class GenerationConfig:
             raise ValueError(f"feature_caching {method!r} is not a caching method; choose one of {CACHE_METHODS}")
         self.scheduler()  # scheduler keys (steps, shift, denoising_step_list) raise their own ValueErrors
         self.offload_options()  # checked by OffloadOptions itself
-        self.parallel_config()  # key names and types (the world size is checked when the run joins it)
+        pc = self.parallel_config()  # key names and types (the world size is checked when the run joins it)
+        self.radial_options()  # ranges, checked by RadialOptions
+        if self.uses_radial() and pc.ring > 1:
+            raise ValueError(
+                "self_attn_1_type 'radial_attn' needs every video token in one attention call, but 'parallel' asks "
+                f"for ring attention (ring degree {pc.ring}), which splits the sequence: use seq_p_attn_type 'ulysses'"
+            )
 
     # ------------------------------------------------------------------ parsing
     @classmethod

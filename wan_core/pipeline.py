@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .inputs import check_attention, check_device, check_prompt, check_run_size, check_save_path, check_seed
+from .kernels.attention import resolve_name
 from .loading.discover import find_model_files
 from .model_cache import build_image_encoder, build_text_encoder, build_vae, component_loaded, lease
 from .models.conditioning import I2VCondition, TI2VCondition, load_image, prepare_i2v, prepare_ti2v
@@ -223,6 +224,8 @@ class WanPipeline(LightX2VCalls):
         if cfg.cross_attn_2_type not in (None, cfg.cross_attn_1_type):
             warnings.warn("cross_attn_2_type differs from cross_attn_1_type: wan_core runs one cross-attention backend (cross_attn_1_type)", stacklevel=2)
         self.spec = spec.replace(attention=self_attn, cross_attention=cross_attn)
+        if self_attn is not None and resolve_name(self_attn, dev) == "radial_attn":
+            self.spec = self.spec.replace(radial=cfg.radial_options())  # decay_factor, dense_layers, dense_timesteps
         low_arch = arch_config(self.model_path, dit_low, "low") if self.moe else None
         self.spec_low = self.spec.replace(dit=dit_low, loras=loras_low, expert="low", dit_config=low_arch) if self.moe else None
         if self.moe:

@@ -38,12 +38,15 @@ def fp8_choice(scheme: str | None, device: str) -> str:
 
 def attention_choice(name: str | None, fallback: str | None, device: str, key: str) -> str | None:
     """A backend named in a config is a preference: if it cannot run here (package missing, a GPU
-    kernel on a CPU, or a sparse attention wan_core does not have), warn and use `fallback`."""
-    from .kernels.attention import get_attention
+    kernel on a CPU, a sparse attention wan_core does not have, or a self-attention-only backend
+    named for cross-attention), warn and use `fallback`."""
+    from .kernels.attention import get_attention, resolve_name
 
     if name is None:
         return fallback
     try:
+        if key != "self_attn_1_type" and resolve_name(name, device) == "radial_attn":
+            raise ValueError("radial_attn is a self-attention backend (it needs the video layout)")
         get_attention(name, device)
         return name
     except (ImportError, ValueError, RuntimeError) as e:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.radial_attention import RadialOptions
 from .layers.offload import OffloadOptions
 
 __all__ = ["ModelSpec", "OffloadOptions", "resolve_dtype", "resolve_device"]
@@ -61,6 +62,8 @@ class ModelSpec:
     loras: ((path, strength), ...) applied in order; lora_mode: 'auto' (merge into high-precision
     weights, low-rank branch beside FP8 linears), 'merge' or 'branch' (`wan_core.layers.lora`).
     compile: regional torch.compile of the blocks ('auto': on CUDA).
+    radial: the options of the `radial_attn` self-attention (`wan_core.kernels.radial_attention.RadialOptions`:
+    decay_factor, dense_layers, dense_timesteps); None: its defaults. Only read when `attention` is radial_attn.
     offload: CPU offload of the DiT and the other parts (`wan_core.layers.offload.OffloadOptions`);
     a granularity string ('model', 'block', 'phase') or None is taken as `OffloadOptions(granularity)`.
     """
@@ -76,6 +79,7 @@ class ModelSpec:
     device: str = "auto"
     attention: str = "auto"
     cross_attention: str | None = None
+    radial: RadialOptions | None = None
     text_len: int = 512
     fp8: str | None = None
     loras: tuple[tuple[str, float], ...] = ()
@@ -96,6 +100,8 @@ class ModelSpec:
             if self.offload is not None and not isinstance(self.offload, str):
                 raise TypeError(f"offload must be an OffloadOptions or a granularity, got {type(self.offload).__name__}")
             object.__setattr__(self, "offload", OffloadOptions(granularity=self.offload))
+        if self.radial is not None and not isinstance(self.radial, RadialOptions):
+            raise TypeError(f"radial must be a RadialOptions, got {type(self.radial).__name__}")
         if self.lora_mode not in ("auto", "merge", "branch"):
             raise ValueError(f"lora_mode must be 'auto', 'merge' or 'branch', got {self.lora_mode!r}")
         if isinstance(self.dit, list):

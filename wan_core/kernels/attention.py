@@ -4,15 +4,23 @@ Every backend is a function `attn(q, k, v) -> out` with q: [B, Lq, H, D], k/v: [
 and out: [B, Lq, H, D] in q's dtype. The model resolves its backend once, when it is built
 (`get_attention`), and stores the function; a backend whose package is missing is an error
 then, never a silent fallback in the middle of a run.
+
+One backend needs more than q, k, v: `radial_attn` (block-sparse, `radial_attention`) reads the
+video layout and the sampling step from `attention_context`, takes its options at build time
+(`get_attention(..., radial=RadialOptions(...))`), and runs self-attention only.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .radial_attention import RadialOptions
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -86,6 +94,12 @@ def _sage_triton(qk_int8: bool) -> Callable[[], AttentionFn]:
     return make
 
 
+def _radial() -> AttentionFn:
+    from .radial_attention import make_radial
+
+    return make_radial(None, _sdpa, "cpu")  # get_attention makes it with its options, device and dense backend
+
+
 def _sdpa_factory(name: str) -> Callable[[], AttentionFn]:
     def make():
         if name == "sdpa":
@@ -118,9 +132,12 @@ BACKENDS: dict[str, tuple[str | None, Callable[[], AttentionFn]]] = {
     # our Triton kernel (kernels/sage_attention.py): FP8 (or INT8) Q·Kᵀ and FP8 P·V
     "sage_triton": ("triton", _sage_triton(qk_int8=False)),
     "sage_triton_int8": ("triton", _sage_triton(qk_int8=True)),
+    # Radial Attention (kernels/radial_attention.py): block-sparse self-attention; Triton on CUDA, torch elsewhere
+    "radial_attn": (None, _radial),
 }
-# Backends that are not exact (8-bit): "fast mode" picks them for self-attention only.
-APPROXIMATE = ("sage", "sage_triton", "sage_triton_int8", "flash_attn3_fp8")
+# Backends that are not exact (8-bit, or sparse): chosen for self-attention only; cross-attention
+# then stays on the exact "auto" backend unless named.
+APPROXIMATE = ("sage", "sage_triton", "sage_triton_int8", "flash_attn3_fp8", "radial_attn")
 
 # LightX2V's config names and other common spellings.
 ALIASES = {
@@ -135,6 +152,7 @@ ALIASES = {
     "sage_attn": "sage",
     "sage_attn2": "sage_triton_int8",  # SageAttention2's scheme (INT8 Q·Kᵀ, FP8 P·V), our kernel: no package needed
     "sageattention": "sage",
+    "radial": "radial_attn",
 }
 
 
@@ -156,8 +174,14 @@ def resolve_name(name: str, device: str | torch.device | None = None) -> str:
     return key
 
 
-def get_attention(name: str, device: str | torch.device | None = None) -> AttentionFn:
-    """Resolve a backend once; a missing optional package is an ImportError naming it."""
+def get_attention(
+    name: str, device: str | torch.device | None = None, radial: RadialOptions | None = None
+) -> AttentionFn:
+    """Resolve a backend once; a missing optional package is an ImportError naming it.
+
+    radial: the options of `radial_attn` (None: its defaults); its dense layers and steps run the
+    exact `auto` backend of `device`.
+    """
     key = resolve_name(name, device)
     package, factory = BACKENDS[key]
     if package is not None and importlib.util.find_spec(package.split(".")[0]) is None:
@@ -178,6 +202,10 @@ def get_attention(name: str, device: str | torch.device | None = None) -> Attent
         why = available(device if device is not None else "cpu")
         if why is not None:
             raise RuntimeError(f"attention backend {name!r} (8-bit Triton kernel) cannot run here: {why}; choose 'sdpa'")
+    if key == "radial_attn":
+        from .radial_attention import make_radial
+
+        return make_radial(radial, get_attention("auto", device), device)
     fn = factory()
     fn.backend_name = key  # type: ignore[attr-defined]
     return fn

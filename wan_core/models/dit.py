@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.attention import APPROXIMATE, AttentionFn, get_attention
+from ..kernels.attention_context import video_grid
 from ..kernels.block_ops import BlockOps, get_block_ops
 from ..kernels.rope import apply_rope, rope_tables
 from .config import WanConfig
@@ -203,20 +204,25 @@ class WanModel(nn.Module):
         self._rope_cache: dict = {}
 
     # ---- build-time choices -------------------------------------------------------------
-    def set_attention(self, self_attn: str = "auto", cross_attn: str | None = None, device=None) -> None:
+    def set_attention(self, self_attn: str = "auto", cross_attn: str | None = None, device=None, radial=None) -> None:
         """Resolve the attention backends once and store them on the attention modules.
 
-        Cross-attention follows self-attention unless named, except that an 8-bit (approximate)
-        self-attention leaves cross-attention on the exact "auto" backend: with 512 text keys it is
+        Cross-attention follows self-attention unless named, except that an approximate (8-bit or
+        sparse) self-attention leaves cross-attention on the exact "auto" backend: with 512 text keys it is
         a small part of the attention time (benchmarks/NOTES.md), so 8 bits would buy nothing there but error.
+        A backend with `for_layer` (radial_attn, whose options `radial` are) gives block i the
+        function `for_layer(i)` (its first `dense_layers` blocks: dense attention).
         """
         dev = device if device is not None else self.patch_embedding.weight.device
-        fn_self = get_attention(self_attn, dev)
+        fn_self = get_attention(self_attn, dev, radial=radial)
         if cross_attn is None:
             cross_attn = "auto" if fn_self.backend_name in APPROXIMATE else self_attn
         fn_cross = get_attention(cross_attn, dev)
-        for blk in self.blocks:
-            blk.self_attn.attn_fn = fn_self
+        if getattr(fn_cross, "whole_sequence", False):
+            raise ValueError(f"attention backend {cross_attn!r} is for self-attention over the video tokens; "
+                             "cross-attention needs an exact backend (e.g. 'auto')")  # fmt: skip
+        for i, blk in enumerate(self.blocks):
+            blk.self_attn.attn_fn = fn_self.for_layer(i) if hasattr(fn_self, "for_layer") else fn_self
             blk.cross_attn.attn_fn = fn_cross
 
     def set_block_ops(self, ops: str | BlockOps = "auto", device=None) -> None:
@@ -336,5 +342,6 @@ class WanModel(nn.Module):
                 t = t.expand(x.shape[0])
         e, e0 = self.embed_time(t)
         ctx, ctx_img = self.embed_context(context, clip_fea)
-        tokens = self.forward_blocks(tokens, e0, ctx, ctx_img, self.rope(grid, x.device))
+        with video_grid(grid):  # the token layout, for a backend that needs it (radial_attn)
+            tokens = self.forward_blocks(tokens, e0, ctx, ctx_img, self.rope(grid, x.device))
         return self.unpatchify(self.head(tokens, e), grid)

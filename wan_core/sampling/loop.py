@@ -3,7 +3,9 @@
 One function, `sample`, used by every door (pipeline, CLI, nodes). Its two seams are what the
 optional features wrap: `predict` (how a velocity is obtained from the model for one step:
 classifier-free guidance by default; CFG-parallel replaces it) and `callback` (progress,
-previews and cancel hang on it; raising from it stops the run between two steps).
+previews and cancel hang on it; raising from it stops the run between two steps). Each step's
+model calls run inside `attention_context.sampling_step(i)`, for attention backends whose first
+steps differ (radial_attn's dense steps).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.attention_context import sampling_step
 from .experts import Experts
 from .first_frame import FirstFrame
 from .schedulers import FlowScheduler
@@ -103,7 +106,8 @@ def sample(
                 on_expert(step_model)
             current = step_model
         t_in = first_frame.timesteps(t, x.shape, step_model.cfg.patch_size) if first_frame is not None else t
-        v = predict(step_model, x, t_in, cond, uncond, g).float()
+        with sampling_step(i):
+            v = predict(step_model, x, t_in, cond, uncond, g).float()
         sigma = float(scheduler.sigmas[i])
         x0 = x - sigma * v
         x = scheduler.step(v, i, x)

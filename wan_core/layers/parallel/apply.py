@@ -8,7 +8,8 @@
   except the self-attention.
 - each block's `self_attn.attn_fn` is wrapped: Ulysses all-to-all to a head split, then ring
   attention over the ring group (or, without a ring, the model's own attention backend), then the
-  all-to-all back.
+  all-to-all back. A backend that needs the whole sequence in one call (`whole_sequence`:
+  radial_attn, whose mask is the same for every head) runs under Ulysses, and is refused with a ring.
 
 Padding never reaches a softmax: every chunk's count of real tokens is known, and the keys
 beyond it are cut off before attending (with Ulysses alone the padded tail of the gathered
@@ -141,6 +142,14 @@ class SequenceParallelLayer:
         if pc.sp == 1:
             return
         pc.validate(num_heads=model.cfg.num_heads)
+        fns = [blk.self_attn.attn_fn for blk in model.blocks]
+        whole = sorted({fn.backend_name for fn in fns if getattr(fn, "whole_sequence", False)})
+        if pc.ring > 1 and whole:  # ring steps attend chunk by chunk with their own LSE attention
+            raise ValueError(
+                f"attention backend {whole[0]!r} needs every token of the video in one call, but ring attention "
+                f"(ring degree {pc.ring}) splits the sequence: use Ulysses only (seq_p_attn_type 'ulysses'), or "
+                "an exact backend with ring"
+            )
         # Where the blocks compute: an offloaded DiT keeps its weights in host memory between
         # forwards, so its handle, not its first parameter, names the device.
         handle = layer_state(model).offload
