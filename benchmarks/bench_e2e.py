@@ -98,6 +98,7 @@ def main():
     ap.add_argument("--t5", default="host", choices=["host", "gpu"],
                     help="host: the T5 waits in pinned RAM and visits the GPU for its stage; gpu: it stays there")
     ap.add_argument("--presets", default="medium", help="x264 presets of the mp4, each timed --runs times (video_preset)")
+    ap.add_argument("--size", default="480x832", help="HxW of the video (720x1280: the 720p run)")
     args = ap.parse_args()
     out_dir = os.environ.get("OUT", ".")
     results = {"device": torch.cuda.get_device_name()}
@@ -122,7 +123,9 @@ def main():
 
             handle = enable_offload(dit, granularity="model", device="cuda")
         presets = args.presets.split(",")
-        cfg = GenerationConfig(infer_steps=4, denoising_step_list=[1000, 750, 500, 250], sample_guide_scale=1.0)
+        height, width = (int(v) for v in args.size.split("x"))
+        cfg = GenerationConfig(infer_steps=4, denoising_step_list=[1000, 750, 500, 250], sample_guide_scale=1.0,
+                               target_height=height, target_width=width)  # fmt: skip
         pipe = WanPipeline(dit_path="random", task="t2v", device="cuda")
         pipe.spec, pipe.config = ModelSpec(dit="random", device="cuda"), cfg
         pipe.dit, pipe.text_encoder, pipe.vae, pipe.image_encoder = dit, t5, vae, None
@@ -156,7 +159,7 @@ def main():
         torch.cuda.empty_cache()
     with open(os.path.join(out_dir, "bench_e2e.json"), "w") as f:
         json.dump(results, f, indent=1)
-    log(f"\n4-step T2V 480x832x81, 14B random weights in RAM, no CFG, T5 on the {'GPU' if args.t5 == 'gpu' else 'host (visits the GPU)'}")
+    log(f"\n4-step T2V {args.size}x81, 14B random weights in RAM, no CFG, T5 on the {'GPU' if args.t5 == 'gpu' else 'host (visits the GPU)'}")
     log(f"{'DiT (mp4: x264 medium unless named)':36s} {'total s':>8s} {'text':>6s} {'sampling':>9s} {'vae':>6s} {'save':>6s} {'peak GiB':>9s}")
     for v, wall, tm, pk in rows:
         log(f"{v:36s} {wall:8.2f} {tm.get('text_encode', 0):6.2f} {tm.get('sampling', 0):9.2f} {tm.get('vae_decode', 0):6.2f} {tm.get('save', 0):6.2f} {pk:9.2f}")

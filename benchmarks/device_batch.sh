@@ -45,7 +45,7 @@ for step in "$@"; do
                  --sage-options "$opts" 2>&1 | tee "$OUT/bench_dit_720.log" | grep -v -i warn | tail -4 ;;
     fused-tests) timeout 300 python3 -m pytest -p no:cacheprovider -m gpu -q --tb=short tests/test_fused_gpu.py tests/test_sage_gpu.py tests/test_fp8_gpu.py tests/test_offload_gpu.py 2>&1 \
                  | tee "$OUT/fused_tests.log" | tail -15 ;;
-    e2e-fast) timeout 420 python3 benchmarks/bench_e2e.py --variants ${E2E_VARIANTS:-fast,fast-offload,fp8-offload} --runs 1 \
+    e2e-fast) timeout 420 python3 benchmarks/bench_e2e.py --variants ${E2E_VARIANTS:-fast,fast-offload,fp8-offload} --runs 1 --size ${E2E_SIZE:-480x832} \
                  --presets ${E2E_PRESETS:-medium} --t5 ${E2E_T5:-host} 2>&1 | tee "$OUT/bench_e2e_fast.log" | grep -v -i warn | tail -5; rm -f "$OUT"/*.mp4 ;;
     vae) timeout 240 python3 benchmarks/bench_vae.py 2>&1 | tee "$OUT/bench_vae.log" | tail -8 ;;
     vae-stage) timeout 200 python3 benchmarks/bench_vae_stage.py 2>&1 | tee "$OUT/bench_vae_stage.log" | tail -8 ;;
