@@ -344,12 +344,14 @@ class WanPipeline(LightX2VCalls):
             run.barrier()
             run.close()
         self._owns_group = False
-        if getattr(self, "dit", None) is not None:
+        dits = [d for d in (getattr(self, "dit", None), getattr(self, "dit_low", None)) if d is not None]
+        if dits:
             from .layers.parallel.apply import SequenceParallelLayer
             from .model_cache import held
 
-            with held():  # the DiT of our last lease (not re-leased: that could build one)
-                SequenceParallelLayer.remove(self.dit)
+            with held():  # the DiT(s) of our last lease (not re-leased: that could build one)
+                for d in dits:
+                    SequenceParallelLayer.remove(d)
 
     def _make_cache(self, height: int, width: int):
         """A fresh `FeatureCache` for one run (None without feature caching); published tables chosen

@@ -6,7 +6,9 @@ re-raised with the offload settings that would fit. One function, so the doors c
 
 `SampleRequest` + `denoise_request` are the same stage described as data: what a door (the
 ComfyUI sampler node, each rank of the multi-GPU worker group) hands over, the feature cache
-given as its config keys so every process builds its own for the model it holds.
+given as its config keys so every process builds its own for the model it holds; a Wan2.2 A14B
+run names its low-noise expert by description (`LowNoiseExpert`: spec, switch, guidance), so
+every process leases both experts itself, and TI2V-5B image conditioning travels as `FirstFrame`.
 """
 
 from __future__ import annotations
@@ -18,23 +20,39 @@ from typing import Any
 
 import torch
 
-from .experts import Experts
+from .experts import Experts, ExpertSwitch
 from .first_frame import FirstFrame
 from .loop import Cond, StepInfo, guided_velocity, sample
 from .schedulers import FlowScheduler
 
-__all__ = ["denoise", "denoise_request", "make_feature_cache", "SampleRequest", "token_count"]
+__all__ = ["denoise", "denoise_request", "make_feature_cache", "LowNoiseExpert", "SampleRequest", "token_count"]
+
+NO_EXPERT_CACHE = "feature caching (TeaCache / MagCache) is not available for the two-expert Wan2.2 A14B models"
+
+
+@dataclass(frozen=True)
+class LowNoiseExpert:
+    """The second model of a Wan2.2 A14B request, as data: the request's own model is the
+    high-noise expert (with `SampleRequest.guidance`); this one takes the steps `switch` hands it,
+    with its own `guidance`. spec: its description (a `wan_core.spec.ModelSpec`, expert "low"),
+    built by each process itself like the high-noise one."""
+
+    spec: Any
+    switch: ExpertSwitch
+    guidance: float = 1.0
 
 
 @dataclass
 class SampleRequest:
     """One sampling run besides the model (all picklable and small: it travels to worker processes).
 
-    noise: [B, 16, F, H, W] float32; scheduler: a `wan_core.sampling.schedulers` scheduler (reset
-    at the start); cond/uncond: `Cond` (moved to the model's device by `denoise_request`);
+    noise: [B, C, F, H, W] float32 (C 16; TI2V-5B 48); scheduler: a `wan_core.sampling.schedulers`
+    scheduler (reset at the start); cond/uncond: `Cond` (moved to the model's device by `denoise_request`);
     preview: the worker group sends x0 (CPU float32) with every progress message; cache: feature
     caching keys as LightX2V names them (`feature_caching`, `teacache_thresh`, ...; see
-    `wan_core.layers.cache.config`), None for no caching.
+    `wan_core.layers.cache.config`), None for no caching; low: the low-noise expert of a Wan2.2
+    A14B run (the model run with the request is then the high-noise one, `guidance` its scale);
+    first_frame: TI2V-5B image conditioning (the image's latent [B, 48, 1, h, w]).
     """
 
     noise: torch.Tensor
@@ -44,10 +62,20 @@ class SampleRequest:
     guidance: float = 5.0
     preview: bool = False
     cache: Mapping | None = None
+    low: LowNoiseExpert | None = None
+    first_frame: FirstFrame | None = None
 
     def to(self, device) -> SampleRequest:
         """The request with its tensors on `device`."""
-        return replace(self, noise=self.noise.to(device), cond=_cond_to(self.cond, device), uncond=_cond_to(self.uncond, device))
+        ff = self.first_frame.to(device) if self.first_frame is not None else None
+        return replace(self, noise=self.noise.to(device), cond=_cond_to(self.cond, device),
+                       uncond=_cond_to(self.uncond, device), first_frame=ff)  # fmt: skip
+
+    def experts(self, high, low) -> Experts:
+        """The two built experts of an A14B request (`low` built from `self.low.spec`) as `denoise` runs them."""
+        if self.low is None:
+            raise ValueError("this request names no low-noise expert (SampleRequest.low)")
+        return Experts(high, low, self.low.switch, self.guidance, self.low.guidance)
 
 
 def _cond_to(c: Cond | None, device) -> Cond | None:
@@ -69,6 +97,8 @@ def make_feature_cache(model, cache: Mapping | None, latent_shape, num_steps: in
     """
     if not cache or (cache.get("feature_caching") or "NoCaching") == "NoCaching":
         return None
+    if isinstance(model, Experts):
+        raise ValueError(NO_EXPERT_CACHE)
     from ..layers.cache import cache_from_config, published_model_key
 
     key = published_model_key(model.cfg, latent_shape[-2] * 8, latent_shape[-1] * 8)
@@ -108,7 +138,7 @@ def denoise(
 
     experts = isinstance(model, Experts)
     if experts and cache is not None:
-        raise ValueError("feature caching (TeaCache / MagCache) is not available for the two-expert Wan2.2 A14B models")
+        raise ValueError(NO_EXPERT_CACHE)
     if predict is None:
         predict = guided_velocity_branches if cache is not None else guided_velocity
         if wrap_predict is not None:
@@ -155,9 +185,16 @@ def denoise_request(
     device=None,
 ):
     """`denoise` for a `SampleRequest`: its tensors moved to `device` (None: left where they are),
-    its feature cache built for this model; returns (final latent, cache report or None)."""
+    its feature cache built for this model; returns (final latent, cache report or None).
+
+    model: the DiT, or for a request with a low-noise expert the two (`req.experts(high, low)`).
+    """
+    if (req.low is not None) != isinstance(model, Experts):
+        raise ValueError(
+            "a request with a low-noise expert runs on both experts (req.experts(high, low)), one without on one DiT"
+        )
     if device is not None:
         req = req.to(device)
     cache = make_feature_cache(model, req.cache, req.noise.shape, len(req.scheduler))
     return denoise(model, req.noise, req.scheduler, req.cond, req.uncond, req.guidance, cache, callback,
-                   wrap_predict=wrap_predict)  # fmt: skip
+                   wrap_predict=wrap_predict, first_frame=req.first_frame)  # fmt: skip

@@ -1,8 +1,10 @@
 """Sequence parallel layered onto a built WanModel, through its two seams.
 
-- `forward_blocks` is wrapped: the video tokens [B, L, C] and the RoPE tables [L, D/2] are padded
-  to Lp (a multiple of the degree P), cut into P chunks the same way, the block stack runs on this
-  rank's chunk, and the chunks are all-gathered (and the padding dropped) after the last block.
+- `forward_blocks` is wrapped: the video tokens [B, L, C], the RoPE tables [L, D/2] and a per-token
+  time projection e0 [B, L, 6, C] (Wan2.2 TI2V; a per-row [B, 6, C] is shared) are padded to Lp
+  (a multiple of the degree P), cut into P chunks the same way, the block stack runs on this
+  rank's chunk, and the chunks are all-gathered (and the padding dropped) after the last block;
+  the head then runs on the whole sequence, with its per-token time embedding as it is.
   Everything inside a block is per-token (norms, modulation, linears, FFN, RoPE with the chunk's
   own table rows) or attends to the full text/image context every rank has (cross-attention),
   except the self-attention.
@@ -113,8 +115,13 @@ class _ForwardBlocks:
             x = F.pad(x, (0, 0, 0, pad))  # [B, Lp, C]
             cos = torch.cat([cos, cos.new_ones(pad, cos.shape[1])])  # identity rotation on padding
             sin = torch.cat([sin, sin.new_zeros(pad, sin.shape[1])])
+        per_token = e0.dim() == 4  # [B, L, 6, C]: one modulation per token (Wan2.2 TI2V), split like x
+        if pad and per_token:
+            e0 = F.pad(e0, (0, 0, 0, 0, 0, pad))  # [B, Lp, 6, C]; zero rows for the padded tokens
         self.state.length, self.state.chunk = length, chunk
         lo, hi = g.sp_rank * chunk, (g.sp_rank + 1) * chunk
+        if per_token:
+            e0 = e0[:, lo:hi].contiguous()  # [B, Lc, 6, C]
         out = self.original(x[:, lo:hi].contiguous(), e0, context, context_img, (cos[lo:hi], sin[lo:hi]))
         parts = [torch.empty_like(out) for _ in range(p)]
         dist.all_gather(parts, out.contiguous(), group=g.sp_group)  # P x [B, Lc, C], in sequence order

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ...sampling.denoise import denoise
+from ...sampling.first_frame import FirstFrame
 from ...sampling.loop import Cond, StepInfo, guided_velocity
 from .apply import enable_sequence_parallel
 from .cfg import cfg_parallel_predict
@@ -42,12 +43,15 @@ def parallel_sample(
     groups: ParallelGroups,
     callback: Callable[[StepInfo], None] | None = None,
     base_predict: Callable | None = None,
+    first_frame: FirstFrame | None = None,
 ) -> torch.Tensor:
     """The denoising stage (`wan_core.sampling.denoise`: offloaded DiT loaded for the loop, OOM
-    advice) with CFG parallel; `model` must already be parallelised (`enable_sequence_parallel`)
-    for the groups' sequence degree. Returns the same latent on every rank."""
+    advice) with CFG parallel; `model` (a DiT, or Wan2.2 `Experts`: each of the two) must already
+    be parallelised (`enable_sequence_parallel`) for the groups' sequence degree. Returns the
+    same latent on every rank."""
     predict = cfg_parallel_predict(groups, base_predict or guided_velocity)
-    return denoise(model, noise, scheduler, cond, uncond, guidance, callback=callback, predict=predict)[0]
+    return denoise(model, noise, scheduler, cond, uncond, guidance, callback=callback, predict=predict,
+                   first_frame=first_frame)[0]  # fmt: skip
 
 
 @dataclass
@@ -125,15 +129,3 @@ def run_distributed_generate(
     finally:
         run.close()
 
-
-def _to(obj: Any, device) -> Any:
-    """Tensors (inside Cond, lists, tuples, dicts) to `device`."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, Cond):
-        return Cond(_to(obj.context, device), _to(obj.clip_fea, device), _to(obj.y, device))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj

@@ -8,7 +8,9 @@ ComfyUI runs in one process; the group lives beside it and is reused from run to
 - `run(spec, request, progress, cancel)` sends every worker the model *description* (a
   `wan_core.spec.ModelSpec`, never tensors: each worker builds the DiT itself through the model
   cache, memory-mapping the same files, so host RAM is not multiplied and a second run with the
-  same spec reuses the built model) and the small sampling inputs (a `SampleRequest`); each
+  same spec reuses the built model) and the small sampling inputs (a `SampleRequest`; a Wan2.2
+  A14B request names its low-noise expert by spec too, and each worker leases both experts,
+  `request_models`); each
   worker runs the same denoising stage as one process (`sampling.denoise_request`: feature
   cache, offloaded DiT on the GPU for the loop only, out-of-memory advice) with CFG parallel
   as its predict; rank 0 streams step progress (and x0 previews when asked) back through a
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import io
 import os
 import queue
@@ -47,11 +50,11 @@ import torch
 import torch.distributed as dist
 
 from ...sampling.denoise import SampleRequest, denoise_request, make_feature_cache
+from ...sampling.experts import Experts
 from ...sampling.loop import StepInfo
 from .apply import enable_sequence_parallel
 from .cfg import cfg_parallel_predict
 from .group import ParallelConfig, build_groups, init_process_group
-from .launch import _to
 
 __all__ = [
     "SampleRequest",
@@ -63,6 +66,7 @@ __all__ = [
     "get_worker_group",
     "shutdown_worker_groups",
     "build_dit_for_device",
+    "request_models",
 ]
 
 
@@ -98,10 +102,6 @@ def _loads(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
-def _cpu(obj: Any) -> Any:
-    return _to(obj, "cpu")
-
-
 # ------------------------------------------------------------------------- worker side
 @contextlib.contextmanager
 def build_dit_for_device(spec: Any, device: torch.device):
@@ -124,6 +124,39 @@ def build_dit_for_device(spec: Any, device: torch.device):
         yield spec(device)
         return
     raise TypeError(f"cannot build a DiT from {type(spec).__name__}: pass a wan_core.spec.ModelSpec")
+
+
+@contextlib.contextmanager
+def request_models(spec: Any, req: SampleRequest, device: torch.device):
+    """What a request runs on `device`, for a `with` block: the DiT of `spec`, or for a request with
+    a low-noise expert both Wan2.2 experts (`spec` the high-noise one), leased together, as
+    `req.experts(high, low)`."""
+    check_expert_specs(spec, req)
+    if req.low is None:
+        with build_dit_for_device(spec, device) as model:
+            yield model
+        return
+    with build_dit_for_device(spec, device) as high, build_dit_for_device(req.low.spec, device) as low:
+        yield req.experts(high, low)
+
+
+def check_expert_specs(spec: Any, req: SampleRequest) -> None:
+    """A two-expert request's specs name their experts in order (a ValueError, not a swapped run)."""
+    from ...spec import ModelSpec
+
+    if req.low is None:
+        return
+    for s, want in ((spec, "high"), (req.low.spec, "low")):
+        if isinstance(s, ModelSpec) and s.expert != want:
+            raise ValueError(
+                f"the {want}-noise expert's spec says expert={s.expert!r}: give the high-noise expert's spec to run() "
+                "and the low-noise one's in SampleRequest.low"
+            )
+
+
+def _models(model) -> tuple:
+    """The DiTs of what a request runs (one, or the two experts)."""
+    return model.models if isinstance(model, Experts) else (model,)
 
 
 class _Cancelled(Exception):
@@ -181,12 +214,13 @@ def _worker_main(rank, world, init_method, parallel, device, cmd_q, res_q, cance
 def _run_request(spec, req: SampleRequest, job, dev, groups, res_q, cancel_ev):
     """This rank's share of one run: `denoise_request` with CFG parallel as its predict; returns
     (the final latent on rank 0, else None; this rank's cache report)."""
-    with build_dit_for_device(spec, dev) as model:
-        try:  # the same config and model on every rank: all refuse alike, before any collective
+    with request_models(spec, req, dev) as model:
+        try:  # the same request and model on every rank: all refuse alike, before any collective
             make_feature_cache(model, req.cache, req.noise.shape, len(req.scheduler))
         except ValueError as e:
             raise _Refused(str(e)) from e
-        enable_sequence_parallel(model, groups)  # (re)wrapped for these groups on a cached model
+        for m in _models(model):
+            enable_sequence_parallel(m, groups)  # (re)wrapped for these groups on a cached model
         latent, report = _denoise_on_rank(model, req, job, dev, groups, res_q, cancel_ev)
     return (latent.cpu() if groups.is_main else None), report
 
@@ -415,6 +449,7 @@ class WorkerGroup:
         WorkerOutOfMemory (also a torch.OutOfMemoryError) when one ran out of GPU memory, and
         ValueError for a feature-cache config the model cannot run (the group stays).
         """
+        check_expert_specs(spec, request)  # before anything is sent
         with self._lock:
             self.start()
             self._job += 1
@@ -457,8 +492,7 @@ class WorkerGroup:
 
 def _cpu_request(req: SampleRequest) -> SampleRequest:
     cache = dict(req.cache) if req.cache else None
-    return SampleRequest(_cpu(req.noise), req.scheduler, _cpu(req.cond), _cpu(req.uncond), float(req.guidance),
-                         req.preview, cache)  # fmt: skip
+    return dataclasses.replace(req.to("cpu"), guidance=float(req.guidance), cache=cache)
 
 
 def _merge_reports(reports: list):
