@@ -244,6 +244,28 @@ def test_block0_indicator_is_block0_modulated_input(setup):
     assert cache.trace[1]["changes"]["block0"] == pytest.approx(rel_l1(seen[1], seen[0]), rel=1e-6)
 
 
+def test_block0_indicator_with_per_token_timesteps():
+    """Wan2.2 TI2V-5B feeds t per token (e0 [B, L, 6, C]): the indicator is still block 0's
+    modulated input, token by token."""
+    from .test_wan22_dit import _first_frame_zero_t, tiny22
+
+    cfg = tiny22("ti2v")
+    model = build_model(cfg, random_state_dict(cfg), dtype=torch.float32)
+    x = torch.randn(1, 48, 3, 4, 6)
+    ctx = [torch.randn(7, cfg.text_dim)]
+    seen = []
+    hook = model.blocks[0].self_attn.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    cache = FeatureCache(TeaCachePolicy(thresh=0.0, indicator="block0", start_step=0), trace=True)
+    try:
+        with feature_cache(model, cache, num_steps=2), torch.no_grad():
+            for t in (900.0, 700.0):
+                with cache_branch(COND):
+                    model(x, _first_frame_zero_t([t], 3, 4, 6), ctx)
+    finally:
+        hook.remove()
+    assert cache.trace[1]["changes"]["block0"] == pytest.approx(rel_l1(seen[1], seen[0]), rel=1e-6)
+
+
 # ---- decision rules vs transcriptions of the reference loops ----------------------------------
 
 

@@ -248,7 +248,10 @@ class FeatureCache:
                 raise RuntimeError("the 'e' indicator needs the time embedding; was embed_time bypassed?")
             return self._e
         blk = self._model.blocks[0]
-        shift1, scale1 = (blk.modulation.float() + e0)[:, :2].unsqueeze(2).unbind(1)  # 2 x [B, 1, C]
+        mod = blk.modulation.float() + e0  # [B, 6, C], or [B, L, 6, C] per token (Wan2.2 TI2V)
+        shift1, scale1 = mod[..., :2, :].unbind(-2)  # 2 x [B, C] (or [B, L, C])
+        if mod.dim() == 3:
+            shift1, scale1 = shift1[:, None], scale1[:, None]  # [B, 1, C]
         return blk.norm1(x) * (1 + scale1) + shift1  # [B, L, C] float32
 
     def _forward_blocks(self, inner, x, e0, context, context_img, rope):
