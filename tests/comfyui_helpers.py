@@ -87,6 +87,7 @@ def populate_models(root: str, scratch: str) -> tuple[dict[str, str], dict[str, 
             random_lora(tiny_dit_config(task), rank=4, seed=1, targets="blocks" if task == "t2v" else "linears"),
             put("loras", name),
         )
+    populate_wan22(put, scratch)
     # an image for LoadImage (ComfyUI ships input/example.png; ours is small)
     from PIL import Image
 
@@ -97,6 +98,37 @@ def populate_models(root: str, scratch: str) -> tuple[dict[str, str], dict[str, 
     Image.fromarray(pixels).save(os.path.join(inp, "example.png"))
     made["example.png"] = os.path.join(inp, "example.png")
     return made, missing
+
+
+# Wan2.2 files under ComfyUI's names (tests/reference/WAN22.md "Files"): the repackaged experts, TI2V-5B and
+# its VAE, and the lightx2v 4-step LoRAs, one per expert
+WAN22_LORAS = {
+    ("t2v", "high"): "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
+    ("t2v", "low"): "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors",
+    ("i2v", "high"): "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors",
+    ("i2v", "low"): "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors",
+}
+
+
+def populate_wan22(put, scratch: str) -> None:
+    """The Wan2.2 tiny models (`write_tiny_model(..., family="wan2.2")`, ComfyUI layout) and a random
+    rank-4 LoRA per expert (each expert's its own seed), via `put(folder, name, src)`. Their T5 and
+    Wan2.1 VAE are the Wan2.1 tiny model's (same seed, same bytes), so they share those files."""
+    from wan_core.loading.lora import random_lora, save_lora
+    from wan_core.loading.tiny import write_tiny_model
+    from wan_core.loading.tiny22 import COMFY22_NAMES
+    from wan_core.loading.tiny_parts import tiny_dit22_config
+
+    for task in ("t2v", "i2v", "ti2v"):
+        root = write_tiny_model(os.path.join(scratch, f"wan22-{task}"), task, "comfyui", family="wan2.2")
+        for key, rel in COMFY22_NAMES.items():
+            if isinstance(key, tuple) and key[0] == task:
+                put("diffusion_models", os.path.basename(rel), os.path.join(root, rel))
+        if task == "ti2v":
+            put("vae", os.path.basename(COMFY22_NAMES["vae22"]), os.path.join(root, COMFY22_NAMES["vae22"]))
+    for (task, expert), name in WAN22_LORAS.items():
+        lora = random_lora(tiny_dit22_config(task), rank=4, seed=11 if expert == "high" else 12, targets="blocks")
+        save_lora(lora, put("loras", name))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ class SampleRequest:
     at the start); cond/uncond: `Cond` (moved to the model's device by `denoise_request`);
     preview: the worker group sends x0 (CPU float32) with every progress message; cache: feature
     caching keys as LightX2V names them (`feature_caching`, `teacache_thresh`, ...; see
-    `wan_core.layers.cache.config`), None for no caching.
+    `wan_core.layers.cache.config`), None for no caching; first_frame: TI2V-5B image conditioning
+    (the image's latent held as latent frame 0), None for none.
     """
 
     noise: torch.Tensor
@@ -44,10 +45,13 @@ class SampleRequest:
     guidance: float = 5.0
     preview: bool = False
     cache: Mapping | None = None
+    first_frame: FirstFrame | None = None
 
     def to(self, device) -> SampleRequest:
         """The request with its tensors on `device`."""
-        return replace(self, noise=self.noise.to(device), cond=_cond_to(self.cond, device), uncond=_cond_to(self.uncond, device))
+        first = self.first_frame.to(device) if self.first_frame is not None else None
+        return replace(self, noise=self.noise.to(device), cond=_cond_to(self.cond, device),
+                       uncond=_cond_to(self.uncond, device), first_frame=first)  # fmt: skip
 
 
 def _cond_to(c: Cond | None, device) -> Cond | None:
@@ -160,4 +164,4 @@ def denoise_request(
         req = req.to(device)
     cache = make_feature_cache(model, req.cache, req.noise.shape, len(req.scheduler))
     return denoise(model, req.noise, req.scheduler, req.cond, req.uncond, req.guidance, cache, callback,
-                   wrap_predict=wrap_predict)  # fmt: skip
+                   wrap_predict=wrap_predict, first_frame=req.first_frame)  # fmt: skip
