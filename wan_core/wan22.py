@@ -173,7 +173,7 @@ def expert_pair(
             )
     if high.task != low.task:
         raise ValueError(
-            f"high_noise_model is a {high.task.upper()} model and low_noise_model a {low.task.upper()} one: give "
+            f"high_noise_model is a {high.task.upper()} expert but low_noise_model is for {low.task.upper()}: give "
             "the two experts of one Wan2.2 A14B model (both T2V or both I2V)"
         )
     check_expert_pair(high.dit, low.dit, high.task)
