@@ -69,12 +69,6 @@ def dit_facts(dit: str, dit_path: str):
         raise CheckpointError(f"DiT {dit!r}: {e}") from e
 
 
-def infer_task(dit_path: str) -> str:
-    """'i2v' (an image branch or the I2V expert's 36 input channels), 'ti2v' (48-channel TI2V-5B) or
-    't2v', from the file header."""
-    return read_dit_facts(dit_path).task
-
-
 def _component(kind: str, choice: str, from_folder: str | None) -> str | None:
     """Resolve one of text_encoder / vae / clip_vision: a file of its ComfyUI folder, or the Wan-AI folder's."""
     if choice == NONE:

@@ -219,6 +219,21 @@ def test_ti2v_5b_through_wan_sampler_equals_the_pipeline(models, with_image):
     torch.testing.assert_close(frames, result.frames, rtol=1e-4, atol=1e-4)
 
 
+def test_core_conditioning_drives_the_two_expert_sampler(models):
+    """positive / negative from core CLIPTextEncode instead of text_embeds, as for WanSampler: the
+    same features give the same latent."""
+    high, low = _experts("t2v")
+    text = _text(high)
+    want, _ = _moe(high, low, text, cfg=(2.0, 1.0), switch_step=1)
+    core = N["WanSamplerMoE"]().sample(
+        high, low, None, W, H, F, 4, 2.0, 1.0, 5.0, "distill", "step", 0.0, 1, 7, "1000,750,500,250",
+        positive=[[text.positive[None], {}]], negative=[[text.negative[None], {}]],
+    )["result"][0]["samples"]  # fmt: skip
+    assert torch.equal(core, want)
+    with pytest.raises(ValueError, match="guidance > 1 needs a negative prompt"):
+        N["WanSamplerMoE"]().sample(high, low, None, W, H, F, 4, 1.0, 3.0, positive=[[text.positive[None], {}]])
+
+
 def test_raw_latents_use_each_vae_statistics():
     """LATENT carries raw latents: 48 channels with the Wan2.2 VAE's mean/std, 16 with the Wan2.1 VAE's."""
     from wan_core.models.vae22 import WAN22_LATENT_MEAN, WAN22_LATENT_STD
