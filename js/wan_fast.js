@@ -8,13 +8,14 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { PRESETS, applyPreset, matchingPreset, timingLines } from "./wan_presets.js";
 
-const SAMPLERS = new Set(["WanSampler", "WanMultiGPUSampler"]);
+const SAMPLERS = new Set(["WanSampler", "WanMultiGPUSampler"]); // preset buttons
+const TIMED = new Set([...SAMPLERS, "WanSamplerMoE"]); // the last run's timings (the two-expert sampler: no presets)
 const LINE_HEIGHT = 14;
 let currentRun = { promptId: null, records: new Map() };
 const lastRecords = new Map(); // node id -> its stage records from the run that last executed it
 
 function samplerNodes() {
-  return (app.graph?._nodes ?? []).filter((n) => SAMPLERS.has(n.comfyClass ?? n.type));
+  return (app.graph?._nodes ?? []).filter((n) => TIMED.has(n.comfyClass ?? n.type));
 }
 
 function refresh() {
@@ -29,8 +30,9 @@ function refresh() {
 
 // A read-only text block, laid out like a widget (so live previews go below it, not over it)
 // and never serialized (saved workflows and API prompts are unchanged).
-function timingWidget(node) {
+function timingWidget(node, presets) {
   const lines = () => {
+    if (!presets) return node.wanTimingLines ?? [];
     const preset = matchingPreset((node.widgets ?? []).filter((w) => w.type !== "wan_timing"));
     return [preset ? `settings: ${preset}` : "settings: custom", ...(node.wanTimingLines ?? [])];
   };
@@ -88,14 +90,15 @@ app.registerExtension({
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!SAMPLERS.has(nodeData.name)) return;
+    if (!TIMED.has(nodeData.name)) return;
+    const presets = SAMPLERS.has(nodeData.name);
 
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const r = onNodeCreated?.apply(this, arguments);
       // Buttons go after the real widgets and are never serialized, so saved workflows and
       // API prompts are unchanged by this extension.
-      for (const name of Object.keys(PRESETS)) {
+      for (const name of presets ? Object.keys(PRESETS) : []) {
         const button = this.addWidget("button", `preset: ${name}`, null, () => {
           applyPreset(this.widgets, name);
           this.setDirtyCanvas(true, true);
@@ -103,7 +106,7 @@ app.registerExtension({
         button.serialize = false; // a button holds no value: keep widgets_values as they were
         button.options = { ...(button.options ?? {}), serialize: false };
       }
-      this.addCustomWidget(timingWidget(this));
+      this.addCustomWidget(timingWidget(this, presets));
       this.setSize([this.size[0], this.computeSize()[1]]);
       return r;
     };

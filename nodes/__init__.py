@@ -5,6 +5,7 @@ from .decode import WanSaveVideo, WanVAEDecode
 from .encode import WanImageEncode, WanTextEncode
 from .loaders import WanFP8Loader, WanLoraApply, WanModelLoader, WanOffloadConfig
 from .sample import WanMultiGPUSampler, WanSampler
+from .sample_moe import WanSamplerMoE
 
 NODE_CLASS_MAPPINGS = {
     "WanModelLoader": WanModelLoader,
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "WanTextEncode": WanTextEncode,
     "WanImageEncode": WanImageEncode,
     "WanSampler": WanSampler,
+    "WanSamplerMoE": WanSamplerMoE,
     "WanCacheConfig": WanCacheConfig,
     "WanMultiGPUSampler": WanMultiGPUSampler,
     "WanVAEDecode": WanVAEDecode,
@@ -26,8 +28,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WanLoraApply": "Wan LoRA",
     "WanOffloadConfig": "Wan CPU Offload",
     "WanTextEncode": "Wan Text Encode",
-    "WanImageEncode": "Wan Image Encode (I2V)",
+    "WanImageEncode": "Wan Image Encode (I2V / TI2V)",
     "WanSampler": "Wan Sampler",
+    "WanSamplerMoE": "Wan2.2 Sampler (two experts)",
     "WanCacheConfig": "Wan Feature Cache (Tea/Mag)",
     "WanMultiGPUSampler": "Wan Multi-GPU Sampler",
     "WanVAEDecode": "Wan VAE Decode",

@@ -17,7 +17,10 @@ class WanVAEDecode:
     RETURN_TYPES = (IMAGE,)
     RETURN_NAMES = ("images",)
     FUNCTION = "decode"
-    DESCRIPTION = "Wan2.1 VAE decode; tile_size > 0 bounds memory (same result, in latent pixels: 32 = 256 px)."
+    DESCRIPTION = (
+        "VAE decode with the model's VAE (Wan2.1 VAE; TI2V-5B: the Wan2.2 VAE); tile_size > 0 bounds memory "
+        "(Wan2.1 VAE only; same result, in latent pixels: 32 = 256 px)."
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -32,7 +35,7 @@ class WanVAEDecode:
     def decode(self, model: ModelSpec, samples: dict, tile_size: int = 0):
         latent = samples.get("samples") if isinstance(samples, dict) else None
         if not isinstance(latent, torch.Tensor) or latent.ndim != 5:
-            raise ValueError("WanVAEDecode: samples must be a video LATENT [B, 16, F, h, w] from WanSampler")
+            raise ValueError("WanVAEDecode: samples must be a video LATENT [B, 16 or 48, F, h, w] from a Wan sampler")
         with stats.stage("VAE decode", model.torch_device) as rec:
             z = latent_from_raw(latent[:1])  # LATENT holds raw VAE latents (ComfyUI's convention)
             frames = decode_video(model, z, tile_size or None)  # [T, H, W, 3] in [0, 1] on the CPU
@@ -46,7 +49,7 @@ class WanSaveVideo:
     RETURN_TYPES = ()
     FUNCTION = "save"
     OUTPUT_NODE = True
-    DESCRIPTION = "Writes the frames as an mp4 (Wan2.1 generates 16 fps)."
+    DESCRIPTION = "Writes the frames as an mp4 (Wan2.1 and Wan2.2 A14B generate 16 fps, TI2V-5B 24 fps)."
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -1,4 +1,4 @@
-"""Encoder nodes: prompts -> umT5 features; a start image -> I2V conditioning."""
+"""Encoder nodes: prompts -> umT5 features; a start image -> I2V conditioning (or TI2V-5B's image latent)."""
 
 from __future__ import annotations
 
@@ -45,17 +45,23 @@ class WanTextEncode:
 
 
 class WanImageEncode:
-    """Start image -> I2V conditioning (CLIP tokens, mask, first-frame latent) for a size and frame count.
+    """Start image -> image conditioning for a size and frame count, as the official code makes it for
+    the model: Wan2.1 I2V: CLIP tokens, mask and first-frame latent; Wan2.2 I2V-A14B: the same
+    without CLIP; TI2V-5B: the image's latent (Wan2.2 VAE), held as the first latent frame.
 
-    As the official I2V code: the video keeps the image's aspect ratio at about width x height
-    pixels, sides rounded down to multiples of 16; the sampler takes its size from here.
+    As the official code: the video keeps the image's aspect ratio at about width x height pixels,
+    sides rounded down to multiples of 16 (TI2V-5B: resized to cover and centre-cropped to
+    multiples of 32); the sampler takes its size from here.
     """
 
     CATEGORY = CATEGORY
     RETURN_TYPES = (WAN_IMAGE_EMBEDS,)
     RETURN_NAMES = ("image_embeds",)
     FUNCTION = "encode"
-    DESCRIPTION = "I2V conditioning: 480P = 832x480, 720P = 1280x720 (area; the aspect ratio comes from the image)."
+    DESCRIPTION = (
+        "I2V / TI2V conditioning: 480P = 832x480, 720P = 1280x720, TI2V-5B 1280x704 "
+        "(area; the aspect ratio comes from the image)."
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -70,9 +76,10 @@ class WanImageEncode:
         }
 
     def encode(self, model: ModelSpec, image, width: int, height: int, num_frames: int):
-        if model.task != "i2v":
+        if model.task not in ("i2v", "ti2v"):
             raise ValueError(
-                "WanImageEncode needs an image-to-video model (Wan2.1-I2V-14B-480P/720P); the model loaded is text-to-video"
+                "WanImageEncode needs an image-to-video model (Wan2.1-I2V-14B-480P/720P, a Wan2.2 I2V-A14B expert) "
+                "or Wan2.2 TI2V-5B; the model loaded is text-to-video"
             )
         if image is None or getattr(image, "ndim", 0) != 4 or image.shape[0] < 1:
             raise ValueError("WanImageEncode: connect a start image (IMAGE [B, H, W, 3], e.g. from Load Image)")

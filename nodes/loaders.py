@@ -3,6 +3,11 @@
 The spec is built lazily by the first node that needs weights (text encode, sampling, decode)
 and cached by `wan_core.model_cache`, so re-running a graph does not reload 28 GB, and a LoRA
 strength change rebuilds only what the LoRA touches.
+
+Which model a DiT file is (Wan2.1 T2V / I2V, a Wan2.2 A14B expert, TI2V-5B) is read off its
+header and name (`read_dit_facts`): the Wan2.2 I2V expert needs no CLIP file, TI2V-5B needs the
+Wan2.2 VAE. As in ComfyUI's own Wan2.2 templates, the two A14B experts are two loaders (each with
+its own LoRAs); the two-expert sampler gives each its role (high / low noise).
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ from wan_core.api import (
     ATTENTION_BACKENDS,
     FP8_KERNELS,
     CheckpointError,
+    ModelFamilyError,
     ModelSpec,
     OffloadOptions,
-    find_dit_files,
+    check_vae_fits,
     find_model_files,
-    read_keys,
+    read_dit_facts,
 )
 
 from . import compat
@@ -27,7 +33,8 @@ FROM_FOLDER = "(from model folder)"
 NONE = "(none)"
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
 ATTENTION = ["auto", *ATTENTION_BACKENDS]
-TASKS = ["auto", "t2v", "i2v"]
+TASKS = ["auto", "t2v", "i2v", "ti2v"]
+EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")  # a Wan-AI Wan2.2 A14B folder's two experts
 
 
 def is_wan_folder(path: str) -> bool:
@@ -39,18 +46,27 @@ def is_wan_folder(path: str) -> bool:
     return "config.json" in names and any(n.startswith("diffusion_pytorch_model") for n in names)
 
 
+def is_a14b_folder(path: str) -> bool:
+    """A Wan-AI Wan2.2 A14B folder: `high_noise_model/` and `low_noise_model/`, each a model folder."""
+    return all(is_wan_folder(os.path.join(path, e)) for e in EXPERT_FOLDERS)
+
+
 def dit_choices() -> list[str]:
-    """Wan-AI folders ('name/') and single DiT files found in diffusion_models/."""
+    """Wan-AI folders ('name/'; A14B: 'name/high_noise_model/' and 'name/low_noise_model/') and single
+    DiT files found in diffusion_models/."""
     folders = compat.list_model_dirs("diffusion_models", is_wan_folder)
-    files = [f for f in compat.list_model_files("diffusion_models") if not any(f.startswith(d) for d in folders)]
-    return folders + files
+    a14b = compat.list_model_dirs("diffusion_models", is_a14b_folder)
+    experts = [f"{d}{e}/" for d in a14b for e in EXPERT_FOLDERS]
+    files = [f for f in compat.list_model_files("diffusion_models") if not any(f.startswith(d) for d in folders + a14b)]
+    return sorted(folders + experts) + files
 
 
-def infer_task(dit_path: str) -> str:
-    """'i2v' if the DiT has the image cross-attention branch, else 't2v' (reads the file header only)."""
-    files, _ = find_dit_files(dit_path)
-    keys = read_keys(files)
-    return "i2v" if any(k.endswith("cross_attn.k_img.weight") for k in keys) else "t2v"
+def dit_facts(dit: str, dit_path: str):
+    """What the DiT's header and names say (`read_dit_facts`: task, Wan version, CLIP branch)."""
+    try:
+        return read_dit_facts(dit_path)
+    except CheckpointError as e:
+        raise CheckpointError(f"DiT {dit!r}: {e}") from e
 
 
 def _component(kind: str, choice: str, from_folder: str | None) -> str | None:
@@ -75,26 +91,34 @@ def make_spec(
 ) -> ModelSpec:
     """Check the picked files and describe the model; nothing is read but file headers."""
     dit_path = compat.resolve_model_path("diffusion_models", dit)
-    try:
-        found = infer_task(dit_path)
-    except CheckpointError as e:
-        raise CheckpointError(f"DiT {dit!r}: {e}") from e
+    facts = dit_facts(dit, dit_path)
+    found = facts.task
+    wan22 = facts.family == "wan2.2" or found == "ti2v"  # a T2V file may not say (it then runs as either)
     if task == "auto":
         task = found
     elif task != found:
         raise CheckpointError(
             f"DiT {dit!r} is a {found.upper()} model but task is set to {task}; set task to 'auto' or '{found}'"
         )
+    needs_clip = found == "i2v" and facts.clip  # Wan2.1 I2V; the Wan2.2 models have no CLIP image encoder
+    if wan22 and clip_vision not in (NONE, FROM_FOLDER):
+        raise ValueError(f"DiT {dit!r} is {facts.desc}, which uses no CLIP image encoder: set clip_vision to {NONE}")
     tokenizer = None
     in_folder = dict.fromkeys(("t5", "vae", "clip"))
     if os.path.isdir(dit_path):  # a Wan-AI folder: its own files unless others are picked
-        files = find_model_files(
-            dit_path,
-            task,
+        given = dict(
             t5=None if text_encoder == FROM_FOLDER else compat.resolve_model_path("text_encoders", text_encoder),
             vae=None if vae == FROM_FOLDER else compat.resolve_model_path("vae", vae),
-            clip=None if clip_vision in (FROM_FOLDER, NONE) else compat.resolve_model_path("clip_vision", clip_vision),
         )
+        if os.path.basename(os.path.normpath(dit_path)) in EXPERT_FOLDERS:  # an A14B expert: the rest is beside it
+            root = os.path.dirname(os.path.normpath(dit_path))
+            high, low = (os.path.join(root, e) for e in EXPERT_FOLDERS)
+            files = find_model_files(root, task, family="wan2.2", high=high, low=low, **given)
+        elif wan22:
+            files = find_model_files(dit_path, task, family="wan2.2", **given)
+        else:
+            clip = None if clip_vision in (FROM_FOLDER, NONE) else compat.resolve_model_path("clip_vision", clip_vision)
+            files = find_model_files(dit_path, task, clip=clip, **given)
         in_folder = {"t5": files.t5, "vae": files.vae, "clip": files.clip}
         tokenizer = files.tokenizer
     elif FROM_FOLDER in (text_encoder, vae):
@@ -104,11 +128,18 @@ def make_spec(
         )
     t5_path = _component("text_encoders", text_encoder, in_folder["t5"])
     vae_path = _component("vae", vae, in_folder["vae"])
-    clip_path = _component("clip_vision", clip_vision, in_folder["clip"]) if task == "i2v" else None
-    if task == "i2v" and clip_path is None:
+    clip_path = _component("clip_vision", clip_vision, in_folder["clip"]) if needs_clip else None
+    if needs_clip and clip_path is None:
         raise FileNotFoundError(
             f"DiT {dit!r} is an image-to-video model: pick its CLIP vision file (clip_vision_h.safetensors) in clip_vision"
         )
+    if vae_path is not None:
+        try:  # TI2V-5B needs the Wan2.2 VAE, every other model the Wan2.1 one
+            check_vae_fits(facts, vae_path)
+        except ModelFamilyError:
+            raise
+        except CheckpointError:
+            pass  # a VAE header that cannot be read: the VAE loader names what is wrong with it
     spec = ModelSpec(
         dit=dit_path,
         t5=t5_path,
@@ -129,7 +160,10 @@ def _loader_inputs() -> dict:
         "required": {
             "dit": (
                 dit_choices(),
-                {"tooltip": "A DiT file from models/diffusion_models, or a Wan-AI model folder there"},
+                {
+                    "tooltip": "A DiT file from models/diffusion_models (Wan2.1, a Wan2.2 high- or low-noise expert, "
+                    "Wan2.2 TI2V-5B), or a Wan-AI model folder there"
+                },
             ),
             "text_encoder": (
                 [FROM_FOLDER, *compat.list_model_files("text_encoders")],
@@ -137,13 +171,16 @@ def _loader_inputs() -> dict:
             ),
             "vae": (
                 [FROM_FOLDER, *compat.list_model_files("vae")],
-                {"tooltip": "wan_2.1_vae.safetensors from models/vae"},
+                {"tooltip": "wan_2.1_vae.safetensors from models/vae (Wan2.2 TI2V-5B: wan2.2_vae.safetensors)"},
             ),
             "clip_vision": (
                 [NONE, FROM_FOLDER, *compat.list_model_files("clip_vision")],
-                {"tooltip": "I2V only: clip_vision_h.safetensors from models/clip_vision"},
+                {"tooltip": "Wan2.1 I2V only: clip_vision_h.safetensors from models/clip_vision (Wan2.2 uses none)"},
             ),
-            "task": (TASKS, {"default": "auto", "tooltip": "auto: read off the DiT (I2V has the image branch)"}),
+            "task": (
+                TASKS,
+                {"default": "auto", "tooltip": "auto: read off the DiT (I2V: image input channels; TI2V-5B: 48)"},
+            ),
             "dtype": (DTYPES, {"default": "auto", "tooltip": "auto: bf16 on a GPU, fp32 on the CPU"}),
             "attention": (ATTENTION, {"default": "auto"}),
         },
@@ -152,14 +189,16 @@ def _loader_inputs() -> dict:
 
 
 class WanModelLoader:
-    """Pick the Wan2.1 files; returns a model description that later nodes build once and cache."""
+    """Pick the model files; returns a model description that later nodes build once and cache."""
 
     CATEGORY = CATEGORY
     RETURN_TYPES = (WAN_MODEL,)
     RETURN_NAMES = ("model",)
     FUNCTION = "load"
     DESCRIPTION = (
-        "Wan2.1 T2V/I2V model: DiT + umT5 + VAE (+ CLIP for I2V), from ComfyUI's model folders or a Wan-AI folder."
+        "Wan2.1 T2V/I2V (+ CLIP for I2V), a Wan2.2 A14B high- or low-noise expert (one loader each, into the "
+        "two-expert sampler) or Wan2.2 TI2V-5B (with wan2.2_vae): DiT + umT5 + VAE, from ComfyUI's model folders "
+        "or a Wan-AI folder."
     )
 
     @classmethod

@@ -1,14 +1,18 @@
-"""Sampler nodes: single GPU (WanSampler, optionally with feature caching) and several GPUs (WanMultiGPUSampler)."""
+"""Sampler nodes: single GPU (WanSampler, optionally with feature caching) and several GPUs (WanMultiGPUSampler),
+and what every sampler node shares: the text and image inputs and their checks, and `sample_here`, a
+run in this process with progress, previews and cancel (the two-expert sampler: `sample_moe.py`)."""
 
 from __future__ import annotations
 
 import contextlib
 
 from wan_core.api import (
+    I2VCondition,
     ModelSpec,
     ParallelConfig,
     RunCancelled,
     SamplerSettings,
+    TI2VCondition,
     context_from_conditioning,
     latent_to_raw,
     latent_to_rgb,
@@ -127,20 +131,40 @@ def text_inputs(text_embeds: TextEmbeds | None, positive, negative, guidance: fl
 
 
 def check_run(model: ModelSpec, image_embeds: ImageEmbeds | None, width: int, height: int, num_frames: int):
-    """The video size (frames, height, width) of the run and its I2V conditioning; clear errors for a wrong pairing."""
+    """The video size (frames, height, width) of the run and its image conditioning; clear errors for a
+    wrong pairing. I2V needs image embeds made for its kind (Wan2.1: with CLIP tokens; Wan2.2 A14B:
+    without); TI2V-5B takes them or not (text+image or text only); T2V takes none."""
+    c = image_embeds.cond if image_embeds is not None else None
     if model.task == "i2v":
-        if image_embeds is None:
+        if c is None:
             raise ValueError(
                 "this is an image-to-video model: connect a WanImageEncode (with a start image) to the sampler's image_embeds"
             )
-        c = image_embeds.cond
-        return (image_embeds.num_frames, c.height, c.width), c
-    if image_embeds is not None:
+        if not isinstance(c, I2VCondition):
+            raise ValueError(
+                "image_embeds were made for TI2V-5B, not for this I2V model: encode the image with this model"
+            )
+        if (c.clip_fea is not None) != bool(model.clip):
+            made, this = ("Wan2.1 I2V (with CLIP)", "Wan2.2 I2V-A14B (no CLIP)") if model.clip is None else (
+                "Wan2.2 I2V-A14B (no CLIP)", "Wan2.1 I2V (with CLIP)")  # fmt: skip
+            raise ValueError(
+                f"image_embeds were made for {made} but this model is {this}: encode the image with this model"
+            )
+    elif model.task == "ti2v":
+        if c is not None and not isinstance(c, TI2VCondition):
+            raise ValueError(
+                "image_embeds were made for an I2V model, not for TI2V-5B: encode the image with the TI2V-5B model"
+            )
+    elif c is not None:
         raise ValueError("image_embeds were given but the model is text-to-video: load an I2V model or disconnect them")
-    return (num_frames, height, width), None
+    if c is None:
+        return (num_frames, height, width), None
+    return (image_embeds.num_frames, c.height, c.width), c
 
 
-def settings(steps, guidance, shift, scheduler, seed, denoising_step_list, cache: CacheSettings | None = None) -> SamplerSettings:
+def settings(
+    steps, guidance, shift, scheduler, seed, denoising_step_list, cache: CacheSettings | None = None
+) -> SamplerSettings:
     """The widgets as the engine's SamplerSettings (the step list is read for the distill scheduler only)."""
     step_list = tuple(parse_step_list(denoising_step_list)) if scheduler == "distill" else None
     cache_keys = cache.to_config() if cache is not None else None
@@ -159,8 +183,38 @@ def cache_fields(report) -> dict:
     return {"cache": report.summary(), "evaluations": report.evaluations, "skipped_evaluations": report.skipped_total}
 
 
+def sample_here(model: ModelSpec, target, run: SamplerSettings, pos, neg, size, image, steps: int) -> dict:
+    """One run in this process, as a sampler node returns it: a progress bar with the step count, live
+    previews (through `model`'s VAE), cancel between steps, the timed "load DiT" and "sample" stages.
+
+    target: what `run_sampler` samples: `model`, or the two experts (`wan_core.api.expert_pair`).
+    """
+    proj = previews(model)
+    progress = compat.Progress(steps)
+    records: list[dict] = []
+
+    @contextlib.contextmanager
+    def stage(name):  # the engine's "load DiT" and "sample" stages, timed for the front end
+        with stats.stage(name, model.torch_device) as rec:
+            records.append(rec)
+            yield
+
+    def on_step(info):
+        image_ = compat.preview_payload(latent_to_rgb(info.x0, proj)) if proj is not None else None
+        progress.update(info.step + 1, image_)
+
+    result = run_sampler(target, run, pos, neg, size, image, on_step, stage)
+    records[-1].update(steps=result.steps, seconds_per_step=round(records[-1]["seconds"] / result.steps, 3))
+    records[-1].update(cache_fields(result.cache_report))
+    if result.experts is not None:
+        records[-1]["experts"] = result.experts
+    out = {"samples": latent_to_raw(result.latent)}  # ComfyUI's LATENT convention: raw VAE latents
+    return {"ui": stats.ui(*records), "result": (out,)}
+
+
 class WanSampler:
-    """Denoise a Wan2.1 video latent: progress bar with the step count, live previews, cancel between steps."""
+    """Denoise a video latent with one model (Wan2.1, TI2V-5B, or one Wan2.2 expert alone): progress bar
+    with the step count, live previews, cancel between steps."""
 
     CATEGORY = CATEGORY
     RETURN_TYPES = (LATENT,)
@@ -168,7 +222,8 @@ class WanSampler:
     FUNCTION = "sample"
     DESCRIPTION = (
         "Base models: unipc, 50 steps (I2V 40), guidance 5, shift 5 (I2V-480P 3). "
-        "4-step distill models/LoRAs: distill, 4 steps, guidance 1, shift 5, list 1000,750,500,250."
+        "4-step distill models/LoRAs: distill, 4 steps, guidance 1, shift 5, list 1000,750,500,250. "
+        "Wan2.2 TI2V-5B: unipc, 50 steps, guidance 5, shift 5, 1280x704, 121 frames (24 fps)."
     )
 
     @classmethod
@@ -196,27 +251,9 @@ class WanSampler:
         negative=None,
     ):
         pos, neg = text_inputs(text_embeds, positive, negative, guidance)
-        size, i2v = check_run(model, image_embeds, width, height, num_frames)
+        size, image = check_run(model, image_embeds, width, height, num_frames)
         run = settings(steps, guidance, shift, scheduler, seed, denoising_step_list, cache)
-        proj = previews(model)
-        progress = compat.Progress(steps)
-        records: list[dict] = []
-
-        @contextlib.contextmanager
-        def stage(name):  # the engine's "load DiT" and "sample" stages, timed for the front end
-            with stats.stage(name, model.torch_device) as rec:
-                records.append(rec)
-                yield
-
-        def on_step(info):
-            image = compat.preview_payload(latent_to_rgb(info.x0, proj)) if proj is not None else None
-            progress.update(info.step + 1, image)
-
-        result = run_sampler(model, run, pos, neg, size, i2v, on_step, stage)
-        records[-1].update(steps=result.steps, seconds_per_step=round(records[-1]["seconds"] / result.steps, 3))
-        records[-1].update(cache_fields(result.cache_report))
-        out = {"samples": latent_to_raw(result.latent)}  # ComfyUI's LATENT convention: raw VAE latents
-        return {"ui": stats.ui(*records), "result": (out,)}
+        return sample_here(model, model, run, pos, neg, size, image, steps)
 
 
 class WanMultiGPUSampler:

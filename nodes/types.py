@@ -16,12 +16,12 @@ from wan_core.options import DEFAULT_NEGATIVE_PROMPT  # noqa: F401  (re-exported
 # Socket type names (defined once; every node refers to these constants).
 WAN_MODEL = "WAN_MODEL"  # wan_core.spec.ModelSpec: files + build options, built lazily and cached
 WAN_TEXT_EMBEDS = "WAN_TEXT_EMBEDS"  # TextEmbeds
-WAN_IMAGE_EMBEDS = "WAN_IMAGE_EMBEDS"  # ImageEmbeds (I2V conditioning)
+WAN_IMAGE_EMBEDS = "WAN_IMAGE_EMBEDS"  # ImageEmbeds (I2V conditioning, or TI2V-5B's image latent)
 WAN_OFFLOAD = "WAN_OFFLOAD"  # wan_core.layers.offload.OffloadOptions (what ModelSpec.offload holds)
 WAN_CACHE = "WAN_CACHE"  # CacheSettings (feature caching for the sampler)
 # ComfyUI's own types, for interop with core nodes
 IMAGE = "IMAGE"  # float [T, H, W, 3] in [0, 1]
-LATENT = "LATENT"  # {"samples": [B, 16, F, h, w]} raw VAE latents, as ComfyUI's own nodes exchange them
+LATENT = "LATENT"  # {"samples": [B, C, F, h, w]} raw VAE latents (C 16; TI2V-5B 48), as ComfyUI's nodes exchange them
 CONDITIONING = "CONDITIONING"  # [[tensor [1, tokens, 4096], dict]]: core CLIPTextEncode of a CLIPLoader (type wan)
 
 CATEGORY = "Wan Fast"
@@ -41,9 +41,14 @@ class TextEmbeds:
 
 @dataclass
 class ImageEmbeds:
-    """I2V conditioning for one start image, made for a video size and frame count."""
+    """Image conditioning for one start image, made for a video size and frame count.
 
-    cond: object  # wan_core.models.conditioning.I2VCondition (y, clip_fea, height, width)
+    cond: `I2VCondition` (y, clip_fea, height, width; Wan2.2 I2V-A14B: clip_fea None) or, for
+    TI2V-5B, `TI2VCondition` (the image's 48-channel latent z, height, width): the sampler tells
+    which by its type and checks it against its model.
+    """
+
+    cond: object  # wan_core.api.I2VCondition | wan_core.api.TI2VCondition
     num_frames: int
 
     @property

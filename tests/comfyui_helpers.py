@@ -87,6 +87,7 @@ def populate_models(root: str, scratch: str) -> tuple[dict[str, str], dict[str, 
             random_lora(tiny_dit_config(task), rank=4, seed=1, targets="blocks" if task == "t2v" else "linears"),
             put("loras", name),
         )
+    populate_wan22(put, scratch)
     # an image for LoadImage (ComfyUI ships input/example.png; ours is small)
     from PIL import Image
 
@@ -99,21 +100,66 @@ def populate_models(root: str, scratch: str) -> tuple[dict[str, str], dict[str, 
     return made, missing
 
 
+# Wan2.2 files under ComfyUI's names (tests/reference/WAN22.md "Files"): the repackaged experts, TI2V-5B and
+# its VAE, and the lightx2v 4-step LoRAs, one per expert
+WAN22_LORAS = {
+    ("t2v", "high"): "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
+    ("t2v", "low"): "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors",
+    ("i2v", "high"): "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors",
+    ("i2v", "low"): "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors",
+}
+
+
+def populate_wan22(put, scratch: str) -> None:
+    """The Wan2.2 tiny models (`write_tiny_model(..., family="wan2.2")`, ComfyUI layout) and a random
+    rank-4 LoRA per expert (each expert's its own seed), via `put(folder, name, src)`. Their T5 and
+    Wan2.1 VAE are the Wan2.1 tiny model's (same seed, same bytes), so they share those files."""
+    from wan_core.loading.lora import random_lora, save_lora
+    from wan_core.loading.tiny import write_tiny_model
+    from wan_core.loading.tiny22 import COMFY22_NAMES
+    from wan_core.loading.tiny_parts import tiny_dit22_config
+
+    for task in ("t2v", "i2v", "ti2v"):
+        root = write_tiny_model(os.path.join(scratch, f"wan22-{task}"), task, "comfyui", family="wan2.2")
+        for key, rel in COMFY22_NAMES.items():
+            if isinstance(key, tuple) and key[0] == task:
+                put("diffusion_models", os.path.basename(rel), os.path.join(root, rel))
+        if task == "ti2v":
+            put("vae", os.path.basename(COMFY22_NAMES["vae22"]), os.path.join(root, COMFY22_NAMES["vae22"]))
+    for (task, expert), name in WAN22_LORAS.items():
+        lora = random_lora(tiny_dit22_config(task), rank=4, seed=11 if expert == "high" else 12, targets="blocks")
+        save_lora(lora, put("loras", name))
+
+
 # ----------------------------------------------------------------------------------------------
 # validation of widget values against INPUT_TYPES
 
 
 FORMATS = os.path.join(REPO, "tests", "reference", "FORMATS.md")
+WAN22 = os.path.join(REPO, "tests", "reference", "WAN22.md")
 MODEL_FILE_INPUTS = {"dit", "text_encoder", "vae", "clip_vision", "lora"}  # combos listing a model folder
 
 
 def real_file_names() -> set[str]:
-    """The .safetensors names FORMATS.md says users have (plus the 720p twins it mentions)."""
+    """The .safetensors names FORMATS.md and WAN22.md ("Files") say users have, with the shorthand
+    expanded: the 720p twins FORMATS.md mentions, WAN22.md's `{high,low}`, "the same four for i2v"
+    (the T2V expert names with i2v) and the low-noise LoRAs written `..._low_noise` after the high one."""
     import re
+
+    def expand(name: str) -> list[str]:
+        m = re.search(r"\{([^}]*)\}", name)
+        return [n for alt in m.group(1).split(",") for n in expand(name[: m.start()] + alt + name[m.end() :])] if m else [name]
 
     with open(FORMATS, encoding="utf-8") as f:
         names = set(re.findall(r"`([\w.\-]+\.safetensors)`", f.read()))
-    return names | {n.replace("480p", "720p") for n in names if n.startswith("wan2.1_i2v_480p_14B")}
+    names |= {n.replace("480p", "720p") for n in names if n.startswith("wan2.1_i2v_480p_14B")}
+    with open(WAN22, encoding="utf-8") as f:
+        text = f.read()
+    files = text[text.index("## Files") :]
+    wan22 = {n for raw in re.findall(r"`([\w.\-{},]+\.safetensors)`", files) for n in expand(raw)}
+    wan22 |= {n.replace("_t2v_", "_i2v_") for n in wan22 if re.match(r"wan2\.2_t2v_(high|low)_noise_14B_", n)}
+    wan22 |= {n.replace("_high_noise.", "_low_noise.") for n in wan22 if "lightx2v_4steps_lora" in n}
+    return names | wan22
 
 
 def check_value(node_type: str, name: str, value, model_files: set[str] | None = None) -> str | None:
@@ -151,19 +197,30 @@ def check_value(node_type: str, name: str, value, model_files: set[str] | None =
 # reducing a workflow to tiny sizes, and running it headlessly
 
 TINY = dict(width=64, height=48, num_frames=5, steps=2)
+TINY_TI2V = dict(width=64, height=32)  # TI2V-5B sizes are multiples of 32 (Wan2.2 VAE 16 x patch 2)
+SAMPLERS = ("WanSampler", "WanMultiGPUSampler", "WanSamplerMoE")
+
+
+def is_ti2v(graph: dict) -> bool:
+    """The graph samples TI2V-5B (its loader names the 5B file)."""
+    return any("ti2v" in str(n["inputs"].get("dit", "")) for n in graph.values())
 
 
 def reduce_api(graph: dict, prefix: str | None = None) -> dict:
-    """A copy with the video size, frame count and step count cut down for tiny CPU runs."""
+    """A copy with the video size, frame count and step count cut down for tiny CPU runs (two experts:
+    the switch at step 1 of the 2)."""
     g = copy.deepcopy(graph)
+    size = {**TINY, **TINY_TI2V} if is_ti2v(graph) else TINY
     for node in g.values():
         inp = node["inputs"]
-        if node["class_type"] in ("WanSampler", "WanMultiGPUSampler"):
-            inp.update(width=TINY["width"], height=TINY["height"], num_frames=TINY["num_frames"], steps=TINY["steps"])
+        if node["class_type"] in SAMPLERS:
+            inp.update(width=size["width"], height=size["height"], num_frames=TINY["num_frames"], steps=TINY["steps"])
             if inp.get("scheduler") == "distill":
                 inp["denoising_step_list"] = "1000,500"
+            if node["class_type"] == "WanSamplerMoE" and inp.get("switch_step"):
+                inp["switch_step"] = 1
         elif node["class_type"] == "WanImageEncode":
-            inp.update(width=TINY["width"], height=TINY["height"], num_frames=TINY["num_frames"])
+            inp.update(width=size["width"], height=size["height"], num_frames=TINY["num_frames"])
         elif node["class_type"] == "WanSaveVideo" and prefix is not None:
             inp["filename_prefix"] = prefix
     return g

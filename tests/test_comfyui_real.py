@@ -11,7 +11,8 @@ lists every node, the templates and the front-end extension are served, each API
 (sizes reduced) posted to /prompt finishes with its mp4 in /history, /interrupt stops a long
 run, `comfy run --workflow <api json> --wait` finishes against the same server, and our models
 live under ComfyUI's model management (`POST /free` releases them; a core node that loads a model
-after our sampler runs in the same graph).
+after our sampler runs in the same graph). Wan2.2 specifics (UI workflows read through /object_info,
+the two experts in ComfyUI's accounting): tests/test_comfyui_wan22.py.
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ import uuid
 import pytest
 
 from nodes import NODE_CLASS_MAPPINGS
-from tests.comfyui_helpers import REPO, WORKFLOW_NAMES, load_api, populate_models, reduce_api, write_core_wan_vae
+from tests.comfyui_helpers import (
+    REPO,
+    SAMPLERS,
+    WORKFLOW_NAMES,
+    load_api,
+    populate_models,
+    reduce_api,
+    write_core_wan_vae,
+)
 
 pytestmark = pytest.mark.comfyui
 PACK = "comfyui-wan-fast"
@@ -189,7 +198,7 @@ def test_api_workflow_runs_in_comfyui(server, name):
     (video,) = entry["outputs"][save]["images"]
     path = os.path.join(server.base, "output", video["subfolder"], video["filename"])
     assert video["filename"].endswith(".mp4") and os.path.getsize(path) > 0
-    sampler = next(k for k, n in graph.items() if n["class_type"] in ("WanSampler", "WanMultiGPUSampler"))
+    sampler = next(k for k, n in graph.items() if n["class_type"] in SAMPLERS)
     stages = [r["stage"] for r in entry["outputs"][sampler]["wan_timing"]]
     assert stages == (["multi-GPU sample"] if "multigpu" in name else ["load DiT", "sample"])
 

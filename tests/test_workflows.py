@@ -15,10 +15,13 @@ from nodes import NODE_CLASS_MAPPINGS, compat
 from tests.comfyui_helpers import (
     CORE_NODE_TYPES,
     REPO,
+    SAMPLERS,
     TINY,
+    TINY_TI2V,
     WIDGET_TYPES,
     WORKFLOW_NAMES,
     check_value,
+    is_ti2v,
     load_api,
     load_ui,
     populate_models,
@@ -32,6 +35,7 @@ SEED_SCENARIOS = {
     "wan21_i2v_480p_base", "wan21_i2v_480p_distill_lora", "wan21_i2v_480p_distill_fp8", "wan21_i2v_720p_base",
     "wan21_t2v_14b_offload_distill_lora", "wan21_t2v_14b_multigpu", "wan21_t2v_14b_base_cache",
 }  # fmt: skip
+WAN22_SCENARIOS = {"wan22_t2v_a14b_4step_lora", "wan22_i2v_a14b_4step_lora", "wan22_ti2v_5b"}
 CORE_OUTPUTS = {"LoadImage": ["IMAGE", "MASK"]}
 # Model-file combos list what is on disk; the workflows must name files users really have.
 REAL_FILES = real_file_names()
@@ -55,7 +59,7 @@ def _has_control(node_type, name):
 
 
 def test_one_workflow_per_seed_scenario_in_both_formats():
-    assert set(WORKFLOW_NAMES) == SEED_SCENARIOS
+    assert set(WORKFLOW_NAMES) == SEED_SCENARIOS | WAN22_SCENARIOS
     for name in WORKFLOW_NAMES:
         assert os.path.isfile(os.path.join(REPO, "example_workflows", "api", f"{name}.json"))
 
@@ -164,7 +168,7 @@ def test_seed_scenarios_use_the_right_settings():
     def nodes(name, t):
         return [n["inputs"] for n in load_api(name).values() if n["class_type"] == t]
 
-    for name in WORKFLOW_NAMES:
+    for name in sorted(SEED_SCENARIOS):
         s = sampler(name)
         if "distill" in name:
             assert (s["scheduler"], s["steps"], s["guidance"], s["shift"]) == ("distill", 4, 1.0, 5.0)
@@ -189,6 +193,45 @@ def test_seed_scenarios_use_the_right_settings():
     assert graph[sampler("wan21_t2v_14b_base_cache")["cache"][0]]["class_type"] == "WanCacheConfig"
     assert nodes("wan21_t2v_14b_offload_distill_lora", "WanOffloadConfig")[0]["granularity"] == "block"
     assert sampler("wan21_t2v_14b_multigpu")["num_gpus"] == 2
+
+
+def test_wan22_scenarios_use_the_right_settings():
+    """ComfyUI's Wan2.2 template path for A14B (a loader and a 4-step LoRA per expert, 4 steps, cfg 1,
+    shift 5, switch at step 2, the experts' real file names, high into high and low into low) and the
+    official TI2V-5B settings (50 steps, cfg 5, shift 5, 1280x704x121 at 24 fps, the Wan2.2 VAE)."""
+
+    def nodes(name, t):
+        return [n["inputs"] for n in load_api(name).values() if n["class_type"] == t]
+
+    def sampler(name):
+        return next(n["inputs"] for n in load_api(name).values() if n["class_type"] in SAMPLERS)
+
+    for task in ("t2v", "i2v"):
+        name = f"wan22_{task}_a14b_4step_lora"
+        graph = load_api(name)
+        s = sampler(name)
+        assert {k: s[k] for k in ("steps", "cfg_high", "cfg_low", "shift", "scheduler", "switch", "switch_step")} == {
+            "steps": 4, "cfg_high": 1.0, "cfg_low": 1.0, "shift": 5.0, "scheduler": "distill", "switch": "step",
+            "switch_step": 2,
+        }  # fmt: skip
+        assert s["denoising_step_list"] == "1000,750,500,250"
+        assert (s["width"], s["height"], s["num_frames"]) == (832, 480, 81)
+        for expert in ("high", "low"):
+            lora = graph[s[f"{expert}_noise_model"][0]]
+            assert lora["class_type"] == "WanLoraApply" and lora["inputs"]["strength"] == 1.0
+            assert lora["inputs"]["lora"].startswith(f"wan2.2_{task}_lightx2v_4steps_lora_v1")
+            assert lora["inputs"]["lora"].endswith(f"_{expert}_noise.safetensors")
+            loader = graph[lora["inputs"]["model"][0]]["inputs"]
+            assert loader["dit"] == f"wan2.2_{task}_{expert}_noise_14B_fp16.safetensors"
+            assert (loader["vae"], loader["clip_vision"]) == ("wan_2.1_vae.safetensors", "(none)")
+        assert bool(nodes(name, "WanImageEncode")) == (task == "i2v") == ("image_embeds" in s)
+        assert nodes(name, "WanSaveVideo")[0]["fps"] == 16.0
+    s = sampler("wan22_ti2v_5b")
+    assert (s["steps"], s["guidance"], s["shift"], s["scheduler"]) == (50, 5.0, 5.0, "unipc")
+    assert (s["width"], s["height"], s["num_frames"]) == (1280, 704, 121)
+    (loader,) = nodes("wan22_ti2v_5b", "WanModelLoader")
+    assert (loader["dit"], loader["vae"]) == ("wan2.2_ti2v_5B_fp16.safetensors", "wan2.2_vae.safetensors")
+    assert nodes("wan22_ti2v_5b", "WanSaveVideo")[0]["fps"] == 24.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,13 +268,14 @@ def test_api_workflow_runs_headless(name, comfy_dirs):
     frames = done[decode][0][0]
     i2v = any(n["class_type"] == "WanImageEncode" for n in graph.values())
     assert frames.shape[0] == TINY["num_frames"] and frames.shape[-1] == 3
+    size = {**TINY, **TINY_TI2V} if is_ti2v(graph) else TINY
     if not i2v:
-        assert frames.shape[1:3] == (TINY["height"], TINY["width"])
+        assert frames.shape[1:3] == (size["height"], size["width"])
     assert torch.isfinite(frames).all() and 0 <= frames.min() and frames.max() <= 1 and frames.std() > 0
     save = next(k for k, n in graph.items() if n["class_type"] == "WanSaveVideo")
     (result,) = done[save][1]["images"]
     video, fps = read_video(os.path.join(os.environ["WAN_OUTPUT_DIR"], result["subfolder"], result["filename"]))
-    assert video.shape[:3] == frames.shape[:3] and fps == 16
+    assert video.shape[:3] == frames.shape[:3] and fps == graph[save]["inputs"]["fps"]
     records = [r for _, ui in done.values() if ui for r in ui.get("wan_timing", [])]
     stages = [r["stage"] for r in records]
     assert {"text encode", "VAE decode", "save"} <= set(stages)

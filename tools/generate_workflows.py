@@ -10,8 +10,8 @@ re-ordered input can never leave a stale workflow behind. UI files go in example
 example_workflows/api/ (not listed as templates; for POST /prompt and `comfy run`). This script lives outside
 example_workflows/ because ComfyUI serves that folder as the pack's templates.
 
-File names are the ones users have (FORMATS.md): ComfyUI's repackaged Wan2.1 files, lightx2v's
-distill models and LoRAs.
+File names are the ones users have (FORMATS.md, WAN22.md "Files"): ComfyUI's repackaged Wan2.1 and
+Wan2.2 files, lightx2v's distill models and LoRAs (Wan2.2: one 4-step LoRA per expert).
 """
 
 from __future__ import annotations
@@ -53,6 +53,18 @@ T5 = "umt5_xxl_fp16.safetensors"
 VAE = "wan_2.1_vae.safetensors"
 CLIP = "clip_vision_h.safetensors"
 IMAGE = "example.png"  # ships in ComfyUI's input/ folder
+# Wan2.2 (tests/reference/WAN22.md "Files": Comfy-Org/Wan_2.2_ComfyUI_Repackaged and the lightx2v 4-step LoRAs)
+WAN22_EXPERTS = {
+    (task, e): f"wan2.2_{task}_{e}_noise_14B_fp16.safetensors" for task in ("t2v", "i2v") for e in ("high", "low")
+}
+WAN22_LORAS = {
+    ("t2v", "high"): "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
+    ("t2v", "low"): "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors",
+    ("i2v", "high"): "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors",
+    ("i2v", "low"): "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors",
+}
+TI2V_5B = "wan2.2_ti2v_5B_fp16.safetensors"
+VAE22 = "wan2.2_vae.safetensors"
 
 T2V_PROMPT = (
     "A red fox trotting through fresh snow in a pine forest at sunrise, soft golden light, cinematic tracking shot."
@@ -66,6 +78,13 @@ BASE_T2V = dict(steps=50, guidance=5.0, shift=5.0, scheduler="unipc")
 BASE_I2V_480 = dict(steps=40, guidance=5.0, shift=3.0, scheduler="unipc")
 BASE_I2V_720 = dict(steps=40, guidance=5.0, shift=5.0, scheduler="unipc")
 DISTILL = dict(steps=4, guidance=1.0, shift=5.0, scheduler="distill")
+# Wan2.2 A14B with the 4-step LoRAs, as ComfyUI's own templates run it: 4 steps, no CFG, shift 5, the
+# high-noise expert for steps 0-1 and the low-noise one for steps 2-3 (LightX2V's wan2.2_moe_distill
+# schedule 1000,750,500,250, boundary_step_index 2)
+MOE_4STEP = dict(steps=4, cfg_high=1.0, cfg_low=1.0, shift=5.0, scheduler="distill", switch="step", boundary=0.0,
+                 switch_step=2)  # fmt: skip
+# TI2V-5B, official: UniPC, 50 steps, guidance 5, shift 5, 1280x704, 121 frames at 24 fps
+TI2V_BASE = dict(steps=50, guidance=5.0, shift=5.0, scheduler="unipc")
 
 
 @dataclass
@@ -85,22 +104,25 @@ class Scenario:
     nodes: list[Node]
 
 
-def _loader(nid: int, dit: str, clip: str = "(none)", fp8: bool = False, offload: int | None = None) -> Node:
-    w = dict(dit=dit, text_encoder=T5, vae=VAE, clip_vision=clip, task="auto", dtype="auto", attention="auto")
+def _loader(
+    nid: int, dit: str, clip: str = "(none)", fp8: bool = False, offload: int | None = None, vae: str = VAE
+) -> Node:
+    w = dict(dit=dit, text_encoder=T5, vae=vae, clip_vision=clip, task="auto", dtype="auto", attention="auto")
     if fp8:
         w["fp8_kernel"] = "auto"
     links = {"offload": (offload, 0)} if offload is not None else {}
     return Node(nid, "WanFP8Loader" if fp8 else "WanModelLoader", w, links)
 
 
-def _t2v(name, title, note, loader_nodes, model_out, sampler, sampler_type="WanSampler", extra=None, cache=None) -> Scenario:
+def _t2v(name, title, note, loader_nodes, model_out, sampler, sampler_type="WanSampler", extra=None, cache=None,
+         size=(832, 480, 81), fps=16.0) -> Scenario:  # fmt: skip
     """Loader(s) -> text encode -> sampler -> decode -> save.
 
     Only the sampler takes the LoRA'd model (`model_out`); the encoders and the VAE hang off the
     loader (node 1), so a LoRA strength change re-runs the sampler and the decode, nothing else.
     `cache`: a WanCacheConfig node (feature caching) plugged into the sampler.
     """
-    s = dict(width=832, height=480, num_frames=81, seed=42, denoising_step_list=DISTILL_STEP_LIST, **sampler)
+    s = dict(width=size[0], height=size[1], num_frames=size[2], seed=42, denoising_step_list=DISTILL_STEP_LIST, **sampler)
     s.update(extra or {})
     links = {"model": (model_out, 0), "text_embeds": (10, 0)}
     if cache is not None:
@@ -110,6 +132,30 @@ def _t2v(name, title, note, loader_nodes, model_out, sampler, sampler_type="WanS
         *([cache] if cache is not None else []),
         Node(10, "WanTextEncode", dict(prompt=T2V_PROMPT, negative_prompt=DEFAULT_NEGATIVE_PROMPT), {"model": (1, 0)}),
         Node(11, sampler_type, s, links),
+        Node(12, "WanVAEDecode", dict(tile_size=0), {"model": (1, 0), "samples": (11, 0)}),
+        Node(13, "WanSaveVideo", dict(filename_prefix=f"wan/{name}", fps=fps, crf=19, preset="medium"), {"images": (12, 0)}),
+    ]
+    return Scenario(name, title, note, nodes)
+
+
+def _moe(name, title, note, task: str, width: int = 832, height: int = 480) -> Scenario:
+    """Wan2.2 A14B as ComfyUI's templates wire it: a loader per expert (1 high, 2 low), each with its
+    own 4-step LoRA (3, 4), into the two-expert sampler; the encoders and the VAE hang off loader 1
+    (the experts share T5 and the Wan2.1 VAE). I2V adds LoadImage -> WanImageEncode (no CLIP)."""
+    s = dict(width=width, height=height, num_frames=81, seed=42, denoising_step_list=DISTILL_STEP_LIST, **MOE_4STEP)
+    links = {"high_noise_model": (3, 0), "low_noise_model": (4, 0), "text_embeds": (10, 0)}
+    prompt, image = (I2V_PROMPT, [Node(9, "LoadImage", dict(image=IMAGE, upload="image"))]) if task == "i2v" else (T2V_PROMPT, [])
+    if task == "i2v":
+        image.append(Node(14, "WanImageEncode", dict(width=width, height=height, num_frames=81), {"model": (1, 0), "image": (9, 0)}))
+        links["image_embeds"] = (14, 0)
+    high, low = _loader(1, WAN22_EXPERTS[(task, "high")]), _loader(2, WAN22_EXPERTS[(task, "low")])
+    high.title, low.title = "Wan Model Loader (high-noise expert)", "Wan Model Loader (low-noise expert)"
+    lora = lambda nid, e, src: Node(nid, "WanLoraApply", dict(lora=WAN22_LORAS[(task, e)], strength=1.0),  # noqa: E731
+                                    {"model": (src, 0)}, f"Wan LoRA ({e}-noise expert)")  # fmt: skip
+    nodes = [high, low, lora(3, "high", 1), lora(4, "low", 2),
+        *image,
+        Node(10, "WanTextEncode", dict(prompt=prompt, negative_prompt=DEFAULT_NEGATIVE_PROMPT), {"model": (1, 0)}),
+        Node(11, "WanSamplerMoE", s, links),
         Node(12, "WanVAEDecode", dict(tile_size=0), {"model": (1, 0), "samples": (11, 0)}),
         Node(13, "WanSaveVideo", dict(filename_prefix=f"wan/{name}", fps=16.0, crf=19, preset="medium"), {"images": (12, 0)}),
     ]
@@ -169,6 +215,16 @@ def scenarios() -> list[Scenario]:
              "Sequence parallel over 2 GPUs; set num_gpus = cfg_parallel (1/2) x ulysses x ring.",
              [_loader(1, T2V)], 1, BASE_T2V, "WanMultiGPUSampler",
              dict(num_gpus=2, ulysses_degree=2, ring_degree=1, cfg_parallel=False)),
+        _moe("wan22_t2v_a14b_4step_lora", "Wan2.2 T2V A14B + lightx2v 4-step LoRAs (two experts)",
+             "ComfyUI's Wan2.2 template path: the high-noise and low-noise experts, each with its own 4-step LoRA; "
+             "4 steps, no CFG, shift 5, steps 0-1 on the high-noise expert and 2-3 on the low-noise one.", "t2v"),
+        _moe("wan22_i2v_a14b_4step_lora", "Wan2.2 I2V A14B + lightx2v 4-step LoRAs (two experts)",
+             "Image to video with the two I2V experts and their 4-step LoRAs (no CLIP file: Wan2.2 has none); "
+             "4 steps, no CFG, shift 5, switch at step 2.", "i2v"),
+        _t2v("wan22_ti2v_5b", "Wan2.2 TI2V 5B (text to video, 720p, 24 fps)",
+             "Official settings: UniPC, 50 steps, CFG 5, shift 5, 1280x704, 121 frames at 24 fps, with the Wan2.2 VAE. "
+             "Connect a WanImageEncode (start image) to the sampler for text+image to video.",
+             [_loader(1, TI2V_5B, vae=VAE22)], 1, TI2V_BASE, size=(1280, 704, 121), fps=24.0),
     ]  # fmt: skip
 
 

@@ -7,6 +7,11 @@ DiT leased for the run), so a graph that runs again does not load again. Samplin
 group, goes through `sampling.denoise` like the pipeline and the CLI: the feature cache, the
 offloaded DiT on the GPU for the loop only, and the out-of-memory advice hold for every door.
 
+Wan2.2: a spec's `task` says which model it is ("t2v" / "i2v": Wan2.1 or a Wan2.2 A14B expert,
+whose I2V has no CLIP file; "ti2v": TI2V-5B with its 48-channel VAE). The two A14B experts run
+together as an `ExpertPair` (`expert_pair` checks and pairs two specs), wherever a spec is taken
+by `run_sampler`; `read_dit_facts` tells a loader which model a file is.
+
 Latents here are the engine's (normalised, what the DiT denoises); ComfyUI's LATENT socket
 carries raw VAE latents: `latent_to_raw` / `latent_from_raw` convert at that boundary.
 """
@@ -14,6 +19,7 @@ carries raw VAE latents: `latent_to_raw` / `latent_from_raw` convert at that bou
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -26,9 +32,10 @@ from .layers.cache import MODEL_KEYS
 from .layers.fp8 import KERNELS
 from .layers.offload.host import trim_host_memory
 from .layers.parallel.group import ParallelConfig
-from .layers.parallel.workers import RunCancelled, WorkerGroupError, get_worker_group
+from .layers.parallel.workers import RunCancelled, WorkerGroupError, get_worker_group, request_models
 from .loading.discover import find_model_files
 from .loading.dit import find_dit_files
+from .loading.family import ModelFamilyError, check_vae_fits, read_dit_facts
 from .loading.io import CheckpointError, read_keys
 from .model_cache import (
     build_image_encoder,
@@ -42,15 +49,18 @@ from .model_cache import (
     register_memory_hooks,
     unload_all,
 )
-from .models.conditioning import I2VCondition, prepare_i2v
+from .models.conditioning import I2VCondition, TI2VCondition, prepare_i2v, prepare_ti2v
 from .models.vae import latent_from_raw, latent_to_raw
-from .sampling.denoise import SampleRequest, denoise_request
+from .sampling.denoise import LowNoiseExpert, SampleRequest, denoise_request
+from .sampling.experts import OFFICIAL_BOUNDARY
+from .sampling.first_frame import FirstFrame
 from .sampling.loop import Cond, StepInfo, latent_shape, make_noise
 from .sampling.preview import fit_rgb_projection, latent_to_rgb
 from .sampling.schedulers import make_scheduler
 from .spec import ModelSpec, OffloadOptions
 from .vae_frames import decode_frames
 from .video import X264_PRESETS, frames_to_wan, write_video
+from .wan22 import SWITCH_MODES, ExpertPair, expert_pair, switch_for
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -58,8 +68,13 @@ __all__ = [
     "FP8_KERNELS",
     "X264_PRESETS",
     "CheckpointError",
+    "ExpertPair",
     "I2VCondition",
+    "ModelFamilyError",
     "ModelSpec",
+    "OFFICIAL_BOUNDARY",
+    "SWITCH_MODES",
+    "TI2VCondition",
     "OffloadOptions",
     "ParallelConfig",
     "RunCancelled",
@@ -67,11 +82,13 @@ __all__ = [
     "SamplerSettings",
     "SamplerResult",
     "cache_config",
+    "check_vae_fits",
     "context_from_conditioning",
     "decode_video",
     "encode_prompts",
     "encode_start_image",
     "evict",
+    "expert_pair",
     "find_dit_files",
     "find_model_files",
     "latent_from_raw",
@@ -80,10 +97,12 @@ __all__ = [
     "memory_report",
     "part_bytes",
     "preview_projection",
+    "read_dit_facts",
     "read_keys",
     "register_memory_hooks",
     "run_sampler",
     "run_sampler_on_workers",
+    "switch_for",
     "unload_all",
     "write_video",
 ]
@@ -149,9 +168,13 @@ class SamplerSettings:
 
 @dataclass
 class SamplerResult:
-    latent: torch.Tensor  # [1, 16, F, h, w] float32 on the CPU, the engine's normalised latent
+    latent: torch.Tensor  # [1, C, F, h, w] float32 on the CPU, the engine's normalised latent (C 16; TI2V-5B 48)
     steps: int
     cache_report: object | None = None  # `wan_core.layers.cache.CacheReport` when caching was on
+    experts: str | None = None  # two experts: how the steps were split ("2 of 4 steps on the high-noise expert ...")
+
+
+ImageCondition = I2VCondition | TI2VCondition  # what `encode_start_image` makes
 
 
 def _request(
@@ -159,19 +182,32 @@ def _request(
     positive: torch.Tensor,
     negative: torch.Tensor | None,
     size: tuple[int, int, int],
-    i2v: I2VCondition | None,
+    image: ImageCondition | None,
     preview: bool = False,
+    task: str = "t2v",
+    pair: ExpertPair | None = None,
 ) -> SampleRequest:
     """The run as data: noise from the seed, scheduler, conditions (CPU tensors); bad sizes and
-    schedules are errors here, before any model is built."""
-    shape = (1, *latent_shape(*size))  # [1, 16, F, h, w]
+    schedules are errors here, before any model is built. task "ti2v": the Wan2.2 VAE's latent (48
+    channels, 16x); pair: two A14B experts (the request's guidance is the high-noise expert's, the
+    low-noise one travels in `SampleRequest.low`)."""
+    z_dim, stride = (48, 16) if task == "ti2v" else (16, 8)
+    shape = (1, *latent_shape(*size, z_dim=z_dim, stride=stride))  # [1, C, F, h, w]
     sched = make_scheduler(settings.scheduler, settings.steps, settings.shift,
                            list(settings.step_list) if settings.step_list is not None else None)  # fmt: skip
-    kw = {"clip_fea": i2v.clip_fea, "y": i2v.y} if i2v is not None else {}
+    first_frame, kw = None, {}
+    if isinstance(image, TI2VCondition):  # TI2V-5B: the image's latent held as latent frame 0
+        first_frame = FirstFrame(image.z)
+    elif image is not None:  # I2V: y (mask + first-frame latent), Wan2.1 also the CLIP tokens
+        kw = {"clip_fea": image.clip_fea, "y": image.y}
     cond = Cond(context=[positive], **kw)
-    uncond = Cond(context=[negative], **kw) if settings.guidance != 1.0 else None
+    guidance = pair.guidance_high if pair is not None else settings.guidance
+    low = LowNoiseExpert(pair.low, pair.switch, pair.guidance_low) if pair is not None else None
+    guided = any(g != 1.0 for g in (pair.guidances if pair is not None else (guidance,)))
+    uncond = Cond(context=[negative], **kw) if guided else None
     cache = dict(settings.cache) if settings.cache else None
-    return SampleRequest(make_noise(shape, settings.seed), sched, cond, uncond, settings.guidance, preview, cache)
+    return SampleRequest(make_noise(shape, settings.seed), sched, cond, uncond, guidance, preview, cache,
+                         low=low, first_frame=first_frame)  # fmt: skip
 
 
 def _check_text_width(dit: torch.nn.Module, *texts: torch.Tensor | None) -> None:
@@ -193,35 +229,41 @@ def _no_stage(name: str) -> Iterator[None]:
 
 # ------------------------------------------------------------------------- sampling
 def run_sampler(
-    spec: ModelSpec,
+    spec: ModelSpec | ExpertPair,
     settings: SamplerSettings,
     positive: torch.Tensor,
     negative: torch.Tensor | None,
     size: tuple[int, int, int],
-    i2v: I2VCondition | None = None,
+    image: ImageCondition | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     stage: Callable[[str], contextlib.AbstractContextManager] = _no_stage,
 ) -> SamplerResult:
     """Denoise one video latent in this process.
 
-    positive / negative: umT5 features [L, 4096] (negative unused at guidance 1); size:
-    (frames, height, width) of the video (I2V: the size its conditioning was made for).
-    callback(StepInfo) after each step (raise from it to stop); stage(name): a context manager
-    around the "load DiT" and "sample" stages (timing).
+    spec: one model, or the two Wan2.2 A14B experts (`expert_pair`: each step on the expert its
+    switch picks, with that expert's guidance; `settings.guidance` unused). positive / negative:
+    umT5 features [L, 4096] (negative unused without guidance); size: (frames, height, width) of
+    the video (with an image: the size its conditioning was made for); image: I2V conditioning,
+    or TI2V-5B's image latent. callback(StepInfo) after each step (raise from it to stop);
+    stage(name): a context manager around the "load DiT" and "sample" stages (timing).
     """
-    req = _request(settings, positive, negative, size, i2v)
-    device = torch.device(spec.torch_device)  # an offloaded DiT's weights live in CPU memory between runs
+    pair = spec if isinstance(spec, ExpertPair) else None
+    first = pair.high if pair is not None else spec
+    req = _request(settings, positive, negative, size, image, task=first.task, pair=pair)
+    device = torch.device(first.torch_device)  # an offloaded DiT's weights live in CPU memory between runs
     with contextlib.ExitStack() as held:
-        with stage("load DiT"):
-            dit = held.enter_context(lease(spec))  # the shared DiT at this spec's LoRAs/offload, held for the run
-        _check_text_width(dit, positive, negative)
+        with stage("load DiT"):  # the shared DiT(s) at their spec's LoRAs/offload, held for the run
+            # the two experts each in their own cache slot (`ModelSpec.expert`)
+            model = held.enter_context(request_models(first, req, device))
+        _check_text_width(model, positive, negative)
         with stage("sample"), torch.inference_mode():
-            latent, report = denoise_request(dit, req, callback, device=device)
-    return SamplerResult(latent.cpu(), len(req.scheduler), report)
+            latent, report = denoise_request(model, req, callback, device=device)
+    split = pair.switch.describe(req.scheduler.timesteps) if pair is not None else None
+    return SamplerResult(latent.cpu(), len(req.scheduler), report, split)
 
 
 def run_sampler_on_workers(
-    spec: ModelSpec,
+    spec: ModelSpec | ExpertPair,
     settings: SamplerSettings,
     positive: torch.Tensor,
     negative: torch.Tensor | None,
@@ -233,18 +275,21 @@ def run_sampler_on_workers(
     preview: bool = False,
 ) -> SamplerResult:
     """`run_sampler` on the persistent multi-GPU worker group (`layers.parallel.workers`): one
-    process per GPU, sequence and/or CFG parallel, each rank through `sampling.denoise`.
+    process per GPU, sequence and/or CFG parallel, each rank through `sampling.denoise`; spec: one
+    model or the two Wan2.2 A14B experts; i2v: image conditioning (TI2V-5B: its image latent).
 
     progress(StepProgress) after each step (x0 previews when `preview`); cancel() is polled and
     stops the run between steps (`RunCancelled`). A worker's CUDA out-of-memory error arrives as
     a `torch.OutOfMemoryError` with the offload advice; other worker failures as WorkerGroupError.
     """
-    if parallel.cfg == 2 and settings.guidance == 1.0:
+    pair = spec if isinstance(spec, ExpertPair) else None
+    first = pair.high if pair is not None else spec
+    req = _request(settings, positive, negative, size, i2v, preview, task=first.task, pair=pair)
+    if parallel.cfg == 2 and req.uncond is None:
         raise ValueError("cfg_parallel needs guidance > 1 (there is no unconditional branch to run in parallel)")
-    req = _request(settings, positive, negative, size, i2v, preview)
-    kind = "cuda" if spec.torch_device.startswith("cuda") else "cpu"
+    kind = "cuda" if first.torch_device.startswith("cuda") else "cpu"
     group = get_worker_group(parallel.world_size, parallel, device=kind)
-    latent, report = group.run(spec, req, progress, cancel=cancel)
+    latent, report = group.run(first, req, progress, cancel=cancel)
     return SamplerResult(latent, len(req.scheduler), report)
 
 
@@ -307,17 +352,37 @@ def encode_prompts(spec: ModelSpec, prompt: str, negative_prompt: str) -> tuple[
     return positive, negative
 
 
-def encode_start_image(spec: ModelSpec, image: torch.Tensor, num_frames: int, max_area: int) -> I2VCondition:
-    """I2V conditioning from a start frame [1, H, W, 3] in [0, 1] (ComfyUI's IMAGE layout)."""
+def encode_start_image(spec: ModelSpec, image: torch.Tensor, num_frames: int, max_area: int) -> ImageCondition:
+    """Image conditioning from a start frame [1, H, W, 3] in [0, 1] (ComfyUI's IMAGE layout), as the
+    official code makes it for the spec's model: Wan2.1 I2V: CLIP tokens + y (mask, first-frame
+    latent); Wan2.2 I2V-A14B (no CLIP file): y only; TI2V-5B: the image's latent (`TI2VCondition`),
+    held as latent frame 0 while sampling. max_area: the video's pixel count (aspect from the image)."""
+    if spec.task not in ("i2v", "ti2v"):
+        raise ValueError(f"a start image conditions an I2V or TI2V model, not a {spec.task.upper()} one")
     start = frames_to_wan(image[:1])[:, 0]  # [1, H, W, 3] in [0, 1] -> [3, H, W] in [-1, 1]
-    vae, clip = build_vae(spec), build_image_encoder(spec)
+    vae = build_vae(spec)
+    if spec.task == "ti2v":
+        with component_loaded(vae, spec, "vae"):
+            return prepare_ti2v(start, vae, max_area)
+    clip = build_image_encoder(spec) if spec.clip else None
     with component_loaded(vae, spec, "vae"), component_loaded(clip, spec, "clip"):
         return prepare_i2v(start, vae, clip, num_frames, max_area)
 
 
 def decode_video(spec: ModelSpec, latent: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
-    """Engine latent [1, 16, F, h, w] -> frames [T, H, W, 3] in [0, 1] on the CPU (tiled when tile_size)."""
-    with component_loaded(build_vae(spec), spec, "vae") as vae:
+    """Engine latent [1, C, F, h, w] -> frames [T, H, W, 3] in [0, 1] on the CPU (tiled when tile_size;
+    C 16: the Wan2.1 VAE, C 48: the Wan2.2 VAE of TI2V-5B, which decodes whole frames only)."""
+    vae = build_vae(spec)
+    z_dim = vae.config.z_dim
+    if latent.shape[1] != z_dim:
+        need = "TI2V-5B's, the Wan2.2 VAE" if latent.shape[1] == 48 else "the Wan2.1 VAE"
+        raise ValueError(
+            f"the latent has {latent.shape[1]} channels but this model's VAE ({os.path.basename(spec.vae)}) decodes "
+            f"{z_dim}: decode it with the model that sampled it ({need})"
+        )
+    if tile_size and z_dim == 48:
+        raise ValueError("tiled decoding is not available for the Wan2.2 VAE (TI2V-5B): set tile_size to 0")
+    with component_loaded(vae, spec, "vae"):
         frames = decode_frames(vae, latent, tile_size or None)
     trim_host_memory()  # the last engine stage of a graph: the run's freed host memory back to the OS
     return frames

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..kernels import vae_forms
 from ..kernels.vae_layout import CL, empty_as, is_channels_last
-from .vae_config import WAN21_LATENT_MEAN, WAN21_LATENT_STD, WanVAEConfig
+from .vae_config import WAN21_LATENT_MEAN, WAN21_LATENT_STD, WanVAEConfig, latent_stats_for
 
 __all__ = ["WanVAE", "WanVAEConfig", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD", "latent_to_raw", "latent_from_raw"]
 
@@ -546,18 +546,18 @@ class WanVAE(nn.Module):
 
 
 def latent_to_raw(z: torch.Tensor) -> torch.Tensor:
-    """The DiT's normalised latent [B, 16, F, h, w] -> the raw VAE latent `z * std + mean`.
+    """The DiT's normalised latent [B, C, F, h, w] -> the raw VAE latent `z * std + mean` (C 16: the
+    Wan2.1 VAE's statistics; C 48: the Wan2.2 VAE's, TI2V-5B).
 
-    ComfyUI's LATENT holds raw latents (its Wan latent format normalises on the way into a model
+    ComfyUI's LATENT holds raw latents (its Wan latent formats normalise on the way into a model
     and back on the way out), so the pack's nodes exchange raw latents: ComfyUI's own VAE Decode
     can read what WanSampler writes, and WanVAEDecode what a core sampler writes.
     """
-    mean, std = WanVAEConfig().latent_stats(z.device)
+    mean, std = latent_stats_for(z.shape[1], z.device)
     return z.float() * std + mean
 
 
 def latent_from_raw(x: torch.Tensor) -> torch.Tensor:
     """Inverse of `latent_to_raw`: raw VAE latent -> the normalised latent the DiT and `decode` take."""
-    mean, std = WanVAEConfig().latent_stats(x.device)
+    mean, std = latent_stats_for(x.shape[1], x.device)
     return (x.float() - mean) / std
-
