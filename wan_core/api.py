@@ -43,7 +43,6 @@ from .model_cache import (
     build_vae,
     component_loaded,
     evict,
-    lease,
     memory_report,
     part_bytes,
     register_memory_hooks,
