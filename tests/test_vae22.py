@@ -149,7 +149,9 @@ def test_wrong_files_give_clear_errors(tmp_path, pair):
         load_vae(pd)
     # the Wan2.2 file against the full-size architecture: shapes checked, with the file named
     with pytest.raises(CheckpointError, match="not the expected Wan2.2 VAE.*wrong shape"):
-        load_vae22(p22)
+        load_vae22(p22, config=Wan22VAEConfig())
+    # without a config, the architecture is read off the file's shapes (the tiny one here)
+    assert load_vae22(p22, dtype=torch.float32).config == TINY_CONFIG
     other = tmp_path / "t5.safetensors"
     save_file({"shared.weight": torch.zeros(2, 2)}, other)
     with pytest.raises(CheckpointError, match="not a Wan2.2 VAE"):
