@@ -9,7 +9,7 @@ import { api } from "../../scripts/api.js";
 import { PRESETS, applyPreset, matchingPreset, timingLines } from "./wan_presets.js";
 
 const SAMPLERS = new Set(["WanSampler", "WanMultiGPUSampler"]); // preset buttons
-const TIMED = new Set([...SAMPLERS, "WanSamplerMoE"]); // the last run's timings (the two-expert sampler: no presets)
+const TIMED = new Set([...SAMPLERS, "WanSamplerMoE", "WanMultiGPUSamplerMoE"]); // the last run's timings (the two-expert sampler: no presets)
 const LINE_HEIGHT = 14;
 let currentRun = { promptId: null, records: new Map() };
 const lastRecords = new Map(); // node id -> its stage records from the run that last executed it

@@ -5,7 +5,7 @@ from .decode import WanSaveVideo, WanVAEDecode
 from .encode import WanImageEncode, WanTextEncode
 from .loaders import WanFP8Loader, WanLoraApply, WanModelLoader, WanOffloadConfig
 from .sample import WanMultiGPUSampler, WanSampler
-from .sample_moe import WanSamplerMoE
+from .sample_moe import WanMultiGPUSamplerMoE, WanSamplerMoE
 
 NODE_CLASS_MAPPINGS = {
     "WanModelLoader": WanModelLoader,
@@ -18,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "WanSamplerMoE": WanSamplerMoE,
     "WanCacheConfig": WanCacheConfig,
     "WanMultiGPUSampler": WanMultiGPUSampler,
+    "WanMultiGPUSamplerMoE": WanMultiGPUSamplerMoE,
     "WanVAEDecode": WanVAEDecode,
     "WanSaveVideo": WanSaveVideo,
 }
@@ -33,6 +34,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WanSamplerMoE": "Wan2.2 Sampler (two experts)",
     "WanCacheConfig": "Wan Feature Cache (Tea/Mag)",
     "WanMultiGPUSampler": "Wan Multi-GPU Sampler",
+    "WanMultiGPUSamplerMoE": "Wan2.2 Multi-GPU Sampler (two experts)",
     "WanVAEDecode": "Wan VAE Decode",
     "WanSaveVideo": "Wan Save Video (mp4)",
 }

@@ -274,14 +274,7 @@ class WanMultiGPUSampler:
     def INPUT_TYPES(cls):
         spec = sampler_inputs()
         spec["optional"]["cache"] = (WAN_CACHE, {"tooltip": "feature caching (base models): from WanCacheConfig"})
-        spec["required"].update(
-            {
-                "num_gpus": ("INT", {"default": 2, "min": 1, "max": 64}),
-                "ulysses_degree": ("INT", {"default": 2, "min": 1, "max": 64, "tooltip": "must divide the 40 heads"}),
-                "ring_degree": ("INT", {"default": 1, "min": 1, "max": 64}),
-                "cfg_parallel": ("BOOLEAN", {"default": False, "tooltip": "cond and uncond on two GPU groups"}),
-            }
-        )
+        spec["required"].update(parallel_inputs())
         return spec
 
     def sample(
@@ -309,36 +302,55 @@ class WanMultiGPUSampler:
         pos, neg = text_inputs(text_embeds, positive, negative, guidance)
         size, i2v = check_run(model, image_embeds, width, height, num_frames)
         run = settings(steps, guidance, shift, scheduler, seed, denoising_step_list, cache)
-        parallel = ParallelConfig(cfg=2 if cfg_parallel else 1, ulysses=ulysses_degree, ring=ring_degree)
-        if parallel.world_size != num_gpus:
-            raise ValueError(
-                f"num_gpus={num_gpus} but cfg ({parallel.cfg}) x ulysses ({ulysses_degree}) x ring ({ring_degree}) "
-                f"= {parallel.world_size}; make them agree"
-            )
-        proj = previews(model)
-        progress = compat.Progress(steps)
-        interrupted: list[BaseException] = []
+        return sample_on_workers(model, run, pos, neg, size, i2v, steps, num_gpus, ulysses_degree, ring_degree,
+                                 cfg_parallel)  # fmt: skip
 
-        def on_step(p):
+
+def parallel_inputs() -> dict:
+    """The worker group's widgets (both multi-GPU samplers)."""
+    return {
+        "num_gpus": ("INT", {"default": 2, "min": 1, "max": 64}),
+        "ulysses_degree": ("INT", {"default": 2, "min": 1, "max": 64, "tooltip": "must divide the 40 heads"}),
+        "ring_degree": ("INT", {"default": 1, "min": 1, "max": 64}),
+        "cfg_parallel": ("BOOLEAN", {"default": False, "tooltip": "cond and uncond on two GPU groups"}),
+    }
+
+
+def sample_on_workers(target, run: SamplerSettings, pos, neg, size, image, steps: int, num_gpus: int,
+                      ulysses_degree: int, ring_degree: int, cfg_parallel: bool) -> dict:  # fmt: skip
+    """One run on the multi-GPU worker group, with progress, previews and cancel: the multi-GPU
+    samplers' shared body. target: a model, or the two Wan2.2 experts (`expert_pair`)."""
+    model = getattr(target, "high", target)  # the (first) model: device, preview projection
+    parallel = ParallelConfig(cfg=2 if cfg_parallel else 1, ulysses=ulysses_degree, ring=ring_degree)
+    if parallel.world_size != num_gpus:
+        raise ValueError(
+            f"num_gpus={num_gpus} but cfg ({parallel.cfg}) x ulysses ({ulysses_degree}) x ring ({ring_degree}) "
+            f"= {parallel.world_size}; make them agree"
+        )
+    proj = previews(model)
+    progress = compat.Progress(steps)
+    interrupted: list[BaseException] = []
+
+    def on_step(p):
+        if interrupted:
+            return
+        image = compat.preview_payload(latent_to_rgb(p.x0, proj)) if proj is not None and p.x0 is not None else None
+        try:
+            progress.update(p.step + 1, image)  # raises on a cancel: remember it, stop the workers
+        except BaseException as e:
+            interrupted.append(e)
+
+    with stats.stage("multi-GPU sample", model.torch_device) as rec:
+        try:
+            result = run_sampler_on_workers(
+                target, run, pos, neg, size, parallel, image, on_step,
+                cancel=lambda: bool(interrupted) or compat.cancel_requested(), preview=proj is not None,
+            )  # fmt: skip
+        except RunCancelled:
             if interrupted:
-                return
-            image = compat.preview_payload(latent_to_rgb(p.x0, proj)) if proj is not None and p.x0 is not None else None
-            try:
-                progress.update(p.step + 1, image)  # raises on a cancel: remember it, stop the workers
-            except BaseException as e:
-                interrupted.append(e)
-
-        with stats.stage("multi-GPU sample", model.torch_device) as rec:
-            try:
-                result = run_sampler_on_workers(
-                    model, run, pos, neg, size, parallel, i2v, on_step,
-                    cancel=lambda: bool(interrupted) or compat.cancel_requested(), preview=proj is not None,
-                )  # fmt: skip
-            except RunCancelled:
-                if interrupted:
-                    raise interrupted[0] from None
-                compat.check_interrupted()
-                raise compat.Interrupted("run cancelled") from None
-        rec.update(steps=result.steps, seconds_per_step=round(rec["seconds"] / result.steps, 3), gpus=num_gpus)
-        rec.update(cache_fields(result.cache_report))
-        return {"ui": stats.ui(rec), "result": ({"samples": latent_to_raw(result.latent)},)}
+                raise interrupted[0] from None
+            compat.check_interrupted()
+            raise compat.Interrupted("run cancelled") from None
+    rec.update(steps=result.steps, seconds_per_step=round(rec["seconds"] / result.steps, 3), gpus=num_gpus)
+    rec.update(cache_fields(result.cache_report))
+    return {"ui": stats.ui(rec), "result": ({"samples": latent_to_raw(result.latent)},)}

@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from wan_core.api import SWITCH_MODES, ModelSpec, expert_pair
 
-from .sample import SCHEDULERS, check_run, sample_here, sampler_inputs, settings, text_inputs
+from .sample import (
+    SCHEDULERS,
+    check_run,
+    parallel_inputs,
+    sample_here,
+    sample_on_workers,
+    sampler_inputs,
+    settings,
+    text_inputs,
+)
 from .types import CATEGORY, DISTILL_STEP_LIST, LATENT, WAN_MODEL, ImageEmbeds, TextEmbeds
 
 
@@ -124,3 +133,30 @@ class WanSamplerMoE:
         size, image = check_run(pair.high, image_embeds, width, height, num_frames)
         run = settings(steps, cfg_high, shift, scheduler, seed, denoising_step_list)
         return sample_here(pair.high, pair, run, pos, neg, size, image, steps)
+
+
+class WanMultiGPUSamplerMoE(WanSamplerMoE):
+    """The two-expert sampler on the multi-GPU worker group (Ulysses / Ring sequence parallel, CFG
+    parallel): every worker leases both experts; each step runs on the expert the switch picks."""
+
+    DESCRIPTION = "Wan2.2 A14B two experts on several GPUs: num_gpus = (2 if cfg_parallel else 1) x ulysses x ring."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        spec = moe_inputs()
+        spec["required"].update(parallel_inputs())
+        return spec
+
+    def sample(self, high_noise_model: ModelSpec, low_noise_model: ModelSpec, text_embeds: TextEmbeds | None = None,
+               width: int = 832, height: int = 480, num_frames: int = 81, steps: int = 4, cfg_high: float = 1.0,
+               cfg_low: float = 1.0, shift: float = 5.0, scheduler: str = "distill", switch: str = "boundary",
+               boundary: float = 0.0, switch_step: int = 0, seed: int = 42,
+               denoising_step_list: str = DISTILL_STEP_LIST, num_gpus: int = 2, ulysses_degree: int = 2,
+               ring_degree: int = 1, cfg_parallel: bool = False, image_embeds: ImageEmbeds | None = None,
+               positive=None, negative=None):  # fmt: skip
+        pair = expert_pair(high_noise_model, low_noise_model, switch, boundary, switch_step, steps, cfg_high, cfg_low)
+        pos, neg = text_inputs(text_embeds, positive, negative, max(cfg_high, cfg_low))
+        size, image = check_run(pair.high, image_embeds, width, height, num_frames)
+        run = settings(steps, cfg_high, shift, scheduler, seed, denoising_step_list)
+        return sample_on_workers(pair, run, pos, neg, size, image, steps, num_gpus, ulysses_degree, ring_degree,
+                                 cfg_parallel)  # fmt: skip

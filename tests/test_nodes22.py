@@ -350,3 +350,20 @@ def test_decoding_with_the_wrong_vae_is_a_clear_error(models):
         N["WanVAEDecode"]().decode(five, {"samples": torch.zeros(1, 16, 2, 6, 8)})
     with pytest.raises(ValueError, match="tiled decoding is not available for the Wan2.2 VAE"):
         N["WanVAEDecode"]().decode(five, {"samples": torch.zeros(1, 48, 2, 2, 4)}, tile_size=8)
+
+
+def test_two_expert_multi_gpu_sampler_equals_the_one_process_sampler(models):
+    """The worker group (2 CPU processes, Ulysses 2, then CFG parallel) with both experts and their
+    LoRAs: each rank leases both, the switch and each expert's guidance travel with the request."""
+    from wan_core.layers.parallel.workers import shutdown_worker_groups
+
+    high, low = _experts("t2v")
+    text = _text(high)
+    try:
+        for cfg, extra in (((1.0, 1.0), dict(ulysses_degree=2)), ((4.0, 3.0), dict(ulysses_degree=1, cfg_parallel=True))):
+            ref, _ = _moe(high, low, text, cfg=cfg)
+            out = N["WanMultiGPUSamplerMoE"]().sample(high, low, text, W, H, F, 4, cfg[0], cfg[1], 5.0, "distill",
+                                                      "step", 0.0, 2, 7, "1000,750,500,250", num_gpus=2, **extra)  # fmt: skip
+            torch.testing.assert_close(out["result"][0]["samples"], ref, rtol=1e-5, atol=1e-5)
+    finally:
+        shutdown_worker_groups()
