@@ -83,7 +83,7 @@ class GenerationResult:
 
     frames: torch.Tensor  # [T, H, W, 3] float32 in [0, 1], on the CPU
     seed: int
-    latent: torch.Tensor | None = None  # [1, 16, F_lat, h, w] float32, when asked for
+    latent: torch.Tensor | None = None  # [1, 16 (TI2V-5B: 48), F_lat, h, w] float32, when asked for
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     step_times: list[float] = field(default_factory=list)  # seconds per denoising step
     peak_memory: int | None = None  # bytes of GPU memory at peak (None on the CPU)
@@ -102,11 +102,13 @@ class GenerationResult:
 
 
 class WanPipeline(LightX2VCalls):
-    """Wan2.1 T2V / I2V generation from a model folder or individual files.
+    """Wan2.1 / Wan2.2 T2V / I2V generation from a model folder or individual files.
 
     model_path: a Wan-AI, ComfyUI `models` or diffusers folder (see `wan_core.loading.discover`); any of
     dit_path / t5_path / tokenizer_path / vae_path / clip_path gives (or overrides) one file.
-    model_cls: 'wan2.1' or 'wan2.1_distill' (the latter defaults to the 4-step distill schedule).
+    model_cls: 'wan2.1' or 'wan2.1_distill' (the latter defaults to the 4-step distill schedule); Wan2.2
+    'wan2.2_moe' / 'wan2.2_moe_distill' (A14B, two experts: high_noise_path / low_noise_path) or
+    'wan2.2' (TI2V-5B), with their official defaults (`wan_core.wan22`).
     dtype / device / attention: 'auto' = bf16 on GPU (fp32 on CPU), CUDA if present, the best
     SDPA backend. `attention` given here is strict; backends named in a config JSON fall back
     to it with a warning when their package is missing.
@@ -420,7 +422,7 @@ class WanPipeline(LightX2VCalls):
         callback: Callable[[StepInfo], None] | None = None,
         predict: Callable | None = None,
     ) -> torch.Tensor:
-        """Denoise `noise` [1, 16, F, h, w] to the final latent with the configured schedule and guidance.
+        """Denoise `noise` [1, C, F, h, w] to the final latent with the configured schedule and guidance.
 
         predict: the guidance step `predict(model, x, t, cond, uncond, guidance)` of
         `wan_core.sampling.loop.sample`, used as given. None: the pipeline's own, i.e.
