@@ -29,7 +29,7 @@ log = logging.getLogger("wan_fast.tasks_api")
 DEFAULT_QUEUE_SIZE = 10  # LightX2V's ServerConfig.max_queue_size
 KEEP_TASKS = 1000  # finished tasks remembered (LightX2V keeps 1000 too)
 IMAGE_TASKS_REFUSED = (
-    "image tasks are not supported by this server: it runs Wan2.1 video models (text-to-video, "
+    "image tasks are not supported by this server: it runs Wan video models (text-to-video, "
     "image-to-video); send video tasks to /v1/tasks/video/ (an image_path makes it image-to-video)"
 )
 

@@ -7,8 +7,13 @@ name another one: an example name (`wan21_t2v_14b_distill_lora`) or the path of 
 JSON file (ComfyUI's "Export (API)"). The template is read on every request, so an edited file
 takes effect without a restart.
 
-Nodes are found by type, not id: one WanTextEncode, one sampler (WanSampler or WanMultiGPUSampler),
-one WanSaveVideo, and for I2V one LoadImage; every WanImageEncode gets the size and frame count.
+Nodes are found by type, not id: one WanTextEncode, one sampler (WanSampler, WanMultiGPUSampler or
+another `Wan*Sampler` with a `seed` input, e.g. a Wan2.2 two-expert sampler), one WanSaveVideo, and
+for I2V one LoadImage; every image encoder (`Wan*ImageEncode*`) gets the size and frame count.
+
+Which model serves the tasks is the template's choice, as LightX2V's server runs the `model_cls`
+it was started with: a Wan2.2 API workflow named in `WAN_TASKS_T2V_TEMPLATE` /
+`WAN_TASKS_I2V_TEMPLATE` makes the server a Wan2.2 one (the requests do not change).
 """
 
 from __future__ import annotations
@@ -64,6 +69,22 @@ def _one(graph: dict, what: str, *types: str) -> str:
     return found[0]
 
 
+def _is_sampler(node: dict) -> bool:
+    kind = node["class_type"]
+    return kind in SAMPLERS or (kind.startswith("Wan") and kind.endswith("Sampler") and "seed" in node.get("inputs", {}))
+
+
+def _sampler(graph: dict) -> str:
+    found = [nid for nid, n in graph.items() if _is_sampler(n)]
+    if len(found) != 1:
+        raise TemplateError(f"the template needs exactly one sampler ({' or '.join(SAMPLERS)} or another Wan*Sampler), it has {len(found)}")
+    return found[0]
+
+
+def _image_encoders(graph: dict) -> list[str]:
+    return [nid for nid, n in graph.items() if n["class_type"].startswith("Wan") and "ImageEncode" in n["class_type"]]
+
+
 def _step_count(step_list: str) -> int:
     return len([x for x in str(step_list).replace(";", ",").split(",") if x.strip()])
 
@@ -72,7 +93,11 @@ def _set_lora(graph: dict, sampler: str, name: str | None, strength: float | Non
     """Replace the template's single LoRA, or insert one in front of the sampler if it has none."""
     loras = _nodes(graph, LORA_NODE)
     if len(loras) > 1:
-        raise RequestError(400, f"the template chains {len(loras)} LoRAs; lora_name cannot say which one to replace")
+        raise RequestError(
+            400,
+            f"the template chains {len(loras)} LoRAs (a Wan2.2 two-expert template has one per expert); "
+            "lora_name / lora_strength cannot say which one to replace",
+        )
     if loras:
         inputs = graph[loras[0]]["inputs"]
         if name is not None:
@@ -104,9 +129,9 @@ def build_graph(template: dict, req: TaskRequest, save_prefix: str) -> tuple[dic
     """
     g = copy.deepcopy(template)
     encode = _one(g, "text encoder", "WanTextEncode")
-    sampler = _one(g, "sampler", *SAMPLERS)
+    sampler = _sampler(g)
     save = _one(g, "video output", "WanSaveVideo")
-    image_encoders = _nodes(g, "WanImageEncode")
+    image_encoders = _image_encoders(g)
     s = g[sampler]["inputs"]
 
     g[encode]["inputs"]["prompt"] = req.prompt
@@ -135,7 +160,7 @@ def build_graph(template: dict, req: TaskRequest, save_prefix: str) -> tuple[dic
     if req.image is not None:
         loader = _one(g, "image loader", "LoadImage")
         if not image_encoders:
-            raise TemplateError("the I2V template has no WanImageEncode node")
+            raise TemplateError("the I2V template has no image encoder node (WanImageEncode)")
         g[loader]["inputs"]["image"] = req.image.name
     g[save]["inputs"]["filename_prefix"] = save_prefix
     return g, save

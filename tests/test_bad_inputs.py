@@ -23,7 +23,7 @@ from PIL import Image
 
 from wan_core.cli import main
 from wan_core.inputs import check_run_size, estimate_run
-from wan_core.loading.tiny import write_tiny_model
+from wan_core.loading.tiny import COMFY_NAMES, write_tiny_model
 from wan_core.options import GenerationConfig
 from wan_core.video import VideoWriter, read_video
 
@@ -55,7 +55,7 @@ def _error_line(argv, capsys, rc=2) -> str:
     assert got == rc, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
-    assert "DiT:" not in err and "text encode:" not in err  # refused before any model loads
+    assert not any(ln.startswith(("DiT:", "text encode:")) for ln in err.splitlines())  # refused before any model loads
     return lines[0]
 
 
@@ -443,6 +443,98 @@ def test_test_extra_does_not_pin_triton():
         test_extra = tomllib.load(f)["project"]["optional-dependencies"]["test"]
     triton = [r for r in test_extra if r.startswith("triton")]
     assert triton and all("==" not in r.split(";")[0] and "<" not in r.split(";")[0] for r in triton), triton
+
+
+# ---------------------------------------------------------------------------------------------
+# 6b. Wan2.2 files and settings that do not make a run: one line, through WanPipeline and the CLI,
+# before any model is built (tiny Wan2.2 models: the conftest's tiny22)
+
+
+@pytest.fixture(scope="module")
+def wan21_i2v(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("wan21_i2v") / "i2v", "i2v", "comfyui", seed=3)
+
+
+def _comfy22(tiny22, task, expert):
+    name = "wan2.2_ti2v_5B_fp16" if task == "ti2v" else f"wan2.2_{task}_{expert}_noise_14B_fp16"
+    return os.path.join(tiny22(task, "comfyui"), "diffusion_models", f"{name}.safetensors")
+
+
+# (id, model folder, model_cls, task, paths given (WanPipeline keyword = CLI flag), config keys, message)
+WAN22_BAD = [
+    ("Wan2.1 I2V DiT as an expert", lambda t, w: t("i2v"), "wan2.2_moe", "i2v",
+     lambda t, w: {"high_noise_path": os.path.join(w, COMFY_NAMES["i2v"])}, {},
+     "is a Wan2.1 I2V DiT (it has the CLIP image branch: img_emb / k_img), but a Wan2.2 I2V run needs a Wan2.2 I2V-A14B expert"),
+    ("Wan2.2 expert as the Wan2.1 DiT", lambda t, w: w, "wan2.1", "i2v",
+     lambda t, w: {"dit_path": _comfy22(t, "i2v", "high")}, {},
+     "is a Wan2.2 I2V-A14B expert (in_dim 36, no CLIP image branch"),
+    ("TI2V-5B DiT as an expert", lambda t, w: t("t2v"), "wan2.2_moe_distill", "t2v",
+     lambda t, w: {"high_noise_path": _comfy22(t, "ti2v", None)}, {}, "is the Wan2.2 TI2V-5B DiT"),
+    ("experts swapped", lambda t, w: t("i2v", "comfyui"), "wan2.2_moe", "i2v",
+     lambda t, w: {"high_noise_path": _comfy22(t, "i2v", "low"), "low_noise_path": _comfy22(t, "i2v", "high")}, {},
+     "the experts are swapped"),
+    ("low-noise file as the high expert", lambda t, w: t("t2v"), "wan2.2_moe_distill", "t2v",
+     lambda t, w: {"high_noise_path": os.path.join(t("t2v"), "low_noise_model")}, {},
+     "the high-noise expert given is a low-noise file ('low_noise_model' in its path"),
+    ("TI2V-5B with the Wan2.1 VAE", lambda t, w: t("ti2v"), "wan2.2", "t2v",
+     lambda t, w: {"vae_path": os.path.join(t("t2v"), "Wan2.1_VAE.pth")}, {},
+     "is the Wan2.1 VAE (16 latent channels), but the Wan2.2 TI2V-5B DiT"),
+    ("unnamed LoRA entry", lambda t, w: t("t2v"), "wan2.2_moe_distill", "t2v", lambda t, w: {},
+     {"lora_configs": [{"path": "distill_lora.safetensors", "strength": 1.0}]},
+     'lora_configs[0] needs "name": "high_noise_model" or "low_noise_model"'),
+    ("boundary and boundary_step_index", lambda t, w: t("t2v"), "wan2.2_moe", "t2v", lambda t, w: {},
+     {"boundary": 0.875, "boundary_step_index": 2}, "give either boundary"),
+    ("feature caching with two experts", lambda t, w: t("t2v"), "wan2.2_moe", "t2v", lambda t, w: {},
+     {"feature_caching": "Tea"}, "feature caching (TeaCache / MagCache) is not available for the two-expert"),
+    ("TI2V size not a multiple of 32", lambda t, w: t("ti2v"), "wan2.2", "t2v", lambda t, w: {},
+     {"target_height": 48}, "TI2V-5B sizes are multiples of 32 (VAE 16 x patch 2), got 48x96"),
+    ("wan2.2 on a folder without a 5B", lambda t, w: t("t2v", "comfyui"), "wan2.2", "t2v", lambda t, w: {}, {},
+     "the Wan2.2 TI2V-5B DiT (diffusion model) not found; looked for"),
+    ("dit_path for two experts", lambda t, w: t("t2v"), "wan2.2_moe", "t2v",
+     lambda t, w: {"dit_path": os.path.join(t("t2v"), "high_noise_model")}, {},
+     "wan2.2_moe has two experts: give high_noise_path= and low_noise_path=, not dit_path="),
+    ("[high, low] scale for one model", lambda t, w: t("ti2v"), "wan2.2", "t2v", lambda t, w: {},
+     {"sample_guide_scale": [4.0, 3.0]}, "is a [high, low] pair, which only the two-expert Wan2.2 A14B models"),
+]  # fmt: skip
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Any model build fails the test: the error must come first."""
+    from wan_core.pipeline import WanPipeline
+
+    def load(self):
+        raise AssertionError("a model was built before the error")
+
+    monkeypatch.setattr(WanPipeline, "load", load)
+
+
+def _wan22_size(model_cls):
+    return {"target_video_length": 5, **({"target_height": 64, "target_width": 96} if model_cls == "wan2.2" else
+                                          {"target_height": 32, "target_width": 48})}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", WAN22_BAD, ids=[c[0] for c in WAN22_BAD])
+def test_wan22_mistakes_are_one_line_before_any_model(case, tiny22, wan21_i2v, tmp_path, capsys, nothing_loads):
+    from wan_core.pipeline import WanPipeline
+
+    _, folder, model_cls, task, paths, config, message = case
+    folder, paths = folder(tiny22, wan21_i2v), paths(tiny22, wan21_i2v)
+    run = {**_wan22_size(model_cls), **config}
+    with pytest.raises((ValueError, OSError)) as e:
+        WanPipeline(folder, model_cls, task, dtype="fp32", device="cpu", **paths).create_generator(**run)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    cfg = tmp_path / "wan22.json"
+    cfg.write_text(json.dumps(run))
+    argv = ["--model_cls", model_cls, "--task", task, "--model_path", folder, "--config_json", str(cfg),
+            "--device", "cpu", "--save_result_path", str(tmp_path / "x.mp4")]  # fmt: skip
+    if task == "i2v":
+        argv += ["--image_path", _image(tmp_path / "start.png")]
+    for flag, value in paths.items():
+        argv += [f"--{flag}", value]
+    line = _error_line(argv, capsys)
+    assert message in line, line
+    assert not (tmp_path / "x.mp4").exists() and _leftovers(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,6 +101,75 @@ def test_demo_and_tiny_model_subcommands(tmp_path, capsys):
     assert main([]) == 0 and "tiny-model" in capsys.readouterr().out
 
 
+def test_wan22_a14b_distill_command_writes_the_video(tiny22, tmp_path):
+    """`python -m wan_core --model_cls wan2.2_moe_distill --task t2v --model_path <A14B folder>` in a fresh
+    interpreter: both experts load, the video is written, and its latent is the Python door's."""
+    import torch
+
+    from wan_core.pipeline import WanPipeline
+
+    out, latent = tmp_path / "a14b.mp4", tmp_path / "a14b.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "wan_core", "--model_cls", "wan2.2_moe_distill", "--task", "t2v", "--model_path",
+         tiny22("t2v"), "--prompt", "a fox", "--seed", "3", "--num_frames", "5", "--target_shape", "32", "48",
+         "--device", "cpu", "--save_result_path", str(out), "--save_latent", str(latent)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for line in ("high-noise expert:", "low-noise expert:", "step 4/4", "save:"):
+        assert line in proc.stderr, line
+    frames, fps = read_video(out)
+    assert frames.shape == (5, 32, 48, 3) and fps == 16 and frames.float().std() > 5
+    pipe = WanPipeline(tiny22("t2v"), "wan2.2_moe_distill", "t2v", device="cpu")
+    pipe.create_generator(target_video_length=5, target_height=32, target_width=48)
+    assert torch.equal(torch.load(latent), pipe.generate(3, "a fox", return_latent=True).latent)
+
+
+def test_wan22_expert_files_as_flags_and_ti2v(tiny22, tmp_path, capsys):
+    """--high_noise_path / --low_noise_path (ComfyUI's files) beside a model folder give the folder's
+    run; TI2V-5B writes t2v and i2v videos at its 24 fps, i2v keeping the image's aspect."""
+    import torch
+
+    run = ["--prompt", "a fox", "--seed", "3", "--device", "cpu", "--dtype", "fp32"]
+    size = ["--num_frames", "5", "--target_shape", "32", "48"]
+    latents = []
+    for name, files in (("folder", []), ("flags", ["--high_noise_path", "high", "--low_noise_path", "low"])):
+        files = [os.path.join(tiny22("t2v", "comfyui"), "diffusion_models", f"wan2.2_t2v_{f}_noise_14B_fp16.safetensors")
+                 if f in ("high", "low") else f for f in files]  # fmt: skip
+        rc = main(["--model_cls", "wan2.2_moe_distill", "--model_path", tiny22("t2v"), *files, *run, *size,
+                   "--save_result_path", str(tmp_path / f"{name}.mp4"), "--save_latent", str(tmp_path / f"{name}.pt")])  # fmt: skip
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        assert "high-noise expert:" in err and "low-noise expert:" in err
+        latents.append(torch.load(tmp_path / f"{name}.pt"))
+    assert ((latents[1] - latents[0]).norm() / latents[0].norm()).item() <= 1e-6  # the same values, other files
+    for task, extra, shape in (("t2v", [], (5, 64, 96, 3)), ("i2v", ["--image_path", _image(tmp_path, 40, 72)], (5, 64, 96, 3))):
+        out = tmp_path / f"ti2v_{task}.mp4"
+        rc = main(["--model_cls", "wan2.2", "--task", task, "--model_path", tiny22("ti2v", "comfyui"), *run, *extra,
+                   "--num_frames", "5", "--target_shape", "64", "96", "--save_result_path", str(out)])  # fmt: skip
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        assert "DiT:" in err and "low-noise expert" not in err
+        frames, fps = read_video(out)
+        assert frames.shape == shape and fps == 24, (frames.shape, fps)
+
+
+def test_demo_runs_wan22(tmp_path, capsys):
+    """`demo --family wan2.2` (the two A14B experts, 4 steps) and `demo --task ti2v` (TI2V-5B with the demo image)."""
+    for args, shape in ((["--family", "wan2.2"], (5, 32, 64, 3)), (["--family", "wan2.2", "--task", "i2v"], None),
+                        (["--task", "ti2v"], (5, 32, 64, 3))):  # fmt: skip
+        out = tmp_path / "demo.mp4"
+        assert main(["demo", *args, "--frames", "5", "--height", "32", "--width", "64", "--save_result_path", str(out),
+                     "--cache_dir", str(tmp_path / "cache")]) == 0  # fmt: skip
+        captured = capsys.readouterr()
+        assert "tiny random-weight wan2.2 model" in captured.out and "saved" in captured.out
+        if "ti2v" not in args:
+            assert "high-noise expert:" in captured.err and "low-noise expert:" in captured.err
+        frames, _ = read_video(out)
+        assert frames.shape[0] == 5 and (shape is None or frames.shape == shape), frames.shape
+    assert sorted(os.listdir(tmp_path / "cache")) == ["tiny-wan2.2-i2v-wan-v1", "tiny-wan2.2-t2v-wan-v1", "tiny-wan2.2-ti2v-wan-v1"]
+
+
 def _run_error(argv, capsys) -> str:
     rc = main(argv)
     err = capsys.readouterr().err
@@ -148,8 +217,10 @@ def test_bad_inputs_get_clear_errors(tiny, tmp_path, capsys):
     assert "input image not found" in err and "missing.jpg" in err
     err = _run_error(t2v + ["--config_json", str(tmp_path / "nope.json")], capsys)
     assert "config JSON not found" in err
-    err = _run_error(t2v + ["--model_cls", "wan2.2_moe"], capsys)
-    assert "not supported" in err
+    err = _run_error(t2v + ["--model_cls", "wan2.3"], capsys)
+    assert "model_cls 'wan2.3' is not supported" in err and "wan2.2_moe" in err
+    err = _run_error(t2v + ["--model_cls", "wan2.2_moe"], capsys)  # a Wan2.1 folder has no experts
+    assert "the Wan2.2 T2V-A14B high-noise expert not found" in err and "--high_noise_path" not in err
     err = _run_error(t2v + ["--config_json", _config(tmp_path), "--video_preset", "quick"], capsys)
     assert "x264 preset must be one of" in err and "'quick'" in err and "text encode:" not in err  # before any work
     err = _run_error(t2v + ["--config_json", _config(tmp_path, video_crf=70)], capsys)

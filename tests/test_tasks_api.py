@@ -23,7 +23,7 @@ from PIL import Image
 from tasks_api.request import RANDOM_SEED_MAX, RequestError, parse_request
 from tasks_api.service import IMAGE_TASKS_REFUSED, TaskService
 from tasks_api.status import observe
-from tasks_api.workflow import API_DIR, TemplateError, build_graph, load_template, template_path
+from tasks_api.workflow import API_DIR, TEMPLATE_ENV, TemplateError, build_graph, load_template, template_path
 from tests.comfyui_helpers import REPO
 
 # the body LightX2V's scripts/server/post.py sends
@@ -407,6 +407,77 @@ def test_templates_from_env_and_their_errors(comfy, monkeypatch, tmp_path):
     Image.new("RGB", (8, 8)).save(os.path.join(comfy.inp, "a.png"))
     with pytest.raises(TemplateError, match="exactly one image loader"):
         build_graph(api, parse(comfy, {"image_path": "a.png"}), "p")  # a T2V graph as I2V template
+
+
+# ---------------------------------------------------------------------------------------------
+# Wan2.2: the server runs the model its template names (LightX2V's server: the model_cls it was started with)
+
+
+def _two_expert_template() -> dict:
+    """The distill LoRA T2V template turned into the shape of a Wan2.2 A14B one: two loaders, a LoRA
+    each, one sampler taking both models. Its class name stands for whichever `Wan*Sampler` the
+    ComfyUI nodes give the two experts; the task API must not depend on the name."""
+    g = json.load(open(os.path.join(API_DIR, "wan21_t2v_14b_base.json"), encoding="utf-8"))  # one loader
+    loader = next(k for k, n in g.items() if n["class_type"] == "WanModelLoader")
+    sampler = next(k for k, n in g.items() if n["class_type"] == "WanSampler")
+    g["1h"] = copy.deepcopy(g[loader])
+    g["1l"] = copy.deepcopy(g[loader])
+    for e in ("h", "l"):
+        g[f"2{e}"] = {"class_type": "WanLoraApply", "inputs": {"model": [f"1{e}", 0], "lora": LORA, "strength": 1.0}}
+    s = g[sampler]
+    s["class_type"] = "WanTwoExpertSampler"
+    s["inputs"] = {**{k: v for k, v in s["inputs"].items() if k != "model"}, "model_high": ["2h", 0],
+                   "model_low": ["2l", 0], "switch": "step", "switch_value": 2}  # fmt: skip
+    return g
+
+
+def test_a_two_expert_template_serves_tasks(comfy, service, tmp_path, monkeypatch):
+    mine = tmp_path / "wan22_t2v.json"
+    mine.write_text(json.dumps(_two_expert_template()))
+    monkeypatch.setenv("WAN_TASKS_T2V_TEMPLATE", str(mine))
+    req = parse(comfy, {**POST_PY_BODY, "infer_steps": 6, "target_video_length": 33, "target_shape": [480, 832]})
+    graph, _ = build_graph(load_template("t2v")[1], req, "p")
+    (smp,) = by_type(graph, "WanTwoExpertSampler")
+    assert (smp["seed"], smp["steps"], smp["num_frames"], smp["height"], smp["width"]) == (42, 6, 33, 480, 832)
+    assert (smp["model_high"], smp["model_low"], smp["switch_value"]) == (["2h", 0], ["2l", 0], 2)  # untouched
+    with pytest.raises(RequestError, match="one per expert") as e:  # which expert's LoRA? not guessed
+        build_graph(load_template("t2v")[1], parse(comfy, {"prompt": "x", "lora_name": "other.safetensors"}), "p")
+    assert e.value.status == 400
+    tid = submit(service, POST_PY_BODY)["task_id"]
+    comfy.start()
+    assert by_type(comfy.running[1], "WanTwoExpertSampler")[0]["seed"] == 42
+    comfy.finish()
+    assert service.status(tid)["status"] == "completed"
+    assert files_under(comfy.out) == {"cat_boxing_seed42.mp4"}
+    two = _two_expert_template()
+    two["99"] = copy.deepcopy(two[next(k for k, n in two.items() if n["class_type"] == "WanTwoExpertSampler")])
+    with pytest.raises(TemplateError, match="exactly one sampler"):
+        build_graph(two, req, "p")
+
+
+WAN22_EXAMPLES = sorted(f for f in os.listdir(API_DIR) if f.startswith("wan22"))
+
+
+@pytest.mark.skipif(not WAN22_EXAMPLES, reason="no Wan2.2 API example workflows in example_workflows/api yet")
+@pytest.mark.parametrize("name", WAN22_EXAMPLES)
+def test_wan22_example_workflows_serve_tasks(comfy, service, monkeypatch, name):
+    """Each Wan2.2 example (API format) as the server's template: a LightX2V request reaches its nodes
+    and the task completes with its file where asked."""
+    graph = json.load(open(os.path.join(API_DIR, name), encoding="utf-8"))
+    task = "i2v" if by_type(graph, "LoadImage") else "t2v"
+    monkeypatch.setenv(TEMPLATE_ENV[task], name)
+    body = {**POST_PY_BODY, "seed": 7, "target_video_length": 33}
+    if task == "i2v":
+        Image.new("RGB", (40, 24)).save(os.path.join(comfy.inp, "cat.png"))
+        body["image_path"] = "cat.png"
+    tid = submit(service, body)["task_id"]
+    comfy.start()
+    queued = comfy.running[1]
+    (sampler,) = [n["inputs"] for n in queued.values() if n["class_type"].startswith("Wan") and n["class_type"].endswith("Sampler")]
+    assert sampler["seed"] == 7 and sampler["num_frames"] == 33
+    assert by_type(queued, "WanTextEncode")[0]["prompt"] == POST_PY_BODY["prompt"]
+    comfy.finish()
+    assert service.status(tid)["status"] == "completed" and "cat_boxing_seed42.mp4" in files_under(comfy.out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -404,7 +404,7 @@ def test_missing_expert_is_named(models, tmp_path):
     shutil.rmtree(root / "low_noise_model")
     with pytest.raises(
         FileNotFoundError,
-        match=r"the Wan2.2 T2V-A14B low-noise expert not found; looked for .*low_noise_model; pass low=",
+        match=r"the Wan2.2 T2V-A14B low-noise expert not found; looked for .*low_noise_model; pass low_noise_path=",
     ):
         find_model_files(str(root), "t2v", family="wan2.2")
     comfy = tmp_path / "c"
@@ -438,7 +438,7 @@ def test_mixed_comfyui_folder(models, wan21, tmp_path):
     assert (f.dit, f.vae) == (str(root / COMFY22_NAMES[("ti2v", "dense")]), str(root / COMFY22_NAMES["vae22"]))
     assert find_model_files(str(root), "t2v", family="wan2.2", high=str(fp8)).dit_high == str(fp8)  # explicit wins
     shutil.copy(high, high.with_name("wan2.2_t2v_high_noise_14B_bf16.safetensors"))
-    with pytest.raises(FileNotFoundError, match="several high-noise T2V expert files .*choose one with high="):
+    with pytest.raises(FileNotFoundError, match="several high-noise T2V expert files .*choose one with high_noise_path="):
         find_model_files(str(root), "t2v", family="wan2.2")
 
 

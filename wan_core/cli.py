@@ -244,9 +244,22 @@ def _demo_image(path: str) -> str:
     return path
 
 
+# demo: (family, task) -> (tiny model task, model_cls, pipeline task)
+_DEMO_MODELS = {
+    ("wan2.1", "t2v"): ("t2v", "wan2.1_distill", "t2v"),
+    ("wan2.1", "i2v"): ("i2v", "wan2.1_distill", "i2v"),
+    ("wan2.2", "t2v"): ("t2v", "wan2.2_moe_distill", "t2v"),  # A14B: two experts, step split 2 of 4
+    ("wan2.2", "i2v"): ("i2v", "wan2.2_moe_distill", "i2v"),
+    ("wan2.2", "ti2v"): ("ti2v", "wan2.2", "i2v"),  # TI2V-5B with the demo image as frame 0
+}
+
+
 @subcommand("demo", "Generate a short video with a tiny random model on the CPU (no downloads)")
 def _demo_setup(p: argparse.ArgumentParser):
-    p.add_argument("--task", default="t2v", choices=["t2v", "i2v"])
+    p.add_argument("--task", default="t2v", choices=["t2v", "i2v", "ti2v"],
+                   help="ti2v: Wan2.2 TI2V-5B (text + the demo image; implies --family wan2.2)")  # fmt: skip
+    p.add_argument("--family", default="wan2.1", choices=["wan2.1", "wan2.2"],
+                   help="wan2.2: the two-expert A14B model (t2v, i2v) at 4 steps, or TI2V-5B (ti2v)")  # fmt: skip
     p.add_argument("--prompt", default="a red fox running through a snowy forest, cinematic")
     p.add_argument("--save_result_path", default="wan_core_demo.mp4")
     p.add_argument("--frames", type=int, default=17)
@@ -260,14 +273,17 @@ def _demo_setup(p: argparse.ArgumentParser):
         from .loading.tiny import tiny_model_dir
         from .pipeline import WanPipeline
 
-        model = tiny_model_dir(args.task, root=args.cache_dir)
-        print(f"tiny random-weight model: {model}  (the video shows noise patterns: the weights are random)")
-        pipe = WanPipeline(model, "wan2.1_distill", args.task, device=args.device, dtype="fp32")
+        family = "wan2.2" if args.task == "ti2v" else args.family
+        tiny_task, model_cls, task = _DEMO_MODELS[family, args.task]
+        model = tiny_model_dir(tiny_task, root=args.cache_dir, family=family)
+        print(f"tiny random-weight {family} model: {model}  (the video shows noise patterns: the weights are random)")
+        pipe = WanPipeline(model, model_cls, task, device=args.device, dtype="fp32")
+        steps = {} if model_cls == "wan2.2" else dict(denoising_step_list=[1000, 750, 500, 250])
         pipe.create_generator(
             target_video_length=args.frames, target_height=args.height, target_width=args.width,
-            sample_shift=5.0, enable_cfg=False, infer_steps=4,
+            sample_shift=5.0, enable_cfg=False, infer_steps=4, **steps,
         )  # fmt: skip
-        image = _demo_image(os.path.join(model, "demo_image.png")) if args.task == "i2v" else None
+        image = _demo_image(os.path.join(model, "demo_image.png")) if task == "i2v" else None
         result = pipe.generate(args.seed, args.prompt, image_path=image, save_result_path=args.save_result_path, progress=True)
         print(f"saved {result.path}: {result.summary()}")
         return 0

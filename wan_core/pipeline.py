@@ -84,7 +84,7 @@ class GenerationResult:
 
     frames: torch.Tensor  # [T, H, W, 3] float32 in [0, 1], on the CPU
     seed: int
-    latent: torch.Tensor | None = None  # [1, 16, F_lat, h, w] float32, when asked for
+    latent: torch.Tensor | None = None  # [1, 16 (TI2V-5B: 48), F_lat, h, w] float32, when asked for
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     step_times: list[float] = field(default_factory=list)  # seconds per denoising step
     peak_memory: int | None = None  # bytes of GPU memory at peak (None on the CPU)
@@ -103,11 +103,13 @@ class GenerationResult:
 
 
 class WanPipeline(LightX2VCalls):
-    """Wan2.1 T2V / I2V generation from a model folder or individual files.
+    """Wan2.1 / Wan2.2 T2V / I2V generation from a model folder or individual files.
 
     model_path: a Wan-AI, ComfyUI `models` or diffusers folder (see `wan_core.loading.discover`); any of
     dit_path / t5_path / tokenizer_path / vae_path / clip_path gives (or overrides) one file.
-    model_cls: 'wan2.1' or 'wan2.1_distill' (the latter defaults to the 4-step distill schedule).
+    model_cls: 'wan2.1' or 'wan2.1_distill' (the latter defaults to the 4-step distill schedule); Wan2.2
+    'wan2.2_moe' / 'wan2.2_moe_distill' (A14B, two experts: high_noise_path / low_noise_path) or
+    'wan2.2' (TI2V-5B), with their official defaults (`wan_core.wan22`).
     dtype / device / attention: 'auto' = bf16 on GPU (fp32 on CPU), CUDA if present, the best
     SDPA backend. `attention` given here is strict; backends named in a config JSON fall back
     to it with a warning when their package is missing.
@@ -155,16 +157,6 @@ class WanPipeline(LightX2VCalls):
         self.parallel_run = None  # wan_core.layers.parallel.DistributedRun of a multi-process run
         self._owns_group = False  # this pipeline initialised the process group (close() leaves it)
 
-    def switch_lora(self, lora_path: str, strength: float = 1.0) -> WanPipeline:
-        """Replace the LoRAs by one ('' removes them all); the base DiT is not read again."""
-        spec = self._need_spec()
-        loras = ((self._find_file(lora_path, ("loras",), "lora_path"), float(strength)),) if lora_path else ()
-        self.spec = spec.replace(loras=loras)
-        self.config.lora_configs = [{"path": p, "strength": s} for p, s in loras]
-        with lease(self.spec) as dit:  # the LoRA files parsed and applied now: a bad file fails here
-            self.dit = dit
-        return self
-
     # ------------------------------------------------------------------ setup
     def _candidates(self, value: str, subfolders: tuple[str, ...] = ()) -> list[str]:
         out = [value]
@@ -192,12 +184,20 @@ class WanPipeline(LightX2VCalls):
         """Read the settings (a LightX2V config JSON, then keyword overrides) and build the models."""
         defaults = model_defaults(self.model_cls, self.task)  # Wan2.2's official settings; given keys win
         given = read_json(config_json) if config_json else {}
+        user = {**given, **self._enabled, **params}
+        if user.get("boundary") is not None and "boundary_step_index" not in user:
+            defaults.pop("boundary_step_index", None)  # a boundary given replaces the default step split
         cfg = GenerationConfig.from_dict({**defaults, **given}, source=config_json or "model defaults")
         if self.model_cls == "wan2.1_distill" and cfg.denoising_step_list is None and "denoising_step_list" not in params:
             cfg.denoising_step_list = list(DISTILL_STEPS)
         if self._enabled or params:
             cfg = cfg.updated({**self._enabled, **params}, source="create_generator")
         cfg.check(self.task)
+        if not self.moe and isinstance(cfg.sample_guide_scale, list):
+            raise ValueError(
+                f"sample_guide_scale {cfg.sample_guide_scale} is a [high, low] pair, which only the two-expert Wan2.2 "
+                f"A14B models (wan2.2_moe, wan2.2_moe_distill) take; {self.model_cls} takes one number"
+            )
         files, dit_low, loras, loras_low = self._find_files(cfg)
         # a DiT given as one file (dit_original_ckpt, dit_quantized_ckpt): the architecture is model_path's, as in LightX2V
         arch = arch_config(self.model_path, files.dit, "high" if self.moe else None)
@@ -427,7 +427,7 @@ class WanPipeline(LightX2VCalls):
         callback: Callable[[StepInfo], None] | None = None,
         predict: Callable | None = None,
     ) -> torch.Tensor:
-        """Denoise `noise` [1, 16, F, h, w] to the final latent with the configured schedule and guidance.
+        """Denoise `noise` [1, C, F, h, w] to the final latent with the configured schedule and guidance.
 
         predict: the guidance step `predict(model, x, t, cond, uncond, guidance)` of
         `wan_core.sampling.loop.sample`, used as given. None: the pipeline's own, i.e.

@@ -1,16 +1,71 @@
 """LightX2V's `enable_*` calls of `WanPipeline`: each records config keys for the next
-`create_generator` (keywords given there win), so a LightX2V script runs unchanged."""
+`create_generator` (keywords given there win), so a LightX2V script runs unchanged; and its
+`switch_lora` after it (one model, or each Wan2.2 A14B expert its own, as LightX2V's
+`Wan22MoeDistillRunner.switch_lora(high_lora_path, high_lora_strength, low_lora_path, low_lora_strength)`)."""
 
 from __future__ import annotations
+
+from .model_cache import lease
+from .wan22 import EXPERT_NAMES
 
 __all__ = ["LightX2VCalls"]
 
 
 class LightX2VCalls:
     """The `enable_lora` / `enable_quantize` / `enable_cache` / `enable_offload` / `enable_parallel`
-    calls, writing into `self._enabled` (a dict the pipeline's `create_generator` reads)."""
+    calls, writing into `self._enabled` (a dict the pipeline's `create_generator` reads), and
+    `switch_lora` on the built pipeline."""
 
     _enabled: dict
+
+    def switch_lora(
+        self,
+        lora_path: str | None = None,
+        strength: float = 1.0,
+        low_lora_path: str | None = None,
+        low_lora_strength: float = 1.0,
+        *,
+        high_lora_path: str | None = None,
+        high_lora_strength: float | None = None,
+    ) -> LightX2VCalls:
+        """Replace LoRAs after `create_generator`; the base weights are not read again.
+
+        One model: `switch_lora(path, strength)`, '' removes the LoRAs. Two experts (Wan2.2 A14B):
+        LightX2V's order, `switch_lora(high_lora_path, high_lora_strength, low_lora_path,
+        low_lora_strength)` (keywords `high_lora_path=` / `high_lora_strength=` also work); each
+        expert's LoRA is replaced by its own path, '' removes it, None leaves it as it is."""
+        if high_lora_path is not None:
+            if lora_path is not None:
+                raise ValueError("give the high-noise LoRA once: lora_path or high_lora_path, not both")
+            lora_path = high_lora_path
+        strength = strength if high_lora_strength is None else high_lora_strength
+        spec = self._need_spec()
+        if self.spec_low is None:
+            if low_lora_path is not None:
+                raise ValueError(f"low_lora_path is for the two-expert Wan2.2 A14B models, not {self.model_cls}")
+            if lora_path is None:
+                raise ValueError("switch_lora needs a lora_path ('' removes the LoRAs)")
+        elif lora_path is None and low_lora_path is None:
+            raise ValueError("switch_lora needs high_lora_path and/or low_lora_path ('' removes that expert's LoRA)")
+
+        def loras(path, st, current, what):
+            if path is None:
+                return current
+            return ((self._find_file(path, ("loras",), what), float(st)),) if path else ()
+
+        self.spec = spec.replace(loras=loras(lora_path, strength, spec.loras, "high_lora_path" if self.spec_low else "lora_path"))
+        if self.spec_low is not None:
+            self.spec_low = self.spec_low.replace(loras=loras(low_lora_path, low_lora_strength, self.spec_low.loras, "low_lora_path"))
+        named = [("high", self.spec), ("low", self.spec_low)] if self.spec_low is not None else [(None, self.spec)]
+        self.config.lora_configs = [
+            {**({"name": EXPERT_NAMES[e]} if e else {}), "path": p, "strength": st} for e, s in named for p, st in s.loras
+        ]
+        with lease(self.spec) as dit:  # the LoRA files parsed and applied now: a bad file fails here
+            self.dit = dit
+        if self.spec_low is not None:
+            with lease(self.spec_low) as dit:
+                self.dit_low = dit
+        return self
 
     def enable_lora(self, lora_configs: list[dict], lora_dynamic_apply: bool = False) -> LightX2VCalls:
         """LoRAs for the next `create_generator` ([{"path", "strength"}]; dynamic: low-rank branches, not merged)."""

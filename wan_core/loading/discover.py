@@ -126,7 +126,7 @@ def _pick_comfy22(folder: str, task: str, wanted: list[str]) -> dict[str, str | 
         "high": f"high-noise {task.upper()} expert",
         "low": f"low-noise {task.upper()} expert",
     }
-    arg = {"dit": "dit_path", "high": "high", "low": "low"}
+    arg = {"dit": "dit_path", "high": "high_noise_path", "low": "low_noise_path"}
     return {w: _one(folder, [x.path for x in found if w == "dit" or x.role == w], label[w], arg[w]) for w in wanted}
 
 
@@ -261,16 +261,16 @@ def find_model_files(
         return found
 
     vae_label = ("the Wan2.2 VAE" if task == "ti2v" else "the Wan2.1 VAE (Wan2.2 A14B uses it)") if wan22 else "the VAE"
-    files = ModelFiles(
+    files = ModelFiles(  # the diffusion model(s) first: a folder of another model is named by what it lacks most
         dit=None if experts else find("dit", dit, True, f"the {name} DiT (diffusion model)"),
+        dit_high=find("dit_high", high, True, f"the {name} high-noise expert", "high_noise_path") if experts else None,
+        dit_low=find("dit_low", low, True, f"the {name} low-noise expert", "low_noise_path") if experts else None,
         t5=find("t5", t5, True, "the T5 text encoder"),
         tokenizer=find("tokenizer", tokenizer, False, "the T5 tokenizer"),
         vae=find("vae", vae, True, vae_label),
         clip=None if wan22 else find("clip", clip, task == "i2v", "the CLIP image encoder (needed for i2v)"),
         layout=layout,
         family=family,
-        dit_high=find("dit_high", high, True, f"the {name} high-noise expert", "high") if experts else None,
-        dit_low=find("dit_low", low, True, f"the {name} low-noise expert", "low") if experts else None,
     )
     if check:
         check_model_files(files, task)

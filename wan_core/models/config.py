@@ -163,6 +163,10 @@ def config_from_json(cfg: dict[str, Any], shapes: dict[str, Any] | None = None, 
     import warnings
 
     cfg = {_DIFFUSERS_CONFIG_KEYS.get(k, k): v for k, v in cfg.items()}
+    if cfg.get("qk_norm") == "rms_norm_across_heads":  # diffusers names the norm Wan has (over the width)
+        cfg["qk_norm"] = True
+    elif "qk_norm" in cfg and cfg["qk_norm"] is None:  # diffusers: no q/k norm
+        cfg["qk_norm"] = False
     given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in _JSON_FIELDS}
     if "model_type" in given and given["model_type"] not in MODEL_TYPES:
         given.pop("model_type")  # flf2v / vace are not supported; shapes decide the task
