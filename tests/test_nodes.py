@@ -22,7 +22,8 @@ CUSTOM_TYPES = {types.WAN_MODEL, types.WAN_TEXT_EMBEDS, types.WAN_IMAGE_EMBEDS, 
 COMFY_TYPES = {"IMAGE", "LATENT", "MASK", "CONDITIONING"}
 EXPECTED_NODES = {
     "WanModelLoader", "WanFP8Loader", "WanLoraApply", "WanOffloadConfig", "WanTextEncode", "WanImageEncode",
-    "WanSampler", "WanSamplerMoE", "WanCacheConfig", "WanMultiGPUSampler", "WanVAEDecode", "WanSaveVideo",
+    "WanSampler", "WanSamplerMoE", "WanCacheConfig", "WanMultiGPUSampler", "WanMultiGPUSamplerMoE", "WanVAEDecode",
+    "WanSaveVideo",
 }  # fmt: skip
 
 
