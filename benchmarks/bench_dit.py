@@ -7,7 +7,9 @@ ours (its parameter names are the official ones), so the output similarity is ch
   python benchmarks/bench_dit.py [--res 480p,720p] [--peers comfy,diffusers] [--ours sdpa_cudnn,sdpa_flash]
                                  [--compile --compiled bf16,fp8,fast,fast-exact[,bf16+nofuse,...]]
 
-"fast" is fast mode: FP8 block linears and the 8-bit Triton self-attention, compiled. Compiled
+"fast" is fast mode: FP8 block linears and the 8-bit Triton self-attention, compiled
+("fast@radial_attn": Radial Attention's mask run by the block-sparse 8-bit kernel, as the model
+cache gives an FP8 DiT; "fast@radial_attn+sparse16": by the bf16 sparse kernel). Compiled
 variants use the "fused" block ops (single-pass norm/modulate/quantise ops, what a CUDA build
 chooses); a "+nofuse" suffix times the "torch" block ops, their float32 work left to inductor.
 
@@ -166,14 +168,22 @@ def main():
         # linears + the 8-bit Triton self-attention; "-exact": the FP8 GEMMs without fast
         # accumulation (scaled_mm; what "fp8"/"fast" meant before 2026-11-26's second session;
         # "fast-accum" is an old name of "fast"); "@name" picks the self-attention backend (e.g.
-        # "bf16@flash_attn3", "fast@fa3_fp8"); a "+mk" suffix
-        # compiles with inductor's multi-kernel option
+        # "bf16@flash_attn3", "fast@fa3_fp8"; "fast@radial_attn": the block-sparse 8-bit kernel, with
+        # "+sparse16" the bf16 sparse kernel); a "+mk" suffix compiles with inductor's multi-kernel option
         try:
             torch._dynamo.reset()
             m = build_model(cfg, sd, dtype=torch.bfloat16, device="cuda")
             base, *flags = variant.split("+")
             base, _, attn = base.partition("@")  # "bf16@flash_attn3", "fast@fa3_fp8": another self-attention
-            m.set_attention(attn or ("sage_triton" if base.startswith("fast") else "sdpa_cudnn"))
+            radial = None
+            if attn and "radial" in attn:  # "fast@radial_attn": the 8-bit sparse kernel, as fast mode's model
+                # cache chooses for an FP8 DiT; "+sparse16": the bf16 sparse kernel instead
+                from wan_core.kernels.radial_attention import RadialOptions
+
+                fast = base.startswith("fast") and "sparse16" not in flags
+                radial = RadialOptions(kernel="fp8" if fast else "bf16")
+                RESULTS[f"radial_{variant}"] = {"kernel": radial.kernel}
+            m.set_attention(attn or ("sage_triton" if base.startswith("fast") else "sdpa_cudnn"), radial=radial)
             mk = 2 if "mk2" in flags else 1 if "mk" in flags else 0
             if base != "bf16":
                 from wan_core.layers.fp8 import quantize_model

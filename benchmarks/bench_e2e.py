@@ -72,7 +72,8 @@ def random_t5(device: str):
 
 def random_dit(variant: str):
     """bf16, fp8 (FP8 linears) or fast (FP8 linears + 8-bit Triton self-attention); compiled.
-    "@name" picks the self-attention backend ("fast@fa3_fp8": FlashAttention-3's e4m3 kernel)."""
+    "@name" picks the self-attention backend ("fast@fa3_fp8": FlashAttention-3's e4m3 kernel;
+    "fast@radial_attn": the block-sparse 8-bit kernel, as the model cache gives an FP8 DiT)."""
     variant, _, attn = variant.partition("@")
     attn = attn.split("-")[0]  # "fast@fa3_fp8-offload"
     fp8 = variant.startswith(("fp8", "fast"))
@@ -85,7 +86,12 @@ def random_dit(variant: str):
         from wan_core.layers.fp8 import quantize_model
 
         quantize_model(m, kernel="auto")
-    m.set_attention(attn or ("sage_triton" if variant.startswith("fast") else "auto"))
+    radial = None
+    if attn.startswith("radial"):  # the options the model cache gives: the 8-bit sparse kernel on an FP8 DiT
+        from wan_core.kernels.radial_attention import for_model
+
+        radial = for_model(None, fp8, "cuda")
+    m.set_attention(attn or ("sage_triton" if variant.startswith("fast") else "auto"), radial=radial)
     m.set_block_ops("auto")  # the fused ops, as a CUDA build chooses
     compile_blocks(m)
     return m

@@ -34,7 +34,7 @@ for step in "$@"; do
   case "$step" in
     gpu-tests) timeout 300 python3 -m pytest -p no:cacheprovider -m gpu -q --tb=short \
                  tests/test_fused_gpu.py tests/test_sage_gpu.py tests/test_fp8_gpu.py tests/test_offload_gpu.py tests/test_fa3_gpu.py \
-                 tests/test_vae.py tests/test_pipeline.py tests/test_radial_attention.py tests/test_wan22_dit.py tests/test_vae22.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+                 tests/test_vae.py tests/test_pipeline.py tests/test_radial_attention.py tests/test_radial_fp8.py tests/test_wan22_dit.py tests/test_vae22.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     attention-quick) timeout 240 python3 benchmarks/bench_attention.py --quick 2>&1 \
                  | tee "$OUT/bench_attention_quick.log" | grep -v "^{'res'" | tail -8 ;;
     dit-fast) timeout 300 python3 benchmarks/bench_dit.py --res 480p --peers comfy --ours "" \

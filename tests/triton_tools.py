@@ -45,8 +45,9 @@ def run_interpreted(script: str):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def compile_for_hopper(fn, sig: dict, constexprs: dict, num_warps: int):
-    """`fn` compiled for sm_90 with argument types `sig` and the constexpr values `constexprs`."""
+def compile_for_hopper(fn, sig: dict, constexprs: dict, num_warps: int, num_stages: int | None = None):
+    """`fn` compiled for sm_90 with argument types `sig` and the constexpr values `constexprs`
+    (`num_stages`: the software pipeline's depth, Triton's default when None)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -59,4 +60,5 @@ def compile_for_hopper(fn, sig: dict, constexprs: dict, num_warps: int):
         if name not in sig and name not in constexprs and p.default is not inspect.Parameter.empty:
             constexprs[name] = p.default
     src = ASTSource(fn=fn, signature=dict(sig, **{k: "constexpr" for k in constexprs}), constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages is not None else {})}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)

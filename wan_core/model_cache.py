@@ -281,7 +281,7 @@ def _load_base(spec: ModelSpec, fp8: str | None, dt, dev):
             "the offload mechanism runs with a second CPU placement",
             stacklevel=6,  # the caller of the lease
         )
-    radial = _radial_options(spec)
+    radial = _radial_options(spec, fp8)
     where = dict(device="cpu", attention="auto") if host else dict(device=dev, attention=spec.attention)
     common = dict(dtype=dt, cross_attention=None if host else spec.cross_attention, task=spec.task, **where)
     if spec.dit_config is not None:  # a DiT file's architecture from its model folder (LightX2V's rule)
@@ -301,13 +301,15 @@ def _load_base(spec: ModelSpec, fp8: str | None, dt, dev):
     return model
 
 
-def _radial_options(spec: ModelSpec):
-    """`spec.radial` when the self-attention is radial_attn (else None: no part of the model)."""
+def _radial_options(spec: ModelSpec, fp8: str | None):
+    """`spec.radial` when the self-attention is radial_attn (else None: no part of the model), its
+    kernel "auto" made the 8-bit one for an FP8 DiT (fast mode) where that runs; None: the defaults."""
     from .kernels.attention import resolve_name
+    from .kernels.radial_attention import for_model
 
-    if spec.radial is None or resolve_name(spec.attention, spec.torch_device) != "radial_attn":
+    if (spec.radial is None and fp8 is None) or resolve_name(spec.attention, spec.torch_device) != "radial_attn":
         return None
-    return spec.radial
+    return for_model(spec.radial, fp8 is not None, spec.torch_device)
 
 
 def _file_originals(entry: _DitEntry, spec: ModelSpec):
@@ -397,7 +399,7 @@ def lease(spec: ModelSpec) -> Iterator[torch.nn.Module]:
     o = spec.offload  # the DiT's part of it (T5 / CLIP / VAE flags are theirs)
     offload = (o.granularity, o.vram_budget_gb, o.resident_blocks, o.prefetch)
     key = (_stamp(spec.dit), _stamp(spec.dit_config), spec.task, dt, dev, spec.attention, spec.cross_attention,
-           _radial_options(spec), fp8 is not None, compile, offload)  # fmt: skip
+           _radial_options(spec, fp8), fp8 is not None, compile, offload)  # fmt: skip
     part = dit_part(spec)
     with _DIT_LOCK:
         depths = _depths()

@@ -10,7 +10,8 @@ A LightX2V user's config files work unchanged. Every key falls in one of four gr
   `cfg_p_size`, `seq_p_size`, `seq_p_attn_type`; ours: `ulysses_p_size`, `ring_p_size`; see
   `wan_core.layers.parallel.ParallelConfig`; it runs under torchrun), Radial Attention
   (`self_attn_1_type: "radial_attn"` with the reference's `decay_factor`, `dense_layers`,
-  `dense_timesteps`; see `wan_core.kernels.radial_attention.RadialOptions`);
+  `dense_timesteps`; see `wan_core.kernels.radial_attention.RadialOptions`; with `dit_quantized`
+  its kept blocks run in 8 bits, as fast mode's attention);
 - pending: keys of features that land later (disk offload, quantized T5/CLIP, ...). They
   are parsed; asking for anything but their default raises `FeatureNotAvailable` naming the key.
   A feature that lands moves its keys from `PENDING` into the used group;

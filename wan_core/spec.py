@@ -63,7 +63,8 @@ class ModelSpec:
     weights, low-rank branch beside FP8 linears), 'merge' or 'branch' (`wan_core.layers.lora`).
     compile: regional torch.compile of the blocks ('auto': on CUDA).
     radial: the options of the `radial_attn` self-attention (`wan_core.kernels.radial_attention.RadialOptions`:
-    decay_factor, dense_layers, dense_timesteps); None: its defaults. Only read when `attention` is radial_attn.
+    decay_factor, dense_layers, dense_timesteps, kernel); None: its defaults. Only read when `attention` is
+    radial_attn; with FP8 linears its kernel "auto" is the 8-bit sparse kernel (fast mode).
     offload: CPU offload of the DiT and the other parts (`wan_core.layers.offload.OffloadOptions`);
     a granularity string ('model', 'block', 'phase') or None is taken as `OffloadOptions(granularity)`.
     """

@@ -180,7 +180,7 @@ def get_attention(
     """Resolve a backend once; a missing optional package is an ImportError naming it.
 
     radial: the options of `radial_attn` (None: its defaults); its dense layers and steps run the
-    exact `auto` backend of `device`.
+    exact `auto` backend of `device`, or `sage_triton` with the 8-bit sparse kernel (kernel "fp8").
     """
     key = resolve_name(name, device)
     package, factory = BACKENDS[key]
@@ -203,9 +203,11 @@ def get_attention(
         if why is not None:
             raise RuntimeError(f"attention backend {name!r} (8-bit Triton kernel) cannot run here: {why}; choose 'sdpa'")
     if key == "radial_attn":
-        from .radial_attention import make_radial
+        from .radial_attention import RadialOptions, check_kernel, make_radial
 
-        return make_radial(radial, get_attention("auto", device), device)
+        options = radial if radial is not None else RadialOptions()
+        check_kernel(options, device)  # its own error first: the dense backend's would name sage_triton
+        return make_radial(options, get_attention(options.dense_backend, device), device)
     fn = factory()
     fn.backend_name = key  # type: ignore[attr-defined]
     return fn

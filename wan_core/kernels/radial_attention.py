@@ -12,6 +12,11 @@ Three implementations of the same math, dense attention over the kept blocks onl
 - `radial_attention_torch`: SDPA with the token mask expanded from the blocks, a few query
   blocks at a time (the reference, and the CPU path);
 - the tests' own float64 softmax.
+And one in 8 bits, `radial_attention_fp8`: the block-sparse variant of the 8-bit kernel
+(`sage_attention.sage_sparse_attention`: FP8 Q·Kᵀ and P·V, smoothed k and v), for fast mode,
+where a kept block in bf16 would cost about twice what a dense e4m3 block does. Which one runs is
+`RadialOptions.kernel`: "auto" is the 8-bit kernel for a DiT with FP8 linears (fast mode; the
+model cache resolves it, `for_model`), else the input dtype's.
 
 `RadialAttention` is the backend object the attention table makes: `attn(q, k, v)` like any
 backend; the video layout comes from `attention_context.current_grid()` (declared by the model's
@@ -23,6 +28,7 @@ works, ring attention (sequence split) cannot, and says so (`whole_sequence`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -38,6 +44,9 @@ __all__ = [
     "make_radial",
     "radial_attention_torch",
     "radial_attention_triton",
+    "radial_attention_fp8",
+    "for_model",
+    "check_kernel",
     "available",
 ]
 
@@ -48,20 +57,55 @@ class RadialOptions:
 
     decay_factor: scales the band kept at distance >= 2 (smaller: sparser); dense_layers: the first
     N blocks run dense attention; dense_timesteps: the first N sampling steps run dense attention.
+    kernel: "bf16" (the input dtype's tensor cores; the torch path off CUDA), "fp8" (8 bits, CUDA
+    compute capability 8.9+; the dense layers and steps then run `sage_triton`, the same 8-bit
+    math), or "auto": "fp8" when the model's linears are FP8 (fast mode, `for_model`), else "bf16".
     """
 
     decay_factor: float = DECAY
     dense_layers: int = 0
     dense_timesteps: int = 0
+    kernel: str = "auto"
 
     def __post_init__(self):
         d = self.decay_factor
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not (d > 0 and math.isfinite(d)):
             raise ValueError(f"decay_factor must be a positive number, got {d!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got {self.kernel!r}")
         for key in ("dense_layers", "dense_timesteps"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{key} must be a non-negative integer, got {v!r}")
+
+    @property
+    def dense_backend(self) -> str:
+        """The attention-table name of the dense layers' and steps' backend."""
+        return "sage_triton" if self.kernel == "fp8" else "auto"
+
+
+KERNELS = ("auto", "bf16", "fp8")
+
+
+def for_model(options: RadialOptions | None, fp8_linears: bool, device) -> RadialOptions | None:
+    """The options a DiT gets: kernel "auto" becomes "fp8" on a DiT with FP8 linears (fast mode)
+    where the 8-bit kernel runs (else it stays: the input dtype's kernel). None: the defaults."""
+    from .sage_attention import available as eight_bit_problem
+
+    if not fp8_linears or (options is not None and options.kernel != "auto") or eight_bit_problem(device) is not None:
+        return options
+    return dataclasses.replace(options if options is not None else RadialOptions(), kernel="fp8")
+
+
+def check_kernel(options: RadialOptions, device) -> None:
+    """A clear error at build time when kernel "fp8" is asked for where it cannot run."""
+    if options.kernel == "fp8":
+        from .sage_attention import available as eight_bit_problem
+
+        why = eight_bit_problem(device if device is not None else "cpu")
+        if why is not None:
+            raise RuntimeError(f"radial_attn with kernel 'fp8' (the 8-bit sparse kernel) cannot run here: {why}; "
+                               "choose kernel 'bf16' or 'auto'")  # fmt: skip
 
 
 def available(device) -> str | None:
@@ -131,6 +175,18 @@ def radial_attention_triton(
     return out
 
 
+def radial_attention_fp8(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RadialPlan, config: dict | None = None
+) -> torch.Tensor:
+    """The block-sparse 8-bit kernel over the plan's kept blocks: [B, L, H, D] in q's dtype.
+    `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) skips the autotuner."""
+    from .sage_attention import sage_sparse_attention
+
+    _check(q, k, v, plan)
+    counts, indices = plan.counts.to(q.device), plan.indices.to(q.device)
+    return sage_sparse_attention(q, k, v, counts, indices, plan.block_size, config)
+
+
 class RadialAttention:
     """The `radial_attn` backend: `attn(q, k, v)` [B, L, H, D] on the tokens of one video.
 
@@ -147,6 +203,8 @@ class RadialAttention:
         self.dense = dense
         dev = torch.device(device) if device is not None else torch.device("cpu")
         self.use_triton = available(dev) is None
+        check_kernel(options, dev)
+        self.eight_bit = options.kernel == "fp8"
         # Compiled blocks run this eagerly (a graph break): it reads the context variables and
         # launches a kernel chosen per call, which a graph could not guard on.
         import torch._dynamo as _dynamo  # noqa: F401  (torch.compiler.disable needs it loaded)
@@ -181,11 +239,14 @@ class RadialAttention:
                 "not ring)"
             )
         plan = self.plan(frames, tokens_per_frame, q.device)
+        if self.eight_bit:
+            return radial_attention_fp8(q, k, v, plan)
         if self.use_triton and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             return radial_attention_triton(q, k, v, plan)
         return radial_attention_torch(q, k, v, plan)
 
 
 def make_radial(options: RadialOptions | None, dense, device=None) -> RadialAttention:
-    """The backend for the attention table (`attention.get_attention('radial_attn', ...)`)."""
+    """The backend for the attention table (`attention.get_attention('radial_attn', ...)`), whose
+    dense layers and steps run `dense` (the table's `options.dense_backend`)."""
     return RadialAttention(options if options is not None else RadialOptions(), dense, device)

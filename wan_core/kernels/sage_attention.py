@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["quantize", "reference", "sage_fp8_attention", "available", "PAD"]
+__all__ = ["quantize", "reference", "sage_fp8_attention", "sage_sparse_attention", "available", "PAD"]
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -153,25 +153,31 @@ def _(q, k, v):
             q.new_empty(b, h, d, lp, dtype=FP8), q.new_empty(b, h, d, **f32), q.new_empty(b, h, d, **f32))
 
 
-def reference(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype=torch.bfloat16, block_n: int = 64) -> torch.Tensor:
+def reference(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype=torch.bfloat16, block_n: int = 64,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel's math in float32 torch, key block by key block (P is rounded to e4m3 relative
-    to the running maximum, as in the kernel): [B, Lq, H, D]. For tests; slow."""
+    to the running maximum, as in the kernel): [B, Lq, H, D]. `keep` (bool [Lq, Lk]): the keys
+    each query attends to, as the block-sparse kernel (a row with none: zeros). For tests; slow."""
     ks_tok = ks.repeat_interleave(KBLK, dim=-1)  # [B, H, Lkp]
     s_all = torch.einsum("bhmd,bhnd->bhmn", qc.float(), kc.float()) * qs[..., :, None] * ks_tok[..., None, :]
     s_all = s_all[:, :, :lq]
+    if keep is not None:
+        s_all[..., :lk] = s_all[..., :lk].masked_fill(~keep.to(s_all.device), float("-inf"))
     m = torch.full(s_all.shape[:-1], float("-inf"), device=s_all.device)  # [B, H, Lq]
     l = torch.zeros_like(m)
     acc = torch.zeros(*m.shape, qc.shape[-1], device=s_all.device)  # [B, H, Lq, D]
     for n in range(0, lk, block_n):
         s = s_all[..., n : min(n + block_n, lk)]
         m_new = torch.maximum(m, s.amax(-1))
-        p = torch.exp2(s - m_new[..., None])
-        alpha = torch.exp2(m - m_new)
+        m_use = m_new.nan_to_num(neginf=0.0)  # a row with no key yet (masked): no NaN
+        p = torch.exp2(s - m_use[..., None])
+        alpha = torch.exp2(m - m_use)
         l = l * alpha + p.sum(-1)
         p8 = (p * FP8_MAX).to(FP8).float()
         acc = acc * alpha[..., None] + torch.einsum("bhmn,bhdn->bhmd", p8, vt[..., n : n + s.shape[-1]].float())
         m = m_new
-    o = acc * (vs[:, :, None, :] / FP8_MAX) / l[..., None] + vm[:, :, None, :]
+    o = acc * (vs[:, :, None, :] / FP8_MAX) / l.clamp(min=torch.finfo(l.dtype).tiny)[..., None] + vm[:, :, None, :]
+    o = torch.where(l[..., None] > 0, o, 0.0)
     return o.transpose(1, 2).to(out_dtype)
 
 
@@ -194,9 +200,12 @@ def _tma_possible(device: torch.device) -> bool:
 
 
 def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype, config: dict | None = None,
-            use_tma: bool | None = None, pipeline: bool | None = None, warp_spec: bool | None = None) -> torch.Tensor:
+            use_tma: bool | None = None, pipeline: bool | None = None, warp_spec: bool | None = None,
+            blocks: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
     """Run the kernel; `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) skips the autotuner
-    (which needs a GPU: the Triton interpreter used by the CPU tests runs one fixed config)."""
+    (which needs a GPU: the Triton interpreter used by the CPU tests runs one fixed config).
+    `blocks` = (counts int32 [n], indices int32 [n, max count], mask block): the block-sparse
+    variant (`sage_sparse_kernel`) over those key blocks (no pipeline / warp specialisation there)."""
     from . import sage_kernel
 
     use_tma = (KERNEL_OPTIONS["use_tma"] and _tma_possible(qc.device)) if use_tma is None else use_tma
@@ -217,9 +226,19 @@ def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype
     def grid(meta):
         return (-(-lq // meta["BLOCK_M"]), b * h)
 
-    args = (qv, qs, kv, ks, vv, vs, vm, out, lq, lk, lqp, lkp, h, out.stride(0), out.stride(1), out.stride(2))
+    strides = (out.stride(0), out.stride(1), out.stride(2))
     if config is None and qc.device.type != "cuda":
         config = {"BLOCK_M": 64, "BLOCK_N": 64}
+    if blocks is not None:
+        from . import sage_sparse_kernel
+
+        counts, indices, mask_block = blocks
+        args = (qv, qs, kv, ks, vv, vs, vm, out, counts, indices, lq, lk, lqp, lkp, h, indices.shape[1], *strides)
+        kernel = sage_sparse_kernel.attn_fwd_sparse if config is not None else sage_sparse_kernel.attn_fwd_sparse_tuned
+        kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, USE_TMA=use_tma, KBLK=KBLK,
+                     MASK_BLOCK=mask_block, **(config or {}))  # fmt: skip
+        return out
+    args = (qv, qs, kv, ks, vv, vs, vm, out, lq, lk, lqp, lkp, h, *strides)
     kernel = sage_kernel.attn_fwd if config is not None else sage_kernel.attn_fwd_tuned
     kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, USE_TMA=use_tma, PIPELINE=pipeline, KBLK=KBLK,
                  WARP_SPEC=warp_spec,
@@ -247,3 +266,26 @@ def sage_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_int
     else:
         packed = quantize(q, k, v, qk_int8=qk_int8, smooth_k=smooth_k)
     return _sage_op(*packed, q.shape[1], k.shape[1], q.dtype)
+
+
+def sage_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor,
+                          indices: torch.Tensor, block_size: int, config: dict | None = None) -> torch.Tensor:
+    """Block-sparse self-attention in 8 bits: query block i of `block_size` tokens attends to the key
+    blocks indices[i, :counts[i]] (ascending) only. q/k/v [B, L, H, D]; [B, L, H, D] in q's dtype.
+
+    The same quantisation as the dense kernel (one op on CUDA), then `sage_sparse_kernel`. The
+    block size must be a multiple of the tiles run (`config`'s; the autotuner keeps those of its
+    64- and 128-token tiles that divide it: the radial mask's blocks are 128). A tile never
+    straddles two k scales (KBLK is a multiple of every tile), whatever the block size."""
+    if q.shape != k.shape or q.shape != v.shape or q.dim() != 4:
+        raise ValueError(f"sparse 8-bit attention is self-attention: q, k, v must share one [B, L, H, D] shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")  # fmt: skip
+    tiles = (config["BLOCK_M"], config["BLOCK_N"]) if config else (64,)
+    if block_size < 1 or any(block_size % t for t in tiles):
+        raise ValueError(f"sparse 8-bit attention: block size {block_size} must be a multiple of the tiles {tiles}")
+    length = q.shape[1]
+    if counts.shape[0] != -(-length // block_size) or indices.shape[0] != counts.shape[0]:
+        raise ValueError(f"sparse 8-bit attention: {counts.shape[0]} block rows for {length} tokens of {block_size}")
+    packed = _quantize_op(q, k, v) if TRITON_QUANTIZE else quantize(q, k, v)
+    blocks = (counts.to(q.device, torch.int32), indices.to(q.device, torch.int32).contiguous(), block_size)
+    return _launch(*packed, length, length, q.dtype, config=config, blocks=blocks)
