@@ -71,7 +71,7 @@ def _one(graph: dict, what: str, *types: str) -> str:
 
 def _is_sampler(node: dict) -> bool:
     kind = node["class_type"]
-    return kind in SAMPLERS or (kind.startswith("Wan") and kind.endswith("Sampler") and "seed" in node.get("inputs", {}))
+    return kind in SAMPLERS or (kind.startswith("Wan") and "Sampler" in kind and "seed" in node.get("inputs", {}))
 
 
 def _sampler(graph: dict) -> str:
