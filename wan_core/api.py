@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from .kernels.attention import BACKENDS
+from .kernels.radial_attention import KERNELS as RADIAL_KERNELS
+from .kernels.radial_attention import RadialOptions
 from .layers.cache import MODEL_KEYS
 from .layers.fp8 import KERNELS
 from .layers.offload.host import trim_host_memory
@@ -76,6 +78,8 @@ __all__ = [
     "TI2VCondition",
     "OffloadOptions",
     "ParallelConfig",
+    "RADIAL_KERNELS",
+    "RadialOptions",
     "RunCancelled",
     "WorkerGroupError",
     "SamplerSettings",
