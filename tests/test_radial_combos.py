@@ -1,7 +1,7 @@
 """Radial attention (`radial_attn`) with the other features, through the real doors (issue 25):
 LoRA (merged, and as branches beside FP8 linears) at the model cache's lease, CPU offload
 ("model" / "block"), feature caching (MagCache skipping whole forwards), the two Wan2.2 A14B
-experts and TI2V-5B through `WanPipeline`.
+experts and TI2V-5B through `WanPipeline`; the multi-GPU samplers' door refuses a ring degree.
 
 Each run is compared with a reference assembled here: the same door with exact attention, each
 block's self-attention then replaced by a float64 softmax, masked by `radial_plan` of the token grid
@@ -283,3 +283,26 @@ def test_ti2v_5b_token_grid(tiny22, monkeypatch):
         assert rel_err(_forward(dit, channels=48), dense) > 1e-3  # the mask matters on this grid
     want = _sample(ref_pipe, predict=ref.predict())
     assert rel_err(latent, want) <= TOL, rel_err(latent, want)
+
+
+# ---- several GPUs ----------------------------------------------------------------------------------
+
+
+def test_ring_attention_is_refused_before_any_worker_starts(model_dir, monkeypatch):
+    """The multi-GPU samplers' door: a ring degree with radial_attn (on either expert) is a one-line error
+    before the worker group starts (Ulysses keeps the whole sequence: tests/test_radial_attention.py)."""
+    import wan_core.api as api
+    from wan_core.layers.parallel import ParallelConfig
+    from wan_core.sampling.experts import ExpertSwitch
+    from wan_core.wan22 import ExpertPair
+
+    monkeypatch.setattr(api, "get_worker_group", lambda *a, **kw: pytest.fail("a worker group was started"))
+    radial = ModelSpec(dit=model_dir, dtype="fp32", device="cpu", attention="radial_attn")
+    exact = radial.replace(attention="auto")
+    targets = (radial, ExpertPair(exact.replace(expert="high"), radial.replace(expert="low"), ExpertSwitch(step=1)))
+    for target in targets:
+        for parallel in (ParallelConfig(ring=2), ParallelConfig(cfg=2, ulysses=2, ring=2)):
+            with pytest.raises(ValueError, match=f"radial_attn needs every video token.*ring_degree {parallel.ring}"):
+                api.run_sampler_on_workers(
+                    target, api.SamplerSettings(steps=2), torch.zeros(3, 32), None, (33, 128, 192), parallel
+                )
