@@ -3,7 +3,7 @@
 from .cache import WanCacheConfig
 from .decode import WanSaveVideo, WanVAEDecode
 from .encode import WanImageEncode, WanTextEncode
-from .loaders import WanFP8Loader, WanLoraApply, WanModelLoader, WanOffloadConfig
+from .loaders import WanFP8Loader, WanLoraApply, WanModelLoader, WanOffloadConfig, WanRadialAttention
 from .sample import WanMultiGPUSampler, WanSampler
 from .sample_moe import WanMultiGPUSamplerMoE, WanSamplerMoE
 
@@ -12,6 +12,7 @@ NODE_CLASS_MAPPINGS = {
     "WanFP8Loader": WanFP8Loader,
     "WanLoraApply": WanLoraApply,
     "WanOffloadConfig": WanOffloadConfig,
+    "WanRadialAttention": WanRadialAttention,
     "WanTextEncode": WanTextEncode,
     "WanImageEncode": WanImageEncode,
     "WanSampler": WanSampler,
@@ -28,6 +29,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WanFP8Loader": "Wan FP8 Model Loader",
     "WanLoraApply": "Wan LoRA",
     "WanOffloadConfig": "Wan CPU Offload",
+    "WanRadialAttention": "Wan Radial Attention",
     "WanTextEncode": "Wan Text Encode",
     "WanImageEncode": "Wan Image Encode (I2V / TI2V)",
     "WanSampler": "Wan Sampler",

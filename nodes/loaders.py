@@ -17,17 +17,19 @@ import os
 from wan_core.api import (
     ATTENTION_BACKENDS,
     FP8_KERNELS,
+    RADIAL_KERNELS,
     CheckpointError,
     ModelFamilyError,
     ModelSpec,
     OffloadOptions,
+    RadialOptions,
     check_vae_fits,
     find_model_files,
     read_dit_facts,
 )
 
 from . import compat
-from .types import CATEGORY, WAN_MODEL, WAN_OFFLOAD
+from .types import CATEGORY, WAN_MODEL, WAN_OFFLOAD, WAN_RADIAL
 
 FROM_FOLDER = "(from model folder)"
 NONE = "(none)"
@@ -88,8 +90,12 @@ def make_spec(
     attention: str,
     offload: OffloadOptions | None = None,
     fp8: str | None = None,
+    radial: RadialOptions | None = None,
 ) -> ModelSpec:
-    """Check the picked files and describe the model; nothing is read but file headers."""
+    """Check the picked files and describe the model; nothing is read but file headers.
+    radial (from WanRadialAttention) turns radial_attn on with its options: attention 'auto' becomes
+    radial_attn, another backend named is an error."""
+    attention = radial_attention(attention, radial)
     dit_path = compat.resolve_model_path("diffusion_models", dit)
     facts = dit_facts(dit, dit_path)
     found = facts.task
@@ -149,10 +155,23 @@ def make_spec(
         task=task,
         dtype=dtype,
         attention=attention,
+        radial=radial,
         fp8=fp8,
         offload=offload or OffloadOptions(),
     )
     return spec
+
+
+def radial_attention(attention: str, radial: RadialOptions | None) -> str:
+    """The self-attention a loader asks for, given its `radial` input."""
+    if radial is None:
+        return attention
+    if attention not in ("auto", "radial_attn"):
+        raise ValueError(
+            f"the radial input (Wan Radial Attention) sets radial_attn's options, but the loader's attention is "
+            f"{attention!r}: set attention to radial_attn or auto, or disconnect the radial input"
+        )
+    return "radial_attn"
 
 
 def _loader_inputs() -> dict:
@@ -184,7 +203,13 @@ def _loader_inputs() -> dict:
             "dtype": (DTYPES, {"default": "auto", "tooltip": "auto: bf16 on a GPU, fp32 on the CPU"}),
             "attention": (ATTENTION, {"default": "auto"}),
         },
-        "optional": {"offload": (WAN_OFFLOAD, {"tooltip": "from WanOffloadConfig"})},
+        "optional": {
+            "offload": (WAN_OFFLOAD, {"tooltip": "from WanOffloadConfig"}),
+            "radial": (
+                WAN_RADIAL,
+                {"tooltip": "from WanRadialAttention: block-sparse self-attention (radial_attn) with its options"},
+            ),
+        },
     }
 
 
@@ -205,8 +230,19 @@ class WanModelLoader:
     def INPUT_TYPES(cls):
         return _loader_inputs()
 
-    def load(self, dit, text_encoder, vae, clip_vision, task="auto", dtype="auto", attention="auto", offload=None):
-        return (make_spec(dit, text_encoder, vae, clip_vision, task, dtype, attention, offload),)
+    def load(
+        self,
+        dit,
+        text_encoder,
+        vae,
+        clip_vision,
+        task="auto",
+        dtype="auto",
+        attention="auto",
+        offload=None,
+        radial=None,
+    ):
+        return (make_spec(dit, text_encoder, vae, clip_vision, task, dtype, attention, offload, radial=radial),)
 
 
 class WanFP8Loader:
@@ -226,7 +262,10 @@ class WanFP8Loader:
         spec = _loader_inputs()
         spec["required"]["fp8_kernel"] = (
             list(FP8_KERNELS),
-            {"default": "auto", "tooltip": "auto: torch._scaled_mm with fast accumulation on Ada/Hopper (scaled_mm: without), dequantize elsewhere"},
+            {
+                "default": "auto",
+                "tooltip": "auto: torch._scaled_mm with fast accumulation on Ada/Hopper (scaled_mm: without), dequantize elsewhere",
+            },
         )
         return spec
 
@@ -241,8 +280,13 @@ class WanFP8Loader:
         attention="auto",
         fp8_kernel="auto",
         offload=None,
+        radial=None,
     ):
-        return (make_spec(dit, text_encoder, vae, clip_vision, task, dtype, attention, offload, fp8=fp8_kernel),)
+        return (
+            make_spec(
+                dit, text_encoder, vae, clip_vision, task, dtype, attention, offload, fp8=fp8_kernel, radial=radial
+            ),
+        )
 
 
 class WanLoraApply:
@@ -291,19 +335,28 @@ class WanOffloadConfig:
             "required": {
                 "granularity": (
                     ["none", "model", "block"],
-                    {"default": "block", "tooltip": "block: the least GPU memory; model: the whole DiT on the GPU while sampling"},
+                    {
+                        "default": "block",
+                        "tooltip": "block: the least GPU memory; model: the whole DiT on the GPU while sampling",
+                    },
                 ),
                 "vram_budget_gb": (
                     "FLOAT",
                     {
-                        "default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1024.0,
+                        "step": 0.5,
                         "tooltip": "block: use at most this much GPU memory (keeps as many blocks resident as fit; "
                         "about your card's size minus 1.5). 0: every block streams",
                     },  # fmt: skip
                 ),
                 "offload_encoders": (
                     "BOOLEAN",
-                    {"default": True, "tooltip": "text encoder, CLIP and VAE in CPU memory, on the GPU only while they run"},
+                    {
+                        "default": True,
+                        "tooltip": "text encoder, CLIP and VAE in CPU memory, on the GPU only while they run",
+                    },
                 ),
             }
         }
@@ -311,3 +364,53 @@ class WanOffloadConfig:
     def make(self, granularity: str, vram_budget_gb: float, offload_encoders: bool = True):
         enc = bool(offload_encoders)  # checked by OffloadOptions itself
         return (OffloadOptions(granularity, vram_budget_gb, text_encoder=enc, image_encoder=enc, vae=enc),)
+
+
+class WanRadialAttention:
+    """Radial Attention's options; plug into a loader's `radial` input to run its self-attention block-sparse."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (WAN_RADIAL,)
+    RETURN_NAMES = ("radial",)
+    FUNCTION = "make"
+    DESCRIPTION = (
+        "Block-sparse self-attention (Radial Attention, LightX2V's radial_attn): each frame attends to a band of "
+        "the others that narrows with their distance in time; ~2x faster forwards at 720p. The first layers and "
+        "steps can stay dense (the reference's 50-step recipe: 1 dense layer, 12 dense steps)."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "decay_factor": (
+                    "FLOAT",
+                    {
+                        "default": 0.2,
+                        "min": 0.01,
+                        "max": 16.0,
+                        "step": 0.05,
+                        "tooltip": "width of the band kept between frames 2 or more apart (smaller: sparser); 0.2 as LightX2V",
+                    },
+                ),
+                "dense_layers": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 100, "tooltip": "the first N transformer blocks attend densely"},
+                ),
+                "dense_timesteps": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 1000, "tooltip": "the first N sampling steps attend densely"},
+                ),
+                "kernel": (
+                    list(RADIAL_KERNELS),
+                    {
+                        "default": "auto",
+                        "tooltip": "auto: the 8-bit sparse kernel for an FP8 model on an Ada/Hopper GPU, "
+                        "else the model dtype's (bf16); fp8 / bf16: that one",
+                    },
+                ),
+            }
+        }
+
+    def make(self, decay_factor: float, dense_layers: int, dense_timesteps: int, kernel: str = "auto"):
+        return (RadialOptions(float(decay_factor), int(dense_layers), int(dense_timesteps), kernel),)

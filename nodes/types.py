@@ -19,6 +19,7 @@ WAN_TEXT_EMBEDS = "WAN_TEXT_EMBEDS"  # TextEmbeds
 WAN_IMAGE_EMBEDS = "WAN_IMAGE_EMBEDS"  # ImageEmbeds (I2V conditioning, or TI2V-5B's image latent)
 WAN_OFFLOAD = "WAN_OFFLOAD"  # wan_core.layers.offload.OffloadOptions (what ModelSpec.offload holds)
 WAN_CACHE = "WAN_CACHE"  # CacheSettings (feature caching for the sampler)
+WAN_RADIAL = "WAN_RADIAL"  # wan_core.kernels.radial_attention.RadialOptions (what ModelSpec.radial holds)
 # ComfyUI's own types, for interop with core nodes
 IMAGE = "IMAGE"  # float [T, H, W, 3] in [0, 1]
 LATENT = "LATENT"  # {"samples": [B, C, F, h, w]} raw VAE latents (C 16; TI2V-5B 48), as ComfyUI's nodes exchange them

@@ -18,12 +18,14 @@ from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, compat, types
 from tests.comfyui_helpers import REPO, WIDGET_TYPES, check_value, populate_models
 from wan_core.layers.offload import OffloadOptions
 
-CUSTOM_TYPES = {types.WAN_MODEL, types.WAN_TEXT_EMBEDS, types.WAN_IMAGE_EMBEDS, types.WAN_OFFLOAD, types.WAN_CACHE}
+CUSTOM_TYPES = {
+    types.WAN_MODEL, types.WAN_TEXT_EMBEDS, types.WAN_IMAGE_EMBEDS, types.WAN_OFFLOAD, types.WAN_CACHE, types.WAN_RADIAL
+}  # fmt: skip
 COMFY_TYPES = {"IMAGE", "LATENT", "MASK", "CONDITIONING"}
 EXPECTED_NODES = {
-    "WanModelLoader", "WanFP8Loader", "WanLoraApply", "WanOffloadConfig", "WanTextEncode", "WanImageEncode",
-    "WanSampler", "WanSamplerMoE", "WanCacheConfig", "WanMultiGPUSampler", "WanMultiGPUSamplerMoE", "WanVAEDecode",
-    "WanSaveVideo",
+    "WanModelLoader", "WanFP8Loader", "WanLoraApply", "WanOffloadConfig", "WanRadialAttention", "WanTextEncode",
+    "WanImageEncode", "WanSampler", "WanSamplerMoE", "WanCacheConfig", "WanMultiGPUSampler", "WanMultiGPUSamplerMoE",
+    "WanVAEDecode", "WanSaveVideo",
 }  # fmt: skip
 
 
@@ -343,7 +345,9 @@ def test_lora_on_an_fp8_model(models):
 
     fp8 = _load(cls="WanFP8Loader")
     assert fp8.fp8 == "auto"
-    with_lora = NODE_CLASS_MAPPINGS["WanLoraApply"]().apply(fp8, "wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors", 1.0)[0]
+    with_lora = NODE_CLASS_MAPPINGS["WanLoraApply"]().apply(
+        fp8, "wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors", 1.0
+    )[0]
     text = _text(fp8)
     a, _ = _sample(with_lora, text, steps=1)
     with lease(with_lora) as dit:
@@ -425,7 +429,52 @@ def test_offload_settings_reach_the_model_description(models):
         NODE_CLASS_MAPPINGS["WanOffloadConfig"]().make("model", 14.0)
     text = _text(_load())
     with pytest.raises(ValueError, match="num_gpus=3"):
-        NODE_CLASS_MAPPINGS["WanMultiGPUSampler"]().sample(_load(), text, 64, 48, 5, 1, 5.0, 5.0, "unipc", 0, num_gpus=3)
+        NODE_CLASS_MAPPINGS["WanMultiGPUSampler"]().sample(
+            _load(), text, 64, 48, 5, 1, 5.0, 5.0, "unipc", 0, num_gpus=3
+        )
+
+
+def test_radial_attention_settings_reach_the_model(models):
+    """WanRadialAttention -> a loader's `radial` input -> ModelSpec.radial (attention 'auto' becomes radial_attn)
+    -> the leased DiT's blocks. Through WanSampler at a size whose mask drops blocks (33 frames at 192 x 128:
+    9 latent frames of 8 x 12 tokens, 49 % of the blocks kept): every layer dense, or every step dense, is
+    the dense sampler's latent bit for bit; the defaults are not."""
+    from wan_core.kernels.radial_attention import RadialOptions
+    from wan_core.model_cache import lease
+
+    node, loader = NODE_CLASS_MAPPINGS["WanRadialAttention"](), NODE_CLASS_MAPPINGS["WanModelLoader"]()
+    (defaults,) = node.make(0.2, 0, 0)
+    assert defaults == RadialOptions() and node.make(0.5, 1, 12, "bf16")[0] == RadialOptions(0.5, 1, 12, "bf16")
+    model = loader.load(T2V, T5, VAE, "(none)", radial=defaults)[0]
+    assert (model.attention, model.radial) == ("radial_attn", defaults)
+    assert model.replace(attention="auto", radial=None) == _load()
+    assert loader.load(T2V, T5, VAE, "(none)", attention="radial_attn", radial=defaults)[0] == model
+    fp8 = NODE_CLASS_MAPPINGS["WanFP8Loader"]().load(T2V, T5, VAE, "(none)", radial=node.make(0.5, 1, 12)[0])[0]
+    assert (fp8.attention, fp8.radial, fp8.fp8) == ("radial_attn", RadialOptions(0.5, 1, 12), "auto")
+    with pytest.raises(ValueError, match="attention is 'sdpa': set attention to radial_attn or auto"):
+        loader.load(T2V, T5, VAE, "(none)", attention="sdpa", radial=defaults)
+    with pytest.raises(ValueError, match="decay_factor must be a positive number"):
+        node.make(0.0, 0, 0)
+    with lease(model) as dit:
+        layers = len(dit.blocks)
+        assert {blk.self_attn.attn_fn.options for blk in dit.blocks} == {defaults}
+    text = _text(_load())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small runs: ~30x faster than with the threads of a shared machine contending
+    try:
+
+        def run(spec):
+            out = NODE_CLASS_MAPPINGS["WanSampler"]().sample(spec, text, 192, 128, 33, 2, 5.0, 5.0, "unipc", 3)
+            return out["result"][0]["samples"]
+
+        dense = run(_load())
+        all_layers = run(loader.load(T2V, T5, VAE, "(none)", radial=node.make(0.2, layers, 0)[0])[0])
+        all_steps = run(loader.load(T2V, T5, VAE, "(none)", radial=node.make(0.2, 0, 2)[0])[0])
+        sparse = run(model)
+    finally:
+        torch.set_num_threads(threads)
+    assert dense.shape == (1, 16, 9, 16, 24)
+    assert torch.equal(all_layers, dense) and torch.equal(all_steps, dense) and not torch.equal(sparse, dense)
 
 
 def test_latent_is_comfyui_raw_convention(models):

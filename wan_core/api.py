@@ -27,7 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.attention import BACKENDS
+from .kernels.attention import BACKENDS, resolve_name
+from .kernels.radial_attention import KERNELS as RADIAL_KERNELS
+from .kernels.radial_attention import RadialOptions
 from .layers.cache import MODEL_KEYS
 from .layers.fp8 import KERNELS
 from .layers.offload.host import trim_host_memory
@@ -76,6 +78,8 @@ __all__ = [
     "TI2VCondition",
     "OffloadOptions",
     "ParallelConfig",
+    "RADIAL_KERNELS",
+    "RadialOptions",
     "RunCancelled",
     "WorkerGroupError",
     "SamplerSettings",
@@ -283,6 +287,11 @@ def run_sampler_on_workers(
     """
     pair = spec if isinstance(spec, ExpertPair) else None
     first = pair.high if pair is not None else spec
+    if parallel.ring > 1 and any(resolve_name(s.attention) == "radial_attn" for s in (first, pair and pair.low) if s):
+        raise ValueError(
+            f"radial_attn needs every video token in one attention call, but ring_degree {parallel.ring} splits the "
+            "sequence: use ulysses_degree (ring_degree 1), or another attention in the loader"
+        )
     req = _request(settings, positive, negative, size, i2v, preview, task=first.task, pair=pair)
     if parallel.cfg == 2 and req.uncond is None:
         raise ValueError("cfg_parallel needs guidance > 1 (there is no unconditional branch to run in parallel)")
