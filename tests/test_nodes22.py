@@ -367,3 +367,57 @@ def test_two_expert_multi_gpu_sampler_equals_the_one_process_sampler(models):
             torch.testing.assert_close(out["result"][0]["samples"], ref, rtol=1e-5, atol=1e-5)
     finally:
         shutdown_worker_groups()
+
+
+def _comfy_fp8_scaled(src: str, dst: str) -> None:
+    """ComfyUI's repackaged `*_fp8_scaled` form of an expert file: block linears in e4m3 with one
+    `scale_weight` per tensor and the `scaled_fp8` marker, everything else as it was."""
+    from safetensors.torch import save_file
+
+    from wan_core.layers.fp8 import is_block_linear
+    from wan_core.loading.io import read_state_dict
+
+    pre, out = "model.diffusion_model.", {}
+    for k, v in read_state_dict(src).items():
+        name = k.removeprefix(pre).removesuffix(".weight")
+        if k.endswith(".weight") and is_block_linear(name):
+            scale = v.float().abs().amax() / 448.0
+            out[k], out[f"{pre}{name}.scale_weight"] = (v.float() / scale).to(torch.float8_e4m3fn), scale.reshape(())
+        else:
+            out[k] = v
+    out[pre + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(out, dst)
+
+
+def test_comfyui_fp8_scaled_experts_through_the_loader(models):
+    """ComfyUI's own Wan2.2 templates load the `wan2.2_t2v_{high,low}_noise_14B_fp8_scaled` files: the
+    loader runs them as FP8 experts (both roles read off the names), the two-expert sampler equals
+    WanPipeline given the same two files, and the FP8 run stays near the fp16 experts' run."""
+    from wan_core.model_cache import lease
+
+    folder = os.path.join(str(models["root"]), "models", "diffusion_models")
+    names = {}
+    for e in ("high", "low"):
+        names[e] = EXPERT[("t2v", e)].replace("_fp16.", "_fp8_scaled.")
+        _comfy_fp8_scaled(os.path.join(folder, EXPERT[("t2v", e)]), os.path.join(folder, names[e]))
+    try:
+        high, low = (_load(names[e]) for e in ("high", "low"))
+        text = _text(high)
+        raw, ui = _moe(high, low, text)
+        with lease(high.replace(expert="high")) as hi:
+            assert any(type(m).__name__ == "FP8Linear" for m in hi.modules())
+        from wan_core.pipeline import WanPipeline
+
+        m = os.path.join(str(models["root"]), "models")
+        pipe = WanPipeline(m, "wan2.2_moe_distill", "t2v", t5_path=os.path.join(m, "text_encoders", T5),
+                           vae_path=os.path.join(m, "vae", VAE21), high_noise_path=os.path.join(folder, names["high"]),
+                           low_noise_path=os.path.join(folder, names["low"]))  # fmt: skip
+        pipe.create_generator(target_height=H, target_width=W, target_video_length=F)
+        result = pipe.generate(seed=7, prompt="a fox", negative_prompt="blurry", return_latent=True)
+        torch.testing.assert_close(latent_from_raw(raw), result.latent, rtol=1e-5, atol=1e-5)
+        fp16, _ = _moe(*_experts("t2v", loras=False), text)
+        err = ((raw - fp16).norm() / fp16.norm()).item()
+        assert 0 < err < 0.1, err  # FP8 weights: close to, not equal to, the 16-bit run
+    finally:
+        for n in names.values():
+            os.remove(os.path.join(folder, n))
