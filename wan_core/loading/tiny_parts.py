@@ -44,7 +44,8 @@ TINY_CLIP = dict(
 TINY_VAE_DIM = 8
 TINY_VAE22 = Wan22VAEConfig(dim=8, dec_dim=16)  # the Wan2.2 VAE at toy width (z 48, 2x2 patch), as tests/test_vae22
 MARK = {"wan_core_tiny": "random weights, for tests and demos only"}
-# The Wan2.2 DiTs draw from generators of their own (never a Wan2.1 seed): the two experts differ.
+# Offsets of the Wan2.2 DiTs' generator seeds, far from any Wan2.1 tiny seed: the two experts and the
+# 5B never share weights with each other or with a Wan2.1 tiny model, so a swapped expert shows.
 _DIT22_STREAM = {"high": 1_000_003, "low": 2_000_003, "dense": 3_000_003}
 
 

@@ -139,13 +139,20 @@ def diffusers_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             if rest[0] in _RESNET_RENAMES:
                 rest = [_RESNET_RENAMES[rest[0]], *rest[1:]]
             out[".".join([head, *rest])] = v
-        elif parts[0] in ("encoder", "decoder") and parts[1] in _TOP_RENAMES:
-            out[".".join([parts[0], _TOP_RENAMES[parts[1]], *parts[2:]])] = v
-        elif parts[0] in ("quant_conv", "post_quant_conv"):
-            out[".".join([_TOP_RENAMES[parts[0]], *parts[1:]])] = v
         else:
-            out[k] = v  # unknown: left for the completeness check to report
+            out[outer_name(parts)] = v
     return out
+
+
+def outer_name(parts: list[str]) -> str:
+    """The official name of a diffusers VAE key outside the block groups (conv_in/out, norm_out,
+    quant convs); any other key is kept as it is, for the completeness check to report.
+    Both VAE generations name these alike."""
+    if parts[0] in ("encoder", "decoder") and parts[1] in _TOP_RENAMES:
+        return ".".join([parts[0], _TOP_RENAMES[parts[1]], *parts[2:]])
+    if parts[0] in ("quant_conv", "post_quant_conv"):
+        return ".".join([_TOP_RENAMES[parts[0]], *parts[1:]])
+    return ".".join(parts)
 
 
 def to_official_vae(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

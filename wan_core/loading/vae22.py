@@ -11,7 +11,7 @@ import torch
 
 from ..models.vae22 import Wan22VAE, Wan22VAEConfig
 from .io import CheckpointError, read_keys, read_state_dict
-from .vae import _RESNET_RENAMES, _TOP_RENAMES, KNOWN_PREFIXES, check_vae_state_dict
+from .vae import _RESNET_RENAMES, KNOWN_PREFIXES, check_vae_state_dict, outer_name
 
 __all__ = [
     "diffusers22_to_official",
@@ -59,12 +59,8 @@ def diffusers22_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             if rest[0] in _RESNET_RENAMES:
                 rest = [_RESNET_RENAMES[rest[0]], *rest[1:]]
             out[".".join([head, *rest])] = v
-        elif parts[0] in ("encoder", "decoder") and parts[1] in _TOP_RENAMES:
-            out[".".join([parts[0], _TOP_RENAMES[parts[1]], *parts[2:]])] = v
-        elif parts[0] in ("quant_conv", "post_quant_conv"):
-            out[".".join([_TOP_RENAMES[parts[0]], *parts[1:]])] = v
         else:
-            out[k] = v  # unknown: left for the completeness check to report
+            out[outer_name(parts)] = v
     return out
 
 

@@ -279,7 +279,28 @@ def _middle(middle: nn.Sequential, x: torch.Tensor, cache: StreamCache) -> torch
     return x
 
 
-class Encoder3d(nn.Module):
+class EncoderStack(nn.Module):
+    """conv1 -> downsamples -> middle -> head, streamed with one cache: the forward both VAEs'
+    encoders share (their `__init__` build different downsample stacks)."""
+
+    def _middle_and_head(self, out_dim: int, z_dim: int) -> None:
+        self.middle = nn.Sequential(
+            ResidualBlock(out_dim, out_dim), AttentionBlock(out_dim), ResidualBlock(out_dim, out_dim)
+        )
+        self.head = nn.Sequential(RMSNorm(out_dim), nn.SiLU(), CausalConv3d(out_dim, 2 * z_dim, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        """A video chunk -> [B, 2*z_dim, T', h, w] (mean and log-variance halves)."""
+        x = self.conv1(x, cache)
+        for layer in self.downsamples:
+            x = layer(x, cache)
+        x = _middle(self.middle, x, cache)
+        return self.head[2](x, cache, norm=self.head[0])
+
+
+class Encoder3d(EncoderStack):
+    """[B, 3, T, H, W] chunk -> [B, 2*z_dim, T', H/8, W/8]."""
+
     def __init__(self, cfg: WanVAEConfig):
         super().__init__()
         dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
@@ -292,18 +313,7 @@ class Encoder3d(nn.Module):
             if i < len(cfg.dim_mult) - 1:
                 layers.append(Resample(out_dim, "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"))
         self.downsamples = nn.Sequential(*layers)
-        self.middle = nn.Sequential(
-            ResidualBlock(out_dim, out_dim), AttentionBlock(out_dim), ResidualBlock(out_dim, out_dim)
-        )
-        self.head = nn.Sequential(RMSNorm(out_dim), nn.SiLU(), CausalConv3d(out_dim, 2 * cfg.z_dim, 3, padding=1))
-
-    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
-        """[B, 3, T, H, W] chunk -> [B, 2*z_dim, T', H/8, W/8] (mean and log-variance halves)."""
-        x = self.conv1(x, cache)
-        for layer in self.downsamples:
-            x = layer(x, cache)
-        x = _middle(self.middle, x, cache)
-        return self.head[2](x, cache, norm=self.head[0])
+        self._middle_and_head(out_dim, cfg.z_dim)
 
 
 class Decoder3d(nn.Module):

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .vae import AttentionBlock, CausalConv3d, Resample, ResidualBlock, RMSNorm, StreamCache, _middle
+from .vae import AttentionBlock, CausalConv3d, EncoderStack, Resample, ResidualBlock, RMSNorm, StreamCache, _middle
 from .vae_config import WAN22_LATENT_MEAN, WAN22_LATENT_STD, VAEConfigChecks
 
 __all__ = ["Wan22VAE", "Wan22VAEConfig", "WAN22_LATENT_MEAN", "WAN22_LATENT_STD", "patchify", "unpatchify"]
@@ -143,7 +143,9 @@ class UpBlock(nn.Module):
         return h + dup_up(x, self.out_dim, self.ft, 2, first) if self.up else h
 
 
-class Encoder3d22(nn.Module):
+class Encoder3d22(EncoderStack):
+    """[B, 3p², T, H/p, W/p] chunk (patchified) -> [B, 2*z_dim, T', H/16, W/16]."""
+
     def __init__(self, cfg: Wan22VAEConfig):
         super().__init__()
         dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
@@ -153,19 +155,7 @@ class Encoder3d22(nn.Module):
             DownBlock(i_d, o_d, cfg.num_res_blocks, i != last and cfg.temperal_downsample[i], i != last)
             for i, (i_d, o_d) in enumerate(zip(dims[:-1], dims[1:]))
         ))
-        out_dim = dims[-1]
-        self.middle = nn.Sequential(
-            ResidualBlock(out_dim, out_dim), AttentionBlock(out_dim), ResidualBlock(out_dim, out_dim)
-        )
-        self.head = nn.Sequential(RMSNorm(out_dim), nn.SiLU(), CausalConv3d(out_dim, 2 * cfg.z_dim, 3, padding=1))
-
-    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
-        """[B, 3p², T, H/p, W/p] chunk -> [B, 2*z_dim, T', H/16, W/16] (mean and log-variance halves)."""
-        x = self.conv1(x, cache)
-        for layer in self.downsamples:
-            x = layer(x, cache)
-        x = _middle(self.middle, x, cache)
-        return self.head[2](x, cache, norm=self.head[0])
+        self._middle_and_head(dims[-1], cfg.z_dim)
 
 
 class Decoder3d22(nn.Module):
