@@ -1,6 +1,7 @@
 """A whole Wan2.1-14B T2V run at 480x832x81 with random weights, timed per stage, through
 `WanPipeline.generate` (the same code as every door): umT5-XXL text encode, 4-step distill
-sampling (no CFG), VAE decode, mp4 save (x264 crf 19, preset medium; `--presets medium,faster` also
+sampling (no CFG; `--steps 50 --cache Mag`: the base model's run with CFG and feature caching;
+`--task i2v`: I2V-14B with its CLIP and VAE encode, from a random image), VAE decode, mp4 save (x264 crf 19, preset medium; `--presets medium,faster` also
 times other x264 presets). Variants: DiT in bf16, in FP8 (scaled_mm), fast mode
 (FP8 + the 8-bit Triton self-attention); "-offload": the DiT waits in host RAM during the T5.
 
@@ -70,14 +71,23 @@ def random_t5(device: str):
     return WanTextEncoder(m, load_tokenizer(tok_dir))
 
 
-def random_dit(variant: str):
+def random_clip(device: str):
+    """The CLIP ViT-H/14 image tower of Wan2.1 I2V with random weights, bf16."""
+    from wan_core.models.image_encoder import WanImageEncoder
+
+    with torch.device(device):
+        m = WanImageEncoder()
+    return m.to(torch.bfloat16).eval()
+
+
+def random_dit(variant: str, preset: str = "t2v-14b"):
     """bf16, fp8 (FP8 linears) or fast (FP8 linears + 8-bit Triton self-attention); compiled.
     "@name" picks the self-attention backend ("fast@fa3_fp8": FlashAttention-3's e4m3 kernel;
     "fast@radial_attn": the block-sparse 8-bit kernel, as the model cache gives an FP8 DiT)."""
     variant, _, attn = variant.partition("@")
     attn = attn.split("-")[0]  # "fast@fa3_fp8-offload"
     fp8 = variant.startswith(("fp8", "fast"))
-    cfg = PRESETS["t2v-14b"]
+    cfg = PRESETS[preset]
     m = build_model(cfg, None, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad():
         for p in m.parameters():
@@ -105,6 +115,11 @@ def main():
                     help="host: the T5 waits in pinned RAM and visits the GPU for its stage; gpu: it stays there")
     ap.add_argument("--presets", default="medium", help="x264 presets of the mp4, each timed --runs times (video_preset)")
     ap.add_argument("--size", default="480x832", help="HxW of the video (720x1280: the 720p run)")
+    ap.add_argument("--task", default="t2v", choices=["t2v", "i2v"], help="i2v: I2V-14B with its CLIP, from a random image")
+    ap.add_argument("--steps", type=int, default=4, help="4: the step-distill schedule, no CFG; else base sampling, CFG")
+    ap.add_argument("--cfg", type=float, default=5.0, help="guidance scale of a base (not 4-step) run")
+    ap.add_argument("--cache", default="NoCaching", help="feature_caching of the run: NoCaching, Tea or Mag (published tables)")
+    ap.add_argument("--warm-steps", type=int, default=2, help="steps of the compiling warm-up run when --steps is not 4")
     args = ap.parse_args()
     out_dir = os.environ.get("OUT", ".")
     results = {"device": torch.cuda.get_device_name()}
@@ -118,9 +133,13 @@ def main():
     with torch.device("cuda"):
         vae = WanVAE()
     vae = vae.to(torch.bfloat16).eval()
+    clip = random_clip("cuda") if args.task == "i2v" else None
+    height, width = (int(v) for v in args.size.split("x"))
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=g).numpy() if clip is not None else None
     rows = []
     for variant in [v for v in args.variants.split(",") if v]:
-        dit = random_dit(variant)
+        dit = random_dit(variant, "i2v-14b" if args.task == "i2v" else "t2v-14b")
         handle = None
         if variant.endswith("-offload"):
             # The DiT waits in pinned host RAM while the T5 runs, and comes to the GPU for sampling
@@ -129,28 +148,36 @@ def main():
 
             handle = enable_offload(dit, granularity="model", device="cuda")
         presets = args.presets.split(",")
-        height, width = (int(v) for v in args.size.split("x"))
-        cfg = GenerationConfig(infer_steps=4, denoising_step_list=[1000, 750, 500, 250], sample_guide_scale=1.0,
-                               target_height=height, target_width=width)  # fmt: skip
-        pipe = WanPipeline(dit_path="random", task="t2v", device="cuda")
-        pipe.spec, pipe.config = ModelSpec(dit="random", device="cuda"), cfg
-        pipe.dit, pipe.text_encoder, pipe.vae, pipe.image_encoder = dit, t5, vae, None
+        if args.steps == 4:
+            cfg = GenerationConfig(infer_steps=4, denoising_step_list=[1000, 750, 500, 250], sample_guide_scale=1.0,
+                                   target_height=height, target_width=width)  # fmt: skip
+        else:  # the base model's run: CFG at every step, the default shift
+            cfg = GenerationConfig(infer_steps=args.steps, sample_guide_scale=args.cfg, target_height=height,
+                                   target_width=width, feature_caching=args.cache)  # fmt: skip
+        pipe = WanPipeline(dit_path="random", task=args.task, device="cuda")
+        pipe.spec, pipe.config = ModelSpec(dit="random", device="cuda", task=args.task), cfg
+        pipe.dit, pipe.text_encoder, pipe.vae, pipe.image_encoder = dit, t5, vae, clip
         wan_pipeline.lease = lambda spec, dit=dit: contextlib.nullcontext(dit)  # sampling leases the DiT: ours
         schedule = [(0, presets[0])] + [(run, p) for p in presets for run in range(1, args.runs + 1)]  # run 0 compiles
         for run, preset in schedule:
             if handle is not None:
                 handle.unload()
-            pipe.config = cfg.updated({"video_preset": preset})
+            warm = {"infer_steps": args.warm_steps} if run == 0 and args.steps != 4 else {}  # compiles, shorter
+            pipe.config = cfg.updated({"video_preset": preset, **warm})
             name = variant if preset == "medium" else f"{variant} x264 {preset}"
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            res = pipe.generate(seed=run, prompt="a cat surfing a wave at sunset", save_result_path=os.path.join(out_dir, f"e2e_{variant}.mp4"))
+            res = pipe.generate(seed=run, prompt="a cat surfing a wave at sunset", image=image,
+                                save_result_path=os.path.join(out_dir, f"e2e_{variant}.mp4"))
             wall = time.perf_counter() - t0
             tag = "warm-up (compiles)" if run == 0 else f"run {run}"
             log(f"{name} {tag}: {wall:.2f} s; {res.summary()}; steps {[round(s, 2) for s in res.step_times]}")
+            if pipe.cache_report is not None:
+                log(f"  cache: {pipe.cache_report.summary()}")
             if run > 0:
                 results[f"{name}_run{run}"] = dict(wall_s=wall, timings=res.timings, step_times=res.step_times,
-                                                   peak_GiB=res.peak_memory / 2**30, video_preset=preset)
+                                                   peak_GiB=res.peak_memory / 2**30, video_preset=preset,
+                                                   cache=pipe.cache_report.summary() if pipe.cache_report else None)
                 if run == args.runs:
                     rows.append((name, wall, res.timings, res.peak_memory / 2**30))
         if handle is not None:
@@ -165,10 +192,12 @@ def main():
         torch.cuda.empty_cache()
     with open(os.path.join(out_dir, "bench_e2e.json"), "w") as f:
         json.dump(results, f, indent=1)
-    log(f"\n4-step T2V {args.size}x81, 14B random weights in RAM, no CFG, T5 on the {'GPU' if args.t5 == 'gpu' else 'host (visits the GPU)'}")
-    log(f"{'DiT (mp4: x264 medium unless named)':36s} {'total s':>8s} {'text':>6s} {'sampling':>9s} {'vae':>6s} {'save':>6s} {'peak GiB':>9s}")
+    run = "4-step, no CFG" if args.steps == 4 else f"{args.steps} steps, CFG {args.cfg}, feature_caching {args.cache}"
+    log(f"\n{args.task.upper()} {args.size}x81, {run}, 14B random weights in RAM, T5 on the {'GPU' if args.t5 == 'gpu' else 'host (visits the GPU)'}")
+    log(f"{'DiT (mp4: x264 medium unless named)':36s} {'total s':>8s} {'text':>6s} {'image':>6s} {'sampling':>9s} {'vae':>6s} {'save':>6s} {'peak GiB':>9s}")
     for v, wall, tm, pk in rows:
-        log(f"{v:36s} {wall:8.2f} {tm.get('text_encode', 0):6.2f} {tm.get('sampling', 0):9.2f} {tm.get('vae_decode', 0):6.2f} {tm.get('save', 0):6.2f} {pk:9.2f}")
+        log(f"{v:36s} {wall:8.2f} {tm.get('text_encode', 0):6.2f} {tm.get('image_encode', 0):6.2f} {tm.get('sampling', 0):9.2f} "
+            f"{tm.get('vae_decode', 0):6.2f} {tm.get('save', 0):6.2f} {pk:9.2f}")
 
 
 if __name__ == "__main__":

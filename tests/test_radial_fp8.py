@@ -46,28 +46,32 @@ def qkv(b, length, h):
     return q, k, v
 
 # every block kept: the sparse kernel runs the dense kernel's tiles (L = 300: a ragged last block)
-for int8, tma, bm, bn, length in ((False, False, 64, 64, 300), (False, True, 128, 128, 300), (True, False, 64, 128, 300),
-                                  (False, True, 64, 64, 256)):
+# (both loop forms: plain, and the next tile's Q·Kᵀ issued before this one's softmax)
+for int8, tma, bm, bn, length, pipe in ((False, False, 64, 64, 300, False), (False, True, 128, 128, 300, False),
+                                        (True, False, 64, 128, 300, False), (False, True, 64, 64, 256, False),
+                                        (False, True, 64, 64, 300, True), (True, False, 128, 128, 300, True)):
     q, k, v = qkv(1, length, 2)
     packed = sa.quantize(q, k, v, qk_int8=int8)
     n = -(-length // 128)
     blocks = (torch.full((n,), n, dtype=torch.int32), torch.arange(n, dtype=torch.int32).repeat(n, 1), 128)
     cfg = {{"BLOCK_M": bm, "BLOCK_N": bn}}
     dense = sa._launch(*packed, length, length, torch.float32, config=cfg, use_tma=tma, pipeline=False)
-    sparse = sa._launch(*packed, length, length, torch.float32, config=cfg, use_tma=tma, blocks=blocks)
-    res["full"][f"{{int8}}-{{tma}}-{{bm}}x{{bn}}-{{length}}"] = (sparse - dense).abs().max().item()
+    sparse = sa._launch(*packed, length, length, torch.float32, config=cfg, use_tma=tma, blocks=blocks, pipeline=pipe)
+    res["full"][f"{{int8}}-{{tma}}-{{bm}}x{{bn}}-{{length}}-{{pipe}}"] = (sparse - dense).abs().max().item()
 
 # real radial masks (several frames, L not a multiple of 128), a random plan with an empty row, 64-token blocks
-rand = torch.rand(6, 6, generator=g) < 0.4
-rand[2] = False
-cases = [  # name, heads, plan, tiles, TMA
-    ("21x100-bf16", 1, radial_plan(21, 100, 0.2), (64, 64), False),  # the backend's own path: bf16 in and out
-    ("21x100", 2, radial_plan(21, 100, 0.2), (128, 128), True),
-    ("9x100", 2, radial_plan(9, 100, 1.0), (64, 128), False),
-    ("random", 1, custom_plan(rand, 6 * 128 - 50), (64, 64), True),
-    ("bs64", 1, radial_plan(9, 90, 0.5, block_size=64), (64, 64), False),
+rand = (torch.rand(6, 6, generator=g) < 0.4) | torch.eye(6, dtype=torch.bool)
+rand[2] = False  # exactly one block row keeps nothing
+cases = [  # name, heads, plan, tiles, TMA, pipelined loop
+    ("21x100-bf16", 1, radial_plan(21, 100, 0.2), (64, 64), False, False),  # the backend's own path: bf16 in and out
+    ("21x100", 2, radial_plan(21, 100, 0.2), (128, 128), True, False),
+    ("9x100", 2, radial_plan(9, 100, 1.0), (64, 128), False, False),
+    ("random", 1, custom_plan(rand, 6 * 128 - 50), (64, 64), True, False),
+    ("bs64", 1, radial_plan(9, 90, 0.5, block_size=64), (64, 64), False, False),
+    ("21x100-pipelined", 1, radial_plan(21, 100, 0.2), (64, 64), True, True),
+    ("random-pipelined", 1, custom_plan(rand, 6 * 128 - 50), (128, 64), False, True),
 ]
-for name, h, plan, (bm, bn), tma in cases:
+for name, h, plan, (bm, bn), tma, pipe in cases:
     q, k, v = qkv(1, plan.length, h)
     cfg = {{"BLOCK_M": bm, "BLOCK_N": bn}}
     if name.endswith("bf16"):
@@ -75,7 +79,7 @@ for name, h, plan, (bm, bn), tma in cases:
         out = radial_attention_fp8(q, k, v, plan, config=cfg)
     else:
         out = sa._launch(*sa.quantize(q, k, v), plan.length, plan.length, torch.float32, config=cfg, use_tma=tma,
-                         blocks=(plan.counts, plan.indices, plan.block_size))
+                         blocks=(plan.counts, plan.indices, plan.block_size), pipeline=pipe)
     keep = expand_block_mask(plan.mask, plan.length, plan.block_size)
     ref8 = sa.reference(*sa.quantize(q, k, v), plan.length, plan.length, out.dtype, block_n=bn, keep=keep).float()
     out = out.float()
@@ -99,7 +103,7 @@ def test_sparse_kernel_in_the_interpreter():
     """The kernel itself through Triton's interpreter.
 
     Every block kept: bit for bit the dense 8-bit kernel (FP8 and INT8 Q·Kᵀ, pointer and TMA loads,
-    64/128 tiles, a ragged last block and an exact one). Radial masks (21 and 9 frames, L = 2100 and
+    64/128 tiles, a ragged last block and an exact one, both loop forms). Radial masks (21 and 9 frames, L = 2100 and
     900, not multiples of 128; bf16 in and out through the backend's function), a random plan with
     an empty row, 64-token blocks: equal to the 8-bit math in torch over the same mask (the dense
     kernel's interpreter bar, 1e-3: e4m3 roundings of P at ties; the bf16 case against the
@@ -107,17 +111,17 @@ def test_sparse_kernel_in_the_interpreter():
     the sage tests' bar), and zeros on a row that keeps nothing.
     """
     res = run_interpreted(INTERP_SCRIPT)
-    assert len(res["full"]) == 4
+    assert len(res["full"]) == 6
     for key, diff in res["full"].items():
         assert diff == 0.0, (key, diff)
-    assert len(res["masked"]) == 5
+    assert len(res["masked"]) == 7
     for name, r in res["masked"].items():
         assert r["finite"] and r["shape"][1] > 0 and r["shape"][3] == 128, name
         assert r["rel_ref8"] < 1e-3, (name, r)
         assert r["cos_exact"] >= 0.998, (name, r)
         assert r["rel_exact"] < 0.03, (name, r)
         assert r["rel_unmasked"] > 0.03, (name, r)  # the mask changes the result far beyond these bars
-        assert r["empty_rows"] == (128 if name == "random" else 0) and r["empty_abs"] == 0.0, (name, r)
+        assert r["empty_rows"] == (128 if name.startswith("random") else 0) and r["empty_abs"] == 0.0, (name, r)
         assert 0.15 < r["density"] < 0.6, (name, r)  # the mask drops blocks: the test is not dense attention
     assert res["masked"]["21x100"]["density"] < 0.25  # Wan's 21 frames: a sparse mask, as at 480p / 720p
 

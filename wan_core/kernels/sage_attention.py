@@ -201,7 +201,7 @@ def _tma_possible(device: torch.device) -> bool:
 
 def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype, config: dict | None = None,
             use_tma: bool | None = None, pipeline: bool | None = None, warp_spec: bool | None = None,
-            blocks: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+            blocks: tuple[torch.Tensor, torch.Tensor, int] | None = None, exp_fma: int = 0) -> torch.Tensor:
     """Run the kernel; `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) skips the autotuner
     (which needs a GPU: the Triton interpreter used by the CPU tests runs one fixed config).
     `blocks` = (counts int32 [n], indices int32 [n, max count], mask block): the block-sparse
@@ -236,7 +236,7 @@ def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype
         args = (qv, qs, kv, ks, vv, vs, vm, out, counts, indices, lq, lk, lqp, lkp, h, indices.shape[1], *strides)
         kernel = sage_sparse_kernel.attn_fwd_sparse if config is not None else sage_sparse_kernel.attn_fwd_sparse_tuned
         kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, USE_TMA=use_tma, KBLK=KBLK,
-                     MASK_BLOCK=mask_block, **(config or {}))  # fmt: skip
+                     MASK_BLOCK=mask_block, PIPELINE=pipeline, EXP_FMA=exp_fma, **(config or {}))  # fmt: skip
         return out
     args = (qv, qs, kv, ks, vv, vs, vm, out, lq, lk, lqp, lkp, h, *strides)
     kernel = sage_kernel.attn_fwd if config is not None else sage_kernel.attn_fwd_tuned

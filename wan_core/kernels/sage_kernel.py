@@ -74,12 +74,41 @@ def qk_tile(q, K, ks_ptr, row, col, lk, HEAD_DIM: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
+def exp2_fma(x):
+    """2**x on the FMA units (no MUFU): x rounded to an integer j by the 1.5·2^23 trick, 2**(x - j)
+    by a cubic (relative error < 1e-4 on [-0.5, 0.5], far below e4m3's 2^-4 step), j added to the
+    exponent bits. x is clamped at -126 (a masked score's -inf gives ~1e-38, not 0)."""
+    x = tl.maximum(x, -126.0)
+    xr = x + 12582912.0
+    j = xr.to(tl.int32, bitcast=True) - 0x4B400000  # round(x)
+    f = x - (xr - 12582912.0)  # in [-0.5, 0.5]
+    p = 0.9999289 + f * (0.69327626 + f * (0.24260466 + f * 0.05508886))
+    return (p.to(tl.int32, bitcast=True) + (j << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def exp2_split(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXP_FMA: tl.constexpr):
+    """2**x of a score tile [BLOCK_M, BLOCK_N], one column in 2**EXP_FMA on the FMA units (exp2_fma),
+    the others on the MUFU: at 8-bit matmul rates the MUFU's exp2 (1/8 of the FMA rate) is the
+    bottleneck. EXP_FMA 0: all on the MUFU."""
+    if EXP_FMA == 0:
+        return tl.math.exp2(x)
+    a, b = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))  # even / odd columns (a thread's register pairs)
+    if EXP_FMA == 1:
+        return tl.reshape(tl.join(tl.math.exp2(a), exp2_fma(b)), [BLOCK_M, BLOCK_N])
+    b0, b1 = tl.split(tl.reshape(b, [BLOCK_M, BLOCK_N // 4, 2]))
+    b = tl.reshape(tl.join(tl.math.exp2(b0), exp2_fma(b1)), [BLOCK_M, BLOCK_N // 2])
+    return tl.reshape(tl.join(tl.math.exp2(a), b), [BLOCK_M, BLOCK_N])
+
+
+@triton.jit
 def softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-               USE_TMA: tl.constexpr):
+               USE_TMA: tl.constexpr, EXP_FMA: tl.constexpr = 0):
     """One key tile's online-softmax update and P·V: the new (acc, l, m)."""
     c = qs * kscale  # [BLOCK_M]: raw score -> log2-domain score
     m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-    p = tl.math.exp2(s * c[:, None] - (m_new - 8.807354922057604)[:, None])  # 448 · exp2(score - max)
+    x = s * c[:, None] - (m_new - 8.807354922057604)[:, None]
+    p = exp2_split(x, s.shape[0], BLOCK_N, EXP_FMA)  # 448 · exp2(score - max)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if USE_TMA:
@@ -96,10 +125,10 @@ def softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM: tl.c
 @triton.jit
 def key_tile(q, qs, K, ks_ptr, VT, k_row, v_row, col, lk, lkp, acc, l_i, m_i, HEAD_DIM: tl.constexpr,
              BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, USE_TMA: tl.constexpr, MASK: tl.constexpr,
-             KBLK: tl.constexpr):
+             KBLK: tl.constexpr, EXP_FMA: tl.constexpr = 0):
     """The whole step of one key tile starting at key `col`: scores, softmax update, P·V."""
     s, kscale = qk_tile(q, K, ks_ptr, k_row, col, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, MASK, KBLK)
-    return softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA)
+    return softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA, EXP_FMA)
 
 
 @triton.jit

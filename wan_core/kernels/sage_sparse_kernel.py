@@ -23,7 +23,7 @@ kernel's tile sequence exactly (same values, bit for bit, at equal BLOCK_N).
 import triton
 import triton.language as tl
 
-from .sage_kernel import CONFIGS, key_tile, load_q, store_out
+from .sage_kernel import CONFIGS, key_tile, load_q, qk_tile, softmax_pv, store_out
 
 __all__ = ["attn_fwd_sparse", "attn_fwd_sparse_tuned"]
 
@@ -32,7 +32,8 @@ __all__ = ["attn_fwd_sparse", "attn_fwd_sparse_tuned"]
 def attn_fwd_sparse(Q, QS, K, KS, VT, VS, VM, O, CNT, IDX, lq, lk, lqp, lkp, heads, max_cnt,
                     stride_ob, stride_ol, stride_oh,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
-                    USE_TMA: tl.constexpr, KBLK: tl.constexpr, MASK_BLOCK: tl.constexpr):
+                    USE_TMA: tl.constexpr, KBLK: tl.constexpr, MASK_BLOCK: tl.constexpr,
+                    PIPELINE: tl.constexpr = False, EXP_FMA: tl.constexpr = 0):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     k_row = bh * lkp  # row in the [B·H·Lkp, D] view of k
@@ -43,15 +44,32 @@ def attn_fwd_sparse(Q, QS, K, KS, VT, VS, VM, O, CNT, IDX, lq, lk, lqp, lkp, hea
     last = tl.load(row + tl.maximum(n_kept - 1, 0))
     ragged = (n_kept > 0) & (last * MASK_BLOCK + MASK_BLOCK > lk)  # the row keeps the padded last block
     n_whole = n_kept - ragged.to(tl.int32)
-    for t in range(0, n_whole):
-        kb = tl.load(row + t)
-        for sub in tl.static_range(MASK_BLOCK // BLOCK_N):
-            acc, l_i, m_i = key_tile(q, qs, K, ks_ptr, VT, k_row, v_row, kb * MASK_BLOCK + sub * BLOCK_N, lk, lkp,
-                                     acc, l_i, m_i, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, False, KBLK)
+    if PIPELINE:  # one flat loop over the key tiles, the next tile's Q·Kᵀ issued before this one's softmax
+        subs: tl.constexpr = MASK_BLOCK // BLOCK_N
+        n_tiles = n_whole * subs
+        if n_tiles > 0:
+            col = tl.load(row) * MASK_BLOCK
+            s, kscale = qk_tile(q, K, ks_ptr, k_row, col, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, False, KBLK)
+            for t in range(1, n_tiles):
+                col_next = tl.load(row + t // subs) * MASK_BLOCK + (t % subs) * BLOCK_N
+                s_next, kscale_next = qk_tile(q, K, ks_ptr, k_row, col_next, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA,
+                                              False, KBLK)
+                acc, l_i, m_i = softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N,
+                                           USE_TMA, EXP_FMA)
+                s, kscale, col = s_next, kscale_next, col_next
+            acc, l_i, m_i = softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA,
+                                       EXP_FMA)
+    else:
+        for t in range(0, n_whole):
+            kb = tl.load(row + t)
+            for sub in tl.static_range(MASK_BLOCK // BLOCK_N):
+                acc, l_i, m_i = key_tile(q, qs, K, ks_ptr, VT, k_row, v_row, kb * MASK_BLOCK + sub * BLOCK_N, lk,
+                                         lkp, acc, l_i, m_i, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, False, KBLK,
+                                         EXP_FMA)
     if n_whole < n_kept:
         for col in range(last * MASK_BLOCK, lk, BLOCK_N):
             acc, l_i, m_i = key_tile(q, qs, K, ks_ptr, VT, k_row, v_row, col, lk, lkp, acc, l_i, m_i, HEAD_DIM,
-                                     BLOCK_N, QK_INT8, USE_TMA, True, KBLK)
+                                     BLOCK_N, QK_INT8, USE_TMA, True, KBLK, EXP_FMA)
     store_out(acc, l_i, VS, VM, O, pid_m, bh, lq, heads, stride_ob, stride_ol, stride_oh, HEAD_DIM, BLOCK_M)
 
 
@@ -64,6 +82,6 @@ def _fits_mask_block(configs, named_args, **kwargs):
 
 # The dense kernel's tiles (all divide 128, the radial mask's block) and its TMA pre-hook.
 attn_fwd_sparse_tuned = triton.autotune(
-    CONFIGS, key=["lkp", "max_cnt", "HEAD_DIM", "QK_INT8", "USE_TMA", "MASK_BLOCK"],
+    CONFIGS, key=["lkp", "max_cnt", "HEAD_DIM", "QK_INT8", "USE_TMA", "MASK_BLOCK", "PIPELINE", "EXP_FMA"],
     prune_configs_by={"early_config_prune": _fits_mask_block},
 )(attn_fwd_sparse)  # fmt: skip
