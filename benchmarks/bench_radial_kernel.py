@@ -2,9 +2,8 @@
 heads of 128; 480p 32,760 tokens, 720p 75,600), against the dense 8-bit kernels on the same card:
 FlashAttention-3's e4m3 (fast mode's dense attention, when installed) and our dense Triton one.
 
-Kernel-only times (inputs already quantised) per tile config, loop form (plain / the next tile's
-Q·Kᵀ issued before this tile's softmax) and exp2 split (`exp_fma`: 0, 1/2 or 1/4 of the columns'
-exp2 on the FMA units), the autotuner's pick, and the quantisation op;
+Kernel-only times (inputs already quantised) per tile config and loop form (plain / the next
+tile's Q·Kᵀ issued before this tile's softmax), the autotuner's pick, and the quantisation op;
 "ideal" is the dense kernel's time times the mask's density (what a sparse kernel at the dense
 rate would take).
 
@@ -73,17 +72,14 @@ def one_resolution(res: str, do_sweep: bool, R: dict) -> list:
         t = bench(lambda p=pipeline: sa._launch(*packed, L, L, torch.bfloat16, blocks=blocks, pipeline=p))
         rows.append((res, f"sparse autotuned pipeline={pipeline}", t, None))
     tiles = [(64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3)]
-    sweep = itertools.product(tiles, (False, True), (0, 1, 2)) if do_sweep else ()
-    for (bm, bn, w, s), pipeline, exp_fma in sweep:
+    for (bm, bn, w, s), pipeline in itertools.product(tiles, (False, True)) if do_sweep else ():
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-        name = f"sparse {bm}x{bn} w{w} s{s} pipeline={pipeline:d} exp_fma={exp_fma}"
+        name = f"sparse {bm}x{bn} w{w} s{s} pipeline={pipeline:d}"
         try:
-            out = sa._launch(
-                *packed, L, L, torch.bfloat16, config=cfg, blocks=blocks, pipeline=pipeline, exp_fma=exp_fma
-            )
+            out = sa._launch(*packed, L, L, torch.bfloat16, config=cfg, blocks=blocks, pipeline=pipeline)
             c = F.cosine_similarity(out.float().flatten(), ref.flatten(), 0).item()
-            t = bench(lambda cfg=cfg, p=pipeline, e=exp_fma: sa._launch(*packed, L, L, torch.bfloat16, config=cfg,
-                                                                         blocks=blocks, pipeline=p, exp_fma=e))  # fmt: skip
+            t = bench(lambda cfg=cfg, p=pipeline: sa._launch(*packed, L, L, torch.bfloat16, config=cfg, blocks=blocks,
+                                                              pipeline=p))  # fmt: skip
             rows.append((res, name, t, c))
         except Exception:
             R[f"{res}_{name}_error"] = traceback.format_exc()[-300:]

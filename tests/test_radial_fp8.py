@@ -143,25 +143,26 @@ def _signature(bm: int, bn: int, tma: bool, sparse: bool, qk: str = "fp8e4nv") -
 @needs_triton
 def test_both_8bit_kernels_compile_for_hopper():
     """Every tile the autotuners try, with TMA and pointer loads, compiles for sm_90 within the
-    H100's shared memory: the sparse kernel and the dense one, which shares its pieces (the
-    interpreter does not compile). INT8 Q·Kᵀ once each."""
+    H100's shared memory: the sparse kernel (both loop forms) and the dense one, which shares its
+    pieces (the interpreter does not compile). INT8 Q·Kᵀ once each."""
     from wan_core.kernels import sage_kernel, sage_sparse_kernel
 
-    assert sage_sparse_kernel.attn_fwd_sparse_tuned.configs == sage_kernel.CONFIGS
+    assert sage_sparse_kernel.attn_fwd_sparse_tuned.configs == sage_sparse_kernel.CONFIGS
     shared_max = 227 * 1024  # H100: dynamic shared memory per block
-    for cfg in sage_kernel.CONFIGS:
+    sparse_fn, dense_fn = sage_sparse_kernel.attn_fwd_sparse, sage_kernel.attn_fwd
+    kernels = [(sparse_fn, cfg, True, {"MASK_BLOCK": 128, "PIPELINE": p}) for cfg in sage_sparse_kernel.CONFIGS
+               for p in (False, True)] + [(dense_fn, cfg, False, {"PIPELINE": False}) for cfg in sage_kernel.CONFIGS]
+    for fn, cfg, sparse, extra in kernels:
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        assert 128 % bm == 0 and 128 % bn == 0  # the radial mask's block
+        assert not sparse or (128 % bm == 0 and 128 % bn == 0)  # the radial mask's block
         for tma in (False, True):
             common = dict(cfg.kwargs, HEAD_DIM=128, QK_INT8=False, USE_TMA=tma, KBLK=sa.KBLK)
-            for fn, sparse, extra in ((sage_sparse_kernel.attn_fwd_sparse, True, {"MASK_BLOCK": 128}),
-                                      (sage_kernel.attn_fwd, False, {"PIPELINE": False})):  # fmt: skip
-                out = compile_for_hopper(fn, _signature(bm, bn, tma, sparse), dict(common, **extra), cfg.num_warps,
-                                         cfg.num_stages)  # fmt: skip
-                assert "cubin" in out.asm and out.metadata.shared <= shared_max, (fn, cfg, tma, out.metadata.shared)
+            out = compile_for_hopper(fn, _signature(bm, bn, tma, sparse), dict(common, **extra), cfg.num_warps,
+                                     cfg.num_stages)  # fmt: skip
+            assert "cubin" in out.asm and out.metadata.shared <= shared_max, (fn, cfg, tma, out.metadata.shared)
     consts = dict(BLOCK_M=64, BLOCK_N=128, HEAD_DIM=128, QK_INT8=True, USE_TMA=False, KBLK=sa.KBLK)
-    for fn, sparse, extra in ((sage_sparse_kernel.attn_fwd_sparse, True, {"MASK_BLOCK": 128}),
-                              (sage_kernel.attn_fwd, False, {"PIPELINE": True})):  # fmt: skip
+    for fn, sparse, extra in ((sparse_fn, True, {"MASK_BLOCK": 128, "PIPELINE": True}),
+                              (dense_fn, False, {"PIPELINE": True})):  # fmt: skip
         assert "cubin" in compile_for_hopper(fn, _signature(64, 128, False, sparse, "i8"), dict(consts, **extra), 4).asm
 
 

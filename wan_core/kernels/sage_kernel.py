@@ -27,7 +27,8 @@ the loop are shared with the block-sparse variant, `sage_sparse_kernel`.
 import triton
 import triton.language as tl
 
-__all__ = ["attn_fwd", "attn_fwd_tuned", "CONFIGS", "load_q", "qk_tile", "softmax_pv", "key_tile", "store_out"]
+__all__ = ["attn_fwd", "attn_fwd_tuned", "CONFIGS", "load_q", "qk_tile", "softmax_pv", "key_tile", "store_out",
+           "set_block_shapes"]
 
 # The pieces below are shared with the block-sparse variant (`sage_sparse_kernel`): the same q
 # tile, the same step per key tile, the same epilogue; only the order of the key tiles differs.
@@ -74,41 +75,12 @@ def qk_tile(q, K, ks_ptr, row, col, lk, HEAD_DIM: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
-def exp2_fma(x):
-    """2**x on the FMA units (no MUFU): x rounded to an integer j by the 1.5·2^23 trick, 2**(x - j)
-    by a cubic (relative error < 1e-4 on [-0.5, 0.5], far below e4m3's 2^-4 step), j added to the
-    exponent bits. x is clamped at -126 (a masked score's -inf gives ~1e-38, not 0)."""
-    x = tl.maximum(x, -126.0)
-    xr = x + 12582912.0
-    j = xr.to(tl.int32, bitcast=True) - 0x4B400000  # round(x)
-    f = x - (xr - 12582912.0)  # in [-0.5, 0.5]
-    p = 0.9999289 + f * (0.69327626 + f * (0.24260466 + f * 0.05508886))
-    return (p.to(tl.int32, bitcast=True) + (j << 23)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def exp2_split(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXP_FMA: tl.constexpr):
-    """2**x of a score tile [BLOCK_M, BLOCK_N], one column in 2**EXP_FMA on the FMA units (exp2_fma),
-    the others on the MUFU: at 8-bit matmul rates the MUFU's exp2 (1/8 of the FMA rate) is the
-    bottleneck. EXP_FMA 0: all on the MUFU."""
-    if EXP_FMA == 0:
-        return tl.math.exp2(x)
-    a, b = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))  # even / odd columns (a thread's register pairs)
-    if EXP_FMA == 1:
-        return tl.reshape(tl.join(tl.math.exp2(a), exp2_fma(b)), [BLOCK_M, BLOCK_N])
-    b0, b1 = tl.split(tl.reshape(b, [BLOCK_M, BLOCK_N // 4, 2]))
-    b = tl.reshape(tl.join(tl.math.exp2(b0), exp2_fma(b1)), [BLOCK_M, BLOCK_N // 2])
-    return tl.reshape(tl.join(tl.math.exp2(a), b), [BLOCK_M, BLOCK_N])
-
-
-@triton.jit
 def softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-               USE_TMA: tl.constexpr, EXP_FMA: tl.constexpr = 0):
+               USE_TMA: tl.constexpr):
     """One key tile's online-softmax update and P·V: the new (acc, l, m)."""
     c = qs * kscale  # [BLOCK_M]: raw score -> log2-domain score
     m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-    x = s * c[:, None] - (m_new - 8.807354922057604)[:, None]
-    p = exp2_split(x, s.shape[0], BLOCK_N, EXP_FMA)  # 448 · exp2(score - max)
+    p = tl.math.exp2(s * c[:, None] - (m_new - 8.807354922057604)[:, None])  # 448 · exp2(score - max)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if USE_TMA:
@@ -125,10 +97,10 @@ def softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM: tl.c
 @triton.jit
 def key_tile(q, qs, K, ks_ptr, VT, k_row, v_row, col, lk, lkp, acc, l_i, m_i, HEAD_DIM: tl.constexpr,
              BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, USE_TMA: tl.constexpr, MASK: tl.constexpr,
-             KBLK: tl.constexpr, EXP_FMA: tl.constexpr = 0):
+             KBLK: tl.constexpr):
     """The whole step of one key tile starting at key `col`: scores, softmax update, P·V."""
     s, kscale = qk_tile(q, K, ks_ptr, k_row, col, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, MASK, KBLK)
-    return softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA, EXP_FMA)
+    return softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA)
 
 
 @triton.jit
@@ -180,7 +152,7 @@ def attn_fwd(Q, QS, K, KS, VT, VS, VM, O, lq, lk, lqp, lkp, heads, stride_ob, st
     store_out(acc, l_i, VS, VM, O, pid_m, bh, lq, heads, stride_ob, stride_ol, stride_oh, HEAD_DIM, BLOCK_M)
 
 
-def _set_block_shapes(nargs):
+def set_block_shapes(nargs):
     """Autotuner pre-hook: the tensor descriptors' tile shapes follow the config's block sizes."""
     if nargs["USE_TMA"]:
         d, bm, bn = nargs["HEAD_DIM"], nargs["BLOCK_M"], nargs["BLOCK_N"]
@@ -191,7 +163,7 @@ def _set_block_shapes(nargs):
 
 # No BLOCK_N = 256: it spills registers (benchmarks/NOTES.md).
 CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=set_block_shapes)
     for bm, bn, w, s in [(64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3),
                          (128, 64, 8, 3), (128, 128, 8, 4)]
 ]

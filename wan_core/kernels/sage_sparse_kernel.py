@@ -18,22 +18,25 @@ Only the last mask block can hold keys at or past lk (the padding); with ascendi
 a row's last entry, so the loop over the others runs unmasked and that block runs its tiles up to
 lk with the key mask, as the dense kernel's last tile. With every block kept this is the dense
 kernel's tile sequence exactly (same values, bit for bit, at equal BLOCK_N).
+
+PIPELINE runs the kept tiles as one flat loop that issues the next tile's Q·Kᵀ before this tile's
+softmax (the dense kernel's hand-pipelined form): a few per cent faster here, where the dense
+kernel gained nothing (`sage_attention.SPARSE_OPTIONS`).
 """
 
 import triton
 import triton.language as tl
 
-from .sage_kernel import CONFIGS, key_tile, load_q, qk_tile, softmax_pv, store_out
+from .sage_kernel import key_tile, load_q, qk_tile, set_block_shapes, softmax_pv, store_out
 
-__all__ = ["attn_fwd_sparse", "attn_fwd_sparse_tuned"]
+__all__ = ["attn_fwd_sparse", "attn_fwd_sparse_tuned", "CONFIGS"]
 
 
 @triton.jit
 def attn_fwd_sparse(Q, QS, K, KS, VT, VS, VM, O, CNT, IDX, lq, lk, lqp, lkp, heads, max_cnt,
                     stride_ob, stride_ol, stride_oh,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
-                    USE_TMA: tl.constexpr, KBLK: tl.constexpr, MASK_BLOCK: tl.constexpr,
-                    PIPELINE: tl.constexpr = False, EXP_FMA: tl.constexpr = 0):
+                    USE_TMA: tl.constexpr, KBLK: tl.constexpr, MASK_BLOCK: tl.constexpr, PIPELINE: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     k_row = bh * lkp  # row in the [B·H·Lkp, D] view of k
@@ -55,21 +58,19 @@ def attn_fwd_sparse(Q, QS, K, KS, VT, VS, VM, O, CNT, IDX, lq, lk, lqp, lkp, hea
                 s_next, kscale_next = qk_tile(q, K, ks_ptr, k_row, col_next, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA,
                                               False, KBLK)
                 acc, l_i, m_i = softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N,
-                                           USE_TMA, EXP_FMA)
+                                           USE_TMA)
                 s, kscale, col = s_next, kscale_next, col_next
-            acc, l_i, m_i = softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA,
-                                       EXP_FMA)
+            acc, l_i, m_i = softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA)
     else:
         for t in range(0, n_whole):
             kb = tl.load(row + t)
             for sub in tl.static_range(MASK_BLOCK // BLOCK_N):
                 acc, l_i, m_i = key_tile(q, qs, K, ks_ptr, VT, k_row, v_row, kb * MASK_BLOCK + sub * BLOCK_N, lk,
-                                         lkp, acc, l_i, m_i, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, False, KBLK,
-                                         EXP_FMA)
+                                         lkp, acc, l_i, m_i, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, False, KBLK)
     if n_whole < n_kept:
         for col in range(last * MASK_BLOCK, lk, BLOCK_N):
             acc, l_i, m_i = key_tile(q, qs, K, ks_ptr, VT, k_row, v_row, col, lk, lkp, acc, l_i, m_i, HEAD_DIM,
-                                     BLOCK_N, QK_INT8, USE_TMA, True, KBLK, EXP_FMA)
+                                     BLOCK_N, QK_INT8, USE_TMA, True, KBLK)
     store_out(acc, l_i, VS, VM, O, pid_m, bh, lq, heads, stride_ob, stride_ol, stride_oh, HEAD_DIM, BLOCK_M)
 
 
@@ -80,8 +81,14 @@ def _fits_mask_block(configs, named_args, **kwargs):
     return fit
 
 
-# The dense kernel's tiles (all divide 128, the radial mask's block) and its TMA pre-hook.
+# Tiles and loop forms measured on the H100 (benchmarks/bench_radial_kernel.py; NOTES.md, tenth
+# session): the pipelined loop with 64 x 128 tiles, 4 warps, 2 stages is the fastest at 480p and
+# 720p; the others are the next best (all divide 128, the radial mask's block).
+CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=set_block_shapes)
+    for bm, bn, w, s in [(64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4)]
+]
 attn_fwd_sparse_tuned = triton.autotune(
-    CONFIGS, key=["lkp", "max_cnt", "HEAD_DIM", "QK_INT8", "USE_TMA", "MASK_BLOCK", "PIPELINE", "EXP_FMA"],
+    CONFIGS, key=["lkp", "max_cnt", "HEAD_DIM", "QK_INT8", "USE_TMA", "MASK_BLOCK", "PIPELINE"],
     prune_configs_by={"early_config_prune": _fits_mask_block},
 )(attn_fwd_sparse)  # fmt: skip
