@@ -90,8 +90,7 @@ def run_model(name, fwd, cfg, resolutions, reps=3):
         torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode():
             tm, all_t = timeit(lambda x=x, t=t, ctx=ctx: fwd(x, t, ctx), warm=1, reps=reps)
-            if res == "480p":
-                outs[res] = fwd(x, t, ctx).float().cpu()
+            outs[res] = fwd(x, t, ctx).float().cpu()  # [1, 16, F, h, w]: small
         record(name, res, tm, all_t, torch.cuda.max_memory_allocated() / 2**30, cfg, grid)
     return outs
 
@@ -223,6 +222,14 @@ def main():
         for k, v in outputs.items():
             if k.startswith("ours_") and k != "ours_compiled" and "480p" in v:
                 RESULTS[f"cos_{k}_vs_ours_bf16_480p"] = cos(v["480p"], outputs["ours_compiled"]["480p"])
+    variants = args.compiled.split(",") if args.compile else []
+    first = ("ours_compiled" if variants[0] == "bf16" else f"ours_{variants[0]}") if variants else None
+    eager = [b for b in args.ours.split(",") if b]
+    first = f"ours_{eager[0]}" if eager else first  # the first of --ours, else of --compiled
+    for k, v in outputs.items():  # every variant of ours against that one (e.g. radial against dense)
+        if first in outputs and k.startswith("ours_") and k != first:
+            for res in v.keys() & outputs[first].keys():
+                RESULTS[f"cos_{k}_vs_{first}_{res}"] = cos(v[res], outputs[first][res])
     if "comfy" in outputs:
         for k, v in outputs.items():
             if k != "comfy" and "480p" in v:
