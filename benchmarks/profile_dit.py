@@ -1,8 +1,9 @@
-"""Where a 14B 480p forward spends its time: one compiled forward under torch.profiler, kernels
-grouped into attention / GEMM / other, top kernels listed. Variants as bench_dit.py's compiled
-ones (bf16, fp8, fast); the output's cosine similarity to bf16's (same weights and inputs).
+"""Where a 14B forward (480p, or `--res 720p`) spends its time: one compiled forward under
+torch.profiler, kernels grouped into attention / GEMM / other, top kernels listed. Variants as
+bench_dit.py's compiled ones (bf16, fp8, fast; "fast@radial_attn": the 8-bit sparse kernel); the
+output's cosine similarity to bf16's (same weights and inputs).
 
-  python benchmarks/profile_dit.py [--variants fast,bf16]
+  python benchmarks/profile_dit.py [--variants fast,bf16] [--res 480p]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def group(name: str) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="fast,bf16")
+    ap.add_argument("--res", default="480p", choices=sorted(bd.SHAPES), help="the token layout (720p: 75,600 tokens)")
     args = ap.parse_args()
     cfg = PRESETS["t2v-14b"]
     outs = {}
@@ -48,12 +50,17 @@ def main():
             for p in m.parameters():
                 p.normal_(0, 0.02)
         base, _, attn = variant.partition("@")  # "fast@fa3_fp8": another self-attention backend
-        m.set_attention(attn or ("sage_triton" if base == "fast" else "sdpa_cudnn"))
+        radial = None
+        if attn == "radial_attn":  # the options the model cache gives: the 8-bit sparse kernel on an FP8 DiT
+            from wan_core.kernels.radial_attention import for_model
+
+            radial = for_model(None, base != "bf16", "cuda")
+        m.set_attention(attn or ("sage_triton" if base == "fast" else "sdpa_cudnn"), radial=radial)
         if base != "bf16":
             quantize_model(m, kernel="auto")
         m.set_block_ops("auto")  # the fused ops, as a CUDA build chooses
         compile_blocks(m)
-        x, t, c = bd.inputs(bd.SHAPES["480p"])
+        x, t, c = bd.inputs(bd.SHAPES[args.res])
         with torch.inference_mode():
             for _ in range(2):
                 outs[variant] = m(x, t, c).float().cpu()
@@ -70,7 +77,7 @@ def main():
             totals[group(e.key)] = totals.get(group(e.key), 0.0) + us
             kernels[e.key] = kernels.get(e.key, 0.0) + us
         total = sum(totals.values())
-        print(f"\n== {variant}: {total / 1e6:.3f} s of GPU kernels in one 480p forward")
+        print(f"\n== {variant}: {total / 1e6:.3f} s of GPU kernels in one {args.res} forward")
         for g, us in sorted(totals.items(), key=lambda kv: -kv[1]):
             print(f"  {g:28s} {us / 1e6:7.3f} s  {100 * us / total:5.1f} %")
         for k, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:18]:
