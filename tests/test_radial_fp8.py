@@ -169,6 +169,22 @@ def test_both_8bit_kernels_compile_for_hopper():
 # ---- the kernel choice ---------------------------------------------------------------------------
 
 
+def test_sparse_tile_fixed_on_hopper_only_where_it_fits(monkeypatch):
+    """On Hopper the sparse kernel runs the tile measured fastest (not the autotuner's pick), and
+    only when that tile divides the mask block; other GPUs, other blocks and the CPU autotune
+    (None)."""
+    cap = {"v": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["v"])
+    cuda = torch.device("cuda")
+    hopper = sa._sparse_config(cuda, 128)
+    assert hopper == sa.SPARSE_OPTIONS["configs"][(9, 0)] and 128 % hopper["BLOCK_N"] == 0
+    assert sa._sparse_config(cuda, 256) == hopper
+    assert sa._sparse_config(cuda, 64) is None  # 64-token blocks: the 128-key tile would straddle two
+    cap["v"] = (8, 9)
+    assert sa._sparse_config(cuda, 128) is None
+    assert sa._sparse_config(torch.device("cpu"), 128) is None
+
+
 def test_kernel_option_and_its_errors():
     assert RadialOptions().kernel == "auto" and RadialOptions(kernel="fp8").dense_backend == "sage_triton"
     assert RadialOptions(kernel="bf16").dense_backend == RadialOptions().dense_backend == "auto"

@@ -187,8 +187,18 @@ def reference(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype=torch.bflo
 # How the kernel is run on CUDA: TMA loads beat pointer loads; the hand-pipelined loop and Triton's
 # warp specialisation gave no steady gain (benchmarks/bench_attention.py; figures in NOTES.md).
 KERNEL_OPTIONS = {"use_tma": True, "pipeline": False, "warp_spec": False}
-# The block-sparse kernel's loop form: pipelined (benchmarks/bench_radial_kernel.py, 2-6 % faster).
-SPARSE_OPTIONS = {"pipeline": True}
+# The block-sparse kernel: its loop form, pipelined (2-6 % faster), and on Hopper the tile the
+# sweep found fastest at 480p and 720p, 1-5 % ahead of the autotuner's noisy pick among close ones
+# (benchmarks/bench_radial_kernel.py; NOTES.md, tenth session). Elsewhere it is autotuned.
+SPARSE_OPTIONS = {"pipeline": True, "configs": {(9, 0): {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}}}
+
+
+def _sparse_config(device: torch.device, mask_block: int) -> dict | None:
+    """The measured tile of the sparse kernel on this GPU (None: autotune), if it divides the mask block."""
+    if device.type != "cuda":
+        return None
+    cfg = SPARSE_OPTIONS["configs"].get(torch.cuda.get_device_capability(device))
+    return cfg if cfg is not None and mask_block % cfg["BLOCK_M"] == 0 and mask_block % cfg["BLOCK_N"] == 0 else None
 
 
 def _tma_possible(device: torch.device) -> bool:
@@ -215,6 +225,8 @@ def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype
     if pipeline is None:
         pipeline = (SPARSE_OPTIONS if blocks is not None else KERNEL_OPTIONS)["pipeline"]
     warp_spec = KERNEL_OPTIONS["warp_spec"] if warp_spec is None else warp_spec
+    if blocks is not None and config is None:
+        config = _sparse_config(qc.device, blocks[2])
     b, h, lqp, d = qc.shape
     lkp = kc.shape[2]
     out = torch.empty(b, lq, h, d, dtype=out_dtype, device=qc.device)  # [B, Lq, H, D]
