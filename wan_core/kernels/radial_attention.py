@@ -29,7 +29,9 @@ works, ring attention (sequence split) cannot, and says so (`whole_sequence`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -205,11 +207,8 @@ class RadialAttention:
         self.use_triton = available(dev) is None
         check_kernel(options, dev)
         self.eight_bit = options.kernel == "fp8"
-        # Compiled blocks run this eagerly (a graph break): it reads the context variables and
-        # launches a kernel chosen per call, which a graph could not guard on.
-        import torch._dynamo as _dynamo  # noqa: F401  (torch.compiler.disable needs it loaded)
-
-        self._attend_fn = torch.compiler.disable(self._attend)
+        self._token = next(_TOKENS)
+        _BACKENDS[self._token] = self
 
     def for_layer(self, index: int):
         """The function block `index` runs: the dense backend for the first `dense_layers` blocks."""
@@ -219,7 +218,7 @@ class RadialAttention:
         return radial_plan(frames, tokens_per_frame, self.options.decay_factor, device)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self._attend_fn(q, k, v)
+        return _radial_op(q, k, v, self._token)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         step = current_step()
@@ -244,6 +243,25 @@ class RadialAttention:
         if self.use_triton and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             return radial_attention_triton(q, k, v, plan)
         return radial_attention_torch(q, k, v, plan)
+
+
+# A compiled block sees the backend as one opaque op: the op reads the layout and the step (context
+# variables) and picks its kernel when it runs, which a traced graph could not guard on; before,
+# a graph break did that and cut each compiled block into four graphs, losing the fusions around
+# attention. The op finds its backend by a token (a constant in the graph); the registry holds
+# the backends weakly.
+_BACKENDS: weakref.WeakValueDictionary[int, RadialAttention] = weakref.WeakValueDictionary()
+_TOKENS = itertools.count()
+
+
+@torch.library.custom_op("wan_core::radial_attention", mutates_args=())
+def _radial_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: int) -> torch.Tensor:
+    return _BACKENDS[backend]._attend(q, k, v).contiguous()
+
+
+@_radial_op.register_fake
+def _(q, k, v, backend):
+    return q.new_empty(q.shape)  # [B, L, H, D] in q's dtype, contiguous
 
 
 def make_radial(options: RadialOptions | None, dense, device=None) -> RadialAttention:
