@@ -11,10 +11,15 @@
 #   dit-fused        bench_dit.py 480p: ComfyUI vs $DIT_VARIANTS (bf16,fast,fp8)     ~3 min
 #   dit-720          bench_dit.py 720p, ours bf16 compiled (no peer)                    ~2 min
 #   e2e-fast         bench_e2e.py $E2E_VARIANTS (fast,fast-offload,fp8-offload), one timed run
-#                    each, per x264 preset in $E2E_PRESETS (medium)                     ~5 min
+#                    each, per x264 preset in $E2E_PRESETS (medium); $E2E_ARGS more flags
+#                    (e.g. "--task i2v", "--steps 50 --cache Mag")                      ~5 min
 #   vae              bench_vae.py: VAE decode/encode, ours vs ComfyUI and diffusers     ~2 min
 #   vae-stage        bench_vae_stage.py: pipeline.decode + mp4 writer, staged vs pinned ~1 min
 #   profile          profile_dit.py fast,bf16                                           ~2 min
+#   radial-tests     pytest -m gpu: the radial kernels and backend, the 8-bit ones     ~1.5 min
+#   radial-kernel    bench_radial_kernel.py: the sparse kernel alone vs the dense 8-bit ones ~3 min
+#   radial-720       bench_dit.py 720p: fast mode dense (FA3 e4m3) vs radial, compiled    ~2 min
+#   profile-720      profile_dit.py --res 720p: radial vs dense fast mode, per kernel group ~2 min
 #   wan22            bench_wan22.py $WAN22_PARTS (forward5b,vae22,a14b,ti2v): TI2V-5B forward and
 #                    Wan2.2 VAE vs ComfyUI, whole A14B 4-step and TI2V-5B runs (carry .whl2) ~8 min
 set -u
@@ -46,10 +51,17 @@ for step in "$@"; do
     fused-tests) timeout 300 python3 -m pytest -p no:cacheprovider -m gpu -q --tb=short tests/test_fused_gpu.py tests/test_sage_gpu.py tests/test_fp8_gpu.py tests/test_offload_gpu.py 2>&1 \
                  | tee "$OUT/fused_tests.log" | tail -15 ;;
     e2e-fast) timeout 420 python3 benchmarks/bench_e2e.py --variants ${E2E_VARIANTS:-fast,fast-offload,fp8-offload} --runs 1 --size ${E2E_SIZE:-480x832} \
-                 --presets ${E2E_PRESETS:-medium} --t5 ${E2E_T5:-host} 2>&1 | tee "$OUT/bench_e2e_fast.log" | grep -v -i warn | tail -5; rm -f "$OUT"/*.mp4 ;;
+                 --presets ${E2E_PRESETS:-medium} --t5 ${E2E_T5:-host} ${E2E_ARGS:-} 2>&1 | tee "$OUT/bench_e2e_fast.log" | grep -v -i warn | tail -5; rm -f "$OUT"/*.mp4 ;;
     vae) timeout 240 python3 benchmarks/bench_vae.py 2>&1 | tee "$OUT/bench_vae.log" | tail -8 ;;
     vae-stage) timeout 200 python3 benchmarks/bench_vae_stage.py 2>&1 | tee "$OUT/bench_vae_stage.log" | tail -8 ;;
     profile) timeout 240 python3 benchmarks/profile_dit.py --variants fast,bf16 2>&1 | tee "$OUT/profile_dit.log" | grep -v -i warn | tail -30 ;;
+    radial-tests) timeout 300 python3 -m pytest -p no:cacheprovider -m gpu -q --tb=short tests/test_radial_fp8.py \
+                 tests/test_radial_attention.py tests/test_sage_gpu.py 2>&1 | tee "$OUT/gpu_tests_radial.log" | tail -4 ;;
+    radial-kernel) timeout 300 python3 benchmarks/bench_radial_kernel.py 2>&1 | tee "$OUT/bench_radial_kernel.log" | grep -v -i warn | tail -30 ;;
+    radial-720) timeout 300 python3 benchmarks/bench_dit.py --res 720p --peers "" --ours "" --compile \
+                 --compiled fast@fa3_fp8,fast@radial_attn 2>&1 | tee "$OUT/bench_dit_radial720.log" | grep -v -i warn | tail -9 ;;
+    profile-720) timeout 300 python3 benchmarks/profile_dit.py --res 720p --variants fast@radial_attn,fast@fa3_fp8 2>&1 \
+                 | tee "$OUT/profile_dit_720.log" | grep -v -i warn | tail -50 ;;
     wan22) timeout 560 python3 benchmarks/bench_wan22.py --parts ${WAN22_PARTS:-forward5b,vae22,a14b,ti2v} 2>&1 \
                  | tee "$OUT/bench_wan22.log" | grep -v -i warn | tail -30 ;;
     *) echo "unknown step $step" ;;
