@@ -404,6 +404,25 @@ def test_compiled_blocks_run_radial_as_one_op_in_one_graph():
     torch._dynamo.reset()
 
 
+def test_a_copied_model_runs_radial_after_the_original_is_gone():
+    """The op finds its backend by a token: a deep copy of the model gets backends of its own, so it
+    still runs (and equals the original's output) once the original is deleted."""
+    import copy
+    import gc
+
+    model = _model()
+    x, t, ctx = _inputs(model.cfg)
+    model.set_attention("radial_attn", radial=RadialOptions(decay_factor=0.5))
+    with torch.no_grad():
+        ref = model(x, t, ctx)
+        twin = copy.deepcopy(model)
+        tokens = {blk.self_attn.attn_fn._token for blk in model.blocks}
+        del model
+        gc.collect()
+        assert not tokens & set(ra._BACKENDS)  # the original's backends are gone from the registry
+        assert torch.equal(twin(x, t, ctx), ref)
+
+
 def test_errors_for_what_cannot_work():
     fn = get_attention("radial_attn", "cpu")
     q, k, v = _qkv(1, 1800, 2, 16)

@@ -204,11 +204,16 @@ class RadialAttention:
         self.options = options
         self.dense = dense
         dev = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = dev
         self.use_triton = available(dev) is None
         check_kernel(options, dev)
         self.eight_bit = options.kernel == "fp8"
         self._token = next(_TOKENS)
         _BACKENDS[self._token] = self
+
+    def __reduce__(self):
+        """A copy (copy.deepcopy, pickle) is made by the constructor: it gets its own op token."""
+        return (RadialAttention, (self.options, self.dense, self.device))
 
     def for_layer(self, index: int):
         """The function block `index` runs: the dense backend for the first `dense_layers` blocks."""
