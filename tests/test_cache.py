@@ -229,8 +229,9 @@ def test_start_end_and_cap_through_the_model(setup):
         assert cache.report().skipped[b] == [2, 3, 5, 6]
 
 
-def test_block0_indicator_is_block0_modulated_input(setup):
-    model, cond, _, noise = setup
+def _block0_change_and_inputs(model, call):
+    """Two cond calls (t 900, 700) under a block-0 TeaCache: the indicator's traced change of the
+    second call, and block 0's self-attention inputs as they were seen."""
     seen = []
     hook = model.blocks[0].self_attn.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
     cache = FeatureCache(TeaCachePolicy(thresh=0.0, indicator="block0", start_step=0), trace=True)
@@ -238,10 +239,16 @@ def test_block0_indicator_is_block0_modulated_input(setup):
         with feature_cache(model, cache, num_steps=2), torch.no_grad():
             for t in (900.0, 700.0):
                 with cache_branch(COND):
-                    model(noise, torch.tensor([t]), cond.context)
+                    call(t)
     finally:
         hook.remove()
-    assert cache.trace[1]["changes"]["block0"] == pytest.approx(rel_l1(seen[1], seen[0]), rel=1e-6)
+    return cache.trace[1]["changes"]["block0"], seen
+
+
+def test_block0_indicator_is_block0_modulated_input(setup):
+    model, cond, _, noise = setup
+    change, seen = _block0_change_and_inputs(model, lambda t: model(noise, torch.tensor([t]), cond.context))
+    assert change == pytest.approx(rel_l1(seen[1], seen[0]), rel=1e-6)
 
 
 def test_block0_indicator_with_per_token_timesteps():
@@ -253,17 +260,8 @@ def test_block0_indicator_with_per_token_timesteps():
     model = build_model(cfg, random_state_dict(cfg), dtype=torch.float32)
     x = torch.randn(1, 48, 3, 4, 6)
     ctx = [torch.randn(7, cfg.text_dim)]
-    seen = []
-    hook = model.blocks[0].self_attn.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    cache = FeatureCache(TeaCachePolicy(thresh=0.0, indicator="block0", start_step=0), trace=True)
-    try:
-        with feature_cache(model, cache, num_steps=2), torch.no_grad():
-            for t in (900.0, 700.0):
-                with cache_branch(COND):
-                    model(x, _first_frame_zero_t([t], 3, 4, 6), ctx)
-    finally:
-        hook.remove()
-    assert cache.trace[1]["changes"]["block0"] == pytest.approx(rel_l1(seen[1], seen[0]), rel=1e-6)
+    change, seen = _block0_change_and_inputs(model, lambda t: model(x, _first_frame_zero_t([t], 3, 4, 6), ctx))
+    assert change == pytest.approx(rel_l1(seen[1], seen[0]), rel=1e-6)
 
 
 # ---- decision rules vs transcriptions of the reference loops ----------------------------------

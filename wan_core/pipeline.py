@@ -61,7 +61,7 @@ from .options import DEFAULT_NEGATIVE_PROMPT, GenerationConfig, parallel_dict, r
 from .pipeline_calls import LightX2VCalls
 from .pipeline_setup import arch_config, attention_choice, fp8_choice, sync
 from .progress import progress_bar, timed_build
-from .sampling.denoise import denoise
+from .sampling.denoise import NO_EXPERT_CACHE, denoise
 from .sampling.experts import Experts
 from .sampling.first_frame import FirstFrame
 from .sampling.loop import Cond, StepInfo, latent_shape, make_noise
@@ -231,13 +231,13 @@ class WanPipeline(LightX2VCalls):
         if self.moe:
             expert_switch(cfg, self.task)  # both boundary keys given: an error now
             if (cfg.feature_caching or "NoCaching") != "NoCaching":
-                raise ValueError("feature caching (TeaCache / MagCache) is not available for the two-expert Wan2.2 A14B models")
+                raise ValueError(NO_EXPERT_CACHE)
         self.config = cfg
         self.load()
+        from .layers.lora import lora_report
+
         for s in (self.spec, self.spec_low):
             if s is not None and s.loras:
-                from .layers.lora import lora_report
-
                 with lease(s) as dit:
                     log.info("LoRA%s: %s", f" ({s.expert}-noise expert)" if s.expert else "", lora_report(dit))
         self._make_cache(cfg.target_height, cfg.target_width)  # a cache setting that cannot work fails now

@@ -81,9 +81,9 @@ def _fits_mask_block(configs, named_args, **kwargs):
     return fit
 
 
-# Tiles and loop forms measured on the H100 (benchmarks/bench_radial_kernel.py; NOTES.md, tenth
-# session): the pipelined loop with 64 x 128 tiles, 4 warps, 2 stages is the fastest at 480p and
-# 720p; the others are the next best (all divide 128, the radial mask's block).
+# The autotuner's tiles, where no measured tile is fixed (`sage_attention.SPARSE_OPTIONS`: Hopper
+# runs 64 x 128, 4 warps, 2 stages, the fastest in the H100 sweep; NOTES.md, tenth session): that
+# one and the next best there (all divide 128, the radial mask's block).
 CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=set_block_shapes)
     for bm, bn, w, s in [(64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4)]

@@ -24,10 +24,10 @@ class FirstFrame:
     z: torch.Tensor
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, C, F, h, w] with latent frame 0 replaced by z (the official blend with a 0/1 mask)."""
-        mask = torch.ones_like(x)
-        mask[:, :, 0] = 0
-        return (1 - mask) * self.z.to(x) + mask * x
+        """x [B, C, F, h, w] with latent frame 0 replaced by z (what the official 0/1-mask blend gives)."""
+        out = x.clone()
+        out[:, :, :1] = self.z.to(x)
+        return out
 
     def timesteps(self, t: torch.Tensor, latent_shape, patch_size) -> torch.Tensor:
         """Per-token timesteps [B, L]: 0 on frame-0 tokens, t elsewhere (t: [B])."""
