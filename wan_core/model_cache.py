@@ -489,8 +489,10 @@ def build_vae(spec: ModelSpec):
     off = spec.offload.vae
     dev, dt = _part_device(spec, off), spec.torch_vae_dtype
     key = (_stamp(spec.vae), dt, dev, off)
-    load = load_vae22 if is_wan22_vae(spec.vae) else load_vae
-    return _cached("vae", key, lambda: load(spec.vae, dtype=dt, device=dev), dev, spec.vae)
+    def build():  # the file's header read on a cache miss only
+        return (load_vae22 if is_wan22_vae(spec.vae) else load_vae)(spec.vae, dtype=dt, device=dev)
+
+    return _cached("vae", key, build, dev, spec.vae)
 
 
 @_normal_tensors
