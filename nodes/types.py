@@ -12,6 +12,7 @@ import torch
 
 from wan_core.api import cache_config
 from wan_core.options import DEFAULT_NEGATIVE_PROMPT  # noqa: F401  (re-exported for the nodes)
+from wan_core.sampling.schedulers import DISTILL_STEPS
 
 # Socket type names (defined once; every node refers to these constants).
 WAN_MODEL = "WAN_MODEL"  # wan_core.spec.ModelSpec: files + build options, built lazily and cached
@@ -28,7 +29,7 @@ CONDITIONING = "CONDITIONING"  # [[tensor [1, tokens, 4096], dict]]: core CLIPTe
 CATEGORY = "Wan Fast"
 
 # The 4-step distill schedule of the lightx2v models (FORMATS.md, "Step-distilled models").
-DISTILL_STEP_LIST = "1000,750,500,250"
+DISTILL_STEP_LIST = ",".join(map(str, DISTILL_STEPS))  # the widget's text: "1000,750,500,250"
 
 
 @dataclass

@@ -272,13 +272,14 @@ def _demo_setup(p: argparse.ArgumentParser):
     def run(args) -> int:
         from .loading.tiny import tiny_model_dir
         from .pipeline import WanPipeline
+        from .sampling.schedulers import DISTILL_STEPS
 
         family = "wan2.2" if args.task == "ti2v" else args.family
         tiny_task, model_cls, task = _DEMO_MODELS[family, args.task]
         model = tiny_model_dir(tiny_task, root=args.cache_dir, family=family)
         print(f"tiny random-weight {family} model: {model}  (the video shows noise patterns: the weights are random)")
         pipe = WanPipeline(model, model_cls, task, device=args.device, dtype="fp32")
-        steps = {} if model_cls == "wan2.2" else dict(denoising_step_list=[1000, 750, 500, 250])
+        steps = {} if model_cls == "wan2.2" else dict(denoising_step_list=list(DISTILL_STEPS))
         pipe.create_generator(
             target_video_length=args.frames, target_height=args.height, target_width=args.width,
             sample_shift=5.0, enable_cfg=False, infer_steps=4, **steps,

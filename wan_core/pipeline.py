@@ -65,6 +65,7 @@ from .sampling.denoise import NO_EXPERT_CACHE, denoise
 from .sampling.experts import Experts
 from .sampling.first_frame import FirstFrame
 from .sampling.loop import Cond, StepInfo, latent_shape, make_noise
+from .sampling.schedulers import DISTILL_STEPS
 from .spec import ModelSpec
 from .vae_frames import decode_frames
 from .wan22 import MOE_CLASSES, WAN22_CLASSES, expert_loras, expert_switch, model_defaults
@@ -74,7 +75,6 @@ __all__ = ["WanPipeline", "GenerationResult", "MODEL_CLASSES"]
 log = logging.getLogger("wan_core.pipeline")
 
 MODEL_CLASSES = ("wan2.1", "wan2.1_distill", *WAN22_CLASSES)
-DISTILL_STEPS = [1000, 750, 500, 250]  # lightx2v 4-step distill models
 VAE_TILE = 32  # latent pixels per tile when `use_tiling_vae` is on (256 video pixels)
 
 

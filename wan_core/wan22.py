@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from .loading.family import check_expert_pair
 from .sampling.experts import OFFICIAL_BOUNDARY, ExpertSwitch
+from .sampling.schedulers import DISTILL_STEPS
 from .spec import ModelSpec
 
 __all__ = [
@@ -33,15 +34,14 @@ __all__ = [
 MOE_CLASSES = ("wan2.2_moe", "wan2.2_moe_distill")
 WAN22_CLASSES = (*MOE_CLASSES, "wan2.2")
 EXPERT_NAMES = {"high": "high_noise_model", "low": "low_noise_model"}  # LightX2V's lora_configs "name"s
-DISTILL_STEPS = [1000, 750, 500, 250]
 
 _DEFAULTS: dict[tuple[str, str], dict] = {
     # official: sample_shift, sample_steps, sample_guide_scale (low, high) -> LightX2V's [high, low]
     ("wan2.2_moe", "t2v"): dict(infer_steps=40, sample_shift=12.0, sample_guide_scale=[4.0, 3.0]),
     ("wan2.2_moe", "i2v"): dict(infer_steps=40, sample_shift=5.0, sample_guide_scale=[3.5, 3.5]),
     # LightX2V configs/distill/wan22/*: 4 steps, shift 5, no CFG, high-noise steps 0-1
-    ("wan2.2_moe_distill", "t2v"): dict(denoising_step_list=DISTILL_STEPS, sample_shift=5.0, enable_cfg=False, boundary_step_index=2),
-    ("wan2.2_moe_distill", "i2v"): dict(denoising_step_list=DISTILL_STEPS, sample_shift=5.0, enable_cfg=False, boundary_step_index=2),
+    ("wan2.2_moe_distill", "t2v"): dict(denoising_step_list=list(DISTILL_STEPS), sample_shift=5.0, enable_cfg=False, boundary_step_index=2),
+    ("wan2.2_moe_distill", "i2v"): dict(denoising_step_list=list(DISTILL_STEPS), sample_shift=5.0, enable_cfg=False, boundary_step_index=2),
     # TI2V-5B: 50 steps, shift 5, guide 5, 121 frames at 24 fps, 1280x704
     ("wan2.2", "t2v"): dict(infer_steps=50, sample_shift=5.0, sample_guide_scale=5.0, target_video_length=121,
                             fps=24, target_height=704, target_width=1280),

@@ -32,6 +32,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+# The 4-step schedule of LightX2V's step-distilled models and LoRAs (Wan2.1 and Wan2.2 alike)
+DISTILL_STEPS = (1000, 750, 500, 250)
+
 SCHEDULER_NAMES: dict[str, str] = {
     "unipc": "unipc",
     "flow_unipc": "unipc",
