@@ -55,7 +55,7 @@ from .models.vae import latent_from_raw, latent_to_raw
 from .sampling.denoise import LowNoiseExpert, SampleRequest, denoise_request
 from .sampling.experts import OFFICIAL_BOUNDARY
 from .sampling.first_frame import FirstFrame
-from .sampling.loop import Cond, StepInfo, latent_shape, make_noise
+from .sampling.loop import Cond, StepInfo, latent_geometry, latent_shape, make_noise
 from .sampling.preview import fit_rgb_projection, latent_to_rgb
 from .sampling.schedulers import make_scheduler
 from .spec import ModelSpec, OffloadOptions
@@ -194,7 +194,7 @@ def _request(
     schedules are errors here, before any model is built. task "ti2v": the Wan2.2 VAE's latent (48
     channels, 16x); pair: two A14B experts (the request's guidance is the high-noise expert's, the
     low-noise one travels in `SampleRequest.low`)."""
-    z_dim, stride = (48, 16) if task == "ti2v" else (16, 8)
+    z_dim, stride = latent_geometry(task)
     shape = (1, *latent_shape(*size, z_dim=z_dim, stride=stride))  # [1, C, F, h, w]
     sched = make_scheduler(settings.scheduler, settings.steps, settings.shift,
                            list(settings.step_list) if settings.step_list is not None else None)  # fmt: skip

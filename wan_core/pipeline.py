@@ -64,7 +64,7 @@ from .progress import progress_bar, timed_build
 from .sampling.denoise import NO_EXPERT_CACHE, denoise
 from .sampling.experts import Experts
 from .sampling.first_frame import FirstFrame
-from .sampling.loop import Cond, StepInfo, latent_shape, make_noise
+from .sampling.loop import Cond, StepInfo, latent_geometry, latent_shape, make_noise
 from .sampling.schedulers import DISTILL_STEPS
 from .spec import ModelSpec
 from .vae_frames import decode_frames
@@ -414,7 +414,7 @@ class WanPipeline(LightX2VCalls):
     def latent_shape(self, image_cond: I2VCondition | TI2VCondition | None = None) -> tuple[int, ...]:
         """[1, C, F_lat, h, w] of the run (C 16; TI2V-5B 48 at 16x; I2V: the size the image fixed)."""
         cfg = self.config
-        z, stride = (48, 16) if self.model_cls == "wan2.2" else (16, 8)
+        z, stride = latent_geometry(self._need_spec().task)
         size = (image_cond.height, image_cond.width) if image_cond is not None else (cfg.target_height, cfg.target_width)
         return (1, *latent_shape(cfg.target_video_length, *size, z_dim=z, stride=stride))
 

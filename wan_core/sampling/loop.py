@@ -20,7 +20,7 @@ from .experts import Experts
 from .first_frame import FirstFrame
 from .schedulers import FlowScheduler
 
-__all__ = ["Cond", "StepInfo", "guided_velocity", "sample", "make_noise", "latent_shape"]
+__all__ = ["Cond", "StepInfo", "guided_velocity", "sample", "make_noise", "latent_shape", "latent_geometry"]
 
 
 @dataclass
@@ -53,6 +53,11 @@ def guided_velocity(model, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond:
         return v
     v_u = model(x, t, uncond.context, clip_fea=uncond.clip_fea, y=uncond.y)
     return v_u + guidance * (v - v_u)
+
+
+def latent_geometry(task: str) -> tuple[int, int]:
+    """(latent channels, spatial stride) of a task's VAE: TI2V-5B's Wan2.2 VAE 48 and 16x, else 16 and 8x."""
+    return (48, 16) if task == "ti2v" else (16, 8)
 
 
 def latent_shape(frames: int, height: int, width: int, z_dim: int = 16, stride: int = 8) -> tuple[int, int, int, int]:
