@@ -95,6 +95,34 @@ def run_model(name, fwd, cfg, resolutions, reps=3):
     return outs
 
 
+DEFAULT_SPARSE = None
+
+
+def sparse_options(sage_attention, flags):
+    """The sparse 8-bit kernel's tile and loop form for one radial variant: "+tile64x128w4s3" runs
+    that tile (BLOCK_M x BLOCK_N, warps, stages) on this card instead of the measured default,
+    "+plain" the plain loop, "+exp2" the scores' exp2 form 2; other variants get the defaults back."""
+    global DEFAULT_SPARSE
+    import copy
+    import re
+
+    if DEFAULT_SPARSE is None:
+        DEFAULT_SPARSE = copy.deepcopy(sage_attention.SPARSE_OPTIONS)
+    opts = copy.deepcopy(DEFAULT_SPARSE)
+    for flag in flags:
+        tile = re.fullmatch(r"tile(\d+)x(\d+)w(\d+)s(\d+)", flag)
+        if tile:
+            bm, bn, w, s = map(int, tile.groups())
+            cap = torch.cuda.get_device_capability()
+            opts["configs"][cap] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+        if flag == "plain":
+            opts["pipeline"] = False
+        if re.fullmatch(r"exp\d", flag):  # the scores' exp2 form, sage_kernel.exp2_scores
+            opts["exp"] = int(flag[3:])
+    sage_attention.SPARSE_OPTIONS.clear()
+    sage_attention.SPARSE_OPTIONS.update(opts)
+
+
 def cos(a, b):
     a, b = a.flatten().double(), b.flatten().double()
     return (a @ b / (a.norm() * b.norm())).item()
@@ -168,7 +196,8 @@ def main():
         # accumulation (scaled_mm; what "fp8"/"fast" meant before 2026-11-26's second session;
         # "fast-accum" is an old name of "fast"); "@name" picks the self-attention backend (e.g.
         # "bf16@flash_attn3", "fast@fa3_fp8"; "fast@radial_attn": the block-sparse 8-bit kernel, with
-        # "+sparse16" the bf16 sparse kernel); a "+mk" suffix compiles with inductor's multi-kernel option
+        # "+sparse16" the bf16 sparse kernel, "+tile64x128w4s3" / "+plain" its tile and loop form,
+        # `sparse_options`); a "+mk" suffix compiles with inductor's multi-kernel option
         try:
             torch._dynamo.reset()
             m = build_model(cfg, sd, dtype=torch.bfloat16, device="cuda")
@@ -193,6 +222,7 @@ def main():
             from wan_core.kernels import sage_attention
 
             sage_attention.TRITON_QUANTIZE = "torchquant" not in flags  # "+torchquant": q/k/v quantised by inductor
+            sparse_options(sage_attention, flags)
             if "nofuse" not in flags:  # "+nofuse": the plain torch ops, all float32 work left to inductor
                 import dataclasses
 

@@ -19,6 +19,7 @@
 #   radial-tests     pytest -m gpu: the radial kernels and backend, the 8-bit ones     ~1.5 min
 #   radial-kernel    bench_radial_kernel.py: the sparse kernel alone vs the dense 8-bit ones ~3 min
 #   radial-720       bench_dit.py 720p: fast mode dense (FA3 e4m3) vs radial, compiled    ~2 min
+#                    (or $RADIAL720_VARIANTS, e.g. "fast@radial_attn+tile128x128w8s3", ~45 s each)
 #   profile-720      profile_dit.py --res 720p: radial vs dense fast mode, per kernel group ~2 min
 #   wan22            bench_wan22.py $WAN22_PARTS (forward5b,vae22,a14b,ti2v): TI2V-5B forward and
 #                    Wan2.2 VAE vs ComfyUI, whole A14B 4-step and TI2V-5B runs (carry .whl2) ~8 min
@@ -59,7 +60,7 @@ for step in "$@"; do
                  tests/test_radial_attention.py tests/test_sage_gpu.py 2>&1 | tee "$OUT/gpu_tests_radial.log" | tail -4 ;;
     radial-kernel) timeout 300 python3 benchmarks/bench_radial_kernel.py 2>&1 | tee "$OUT/bench_radial_kernel.log" | grep -v -i warn | tail -30 ;;
     radial-720) timeout 300 python3 benchmarks/bench_dit.py --res 720p --peers "" --ours "" --compile \
-                 --compiled fast@fa3_fp8,fast@radial_attn 2>&1 | tee "$OUT/bench_dit_radial720.log" | grep -v -i warn | tail -9 ;;
+                 --compiled ${RADIAL720_VARIANTS:-fast@fa3_fp8,fast@radial_attn} 2>&1 | tee "$OUT/bench_dit_radial720.log" | grep -v -i warn | tail -16 ;;
     profile-720) timeout 300 python3 benchmarks/profile_dit.py --res 720p --variants fast@radial_attn,fast@fa3_fp8 2>&1 \
                  | tee "$OUT/profile_dit_720.log" | grep -v -i warn | tail -50 ;;
     wan22) timeout 560 python3 benchmarks/bench_wan22.py --parts ${WAN22_PARTS:-forward5b,vae22,a14b,ti2v} 2>&1 \
