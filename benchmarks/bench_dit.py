@@ -101,7 +101,7 @@ DEFAULT_SPARSE = None
 def sparse_options(sage_attention, flags):
     """The sparse 8-bit kernel's tile and loop form for one radial variant: "+tile64x128w4s3" runs
     that tile (BLOCK_M x BLOCK_N, warps, stages) on this card instead of the measured default,
-    "+plain" the plain loop, "+exp2" the scores' exp2 form 2; other variants get the defaults back."""
+    "+plain" the plain loop; other variants get the defaults back."""
     global DEFAULT_SPARSE
     import copy
     import re
@@ -117,8 +117,6 @@ def sparse_options(sage_attention, flags):
             opts["configs"][cap] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
         if flag == "plain":
             opts["pipeline"] = False
-        if re.fullmatch(r"exp\d", flag):  # the scores' exp2 form, sage_kernel.exp2_scores
-            opts["exp"] = int(flag[3:])
     sage_attention.SPARSE_OPTIONS.clear()
     sage_attention.SPARSE_OPTIONS.update(opts)
 

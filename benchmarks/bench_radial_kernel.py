@@ -7,7 +7,7 @@ tile's Q·Kᵀ issued before this tile's softmax), the autotuner's pick, and the
 "ideal" is the dense kernel's time times the mask's density (what a sparse kernel at the dense
 rate would take).
 
-  python benchmarks/bench_radial_kernel.py [--res 480p,720p] [--sweep 480p,720p] [--exp 0,1,2,3]
+  python benchmarks/bench_radial_kernel.py [--res 480p,720p] [--sweep 480p,720p]
 
 Prints a table last; writes $OUT/bench_radial_kernel.json.
 """
@@ -37,56 +37,6 @@ def bench(fn) -> float:
     return timeit(fn, warm=2, reps=10)[0]  # median seconds, CUDA events
 
 
-def compiled_since(jit, before: set) -> list:
-    """The kernels `jit` compiled since `before` (its cache keys then)."""
-    caches = [entry[0] for entry in getattr(jit, "device_caches", {}).values()]
-    return [kern for cache in caches for key, kern in cache.items() if key not in before]
-
-
-def cache_keys(jit) -> set:
-    return {key for entry in getattr(jit, "device_caches", {}).values() for key in entry[0]}
-
-
-def sass_counts(kernels) -> dict:
-    """How many of the instructions that the softmax spends a kernel's SASS holds (all its loops)."""
-    ops = ("MUFU.EX2", "FSETP", "FMUL", "FFMA", "FADD", "FMNMX", "F2FP", "HADD2", "HMUL2", "HFMA2", "SHFL", "WGMMA",
-           "HGMMA", "QGMMA")  # fmt: skip
-    counts = {}
-    for kern in kernels:
-        try:
-            sass = kern.asm["sass"]
-        except Exception as e:  # no cuobjdump
-            return {"error": repr(e)[:200]}
-        for line in sass.splitlines():
-            for op in ops:
-                if f" {op}" in line:
-                    counts[op] = counts.get(op, 0) + 1
-    return counts
-
-
-def exp_modes(res, packed, L, blocks, R, modes) -> list:
-    """The sparse and dense kernels with each form of the scores' exp2 (`sage_kernel.exp2_scores`):
-    time, cosine to mode 0's output, and the softmax instructions in the SASS."""
-    from wan_core.kernels import sage_kernel, sage_sparse_kernel
-
-    rows = []
-    ref = {}
-    for mode in modes:
-        for name, jit, kw in (("sparse", sage_sparse_kernel.attn_fwd_sparse, {"blocks": blocks}),
-                              ("dense", sage_kernel.attn_fwd_tuned.fn, {})):  # fmt: skip
-            try:
-                before = cache_keys(jit)
-                out = sa._launch(*packed, L, L, torch.bfloat16, exp=mode, **kw).float()
-                R[f"{res}_{name}_exp{mode}_sass"] = sass_counts(compiled_since(jit, before))
-                ref.setdefault(name, out)
-                c = F.cosine_similarity(out.flatten(), ref[name].flatten(), 0).item()
-                t = bench(lambda m=mode, kw=kw: sa._launch(*packed, L, L, torch.bfloat16, exp=m, **kw))
-                rows.append((res, f"{name} kernel, exp2 form {mode}", t, c))
-            except Exception:
-                R[f"{res}_{name}_exp{mode}_error"] = traceback.format_exc()[-600:]
-    return rows
-
-
 def fa3_paged(res, q, k, v, plan, R) -> list:
     """Radial attention by FA3's paged e4m3 kernel (`radial_fa3`), pages of 128 (k, v padded) and of
     the largest size dividing the length, against our sparse kernel, both with their quantisation."""
@@ -111,7 +61,7 @@ def fa3_paged(res, q, k, v, plan, R) -> list:
     return rows
 
 
-def one_resolution(res: str, do_sweep: bool, R: dict, modes=()) -> list:
+def one_resolution(res: str, do_sweep: bool, R: dict) -> list:
     """Rows (resolution, name, seconds, cosine to the autotuned sparse output) of one token layout."""
     rows = []
     h, d = 40, 128
@@ -141,7 +91,6 @@ def one_resolution(res: str, do_sweep: bool, R: dict, modes=()) -> list:
     rows.append((res, "quantisation op", t_quant, None))
     ideal = min([dense_kernel] + [t - t_quant for t in dense.values()]) * plan.density
     rows.append((res, f"ideal: best dense kernel x density {plan.density:.3f}", ideal, None))
-    rows += exp_modes(res, packed, L, blocks, R, modes)
     rows += fa3_paged(res, q, k, v, plan, R)
     ref = sa._launch(*packed, L, L, torch.bfloat16, blocks=blocks).float()
     for pipeline in (False, True):
@@ -166,15 +115,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--res", default="480p,720p")
     ap.add_argument("--sweep", default="480p,720p", help="resolutions whose tile configs are swept one by one")
-    ap.add_argument("--exp", default="", help="exp2 forms to compare (sage_kernel.exp2_scores), e.g. 0,1,2,3")
     args = ap.parse_args()
-    modes = [int(m) for m in args.exp.split(",") if m]
     import triton
 
     R = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     rows = []
     for res in args.res.split(","):
-        rows += one_resolution(res, res in args.sweep, R, modes)
+        rows += one_resolution(res, res in args.sweep, R)
     R["rows"] = rows
     with open(os.path.join(os.environ.get("OUT", "."), "bench_radial_kernel.json"), "w") as f:
         json.dump(R, f, indent=1)

@@ -186,11 +186,11 @@ def reference(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype=torch.bflo
 
 # How the kernel is run on CUDA: TMA loads beat pointer loads; the hand-pipelined loop and Triton's
 # warp specialisation gave no steady gain (benchmarks/bench_attention.py; figures in NOTES.md).
-KERNEL_OPTIONS = {"use_tma": True, "pipeline": False, "warp_spec": False, "exp": 0}
+KERNEL_OPTIONS = {"use_tma": True, "pipeline": False, "warp_spec": False}
 # The block-sparse kernel: its loop form, pipelined (2-6 % faster), and on Hopper the tile the
 # sweep found fastest at 480p and 720p, 1-5 % ahead of the autotuner's noisy pick among close ones
 # (benchmarks/bench_radial_kernel.py; NOTES.md, tenth session). Elsewhere it is autotuned.
-SPARSE_OPTIONS = {"pipeline": True, "exp": 0, "configs": {(9, 0): {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}}}
+SPARSE_OPTIONS = {"pipeline": True, "configs": {(9, 0): {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}}}
 
 
 def _sparse_config(device: torch.device, mask_block: int) -> dict | None:
@@ -213,21 +213,18 @@ def _tma_possible(device: torch.device) -> bool:
 
 def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype, config: dict | None = None,
             use_tma: bool | None = None, pipeline: bool | None = None, warp_spec: bool | None = None,
-            blocks: tuple[torch.Tensor, torch.Tensor, int] | None = None, exp: int | None = None) -> torch.Tensor:
+            blocks: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
     """Run the kernel; `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) skips the autotuner
     (which needs a GPU: the Triton interpreter used by the CPU tests runs one fixed config).
     `blocks` = (counts int32 [n], indices int32 [n, max count], mask block): the block-sparse
     variant (`sage_sparse_kernel`) over those key blocks (its own loop-form default, `SPARSE_OPTIONS`;
-    no warp specialisation there). `exp`: the scores' exp2 form (`sage_kernel.exp2_scores`; inline
-    PTX, so 0 in the Triton interpreter)."""
+    no warp specialisation there)."""
     from . import sage_kernel
 
     use_tma = (KERNEL_OPTIONS["use_tma"] and _tma_possible(qc.device)) if use_tma is None else use_tma
     if pipeline is None:
         pipeline = (SPARSE_OPTIONS if blocks is not None else KERNEL_OPTIONS)["pipeline"]
     warp_spec = KERNEL_OPTIONS["warp_spec"] if warp_spec is None else warp_spec
-    if exp is None:
-        exp = (SPARSE_OPTIONS if blocks is not None else KERNEL_OPTIONS).get("exp", 0) if qc.is_cuda else 0
     if blocks is not None and config is None:
         config = _sparse_config(qc.device, blocks[2])
     b, h, lqp, d = qc.shape
@@ -255,12 +252,13 @@ def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype
         args = (qv, qs, kv, ks, vv, vs, vm, out, counts, indices, lq, lk, lqp, lkp, h, indices.shape[1], *strides)
         kernel = sage_sparse_kernel.attn_fwd_sparse if config is not None else sage_sparse_kernel.attn_fwd_sparse_tuned
         kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, USE_TMA=use_tma, KBLK=KBLK,
-                     MASK_BLOCK=mask_block, PIPELINE=pipeline, EXP=exp, **(config or {}))  # fmt: skip
+                     MASK_BLOCK=mask_block, PIPELINE=pipeline, **(config or {}))  # fmt: skip
         return out
     args = (qv, qs, kv, ks, vv, vs, vm, out, lq, lk, lqp, lkp, h, *strides)
     kernel = sage_kernel.attn_fwd if config is not None else sage_kernel.attn_fwd_tuned
     kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, USE_TMA=use_tma, PIPELINE=pipeline, KBLK=KBLK,
-                 WARP_SPEC=warp_spec, EXP=exp, **(config or {}))
+                 WARP_SPEC=warp_spec,
+                 **(config or {}))
     return out
 
 

@@ -27,8 +27,8 @@ the loop are shared with the block-sparse variant, `sage_sparse_kernel`.
 import triton
 import triton.language as tl
 
-__all__ = ["attn_fwd", "attn_fwd_tuned", "CONFIGS", "load_q", "qk_tile", "exp2_scores", "softmax_pv", "key_tile",
-           "store_out", "set_block_shapes"]
+__all__ = ["attn_fwd", "attn_fwd_tuned", "CONFIGS", "load_q", "qk_tile", "softmax_pv", "key_tile", "store_out",
+           "set_block_shapes"]
 
 # The pieces below are shared with the block-sparse variant (`sage_sparse_kernel`): the same q
 # tile, the same step per key tile, the same epilogue; only the order of the key tiles differs.
@@ -75,34 +75,14 @@ def qk_tile(q, K, ks_ptr, row, col, lk, HEAD_DIM: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
-def exp2_scores(x, EXP: tl.constexpr):
-    """2^x of the scores (x <= log2 448): EXP 0 Triton's exp2 (float32 with subnormal results),
-    1 the flush-to-zero float32 one (one MUFU op, no subnormal fix-up), 2 / 3 two at a time in
-    float16 (`ex2.approx.f16x2`: half the MUFU ops; float16 carries P's ~0.3 % to the e4m3
-    rounding's 6 %), returned as float16."""
-    if EXP == 1:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    elif EXP >= 2:
-        return tl.inline_asm_elementwise("{ .reg .b32 h; cvt.rn.f16x2.f32 h, $2, $1; ex2.approx.f16x2 $0, h; }",
-                                         "=r,r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
-    else:
-        return tl.math.exp2(x)
-
-
-@triton.jit
 def softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-               USE_TMA: tl.constexpr, EXP: tl.constexpr = 0):
-    """One key tile's online-softmax update and P·V: the new (acc, l, m). EXP: `exp2_scores`;
-    3 also sums P's rows in float16."""
+               USE_TMA: tl.constexpr):
+    """One key tile's online-softmax update and P·V: the new (acc, l, m)."""
     c = qs * kscale  # [BLOCK_M]: raw score -> log2-domain score
     m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-    p = exp2_scores(s * c[:, None] - (m_new - 8.807354922057604)[:, None], EXP)  # 448 · exp2(score - max)
+    p = tl.math.exp2(s * c[:, None] - (m_new - 8.807354922057604)[:, None])  # 448 · exp2(score - max)
     alpha = tl.math.exp2(m_i - m_new)
-    if EXP == 3:
-        l_i = l_i * alpha + tl.sum(p, 1).to(tl.float32)
-    else:
-        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+    l_i = l_i * alpha + tl.sum(p, 1)
     if USE_TMA:
         v = VT.load([v_row, col])  # [D, BLOCK_N]
     else:
@@ -117,10 +97,10 @@ def softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM: tl.c
 @triton.jit
 def key_tile(q, qs, K, ks_ptr, VT, k_row, v_row, col, lk, lkp, acc, l_i, m_i, HEAD_DIM: tl.constexpr,
              BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr, USE_TMA: tl.constexpr, MASK: tl.constexpr,
-             KBLK: tl.constexpr, EXP: tl.constexpr = 0):
+             KBLK: tl.constexpr):
     """The whole step of one key tile starting at key `col`: scores, softmax update, P·V."""
     s, kscale = qk_tile(q, K, ks_ptr, k_row, col, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, MASK, KBLK)
-    return softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA, EXP)
+    return softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA)
 
 
 @triton.jit
@@ -144,8 +124,7 @@ def store_out(acc, l_i, VS, VM, O, pid_m, bh, lq, heads, stride_ob, stride_ol, s
 @triton.jit
 def attn_fwd(Q, QS, K, KS, VT, VS, VM, O, lq, lk, lqp, lkp, heads, stride_ob, stride_ol, stride_oh,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
-             USE_TMA: tl.constexpr, PIPELINE: tl.constexpr, KBLK: tl.constexpr, WARP_SPEC: tl.constexpr = False,
-             EXP: tl.constexpr = 0):
+             USE_TMA: tl.constexpr, PIPELINE: tl.constexpr, KBLK: tl.constexpr, WARP_SPEC: tl.constexpr = False):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     k_row = bh * lkp  # row in the [B·H·Lkp, D] view of k
@@ -159,17 +138,17 @@ def attn_fwd(Q, QS, K, KS, VT, VS, VM, O, lq, lk, lqp, lkp, heads, stride_ob, st
                 s_next, kscale_next = qk_tile(q, K, ks_ptr, k_row, col + BLOCK_N, lk, HEAD_DIM, BLOCK_N, QK_INT8,
                                               USE_TMA, False, KBLK)
                 acc, l_i, m_i = softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N,
-                                           USE_TMA, EXP)
+                                           USE_TMA)
                 s, kscale = s_next, kscale_next
             acc, l_i, m_i = softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, n_full - BLOCK_N, lkp, HEAD_DIM,
-                                       BLOCK_N, USE_TMA, EXP)
+                                       BLOCK_N, USE_TMA)
     else:
         for col in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
             acc, l_i, m_i = key_tile(q, qs, K, ks_ptr, VT, k_row, v_row, col, lk, lkp, acc, l_i, m_i, HEAD_DIM,
-                                     BLOCK_N, QK_INT8, USE_TMA, False, KBLK, EXP)
+                                     BLOCK_N, QK_INT8, USE_TMA, False, KBLK)
     if n_full < lk:
         acc, l_i, m_i = key_tile(q, qs, K, ks_ptr, VT, k_row, v_row, n_full, lk, lkp, acc, l_i, m_i, HEAD_DIM,
-                                 BLOCK_N, QK_INT8, USE_TMA, True, KBLK, EXP)
+                                 BLOCK_N, QK_INT8, USE_TMA, True, KBLK)
     store_out(acc, l_i, VS, VM, O, pid_m, bh, lq, heads, stride_ob, stride_ol, stride_oh, HEAD_DIM, BLOCK_M)
 
 
@@ -188,5 +167,4 @@ CONFIGS = [
     for bm, bn, w, s in [(64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3),
                          (128, 64, 8, 3), (128, 128, 8, 4)]
 ]
-attn_fwd_tuned = triton.autotune(CONFIGS, key=["lkp", "HEAD_DIM", "QK_INT8", "USE_TMA", "PIPELINE", "WARP_SPEC",
-                                                        "EXP"])(attn_fwd)
+attn_fwd_tuned = triton.autotune(CONFIGS, key=["lkp", "HEAD_DIM", "QK_INT8", "USE_TMA", "PIPELINE", "WARP_SPEC"])(attn_fwd)

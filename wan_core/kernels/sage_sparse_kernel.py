@@ -36,8 +36,7 @@ __all__ = ["attn_fwd_sparse", "attn_fwd_sparse_tuned", "CONFIGS"]
 def attn_fwd_sparse(Q, QS, K, KS, VT, VS, VM, O, CNT, IDX, lq, lk, lqp, lkp, heads, max_cnt,
                     stride_ob, stride_ol, stride_oh,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
-                    USE_TMA: tl.constexpr, KBLK: tl.constexpr, MASK_BLOCK: tl.constexpr, PIPELINE: tl.constexpr,
-                    EXP: tl.constexpr = 0):
+                    USE_TMA: tl.constexpr, KBLK: tl.constexpr, MASK_BLOCK: tl.constexpr, PIPELINE: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     k_row = bh * lkp  # row in the [B·H·Lkp, D] view of k
@@ -59,20 +58,19 @@ def attn_fwd_sparse(Q, QS, K, KS, VT, VS, VM, O, CNT, IDX, lq, lk, lqp, lkp, hea
                 s_next, kscale_next = qk_tile(q, K, ks_ptr, k_row, col_next, lk, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA,
                                               False, KBLK)
                 acc, l_i, m_i = softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N,
-                                           USE_TMA, EXP)
+                                           USE_TMA)
                 s, kscale, col = s_next, kscale_next, col_next
-            acc, l_i, m_i = softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA,
-                                       EXP)
+            acc, l_i, m_i = softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA)
     else:
         for t in range(0, n_whole):
             kb = tl.load(row + t)
             for sub in tl.static_range(MASK_BLOCK // BLOCK_N):
                 acc, l_i, m_i = key_tile(q, qs, K, ks_ptr, VT, k_row, v_row, kb * MASK_BLOCK + sub * BLOCK_N, lk,
-                                         lkp, acc, l_i, m_i, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, False, KBLK, EXP)
+                                         lkp, acc, l_i, m_i, HEAD_DIM, BLOCK_N, QK_INT8, USE_TMA, False, KBLK)
     if n_whole < n_kept:
         for col in range(last * MASK_BLOCK, lk, BLOCK_N):
             acc, l_i, m_i = key_tile(q, qs, K, ks_ptr, VT, k_row, v_row, col, lk, lkp, acc, l_i, m_i, HEAD_DIM,
-                                     BLOCK_N, QK_INT8, USE_TMA, True, KBLK, EXP)
+                                     BLOCK_N, QK_INT8, USE_TMA, True, KBLK)
     store_out(acc, l_i, VS, VM, O, pid_m, bh, lq, heads, stride_ob, stride_ol, stride_oh, HEAD_DIM, BLOCK_M)
 
 
@@ -91,6 +89,6 @@ CONFIGS = [
     for bm, bn, w, s in [(64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4)]
 ]
 attn_fwd_sparse_tuned = triton.autotune(
-    CONFIGS, key=["lkp", "max_cnt", "HEAD_DIM", "QK_INT8", "USE_TMA", "MASK_BLOCK", "PIPELINE", "EXP"],
+    CONFIGS, key=["lkp", "max_cnt", "HEAD_DIM", "QK_INT8", "USE_TMA", "MASK_BLOCK", "PIPELINE"],
     prune_configs_by={"early_config_prune": _fits_mask_block},
 )(attn_fwd_sparse)  # fmt: skip
