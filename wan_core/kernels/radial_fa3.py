@@ -19,7 +19,24 @@ import torch.nn.functional as F
 from .fa3_fp8 import _quantize_op
 from .radial_mask import RadialPlan
 
-__all__ = ["paged_layout", "radial_attention_fa3"]
+__all__ = ["paged_layout", "radial_attention_fa3", "available"]
+
+
+def available(device) -> str | None:
+    """None when FA3's paged e4m3 kernel can run on `device`, else why not."""
+    from .fa3_fp8 import available as fa3_problem
+
+    why = fa3_problem(device)
+    if why is not None:
+        return why
+    try:  # the build's switches (FA3 writes them next to its interface); absent: a full build
+        from flash_attn_config import CONFIG
+
+        flags = CONFIG.get("build_flags", {})
+    except ImportError:
+        flags = {}
+    off = [f for f in ("PAGEDKV", "VARLEN", "FP8") if flags.get(f"FLASHATTENTION_DISABLE_{f}")]
+    return f"the installed FlashAttention-3 was built without {', '.join(off)}" if off else None
 
 
 def paged_layout(plan: RadialPlan, page: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
