@@ -9,8 +9,7 @@ ours (its parameter names are the official ones), so the output similarity is ch
 
 "fast" is fast mode: FP8 block linears and the 8-bit Triton self-attention, compiled
 ("fast@radial_attn": Radial Attention's mask run by the block-sparse 8-bit kernel, as the model
-cache gives an FP8 DiT; "fast@radial_attn+sparse16": by the bf16 sparse kernel; "+fa3": by FA3's
-paged e4m3 kernel, `radial_fa3`). Compiled
+cache gives an FP8 DiT; "fast@radial_attn+sparse16": by the bf16 sparse kernel). Compiled
 variants use the "fused" block ops (single-pass norm/modulate/quantise ops, what a CUDA build
 chooses); a "+nofuse" suffix times the "torch" block ops, their float32 work left to inductor.
 
@@ -195,7 +194,7 @@ def main():
         # accumulation (scaled_mm; what "fp8"/"fast" meant before 2026-11-26's second session;
         # "fast-accum" is an old name of "fast"); "@name" picks the self-attention backend (e.g.
         # "bf16@flash_attn3", "fast@fa3_fp8"; "fast@radial_attn": the block-sparse 8-bit kernel, with
-        # "+sparse16" the bf16 sparse kernel, "+fa3" FA3 through a page table, "+tile64x128w4s3" / "+plain" its tile and loop form,
+        # "+sparse16" the bf16 sparse kernel, "+tile64x128w4s3" / "+plain" its tile and loop form,
         # `sparse_options`); a "+mk" suffix compiles with inductor's multi-kernel option
         try:
             torch._dynamo.reset()
@@ -208,7 +207,7 @@ def main():
                 from wan_core.kernels.radial_attention import RadialOptions
 
                 fast = base.startswith("fast") and "sparse16" not in flags
-                radial = RadialOptions(kernel="fa3" if "fa3" in flags else "fp8" if fast else "bf16")
+                radial = RadialOptions(kernel="fp8" if fast else "bf16")
                 RESULTS[f"radial_{variant}"] = {"kernel": radial.kernel}
             m.set_attention(attn or ("sage_triton" if base.startswith("fast") else "sdpa_cudnn"), radial=radial)
             mk = 2 if "mk2" in flags else 1 if "mk" in flags else 0

@@ -37,30 +37,6 @@ def bench(fn) -> float:
     return timeit(fn, warm=2, reps=10)[0]  # median seconds, CUDA events
 
 
-def fa3_paged(res, q, k, v, plan, R) -> list:
-    """Radial attention by FA3's paged e4m3 kernel (`radial_fa3`), pages of 128 (k, v padded) and of
-    the largest size dividing the length, against our sparse kernel, both with their quantisation."""
-    import math
-
-    from wan_core.kernels.radial_attention import radial_attention_fp8
-    from wan_core.kernels.radial_fa3 import radial_attention_fa3
-
-    rows = []
-    ours = radial_attention_fp8(q, k, v, plan).float()
-    rows.append((res, "sparse 8-bit Triton, with its quantisation", bench(lambda: radial_attention_fp8(q, k, v, plan)),
-                 None))  # fmt: skip
-    for page in sorted({plan.block_size, math.gcd(plan.length, plan.block_size)}, reverse=True):
-        try:
-            out = radial_attention_fa3(q, k, v, plan, page=page).float()
-            c = F.cosine_similarity(out.flatten(), ours.flatten(), 0).item()
-            t = bench(lambda p=page: radial_attention_fa3(q, k, v, plan, page=p))
-            rows.append((res, f"FA3 paged e4m3, page {page}, with its quantisation", t, c))
-        except Exception:
-            R[f"{res}_fa3_page{page}_error"] = traceback.format_exc()[-600:]
-            print(R[f"{res}_fa3_page{page}_error"])
-    return rows
-
-
 def one_resolution(res: str, do_sweep: bool, R: dict) -> list:
     """Rows (resolution, name, seconds, cosine to the autotuned sparse output) of one token layout."""
     rows = []
@@ -91,7 +67,6 @@ def one_resolution(res: str, do_sweep: bool, R: dict) -> list:
     rows.append((res, "quantisation op", t_quant, None))
     ideal = min([dense_kernel] + [t - t_quant for t in dense.values()]) * plan.density
     rows.append((res, f"ideal: best dense kernel x density {plan.density:.3f}", ideal, None))
-    rows += fa3_paged(res, q, k, v, plan, R)
     ref = sa._launch(*packed, L, L, torch.bfloat16, blocks=blocks).float()
     for pipeline in (False, True):
         t = bench(lambda p=pipeline: sa._launch(*packed, L, L, torch.bfloat16, blocks=blocks, pipeline=p))
