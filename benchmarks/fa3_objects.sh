@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Build FlashAttention-3's Hopper forward kernels (head dim 128, bf16 and e4m3, no backward,
-# split, softcap, local, cluster; paged KV and varlen only with FA3_PAGED=1, which the radial
-# backend's FA3 path needs) as object files on a machine WITHOUT a GPU,
+# split, paged KV, softcap, local, varlen, cluster) as object files on a machine WITHOUT a GPU,
 # for the device machines, whose image has no flash_attn_3 and which can fetch nothing.
 # Nothing built here is committed: the objects go to .fa3/ (git-ignored), with an install.sh
 # that links them against the device's torch and CUDA runtime into /tmp/site
@@ -13,10 +12,7 @@
 # nvcc 13.0 (the device's CUDA) comes from pip. Measured on the 2-core CPU machine: ~2 min per
 # kernel file, 5 GB RAM each; the two run in parallel.
 #
-#   FA_DIR=/path/flash-attention CUTLASS_DIR=/path/cutlass [FA3_PAGED=1] bash benchmarks/fa3_objects.sh
-# FA3_PAGED=1 adds the paged kernels (four kernel files, two at a time: ~5 min here, 10 GB RAM).
-# FA3_TILE128=1 (with FA3_PAGED=1) builds the e4m3 head-dim-128 kernel with a 128-key tile instead
-# of 224, from a patched copy of hopper/, so that 128-token pages take FA3's TMA paging (radial_fa3).
+#   FA_DIR=/path/flash-attention CUTLASS_DIR=/path/cutlass bash benchmarks/fa3_objects.sh
 # Used 2026-11-26: flash-attention 0251105a (hopper/), CUTLASS 71275920 (its submodule commit).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,23 +27,9 @@ if [ ! -x "$CUDA/nvidia/cu13/bin/nvcc" ]; then
 fi
 cu=$CUDA/nvidia/cu13
 src=$FA_DIR/hopper
-if [ "${FA3_TILE128:-0}" = 1 ]; then
-  patched=$(mktemp -d)/hopper
-  cp -r "$src" "$patched"
-  sed -i 's/return {128, paged_kv_non_TMA ? 160 : (v_colmajor || (softcap \&\& is_local) ? 192 : 224), true, true};/return {128, paged_kv_non_TMA ? 160 : 128, true, true};/' "$patched/tile_size.h"
-  grep -q "paged_kv_non_TMA ? 160 : 128" "$patched/tile_size.h" || { echo "tile_size.h patch did not apply"; exit 1; }
-  src=$patched
-fi
 mkdir -p "$out/obj" "$out/site/flash_attn_3"
-off="BACKWARD SPLIT APPENDKV LOCAL SOFTCAP PACKGQA FP16 CLUSTER HDIM64 HDIM96 HDIM192 HDIM256 SM8x"
-files="instantiations/flash_fwd_hdim128_bf16_sm90.cu instantiations/flash_fwd_hdim128_e4m3_sm90.cu"
-if [ "${FA3_PAGED:-0}" = 1 ]; then
-  files="$files instantiations/flash_fwd_hdim128_bf16_paged_sm90.cu instantiations/flash_fwd_hdim128_e4m3_paged_sm90.cu"
-else
-  off="$off PAGEDKV VARLEN"
-fi
 feat=()
-for f in $off; do
+for f in BACKWARD PAGEDKV SPLIT APPENDKV LOCAL SOFTCAP PACKGQA FP16 VARLEN CLUSTER HDIM64 HDIM96 HDIM192 HDIM256 SM8x; do
   feat+=("-DFLASHATTENTION_DISABLE_$f")
 done
 feat+=(-DFLASH_ATTENTION_DISABLE_HDIMDIFF64 -DFLASH_ATTENTION_DISABLE_HDIMDIFF192)
@@ -57,13 +39,9 @@ nvcc_flags=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA
   --ftemplate-backtrace-limit=0 --use_fast_math --resource-usage
   -lineinfo -DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED -DCUTLASS_ENABLE_GDC_FOR_SM90 -DCUTLASS_DEBUG_TRACE_LEVEL=0
   -DNDEBUG -gencode arch=compute_90a,code=sm_90a)
-rm -f "$out"/obj/*.o
-compile() { cd "$src" && "$cu/bin/nvcc" -c "$1" -o "$out/obj/$(basename "$1" .cu).o" "${inc[@]}" -I"$cu/include/cccl" "${nvcc_flags[@]}" "${feat[@]}"; }
-# shellcheck disable=SC2086
-(printf '%s\n' $files flash_prepare_scheduler.cu | while read -r f; do
-  while [ "$(jobs -rp | wc -l)" -ge 2 ]; do sleep 5; done
-  compile "$f" &
-done; wait) &
+for f in instantiations/flash_fwd_hdim128_bf16_sm90.cu instantiations/flash_fwd_hdim128_e4m3_sm90.cu flash_prepare_scheduler.cu; do
+  (cd "$src" && "$cu/bin/nvcc" -c "$f" -o "$out/obj/$(basename "$f" .cu).o" "${inc[@]}" -I"$cu/include/cccl" "${nvcc_flags[@]}" "${feat[@]}") &
+done
 torch_inc=$("$PY" -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
 py_inc=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 # shellcheck disable=SC2086
@@ -72,9 +50,9 @@ py_inc=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 wait
 cp "$src/flash_attn_3/__init__.py" "$out/site/flash_attn_3/"
 cp "$src/flash_attn_interface.py" "$out/site/"
-"$PY" - "$out/site/flash_attn_config.py" "$off" <<'EOF'
+"$PY" - "$out/site/flash_attn_config.py" <<'EOF'
 import sys
-off = sys.argv[2].split()
+off = ("BACKWARD SPLIT PAGEDKV APPENDKV LOCAL SOFTCAP PACKGQA FP16 VARLEN CLUSTER HDIM64 HDIM96 HDIM192 HDIM256 SM8x").split()
 flags = {f"FLASHATTENTION_DISABLE_{f}": True for f in off}
 flags.update(FLASHATTENTION_DISABLE_FP8=False, FLASHATTENTION_DISABLE_HDIM128=False, FLASHATTENTION_ENABLE_VCOLMAJOR=False,
              FLASH_ATTENTION_DISABLE_HDIMDIFF64=True, FLASH_ATTENTION_DISABLE_HDIMDIFF192=True)
