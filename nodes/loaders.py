@@ -85,9 +85,9 @@ def make_spec(
     text_encoder: str,
     vae: str,
     clip_vision: str,
-    task: str,
-    dtype: str,
-    attention: str,
+    task: str = "auto",
+    dtype: str = "auto",
+    attention: str = "auto",
     offload: OffloadOptions | None = None,
     fp8: str | None = None,
     radial: RadialOptions | None = None,
@@ -230,19 +230,9 @@ class WanModelLoader:
     def INPUT_TYPES(cls):
         return _loader_inputs()
 
-    def load(
-        self,
-        dit,
-        text_encoder,
-        vae,
-        clip_vision,
-        task="auto",
-        dtype="auto",
-        attention="auto",
-        offload=None,
-        radial=None,
-    ):
-        return (make_spec(dit, text_encoder, vae, clip_vision, task, dtype, attention, offload, radial=radial),)
+    def load(self, dit, text_encoder, vae, clip_vision, **options):
+        """options: the optional widgets and inputs (task, dtype, attention, offload, radial), as make_spec names them."""
+        return (make_spec(dit, text_encoder, vae, clip_vision, **options),)
 
 
 class WanFP8Loader:
@@ -269,24 +259,8 @@ class WanFP8Loader:
         )
         return spec
 
-    def load(
-        self,
-        dit,
-        text_encoder,
-        vae,
-        clip_vision,
-        task="auto",
-        dtype="auto",
-        attention="auto",
-        fp8_kernel="auto",
-        offload=None,
-        radial=None,
-    ):
-        return (
-            make_spec(
-                dit, text_encoder, vae, clip_vision, task, dtype, attention, offload, fp8=fp8_kernel, radial=radial
-            ),
-        )
+    def load(self, dit, text_encoder, vae, clip_vision, fp8_kernel="auto", **options):
+        return (make_spec(dit, text_encoder, vae, clip_vision, fp8=fp8_kernel, **options),)
 
 
 class WanLoraApply:
