@@ -82,6 +82,19 @@ def main():
         R["fa3_dense_sustained_ms"] = per_call(lambda: fa3_fp8_attention(q, k, v), 60)
     except Exception as e:
         R["fa3_dense_error"] = repr(e)[:300]
+    # Triton's warp specialisation on the flat loop of kept tiles, a few tiles (not tried before on the sparse kernel)
+    R["ws"] = {}
+    for bm, bn, w, st in [(64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 4, 2), (128, 128, 8, 2), (128, 128, 8, 3)]:
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+        try:
+            def ws(cfg=cfg):
+                return sa._launch(*packed, L, L, torch.bfloat16, config=cfg, blocks=blocks, pipeline=False, warp_spec=True)
+
+            c = F.cosine_similarity(ws().float().flatten(), ref.flatten(), 0).item()
+            R["ws"][f"{bm}x{bn} w{w} s{st}"] = (med(per_call(ws, 12)), c)
+        except Exception as e:
+            R["ws"][f"{bm}x{bn} w{w} s{st}"] = repr(e)[:200]
+    R["ours_after_ws_ms"] = per_call(ours, 12)
     time.sleep(3)
     try:
         from flash_attn_interface import flash_attn_with_kvcache
@@ -135,6 +148,8 @@ def main():
     for key in [k for k in R if k.endswith("_ms")]:
         xs = R[key]
         print(f"{key:34s} first3 {[round(x, 1) for x in xs[:3]]}  median {med(xs):7.2f}  last-50 median {med(xs[-50:]):7.2f} ms")
+    for key, val in R["ws"].items():
+        print(f"warp-specialised {key:18s} {val}")
     for key in [k for k in R if "cos" in k or "error" in k]:
         print(key, R[key])
     for (name, t0), (_, t1) in zip(marks, marks[1:]):
