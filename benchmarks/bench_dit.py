@@ -211,6 +211,8 @@ def main():
                 RESULTS[f"radial_{variant}"] = {"kernel": radial.kernel}
             m.set_attention(attn or ("sage_triton" if base.startswith("fast") else "sdpa_cudnn"), radial=radial)
             mk = 2 if "mk2" in flags else 1 if "mk" in flags else 0
+            if "res16" in flags:  # "+res16": the residual stream in bf16 between the matmuls
+                m.set_residual_dtype(torch.bfloat16)
             if base != "bf16":
                 from wan_core.layers.fp8 import quantize_model
 

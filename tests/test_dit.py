@@ -122,6 +122,28 @@ def test_batch_rows_are_independent():
     torch.testing.assert_close(both[1:], one, rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_residual_stream_is_kept_and_close_to_float32():
+    """set_residual_dtype(bfloat16): every block hands on a bf16 residual (ComfyUI's and LightX2V's
+    stream), the output stays near the float32 stream's (one bf16 rounding per residual add) but
+    is not the same numbers; any other dtype is refused."""
+    cfg = tiny_cfg()
+    m = build_model(cfg, random_state_dict(cfg), dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    x, ctx, t = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 10, cfg.text_dim, generator=g), torch.tensor([600.0])
+    seen = []
+    m.blocks[0].register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out.dtype)))
+    with torch.no_grad():
+        ref = m(x.bfloat16(), t, ctx.bfloat16())
+        m.set_residual_dtype(torch.bfloat16)
+        out = m(x.bfloat16(), t, ctx.bfloat16())
+    assert seen == [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+    assert out.dtype == ref.dtype == torch.float32 and not torch.equal(out, ref)
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), 0).item()
+    assert cos > 0.999, cos
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        m.set_residual_dtype(torch.float16)
+
+
 def _layout(name):
     with open(os.path.join(LAYOUTS, name)) as f:
         return json.load(f)["tensors"]

@@ -242,18 +242,21 @@ def _block_with(block, ops, args):
         return block(*args)
 
 
-BLOCK_CASES = ["t2v", "i2v", "no_cross_norm", "no_qk_norm", "fp8_scaled_mm", "fp8_dequant"]
+BLOCK_CASES = ["t2v", "i2v", "no_cross_norm", "no_qk_norm", "fp8_scaled_mm", "fp8_dequant", "fp8_dequant_res16"]
 
 
 def _block_case(case):
-    cfg = tiny_cfg("i2v" if case == "i2v" else "t2v", dim=128, ffn_dim=256, num_heads=2,
-                   cross_attn_norm=case != "no_cross_norm", qk_norm=case != "no_qk_norm")
-    return _one_block(cfg, case[4:] if case.startswith("fp8") else None)
+    """A case's block and inputs; "_res16": the residual stream in bf16 (`set_residual_dtype`)."""
+    base, res16 = case.removesuffix("_res16"), case.endswith("_res16")
+    cfg = tiny_cfg("i2v" if base == "i2v" else "t2v", dim=128, ffn_dim=256, num_heads=2,
+                   cross_attn_norm=base != "no_cross_norm", qk_norm=base != "no_qk_norm")
+    block, args = _one_block(cfg, base[4:] if base.startswith("fp8") else None)
+    return block, ((args[0].bfloat16(), *args[1:]) if res16 else args)
 
 
 # fused ops each case's block runs once per forward: (add_norm_mod, rms_norm_rope, linear_gelu, gelu_quant)
 FUSED_CALLS = {"t2v": (3, 2, 1, 0), "i2v": (3, 2, 1, 0), "no_cross_norm": (2, 2, 1, 0), "no_qk_norm": (3, 0, 1, 0),
-               "fp8_scaled_mm": (3, 2, 0, 1), "fp8_dequant": (3, 2, 0, 0)}
+               "fp8_scaled_mm": (3, 2, 0, 1), "fp8_dequant": (3, 2, 0, 0), "fp8_dequant_res16": (3, 2, 0, 0)}
 
 
 @pytest.mark.parametrize("case", BLOCK_CASES)
@@ -278,7 +281,7 @@ def test_one_block_same_numbers_through_fused_ops_and_torch_ops(case, monkeypatc
         monkeypatch.setattr(block_ops, name, counted)
     out = _block_with(block, "fused", args)
     assert tuple(calls.values()) == FUSED_CALLS[case], calls
-    assert ref.dtype == torch.float32 and ref.shape == args[0].shape
+    assert ref.dtype == args[0].dtype and ref.shape == args[0].shape  # the residual keeps its dtype
     assert not torch.equal(ref, args[0])  # the block changed the residual stream
     assert torch.equal(out, ref)
 
@@ -298,7 +301,8 @@ for case in BLOCK_CASES:
         continue
     block, args = _block_case(case)
     ref, out = _block_with(block, "torch", args), _block_with(block, "fused", args)
-    res[case] = dict(rel=((out - ref).norm() / (ref - args[0]).norm()).item(), equal=torch.equal(out, ref))
+    out, ref, x = out.float(), ref.float(), args[0].float()
+    res[case] = dict(rel=((out - ref).norm() / (ref - x).norm()).item(), equal=torch.equal(out, ref))
 print(json.dumps(res))
 """
 
@@ -311,7 +315,7 @@ def test_one_block_through_the_triton_kernels_in_the_interpreter():
     the block's update (out - x) must agree to 1e-3 relative (seen: 0 to 4.5e-4), where a wrong
     kernel (a missing gate, shift or rotation) is off by order one."""
     res = run_interpreted(BLOCK_INTERP_SCRIPT)
-    assert {"t2v", "i2v", "no_cross_norm", "no_qk_norm", "fp8_dequant"} <= set(res)
+    assert {"t2v", "i2v", "no_cross_norm", "no_qk_norm", "fp8_dequant", "fp8_dequant_res16"} <= set(res)
     for case, r in res.items():
         assert r["rel"] < 1e-3, (case, r)
 INTERP_SCRIPT = r"""

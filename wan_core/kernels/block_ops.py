@@ -53,7 +53,7 @@ class BlockOps:
 # ---- torch: the plain expressions --------------------------------------------------------------
 def _torch_add_norm_mod(x, delta, gate, norm, scale, shift, out_dtype, feeds):
     if delta is not None:
-        x = x + delta * gate if gate is not None else x + delta
+        x = (x + delta * gate if gate is not None else x + delta).to(x.dtype)  # the residual keeps its dtype
     h = norm(x)
     if scale is not None:
         h = h * (1 + scale) + shift

@@ -58,8 +58,9 @@ def add_norm_mod(
         d = tl.load(d_ptr + row * C + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:
             d = d * tl.load(g_ptr + mod + offs, mask=mask, other=0.0)
-        x = x + d
+        x = (x + d).to(xo_ptr.dtype.element_ty)  # rounded to the residual's dtype (float32 or bf16) before the norm
         tl.store(xo_ptr + row * C + offs, x, mask=mask)
+        x = x.to(tl.float32)
     mean = tl.sum(x, 0) / C
     xc = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / C + eps)

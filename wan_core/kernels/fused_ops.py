@@ -66,7 +66,7 @@ def reference_add_norm_mod(x, delta, gate, weight, bias, scale, shift, eps: floa
     x_new = x.new_empty(0)
     if delta is not None:
         d = delta * gate[:, None, :] if gate is not None else delta
-        x = x_new = (x + d).contiguous()
+        x = x_new = (x + d).to(x.dtype).contiguous()  # the residual keeps its dtype
     y = F.layer_norm(x.float(), (c,), None if weight is None else weight.float(),
                      None if bias is None else bias.float(), eps)
     if scale is not None:

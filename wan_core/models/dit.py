@@ -151,7 +151,7 @@ class Block(nn.Module):
         # x = x + cross_attn(h);  h = (norm2(x) * (1 + scale2) + shift2).to(dt)
         x, h = ops.add_norm_mod(x, ca(h, context, context_img), None, self.norm2, scale2, shift2, dt,
                                 feeds=(ffn[0], ffn[2]))
-        return x + ops.ffn(ffn, h) * gate2
+        return (x + ops.ffn(ffn, h) * gate2).to(x.dtype)  # the residual stream keeps its dtype
 
 
 class Head(nn.Module):
@@ -202,6 +202,7 @@ class WanModel(nn.Module):
         if cfg.clip_branch:
             self.img_emb = ImageProjection(cfg.image_dim, cfg.dim)
         self._rope_cache: dict = {}
+        self.residual_dtype = torch.float32  # the residual stream's dtype between the blocks (set_residual_dtype)
 
     # ---- build-time choices -------------------------------------------------------------
     def set_attention(self, self_attn: str = "auto", cross_attn: str | None = None, device=None, radial=None) -> None:
@@ -232,6 +233,13 @@ class WanModel(nn.Module):
         chosen = ops if isinstance(ops, BlockOps) else get_block_ops(ops, dev)
         for blk in self.blocks:
             blk.ops = blk.self_attn.ops = blk.cross_attn.ops = chosen  # cross-attention has no RoPE: unused there
+
+    def set_residual_dtype(self, dtype: torch.dtype) -> None:
+        """The residual stream's dtype: float32 (the official model's) or bfloat16 (ComfyUI's and
+        LightX2V's; half the memory traffic of the add + norm passes between the matmuls)."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the residual stream is float32 or bfloat16, not {dtype}")
+        self.residual_dtype = dtype
 
     @property
     def dtype(self) -> torch.dtype:
@@ -296,7 +304,7 @@ class WanModel(nn.Module):
             raise ValueError(f"latent size {tuple(x.shape[2:])} is not a multiple of the patch size {self.cfg.patch_size}")
         x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, C, F, H/2, W/2]
         grid = tuple(x.shape[2:])
-        return x.flatten(2).transpose(1, 2).float().contiguous(), grid  # [B, L, C], token rows contiguous
+        return x.flatten(2).transpose(1, 2).to(self.residual_dtype).contiguous(), grid  # [B, L, C], rows contiguous
 
     def forward_blocks(self, x, e0, context, context_img, rope) -> torch.Tensor:
         """The block stack on tokens [B, L, C]; the seam where sequence parallel and caching attach."""
