@@ -83,8 +83,10 @@ def random_clip(device: str):
 def random_dit(variant: str, preset: str = "t2v-14b"):
     """bf16, fp8 (FP8 linears) or fast (FP8 linears + 8-bit Triton self-attention); compiled.
     "@name" picks the self-attention backend ("fast@fa3_fp8": FlashAttention-3's e4m3 kernel;
-    "fast@radial_attn": the block-sparse 8-bit kernel, as the model cache gives an FP8 DiT)."""
-    variant, _, attn = variant.partition("@")
+    "fast@radial_attn": the block-sparse 8-bit kernel, as the model cache gives an FP8 DiT; a
+    "+res16" suffix: the residual stream in bf16)."""
+    res16 = "+res16" in variant
+    variant, _, attn = variant.replace("+res16", "").partition("@")
     attn = attn.split("-")[0]  # "fast@fa3_fp8-offload"
     fp8 = variant.startswith(("fp8", "fast"))
     cfg = PRESETS[preset]
@@ -103,6 +105,8 @@ def random_dit(variant: str, preset: str = "t2v-14b"):
         radial = for_model(None, fp8, "cuda")
     m.set_attention(attn or ("sage_triton" if variant.startswith("fast") else "auto"), radial=radial)
     m.set_block_ops("auto")  # the fused ops, as a CUDA build chooses
+    if res16:
+        m.set_residual_dtype(torch.bfloat16)
     compile_blocks(m)
     return m
 
