@@ -135,9 +135,12 @@ def test_quantised_rows_into_a_bf16_only_kernel_is_a_clear_error():
 
 
 @needs_cpu_fp8
-def test_fused_block_traces_whole_under_dynamo():
-    """QuantRows passes through the attention modules inside one compiled graph (fullgraph)."""
+@pytest.mark.parametrize("residual", [torch.float32, torch.bfloat16])
+def test_fused_block_traces_whole_under_dynamo(residual):
+    """QuantRows passes through the attention modules inside one compiled graph (fullgraph), with
+    either residual stream (the fake ops' outputs have the real ones' dtypes: row scales float32)."""
     model, cfg = _tiny_fp8_model()
+    model.set_residual_dtype(residual)
     x, t, ctx, _ = _inputs(cfg)
     with torch.no_grad():
         ref = model(x, t, ctx)

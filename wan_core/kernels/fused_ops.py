@@ -118,7 +118,8 @@ def _(x, delta, gate, weight, bias, scale, shift, eps, quant, out_dtype):
     b, l, _ = x.shape
     x_new = x.new_empty(x.shape) if delta is not None else x.new_empty(0)
     h = torch.empty(x.shape, dtype=FP8_DTYPE if quant else out_dtype, device=x.device)
-    return x_new, h, x.new_empty(b * l, 1) if quant else x.new_empty(0)
+    rs = torch.empty(b * l, 1, dtype=torch.float32, device=x.device) if quant else x.new_empty(0)  # fp32 whatever x's dtype
+    return x_new, h, rs
 
 
 def add_norm_mod(x: torch.Tensor, delta: torch.Tensor | None = None, gate: torch.Tensor | None = None,
