@@ -207,7 +207,7 @@ def main():
                 from wan_core.kernels.radial_attention import RadialOptions
 
                 fast = base.startswith("fast") and "sparse16" not in flags
-                radial = RadialOptions(kernel="fa3" if "fa3" in flags else "fp8" if fast else "bf16")
+                radial = RadialOptions(kernel="fp8" if fast else "bf16")
                 RESULTS[f"radial_{variant}"] = {"kernel": radial.kernel}
             m.set_attention(attn or ("sage_triton" if base.startswith("fast") else "sdpa_cudnn"), radial=radial)
             mk = 2 if "mk2" in flags else 1 if "mk" in flags else 0

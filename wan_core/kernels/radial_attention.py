@@ -61,8 +61,7 @@ class RadialOptions:
     N blocks run dense attention; dense_timesteps: the first N sampling steps run dense attention.
     kernel: "bf16" (the input dtype's tensor cores; the torch path off CUDA), "fp8" (8 bits, CUDA
     compute capability 8.9+; the dense layers and steps then run `sage_triton`, the same 8-bit
-    math), "fa3" (FlashAttention-3's e4m3 kernel through a page table, `radial_fa3`; dense layers
-    and steps `fa3_fp8`), or "auto": "fp8" when the model's linears are FP8 (fast mode, `for_model`), else "bf16".
+    math), or "auto": "fp8" when the model's linears are FP8 (fast mode, `for_model`), else "bf16".
     """
 
     decay_factor: float = DECAY
@@ -84,10 +83,10 @@ class RadialOptions:
     @property
     def dense_backend(self) -> str:
         """The attention-table name of the dense layers' and steps' backend."""
-        return {"fp8": "sage_triton", "fa3": "fa3_fp8"}.get(self.kernel, "auto")
+        return "sage_triton" if self.kernel == "fp8" else "auto"
 
 
-KERNELS = ("auto", "bf16", "fp8", "fa3")
+KERNELS = ("auto", "bf16", "fp8")
 
 
 def for_model(options: RadialOptions | None, fp8_linears: bool, device) -> RadialOptions | None:
@@ -102,13 +101,6 @@ def for_model(options: RadialOptions | None, fp8_linears: bool, device) -> Radia
 
 def check_kernel(options: RadialOptions, device) -> None:
     """A clear error at build time when kernel "fp8" is asked for where it cannot run."""
-    if options.kernel == "fa3":
-        from .radial_fa3 import available as fa3_problem
-
-        why = fa3_problem(device if device is not None else "cpu")
-        if why is not None:
-            raise RuntimeError(f"radial_attn with kernel 'fa3' (FlashAttention-3's paged e4m3 kernel) cannot run here: "
-                               f"{why}; choose kernel 'fp8', 'bf16' or 'auto'")  # fmt: skip
     if options.kernel == "fp8":
         from .sage_attention import available as eight_bit_problem
 
@@ -251,10 +243,6 @@ class RadialAttention:
                 "not ring)"
             )
         plan = self.plan(frames, tokens_per_frame, q.device)
-        if self.options.kernel == "fa3":
-            from .radial_fa3 import radial_attention_fa3
-
-            return radial_attention_fa3(q, k, v, plan)
         if self.eight_bit:
             return radial_attention_fp8(q, k, v, plan)
         if self.use_triton and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):

@@ -224,8 +224,7 @@ def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype
     use_tma = (KERNEL_OPTIONS["use_tma"] and _tma_possible(qc.device)) if use_tma is None else use_tma
     if pipeline is None:
         pipeline = (SPARSE_OPTIONS if blocks is not None else KERNEL_OPTIONS)["pipeline"]
-    if warp_spec is None:  # the sparse kernel: only when asked (benchmarks)
-        warp_spec = KERNEL_OPTIONS["warp_spec"] if blocks is None else False
+    warp_spec = KERNEL_OPTIONS["warp_spec"] if warp_spec is None else warp_spec
     if blocks is not None and config is None:
         config = _sparse_config(qc.device, blocks[2])
     b, h, lqp, d = qc.shape
@@ -253,7 +252,7 @@ def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype
         args = (qv, qs, kv, ks, vv, vs, vm, out, counts, indices, lq, lk, lqp, lkp, h, indices.shape[1], *strides)
         kernel = sage_sparse_kernel.attn_fwd_sparse if config is not None else sage_sparse_kernel.attn_fwd_sparse_tuned
         kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, USE_TMA=use_tma, KBLK=KBLK,
-                     MASK_BLOCK=mask_block, PIPELINE=pipeline, WARP_SPEC=warp_spec, **(config or {}))  # fmt: skip
+                     MASK_BLOCK=mask_block, PIPELINE=pipeline, **(config or {}))  # fmt: skip
         return out
     args = (qv, qs, kv, ks, vv, vs, vm, out, lq, lk, lqp, lkp, h, *strides)
     kernel = sage_kernel.attn_fwd if config is not None else sage_kernel.attn_fwd_tuned

@@ -36,8 +36,7 @@ __all__ = ["attn_fwd_sparse", "attn_fwd_sparse_tuned", "CONFIGS"]
 def attn_fwd_sparse(Q, QS, K, KS, VT, VS, VM, O, CNT, IDX, lq, lk, lqp, lkp, heads, max_cnt,
                     stride_ob, stride_ol, stride_oh,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
-                    USE_TMA: tl.constexpr, KBLK: tl.constexpr, MASK_BLOCK: tl.constexpr, PIPELINE: tl.constexpr,
-                    WARP_SPEC: tl.constexpr = False):
+                    USE_TMA: tl.constexpr, KBLK: tl.constexpr, MASK_BLOCK: tl.constexpr, PIPELINE: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     k_row = bh * lkp  # row in the [B·H·Lkp, D] view of k
@@ -62,12 +61,6 @@ def attn_fwd_sparse(Q, QS, K, KS, VT, VS, VM, O, CNT, IDX, lq, lk, lqp, lkp, hea
                                            USE_TMA)
                 s, kscale, col = s_next, kscale_next, col_next
             acc, l_i, m_i = softmax_pv(s, kscale, qs, acc, l_i, m_i, VT, v_row, col, lkp, HEAD_DIM, BLOCK_N, USE_TMA)
-    elif WARP_SPEC:  # one flat loop, split by Triton into load, matmul and softmax warps
-        subs_ws: tl.constexpr = MASK_BLOCK // BLOCK_N
-        for t in tl.range(0, n_whole * subs_ws, warp_specialize=True):
-            col = tl.load(row + t // subs_ws) * MASK_BLOCK + (t % subs_ws) * BLOCK_N
-            acc, l_i, m_i = key_tile(q, qs, K, ks_ptr, VT, k_row, v_row, col, lk, lkp, acc, l_i, m_i, HEAD_DIM,
-                                     BLOCK_N, QK_INT8, USE_TMA, False, KBLK)
     else:
         for t in range(0, n_whole):
             kb = tl.load(row + t)
@@ -96,6 +89,6 @@ CONFIGS = [
     for bm, bn, w, s in [(64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4)]
 ]
 attn_fwd_sparse_tuned = triton.autotune(
-    CONFIGS, key=["lkp", "max_cnt", "HEAD_DIM", "QK_INT8", "USE_TMA", "MASK_BLOCK", "PIPELINE", "WARP_SPEC"],
+    CONFIGS, key=["lkp", "max_cnt", "HEAD_DIM", "QK_INT8", "USE_TMA", "MASK_BLOCK", "PIPELINE"],
     prune_configs_by={"early_config_prune": _fits_mask_block},
 )(attn_fwd_sparse)  # fmt: skip
