@@ -36,6 +36,7 @@ NONE = "(none)"
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
 ATTENTION = ["auto", *ATTENTION_BACKENDS]
 TASKS = ["auto", "t2v", "i2v", "ti2v"]
+RESIDUALS = ["auto", "float32", "bfloat16"]  # ModelSpec.residual_dtype
 EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")  # a Wan-AI Wan2.2 A14B folder's two experts
 
 
@@ -91,6 +92,7 @@ def make_spec(
     offload: OffloadOptions | None = None,
     fp8: str | None = None,
     radial: RadialOptions | None = None,
+    residual: str = "auto",
 ) -> ModelSpec:
     """Check the picked files and describe the model; nothing is read but file headers.
     radial (from WanRadialAttention) turns radial_attn on with its options: attention 'auto' becomes
@@ -158,6 +160,7 @@ def make_spec(
         radial=radial,
         fp8=fp8,
         offload=offload or OffloadOptions(),
+        residual_dtype=residual,
     )
     return spec
 
@@ -209,6 +212,11 @@ def _loader_inputs() -> dict:
                 WAN_RADIAL,
                 {"tooltip": "from WanRadialAttention: block-sparse self-attention (radial_attn) with its options"},
             ),
+            "residual": (
+                RESIDUALS,
+                {"default": "auto", "tooltip": "the residual stream between the DiT's blocks: auto = bfloat16 with FP8 "
+                 "linears (as ComfyUI and LightX2V run it; faster), float32 otherwise (the official model's)"},
+            ),
         },
     }
 
@@ -231,7 +239,7 @@ class WanModelLoader:
         return _loader_inputs()
 
     def load(self, dit, text_encoder, vae, clip_vision, **options):
-        """options: the optional widgets and inputs (task, dtype, attention, offload, radial), as make_spec names them."""
+        """options: the optional widgets and inputs (task, dtype, attention, offload, radial, residual), as make_spec names them."""
         return (make_spec(dit, text_encoder, vae, clip_vision, **options),)
 
 

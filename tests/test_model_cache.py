@@ -119,3 +119,36 @@ def test_layers_are_recorded_in_one_typed_record_in_order(model_dir, loras):
 
         apply_layers(model, [LoraLayer(())])  # a weight change under the offload without it
     clear_cache()
+
+
+@pytest.mark.parametrize(
+    "dtype,fp8,residual,want",
+    [("bf16", "dequant", "auto", torch.bfloat16), ("bf16", None, "auto", torch.float32),
+     ("fp32", "dequant", "auto", torch.float32), ("bf16", "dequant", "fp32", torch.float32),
+     ("bf16", None, "bf16", torch.bfloat16)],
+)  # fmt: skip
+def test_residual_dtype_auto_is_bf16_with_fp8_linears_on_a_bf16_model(model_dir, dtype, fp8, residual, want):
+    """ModelSpec.residual_dtype reaches the leased DiT: 'auto' is bf16 for FP8 block linears on a
+    bf16 model (fast mode, as ComfyUI and LightX2V run it), float32 otherwise; a named one is kept.
+    The stream between the blocks really has that dtype, and a change rebuilds (part of the key)."""
+    spec = ModelSpec(dit=model_dir, dtype=dtype, device="cpu", fp8=fp8, residual_dtype=residual)
+    clear_cache()
+    seen = []
+    with lease(spec) as model:
+        assert model.residual_dtype == want
+        hook = model.blocks[0].register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+        _out(model)
+        hook.remove()
+    assert seen == [want]
+    other = torch.float32 if want == torch.bfloat16 else torch.bfloat16
+    with lease(spec.replace(residual_dtype="float32" if other == torch.float32 else "bfloat16")) as model:
+        assert model.residual_dtype == other
+    clear_cache()
+
+
+def test_residual_dtype_spellings_and_a_bad_one():
+    spec = ModelSpec(dit="x", residual_dtype="bf16")
+    assert spec.residual_dtype == "bfloat16" and spec.replace(residual_dtype="fp32").residual_dtype == "float32"
+    assert ModelSpec(dit="x").residual_dtype == "auto"
+    with pytest.raises(ValueError, match="residual_dtype must be one of"):
+        ModelSpec(dit="x", residual_dtype="float16")

@@ -499,3 +499,15 @@ def test_latent_is_comfyui_raw_convention(models):
     with torch.no_grad():
         ref = build_vae(model).decode(latent_from_raw(raw), out_device="cpu")
     torch.testing.assert_close(frames, (ref[0].permute(1, 2, 3, 0) + 1) / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_loaders_residual_widget_reaches_the_spec(models):
+    """The loaders' optional `residual` widget (auto / float32 / bfloat16) is ModelSpec.residual_dtype;
+    left out (older workflows, API JSON without it) it is 'auto'; a value outside the list is refused."""
+    assert NODE_CLASS_MAPPINGS["WanModelLoader"].INPUT_TYPES()["optional"]["residual"][0] == ["auto", "float32", "bfloat16"]
+    for name in ("WanModelLoader", "WanFP8Loader"):
+        loader = NODE_CLASS_MAPPINGS[name]()
+        assert loader.load(T2V, T5, VAE, "(none)")[0].residual_dtype == "auto"
+        assert loader.load(T2V, T5, VAE, "(none)", residual="bfloat16")[0].residual_dtype == "bfloat16"
+        with pytest.raises(ValueError, match="residual_dtype must be one of"):
+            loader.load(T2V, T5, VAE, "(none)", residual="float16")

@@ -422,3 +422,19 @@ def test_compiled_blocks_run_lora_branches_added_later(models, loras, monkeypatc
             assert torch.allclose(_dit_out(model), eager[s], rtol=1e-5, atol=1e-6), s
     clear_cache()
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("env,want", [(None, "auto"), ("None", "auto"), ("FP32", "float32"), ("BF16", "bfloat16")])
+def test_lightx2v_sensitive_layer_dtype_sets_the_residual_stream(models, monkeypatch, env, want):
+    """LightX2V's SENSITIVE_LAYER_DTYPE (its base.sh: FP32 or None) picks the residual stream's dtype
+    of the run; a value LightX2V does not know is a one-line error before anything is built."""
+    if env is None:
+        monkeypatch.delenv("SENSITIVE_LAYER_DTYPE", raising=False)
+    else:
+        monkeypatch.setenv("SENSITIVE_LAYER_DTYPE", env)
+    pipe = WanPipeline(models["t2v", "wan"], dtype="fp32", device="cpu").create_generator(**T2V)
+    assert pipe.spec.residual_dtype == want
+    assert pipe.dit.residual_dtype == (torch.bfloat16 if want == "bfloat16" else torch.float32)  # fp32, no FP8: auto = float32
+    monkeypatch.setenv("SENSITIVE_LAYER_DTYPE", "FP16")
+    with pytest.raises(ValueError, match="SENSITIVE_LAYER_DTYPE='FP16'"):
+        WanPipeline(models["t2v", "wan"], dtype="fp32", device="cpu").create_generator(**T2V)

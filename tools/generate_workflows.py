@@ -107,7 +107,8 @@ class Scenario:
 def _loader(
     nid: int, dit: str, clip: str = "(none)", fp8: bool = False, offload: int | None = None, vae: str = VAE
 ) -> Node:
-    w = dict(dit=dit, text_encoder=T5, vae=vae, clip_vision=clip, task="auto", dtype="auto", attention="auto")
+    w = dict(dit=dit, text_encoder=T5, vae=vae, clip_vision=clip, task="auto", dtype="auto", attention="auto",
+             residual="auto")
     if fp8:
         w["fp8_kernel"] = "auto"
     links = {"offload": (offload, 0)} if offload is not None else {}

@@ -293,12 +293,21 @@ def _load_base(spec: ModelSpec, fp8: str | None, dt, dev):
         model = load_dit(path, **common)
     else:  # on the host: a kernel the host runs; the fp8_kernel layer sets the device's
         model = load_fp8_dit(path, kernel="auto" if host else fp8, quantize=True, **common)
+    model.set_residual_dtype(_residual_dtype(spec, fp8))
     if host:  # host placement: backends of the host first (a CUDA-only one would fail there), the real ones now
         model.set_attention(spec.attention, spec.cross_attention, device=dev, radial=radial)
         model.set_block_ops("auto", device=dev)  # the device's block ops (fused on CUDA), as for attention
     elif radial is not None:  # the loaders made radial_attn with its default options
         model.set_attention(spec.attention, spec.cross_attention, device=dev, radial=radial)
     return model
+
+
+def _residual_dtype(spec: ModelSpec, fp8: str | None) -> torch.dtype:
+    """`spec.residual_dtype`, its 'auto' resolved: bf16 for FP8 block linears on a bf16 model (fast
+    mode: ComfyUI's and LightX2V's stream, measured 1.4-1.9 % faster at 720p), else float32."""
+    if spec.residual_dtype == "auto":
+        return torch.bfloat16 if fp8 is not None and spec.torch_dtype == torch.bfloat16 else torch.float32
+    return torch.bfloat16 if spec.residual_dtype == "bfloat16" else torch.float32
 
 
 def _radial_options(spec: ModelSpec, fp8: str | None):
@@ -399,7 +408,7 @@ def lease(spec: ModelSpec) -> Iterator[torch.nn.Module]:
     o = spec.offload  # the DiT's part of it (T5 / CLIP / VAE flags are theirs)
     offload = (o.granularity, o.vram_budget_gb, o.resident_blocks, o.prefetch)
     key = (_stamp(spec.dit), _stamp(spec.dit_config), spec.task, dt, dev, spec.attention, spec.cross_attention,
-           _radial_options(spec, fp8), fp8 is not None, compile, offload)  # fmt: skip
+           _radial_options(spec, fp8), fp8 is not None, compile, offload, _residual_dtype(spec, fp8))  # fmt: skip
     part = dit_part(spec)
     with _DIT_LOCK:
         depths = _depths()

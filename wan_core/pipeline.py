@@ -59,7 +59,7 @@ from .model_cache import build_image_encoder, build_text_encoder, build_vae, com
 from .models.conditioning import I2VCondition, TI2VCondition, load_image, prepare_i2v, prepare_ti2v
 from .options import DEFAULT_NEGATIVE_PROMPT, GenerationConfig, parallel_dict, read_json
 from .pipeline_calls import LightX2VCalls
-from .pipeline_setup import arch_config, attention_choice, fp8_choice, sync
+from .pipeline_setup import arch_config, attention_choice, fp8_choice, residual_choice, sync
 from .progress import progress_bar, timed_build
 from .sampling.denoise import NO_EXPERT_CACHE, denoise
 from .sampling.experts import Experts
@@ -209,7 +209,7 @@ class WanPipeline(LightX2VCalls):
             clip=files.clip if wan21_i2v else None, task="ti2v" if self.model_cls == "wan2.2" else self.task,
             dtype=self.dtype, vae_dtype=self.vae_dtype, device=device, text_len=cfg.text_len, loras=loras,
             lora_mode="branch" if cfg.lora_dynamic_apply else "auto", offload=cfg.offload_options(), dit_config=arch,
-            expert="high" if self.moe else None,
+            expert="high" if self.moe else None, residual_dtype=residual_choice(),
         )  # fmt: skip
         dev = spec.torch_device
         if self.model_cls == "wan2.2" and (cfg.target_height % 32 or cfg.target_width % 32):

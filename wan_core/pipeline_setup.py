@@ -1,6 +1,6 @@
 """Choices `WanPipeline.create_generator` makes while setting a run up: which FP8 kernel and
-attention backends a config's names come down to on this machine, and which config.json a DiT
-given as one file takes its architecture from."""
+attention backends a config's names come down to on this machine, which config.json a DiT
+given as one file takes its architecture from, and the residual stream LightX2V's environment asks for."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import torch
 
 from .loading.discover import model_config_json
 
-__all__ = ["sync", "fp8_choice", "attention_choice", "arch_config"]
+__all__ = ["sync", "fp8_choice", "attention_choice", "arch_config", "residual_choice"]
+
+# LightX2V's SENSITIVE_LAYER_DTYPE (its scripts' base.sh: FP32 or None) -> ModelSpec.residual_dtype
+_SENSITIVE = {"FP32": "float32", "BF16": "bfloat16", "NONE": "auto"}
 
 
 def sync(device) -> None:
@@ -60,3 +63,14 @@ def arch_config(model_path: str | None, dit, expert: str | None = None) -> str |
     if not (isinstance(dit, str) and os.path.isfile(dit)):
         return None
     return model_config_json(model_path, expert) if expert else model_config_json(model_path)
+
+
+def residual_choice(environ=os.environ) -> str:
+    """The residual stream's dtype from LightX2V's SENSITIVE_LAYER_DTYPE: FP32 -> float32, BF16 ->
+    bfloat16; None or unset -> 'auto' (LightX2V's None runs every sensitive layer in bf16; here bf16
+    residuals with FP8 linears, float32 with bf16 ones, the official model's numbers)."""
+    raw = environ.get("SENSITIVE_LAYER_DTYPE", "None")
+    key = raw.strip().upper().removeprefix("TORCH.").replace("FLOAT32", "FP32").replace("BFLOAT16", "BF16")
+    if key not in _SENSITIVE:
+        raise ValueError(f"SENSITIVE_LAYER_DTYPE={raw!r}: LightX2V's values are FP32, BF16 or None")
+    return _SENSITIVE[key]

@@ -49,7 +49,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return _DTYPES[key]
 
 
+# residual_dtype's accepted spellings -> its canonical names
+RESIDUAL_DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
 @dataclass(frozen=True)
+
 class ModelSpec:
     """Which files make up a Wan model (Wan2.1, a Wan2.2 expert, TI2V-5B) and how to build them.
 
@@ -65,6 +70,9 @@ class ModelSpec:
     radial: the options of the `radial_attn` self-attention (`wan_core.kernels.radial_attention.RadialOptions`:
     decay_factor, dense_layers, dense_timesteps, kernel); None: its defaults. Only read when `attention` is
     radial_attn; with FP8 linears its kernel "auto" is the 8-bit sparse kernel (fast mode).
+    residual_dtype: the residual stream between the DiT's blocks: 'float32' (the official model's),
+    'bfloat16' (ComfyUI's and LightX2V's; half the memory traffic of the passes between the matmuls)
+    or 'auto': bfloat16 when the block linears run in FP8 on a bf16 model (fast mode), else float32.
     offload: CPU offload of the DiT and the other parts (`wan_core.layers.offload.OffloadOptions`);
     a granularity string ('model', 'block', 'phase') or None is taken as `OffloadOptions(granularity)`.
     """
@@ -87,6 +95,7 @@ class ModelSpec:
     lora_mode: str = "auto"
     offload: OffloadOptions = OffloadOptions()
     compile: bool | str = "auto"
+    residual_dtype: str = "auto"
     # the DiT's architecture (a config.json path) for a DiT given as one file: LightX2V takes it from model_path
     dit_config: str | None = None
     # a Wan2.2 A14B expert: "high" / "low" (its own cache slot, `model_cache.dit_part`); None: a single DiT
@@ -103,6 +112,10 @@ class ModelSpec:
             object.__setattr__(self, "offload", OffloadOptions(granularity=self.offload))
         if self.radial is not None and not isinstance(self.radial, RadialOptions):
             raise TypeError(f"radial must be a RadialOptions, got {type(self.radial).__name__}")
+        residual = RESIDUAL_DTYPES.get(str(self.residual_dtype).removeprefix("torch."))
+        if residual is None:
+            raise ValueError(f"residual_dtype must be one of {sorted(RESIDUAL_DTYPES)}, got {self.residual_dtype!r}")
+        object.__setattr__(self, "residual_dtype", residual)
         if self.lora_mode not in ("auto", "merge", "branch"):
             raise ValueError(f"lora_mode must be 'auto', 'merge' or 'branch', got {self.lora_mode!r}")
         if isinstance(self.dit, list):
