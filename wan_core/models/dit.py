@@ -11,7 +11,8 @@ matmuls (`ops`, `set_block_ops`: plain torch, or single-pass fused ops on CUDA).
 
 Precision follows the official code where accuracy needs it: the timestep embedding, the
 modulation vectors, the norms and the head run in float32, and the residual stream between
-the blocks is kept in float32; the large linears and the attention run in the model dtype.
+the blocks is kept in float32 (bf16 on request, `set_residual_dtype`: ComfyUI's and LightX2V's
+stream, less memory traffic); the large linears and the attention run in the model dtype.
 
 Wan2.2 adds no module: its I2V-A14B experts are the I2V model without the CLIP branch
 (`cfg.clip_branch`), and TI2V-5B may take one timestep per token (`t` [B, L]), which makes the
