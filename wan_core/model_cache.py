@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import ModelSpec
+from .spec import ModelSpec, resolve_dtype
 
 __all__ = [
     "lease", "held", "dit_part", "DIT_PARTS", "build_text_encoder", "build_vae", "build_image_encoder", "component_loaded", "clear_cache",
@@ -307,7 +307,7 @@ def _residual_dtype(spec: ModelSpec, fp8: str | None) -> torch.dtype:
     mode: ComfyUI's and LightX2V's stream, measured 1.4-1.9 % faster at 720p), else float32."""
     if spec.residual_dtype == "auto":
         return torch.bfloat16 if fp8 is not None and spec.torch_dtype == torch.bfloat16 else torch.float32
-    return torch.bfloat16 if spec.residual_dtype == "bfloat16" else torch.float32
+    return resolve_dtype(spec.residual_dtype, spec.torch_device)
 
 
 def _radial_options(spec: ModelSpec, fp8: str | None):

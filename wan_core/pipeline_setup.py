@@ -10,11 +10,10 @@ import warnings
 import torch
 
 from .loading.discover import model_config_json
+from .spec import resolve_dtype
 
 __all__ = ["sync", "fp8_choice", "attention_choice", "arch_config", "residual_choice"]
 
-# LightX2V's SENSITIVE_LAYER_DTYPE (its scripts' base.sh: FP32 or None) -> ModelSpec.residual_dtype
-_SENSITIVE = {"FP32": "float32", "BF16": "bfloat16", "NONE": "auto"}
 
 
 def sync(device) -> None:
@@ -70,7 +69,12 @@ def residual_choice(environ=os.environ) -> str:
     bfloat16; None or unset -> 'auto' (LightX2V's None runs every sensitive layer in bf16; here bf16
     residuals with FP8 linears, float32 with bf16 ones, the official model's numbers)."""
     raw = environ.get("SENSITIVE_LAYER_DTYPE", "None")
-    key = raw.strip().upper().removeprefix("TORCH.").replace("FLOAT32", "FP32").replace("BFLOAT16", "BF16")
-    if key not in _SENSITIVE:
+    if raw.strip().lower() in ("none", "auto"):
+        return "auto"
+    try:
+        dtype = resolve_dtype(raw.strip(), "cpu")  # LightX2V's spellings (FP32, bf16, torch.float32) are ours too
+    except ValueError:
+        dtype = None
+    if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"SENSITIVE_LAYER_DTYPE={raw!r}: LightX2V's values are FP32, BF16 or None")
-    return _SENSITIVE[key]
+    return "float32" if dtype == torch.float32 else "bfloat16"

@@ -49,12 +49,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return _DTYPES[key]
 
 
-# residual_dtype's accepted spellings -> its canonical names
-RESIDUAL_DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+# the residual stream's dtypes (any of their spellings in _DTYPES), by their canonical names
+_RESIDUALS = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
 @dataclass(frozen=True)
-
 class ModelSpec:
     """Which files make up a Wan model (Wan2.1, a Wan2.2 expert, TI2V-5B) and how to build them.
 
@@ -112,10 +111,12 @@ class ModelSpec:
             object.__setattr__(self, "offload", OffloadOptions(granularity=self.offload))
         if self.radial is not None and not isinstance(self.radial, RadialOptions):
             raise TypeError(f"radial must be a RadialOptions, got {type(self.radial).__name__}")
-        residual = RESIDUAL_DTYPES.get(str(self.residual_dtype).removeprefix("torch."))
-        if residual is None:
-            raise ValueError(f"residual_dtype must be one of {sorted(RESIDUAL_DTYPES)}, got {self.residual_dtype!r}")
-        object.__setattr__(self, "residual_dtype", residual)
+        if self.residual_dtype != "auto":
+            residual = _RESIDUALS.get(_DTYPES.get(str(self.residual_dtype).lower().removeprefix("torch.")))
+            if residual is None:
+                raise ValueError(f"residual_dtype must be one of ['auto', 'float32', 'bfloat16'] (or fp32, bf16), "
+                                 f"got {self.residual_dtype!r}")  # fmt: skip
+            object.__setattr__(self, "residual_dtype", residual)
         if self.lora_mode not in ("auto", "merge", "branch"):
             raise ValueError(f"lora_mode must be 'auto', 'merge' or 'branch', got {self.lora_mode!r}")
         if isinstance(self.dit, list):
