@@ -1,7 +1,8 @@
 """Where a 14B forward (480p, or `--res 720p`) spends its time: one compiled forward under
 torch.profiler, kernels grouped into attention / GEMM / other, top kernels listed. Variants as
 bench_dit.py's compiled ones (bf16, fp8, fast; "fast@radial_attn": the 8-bit sparse kernel); the
-output's cosine similarity to bf16's (same weights and inputs).
+output's cosine similarity to bf16's (same weights and inputs); a "+res16" suffix keeps the residual
+stream in bf16 (`WanModel.set_residual_dtype`).
 
   python benchmarks/profile_dit.py [--variants fast,bf16] [--res 480p]
 """
@@ -49,7 +50,7 @@ def main():
         with torch.no_grad():
             for p in m.parameters():
                 p.normal_(0, 0.02)
-        base, _, attn = variant.partition("@")  # "fast@fa3_fp8": another self-attention backend
+        base, _, attn = variant.replace("+res16", "").partition("@")  # "fast@fa3_fp8": another self-attention backend
         radial = None
         if attn == "radial_attn":  # the options the model cache gives: the 8-bit sparse kernel on an FP8 DiT
             from wan_core.kernels.radial_attention import for_model
@@ -59,6 +60,8 @@ def main():
         if base != "bf16":
             quantize_model(m, kernel="auto")
         m.set_block_ops("auto")  # the fused ops, as a CUDA build chooses
+        if "+res16" in variant:
+            m.set_residual_dtype(torch.bfloat16)
         compile_blocks(m)
         x, t, c = bd.inputs(bd.SHAPES[args.res])
         with torch.inference_mode():
