@@ -234,8 +234,10 @@ def main():
                     ops = dataclasses.replace(ops, qk_norm_rope=get_block_ops("torch").qk_norm_rope)
                 m.set_block_ops(ops)
             for blk in m.blocks:  # "+mk": inductor's multi-kernel (persistent reductions up to 16k wide
-                # where they time faster), "+mk2": persistent reductions forced
-                blk.compile(options={"triton.multi_kernel": mk} if mk else None)
+                # where they time faster), "+mk2": persistent reductions forced; "+static": static
+                # shapes only, as the pipeline compiles (`compile_blocks`); without it a 720p run
+                # follows the 480p compile call, so dynamo recompiles it with dynamic shapes
+                blk.compile(options={"triton.multi_kernel": mk} if mk else None, dynamic=False if "static" in flags else None)
             t0 = time.time()
             with torch.inference_mode():
                 x, t, c = inputs(SHAPES["480p"])
