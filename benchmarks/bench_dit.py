@@ -222,7 +222,6 @@ def main():
             from wan_core.kernels import sage_attention
 
             sage_attention.TRITON_QUANTIZE = "torchquant" not in flags  # "+torchquant": q/k/v quantised by inductor
-            sage_attention.Q_IN_KERNEL = "qpass" not in flags  # "+qpass": q quantised by the quantiser's pass
             sparse_options(sage_attention, flags)
             if "nofuse" not in flags:  # "+nofuse": the plain torch ops, all float32 work left to inductor
                 import dataclasses

@@ -97,10 +97,6 @@ def quantize(q, k, v, qk_int8: bool = False, smooth_k: bool = True):
 # Self-attention's q/k/v quantisation on CUDA: the Triton kernels (True) or `quantize`'s torch
 # code (False; inductor compiles it inside the block). benchmarks/bench_dit.py "+torchquant".
 TRITON_QUANTIZE = True
-# With the Triton kernels: q quantised by the attention kernel as it loads it (True), or by the
-# quantiser's pass with k and v (False: one more read of q and a write of its codes; the same
-# codes). benchmarks/bench_dit.py "+qpass".
-Q_IN_KERNEL = True
 
 
 def _launch_quantize(q, k, v, tuned: bool | None = None, with_q: bool = True):
@@ -330,12 +326,9 @@ def _(q, kc, ks, vt, vs, vm, lk):
 def sage_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_int8: bool = False,
                        smooth_k: bool = True) -> torch.Tensor:
     """Attention of q [B, Lq, H, D] over k/v [B, Lk, H, D] in 8 bits; [B, Lq, H, D] in q's dtype."""
-    if q.shape == k.shape and not qk_int8 and smooth_k and TRITON_QUANTIZE:  # self-attention: the Triton quantiser
-        if Q_IN_KERNEL:
-            return _sage_q_op(q, *_quantize_kv_op(k, v), k.shape[1])
-        packed = _quantize_op(q, k, v)
-    else:
-        packed = quantize(q, k, v, qk_int8=qk_int8, smooth_k=smooth_k)
+    if q.shape == k.shape and not qk_int8 and smooth_k and TRITON_QUANTIZE:  # self-attention: k/v's op, q in the kernel
+        return _sage_q_op(q, *_quantize_kv_op(k, v), k.shape[1])
+    packed = quantize(q, k, v, qk_int8=qk_int8, smooth_k=smooth_k)
     return _sage_op(*packed, q.shape[1], k.shape[1], q.dtype)
 
 
@@ -358,7 +351,6 @@ def sage_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cou
     if counts.shape[0] != -(-length // block_size) or indices.shape[0] != counts.shape[0]:
         raise ValueError(f"sparse 8-bit attention: {counts.shape[0]} block rows for {length} tokens of {block_size}")
     blocks = (counts.to(q.device, torch.int32), indices.to(q.device, torch.int32).contiguous(), block_size)
-    if TRITON_QUANTIZE and Q_IN_KERNEL:  # k and v by the quantiser, q by the kernel as it loads it
+    if TRITON_QUANTIZE:  # k and v by the quantiser, q by the kernel as it loads it
         return _launch(q, None, *_quantize_kv_op(k, v), length, length, q.dtype, config=config, blocks=blocks)
-    packed = _quantize_op(q, k, v) if TRITON_QUANTIZE else quantize(q, k, v)
-    return _launch(*packed, length, length, q.dtype, config=config, blocks=blocks)
+    return _launch(*quantize(q, k, v), length, length, q.dtype, config=config, blocks=blocks)
