@@ -37,7 +37,7 @@ from wan_core.kernels import sage_attention as sa
 from wan_core.kernels.radial_attention import radial_attention_fp8
 from wan_core.kernels.radial_mask import expand_block_mask, radial_plan
 g = torch.Generator().manual_seed(0)
-res = {{"full": {{}}, "masked": {{}}, "raw_q": {{}}}}
+res = {{"full": {{}}, "masked": {{}}}}
 
 def qkv(b, length, h):
     q = torch.randn(b, length, h, 128, generator=g)
@@ -58,10 +58,6 @@ for int8, tma, bm, bn, length, pipe in ((False, False, 64, 64, 300, False), (Fal
     dense = sa._launch(*packed, length, length, torch.float32, config=cfg, use_tma=tma, pipeline=False)
     sparse = sa._launch(*packed, length, length, torch.float32, config=cfg, use_tma=tma, blocks=blocks, pipeline=pipe)
     res["full"][f"{{int8}}-{{tma}}-{{bm}}x{{bn}}-{{length}}-{{pipe}}"] = (sparse - dense).abs().max().item()
-    if not int8:  # q unquantised, quantised by the sparse kernel as it loads it: the same output
-        raw = sa._launch(q, None, *packed[2:], length, length, torch.float32, config=cfg, use_tma=tma, blocks=blocks,
-                         pipeline=pipe)
-        res["raw_q"][f"{{tma}}-{{bm}}x{{bn}}-{{length}}-{{pipe}}"] = (raw - sparse).abs().max().item()
 
 # real radial masks (several frames, L not a multiple of 128), a random plan with an empty row, 64-token blocks
 rand = (torch.rand(6, 6, generator=g) < 0.4) | torch.eye(6, dtype=torch.bool)
@@ -112,12 +108,10 @@ def test_sparse_kernel_in_the_interpreter():
     an empty row, 64-token blocks: equal to the 8-bit math in torch over the same mask (the dense
     kernel's interpreter bar, 1e-3: e4m3 roundings of P at ties; the bf16 case against the
     reference rounded to bf16), within 8-bit error of the float64 masked softmax (cosine >= 0.998,
-    the sage tests' bar), and zeros on a row that keeps nothing. Given the unquantised q (FP8),
-    which the kernel quantises as it loads it, bit for bit what it gives on `quantize`'s q codes.
+    the sage tests' bar), and zeros on a row that keeps nothing.
     """
     res = run_interpreted(INTERP_SCRIPT)
     assert len(res["full"]) == 6
-    assert len(res["raw_q"]) == 4 and all(d == 0.0 for d in res["raw_q"].values()), res["raw_q"]
     for key, diff in res["full"].items():
         assert diff == 0.0, (key, diff)
     assert len(res["masked"]) == 7
@@ -143,15 +137,14 @@ def _signature(bm: int, bn: int, tma: bool, sparse: bool, qk: str = "fp8e4nv") -
     if sparse:
         sig.update(CNT="*i32", IDX="*i32")
     ints = ("lq", "lk", "lqp", "lkp", "heads", *(("max_cnt",) if sparse else ()), "stride_ob", "stride_ol", "stride_oh")
-    return dict(sig, **{n: "i32" for n in ints}, q_extra="fp32")
+    return dict(sig, **{n: "i32" for n in ints})
 
 
 @needs_triton
 def test_both_8bit_kernels_compile_for_hopper():
     """Every tile the autotuners try, with TMA and pointer loads, compiles for sm_90 within the
     H100's shared memory: the sparse kernel (both loop forms) and the dense one, which shares its
-    pieces (the interpreter does not compile), each also quantising a bf16 q itself. INT8 Q·Kᵀ
-    once each."""
+    pieces (the interpreter does not compile). INT8 Q·Kᵀ once each."""
     from wan_core.kernels import sage_kernel, sage_sparse_kernel
 
     assert sage_sparse_kernel.attn_fwd_sparse_tuned.configs == sage_sparse_kernel.CONFIGS
@@ -167,11 +160,6 @@ def test_both_8bit_kernels_compile_for_hopper():
             out = compile_for_hopper(fn, _signature(bm, bn, tma, sparse), dict(common, **extra), cfg.num_warps,
                                      cfg.num_stages)  # fmt: skip
             assert "cubin" in out.asm and out.metadata.shared <= shared_max, (fn, cfg, tma, out.metadata.shared)
-        # the unquantised q (bf16, through pointers) with k and v through TMA, as the backends run it
-        raw = dict(cfg.kwargs, HEAD_DIM=128, QK_INT8=False, USE_TMA=True, KBLK=sa.KBLK, Q_RAW=True, **extra)
-        out = compile_for_hopper(fn, dict(_signature(bm, bn, True, sparse), Q="*bf16"), raw, cfg.num_warps,
-                                 cfg.num_stages)  # fmt: skip
-        assert "cubin" in out.asm and out.metadata.shared <= shared_max, (fn, cfg, "Q_RAW", out.metadata.shared)
     consts = dict(BLOCK_M=64, BLOCK_N=128, HEAD_DIM=128, QK_INT8=True, USE_TMA=False, KBLK=sa.KBLK)
     for fn, sparse, extra in ((sparse_fn, True, {"MASK_BLOCK": 128, "PIPELINE": True}),
                               (dense_fn, False, {"PIPELINE": True})):  # fmt: skip

@@ -17,9 +17,7 @@ matmuls are done in 8 bits here:
 
 The quantisation is `quantize` (torch code, the reference), run for self-attention on CUDA by two
 Triton kernels (`sage_quant_kernel`: one pass over k and v for the means and v's range, one over
-k and v for the codes) as a custom op, while the attention kernel makes q's codes as it loads
-each q tile (the same codes: q is read once instead of read, written and read again); the
-attention kernel is a custom op too.
+q, k and v for the codes) as a custom op; the attention kernel is a custom op too.
 `reference` computes the same quantised math in torch, for tests; `sage_fp8_attention` is the
 backend function (`[B, L, H, D]` in and out, as every backend in `attention.py`).
 """
@@ -99,11 +97,9 @@ def quantize(q, k, v, qk_int8: bool = False, smooth_k: bool = True):
 TRITON_QUANTIZE = True
 
 
-def _launch_quantize(q, k, v, tuned: bool | None = None, with_q: bool = True):
+def _launch_quantize(q, k, v, tuned: bool | None = None):
     """`quantize` (FP8, smoothed k) by the two Triton kernels of `sage_quant_kernel`; q/k/v
-    [B, L, H, D] of the same length. Autotuned on a GPU; fixed tiles in the interpreter.
-    with_q=False: q's codes and scales are not made (None), for the kernels that quantise q as
-    they load it (`_launch` with qs None)."""
+    [B, L, H, D] of the same length. Autotuned on a GPU; fixed tiles in the interpreter."""
     from . import sage_quant_kernel as kern
 
     tuned = q.is_cuda if tuned is None else tuned
@@ -123,16 +119,16 @@ def _launch_quantize(q, k, v, tuned: bool | None = None, with_q: bool = True):
     km = part[:, :, 0].sum(1) / l  # [B, C] = [B, H, D]
     vm = part[:, :, 1].sum(1) / l
     vs = torch.maximum(part[:, :, 2].amax(1) - vm, vm - part[:, :, 3].amin(1)).clamp(min=1e-12) * (1.0 / FP8_MAX)
-    kc = torch.empty(b, h, lp, d, dtype=FP8, device=q.device)
-    qc = torch.empty_like(kc) if with_q else None
+    qc = torch.empty(b, h, lp, d, dtype=FP8, device=q.device)
+    kc = torch.empty_like(qc)
     vt = torch.empty(b, h, d, lp, dtype=FP8, device=q.device)
-    qs = torch.empty(b, h, lp, dtype=torch.float32, device=q.device) if with_q else None
+    qs = torch.empty(b, h, lp, dtype=torch.float32, device=q.device)
     ks = torch.empty(b, h, lp // KBLK, dtype=torch.float32, device=q.device)
     args = (q, k, v, km, vm, vs, qc, qs, kc, ks, vt, l, lp, h, LOG2E / math.sqrt(d))
     if tuned:
-        kern.quantize_qkv_tuned[(lp // KBLK, h, b)](*args, HEAD_DIM=d, KBLK=KBLK, WITH_Q=with_q)
+        kern.quantize_qkv_tuned[(lp // KBLK, h, b)](*args, HEAD_DIM=d, KBLK=KBLK)
     else:
-        kern.quantize_qkv[(lp // KBLK, h, b)](*args, HEAD_DIM=d, KBLK=KBLK, SUB=32, WITH_Q=with_q, num_warps=4)
+        kern.quantize_qkv[(lp // KBLK, h, b)](*args, HEAD_DIM=d, KBLK=KBLK, SUB=32, num_warps=4)
     return qc, qs, kc, ks, vt, vs.view(b, h, d), vm.view(b, h, d)
 
 
@@ -151,31 +147,10 @@ def _quantize_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[tor
 def _(q, k, v):
     b, l, h, d = q.shape
     lp = -(-l // PAD) * PAD
-    return (q.new_empty(b, h, lp, d, dtype=FP8), q.new_empty(b, h, lp, dtype=torch.float32), *_fake_kv(k))
-
-
-def _fake_kv(k):
-    b, l, h, d = k.shape
-    lp = -(-l // PAD) * PAD
+    codes = q.new_empty(b, h, lp, d, dtype=FP8)
     f32 = dict(dtype=torch.float32)
-    return (k.new_empty(b, h, lp, d, dtype=FP8), k.new_empty(b, h, lp // KBLK, **f32), k.new_empty(b, h, d, lp, dtype=FP8),
-            k.new_empty(b, h, d, **f32), k.new_empty(b, h, d, **f32))
-
-
-@torch.library.custom_op("wan_core::sage_quantize_kv", mutates_args=())
-def _quantize_kv_op(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                               torch.Tensor]:
-    """`quantize`'s k and v parts (kc, ks, vt, vs, vm) as one op, for the kernels that quantise q
-    themselves (`_launch` with qs None): on CUDA the two Triton passes without q's codes (one read
-    of q less, one write of its codes less), the torch code elsewhere."""
-    if k.is_cuda:
-        return _launch_quantize(k, k, v, with_q=False)[2:]
-    return tuple(t.contiguous() for t in quantize(k, k, v)[2:])
-
-
-@_quantize_kv_op.register_fake
-def _(k, v):
-    return _fake_kv(k)
+    return (codes, q.new_empty(b, h, lp, **f32), q.new_empty(b, h, lp, d, dtype=FP8), q.new_empty(b, h, lp // KBLK, **f32),
+            q.new_empty(b, h, d, lp, dtype=FP8), q.new_empty(b, h, d, **f32), q.new_empty(b, h, d, **f32))
 
 
 def reference(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype=torch.bfloat16, block_n: int = 64,
@@ -243,59 +218,47 @@ def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype
     (which needs a GPU: the Triton interpreter used by the CPU tests runs one fixed config).
     `blocks` = (counts int32 [n], indices int32 [n, max count], mask block): the block-sparse
     variant (`sage_sparse_kernel`) over those key blocks (its own loop-form default, `SPARSE_OPTIONS`;
-    no warp specialisation there). qs None: qc is the unquantised q [B, Lq, H, D], which the kernel
-    quantises as it loads each q tile, to the codes `quantize` makes (FP8 only): q is then read
-    once, by the kernel, instead of read and written again by the quantiser."""
+    no warp specialisation there)."""
     from . import sage_kernel
 
-    use_tma = (KERNEL_OPTIONS["use_tma"] and _tma_possible(kc.device)) if use_tma is None else use_tma
+    use_tma = (KERNEL_OPTIONS["use_tma"] and _tma_possible(qc.device)) if use_tma is None else use_tma
     if pipeline is None:
         pipeline = (SPARSE_OPTIONS if blocks is not None else KERNEL_OPTIONS)["pipeline"]
     warp_spec = KERNEL_OPTIONS["warp_spec"] if warp_spec is None else warp_spec
     if blocks is not None and config is None:
-        config = _sparse_config(kc.device, blocks[2])
-    q_raw = qs is None
-    if q_raw:
-        b, _, h, d = qc.shape
-        lqp = -(-lq // PAD) * PAD
-        qv = qc.contiguous()
-    else:
-        b, h, lqp, d = qc.shape
-        qv = qc.view(b * h * lqp, d)
+        config = _sparse_config(qc.device, blocks[2])
+    b, h, lqp, d = qc.shape
     lkp = kc.shape[2]
-    out = torch.empty(b, lq, h, d, dtype=out_dtype, device=kc.device)  # [B, Lq, H, D]
-    kv, vv = kc.view(b * h * lkp, d), vt.view(b * h * d, lkp)
+    out = torch.empty(b, lq, h, d, dtype=out_dtype, device=qc.device)  # [B, Lq, H, D]
+    qv, kv, vv = qc.view(b * h * lqp, d), kc.view(b * h * lkp, d), vt.view(b * h * d, lkp)
     if use_tma:  # tile shapes are set per config (autotuner pre-hook, or below)
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         bm, bn = (config["BLOCK_M"], config["BLOCK_N"]) if config else (64, 64)
-        if not q_raw:
-            qv = TensorDescriptor.from_tensor(qv, [bm, d])
+        qv = TensorDescriptor.from_tensor(qv, [bm, d])
         kv = TensorDescriptor.from_tensor(kv, [bn, d])
         vv = TensorDescriptor.from_tensor(vv, [d, bn])
 
     def grid(meta):
         return (-(-lq // meta["BLOCK_M"]), b * h)
 
-    strides = (out.stride(0), out.stride(1), out.stride(2), LOG2E / math.sqrt(d))
-    if config is None and kc.device.type != "cuda":
+    strides = (out.stride(0), out.stride(1), out.stride(2))
+    if config is None and qc.device.type != "cuda":
         config = {"BLOCK_M": 64, "BLOCK_N": 64}
-    int8 = kc.dtype == torch.int8
-    if q_raw and int8:
-        raise ValueError("the kernel quantises an unquantised q to FP8 only; INT8 Q·Kᵀ takes q's codes")
     if blocks is not None:
         from . import sage_sparse_kernel
 
         counts, indices, mask_block = blocks
         args = (qv, qs, kv, ks, vv, vs, vm, out, counts, indices, lq, lk, lqp, lkp, h, indices.shape[1], *strides)
         kernel = sage_sparse_kernel.attn_fwd_sparse if config is not None else sage_sparse_kernel.attn_fwd_sparse_tuned
-        kernel[grid](*args, HEAD_DIM=d, QK_INT8=int8, USE_TMA=use_tma, KBLK=KBLK, MASK_BLOCK=mask_block,
-                     PIPELINE=pipeline, Q_RAW=q_raw, **(config or {}))  # fmt: skip
+        kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, USE_TMA=use_tma, KBLK=KBLK,
+                     MASK_BLOCK=mask_block, PIPELINE=pipeline, **(config or {}))  # fmt: skip
         return out
     args = (qv, qs, kv, ks, vv, vs, vm, out, lq, lk, lqp, lkp, h, *strides)
     kernel = sage_kernel.attn_fwd if config is not None else sage_kernel.attn_fwd_tuned
-    kernel[grid](*args, HEAD_DIM=d, QK_INT8=int8, USE_TMA=use_tma, PIPELINE=pipeline, KBLK=KBLK, WARP_SPEC=warp_spec,
-                 Q_RAW=q_raw, **(config or {}))  # fmt: skip
+    kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, USE_TMA=use_tma, PIPELINE=pipeline, KBLK=KBLK,
+                 WARP_SPEC=warp_spec,
+                 **(config or {}))
     return out
 
 
@@ -311,24 +274,13 @@ def _(qc, qs, kc, ks, vt, vs, vm, lq, lk, out_dtype):
     return qc.new_empty(b, lq, h, d, dtype=out_dtype)
 
 
-@torch.library.custom_op("wan_core::sage_attention_q", mutates_args=())
-def _sage_q_op(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vt: torch.Tensor, vs: torch.Tensor,
-               vm: torch.Tensor, lk: int) -> torch.Tensor:
-    """The kernel on the unquantised q [B, Lq, H, D] (quantised as each tile is loaded)."""
-    return _launch(q, None, kc, ks, vt, vs, vm, q.shape[1], lk, q.dtype)
-
-
-@_sage_q_op.register_fake
-def _(q, kc, ks, vt, vs, vm, lk):
-    return torch.empty_like(q)
-
-
 def sage_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_int8: bool = False,
                        smooth_k: bool = True) -> torch.Tensor:
     """Attention of q [B, Lq, H, D] over k/v [B, Lk, H, D] in 8 bits; [B, Lq, H, D] in q's dtype."""
-    if q.shape == k.shape and not qk_int8 and smooth_k and TRITON_QUANTIZE:  # self-attention: k/v's op, q in the kernel
-        return _sage_q_op(q, *_quantize_kv_op(k, v), k.shape[1])
-    packed = quantize(q, k, v, qk_int8=qk_int8, smooth_k=smooth_k)
+    if q.shape == k.shape and not qk_int8 and smooth_k and TRITON_QUANTIZE:  # self-attention: one op
+        packed = _quantize_op(q, k, v)
+    else:
+        packed = quantize(q, k, v, qk_int8=qk_int8, smooth_k=smooth_k)
     return _sage_op(*packed, q.shape[1], k.shape[1], q.dtype)
 
 
@@ -350,7 +302,6 @@ def sage_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cou
     length = q.shape[1]
     if counts.shape[0] != -(-length // block_size) or indices.shape[0] != counts.shape[0]:
         raise ValueError(f"sparse 8-bit attention: {counts.shape[0]} block rows for {length} tokens of {block_size}")
+    packed = _quantize_op(q, k, v) if TRITON_QUANTIZE else quantize(q, k, v)
     blocks = (counts.to(q.device, torch.int32), indices.to(q.device, torch.int32).contiguous(), block_size)
-    if TRITON_QUANTIZE:  # k and v by the quantiser, q by the kernel as it loads it
-        return _launch(q, None, *_quantize_kv_op(k, v), length, length, q.dtype, config=config, blocks=blocks)
-    return _launch(*quantize(q, k, v), length, length, q.dtype, config=config, blocks=blocks)
+    return _launch(*packed, length, length, q.dtype, config=config, blocks=blocks)

@@ -35,29 +35,18 @@ __all__ = ["attn_fwd", "attn_fwd_tuned", "CONFIGS", "load_q", "qk_tile", "softma
 
 
 @triton.jit
-def load_q(Q, QS, KS, pid_m, bh, lq, lqp, lkp, heads, q_extra, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-           USE_TMA: tl.constexpr, KBLK: tl.constexpr, Q_RAW: tl.constexpr):
+def load_q(Q, QS, KS, pid_m, bh, lqp, lkp, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr,
+           KBLK: tl.constexpr):
     """A program's q codes [BLOCK_M, D] and scales [BLOCK_M], its head's k-scale pointer, and the
-    empty online-softmax state (m, l, acc). Q_RAW: Q is the unquantised q [B, Lq, H, D], made into
-    codes here as `quantize` makes them (one e4m3 scale per row, times q_extra); padded rows are
-    zeros, as there."""
+    empty online-softmax state (m, l, acc)."""
+    q_row = bh * lqp + pid_m * BLOCK_M  # row in the [B·H·Lqp, D] view of q
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    if Q_RAW:
-        b = bh // heads
-        rows = (b * lq + offs_m).to(tl.int64) * heads + bh % heads  # row in the [B·Lq·H, D] view of q
-        qf = tl.load(Q + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=(offs_m < lq)[:, None], other=0.0)
-        qf = qf.to(tl.float32)
-        qscale = tl.maximum(tl.max(tl.abs(qf), 1), 1e-12) * (1.0 / 448.0)
-        q = tl.math.div_rn(qf, qscale[:, None]).to(tl.float8e4nv)
-        qs = qscale * q_extra
+    if USE_TMA:
+        q = Q.load([q_row, 0])
     else:
-        q_row = bh * lqp + pid_m * BLOCK_M  # row in the [B·H·Lqp, D] view of q
-        if USE_TMA:
-            q = Q.load([q_row, 0])
-        else:
-            q = tl.load(Q + (q_row + tl.arange(0, BLOCK_M))[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :])
-        qs = tl.load(QS + bh.to(tl.int64) * lqp + offs_m)
+        q = tl.load(Q + (q_row + tl.arange(0, BLOCK_M))[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :])
+    qs = tl.load(QS + bh.to(tl.int64) * lqp + offs_m)
     ks_ptr = KS + bh.to(tl.int64) * (lkp // KBLK)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -133,16 +122,14 @@ def store_out(acc, l_i, VS, VM, O, pid_m, bh, lq, heads, stride_ob, stride_ol, s
 
 
 @triton.jit
-def attn_fwd(Q, QS, K, KS, VT, VS, VM, O, lq, lk, lqp, lkp, heads, stride_ob, stride_ol, stride_oh, q_extra,
+def attn_fwd(Q, QS, K, KS, VT, VS, VM, O, lq, lk, lqp, lkp, heads, stride_ob, stride_ol, stride_oh,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
-             USE_TMA: tl.constexpr, PIPELINE: tl.constexpr, KBLK: tl.constexpr, WARP_SPEC: tl.constexpr = False,
-             Q_RAW: tl.constexpr = False):
+             USE_TMA: tl.constexpr, PIPELINE: tl.constexpr, KBLK: tl.constexpr, WARP_SPEC: tl.constexpr = False):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     k_row = bh * lkp  # row in the [B·H·Lkp, D] view of k
     v_row = bh * HEAD_DIM  # row in the [B·H·D, Lkp] view of vᵀ
-    q, qs, ks_ptr, m_i, l_i, acc = load_q(Q, QS, KS, pid_m, bh, lq, lqp, lkp, heads, q_extra, HEAD_DIM, BLOCK_M,
-                                          USE_TMA, KBLK, Q_RAW)
+    q, qs, ks_ptr, m_i, l_i, acc = load_q(Q, QS, KS, pid_m, bh, lqp, lkp, HEAD_DIM, BLOCK_M, USE_TMA, KBLK)
     n_full = (lk // BLOCK_N) * BLOCK_N
     if PIPELINE:
         if n_full > 0:
@@ -169,8 +156,7 @@ def set_block_shapes(nargs):
     """Autotuner pre-hook: the tensor descriptors' tile shapes follow the config's block sizes."""
     if nargs["USE_TMA"]:
         d, bm, bn = nargs["HEAD_DIM"], nargs["BLOCK_M"], nargs["BLOCK_N"]
-        if not nargs.get("Q_RAW", False):  # unquantised q is loaded through pointers
-            nargs["Q"].block_shape = [bm, d]
+        nargs["Q"].block_shape = [bm, d]
         nargs["K"].block_shape = [bn, d]
         nargs["VT"].block_shape = [d, bn]
 
@@ -181,5 +167,4 @@ CONFIGS = [
     for bm, bn, w, s in [(64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3),
                          (128, 64, 8, 3), (128, 128, 8, 4)]
 ]
-attn_fwd_tuned = triton.autotune(CONFIGS, key=["lkp", "HEAD_DIM", "QK_INT8", "USE_TMA", "PIPELINE", "WARP_SPEC", "Q_RAW"])(
-    attn_fwd)
+attn_fwd_tuned = triton.autotune(CONFIGS, key=["lkp", "HEAD_DIM", "QK_INT8", "USE_TMA", "PIPELINE", "WARP_SPEC"])(attn_fwd)

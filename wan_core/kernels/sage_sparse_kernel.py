@@ -34,16 +34,14 @@ __all__ = ["attn_fwd_sparse", "attn_fwd_sparse_tuned", "CONFIGS"]
 
 @triton.jit
 def attn_fwd_sparse(Q, QS, K, KS, VT, VS, VM, O, CNT, IDX, lq, lk, lqp, lkp, heads, max_cnt,
-                    stride_ob, stride_ol, stride_oh, q_extra,
+                    stride_ob, stride_ol, stride_oh,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
-                    USE_TMA: tl.constexpr, KBLK: tl.constexpr, MASK_BLOCK: tl.constexpr, PIPELINE: tl.constexpr,
-                    Q_RAW: tl.constexpr = False):
+                    USE_TMA: tl.constexpr, KBLK: tl.constexpr, MASK_BLOCK: tl.constexpr, PIPELINE: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     k_row = bh * lkp  # row in the [B·H·Lkp, D] view of k
     v_row = bh * HEAD_DIM  # row in the [B·H·D, Lkp] view of vᵀ
-    q, qs, ks_ptr, m_i, l_i, acc = load_q(Q, QS, KS, pid_m, bh, lq, lqp, lkp, heads, q_extra, HEAD_DIM, BLOCK_M,
-                                          USE_TMA, KBLK, Q_RAW)
+    q, qs, ks_ptr, m_i, l_i, acc = load_q(Q, QS, KS, pid_m, bh, lqp, lkp, HEAD_DIM, BLOCK_M, USE_TMA, KBLK)
     row = IDX + ((pid_m * BLOCK_M) // MASK_BLOCK) * max_cnt  # this mask row's kept key blocks
     n_kept = tl.load(CNT + (pid_m * BLOCK_M) // MASK_BLOCK)
     last = tl.load(row + tl.maximum(n_kept - 1, 0))
@@ -91,6 +89,6 @@ CONFIGS = [
     for bm, bn, w, s in [(64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4)]
 ]
 attn_fwd_sparse_tuned = triton.autotune(
-    CONFIGS, key=["lkp", "max_cnt", "HEAD_DIM", "QK_INT8", "USE_TMA", "MASK_BLOCK", "PIPELINE", "Q_RAW"],
+    CONFIGS, key=["lkp", "max_cnt", "HEAD_DIM", "QK_INT8", "USE_TMA", "MASK_BLOCK", "PIPELINE"],
     prune_configs_by={"early_config_prune": _fits_mask_block},
 )(attn_fwd_sparse)  # fmt: skip
