@@ -10,7 +10,7 @@ import warnings
 import torch
 
 from .loading.discover import model_config_json
-from .spec import resolve_dtype
+from .spec import residual_name
 
 __all__ = ["sync", "fp8_choice", "attention_choice", "arch_config", "residual_choice"]
 
@@ -72,9 +72,6 @@ def residual_choice(environ=os.environ) -> str:
     if raw.strip().lower() in ("none", "auto"):
         return "auto"
     try:
-        dtype = resolve_dtype(raw.strip(), "cpu")  # LightX2V's spellings (FP32, bf16, torch.float32) are ours too
+        return residual_name(raw.strip())  # LightX2V's spellings (FP32, bf16, torch.float32) are ours too
     except ValueError:
-        dtype = None
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"SENSITIVE_LAYER_DTYPE={raw!r}: LightX2V's values are FP32, BF16 or None")
-    return "float32" if dtype == torch.float32 else "bfloat16"
+        raise ValueError(f"SENSITIVE_LAYER_DTYPE={raw!r}: LightX2V's values are FP32, BF16 or None") from None

@@ -53,6 +53,20 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 _RESIDUALS = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
+def residual_name(value: str | torch.dtype) -> str:
+    """A residual-stream dtype in any spelling `resolve_dtype` reads -> 'auto', 'float32' or
+    'bfloat16'; ValueError for anything else (float16 included)."""
+    if value == "auto":
+        return "auto"
+    try:
+        residual = _RESIDUALS.get(resolve_dtype(value, "cpu"))
+    except ValueError:
+        residual = None
+    if residual is None:
+        raise ValueError(f"residual_dtype must be one of ['auto', 'float32', 'bfloat16'] (or fp32, bf16), got {value!r}")
+    return residual
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which files make up a Wan model (Wan2.1, a Wan2.2 expert, TI2V-5B) and how to build them.
@@ -111,12 +125,7 @@ class ModelSpec:
             object.__setattr__(self, "offload", OffloadOptions(granularity=self.offload))
         if self.radial is not None and not isinstance(self.radial, RadialOptions):
             raise TypeError(f"radial must be a RadialOptions, got {type(self.radial).__name__}")
-        if self.residual_dtype != "auto":
-            residual = _RESIDUALS.get(_DTYPES.get(str(self.residual_dtype).lower().removeprefix("torch.")))
-            if residual is None:
-                raise ValueError(f"residual_dtype must be one of ['auto', 'float32', 'bfloat16'] (or fp32, bf16), "
-                                 f"got {self.residual_dtype!r}")  # fmt: skip
-            object.__setattr__(self, "residual_dtype", residual)
+        object.__setattr__(self, "residual_dtype", residual_name(self.residual_dtype))
         if self.lora_mode not in ("auto", "merge", "branch"):
             raise ValueError(f"lora_mode must be 'auto', 'merge' or 'branch', got {self.lora_mode!r}")
         if isinstance(self.dit, list):
