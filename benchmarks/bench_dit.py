@@ -230,8 +230,12 @@ def main():
 
                 ops = get_block_ops("fused")
                 if "noqk" in flags:  # "+noqk": q/k norm and RoPE left to inductor
-                    ops = dataclasses.replace(ops, qk_norm_rope=get_block_ops("torch").qk_norm_rope)
+                    ops = dataclasses.replace(ops, attend=get_block_ops("torch").attend)
                 m.set_block_ops(ops)
+            from wan_core.kernels import block_ops
+
+            # "+noprep": q and k normed by their own pass, not inside the 8-bit quantisation
+            block_ops.RAW_QK = "noprep" not in flags
             for blk in m.blocks:  # "+mk": inductor's multi-kernel (persistent reductions up to 16k wide
                 # where they time faster), "+mk2": persistent reductions forced; "+static": static
                 # shapes only, as the pipeline compiles (`compile_blocks`); without it a 720p run

@@ -121,3 +121,67 @@ def test_quantize_kernels_equal_torch_quantize(l):
             assert (a.float() != r.float()).float().mean().item() < 1e-3 and rel < 1e-2, i
         else:
             assert rel < 1e-5, i
+
+
+@pytest.mark.parametrize("l", [32760, 1000])
+def test_quantize_of_raw_q_and_k_equals_the_unfused_path(l):
+    """q and k before their RMSNorms and RoPE (`sage_prep_kernel`) at Wan's shape, against the
+    unfused path (the `rms_norm_rope` kernel, then `_launch_quantize`): q's codes and scales
+    identical; what follows k's and v's means (summed in another order) within a last bit or a
+    code at a rounding boundary."""
+    from wan_core.kernels.fused_ops import _launch_rms_norm_rope
+    from wan_core.kernels.rope import rope_tables
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    grid = (l // 840, 28, 30) if l % 840 == 0 else (1, 25, 40)
+    q = (torch.randn(1, l, 5120, device="cuda", generator=g) * 3).bfloat16()
+    k = (torch.randn(1, l, 5120, device="cuda", generator=g) + 2).bfloat16()
+    v = (torch.randn(1, l, 40, 128, device="cuda", generator=g) + 1).bfloat16()
+    wq, wk = (torch.rand(5120, device="cuda", generator=g) + 0.5 for _ in range(2))
+    cos, sin = rope_tables(grid, 128, "cuda")
+    got = sa._launch_quantize_qk_norm(q, k, v, wq, wk, cos, sin, 1e-6)
+    qn, kn = (_launch_rms_norm_rope(x, w, cos, sin, 1e-6, 40).view(1, l, 40, 128) for x, w in ((q, wq), (k, wk)))
+    ref = sa._launch_quantize(qn, kn, v)
+    for i, (a, r) in enumerate(zip(got, ref)):
+        assert a.shape == r.shape and a.dtype == r.dtype, i
+        rel = ((a.float() - r.float()).norm() / r.float().norm()).item()
+        if i in (0, 1):
+            assert torch.equal(a.float(), r.float()), i
+        elif i in (2, 4):
+            assert (a.float() != r.float()).float().mean().item() < 1e-3 and rel < 1e-2, i
+        else:
+            assert rel < 1e-5, i
+
+
+def test_fast_mode_dit_with_raw_q_and_k_equals_the_unfused_path(monkeypatch):
+    """The fused block ops hand the 8-bit backend q and k before their norms (compiled blocks, as
+    the pipeline runs them): the prep kernels really run, and the output equals the forward with
+    q and k normed first (block_ops.RAW_QK off) within the means' summation order."""
+    from wan_core.kernels import block_ops
+    from wan_core.layers.fp8 import quantize_model
+    from wan_core.loading.dit import build_model
+
+    from .test_dit import random_state_dict, tiny_cfg
+
+    cfg = tiny_cfg(dim=256, ffn_dim=512, num_heads=2, num_layers=2)
+    sd = random_state_dict(cfg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 3, 32, 32, generator=g).cuda()
+    t, ctx = torch.tensor([500.0]).cuda(), torch.randn(1, 7, cfg.text_dim, generator=g).cuda()
+    calls = []
+    launch = sa._launch_quantize_qk_norm
+    monkeypatch.setattr(sa, "_launch_quantize_qk_norm", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    outs = {}
+    for raw in (True, False):
+        monkeypatch.setattr(block_ops, "RAW_QK", raw)
+        m = quantize_model(build_model(cfg, sd, dtype=torch.bfloat16, device="cuda"), kernel="scaled_mm")
+        m.set_attention("sage_triton")
+        m.set_block_ops("fused")
+        for blk in m.blocks:
+            blk.compile()
+        with torch.inference_mode():
+            outs[raw] = m(x, t, ctx).float()
+        assert len(calls) == cfg.num_layers, calls  # the raw path's blocks only (counted once)
+        torch._dynamo.reset()
+    c = torch.nn.functional.cosine_similarity(outs[True].flatten(), outs[False].flatten(), 0).item()
+    assert c > 0.9999, c
