@@ -126,9 +126,8 @@ def test_quantize_kernels_equal_torch_quantize(l):
 @pytest.mark.parametrize("l", [32760, 1000])
 def test_quantize_of_raw_q_and_k_equals_the_unfused_path(l):
     """q and k before their RMSNorms and RoPE (`sage_prep_kernel`) at Wan's shape, against the
-    unfused path (the `rms_norm_rope` kernel, then `_launch_quantize`): q's codes and scales
-    identical; what follows k's and v's means (summed in another order) within a last bit or a
-    code at a rounding boundary."""
+    unfused path (the `rms_norm_rope` kernel, then `_launch_quantize`): codes equal but for a few
+    at rounding boundaries, scales and means within a last bit."""
     from wan_core.kernels.fused_ops import _launch_rms_norm_rope
     from wan_core.kernels.rope import rope_tables
 
@@ -145,12 +144,12 @@ def test_quantize_of_raw_q_and_k_equals_the_unfused_path(l):
     for i, (a, r) in enumerate(zip(got, ref)):
         assert a.shape == r.shape and a.dtype == r.dtype, i
         rel = ((a.float() - r.float()).norm() / r.float().norm()).item()
-        if i in (0, 1):
-            assert torch.equal(a.float(), r.float()), i
-        elif i in (2, 4):
+        # the norms' sums of squares are reduced over another lane layout (each kernel's own
+        # warps): a last-bit difference in a 1/rms may move a bf16 rounding, hence a code
+        if i in (0, 2, 4):
             assert (a.float() != r.float()).float().mean().item() < 1e-3 and rel < 1e-2, i
-        else:
-            assert rel < 1e-5, i
+        else:  # q's scales follow those roundings too (a token's amax may move one bf16 step)
+            assert rel < (1e-3 if i == 1 else 1e-5), i
 
 
 def test_fast_mode_dit_with_raw_q_and_k_equals_the_unfused_path(monkeypatch):

@@ -161,6 +161,7 @@ def _packed_like(q: torch.Tensor):
 
 # ---- q and k before their RMSNorm and RoPE (`sage_prep_kernel`) -------------------------------------
 QK_ROWS = 32  # token rows per qk_prep program (its k sums are one row per ROWS tokens)
+K_ROPE_PARTNER = False  # the codes pass rotates k's pairs by loading each lane's partner (no lane shuffles)
 
 
 def normed_qk(q, k, heads: int, wq, wk, cos, sin, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +214,7 @@ def _launch_quantize_qk_norm(q, k, v, wq, wk, cos, sin, eps: float, tuned: bool 
     vt = torch.empty(b, h, d, lp, dtype=FP8, device=dev)
     ks = torch.empty(b, h, lp // KBLK, dtype=torch.float32, device=dev)
     args = (None, k, v, km, vm, vs, None, None, kc, ks, vt, l, lp, h, 0.0)
-    norm = dict(krs_ptr=krs, wk_ptr=wk, cos_ptr=cos, sin_ptr=sin, K_NORM=True)
+    norm = dict(krs_ptr=krs, wk_ptr=wk, cos_ptr=cos, sin_ptr=sin, K_NORM=True, PARTNER=K_ROPE_PARTNER)
     if tuned:
         kern.quantize_qkv_tuned[(lp // KBLK, h, b)](*args, HEAD_DIM=d, KBLK=KBLK, **norm)
     else:

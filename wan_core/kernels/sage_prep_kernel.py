@@ -42,10 +42,27 @@ def norm_rope_tile(x, rstd, w, t, valid, cos_ptr, sin_ptr, HALF_D: tl.constexpr)
 
 
 @triton.jit
+def norm_rope_partner(x, partner_ptrs, rstd, w, w_head_ptr, t, valid, mask, cos_ptr, sin_ptr, HEAD_DIM: tl.constexpr):
+    """`norm_rope_tile` without moving channels between lanes: each lane loads its pair partner
+    (channel d ^ 1, from the same cache lines) and computes its own output channel."""
+    d = tl.arange(0, HEAD_DIM)
+    dp = d + 1 - 2 * (d % 2)  # d ^ 1
+    y = (x * rstd[:, None] * w[None, :]).to(tl.bfloat16).to(tl.float32)
+    xp = tl.load(partner_ptrs, mask=mask, other=0.0).to(tl.float32)
+    yp = (xp * rstd[:, None] * tl.load(w_head_ptr + dp)[None, :]).to(tl.bfloat16).to(tl.float32)
+    ang = t[:, None] * (HEAD_DIM // 2) + (d // 2)[None, :]
+    c = tl.load(cos_ptr + ang, mask=valid[:, None], other=0.0)
+    s = tl.load(sin_ptr + ang, mask=valid[:, None], other=0.0)
+    even = (d % 2 == 0)[None, :]  # even: y0·c - y1·s; odd: y0·s + y1·c (y0 the even channel)
+    return tl.where(even, y * c - yp * s, yp * s + y * c).to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
 def qk_prep(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr,  # q/k [B, L, C] before their norms; weights [C]; [L, D/2]
             qc_ptr, qs_ptr, krs_ptr, ksum_ptr,  # q codes [B, H, Lp, D] and scales [B, H, Lp]; k 1/rms [B, L]; [B, n, C]
             L, Lp, C, H, eps, q_extra,
-            HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, ROWS: tl.constexpr):
+            HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
+            HAS_Q: tl.constexpr = True, HAS_K: tl.constexpr = True):
     """ROWS token rows of one batch item (chunk n of Lp / ROWS; rows past L are padding: zero q
     codes, as `quantize_qkv` writes them): q normed, rotated and quantised to e4m3 with one
     scale per token and head (times q_extra, the softmax scale); k normed and rotated, summed
@@ -72,21 +89,24 @@ def qk_prep(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr,  # q/k [B, L, C] bef
         ang = t * HALF_D + p % HALF_D  # each pair's angle in the [L, D/2] tables
         c = tl.load(cos_ptr + ang, mask=pmask & (ang < L * HALF_D), other=0.0)
         s = tl.load(sin_ptr + ang, mask=pmask & (ang < L * HALF_D), other=0.0)
-        x = tl.load(q_ptr + row * C + offs, mask=vmask, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / C + eps)
-        y0, y1 = tl.split(tl.reshape((x * rstd * wq).to(tl.bfloat16).to(tl.float32), [BLOCK_P, 2]))
-        yq = tl.reshape(rotate_pairs(y0, y1, c, s), [NH, HEAD_DIM])  # [C padded] -> [heads, D]
-        qscale = tl.maximum(tl.max(tl.abs(yq), 1), 1e-12) * (1.0 / 448.0)  # [NH]
-        hmask = heads < H
-        out = ((b * H + heads.to(tl.int64)) * Lp + t)[:, None] * HEAD_DIM + d[None, :]  # [NH, D] in [B, H, Lp, D]
-        tl.store(qc_ptr + out, tl.math.div_rn(yq, qscale[:, None]).to(tl.float8e4nv), mask=hmask[:, None])
-        tl.store(qs_ptr + (b * H + heads) * Lp + t, qscale * q_extra, mask=hmask)
-        x = tl.load(k_ptr + row * C + offs, mask=vmask, other=0.0).to(tl.float32)
-        rstd = tl.where(valid, 1.0 / tl.sqrt(tl.sum(x * x, 0) / C + eps), 0.0)
-        y0, y1 = tl.split(tl.reshape((x * rstd * wk).to(tl.bfloat16).to(tl.float32), [BLOCK_P, 2]))
-        ksum += rotate_pairs(y0, y1, c, s)
-        tl.store(krs_ptr + row, rstd, mask=valid)
-    tl.store(ksum_ptr + (b * (Lp // ROWS) + chunk) * C + offs, ksum, mask=mask)
+        if HAS_Q:
+            x = tl.load(q_ptr + row * C + offs, mask=vmask, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / C + eps)
+            y0, y1 = tl.split(tl.reshape((x * rstd * wq).to(tl.bfloat16).to(tl.float32), [BLOCK_P, 2]))
+            yq = tl.reshape(rotate_pairs(y0, y1, c, s), [NH, HEAD_DIM])  # [C padded] -> [heads, D]
+            qscale = tl.maximum(tl.max(tl.abs(yq), 1), 1e-12) * (1.0 / 448.0)  # [NH]
+            hmask = heads < H
+            out = ((b * H + heads.to(tl.int64)) * Lp + t)[:, None] * HEAD_DIM + d[None, :]  # [NH, D] in [B, H, Lp, D]
+            tl.store(qc_ptr + out, tl.math.div_rn(yq, qscale[:, None]).to(tl.float8e4nv), mask=hmask[:, None])
+            tl.store(qs_ptr + (b * H + heads) * Lp + t, qscale * q_extra, mask=hmask)
+        if HAS_K:
+            x = tl.load(k_ptr + row * C + offs, mask=vmask, other=0.0).to(tl.float32)
+            rstd = tl.where(valid, 1.0 / tl.sqrt(tl.sum(x * x, 0) / C + eps), 0.0)
+            y0, y1 = tl.split(tl.reshape((x * rstd * wk).to(tl.bfloat16).to(tl.float32), [BLOCK_P, 2]))
+            ksum += rotate_pairs(y0, y1, c, s)
+            tl.store(krs_ptr + row, rstd, mask=valid)
+    if HAS_K:
+        tl.store(ksum_ptr + (b * (Lp // ROWS) + chunk) * C + offs, ksum, mask=mask)
 
 
 # GPU launches are autotuned over the warps per program (the rows per program lay out ksum).

@@ -24,7 +24,7 @@ max(max - mean, mean - min) over its channels), and `quantize_per_head` writes t
 import triton
 import triton.language as tl
 
-from .sage_prep_kernel import norm_rope_tile
+from .sage_prep_kernel import norm_rope_partner, norm_rope_tile
 
 __all__ = ["kv_stats", "quantize_qkv", "quantize_per_head", "kv_stats_tuned", "quantize_qkv_tuned", "quantize_per_head_tuned"]
 
@@ -77,7 +77,8 @@ def kv_stats(k_ptr, v_ptr, part_ptr, L, C, n_chunks, BLOCK_L: tl.constexpr, BLOC
 
 
 @triton.jit
-def _k_tile(k_ptr, b, t, mask, h, L, C, krs_ptr, wk, cos_ptr, sin_ptr, HEAD_DIM: tl.constexpr, K_NORM: tl.constexpr):
+def _k_tile(k_ptr, b, t, mask, h, L, C, krs_ptr, wk, cos_ptr, sin_ptr, HEAD_DIM: tl.constexpr, K_NORM: tl.constexpr,
+            wk_ptr=None, PARTNER: tl.constexpr = False):
     """k's values for SUB tokens of head h, float32 [SUB, D]: as stored, or (K_NORM) normed and
     rotated from raw k by its tokens' 1/rms (`sage_prep_kernel.norm_rope_tile`)."""
     d = tl.arange(0, HEAD_DIM)
@@ -86,7 +87,11 @@ def _k_tile(k_ptr, b, t, mask, h, L, C, krs_ptr, wk, cos_ptr, sin_ptr, HEAD_DIM:
     if K_NORM:
         valid = t < L
         rstd = tl.load(krs_ptr + b * L + t, mask=valid, other=0.0)
-        x = norm_rope_tile(x, rstd, wk, t, valid, cos_ptr, sin_ptr, HEAD_DIM // 2)
+        if PARTNER:
+            x = norm_rope_partner(x, k_ptr + offs + 1 - 2 * (d[None, :] % 2), rstd, wk, wk_ptr + h * HEAD_DIM, t, valid,
+                                  mask, cos_ptr, sin_ptr, HEAD_DIM)
+        else:
+            x = norm_rope_tile(x, rstd, wk, t, valid, cos_ptr, sin_ptr, HEAD_DIM // 2)
     return x
 
 
@@ -95,7 +100,8 @@ def quantize_qkv(q_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, vs_ptr,  # inputs: [B, L, 
                  qc_ptr, qs_ptr, kc_ptr, ks_ptr, vt_ptr,  # outputs (layouts in the module docstring)
                  L, Lp, H, q_extra,
                  HEAD_DIM: tl.constexpr, KBLK: tl.constexpr, SUB: tl.constexpr,
-                 krs_ptr=None, wk_ptr=None, cos_ptr=None, sin_ptr=None, K_NORM: tl.constexpr = False):
+                 krs_ptr=None, wk_ptr=None, cos_ptr=None, sin_ptr=None, K_NORM: tl.constexpr = False,
+                 PARTNER: tl.constexpr = False):
     """One KBLK-token block of one (batch, head): q, k (smoothed) and v (smoothed) to e4m3,
     SUB tokens at a time. K_NORM: k is raw (before its RMSNorm and RoPE, done here from its
     1/rms per token `krs`, its weight and the RoPE tables) and q is not read (`qk_prep` wrote its
@@ -117,7 +123,7 @@ def quantize_qkv(q_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, vs_ptr,  # inputs: [B, L, 
     for s in range(0, KBLK, SUB):
         t = blk * KBLK + s + tl.arange(0, SUB)
         mask = (t < L)[:, None]
-        kt = _k_tile(k_ptr, b, t, mask, h, L, C, krs_ptr, wk, cos_ptr, sin_ptr, HEAD_DIM, K_NORM)
+        kt = _k_tile(k_ptr, b, t, mask, h, L, C, krs_ptr, wk, cos_ptr, sin_ptr, HEAD_DIM, K_NORM, wk_ptr, PARTNER)
         kf = tl.where(mask, kt - km[None, :], 0.0)
         amax = tl.maximum(amax, tl.abs(kf))
     kscale = tl.maximum(tl.max(tl.max(amax, 1), 0), 1e-12) * (1.0 / 448.0)
@@ -126,7 +132,7 @@ def quantize_qkv(q_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, vs_ptr,  # inputs: [B, L, 
         t = blk * KBLK + s + tl.arange(0, SUB)
         mask = (t < L)[:, None]
         out = (bh * Lp + t.to(tl.int64))[:, None] * HEAD_DIM + d[None, :]  # [B, H, Lp, D]
-        kt = _k_tile(k_ptr, b, t, mask, h, L, C, krs_ptr, wk, cos_ptr, sin_ptr, HEAD_DIM, K_NORM)
+        kt = _k_tile(k_ptr, b, t, mask, h, L, C, krs_ptr, wk, cos_ptr, sin_ptr, HEAD_DIM, K_NORM, wk_ptr, PARTNER)
         kf = tl.where(mask, kt - km[None, :], 0.0)
         tl.store(kc_ptr + out, tl.math.div_rn(kf, kscale).to(tl.float8e4nv))
     if not K_NORM:  # (K_NORM: qk_prep wrote q's codes)
