@@ -234,8 +234,12 @@ def main():
                 m.set_block_ops(ops)
             from wan_core.kernels import block_ops
 
-            # "+noprep": q and k normed by their own pass, not inside the 8-bit quantisation
+            # "+noprep": q and k normed by their own pass, not inside the 8-bit quantisation; "+prepq":
+            # only q's norm inside it (k normed by its own pass); "+partner": k's pairs rotated by
+            # partner loads in the codes pass
             block_ops.RAW_QK = "noprep" not in flags
+            sage_attention.QK_PREP_MODE = "q" if "prepq" in flags else "qk"
+            sage_attention.K_ROPE_PARTNER = "partner" in flags
             for blk in m.blocks:  # "+mk": inductor's multi-kernel (persistent reductions up to 16k wide
                 # where they time faster), "+mk2": persistent reductions forced; "+static": static
                 # shapes only, as the pipeline compiles (`compile_blocks`); without it a 720p run

@@ -162,6 +162,9 @@ def _packed_like(q: torch.Tensor):
 # ---- q and k before their RMSNorm and RoPE (`sage_prep_kernel`) -------------------------------------
 QK_ROWS = 32  # token rows per qk_prep program (its k sums are one row per ROWS tokens)
 K_ROPE_PARTNER = False  # the codes pass rotates k's pairs by loading each lane's partner (no lane shuffles)
+# "qk": q and k both taken raw into the quantisation; "q": q's codes from its norm pass (one row
+# per program), k normed by `rms_norm_rope` and quantised as before
+QK_PREP_MODE = "qk"
 
 
 def normed_qk(q, k, heads: int, wq, wk, cos, sin, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,28 +196,34 @@ def _launch_quantize_qk_norm(q, k, v, wq, wk, cos, sin, eps: float, tuned: bool 
     qc = torch.empty(b, h, lp, d, dtype=FP8, device=dev)
     qs = torch.empty(b, h, lp, dtype=torch.float32, device=dev)
     krs = torch.empty(b, l, dtype=torch.float32, device=dev)  # k's 1/rms per token
-    ksum = torch.empty(b, lp // QK_ROWS, c, dtype=torch.float32, device=dev)
+    raw_k = QK_PREP_MODE == "qk"
+    rows = QK_ROWS if raw_k else 1
+    ksum = torch.empty(b, lp // rows, c, dtype=torch.float32, device=dev) if raw_k else None
     args = (q, k, wq, wk, cos, sin, qc, qs, krs, ksum, l, lp, c, h, eps, LOG2E / math.sqrt(d))
-    meta = dict(HEAD_DIM=d, BLOCK_P=next_pow2(c // 2), ROWS=QK_ROWS)
-    (prep.qk_prep_tuned if tuned else prep.qk_prep)[(lp // QK_ROWS, b)](*args, **meta, **({} if tuned else
-                                                                                           {"num_warps": 4}))
+    meta = dict(HEAD_DIM=d, BLOCK_P=next_pow2(c // 2), ROWS=rows, HAS_K=raw_k)
+    (prep.qk_prep_tuned if tuned else prep.qk_prep)[(lp // rows, b)](*args, **meta, **({} if tuned else
+                                                                                        {"num_warps": 4}))
+    if not raw_k:  # k normed by its own pass, read by both quantiser passes
+        from .fused_ops import _launch_rms_norm_rope
+
+        k = _launch_rms_norm_rope(k, wk, cos, sin, eps, h)
     block_l = 256
     n_chunks = -(-l // block_l)
-    part = torch.empty(b, n_chunks, 4, c, dtype=torch.float32, device=dev)  # per chunk: (unused), sum v, max v, min v
+    part = torch.empty(b, n_chunks, 4, c, dtype=torch.float32, device=dev)  # per chunk: sum k, sum v, max v, min v
     if tuned:
-        kern.kv_stats_tuned[lambda meta: (n_chunks, -(-c // meta["BLOCK_C"]), b)](None, v, part, l, c, n_chunks,
-                                                                                  BLOCK_L=block_l, HAS_K=False)
+        kern.kv_stats_tuned[lambda meta: (n_chunks, -(-c // meta["BLOCK_C"]), b)](k, v, part, l, c, n_chunks,
+                                                                                  BLOCK_L=block_l, HAS_K=not raw_k)
     else:
-        kern.kv_stats[(n_chunks, -(-c // 128), b)](None, v, part, l, c, n_chunks, BLOCK_L=block_l, BLOCK_C=128, SUB=16,
-                                                   HAS_K=False, num_warps=4)
-    km = ksum.sum(1) / l  # [B, C] = [B, H, D]
+        kern.kv_stats[(n_chunks, -(-c // 128), b)](k, v, part, l, c, n_chunks, BLOCK_L=block_l, BLOCK_C=128, SUB=16,
+                                                   HAS_K=not raw_k, num_warps=4)
+    km = (ksum.sum(1) if raw_k else part[:, :, 0].sum(1)) / l  # [B, C] = [B, H, D]
     vm = part[:, :, 1].sum(1) / l
     vs = torch.maximum(part[:, :, 2].amax(1) - vm, vm - part[:, :, 3].amin(1)).clamp(min=1e-12) * (1.0 / FP8_MAX)
     kc = torch.empty_like(qc)
     vt = torch.empty(b, h, d, lp, dtype=FP8, device=dev)
     ks = torch.empty(b, h, lp // KBLK, dtype=torch.float32, device=dev)
     args = (None, k, v, km, vm, vs, None, None, kc, ks, vt, l, lp, h, 0.0)
-    norm = dict(krs_ptr=krs, wk_ptr=wk, cos_ptr=cos, sin_ptr=sin, K_NORM=True, PARTNER=K_ROPE_PARTNER)
+    norm = dict(krs_ptr=krs, wk_ptr=wk, cos_ptr=cos, sin_ptr=sin, K_NORM=raw_k, PARTNER=K_ROPE_PARTNER, WITH_Q=False)
     if tuned:
         kern.quantize_qkv_tuned[(lp // KBLK, h, b)](*args, HEAD_DIM=d, KBLK=KBLK, **norm)
     else:

@@ -101,11 +101,11 @@ def quantize_qkv(q_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, vs_ptr,  # inputs: [B, L, 
                  L, Lp, H, q_extra,
                  HEAD_DIM: tl.constexpr, KBLK: tl.constexpr, SUB: tl.constexpr,
                  krs_ptr=None, wk_ptr=None, cos_ptr=None, sin_ptr=None, K_NORM: tl.constexpr = False,
-                 PARTNER: tl.constexpr = False):
+                 PARTNER: tl.constexpr = False, WITH_Q: tl.constexpr = True):
     """One KBLK-token block of one (batch, head): q, k (smoothed) and v (smoothed) to e4m3,
     SUB tokens at a time. K_NORM: k is raw (before its RMSNorm and RoPE, done here from its
-    1/rms per token `krs`, its weight and the RoPE tables) and q is not read (`qk_prep` wrote its
-    codes)."""
+    1/rms per token `krs`, its weight and the RoPE tables). Without WITH_Q q is not read
+    (`qk_prep` wrote its codes)."""
     blk = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -135,7 +135,7 @@ def quantize_qkv(q_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, vs_ptr,  # inputs: [B, L, 
         kt = _k_tile(k_ptr, b, t, mask, h, L, C, krs_ptr, wk, cos_ptr, sin_ptr, HEAD_DIM, K_NORM, wk_ptr, PARTNER)
         kf = tl.where(mask, kt - km[None, :], 0.0)
         tl.store(kc_ptr + out, tl.math.div_rn(kf, kscale).to(tl.float8e4nv))
-    if not K_NORM:  # (K_NORM: qk_prep wrote q's codes)
+    if WITH_Q:
         for s in range(0, KBLK, SUB):  # q: one scale per token
             t = blk * KBLK + s + tl.arange(0, SUB)
             mask = (t < L)[:, None]
