@@ -207,12 +207,14 @@ for (b, l, h) in ((2, 300, 2), (1, 256, 3), (1, 70, 1)):  # partial blocks, an e
     wq, wk = torch.rand(c, generator=g) + 0.5, torch.rand(c, generator=g) + 0.5
     ang = torch.rand(l, 64, generator=g) * 6.3  # RoPE tables: one angle per token and channel pair
     cos, sin = ang.cos(), ang.sin()
-    got = sa._launch_quantize_qk_norm(q, k, v, wq, wk, cos, sin, 1e-6)
     ref = sa.quantize(*sa.normed_qk(q, k, h, wq, wk, cos, sin, 1e-6), v)
-    res[f"{{b}}-{{l}}-{{h}}"] = [[list(a.shape) == list(r.shape) and a.dtype == r.dtype,
-                                 (a.float() != r.float()).float().mean().item(),
-                                 ((a.float() - r.float()).abs().max() / r.float().abs().max()).item()]
-                                for a, r in zip(got, ref)]
+    for mode, partner in (("qk", False), ("qk", True), ("q", False)):  # k raw (its pairs rotated two ways), or normed first
+        sa.QK_PREP_MODE, sa.K_ROPE_PARTNER = mode, partner
+        got = sa._launch_quantize_qk_norm(q, k, v, wq, wk, cos, sin, 1e-6)
+        res[f"{{mode}}{{partner:d}}-{{b}}-{{l}}-{{h}}"] = [[list(a.shape) == list(r.shape) and a.dtype == r.dtype,
+                                                         (a.float() != r.float()).float().mean().item(),
+                                                         ((a.float() - r.float()).abs().max() / r.float().abs().max()).item()]
+                                                        for a, r in zip(got, ref)]
 print(json.dumps(res))
 """
 
@@ -220,7 +222,8 @@ print(json.dumps(res))
 @needs_triton
 def test_quantize_of_raw_q_and_k_equals_quantize_of_normed_ones_in_the_interpreter():
     """q and k taken before their RMSNorms and RoPE (`sage_prep_kernel`: q normed, rotated and
-    quantised in one pass; k normed and rotated on the fly twice) give the codes and scales that
+    quantised in one pass; k normed and rotated on the fly twice, or by its own pass: both
+    QK_PREP_MODEs) give the codes and scales that
     `quantize` gives on the unfused op's normed q and k: identical, except the last bits of v's
     means and scales (summed in another order)."""
     res = run_interpreted(QK_NORM_SCRIPT)
@@ -280,8 +283,10 @@ def test_quantize_kernels_compile_for_hopper():
         assert "cubin" in build(kern.quantize_qkv, sig, {"HEAD_DIM": 128, "KBLK": sa.KBLK, "SUB": sub}, 4).asm
         # q and k before their norms (sage_prep_kernel): k normed and rotated here, q not read
         norm_sig = dict(sig, krs_ptr="*fp32", wk_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32")
-        assert "cubin" in build(kern.quantize_qkv, norm_sig, {"HEAD_DIM": 128, "KBLK": sa.KBLK, "SUB": sub,
-                                                              "K_NORM": True}, 4).asm  # fmt: skip
+        for partner in (False, True):
+            assert "cubin" in build(kern.quantize_qkv, norm_sig, {"HEAD_DIM": 128, "KBLK": sa.KBLK, "SUB": sub,
+                                                                  "K_NORM": True, "PARTNER": partner, "WITH_Q": False},
+                                    4).asm  # fmt: skip
     vsig = {"v_ptr": "*bf16", "part_ptr": "*fp32", "L": "i32", "C": "i32", "n_chunks": "i32"}
     for cfg in kern.kv_stats_tuned.configs:  # v only
         assert "cubin" in build(kern.kv_stats, vsig, dict(cfg.kwargs, BLOCK_L=256, k_ptr=None, HAS_K=False),
