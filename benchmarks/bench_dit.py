@@ -234,12 +234,10 @@ def main():
                 m.set_block_ops(ops)
             from wan_core.kernels import block_ops
 
-            # "+noprep": q and k normed by their own pass, not inside the 8-bit quantisation; "+prepq":
-            # only q's norm inside it (k normed by its own pass); "+partner": k's pairs rotated by
-            # partner loads in the codes pass
+            # "+noprep": q normed by its own pass, then quantised (not in one pass: sage_prep_kernel);
+            # "+krope": k normed by rms_norm_rope instead of the prep kernel's bf16 form
             block_ops.RAW_QK = "noprep" not in flags
-            sage_attention.QK_PREP_MODE = "q" if "prepq" in flags else "qk"
-            sage_attention.K_ROPE_PARTNER = "partner" in flags
+            sage_attention.K_BY_PREP = "krope" not in flags
             for blk in m.blocks:  # "+mk": inductor's multi-kernel (persistent reductions up to 16k wide
                 # where they time faster), "+mk2": persistent reductions forced; "+static": static
                 # shapes only, as the pipeline compiles (`compile_blocks`); without it a 720p run

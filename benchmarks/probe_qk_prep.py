@@ -1,5 +1,6 @@
-"""One-off probe: where the time of q/k norm + RoPE + 8-bit quantisation goes at 720p (40 heads of
-128, 75,600 tokens), the unfused passes against `sage_prep_kernel`'s, per kernel and tile.
+"""One-off probe: q/k from their linears to the 8-bit attention's inputs at 720p (40 heads of 128,
+75,600 tokens), per kernel: the unfused passes (`rms_norm_rope` for q and k, then the quantiser's
+two passes) against `sage_prep_kernel` (q's codes in one pass; k in bf16 by the same kernel).
 
   python benchmarks/probe_qk_prep.py   (prints a table; writes $OUT/probe_qk_prep.json)
 """
@@ -7,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 
@@ -17,7 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_dit import timeit  # noqa: E402
 from wan_core.kernels import sage_attention as sa  # noqa: E402
 from wan_core.kernels import sage_prep_kernel as prep  # noqa: E402
-from wan_core.kernels import sage_quant_kernel as kern  # noqa: E402
 from wan_core.kernels.fused_ops import _launch_rms_norm_rope  # noqa: E402
 from wan_core.kernels.rope import rope_tables  # noqa: E402
 
@@ -41,53 +40,25 @@ def main():
     kn = _launch_rms_norm_rope(k, w, cos, sin, 1e-6, h).view(b, l, h, d)
     rows.append(("unfused: rms_norm_rope (one of q, k)", ms(lambda: _launch_rms_norm_rope(q, w, cos, sin, 1e-6, h))))
     rows.append(("unfused: quantize (kv_stats + quantize_qkv)", ms(lambda: sa._launch_quantize(qn, kn, v))))
-    rows.append(("fused: _launch_quantize_qk_norm (all three)", ms(lambda: sa._launch_quantize_qk_norm(q, k, v, w, w, cos, sin,
-                                                                                                      1e-6))))
+    for k_by_prep in (True, False):
+        sa.K_BY_PREP = k_by_prep
+        rows.append((f"prep: _launch_quantize_qk_norm, k by {'prep' if k_by_prep else 'rms_norm_rope'}",
+                     ms(lambda: sa._launch_quantize_qk_norm(q, k, v, w, w, cos, sin, 1e-6))))
     qc = torch.empty(b, h, lp, d, dtype=sa.FP8, device="cuda")
     qs = torch.empty(b, h, lp, device="cuda")
-    krs = torch.empty(b, l, device="cuda")
-    extra = sa.LOG2E / math.sqrt(d)
-    for rows_per, warps in [(1, 4), (1, 8), (1, 16), (8, 8), (8, 16), (32, 8), (32, 16), (64, 16)]:
-        ksum = torch.empty(b, lp // rows_per, c, device="cuda")
-        args = (q, k, w, w, cos, sin, qc, qs, krs, ksum, l, lp, c, h, 1e-6, extra)
-        meta = dict(HEAD_DIM=d, BLOCK_P=4096, ROWS=rows_per, num_warps=warps)
-        for has_q, has_k in ((True, True), (True, False), (False, True)):
-            if rows_per == 1 and has_k:
-                continue
-            name = f"qk_prep ROWS={rows_per} w{warps} {'q' if has_q else ''}{'k' if has_k else ''}"
-            try:
-                rows.append((name, ms(lambda a=args, m=meta, hq=has_q, hk=has_k: prep.qk_prep[(lp // m["ROWS"], b)](
-                    *a, **m, HAS_Q=hq, HAS_K=hk))))
-            except Exception as e:
-                R[name] = repr(e)[:200]
-    part = torch.empty(b, -(-l // 256), 4, c, device="cuda")
-    for has_k in (True, False):
-        rows.append((f"kv_stats tuned {'k+v' if has_k else 'v only'}", ms(lambda hk=has_k: kern.kv_stats_tuned[
-            lambda m: (-(-l // 256), -(-c // m["BLOCK_C"]), b)](k, v, part, l, c, -(-l // 256), BLOCK_L=256, HAS_K=hk))))
-    km = torch.zeros(b, h, d, device="cuda")
-    vs = torch.full((b, h, d), 0.01, device="cuda")
-    kc = torch.empty_like(qc)
-    vt = torch.empty(b, h, d, lp, dtype=sa.FP8, device="cuda")
-    ks = torch.empty(b, h, lp // sa.KBLK, device="cuda")
-    plain = (qn, kn, v, km, km, vs, qc, qs, kc, ks, vt, l, lp, h, extra)
-    rows.append(("quantize_qkv tuned, q k v", ms(lambda: kern.quantize_qkv_tuned[(lp // 256, h, b)](*plain, HEAD_DIM=d,
-                                                                                                     KBLK=256))))
-    raw = (None, k, v, km, km, vs, None, None, kc, ks, vt, l, lp, h, 0.0)
-    for partner in (False, True):
-        for sub, warps in [(16, 4), (32, 4), (32, 8), (64, 8)]:
-            name = f"quantize_qkv K_NORM partner={partner:d} SUB={sub} w{warps}"
-            try:
-                rows.append((name, ms(lambda p=partner, s=sub, wa=warps: kern.quantize_qkv[(lp // 256, h, b)](
-                    *raw, HEAD_DIM=d, KBLK=256, SUB=s, num_warps=wa, krs_ptr=krs, wk_ptr=w, cos_ptr=cos, sin_ptr=sin,
-                    K_NORM=True, PARTNER=p))))
-            except Exception as e:
-                R[name] = repr(e)[:200]
+    ko = torch.empty_like(k)
+    for warps in (4, 8, 16):
+        meta = dict(HEAD_DIM=d, NH=64, num_warps=warps)
+        rows.append((f"prep q codes, w{warps}", ms(lambda m=meta: prep.qk_norm_rope[(lp, b)](
+            q, w, cos, sin, qc, qs, l, lp, h, 1e-6, 1.0, QUANT=True, **m))))
+        rows.append((f"prep k bf16, w{warps}", ms(lambda m=meta: prep.qk_norm_rope[(l, b)](
+            k, w, cos, sin, ko, None, l, lp, h, 1e-6, 1.0, QUANT=False, **m))))
     R["rows"] = rows
     with open(os.path.join(os.environ.get("OUT", "."), "probe_qk_prep.json"), "w") as f:
         json.dump(R, f, indent=1)
     print(f"\n{R['device']}; 720p, one layer")
     for name, t in rows:
-        print(f"{name:50s} {t:8.3f} ms")
+        print(f"{name:60s} {t:8.3f} ms")
 
 
 if __name__ == "__main__":

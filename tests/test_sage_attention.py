@@ -208,13 +208,13 @@ for (b, l, h) in ((2, 300, 2), (1, 256, 3), (1, 70, 1)):  # partial blocks, an e
     ang = torch.rand(l, 64, generator=g) * 6.3  # RoPE tables: one angle per token and channel pair
     cos, sin = ang.cos(), ang.sin()
     ref = sa.quantize(*sa.normed_qk(q, k, h, wq, wk, cos, sin, 1e-6), v)
-    for mode, partner in (("qk", False), ("qk", True), ("q", False)):  # k raw (its pairs rotated two ways), or normed first
-        sa.QK_PREP_MODE, sa.K_ROPE_PARTNER = mode, partner
+    for k_by_prep in (True, False):  # k normed by the prep kernel's bf16 form, or by rms_norm_rope
+        sa.K_BY_PREP = k_by_prep
         got = sa._launch_quantize_qk_norm(q, k, v, wq, wk, cos, sin, 1e-6)
-        res[f"{{mode}}{{partner:d}}-{{b}}-{{l}}-{{h}}"] = [[list(a.shape) == list(r.shape) and a.dtype == r.dtype,
-                                                         (a.float() != r.float()).float().mean().item(),
-                                                         ((a.float() - r.float()).abs().max() / r.float().abs().max()).item()]
-                                                        for a, r in zip(got, ref)]
+        res[f"{{k_by_prep:d}}-{{b}}-{{l}}-{{h}}"] = [[list(a.shape) == list(r.shape) and a.dtype == r.dtype,
+                                                   (a.float() != r.float()).float().mean().item(),
+                                                   ((a.float() - r.float()).abs().max() / r.float().abs().max()).item()]
+                                                  for a, r in zip(got, ref)]
 print(json.dumps(res))
 """
 
@@ -222,10 +222,9 @@ print(json.dumps(res))
 @needs_triton
 def test_quantize_of_raw_q_and_k_equals_quantize_of_normed_ones_in_the_interpreter():
     """q and k taken before their RMSNorms and RoPE (`sage_prep_kernel`: q normed, rotated and
-    quantised in one pass; k normed and rotated on the fly twice, or by its own pass: both
-    QK_PREP_MODEs) give the codes and scales that
-    `quantize` gives on the unfused op's normed q and k: identical, except the last bits of v's
-    means and scales (summed in another order)."""
+    quantised in one pass; k normed by its bf16 form or by `rms_norm_rope`) give the codes and
+    scales that `quantize` gives on the unfused op's normed q and k: identical, except the last
+    bits of v's means and scales (summed in another order)."""
     res = run_interpreted(QK_NORM_SCRIPT)
     for key, tensors in res.items():
         assert len(tensors) == 7
@@ -281,21 +280,16 @@ def test_quantize_kernels_compile_for_hopper():
            "L": "i32", "Lp": "i32", "H": "i32", "q_extra": "fp32"}
     for sub in (16, 32, 64):
         assert "cubin" in build(kern.quantize_qkv, sig, {"HEAD_DIM": 128, "KBLK": sa.KBLK, "SUB": sub}, 4).asm
-        # q and k before their norms (sage_prep_kernel): k normed and rotated here, q not read
-        norm_sig = dict(sig, krs_ptr="*fp32", wk_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32")
-        for partner in (False, True):
-            assert "cubin" in build(kern.quantize_qkv, norm_sig, {"HEAD_DIM": 128, "KBLK": sa.KBLK, "SUB": sub,
-                                                                  "K_NORM": True, "PARTNER": partner, "WITH_Q": False},
-                                    4).asm  # fmt: skip
-    vsig = {"v_ptr": "*bf16", "part_ptr": "*fp32", "L": "i32", "C": "i32", "n_chunks": "i32"}
-    for cfg in kern.kv_stats_tuned.configs:  # v only
-        assert "cubin" in build(kern.kv_stats, vsig, dict(cfg.kwargs, BLOCK_L=256, k_ptr=None, HAS_K=False),
-                                cfg.num_warps).asm  # fmt: skip
+        # q's codes written by sage_prep_kernel: q not read
+        no_q = {n: t for n, t in sig.items() if n not in ("q_ptr", "qc_ptr", "qs_ptr")}
+        assert "cubin" in build(kern.quantize_qkv, no_q, {"HEAD_DIM": 128, "KBLK": sa.KBLK, "SUB": sub, "WITH_Q": False,
+                                                          "q_ptr": None, "qc_ptr": None, "qs_ptr": None}, 4).asm
     from wan_core.kernels import sage_prep_kernel as prep
 
-    psig = {n: "*bf16" for n in ("q_ptr", "k_ptr")}
-    psig.update({n: "*fp32" for n in ("wq_ptr", "wk_ptr", "cos_ptr", "sin_ptr", "qs_ptr", "krs_ptr", "ksum_ptr")})
-    psig.update(qc_ptr="*fp8e4nv", L="i32", Lp="i32", C="i32", H="i32", eps="fp32", q_extra="fp32")
-    for cfg in prep.qk_prep_tuned.configs:  # Wan's 5,120 channels (40 heads of 128)
-        assert "cubin" in build(prep.qk_prep, psig, {"HEAD_DIM": 128, "BLOCK_P": 4096, "ROWS": sa.QK_ROWS},
-                                cfg.num_warps).asm  # fmt: skip
+    psig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "L": "i32", "Lp": "i32",
+            "H": "i32", "eps": "fp32", "q_extra": "fp32"}
+    for cfg in prep.qk_norm_rope_tuned.configs:  # Wan's 40 heads of 128: q's codes, k in bf16
+        for quant, out in ((True, {"o_ptr": "*fp8e4nv", "s_ptr": "*fp32"}), (False, {"o_ptr": "*bf16"})):
+            assert "cubin" in build(prep.qk_norm_rope, dict(psig, **out), {"HEAD_DIM": 128, "NH": 64, "QUANT": quant,
+                                                                            **({} if quant else {"s_ptr": None})},
+                                    cfg.num_warps).asm  # fmt: skip

@@ -160,11 +160,8 @@ def _packed_like(q: torch.Tensor):
 
 
 # ---- q and k before their RMSNorm and RoPE (`sage_prep_kernel`) -------------------------------------
-QK_ROWS = 32  # token rows per qk_prep program (its k sums are one row per ROWS tokens)
-K_ROPE_PARTNER = False  # the codes pass rotates k's pairs by loading each lane's partner (no lane shuffles)
-# "qk": q and k both taken raw into the quantisation; "q": q's codes from its norm pass (one row
-# per program), k normed by `rms_norm_rope` and quantised as before
-QK_PREP_MODE = "qk"
+# k's norm + RoPE pass: the prep kernel's bf16 form (True) or `fused_ops.rms_norm_rope` (False)
+K_BY_PREP = True
 
 
 def normed_qk(q, k, heads: int, wq, wk, cos, sin, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,9 +175,9 @@ def normed_qk(q, k, heads: int, wq, wk, cos, sin, eps: float) -> tuple[torch.Ten
 
 
 def _launch_quantize_qk_norm(q, k, v, wq, wk, cos, sin, eps: float, tuned: bool | None = None):
-    """`quantize(normed_qk(q, k, ...), v)` by three Triton passes: `qk_prep` (q's codes, k's sums
-    and 1/rms), `kv_stats` over v, `quantize_qkv` with K_NORM (k's and v's codes). q/k [B, L, C]
-    before their norms, v [B, L, H, D]. Autotuned on a GPU; fixed tiles in the interpreter."""
+    """`quantize(normed_qk(q, k, ...), v)`: q's codes straight from its raw rows (`sage_prep_kernel`),
+    k normed by the same kernel's bf16 form, then the two quantiser passes over k and v only.
+    q/k [B, L, C] before their norms, v [B, L, H, D]. Autotuned on a GPU; fixed in the interpreter."""
     from . import sage_prep_kernel as prep
     from . import sage_quant_kernel as kern
     from .fp8_rows import next_pow2
@@ -195,39 +192,38 @@ def _launch_quantize_qk_norm(q, k, v, wq, wk, cos, sin, eps: float, tuned: bool 
     dev = q.device
     qc = torch.empty(b, h, lp, d, dtype=FP8, device=dev)
     qs = torch.empty(b, h, lp, dtype=torch.float32, device=dev)
-    krs = torch.empty(b, l, dtype=torch.float32, device=dev)  # k's 1/rms per token
-    raw_k = QK_PREP_MODE == "qk"
-    rows = QK_ROWS if raw_k else 1
-    ksum = torch.empty(b, lp // rows, c, dtype=torch.float32, device=dev) if raw_k else None
-    args = (q, k, wq, wk, cos, sin, qc, qs, krs, ksum, l, lp, c, h, eps, LOG2E / math.sqrt(d))
-    meta = dict(HEAD_DIM=d, BLOCK_P=next_pow2(c // 2), ROWS=rows, HAS_K=raw_k)
-    (prep.qk_prep_tuned if tuned else prep.qk_prep)[(lp // rows, b)](*args, **meta, **({} if tuned else
-                                                                                        {"num_warps": 4}))
-    if not raw_k:  # k normed by its own pass, read by both quantiser passes
+    kernel = prep.qk_norm_rope_tuned if tuned else prep.qk_norm_rope
+    fixed = {} if tuned else {"num_warps": 4}
+    meta = dict(HEAD_DIM=d, NH=next_pow2(h), **fixed)
+    kernel[(lp, b)](q, wq, cos, sin, qc, qs, l, lp, h, eps, LOG2E / math.sqrt(d), QUANT=True, **meta)
+    if K_BY_PREP:
+        kn = torch.empty_like(k)
+        kernel[(l, b)](k, wk, cos, sin, kn, None, l, lp, h, eps, 1.0, QUANT=False, **meta)
+    else:
         from .fused_ops import _launch_rms_norm_rope
 
-        k = _launch_rms_norm_rope(k, wk, cos, sin, eps, h)
+        kn = _launch_rms_norm_rope(k, wk, cos, sin, eps, h)
+    kn = kn.view(b, l, h, d)
     block_l = 256
     n_chunks = -(-l // block_l)
     part = torch.empty(b, n_chunks, 4, c, dtype=torch.float32, device=dev)  # per chunk: sum k, sum v, max v, min v
     if tuned:
-        kern.kv_stats_tuned[lambda meta: (n_chunks, -(-c // meta["BLOCK_C"]), b)](k, v, part, l, c, n_chunks,
-                                                                                  BLOCK_L=block_l, HAS_K=not raw_k)
+        kern.kv_stats_tuned[lambda meta: (n_chunks, -(-c // meta["BLOCK_C"]), b)](kn, v, part, l, c, n_chunks,
+                                                                                  BLOCK_L=block_l)
     else:
-        kern.kv_stats[(n_chunks, -(-c // 128), b)](k, v, part, l, c, n_chunks, BLOCK_L=block_l, BLOCK_C=128, SUB=16,
-                                                   HAS_K=not raw_k, num_warps=4)
-    km = (ksum.sum(1) if raw_k else part[:, :, 0].sum(1)) / l  # [B, C] = [B, H, D]
+        kern.kv_stats[(n_chunks, -(-c // 128), b)](kn, v, part, l, c, n_chunks, BLOCK_L=block_l, BLOCK_C=128, SUB=16,
+                                                   num_warps=4)
+    km = part[:, :, 0].sum(1) / l  # [B, C] = [B, H, D]
     vm = part[:, :, 1].sum(1) / l
     vs = torch.maximum(part[:, :, 2].amax(1) - vm, vm - part[:, :, 3].amin(1)).clamp(min=1e-12) * (1.0 / FP8_MAX)
     kc = torch.empty_like(qc)
     vt = torch.empty(b, h, d, lp, dtype=FP8, device=dev)
     ks = torch.empty(b, h, lp // KBLK, dtype=torch.float32, device=dev)
-    args = (None, k, v, km, vm, vs, None, None, kc, ks, vt, l, lp, h, 0.0)
-    norm = dict(krs_ptr=krs, wk_ptr=wk, cos_ptr=cos, sin_ptr=sin, K_NORM=raw_k, PARTNER=K_ROPE_PARTNER, WITH_Q=False)
+    args = (None, kn, v, km, vm, vs, None, None, kc, ks, vt, l, lp, h, 0.0)
     if tuned:
-        kern.quantize_qkv_tuned[(lp // KBLK, h, b)](*args, HEAD_DIM=d, KBLK=KBLK, **norm)
+        kern.quantize_qkv_tuned[(lp // KBLK, h, b)](*args, HEAD_DIM=d, KBLK=KBLK, WITH_Q=False)
     else:
-        kern.quantize_qkv[(lp // KBLK, h, b)](*args, HEAD_DIM=d, KBLK=KBLK, SUB=32, num_warps=4, **norm)
+        kern.quantize_qkv[(lp // KBLK, h, b)](*args, HEAD_DIM=d, KBLK=KBLK, SUB=32, WITH_Q=False, num_warps=4)
     return qc, qs, kc, ks, vt, vs.view(b, h, d), vm.view(b, h, d)
 
 

@@ -6,9 +6,8 @@ max |v - mean| = max(max - mean, mean - min)), one partial result per token chun
 torch afterwards so the result does not depend on the order blocks run in (no atomics: the same
 inputs give the same codes on every run). `quantize_qkv` then reads q, k and v once and writes
 the three code tensors in the attention kernel's layouts: q and k [B, H, Lp, D] with one scale per
-query token and per KBLK keys, vᵀ [B, H, D, Lp]. Where q and k arrive before their RMSNorm and
-RoPE (`sage_prep_kernel`), `qk_prep` writes q's codes and k's sums, `kv_stats` reads v only and
-`quantize_qkv` norms and rotates k as it reads it (K_NORM). The divisions are rounded to nearest
+query token and per KBLK keys, vᵀ [B, H, D, Lp]. Where q arrives before its RMSNorm and RoPE,
+`sage_prep_kernel` writes its codes and `quantize_qkv` skips it (WITH_Q off). The divisions are rounded to nearest
 (`div_rn`: Triton's plain division is approximate), as torch divides tensors, and the scales are
 amax times the float32 reciprocal of 448, as the torch reference writes them (torch's CUDA
 division by a Python scalar multiplies by its reciprocal, its CPU division does not; writing the
@@ -24,18 +23,15 @@ max(max - mean, mean - min) over its channels), and `quantize_per_head` writes t
 import triton
 import triton.language as tl
 
-from .sage_prep_kernel import norm_rope_partner, norm_rope_tile
-
 __all__ = ["kv_stats", "quantize_qkv", "quantize_per_head", "kv_stats_tuned", "quantize_qkv_tuned", "quantize_per_head_tuned"]
 
 
 @triton.jit
 def kv_stats(k_ptr, v_ptr, part_ptr, L, C, n_chunks, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
-             SUB: tl.constexpr, q_ptr=None, QK_RANGE: tl.constexpr = False, HAS_K: tl.constexpr = True):
+             SUB: tl.constexpr, q_ptr=None, QK_RANGE: tl.constexpr = False):
     """Partial statistics of one chunk of BLOCK_L tokens x BLOCK_C channels: part[b, chunk, 0..3, c]
     = sum k, sum v, max v, min v over the chunk's tokens, SUB tokens at a time. k/v: [B, L, C].
-    With QK_RANGE (FlashAttention-3's per-head scales) also rows 4..6 = max k, min k, max |q|.
-    Without HAS_K (k's sums taken by `sage_prep_kernel.qk_prep`) k is not read and row 0 not written."""
+    With QK_RANGE (FlashAttention-3's per-head scales) also rows 4..6 = max k, min k, max |q|."""
     chunk = tl.program_id(0)
     cblk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -52,10 +48,9 @@ def kv_stats(k_ptr, v_ptr, part_ptr, L, C, n_chunks, BLOCK_L: tl.constexpr, BLOC
         rows = chunk * BLOCK_L + s + tl.arange(0, SUB)
         mask = (rows < L)[:, None] & cmask[None, :]
         offs = b * L * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
+        k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_K:
-            k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            sk += k
+        sk += k
         sv += v
         mx = tl.maximum(mx, tl.where(mask, v, float("-inf")))
         mn = tl.minimum(mn, tl.where(mask, v, float("inf")))
@@ -65,8 +60,7 @@ def kv_stats(k_ptr, v_ptr, part_ptr, L, C, n_chunks, BLOCK_L: tl.constexpr, BLOC
             qmx = tl.maximum(qmx, tl.abs(tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)))
     rows_out = 7 if QK_RANGE else 4
     out = part_ptr + ((b * n_chunks + chunk) * rows_out) * C + cols
-    if HAS_K:
-        tl.store(out, tl.sum(sk, 0), mask=cmask)
+    tl.store(out, tl.sum(sk, 0), mask=cmask)
     tl.store(out + C, tl.sum(sv, 0), mask=cmask)
     tl.store(out + 2 * C, tl.max(mx, 0), mask=cmask)
     tl.store(out + 3 * C, tl.min(mn, 0), mask=cmask)
@@ -77,35 +71,12 @@ def kv_stats(k_ptr, v_ptr, part_ptr, L, C, n_chunks, BLOCK_L: tl.constexpr, BLOC
 
 
 @triton.jit
-def _k_tile(k_ptr, b, t, mask, h, L, C, krs_ptr, wk, cos_ptr, sin_ptr, HEAD_DIM: tl.constexpr, K_NORM: tl.constexpr,
-            wk_ptr=None, PARTNER: tl.constexpr = False):
-    """k's values for SUB tokens of head h, float32 [SUB, D]: as stored, or (K_NORM) normed and
-    rotated from raw k by its tokens' 1/rms (`sage_prep_kernel.norm_rope_tile`)."""
-    d = tl.arange(0, HEAD_DIM)
-    offs = (b * L + t.to(tl.int64))[:, None] * C + h * HEAD_DIM + d[None, :]
-    x = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if K_NORM:
-        valid = t < L
-        rstd = tl.load(krs_ptr + b * L + t, mask=valid, other=0.0)
-        if PARTNER:
-            x = norm_rope_partner(x, k_ptr + offs + 1 - 2 * (d[None, :] % 2), rstd, wk, wk_ptr + h * HEAD_DIM, t, valid,
-                                  mask, cos_ptr, sin_ptr, HEAD_DIM)
-        else:
-            x = norm_rope_tile(x, rstd, wk, t, valid, cos_ptr, sin_ptr, HEAD_DIM // 2)
-    return x
-
-
-@triton.jit
 def quantize_qkv(q_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, vs_ptr,  # inputs: [B, L, H, D]; means, v scales [B, H, D]
                  qc_ptr, qs_ptr, kc_ptr, ks_ptr, vt_ptr,  # outputs (layouts in the module docstring)
                  L, Lp, H, q_extra,
-                 HEAD_DIM: tl.constexpr, KBLK: tl.constexpr, SUB: tl.constexpr,
-                 krs_ptr=None, wk_ptr=None, cos_ptr=None, sin_ptr=None, K_NORM: tl.constexpr = False,
-                 PARTNER: tl.constexpr = False, WITH_Q: tl.constexpr = True):
+                 HEAD_DIM: tl.constexpr, KBLK: tl.constexpr, SUB: tl.constexpr, WITH_Q: tl.constexpr = True):
     """One KBLK-token block of one (batch, head): q, k (smoothed) and v (smoothed) to e4m3,
-    SUB tokens at a time. K_NORM: k is raw (before its RMSNorm and RoPE, done here from its
-    1/rms per token `krs`, its weight and the RoPE tables). Without WITH_Q q is not read
-    (`qk_prep` wrote its codes)."""
+    SUB tokens at a time. Without WITH_Q q is not read (`sage_prep_kernel` wrote its codes)."""
     blk = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -115,25 +86,22 @@ def quantize_qkv(q_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, vs_ptr,  # inputs: [B, L, 
     vm = tl.load(vm_ptr + bh * HEAD_DIM + d)
     vs = tl.load(vs_ptr + bh * HEAD_DIM + d)
     C = H * HEAD_DIM
-    wk = km  # k's norm weight for this head (K_NORM only)
-    if K_NORM:
-        wk = tl.load(wk_ptr + h * HEAD_DIM + d)
     # k: the block's amax first (one scale per KBLK keys), then its codes
     amax = tl.zeros([SUB, HEAD_DIM], dtype=tl.float32)
     for s in range(0, KBLK, SUB):
         t = blk * KBLK + s + tl.arange(0, SUB)
         mask = (t < L)[:, None]
-        kt = _k_tile(k_ptr, b, t, mask, h, L, C, krs_ptr, wk, cos_ptr, sin_ptr, HEAD_DIM, K_NORM, wk_ptr, PARTNER)
-        kf = tl.where(mask, kt - km[None, :], 0.0)
+        offs = (b * L + t.to(tl.int64))[:, None] * C + h * HEAD_DIM + d[None, :]
+        kf = tl.where(mask, tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32) - km[None, :], 0.0)
         amax = tl.maximum(amax, tl.abs(kf))
     kscale = tl.maximum(tl.max(tl.max(amax, 1), 0), 1e-12) * (1.0 / 448.0)
     tl.store(ks_ptr + bh * (Lp // KBLK) + blk, kscale)
     for s in range(0, KBLK, SUB):
         t = blk * KBLK + s + tl.arange(0, SUB)
         mask = (t < L)[:, None]
+        offs = (b * L + t.to(tl.int64))[:, None] * C + h * HEAD_DIM + d[None, :]
         out = (bh * Lp + t.to(tl.int64))[:, None] * HEAD_DIM + d[None, :]  # [B, H, Lp, D]
-        kt = _k_tile(k_ptr, b, t, mask, h, L, C, krs_ptr, wk, cos_ptr, sin_ptr, HEAD_DIM, K_NORM, wk_ptr, PARTNER)
-        kf = tl.where(mask, kt - km[None, :], 0.0)
+        kf = tl.where(mask, tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32) - km[None, :], 0.0)
         tl.store(kc_ptr + out, tl.math.div_rn(kf, kscale).to(tl.float8e4nv))
     if WITH_Q:
         for s in range(0, KBLK, SUB):  # q: one scale per token
