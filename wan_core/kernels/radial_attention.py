@@ -23,7 +23,9 @@ backend; the video layout comes from `attention_context.current_grid()` (declare
 forward) and the step from `current_step()` (declared by the sampling loop). Layer choice is
 static: `WanModel.set_attention` gives the first `dense_layers` blocks `for_layer(i)`, the dense
 backend. It needs every token of the video in one call: Ulysses (heads split, whole sequence)
-works, ring attention (sequence split) cannot, and says so (`whole_sequence`).
+works, ring attention (sequence split) cannot, and says so (`whole_sequence`). The 8-bit kernel
+also takes q and k before their RMSNorms and RoPE (`attend_raw_qk`, for the fused block ops),
+which its quantisation then does (`sage_prep_kernel`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ matmuls are done in 8 bits here:
 
 The quantisation is `quantize` (torch code, the reference), run for self-attention on CUDA by two
 Triton kernels (`sage_quant_kernel`: one pass over k and v for the means and v's range, one over
-q, k and v for the codes) as a custom op; the attention kernel is a custom op too.
+q, k and v for the codes) as a custom op; the attention kernel is a custom op too. Handed q and k
+before their RMSNorms and RoPE (`sage_fp8_attention_qk_norm`, the fused block ops' path), q goes
+straight to its codes in one pass (`sage_prep_kernel`).
 `reference` computes the same quantised math in torch, for tests; `sage_fp8_attention` is the
 backend function (`[B, L, H, D]` in and out, as every backend in `attention.py`).
 """
