@@ -230,14 +230,8 @@ def main():
 
                 ops = get_block_ops("fused")
                 if "noqk" in flags:  # "+noqk": q/k norm and RoPE left to inductor
-                    ops = dataclasses.replace(ops, attend=get_block_ops("torch").attend)
+                    ops = dataclasses.replace(ops, qk_norm_rope=get_block_ops("torch").qk_norm_rope)
                 m.set_block_ops(ops)
-            from wan_core.kernels import block_ops
-
-            # "+noprep": q normed by its own pass, then quantised (not in one pass: sage_prep_kernel);
-            # "+krope": k normed by rms_norm_rope instead of the prep kernel's bf16 form
-            block_ops.RAW_QK = "noprep" not in flags
-            sage_attention.K_BY_PREP = "krope" not in flags
             for blk in m.blocks:  # "+mk": inductor's multi-kernel (persistent reductions up to 16k wide
                 # where they time faster), "+mk2": persistent reductions forced; "+static": static
                 # shapes only, as the pipeline compiles (`compile_blocks`); without it a 720p run

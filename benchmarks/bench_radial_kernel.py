@@ -3,9 +3,7 @@ heads of 128; 480p 32,760 tokens, 720p 75,600), against the dense 8-bit kernels 
 FlashAttention-3's e4m3 (fast mode's dense attention, when installed) and our dense Triton one.
 
 Kernel-only times (inputs already quantised) per tile config and loop form (plain / the next
-tile's Q·Kᵀ issued before this tile's softmax), the autotuner's pick, the quantisation op, and
-q/k from their linears to the kernel's inputs (norm + RoPE passes then the quantisation, or
-`sage_prep_kernel` doing both);
+tile's Q·Kᵀ issued before this tile's softmax), the autotuner's pick, and the quantisation op;
 "ideal" is the dense kernel's time times the mask's density (what a sparse kernel at the dense
 rate would take).
 
@@ -56,20 +54,6 @@ def one_resolution(res: str, do_sweep: bool, R: dict) -> list:
     blocks = (plan.counts.to(torch.int32), plan.indices.to(torch.int32).contiguous(), plan.block_size)
     R[f"{res}_density"] = plan.density
     R[f"{res}_quantize_s"] = t_quant = bench(lambda: sa._quantize_op(q, k, v))
-    # q and k from their linears to the kernel's inputs: normed and rotated by their own passes
-    # (`rms_norm_rope`), then quantised; or normed inside the quantisation (`sage_prep_kernel`)
-    from wan_core.kernels.fused_ops import rms_norm_rope
-    from wan_core.kernels.rope import rope_tables
-
-    qr, kr = (t.flatten(2) * 3 for t in (q, k))  # [B, L, C] before the norms
-    norm = torch.nn.RMSNorm(h * d, eps=1e-6, device="cuda")
-    rope = rope_tables((frames, *{1560: (30, 52), 3600: (45, 80)}[per_frame]), d, "cuda")
-    w, cos, sin = norm.weight.detach(), *rope
-    R[f"{res}_prep_unfused_s"] = t_unf = bench(lambda: sa._quantize_op(rms_norm_rope(qr, norm, rope, h).view(q.shape),
-                                                                         rms_norm_rope(kr, norm, rope, h).view(q.shape), v))
-    R[f"{res}_prep_fused_s"] = t_fus = bench(lambda: sa._quantize_qk_norm_op(qr, kr, v, w, w, cos, sin, 1e-6))
-    rows.append((res, "q/k norm+RoPE passes, then the quantisation op", t_unf, None))
-    rows.append((res, "q/k norm+RoPE inside the quantisation (prep)", t_fus, None))
     dense = {}
     for name in ("fa3_fp8", "sage_triton"):
         try:

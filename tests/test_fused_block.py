@@ -289,42 +289,6 @@ def test_one_block_same_numbers_through_fused_ops_and_torch_ops(case, monkeypatc
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("raw_qk", [True, False])
-def test_backend_that_takes_raw_q_and_k_gets_them_before_their_norms(raw_qk, monkeypatch):
-    """A self-attention backend with `attend_raw_qk` (the 8-bit kernels, whose quantisation norms
-    and rotates q and k itself) gets q and k [B, L, C] as the linears return them, with both norms'
-    weights, their eps and the RoPE tables, once per forward, and no `rms_norm_rope` runs; the
-    block's output is bitwise the "torch" ops' when it norms them as the reference does. With
-    block_ops.RAW_QK off (bench_dit "+noprep") the backend's plain call gets normed q and k."""
-    from wan_core.kernels import block_ops
-    from wan_core.kernels.attention import get_attention
-    from wan_core.kernels.sage_attention import normed_qk
-
-    monkeypatch.setattr(block_ops, "RAW_QK", raw_qk)
-    block, args = _block_case("t2v")
-    ref = _block_with(block, "torch", args)
-    sdpa, seen = get_attention("sdpa"), []
-
-    def backend(q, k, v):
-        seen.append(("normed", tuple(q.shape)))
-        return sdpa(q, k, v)
-
-    def raw(q, k, v, wq, wk, cos, sin, eps):
-        seen.append(("raw", tuple(q.shape)))
-        assert wq is block.self_attn.norm_q.weight and wk is block.self_attn.norm_k.weight
-        return sdpa(*normed_qk(q, k, v.shape[2], wq, wk, cos, sin, eps), v)
-
-    backend.attend_raw_qk = raw
-    block.self_attn.attn_fn = backend
-    norms = []
-    monkeypatch.setattr(block_ops, "rms_norm_rope", lambda *a, _f=block_ops.rms_norm_rope: norms.append(1) or _f(*a))
-    out = _block_with(block, "fused", args)
-    b, length, c = args[0].shape
-    assert seen == [("raw" if raw_qk else "normed", (b, length, c) if raw_qk else (b, length, 2, c // 2))]
-    assert len(norms) == (0 if raw_qk else 2)
-    assert torch.equal(out, ref)
-
-
 BLOCK_INTERP_SCRIPT = r"""
 import json, sys
 sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})

@@ -208,9 +208,7 @@ def eight_bit_here(monkeypatch):
     calls = []
     monkeypatch.setattr(sa, "available", lambda device: None)
 
-    def fp8_path(q, k, v, plan, config=None, qk_norm=None):
-        if qk_norm is not None:  # q and k before their norms (`attend_raw_qk`, block ops "fused")
-            q, k = sa.normed_qk(q, k, v.shape[2], *qk_norm)
+    def fp8_path(q, k, v, plan, config=None):
         calls.append(tuple(q.shape))
         return ra.radial_attention_torch(q, k, v, plan)
 
@@ -231,41 +229,6 @@ def test_fp8_kernel_runs_the_sparse_layers_and_8bit_dense_ones(eight_bit_here):
         out = fn(q, k, v)
     plan = radial_plan(9, 200)
     assert eight_bit_here == [(1, 1800, 2, 16)] and rel_err(out, masked_attention(q, k, v, plan)) < 1e-5
-
-
-def test_8bit_radial_takes_raw_q_and_k_in_sparse_and_dense_steps(eight_bit_here):
-    """`attend_raw_qk` (q and k before their RMSNorms and RoPE, block ops "fused"): the 8-bit
-    backend offers it and gives what its plain call gives on the normed q and k, in a sparse step
-    (through its own custom op) and in a dense step (its dense backend's `attend_raw_qk`); the
-    bf16 kernel has no such path (None: the block ops norm q and k first)."""
-    from wan_core.kernels.attention_context import sampling_step
-    from wan_core.kernels.rope import rope_tables
-
-    assert get_attention("radial_attn", "cpu", radial=RadialOptions(kernel="bf16")).attend_raw_qk is None
-    fn = get_attention("radial_attn", "cpu", radial=RadialOptions(0.2, 0, 1, kernel="fp8"))
-    dense_calls = []
-
-    def dense_raw(q, k, v, *norm):
-        dense_calls.append(tuple(q.shape))
-        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (*sa.normed_qk(q, k, 2, *norm), v))).transpose(1, 2)
-
-    fn.dense = type("Dense", (), {"attend_raw_qk": staticmethod(dense_raw)})()
-    g = torch.Generator().manual_seed(3)
-    q, k = (torch.randn(1, 1800, 32, generator=g) * 2 for _ in range(2))
-    v = torch.randn(1, 1800, 2, 16, generator=g)
-    wq, wk = torch.rand(32, generator=g) + 0.5, torch.rand(32, generator=g) + 0.5
-    cos, sin = rope_tables((9, 10, 20), 16, "cpu")
-    norm = (wq, wk, cos, sin, 1e-6)
-    qn, kn = sa.normed_qk(q, k, 2, *norm)
-    with video_grid((9, 10, 20)):
-        with sampling_step(1):  # past dense_timesteps: the sparse kernel
-            out = fn.attend_raw_qk(q, k, v, *norm)
-        assert eight_bit_here == [(1, 1800, 2, 16)] and torch.equal(out, fn(qn, kn, v))
-        with sampling_step(0):  # a dense step
-            dense = fn.attend_raw_qk(q, k, v, *norm)
-    assert dense_calls == [(1, 1800, 32)]
-    exact = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (qn, kn, v))).transpose(1, 2)
-    assert torch.allclose(dense, exact)
 
 
 def test_fast_mode_dit_gets_the_8bit_sparse_kernel_without_options(tmp_path, eight_bit_here):

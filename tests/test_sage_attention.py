@@ -191,62 +191,6 @@ def test_quantize_kernels_equal_torch_quantize_in_the_interpreter():
                 assert rel < 1e-6, (key, i, rel)
 
 
-QK_NORM_SCRIPT = r"""
-import json, sys
-sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
-import triton_interp  # noqa: F401  (before any kernel is defined)
-import torch
-from wan_core.kernels import sage_attention as sa
-g = torch.Generator().manual_seed(0)
-res = {{}}
-for (b, l, h) in ((2, 300, 2), (1, 256, 3), (1, 70, 1)):  # partial blocks, an exact block, a short one
-    c = h * 128
-    q = (torch.randn(b, l, c, generator=g) * 3).bfloat16()  # before the norms: any scale
-    k = (torch.randn(b, l, c, generator=g) + 2).bfloat16()  # keys and values with a channel bias
-    v = (torch.randn(b, l, h, 128, generator=g) + 1).bfloat16()
-    wq, wk = torch.rand(c, generator=g) + 0.5, torch.rand(c, generator=g) + 0.5
-    ang = torch.rand(l, 64, generator=g) * 6.3  # RoPE tables: one angle per token and channel pair
-    cos, sin = ang.cos(), ang.sin()
-    ref = sa.quantize(*sa.normed_qk(q, k, h, wq, wk, cos, sin, 1e-6), v)
-    for k_by_prep in (True, False):  # k normed by the prep kernel's bf16 form, or by rms_norm_rope
-        sa.K_BY_PREP = k_by_prep
-        got = sa._launch_quantize_qk_norm(q, k, v, wq, wk, cos, sin, 1e-6)
-        res[f"{{k_by_prep:d}}-{{b}}-{{l}}-{{h}}"] = [[list(a.shape) == list(r.shape) and a.dtype == r.dtype,
-                                                   (a.float() != r.float()).float().mean().item(),
-                                                   ((a.float() - r.float()).abs().max() / r.float().abs().max()).item()]
-                                                  for a, r in zip(got, ref)]
-print(json.dumps(res))
-"""
-
-
-@needs_triton
-def test_quantize_of_raw_q_and_k_equals_quantize_of_normed_ones_in_the_interpreter():
-    """q and k taken before their RMSNorms and RoPE (`sage_prep_kernel`: q normed, rotated and
-    quantised in one pass; k normed by its bf16 form or by `rms_norm_rope`) give the codes and
-    scales that `quantize` gives on the unfused op's normed q and k: identical, except the last
-    bits of v's means and scales (summed in another order)."""
-    res = run_interpreted(QK_NORM_SCRIPT)
-    for key, tensors in res.items():
-        assert len(tensors) == 7
-        for i, (same_layout, mismatch, rel) in enumerate(tensors):
-            assert same_layout, (key, i)
-            if i in (0, 1, 2, 3, 4):  # q and k codes and scales, v's codes
-                assert mismatch == 0.0, (key, i, mismatch)
-            else:
-                assert rel < 1e-6, (key, i, rel)
-
-
-def test_qk_norm_op_fake_matches_real():
-    from torch.library import opcheck
-
-    g = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(1, 300, 256, generator=g).bfloat16() for _ in range(2))
-    v = torch.randn(1, 300, 2, 128, generator=g).bfloat16()
-    ang = torch.rand(300, 64, generator=g)
-    opcheck(torch.ops.wan_core.sage_quantize_qk_norm.default,
-            (q, k, v, torch.rand(256, generator=g), torch.rand(256, generator=g), ang.cos(), ang.sin(), 1e-6))
-
-
 @pytest.mark.parametrize("op", ["sage_quantize", "fa3_quantize"])  # this kernel's and FlashAttention-3's inputs
 def test_quantize_op_fake_matches_real(op):
     from torch.library import opcheck
@@ -280,16 +224,3 @@ def test_quantize_kernels_compile_for_hopper():
            "L": "i32", "Lp": "i32", "H": "i32", "q_extra": "fp32"}
     for sub in (16, 32, 64):
         assert "cubin" in build(kern.quantize_qkv, sig, {"HEAD_DIM": 128, "KBLK": sa.KBLK, "SUB": sub}, 4).asm
-        # q's codes written by sage_prep_kernel: q not read
-        no_q = {n: t for n, t in sig.items() if n not in ("q_ptr", "qc_ptr", "qs_ptr")}
-        assert "cubin" in build(kern.quantize_qkv, no_q, {"HEAD_DIM": 128, "KBLK": sa.KBLK, "SUB": sub, "WITH_Q": False,
-                                                          "q_ptr": None, "qc_ptr": None, "qs_ptr": None}, 4).asm
-    from wan_core.kernels import sage_prep_kernel as prep
-
-    psig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "L": "i32", "Lp": "i32",
-            "H": "i32", "eps": "fp32", "q_extra": "fp32"}
-    for cfg in prep.qk_norm_rope_tuned.configs:  # Wan's 40 heads of 128: q's codes, k in bf16
-        for quant, out in ((True, {"o_ptr": "*fp8e4nv", "s_ptr": "*fp32"}), (False, {"o_ptr": "*bf16"})):
-            assert "cubin" in build(prep.qk_norm_rope, dict(psig, **out), {"HEAD_DIM": 128, "NH": 64, "QUANT": quant,
-                                                                            **({} if quant else {"s_ptr": None})},
-                                    cfg.num_warps).asm  # fmt: skip

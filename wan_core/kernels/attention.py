@@ -83,14 +83,12 @@ def _sage() -> AttentionFn:
 
 def _sage_triton(qk_int8: bool) -> Callable[[], AttentionFn]:
     def make():
-        from .sage_attention import sage_fp8_attention, sage_fp8_attention_qk_norm
+        from .sage_attention import sage_fp8_attention
 
         def attn(q, k, v):
             return sage_fp8_attention(q, k, v, qk_int8=qk_int8)
 
         attn.__name__ = "sage_triton_int8" if qk_int8 else "sage_triton"
-        # q and k before their RMSNorms and RoPE, done inside the quantisation (`block_ops`, fused)
-        attn.attend_raw_qk = None if qk_int8 else sage_fp8_attention_qk_norm
         return attn
 
     return make

@@ -7,8 +7,7 @@ linears it calls the functions of a `BlockOps` stored on the block and its self-
 - `add_norm_mod(x, delta, gate, norm, scale, shift, out_dtype, feeds) -> (x, h)`: residual add
   x + delta · gate (when delta), LayerNorm `norm`, modulation h · (1 + scale) + shift (when
   scale); h goes to the linears `feeds`.
-- `attend(attn_fn, q, k, v, norm_q, norm_k, rope, heads) -> [B, L, H, D]`: self-attention of q
-  and k [B, L, C] after their RMSNorms and the 3-D RoPE, v [B, L, H, D].
+- `qk_norm_rope(u, norm, rope, heads) -> [B, L, H, D]`: q's or k's RMSNorm, then the 3-D RoPE.
 - `ffn(ffn, h) -> [B, L, C]`: the feed-forward (linear, tanh GELU, linear).
 
 Two implementations share these signatures:
@@ -21,10 +20,7 @@ Two implementations share these signatures:
   codes (`takes_codes`: an FP8 GEMM and no hooks), the op hands them the rows already quantised
   (`QuantRows`, one quantisation shared by q, k and v; the FFN's hidden row is quantised by its
   GELU op). A linear with hooks (a LoRA branch, offload's weight streaming) gets bf16 as in
-  "torch": every feature keeps working, only the saving is lost. Where the attention backend
-  takes q and k before their norms (`attend_raw_qk`: the 8-bit kernels, whose quantisation then
-  norms and rotates them, `sage_prep_kernel`), it gets them so; a wrapper without that attribute
-  (Ulysses) gets them normed. Why: benchmarks/NOTES.md.
+  "torch": every feature keeps working, only the saving is lost. Why: benchmarks/NOTES.md.
 
 "auto" is "fused" on a CUDA device when Triton is installed, else "torch".
 """
@@ -50,7 +46,7 @@ class BlockOps:
 
     name: str
     add_norm_mod: Callable
-    attend: Callable
+    qk_norm_rope: Callable
     ffn: Callable
 
 
@@ -67,10 +63,6 @@ def _torch_add_norm_mod(x, delta, gate, norm, scale, shift, out_dtype, feeds):
 def _torch_qk_norm_rope(u, norm, rope, heads):
     b, l, _ = u.shape
     return apply_rope(norm(u).view(b, l, heads, -1), *rope)  # [B, L, C] -> [B, L, H, D]
-
-
-def _torch_attend(attn_fn, q, k, v, norm_q, norm_k, rope, heads):
-    return attn_fn(_torch_qk_norm_rope(q, norm_q, rope, heads), _torch_qk_norm_rope(k, norm_k, rope, heads), v)
 
 
 def _torch_ffn(ffn, h):
@@ -108,19 +100,6 @@ def _fused_qk_norm_rope(u, norm, rope, heads):
     return rms_norm_rope(u, norm, rope, heads).view(b, l, heads, -1)  # [B, L, C] -> [B, L, H, D]
 
 
-# The fused ops hand q and k to a backend that takes them before their norms (`attend_raw_qk`):
-# True; False: normed by `rms_norm_rope` first (benchmarks/bench_dit.py "+noprep").
-RAW_QK = True
-
-
-def _fused_attend(attn_fn, q, k, v, norm_q, norm_k, rope, heads):
-    raw = getattr(attn_fn, "attend_raw_qk", None) if RAW_QK else None
-    normed = not isinstance(norm_q, nn.Identity) and not isinstance(norm_k, nn.Identity)
-    if raw is not None and normed and norm_q.eps == norm_k.eps:
-        return raw(q, k, v, norm_q.weight, norm_k.weight, rope[0], rope[1], norm_q.eps)
-    return attn_fn(_fused_qk_norm_rope(q, norm_q, rope, heads), _fused_qk_norm_rope(k, norm_k, rope, heads), v)
-
-
 def _fused_ffn(ffn, h):
     f0, _, f2 = ffn
     if isinstance(h, QuantRows):  # add_norm_mod found that both linears take codes
@@ -131,8 +110,8 @@ def _fused_ffn(ffn, h):
 
 
 BLOCK_OPS: dict[str, BlockOps] = {
-    "torch": BlockOps("torch", _torch_add_norm_mod, _torch_attend, _torch_ffn),
-    "fused": BlockOps("fused", _fused_add_norm_mod, _fused_attend, _fused_ffn),
+    "torch": BlockOps("torch", _torch_add_norm_mod, _torch_qk_norm_rope, _torch_ffn),
+    "fused": BlockOps("fused", _fused_add_norm_mod, _fused_qk_norm_rope, _fused_ffn),
 }
 
 

@@ -23,9 +23,7 @@ backend; the video layout comes from `attention_context.current_grid()` (declare
 forward) and the step from `current_step()` (declared by the sampling loop). Layer choice is
 static: `WanModel.set_attention` gives the first `dense_layers` blocks `for_layer(i)`, the dense
 backend. It needs every token of the video in one call: Ulysses (heads split, whole sequence)
-works, ring attention (sequence split) cannot, and says so (`whole_sequence`). The 8-bit kernel
-also takes q and k before their RMSNorms and RoPE (`attend_raw_qk`, for the fused block ops),
-which its quantisation then does (`sage_prep_kernel`).
+works, ring attention (sequence split) cannot, and says so (`whole_sequence`).
 """
 
 from __future__ import annotations
@@ -180,20 +178,15 @@ def radial_attention_triton(
 
 
 def radial_attention_fp8(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RadialPlan, config: dict | None = None,
-    qk_norm: tuple | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RadialPlan, config: dict | None = None
 ) -> torch.Tensor:
-    """The block-sparse 8-bit kernel over the plan's kept blocks: [B, L, H, D] in v's dtype.
-    `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) skips the autotuner; qk_norm = (wq, wk,
-    cos, sin, eps): q and k are [B, L, C] before their RMSNorms and RoPE, done in the quantisation."""
+    """The block-sparse 8-bit kernel over the plan's kept blocks: [B, L, H, D] in q's dtype.
+    `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) skips the autotuner."""
     from .sage_attention import sage_sparse_attention
 
-    if qk_norm is None:
-        _check(q, k, v, plan)
-    elif v.shape[1] != plan.length:
-        raise ValueError(f"radial attention: {v.shape[1]} tokens, but the mask is for {plan.length}")
-    counts, indices = plan.counts.to(v.device), plan.indices.to(v.device)
-    return sage_sparse_attention(q, k, v, counts, indices, plan.block_size, config, qk_norm=qk_norm)
+    _check(q, k, v, plan)
+    counts, indices = plan.counts.to(q.device), plan.indices.to(q.device)
+    return sage_sparse_attention(q, k, v, counts, indices, plan.block_size, config)
 
 
 class RadialAttention:
@@ -232,23 +225,10 @@ class RadialAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return _radial_op(q, k, v, self._token)
 
-    @property
-    def attend_raw_qk(self):
-        """`attn(q, k, v, wq, wk, cos, sin, eps)` on q and k [B, L, C] before their RMSNorms and
-        RoPE, which the 8-bit quantisation then does (`block_ops`, fused): the 8-bit kernel only,
-        with a dense backend that takes them too. None where the backend cannot."""
-        if not self.eight_bit or getattr(self.dense, "attend_raw_qk", None) is None:
-            return None
-        return self._raw_qk
-
-    def _raw_qk(self, q, k, v, wq, wk, cos, sin, eps):
-        return _radial_raw_qk_op(q, k, v, wq, wk, cos, sin, eps, self._token)
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_norm: tuple | None = None) -> torch.Tensor:
-        """qk_norm = (wq, wk, cos, sin, eps): q and k [B, L, C] before their norms (`attend_raw_qk`)."""
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         step = current_step()
         if step is not None and step < self.options.dense_timesteps:
-            return self.dense(q, k, v) if qk_norm is None else self.dense.attend_raw_qk(q, k, v, *qk_norm)
+            return self.dense(q, k, v)
         grid = current_grid()
         if grid is None:
             raise RuntimeError(
@@ -264,7 +244,7 @@ class RadialAttention:
             )
         plan = self.plan(frames, tokens_per_frame, q.device)
         if self.eight_bit:
-            return radial_attention_fp8(q, k, v, plan, qk_norm=qk_norm)
+            return radial_attention_fp8(q, k, v, plan)
         if self.use_triton and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             return radial_attention_triton(q, k, v, plan)
         return radial_attention_torch(q, k, v, plan)
@@ -287,18 +267,6 @@ def _radial_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: int) 
 @_radial_op.register_fake
 def _(q, k, v, backend):
     return q.new_empty(q.shape)  # [B, L, H, D] in q's dtype, contiguous
-
-
-@torch.library.custom_op("wan_core::radial_attention_raw_qk", mutates_args=())
-def _radial_raw_qk_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
-                      cos: torch.Tensor, sin: torch.Tensor, eps: float, backend: int) -> torch.Tensor:
-    """`_radial_op` on q and k [B, L, C] before their RMSNorms and RoPE (`RadialAttention.attend_raw_qk`)."""
-    return _BACKENDS[backend]._attend(q, k, v, (wq, wk, cos, sin, eps)).contiguous()
-
-
-@_radial_raw_qk_op.register_fake
-def _(q, k, v, wq, wk, cos, sin, eps, backend):
-    return v.new_empty(v.shape)  # [B, L, H, D] in v's dtype, contiguous
 
 
 def make_radial(options: RadialOptions | None, dense, device=None) -> RadialAttention:

@@ -17,9 +17,7 @@ matmuls are done in 8 bits here:
 
 The quantisation is `quantize` (torch code, the reference), run for self-attention on CUDA by two
 Triton kernels (`sage_quant_kernel`: one pass over k and v for the means and v's range, one over
-q, k and v for the codes) as a custom op; the attention kernel is a custom op too. Handed q and k
-before their RMSNorms and RoPE (`sage_fp8_attention_qk_norm`, the fused block ops' path), q goes
-straight to its codes in one pass (`sage_prep_kernel`).
+q, k and v for the codes) as a custom op; the attention kernel is a custom op too.
 `reference` computes the same quantised math in torch, for tests; `sage_fp8_attention` is the
 backend function (`[B, L, H, D]` in and out, as every backend in `attention.py`).
 """
@@ -31,8 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["quantize", "reference", "normed_qk", "sage_fp8_attention", "sage_fp8_attention_qk_norm",
-           "sage_sparse_attention", "available", "PAD"]
+__all__ = ["quantize", "reference", "sage_fp8_attention", "sage_sparse_attention", "available", "PAD"]
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -148,103 +145,12 @@ def _quantize_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[tor
 
 @_quantize_op.register_fake
 def _(q, k, v):
-    return _packed_like(q)
-
-
-def _packed_like(q: torch.Tensor):
-    """Empty tensors shaped as `quantize`'s outputs for q/k/v shaped as q [B, L, H, D]."""
     b, l, h, d = q.shape
     lp = -(-l // PAD) * PAD
     codes = q.new_empty(b, h, lp, d, dtype=FP8)
     f32 = dict(dtype=torch.float32)
     return (codes, q.new_empty(b, h, lp, **f32), q.new_empty(b, h, lp, d, dtype=FP8), q.new_empty(b, h, lp // KBLK, **f32),
             q.new_empty(b, h, d, lp, dtype=FP8), q.new_empty(b, h, d, **f32), q.new_empty(b, h, d, **f32))
-
-
-# ---- q and k before their RMSNorm and RoPE (`sage_prep_kernel`) -------------------------------------
-# k's norm + RoPE pass: the prep kernel's bf16 form (True) or `fused_ops.rms_norm_rope` (False)
-K_BY_PREP = True
-
-
-def normed_qk(q, k, heads: int, wq, wk, cos, sin, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k [B, L, C] after their RMSNorms (weights wq, wk; one eps) and RoPE (cos/sin [L, D/2]),
-    as the unfused block op computes them: [B, L, H, D] each."""
-    from .fused_ops import reference_rms_norm_rope
-
-    b, l, c = q.shape
-    return tuple(reference_rms_norm_rope(x, w, cos, sin, eps, heads).view(b, l, heads, c // heads)
-                 for x, w in ((q, wq), (k, wk)))  # fmt: skip
-
-
-def _launch_quantize_qk_norm(q, k, v, wq, wk, cos, sin, eps: float, tuned: bool | None = None):
-    """`quantize(normed_qk(q, k, ...), v)`: q's codes straight from its raw rows (`sage_prep_kernel`),
-    k normed by the same kernel's bf16 form, then the two quantiser passes over k and v only.
-    q/k [B, L, C] before their norms, v [B, L, H, D]. Autotuned on a GPU; fixed in the interpreter."""
-    from . import sage_prep_kernel as prep
-    from . import sage_quant_kernel as kern
-    from .fp8_rows import next_pow2
-
-    tuned = q.is_cuda if tuned is None else tuned
-    b, l, h, d = v.shape
-    c = h * d
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    wq, wk = wq.float().contiguous(), wk.float().contiguous()
-    lp = -(-l // PAD) * PAD
-    dev = q.device
-    qc = torch.empty(b, h, lp, d, dtype=FP8, device=dev)
-    qs = torch.empty(b, h, lp, dtype=torch.float32, device=dev)
-    kernel = prep.qk_norm_rope_tuned if tuned else prep.qk_norm_rope
-    fixed = {} if tuned else {"num_warps": 4}
-    meta = dict(HEAD_DIM=d, NH=next_pow2(h), **fixed)
-    kernel[(lp, b)](q, wq, cos, sin, qc, qs, l, lp, h, eps, LOG2E / math.sqrt(d), QUANT=True, **meta)
-    if K_BY_PREP:
-        kn = torch.empty_like(k)
-        kernel[(l, b)](k, wk, cos, sin, kn, None, l, lp, h, eps, 1.0, QUANT=False, **meta)
-    else:
-        from .fused_ops import _launch_rms_norm_rope
-
-        kn = _launch_rms_norm_rope(k, wk, cos, sin, eps, h)
-    kn = kn.view(b, l, h, d)
-    block_l = 256
-    n_chunks = -(-l // block_l)
-    part = torch.empty(b, n_chunks, 4, c, dtype=torch.float32, device=dev)  # per chunk: sum k, sum v, max v, min v
-    if tuned:
-        kern.kv_stats_tuned[lambda meta: (n_chunks, -(-c // meta["BLOCK_C"]), b)](kn, v, part, l, c, n_chunks,
-                                                                                  BLOCK_L=block_l)
-    else:
-        kern.kv_stats[(n_chunks, -(-c // 128), b)](kn, v, part, l, c, n_chunks, BLOCK_L=block_l, BLOCK_C=128, SUB=16,
-                                                   num_warps=4)
-    km = part[:, :, 0].sum(1) / l  # [B, C] = [B, H, D]
-    vm = part[:, :, 1].sum(1) / l
-    vs = torch.maximum(part[:, :, 2].amax(1) - vm, vm - part[:, :, 3].amin(1)).clamp(min=1e-12) * (1.0 / FP8_MAX)
-    kc = torch.empty_like(qc)
-    vt = torch.empty(b, h, d, lp, dtype=FP8, device=dev)
-    ks = torch.empty(b, h, lp // KBLK, dtype=torch.float32, device=dev)
-    args = (None, kn, v, km, vm, vs, None, None, kc, ks, vt, l, lp, h, 0.0)
-    if tuned:
-        kern.quantize_qkv_tuned[(lp // KBLK, h, b)](*args, HEAD_DIM=d, KBLK=KBLK, WITH_Q=False)
-    else:
-        kern.quantize_qkv[(lp // KBLK, h, b)](*args, HEAD_DIM=d, KBLK=KBLK, SUB=32, WITH_Q=False, num_warps=4)
-    return qc, qs, kc, ks, vt, vs.view(b, h, d), vm.view(b, h, d)
-
-
-@torch.library.custom_op("wan_core::sage_quantize_qk_norm", mutates_args=())
-def _quantize_qk_norm_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
-                         cos: torch.Tensor, sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                    torch.Tensor, torch.Tensor,
-                                                                                    torch.Tensor, torch.Tensor,
-                                                                                    torch.Tensor]:
-    """`quantize` of q and k after their RMSNorms and RoPE (`normed_qk`), v as it is: the Triton
-    passes of `sage_prep_kernel` on CUDA, the torch code elsewhere."""
-    if q.is_cuda:
-        return _launch_quantize_qk_norm(q, k, v, wq, wk, cos, sin, eps)
-    return tuple(t.contiguous() for t in quantize(*normed_qk(q, k, v.shape[2], wq, wk, cos, sin, eps), v))
-
-
-@_quantize_qk_norm_op.register_fake
-def _(q, k, v, wq, wk, cos, sin, eps):
-    return _packed_like(v)  # normed q and k are shaped as v
 
 
 def reference(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype=torch.bfloat16, block_n: int = 64,
@@ -378,28 +284,16 @@ def sage_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_int
     return _sage_op(*packed, q.shape[1], k.shape[1], q.dtype)
 
 
-def sage_fp8_attention_qk_norm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
-                               cos: torch.Tensor, sin: torch.Tensor, eps: float) -> torch.Tensor:
-    """Self-attention in 8 bits (`sage_fp8_attention`) of q and k [B, L, C] taken before their
-    RMSNorms and RoPE (`normed_qk`: done inside the quantisation), v [B, L, H, D]: [B, L, H, D]."""
-    packed = _quantize_qk_norm_op(q, k, v, wq, wk, cos, sin, eps)
-    return _sage_op(*packed, v.shape[1], v.shape[1], v.dtype)
-
-
 def sage_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor,
-                          indices: torch.Tensor, block_size: int, config: dict | None = None,
-                          qk_norm: tuple | None = None) -> torch.Tensor:
+                          indices: torch.Tensor, block_size: int, config: dict | None = None) -> torch.Tensor:
     """Block-sparse self-attention in 8 bits: query block i of `block_size` tokens attends to the key
     blocks indices[i, :counts[i]] (ascending) only. q/k/v [B, L, H, D]; [B, L, H, D] in q's dtype.
-    qk_norm = (wq, wk, cos, sin, eps): q and k are [B, L, C] before their RMSNorms and RoPE, done
-    inside the quantisation (`sage_fp8_attention_qk_norm`).
 
     The same quantisation as the dense kernel (one op on CUDA), then `sage_sparse_kernel`. The
     block size must be a multiple of the tiles run (`config`'s; the autotuner keeps those of its
     64- and 128-token tiles that divide it: the radial mask's blocks are 128). A tile never
     straddles two k scales (KBLK is a multiple of every tile), whatever the block size."""
-    qk_shape = v.shape if qk_norm is None else (*v.shape[:2], v.shape[2] * v.shape[3])
-    if q.shape != k.shape or q.shape != qk_shape or v.dim() != 4:
+    if q.shape != k.shape or q.shape != v.shape or q.dim() != 4:
         raise ValueError(f"sparse 8-bit attention is self-attention: q, k, v must share one [B, L, H, D] shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")  # fmt: skip
     tiles = (config["BLOCK_M"], config["BLOCK_N"]) if config else (64,)
@@ -408,9 +302,6 @@ def sage_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cou
     length = q.shape[1]
     if counts.shape[0] != -(-length // block_size) or indices.shape[0] != counts.shape[0]:
         raise ValueError(f"sparse 8-bit attention: {counts.shape[0]} block rows for {length} tokens of {block_size}")
-    if qk_norm is not None:
-        packed = _quantize_qk_norm_op(q, k, v, *qk_norm)
-    else:
-        packed = _quantize_op(q, k, v) if TRITON_QUANTIZE else quantize(q, k, v)
+    packed = _quantize_op(q, k, v) if TRITON_QUANTIZE else quantize(q, k, v)
     blocks = (counts.to(q.device, torch.int32), indices.to(q.device, torch.int32).contiguous(), block_size)
-    return _launch(*packed, length, length, v.dtype, config=config, blocks=blocks)
+    return _launch(*packed, length, length, q.dtype, config=config, blocks=blocks)

@@ -6,8 +6,7 @@ max |v - mean| = max(max - mean, mean - min)), one partial result per token chun
 torch afterwards so the result does not depend on the order blocks run in (no atomics: the same
 inputs give the same codes on every run). `quantize_qkv` then reads q, k and v once and writes
 the three code tensors in the attention kernel's layouts: q and k [B, H, Lp, D] with one scale per
-query token and per KBLK keys, vᵀ [B, H, D, Lp]. Where q arrives before its RMSNorm and RoPE,
-`sage_prep_kernel` writes its codes and `quantize_qkv` skips it (WITH_Q off). The divisions are rounded to nearest
+query token and per KBLK keys, vᵀ [B, H, D, Lp]. The divisions are rounded to nearest
 (`div_rn`: Triton's plain division is approximate), as torch divides tensors, and the scales are
 amax times the float32 reciprocal of 448, as the torch reference writes them (torch's CUDA
 division by a Python scalar multiplies by its reciprocal, its CPU division does not; writing the
@@ -74,9 +73,9 @@ def kv_stats(k_ptr, v_ptr, part_ptr, L, C, n_chunks, BLOCK_L: tl.constexpr, BLOC
 def quantize_qkv(q_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, vs_ptr,  # inputs: [B, L, H, D]; means, v scales [B, H, D]
                  qc_ptr, qs_ptr, kc_ptr, ks_ptr, vt_ptr,  # outputs (layouts in the module docstring)
                  L, Lp, H, q_extra,
-                 HEAD_DIM: tl.constexpr, KBLK: tl.constexpr, SUB: tl.constexpr, WITH_Q: tl.constexpr = True):
+                 HEAD_DIM: tl.constexpr, KBLK: tl.constexpr, SUB: tl.constexpr):
     """One KBLK-token block of one (batch, head): q, k (smoothed) and v (smoothed) to e4m3,
-    SUB tokens at a time. Without WITH_Q q is not read (`sage_prep_kernel` wrote its codes)."""
+    SUB tokens at a time."""
     blk = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -103,16 +102,15 @@ def quantize_qkv(q_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, vs_ptr,  # inputs: [B, L, 
         out = (bh * Lp + t.to(tl.int64))[:, None] * HEAD_DIM + d[None, :]  # [B, H, Lp, D]
         kf = tl.where(mask, tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32) - km[None, :], 0.0)
         tl.store(kc_ptr + out, tl.math.div_rn(kf, kscale).to(tl.float8e4nv))
-    if WITH_Q:
-        for s in range(0, KBLK, SUB):  # q: one scale per token
-            t = blk * KBLK + s + tl.arange(0, SUB)
-            mask = (t < L)[:, None]
-            offs = (b * L + t.to(tl.int64))[:, None] * C + h * HEAD_DIM + d[None, :]
-            out = (bh * Lp + t.to(tl.int64))[:, None] * HEAD_DIM + d[None, :]
-            qf = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            qscale = tl.maximum(tl.max(tl.abs(qf), 1), 1e-12) * (1.0 / 448.0)  # [SUB]
-            tl.store(qc_ptr + out, tl.math.div_rn(qf, qscale[:, None]).to(tl.float8e4nv))
-            tl.store(qs_ptr + bh * Lp + t, qscale * q_extra)
+    for s in range(0, KBLK, SUB):  # q: one scale per token
+        t = blk * KBLK + s + tl.arange(0, SUB)
+        mask = (t < L)[:, None]
+        offs = (b * L + t.to(tl.int64))[:, None] * C + h * HEAD_DIM + d[None, :]
+        out = (bh * Lp + t.to(tl.int64))[:, None] * HEAD_DIM + d[None, :]
+        qf = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        qscale = tl.maximum(tl.max(tl.abs(qf), 1), 1e-12) * (1.0 / 448.0)  # [SUB]
+        tl.store(qc_ptr + out, tl.math.div_rn(qf, qscale[:, None]).to(tl.float8e4nv))
+        tl.store(qs_ptr + bh * Lp + t, qscale * q_extra)
     for s in range(0, KBLK, SUB):  # v: smoothed, one scale per channel, stored transposed
         t = blk * KBLK + s + tl.arange(0, SUB)
         mask = (t < L)[:, None]

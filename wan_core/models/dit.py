@@ -85,11 +85,10 @@ class SelfAttention(nn.Module):
         (`QuantRows`, see `wan_core.kernels.block_ops`); rope: cos/sin tables [L, D/2]."""
         b, s, _ = x.shape
         n = self.num_heads
-        q, k = self.q(x), self.k(x)
-        v = self.v(x).view(b, s, n, -1)  # [B, L, C] -> [B, L, H, D]
-        # attn_fn(RoPE(norm_q(q)), RoPE(norm_k(k)), v): [B, L, H, D]
-        out = self.ops.attend(self.attn_fn, q, k, v, self.norm_q, self.norm_k, rope, n)
-        return self.o(out.flatten(2))  # [B, L, H*D] -> [B, L, C]
+        q = self.ops.qk_norm_rope(self.q(x), self.norm_q, rope, n)  # [B, L, C] -> [B, L, H, D]: RoPE(norm_q(q))
+        k = self.ops.qk_norm_rope(self.k(x), self.norm_k, rope, n)
+        v = self.v(x).view(b, s, n, -1)
+        return self.o(self.attn_fn(q, k, v).flatten(2))  # [B, L, H*D] -> [B, L, C]
 
 
 class CrossAttention(SelfAttention):
