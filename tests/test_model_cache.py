@@ -152,3 +152,5 @@ def test_residual_dtype_spellings_and_a_bad_one():
     assert ModelSpec(dit="x").residual_dtype == "auto"
     with pytest.raises(ValueError, match="residual_dtype must be one of"):
         ModelSpec(dit="x", residual_dtype="float16")
+    with pytest.raises(ValueError, match="residual_dtype must be one of"):
+        ModelSpec(dit="x", residual_dtype=None)

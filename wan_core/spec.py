@@ -58,8 +58,8 @@ def residual_name(value: str | torch.dtype) -> str:
     'bfloat16'; ValueError for anything else (float16 included)."""
     if value == "auto":
         return "auto"
-    try:
-        residual = _RESIDUALS.get(resolve_dtype(value, "cpu"))
+    try:  # None is no spelling here (resolve_dtype would read it as 'auto' on the CPU: float32)
+        residual = None if value is None else _RESIDUALS.get(resolve_dtype(value, "cpu"))
     except ValueError:
         residual = None
     if residual is None:
