@@ -1,0 +1,113 @@
+"""Cross-attention with the text padding collapsed (`wan_core.kernels.text_attention`): equal to
+plain attention over all the padded rows, for the torch reference (CPU), the Triton kernel (Triton's
+interpreter on the CPU; sm_90 compile) and on a GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wan_core.kernels.text_attention import key_log_counts, reference_text_attention, text_attention
+
+from .triton_tools import compile_for_hopper, needs_triton, run_interpreted
+
+
+def padded_text(b=2, lk=40, heads=3, d=32, lengths=(7, 40), seed=0, dtype=torch.float32):
+    """k, v [B, Lk, H, D] whose rows from lengths[i] on are one repeated padding row (as the text
+    projection makes them), and q [B, Lq, H, D]."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, 37, heads, d, generator=g)
+    k = torch.randn(b, lk, heads, d, generator=g)
+    v = torch.randn(b, lk, heads, d, generator=g)
+    for i, n in enumerate(lengths):
+        if n < lk:
+            k[i, n:] = k[i, n]
+            v[i, n:] = v[i, n]
+    return q.to(dtype), k.to(dtype), v.to(dtype), torch.tensor(lengths, dtype=torch.int32)
+
+
+def full_attention(q, k, v):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def test_log_counts():
+    bias = key_log_counts(torch.tensor([3, 5, 0]), 5)
+    inf = float("-inf")
+    assert bias[0].tolist() == [0.0, 0.0, 0.0, pytest.approx(torch.log(torch.tensor(2.0)).item()), inf]
+    assert bias[1].tolist() == [0.0] * 5  # no padding: every key is real
+    assert bias[2].tolist() == [pytest.approx(torch.log(torch.tensor(5.0)).item()), inf, inf, inf, inf]
+
+
+@pytest.mark.parametrize("lengths", [(7, 40), (0, 39), (40, 1)])
+def test_reference_equals_attention_over_all_padded_rows(lengths):
+    q, k, v, n = padded_text(lengths=lengths)
+    torch.testing.assert_close(reference_text_attention(q, k, v, n), full_attention(q, k, v), atol=2e-6, rtol=2e-5)
+
+
+def test_collapsing_is_wrong_when_the_padding_rows_differ():
+    """The op relies on equal padding rows: with distinct rows after n it is not full attention."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 9, 2, 16, generator=g) for _ in range(3))
+    n = torch.tensor([4], dtype=torch.int32)
+    assert (reference_text_attention(q, k, v, n) - full_attention(q, k, v)).abs().max() > 1e-2
+
+
+INTERP_SCRIPT = r"""
+import json, sys
+sys.path[:0] = [{tests!r}, {root!r}]
+import triton_interp  # noqa: F401  (before any kernel is defined)
+import torch
+from wan_core.kernels import text_attention as ta
+from tests.test_text_attention import padded_text, full_attention
+errs = []
+for lengths in [(7, 40), (0, 39), (40, 1), (33, 32)]:
+    q, k, v, n = padded_text(lengths=lengths, dtype=torch.bfloat16)
+    out = ta._launch(q, k, v, n).float()
+    ref = full_attention(q.float(), k.float(), v.float())
+    errs.append((out - ref).abs().max().item())
+# strided q (a view of [B, L, H*D] with heads split), as the model hands it
+q, k, v, n = padded_text(dtype=torch.bfloat16)
+qs = torch.cat([q, q], dim=2)[:, :, ::2]
+errs.append((ta._launch(qs, k, v, n).float() - full_attention(qs.float(), k.float(), v.float())).abs().max().item())
+print(json.dumps(errs))
+"""
+
+
+@needs_triton
+def test_kernel_equals_attention_over_all_padded_rows_in_the_interpreter():
+    """bf16 inputs; the reference is float32 attention over all Lk rows (bf16 P·V rounding allowed)."""
+    errs = run_interpreted(INTERP_SCRIPT)
+    assert max(errs) < 2e-2, errs
+
+
+@needs_triton
+def test_kernel_compiles_for_hopper():
+    from wan_core.kernels.text_attention_kernel import CONFIGS, text_attn_fwd
+
+    sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "N": "*i32", "O": "*bf16", "lq": "i32", "lk": "i32",
+           "heads": "i32", "scale_log2": "fp32"}
+    sig.update({f"s{t}_{a}": "i32" for t in "qkvo" for a in "blh"})
+    for c in CONFIGS:
+        compile_for_hopper(text_attn_fwd, sig, dict(HEAD_DIM=128, **c.kwargs), c.num_warps, c.num_stages)
+
+
+def test_bad_head_dim():
+    q, k, v, n = padded_text(d=24)
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        text_attention(q, k, v, n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_kernel_on_gpu_at_wan_sizes():
+    torch.manual_seed(0)
+    for lengths in [(12,), (511,), (512,), (0,)]:
+        q = torch.randn(1, 3000, 40, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 512, 40, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, 512, 40, 128, device="cuda", dtype=torch.bfloat16)
+        n = lengths[0]
+        if n < 512:
+            k[:, n:] = k[:, n]
+            v[:, n:] = v[:, n]
+        out = text_attention(q, k, v, torch.tensor(lengths, dtype=torch.int32, device="cuda"))
+        ref = full_attention(q.float(), k.float(), v.float())
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

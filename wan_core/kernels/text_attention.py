@@ -1,0 +1,81 @@
+"""Cross-attention to the text tokens with the zero-padding collapsed into one key.
+
+Why: Wan pads every prompt's T5 features with zero rows to 512 tokens before the text projection
+(the official code, LightX2V and ComfyUI all attend to the 512 rows). The projection is per row,
+so every padding row gives the same key and the same value, and attending to m equal keys is
+attending to one of them with its score raised by log m. A prompt of n < 512 tokens then needs
+n + 1 keys instead of 512: the same softmax, a fraction of the work (at 720p the 512-key
+cross-attention is ~1.5 % of a fast-mode forward; benchmarks/NOTES.md).
+
+`text_attention(q, k, v, lengths)`: q [B, Lq, H, D]; k, v [B, Lk, H, D] computed from the padded
+text (rows lengths[b].. of item b are its padding); lengths [B] int32 on q's device. A custom op
+(opaque to torch.compile; the lengths are read by the kernel, so a new prompt length recompiles
+nothing): the Triton kernel `text_attention_kernel` on CUDA, `reference_text_attention` (SDPA over
+the n + 1 keys with the log-count bias) elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .fp8_rows import HAS_TRITON
+
+__all__ = ["text_attention", "reference_text_attention", "key_log_counts"]
+
+
+def key_log_counts(lengths: torch.Tensor, lk: int) -> torch.Tensor:
+    """The additive score bias [B, Lk] (natural log) that makes keys [0, n] of each item stand for
+    all lk keys: 0 on the real keys, log(lk - n) on the first padding row, -inf after it."""
+    j = torch.arange(lk, device=lengths.device)[None, :]
+    n = lengths.to(torch.int64)[:, None]
+    pad = torch.log((lk - n).clamp(min=1).to(torch.float32))
+    return torch.where(j < n, 0.0, torch.where(j == n, pad, float("-inf")))
+
+
+def reference_text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The op's math in torch: SDPA with the log-count bias (rows after the first padding row are masked out)."""
+    bias = key_log_counts(lengths, k.shape[1])[:, None, None, :].to(q.dtype)  # [B, 1, 1, Lk]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
+    return out.transpose(1, 2).contiguous()  # [B, H, Lq, D] -> [B, Lq, H, D]
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    import triton
+
+    from . import text_attention_kernel as tk
+
+    b, lq, h, d = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lengths = lengths.to(torch.int32).contiguous()
+    args = (q, k, v, lengths, out, lq, k.shape[1], h, math.log2(math.e) / math.sqrt(d),
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])  # fmt: skip
+    if q.device.type == "cuda":
+        tk.text_attn_fwd_tuned[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h)](*args, HEAD_DIM=d)
+    else:  # Triton's interpreter (tests)
+        tk.text_attn_fwd[(triton.cdiv(lq, 64), b * h)](*args, HEAD_DIM=d, BLOCK_M=64, BLOCK_N=32)
+    return out
+
+
+def _use_triton(q: torch.Tensor) -> bool:
+    return q.device.type == "cuda" and HAS_TRITON
+
+
+@torch.library.custom_op("wan_core::text_attention", mutates_args=())
+def _text_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    return (_launch if _use_triton(q) else reference_text_attention)(q, k, v, lengths)
+
+
+@_text_attention_op.register_fake
+def _(q, k, v, lengths):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Attention of q [B, Lq, H, D] to text keys k, v [B, Lk, H, D] whose rows from lengths[b] on
+    are zero-padding rows (all equal): exactly the attention to all Lk rows, over n + 1 keys."""
+    if q.shape[-1] % 16 or q.shape[-1] & (q.shape[-1] - 1):
+        raise ValueError(f"text_attention needs a power-of-two head dim >= 16, got {q.shape[-1]}")
+    return _text_attention_op(q, k, v, lengths)

@@ -1,0 +1,60 @@
+"""The Triton kernel of `wan_core.kernels.text_attention`: cross-attention to the text tokens with
+the zero-padding collapsed into one key.
+
+One program computes BLOCK_M query rows of one (batch, head): a flash-attention loop over the
+keys [0, n] only, n = the batch item's real text tokens (read from memory, so one compiled kernel
+serves every prompt length). Key n, the first padding row, stands for all lk - n padding rows
+(they are equal): its score gets + log2(lk - n), i.e. it is counted lk - n times in the softmax.
+Scores in the log2 domain (exp2), float32 online softmax, bf16 matmuls with float32 accumulation.
+"""
+
+import triton
+import triton.language as tl
+
+__all__ = ["text_attn_fwd", "text_attn_fwd_tuned", "CONFIGS"]
+
+
+@triton.jit
+def text_attn_fwd(Q, K, V, N, O, lq, lk, heads, scale_log2,
+                  sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, so_b, so_l, so_h,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < lq
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_l + offs_d[None, :], mask=rows, other=0.0)
+    n = tl.load(N + b)  # real text tokens of this batch item; rows n..lk-1 are the padding
+    n_keys = tl.minimum(n + 1, lk)  # the real keys and, when there is padding, its first row
+    pad_bias = tl.log2(tl.maximum(lk - n, 1).to(tl.float32))  # the padding row counted lk - n times
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start in range(0, n_keys, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        keys = offs_n < n_keys
+        k = tl.load(k_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=keys[:, None], other=0.0)  # [BLOCK_N, D]
+        v = tl.load(v_base + offs_n[:, None] * sv_l + offs_d[None, :], mask=keys[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N], log2 domain
+        s = s + tl.where(offs_n == n, pad_bias, 0.0)[None, :]
+        s = tl.where(keys[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_l + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=rows)
+
+
+CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (128, 64, 4, 3), (64, 32, 4, 2)]
+]
+text_attn_fwd_tuned = triton.autotune(CONFIGS, key=["lk", "HEAD_DIM"])(text_attn_fwd)
