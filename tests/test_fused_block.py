@@ -15,7 +15,7 @@ from wan_core.kernels.rope import rope_tables
 from wan_core.layers.compile import compile_blocks
 from wan_core.layers.fp8 import FP8Linear, _cpu_has_scaled_mm, quantize_model
 from wan_core.loading.dit import build_model
-from wan_core.models.dit import Block, SelfAttention
+from wan_core.models.dit import Block, SelfAttention, TextContext
 
 from .test_dit import random_state_dict, tiny_cfg
 from .triton_tools import ROOT, compile_for_hopper, needs_triton, run_interpreted
@@ -234,7 +234,7 @@ def _one_block(cfg, fp8_kernel=None, seed=0):
     b, l, c = 2, 24, cfg.dim
     x = torch.randn(b, l, c, generator=g) * 2  # float32, as between blocks
     e0 = torch.randn(b, 6, c, generator=g) * 0.3
-    ctx = torch.randn(b, 9, c, generator=g).bfloat16()
+    ctx = TextContext(torch.randn(b, 9, c, generator=g).bfloat16(), torch.tensor([9, 9], dtype=torch.int32))
     img = torch.randn(b, 5, c, generator=g).bfloat16() if cfg.is_i2v else None
     return model.blocks[0], (x, e0, ctx, img, rope_tables(grid, c // cfg.num_heads))
 

@@ -90,10 +90,10 @@ def test_kernel_compiles_for_hopper():
         compile_for_hopper(text_attn_fwd, sig, dict(HEAD_DIM=128, **c.kwargs), c.num_warps, c.num_stages)
 
 
-def test_bad_head_dim():
+def test_op_equals_attention_over_all_padded_rows_at_any_head_dim():
+    """The op as the model calls it (on the CPU its reference; a head dim the kernel cannot take)."""
     q, k, v, n = padded_text(d=24)
-    with pytest.raises(ValueError, match="power-of-two head dim"):
-        text_attention(q, k, v, n)
+    torch.testing.assert_close(text_attention(q, k, v, n), full_attention(q, k, v), atol=2e-6, rtol=2e-5)
 
 
 @pytest.mark.gpu
@@ -111,3 +111,45 @@ def test_kernel_on_gpu_at_wan_sizes():
         out = text_attention(q, k, v, torch.tensor(lengths, dtype=torch.int32, device="cuda"))
         ref = full_attention(q.float(), k.float(), v.float())
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_model_collapses_the_padding_only_behind_an_exact_cross_backend(monkeypatch):
+    """A whole DiT forward with a batch of two prompts of different lengths: the collapsed text
+    attention gives the forward that attends to all text_len padded rows (the official model's)."""
+    from wan_core.kernels import attention
+    from wan_core.loading.dit import build_model
+    from wan_core.models.dit import attend_all_text_rows
+
+    from .test_dit import random_state_dict, tiny_cfg
+
+    cfg = tiny_cfg("i2v")  # the image branch beside the text one
+    model = build_model(cfg, random_state_dict(cfg), dtype=torch.float32, device="cpu")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 2, 4, 4, generator=g)
+    ctx = [torch.randn(7, cfg.text_dim, generator=g), torch.randn(20, cfg.text_dim, generator=g)]
+    kw = dict(clip_fea=torch.randn(2, 257, cfg.image_dim, generator=g), y=torch.randn(2, 20, 2, 4, 4, generator=g))
+    model.set_attention("sdpa")
+    assert all(blk.cross_attn.text_attn_fn is text_attention for blk in model.blocks)
+    with torch.no_grad():
+        collapsed = model(x, torch.tensor([500.0, 500.0]), ctx, **kw)
+        for blk in model.blocks:
+            blk.cross_attn.text_attn_fn = attend_all_text_rows(blk.cross_attn.attn_fn)
+        every_row = model(x, torch.tensor([500.0, 500.0]), ctx, **kw)
+    torch.testing.assert_close(collapsed, every_row, atol=1e-5, rtol=1e-5)
+    assert (collapsed - model(x, torch.tensor([500.0, 500.0]), [ctx[0][:6], ctx[1]], **kw)).abs().max() > 1e-3
+
+    # a named approximate cross-attention backend gets every padded row (what it was asked to run)
+    from wan_core.kernels import sage_attention
+
+    seen = []
+
+    def stand_in(q, k, v):
+        seen.append(k.shape[1])
+        return attention._sdpa(q, k, v)
+
+    monkeypatch.setitem(attention.BACKENDS, "sage_triton", (None, lambda: stand_in))
+    monkeypatch.setattr(sage_attention, "available", lambda device: None)
+    model.set_attention("sdpa", "sage_triton")
+    q, k, v, n = padded_text(lengths=(3, 40))
+    model.blocks[0].cross_attn.text_attn_fn(q, k, v, n)
+    assert seen == [40]  # all 40 rows went to the named backend

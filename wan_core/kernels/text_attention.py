@@ -10,8 +10,8 @@ cross-attention is ~1.5 % of a fast-mode forward; benchmarks/NOTES.md).
 `text_attention(q, k, v, lengths)`: q [B, Lq, H, D]; k, v [B, Lk, H, D] computed from the padded
 text (rows lengths[b].. of item b are its padding); lengths [B] int32 on q's device. A custom op
 (opaque to torch.compile; the lengths are read by the kernel, so a new prompt length recompiles
-nothing): the Triton kernel `text_attention_kernel` on CUDA, `reference_text_attention` (SDPA over
-the n + 1 keys with the log-count bias) elsewhere.
+nothing): the Triton kernel `text_attention_kernel` on CUDA (head dims a power of two, as Wan's
+128), `reference_text_attention` (SDPA over the n + 1 keys with the log-count bias) elsewhere.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Te
 
 
 def _use_triton(q: torch.Tensor) -> bool:
-    return q.device.type == "cuda" and HAS_TRITON
+    d = q.shape[-1]
+    return q.device.type == "cuda" and HAS_TRITON and d >= 16 and d & (d - 1) == 0  # tl.arange: a power of two
 
 
 @torch.library.custom_op("wan_core::text_attention", mutates_args=())
@@ -76,6 +77,4 @@ def _(q, k, v, lengths):
 def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Attention of q [B, Lq, H, D] to text keys k, v [B, Lk, H, D] whose rows from lengths[b] on
     are zero-padding rows (all equal): exactly the attention to all Lk rows, over n + 1 keys."""
-    if q.shape[-1] % 16 or q.shape[-1] & (q.shape[-1] - 1):
-        raise ValueError(f"text_attention needs a power-of-two head dim >= 16, got {q.shape[-1]}")
     return _text_attention_op(q, k, v, lengths)

@@ -22,6 +22,7 @@ time embedding and every modulation per token instead of per batch row.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -31,9 +32,10 @@ from ..kernels.attention import APPROXIMATE, AttentionFn, get_attention
 from ..kernels.attention_context import video_grid
 from ..kernels.block_ops import BlockOps, get_block_ops
 from ..kernels.rope import apply_rope, rope_tables
+from ..kernels.text_attention import text_attention
 from .config import WanConfig
 
-__all__ = ["WanModel", "rope_tables", "apply_rope", "sinusoidal_embedding", "FP32_PARAM_PATTERNS"]
+__all__ = ["WanModel", "TextContext", "rope_tables", "apply_rope", "sinusoidal_embedding", "FP32_PARAM_PATTERNS"]
 
 # Parameters kept in float32 whatever the model dtype (small, and computed in float32 officially).
 FP32_PARAM_PATTERNS = ("modulation", "time_embedding.", "time_projection.", "head.head.", "norm")
@@ -67,6 +69,24 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
 
 
+class TextContext(NamedTuple):
+    """The text tokens the blocks attend to, after the text projection: tokens [B, text_len, C]
+    and each item's count of real tokens, lengths [B] int32; the rows from there on come from the
+    zero-padding and are all equal (what `text_attention` collapses into one key)."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+
+
+def attend_all_text_rows(attn_fn: AttentionFn):
+    """A text-attention function that attends to every padded row with `attn_fn` (lengths unused)."""
+
+    def attend(q, k, v, lengths):
+        return attn_fn(q, k, v)
+
+    return attend
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__()
@@ -95,22 +115,25 @@ class CrossAttention(SelfAttention):
     """Attention from the video tokens to the text tokens, plus (I2V) to the 257 CLIP tokens.
 
     The same projections as self-attention (so the same checkpoint names); the two branches share
-    the query and the output projection, and their results are summed. No RoPE here.
+    the query and the output projection, and their results are summed. No RoPE here. The text
+    branch runs `text_attn_fn(q, k, v, lengths)`: with an exact backend (`set_attention`), the
+    padding collapsed into one key (`text_attention`), else `attn_fn` over every padded row.
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, image: bool):
         super().__init__(dim, num_heads, qk_norm, eps)
+        self.text_attn_fn = text_attention
         if image:
             self.k_img = nn.Linear(dim, dim)
             self.v_img = nn.Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: TextContext, context_img: torch.Tensor | None) -> torch.Tensor:
         b, n = x.shape[0], self.num_heads
         q = self.norm_q(self.q(x)).view(b, -1, n, self.q.out_features // n)  # [B, L, H, D]
-        k = self.norm_k(self.k(context)).view(b, -1, n, q.shape[-1])  # [B, Lt, H, D]
-        v = self.v(context).view(b, -1, n, q.shape[-1])
-        out = self.attn_fn(q, k, v)
+        k = self.norm_k(self.k(context.tokens)).view(b, -1, n, q.shape[-1])  # [B, Lt, H, D]
+        v = self.v(context.tokens).view(b, -1, n, q.shape[-1])
+        out = self.text_attn_fn(q, k, v, context.lengths)
         if context_img is not None:
             k_img = self.norm_k_img(self.k_img(context_img)).view(b, -1, n, q.shape[-1])  # [B, 257, H, D]
             v_img = self.v_img(context_img).view(b, -1, n, q.shape[-1])
@@ -139,7 +162,7 @@ class Block(nn.Module):
         stays bf16/fp32 when FP8 linears are swapped in). `self.ops` computes each residual add
         with the LayerNorm and modulation after it; `feeds` names the linears h goes to.
         """
-        dt, ops, sa, ca, ffn = context.dtype, self.ops, self.self_attn, self.cross_attn, self.ffn
+        dt, ops, sa, ca, ffn = context.tokens.dtype, self.ops, self.self_attn, self.cross_attn, self.ffn
         if e0.dim() == 3:
             mods = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # 6 x [B, 1, C]
         else:
@@ -212,6 +235,9 @@ class WanModel(nn.Module):
         Cross-attention follows self-attention unless named, except that an approximate (8-bit or
         sparse) self-attention leaves cross-attention on the exact "auto" backend: with 512 text keys it is
         a small part of the attention time (benchmarks/NOTES.md), so 8 bits would buy nothing there but error.
+        With an exact cross-attention backend the text branch collapses the prompt's padding into one
+        key (`text_attention`: the same softmax over n + 1 keys instead of 512); a named approximate
+        one attends to every padded row.
         A backend with `for_layer` (radial_attn, whose options `radial` are) gives block i the
         function `for_layer(i)` (its first `dense_layers` blocks: dense attention).
         """
@@ -223,9 +249,10 @@ class WanModel(nn.Module):
         if getattr(fn_cross, "whole_sequence", False):
             raise ValueError(f"attention backend {cross_attn!r} is for self-attention over the video tokens; "
                              "cross-attention needs an exact backend (e.g. 'auto')")  # fmt: skip
+        fn_text = attend_all_text_rows(fn_cross) if fn_cross.backend_name in APPROXIMATE else text_attention
         for i, blk in enumerate(self.blocks):
             blk.self_attn.attn_fn = fn_self.for_layer(i) if hasattr(fn_self, "for_layer") else fn_self
-            blk.cross_attn.attn_fn = fn_cross
+            blk.cross_attn.attn_fn, blk.cross_attn.text_attn_fn = fn_cross, fn_text
 
     def set_block_ops(self, ops: str | BlockOps = "auto", device=None) -> None:
         """Choose once how the blocks compute their float32 work between the matmuls
@@ -268,11 +295,13 @@ class WanModel(nn.Module):
         e0 = F.linear(F.silu(e), proj.weight.float(), proj.bias.float()).unflatten(-1, (6, self.cfg.dim))
         return e, e0
 
-    def embed_context(self, context, clip_fea: torch.Tensor | None):
-        """Text [B, Lt<=text_len, text_dim] (or a list of [Li, text_dim]) -> ([B, text_len, C], image tokens or None).
+    def embed_context(self, context, clip_fea: torch.Tensor | None) -> tuple[TextContext, torch.Tensor | None]:
+        """Text [B, Lt<=text_len, text_dim] (or a list of [Li, text_dim]) -> (`TextContext`: tokens
+        [B, text_len, C] and the lengths Li (Lt for a tensor), image tokens or None).
 
         Text is zero-padded to `text_len` before the projection, as the official model does, so
-        the padding positions are attended to (with the projection's bias as their value).
+        the padding positions are attended to (all with the same key and value, from the
+        projection's biases).
         """
         dt = self.dtype
         if isinstance(context, torch.Tensor) and context.dim() == 2:
@@ -283,12 +312,13 @@ class WanModel(nn.Module):
                 raise ValueError(f"text context has {u.shape[0]} tokens, more than text_len {self.cfg.text_len}")
             rows.append(torch.cat([u, u.new_zeros(self.cfg.text_len - u.shape[0], u.shape[1])]))
         ctx = self.text_embedding(torch.stack(rows).to(dt))
+        lengths = torch.tensor([u.shape[0] for u in context], dtype=torch.int32).to(ctx.device, non_blocking=True)
         ctx_img = None
         if self.cfg.clip_branch:
             if clip_fea is None:
                 raise ValueError("this is an image-to-video model: clip_fea (CLIP image tokens) is required")
             ctx_img = self.img_emb(clip_fea)
-        return ctx, ctx_img
+        return TextContext(ctx, lengths), ctx_img
 
     def embed_video(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Latent [B, C, F, H, W] (+ I2V condition y [B, 20, F, H, W]) -> tokens [B, L, C] float32, grid."""
