@@ -53,8 +53,10 @@ def text_attn_fwd(Q, K, V, N, O, lq, lk, heads, scale_log2,
              out.to(O.dtype.element_ty), mask=rows)
 
 
+# Key tiles of 64 or 128 only: the autotuner times its first call, whose prompt length may be short
+# (one tile whatever its width), and a narrow tile would then run a 512-token prompt's 8-16 tiles.
 CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (128, 64, 4, 3), (64, 32, 4, 2)]
+    for bm, bn, w, s in [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2)]
 ]
 text_attn_fwd_tuned = triton.autotune(CONFIGS, key=["lk", "HEAD_DIM"])(text_attn_fwd)
