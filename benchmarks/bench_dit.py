@@ -215,6 +215,12 @@ def main():
                 radial = RadialOptions(kernel="fp8" if fast else "bf16")
                 RESULTS[f"radial_{variant}"] = {"kernel": radial.kernel}
             m.set_attention(attn or ("sage_triton" if base.startswith("fast") else "sdpa_cudnn"), radial=radial)
+            if "fulltext" in flags:  # "+fulltext": cross-attention to all 512 text rows through the
+                # exact backend (FA3), not the text padding collapsed into one key (`text_attention`)
+                from wan_core.models.dit import attend_all_text_rows
+
+                for blk in m.blocks:
+                    blk.cross_attn.text_attn_fn = attend_all_text_rows(blk.cross_attn.attn_fn)
             mk = 2 if "mk2" in flags else 1 if "mk" in flags else 0
             if "res16" in flags:  # "+res16": the residual stream in bf16 between the matmuls
                 m.set_residual_dtype(torch.bfloat16)
