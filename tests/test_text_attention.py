@@ -96,19 +96,40 @@ def test_op_equals_attention_over_all_padded_rows_at_any_head_dim():
     torch.testing.assert_close(text_attention(q, k, v, n), full_attention(q, k, v), atol=2e-6, rtol=2e-5)
 
 
+def test_host_picks_the_kernel_by_prompt_length(monkeypatch):
+    """On CUDA the collapsed kernel runs while its keys are at most COLLAPSE_MAX_KEYS; longer
+    prompts (or none padded) go to the exact backend over all rows. Decided from the CPU lengths."""
+    from wan_core.kernels import text_attention as ta
+
+    calls = []
+    monkeypatch.setattr(ta, "_use_triton", lambda q: True)
+    monkeypatch.setattr(ta, "_launch", lambda q, k, v, n: calls.append("kernel") or full_attention(q, k, v))
+    monkeypatch.setattr(ta, "_all_rows", lambda q, k, v: calls.append("all rows") or full_attention(q, k, v))
+    q = torch.randn(1, 5, 2, 16)
+    k = v = torch.randn(2, 512, 2, 16)
+    limit = ta.COLLAPSE_MAX_KEYS
+    for lengths, want in (((3, limit - 1), "kernel"), ((3, limit), "all rows"), ((512, 0), "all rows")):
+        calls.clear()
+        text_attention(q.expand(2, -1, -1, -1), k, v, torch.tensor(lengths, dtype=torch.int32))
+        assert calls == [want], (lengths, calls)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_kernel_on_gpu_at_wan_sizes():
+    """The op on a GPU at Wan's head count and text length, short prompts (the kernel) and long
+    ones (the exact backend over all rows), against float32 attention over all rows."""
+    from wan_core.kernels import text_attention as ta
+
     torch.manual_seed(0)
-    for lengths in [(12,), (511,), (512,), (0,)]:
+    for n in (12, ta.COLLAPSE_MAX_KEYS - 1, 300, 511, 512, 0):
         q = torch.randn(1, 3000, 40, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, 512, 40, 128, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(1, 512, 40, 128, device="cuda", dtype=torch.bfloat16)
-        n = lengths[0]
         if n < 512:
             k[:, n:] = k[:, n]
             v[:, n:] = v[:, n]
-        out = text_attention(q, k, v, torch.tensor(lengths, dtype=torch.int32, device="cuda"))
+        out = text_attention(q, k, v, torch.tensor([n], dtype=torch.int32))
         ref = full_attention(q.float(), k.float(), v.float())
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 

@@ -8,10 +8,14 @@ n + 1 keys instead of 512: the same softmax, a fraction of the work (at 720p the
 cross-attention is ~1.5 % of a fast-mode forward; benchmarks/NOTES.md).
 
 `text_attention(q, k, v, lengths)`: q [B, Lq, H, D]; k, v [B, Lk, H, D] computed from the padded
-text (rows lengths[b].. of item b are its padding); lengths [B] int32 on q's device. A custom op
-(opaque to torch.compile; the lengths are read by the kernel, so a new prompt length recompiles
-nothing): the Triton kernel `text_attention_kernel` on CUDA (head dims a power of two, as Wan's
-128), `reference_text_attention` (SDPA over the n + 1 keys with the log-count bias) elsewhere.
+text (rows lengths[b].. of item b are its padding); lengths [B] int32 on the CPU. A custom op
+(opaque to torch.compile, which sees the lengths as a tensor: a new prompt length recompiles
+nothing). On CUDA the host reads the lengths and picks the kernel: the Triton kernel
+`text_attention_kernel` (head dims a power of two, as Wan's 128) while the keys it needs are
+at most `COLLAPSE_MAX_KEYS`; above, the cost of its keys passes FlashAttention-3's over all Lk rows
+(H100, 720p: 0.70 ms for a 12-token prompt, 2.35 ms for 512, FA3 1.32 ms whatever the prompt),
+so the exact "auto" backend attends to every row. Elsewhere `reference_text_attention` (SDPA over
+the n + 1 keys with the log-count bias).
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ import torch.nn.functional as F
 
 from .fp8_rows import HAS_TRITON
 
-__all__ = ["text_attention", "reference_text_attention", "key_log_counts"]
+__all__ = ["text_attention", "reference_text_attention", "key_log_counts", "COLLAPSE_MAX_KEYS"]
+
+# The most keys (real tokens + the padding's one) the collapsed kernel runs; longer prompts go to
+# the exact backend over all rows (the crossover measured on an H100, benchmarks/NOTES.md).
+COLLAPSE_MAX_KEYS = 160
 
 
 def key_log_counts(lengths: torch.Tensor, lk: int) -> torch.Tensor:
@@ -37,9 +45,16 @@ def key_log_counts(lengths: torch.Tensor, lk: int) -> torch.Tensor:
 
 def reference_text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """The op's math in torch: SDPA with the log-count bias (rows after the first padding row are masked out)."""
-    bias = key_log_counts(lengths, k.shape[1])[:, None, None, :].to(q.dtype)  # [B, 1, 1, Lk]
+    bias = key_log_counts(lengths.to(q.device), k.shape[1])[:, None, None, :].to(q.dtype)  # [B, 1, 1, Lk]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
     return out.transpose(1, 2).contiguous()  # [B, H, Lq, D] -> [B, Lq, H, D]
+
+
+def _all_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention to every padded row through the device's exact "auto" backend (FA3 if installed)."""
+    from .attention import get_attention
+
+    return get_attention("auto", q.device)(q, k, v).contiguous()
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -49,7 +64,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Te
 
     b, lq, h, d = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lengths = lengths.to(torch.int32).contiguous()
+    lengths = lengths.to(device=q.device, dtype=torch.int32, non_blocking=True).contiguous()
     args = (q, k, v, lengths, out, lq, k.shape[1], h, math.log2(math.e) / math.sqrt(d),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])  # fmt: skip
     if q.device.type == "cuda":
@@ -66,7 +81,11 @@ def _use_triton(q: torch.Tensor) -> bool:
 
 @torch.library.custom_op("wan_core::text_attention", mutates_args=())
 def _text_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    return (_launch if _use_triton(q) else reference_text_attention)(q, k, v, lengths)
+    if not _use_triton(q):
+        return reference_text_attention(q, k, v, lengths)
+    if min(int(lengths.max()) + 1, k.shape[1]) > COLLAPSE_MAX_KEYS:  # lengths on the CPU: no device sync
+        return _all_rows(q, k, v)
+    return _launch(q, k, v, lengths)
 
 
 @_text_attention_op.register_fake
@@ -76,5 +95,6 @@ def _(q, k, v, lengths):
 
 def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Attention of q [B, Lq, H, D] to text keys k, v [B, Lk, H, D] whose rows from lengths[b] on
-    are zero-padding rows (all equal): exactly the attention to all Lk rows, over n + 1 keys."""
+    are zero-padding rows (all equal): exactly the attention to all Lk rows, over n + 1 keys
+    (lengths: [B] int32 on the CPU)."""
     return _text_attention_op(q, k, v, lengths)

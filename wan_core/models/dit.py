@@ -71,8 +71,8 @@ class LayerNorm(nn.LayerNorm):
 
 class TextContext(NamedTuple):
     """The text tokens the blocks attend to, after the text projection: tokens [B, text_len, C]
-    and each item's count of real tokens, lengths [B] int32; the rows from there on come from the
-    zero-padding and are all equal (what `text_attention` collapses into one key)."""
+    and each item's count of real tokens, lengths [B] int32 on the CPU; the rows from there on come
+    from the zero-padding and are all equal (what `text_attention` collapses into one key)."""
 
     tokens: torch.Tensor
     lengths: torch.Tensor
@@ -312,7 +312,7 @@ class WanModel(nn.Module):
                 raise ValueError(f"text context has {u.shape[0]} tokens, more than text_len {self.cfg.text_len}")
             rows.append(torch.cat([u, u.new_zeros(self.cfg.text_len - u.shape[0], u.shape[1])]))
         ctx = self.text_embedding(torch.stack(rows).to(dt))
-        lengths = torch.tensor([u.shape[0] for u in context], dtype=torch.int32).to(ctx.device, non_blocking=True)
+        lengths = torch.tensor([u.shape[0] for u in context], dtype=torch.int32)  # on the CPU: the host picks the kernel
         ctx_img = None
         if self.cfg.clip_branch:
             if clip_fea is None:
