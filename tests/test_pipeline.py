@@ -260,17 +260,15 @@ def test_stage_methods_compose_to_generate(models):
 
 
 def test_saved_video_is_encoded_while_decoding_and_a_failed_decode_leaves_no_file(models, tmp_path, monkeypatch):
-    """generate(save_result_path=...) feeds the mp4 writer chunk by chunk during the VAE decode, as
-    yuv420p planes made where the VAE runs: the file holds exactly the returned frames (as a writer
-    given their planes writes them); if the decode fails midway, the error surfaces, no partial
-    file is left, and the pipeline runs again."""
-    from wan_core.video import VideoWriter, frames_to_uint8, read_video, yuv420_planes
+    """generate(save_result_path=...) feeds the mp4 writer chunk by chunk during the VAE decode:
+    the file holds exactly the returned frames (as write_video would write them); if the decode
+    fails midway, the error surfaces, no partial file is left, and the pipeline runs again."""
+    from wan_core.video import read_video, write_video
 
     pipe = WanPipeline(models["t2v", "wan"], dtype="fp32", device="cpu").create_generator(infer_steps=2, **T2V)
     out = tmp_path / "run.mp4"
     res = pipe.generate(3, PROMPT, save_result_path=str(out))
-    with VideoWriter(tmp_path / "after.mp4", preset=pipe.config.video_preset, crf=pipe.config.video_crf) as w:
-        w.write(yuv420_planes(frames_to_uint8(res.frames)))
+    write_video(tmp_path / "after.mp4", res.frames)
     assert torch.equal(read_video(out)[0], read_video(tmp_path / "after.mp4")[0])
     assert {"vae_decode", "save"} <= set(res.timings)
 
@@ -291,17 +289,14 @@ def test_saved_video_is_encoded_while_decoding_and_a_failed_decode_leaves_no_fil
     assert torch.equal(pipe.generate(3, PROMPT, save_result_path=str(tmp_path / "again.mp4")).frames, res.frames)
 
     # the frames the pipeline assembles chunk by chunk (converted where the VAE runs) are exactly
-    # the plain decode's, in ComfyUI's layout; the writer gets them as uint8 (or their planes), tiled or not
-    from wan_core.video import wan_to_frames
+    # the plain decode's, in ComfyUI's layout; the writer gets them as uint8, tiled or not
+    from wan_core.video import frames_to_uint8, wan_to_frames
 
     latent = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(5))
     plain = wan_to_frames(pipe.vae.decode(latent)[0])
     got = []
     assert torch.equal(pipe.decode(latent, on_frames=got.append), plain)
     assert [c.dtype for c in got] == [torch.uint8] * 3 and torch.equal(torch.cat(got), frames_to_uint8(plain))
-    got = []
-    assert torch.equal(pipe.decode(latent, on_frames=got.append, yuv420=True), plain)
-    assert torch.equal(torch.cat([c.planes for c in got]), yuv420_planes(frames_to_uint8(plain)).planes)
     pipe.config.use_tiling_vae, got = True, []
     try:
         torch.testing.assert_close(pipe.decode(latent, on_frames=got.append), plain, atol=1e-5, rtol=0)

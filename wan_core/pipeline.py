@@ -463,14 +463,12 @@ class WanPipeline(LightX2VCalls):
             log.info("%s", self.cache_report.summary())
         return latent
 
-    def decode(self, latent: torch.Tensor, on_frames: Callable[[torch.Tensor], None] | None = None,
-               yuv420: bool = False) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, on_frames: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Final latent -> frames [T, H, W, 3] float32 in [0, 1] on the CPU (`vae_frames.decode_frames`;
-        tiled when `use_tiling_vae`). on_frames: handed each decoded chunk, uint8 [t, H, W, 3] on the
-        CPU, or with `yuv420` its `video.Yuv420` planes (converted on the VAE's device)."""
+        tiled when `use_tiling_vae`). on_frames: handed each decoded chunk, uint8 [t, H, W, 3] on the CPU."""
         tile = VAE_TILE if self.config.use_tiling_vae else None
         with component_loaded(self.vae, self._need_spec(), "vae"):
-            return decode_frames(self.vae, latent, tile, on_frames, yuv420)
+            return decode_frames(self.vae, latent, tile, on_frames)
 
     # ------------------------------------------------------------------ the whole run
     def generate(
@@ -562,8 +560,7 @@ class WanPipeline(LightX2VCalls):
                                  preset=cfg.video_preset, background=True)  # fmt: skip
         try:
             with stage("vae_decode"):
-                # the writer takes yuv420p planes made on the GPU: its thread only feeds x264
-                frames = self.decode(latent, on_frames=writer.write if writer is not None else None, yuv420=True)
+                frames = self.decode(latent, on_frames=writer.write if writer is not None else None)
         except BaseException:
             if writer is not None:
                 writer.abort()

@@ -28,16 +28,13 @@ def decode_frames(
     latent: torch.Tensor,
     tile_size: int | None = None,
     on_frames: Callable[[torch.Tensor], None] | None = None,
-    yuv420: bool = False,
 ) -> torch.Tensor:
     """Normalised latent [1, 16, T, h, w] -> frames [T', H, W, 3] float32 in [0, 1] on the CPU
     (ComfyUI's IMAGE layout), decoded chunk by chunk; a NaN or infinite frame raises ValueError.
 
     tile_size: latent pixels per tile (`WanVAE.decode`), None for whole frames. on_frames: handed
     each decoded chunk of frames as it is produced, uint8 [t, H, W, 3] on the CPU (tiled
-    decoding: once, all frames), e.g. a background `VideoWriter.write`; with `yuv420`, as
-    `video.Yuv420` planes instead, converted where the VAE runs (the encoder's pixel format: its
-    thread then skips the conversion).
+    decoding: once, all frames), e.g. a background `VideoWriter.write`.
 
     Untiled, each chunk is turned into ComfyUI's layout and into uint8 on the VAE's device and
     copied once into the result: the CPU, busy with the video encoder, does no per-pixel work.
@@ -46,16 +43,7 @@ def decode_frames(
     for every chunk's copy (as a plain `.cpu()` does) leaves it idle between chunks
     (benchmarks/NOTES.md log).
     """
-    from .video import Yuv420, uint8_levels, wan_to_frames, yuv420_planes
-
-    def levels(f: torch.Tensor, check: bool = False) -> torch.Tensor:  # float frames [t, H, W, 3] -> what on_frames takes
-        if check and not torch.isfinite(f).all():  # (on the GPU the check travels with the copy, below)
-            raise ValueError("frames contain NaN or infinite values")
-        u8 = uint8_levels(f)
-        return yuv420_planes(u8).planes if yuv420 else u8
-
-    def handed(u8: torch.Tensor):
-        return Yuv420(u8) if yuv420 else u8
+    from .video import frames_to_uint8, uint8_levels, wan_to_frames
 
     _, _, t, h, w = latent.shape
     r, s = vae.config.temporal_ratio, vae.config.spatial_ratio
@@ -64,7 +52,7 @@ def decode_frames(
             video = vae.decode(latent, tile_size=tile_size, out_device="cpu")  # [1, 3, T, H, W]
             frames = wan_to_frames(video[0])
             if on_frames is not None:
-                on_frames(handed(levels(frames, check=True)))
+                on_frames(frames_to_uint8(frames))
             return frames
         cuda = vae.device.type == "cuda"
         pin = cuda and (on_frames is not None if PIN_RESULT is None else PIN_RESULT)
@@ -81,7 +69,7 @@ def decode_frames(
                 if f32 is not None:
                     rows.copy_(f32)
                 if on_frames is not None:
-                    on_frames(handed(u8))
+                    on_frames(u8)
 
         def chunk(c: torch.Tensor) -> None:  # [1, 3, t, H, W] in [-1, 1] on the VAE's device
             nonlocal done
@@ -91,7 +79,7 @@ def decode_frames(
             if not cuda:
                 rows.copy_(f)
                 if on_frames is not None:
-                    on_frames(handed(levels(f, check=True)))
+                    on_frames(frames_to_uint8(f, layout="comfy"))
                 return
             if frames.is_pinned():
                 rows.copy_(f, non_blocking=True)  # straight into the page-locked result
@@ -100,7 +88,7 @@ def decode_frames(
                 f32 = torch.empty(f.shape, dtype=f.dtype, pin_memory=True).copy_(f, non_blocking=True)
             u8 = None
             if on_frames is not None:
-                u8 = levels(f)  # on the GPU
+                u8 = uint8_levels(f)  # on the GPU
                 u8 = torch.empty(u8.shape, dtype=u8.dtype, pin_memory=True).copy_(u8, non_blocking=True)
             # the NaN check's answer travels with the frames: reading the GPU flag (`.item()`)
             # would wait for everything queued, this chunk's decode included, and leave the GPU

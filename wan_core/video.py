@@ -18,17 +18,13 @@ import os
 import secrets
 import warnings
 from fractions import Fraction
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "wan_to_frames",
     "frames_to_wan",
     "frames_to_uint8",
-    "Yuv420",
-    "yuv420_planes",
     "VideoWriter",
     "write_video",
     "read_video",
@@ -114,36 +110,6 @@ def frames_to_uint8(frames: torch.Tensor, layout: str | None = None) -> torch.Te
     if not torch.isfinite(frames).all():
         raise ValueError("frames contain NaN or infinite values")
     return uint8_levels(frames).cpu()
-
-
-class Yuv420(NamedTuple):
-    """Frames already in the encoder's pixel format, yuv420p: planes [T, H * 3 / 2, W] uint8 (per
-    frame the Y plane's H rows, then the U and V planes' H/2 x W/2 samples, W per row)."""
-
-    planes: torch.Tensor
-
-
-def yuv420_planes(frames: torch.Tensor) -> Yuv420:
-    """uint8 RGB frames [T, H, W, 3] (H, W even) -> `Yuv420`, where the frames are (e.g. on the GPU).
-
-    What libswscale makes of the same frames when the encoder converts them (BT.601 limited range;
-    chroma: pairs of columns averaged, then rows filtered [1, 3, 3, 1] / 8 at half height, the edge
-    rows repeated), within one level. Why: at 720p that conversion costs the writer's thread ~3 ms
-    per frame, on the CPU that also feeds x264 (benchmarks/NOTES.md).
-    """
-    t, h, w, _ = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"yuv420p needs an even frame size, got {w}x{h}")
-    r, g, b = frames.float().unbind(-1)
-    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
-    u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
-    v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
-    uv = torch.stack([u, v], 1)  # [T, 2, H, W]
-    uv = (uv[..., 0::2] + uv[..., 1::2]) / 2  # [T, 2, H, W/2]
-    p = F.pad(uv, (0, 0, 1, 1), mode="replicate")  # rows -1 and H repeat the edge rows
-    uv = (p[:, :, 0:-2:2] + 3 * p[:, :, 1:-1:2] + 3 * p[:, :, 2::2] + p[:, :, 3::2]) / 8  # [T, 2, H/2, W/2]
-    planes = torch.cat([y.flatten(1), uv.flatten(1)], 1).round().clamp(0, 255).to(torch.uint8)
-    return Yuv420(planes.view(t, h * 3 // 2, w))
 
 
 def available_codec() -> str:
@@ -257,33 +223,22 @@ class VideoWriter:
             raise ValueError(f"video encoder {codec!r} is not available in PyAV's FFmpeg ({e})") from e
         return codec
 
-    def write(self, frames: torch.Tensor | Yuv420) -> None:
-        """Add frames ([T, H, W, 3] in [0, 1] or uint8, or Wan's [3, T, H, W] in [-1, 1], or `Yuv420`
-        planes, which go to the encoder as they are)."""
-        if isinstance(frames, Yuv420):
-            data = frames
-            t, rows, w = frames.planes.shape
-            size = (rows * 2 // 3, w)
-            if frames.planes.dtype != torch.uint8 or rows % 3 or size[0] % 2 or w % 2 or 0 in (t, rows, w):
-                raise ValueError(f"Yuv420 planes must be uint8 [T, H * 3 / 2, W] with even H, W > 0, got "
-                                 f"{frames.planes.dtype} {tuple(frames.planes.shape)}")  # fmt: skip
-        else:
-            data = _as_frames(frames, self.layout)
-            if data.shape[0] == 0 or data.shape[1] == 0 or data.shape[2] == 0:
-                raise ValueError(f"nothing to write: frames have shape {tuple(data.shape)}")
-            data = _even(data, self.odd_size)
-            size = (data.shape[1], data.shape[2])
+    def write(self, frames: torch.Tensor) -> None:
+        """Add frames ([T, H, W, 3] in [0, 1] or uint8, or Wan's [3, T, H, W] in [-1, 1])."""
+        data = _as_frames(frames, self.layout)
+        if data.shape[0] == 0 or data.shape[1] == 0 or data.shape[2] == 0:
+            raise ValueError(f"nothing to write: frames have shape {tuple(data.shape)}")
+        data = _even(data, self.odd_size)
         if self._size is None:
-            self._size = size
-        elif size != self._size:
-            raise ValueError(f"frames of {size[1]}x{size[0]} after frames of {self._size[1]}x{self._size[0]}")
+            self._size = (data.shape[1], data.shape[2])
+        elif (data.shape[1], data.shape[2]) != self._size:
+            raise ValueError(f"frames of {data.shape[2]}x{data.shape[1]} after frames of {self._size[1]}x{self._size[0]}")
         if self._queue is None:
             self._encode(data)
             return
         if self._error is not None:
             raise self._error
-        self._queue.put(Yuv420(data.planes.cpu()) if isinstance(data, Yuv420) else data.cpu())  # the device copy
-        # is made here, any conversion on the worker
+        self._queue.put(data.cpu())  # the device copy is made here, the conversion on the worker
 
     def _drain(self) -> None:
         while (data := self._queue.get()) is not None:
@@ -293,7 +248,7 @@ class VideoWriter:
                 except BaseException as e:  # re-raised in the caller's thread (write / close)
                     self._error = e
 
-    def _encode(self, data: torch.Tensor | Yuv420) -> None:
+    def _encode(self, data: torch.Tensor) -> None:
         import av
 
         if self._container is None:
@@ -306,11 +261,6 @@ class VideoWriter:
             self._stream = self._container.add_stream(self.codec, rate=rate, options=self.options)
             self._stream.width, self._stream.height, self._stream.pix_fmt = w, h, "yuv420p"
             self._stream.thread_type = "AUTO"  # frame + slice threads: the encoder uses the machine's cores
-        if isinstance(data, Yuv420):
-            for planes in data.planes.cpu():
-                for packet in self._stream.encode(av.VideoFrame.from_ndarray(planes.numpy(), format="yuv420p")):
-                    self._container.mux(packet)
-            return
         # One frame at a time: the float -> uint8 conversion stays in cache and overlaps the
         # encoder's threads (benchmarks/NOTES.md).
         for frame in data:
