@@ -126,9 +126,9 @@ def test_kernel_on_gpu_at_wan_sizes():
         q = torch.randn(1, 3000, 40, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, 512, 40, 128, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(1, 512, 40, 128, device="cuda", dtype=torch.bfloat16)
-        if n < 512:
-            k[:, n:] = k[:, n]
-            v[:, n:] = v[:, n]
+        if n < 512:  # the padding rows: one row repeated (a copy: CUDA refuses overlapping writes)
+            k[:, n:] = k[:, n].clone()
+            v[:, n:] = v[:, n].clone()
         out = text_attention(q, k, v, torch.tensor([n], dtype=torch.int32))
         ref = full_attention(q.float(), k.float(), v.float())
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
