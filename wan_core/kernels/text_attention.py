@@ -14,12 +14,14 @@ nothing). On CUDA the host reads the lengths and picks the kernel: the Triton ke
 `text_attention_kernel` (head dims a power of two, as Wan's 128) while the keys it needs are
 at most `COLLAPSE_MAX_KEYS`; above, the cost of its keys passes FlashAttention-3's over all Lk rows
 (H100, 720p: 0.70 ms for a 12-token prompt, 2.35 ms for 512, FA3 1.32 ms whatever the prompt),
-so the exact "auto" backend attends to every row. Elsewhere `reference_text_attention` (SDPA over
+so the device's exact "auto" backend (FA3 where installed, whatever exact backend the model
+names) attends to every row. Elsewhere `reference_text_attention` (SDPA over
 the n + 1 keys with the log-count bias).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -50,11 +52,16 @@ def reference_text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out.transpose(1, 2).contiguous()  # [B, H, Lq, D] -> [B, Lq, H, D]
 
 
-def _all_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention to every padded row through the device's exact "auto" backend (FA3 if installed)."""
+@functools.cache
+def _exact_backend(device: str):
     from .attention import get_attention
 
-    return get_attention("auto", q.device)(q, k, v).contiguous()
+    return get_attention("auto", device)
+
+
+def _all_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention to every padded row through the device's exact "auto" backend (FA3 if installed)."""
+    return _exact_backend(str(q.device))(q, k, v).contiguous()
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
