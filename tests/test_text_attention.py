@@ -1,6 +1,7 @@
 """Cross-attention with the text padding collapsed (`wan_core.kernels.text_attention`): equal to
-plain attention over all the padded rows, for the torch reference (CPU), the Triton kernel (Triton's
-interpreter on the CPU; sm_90 compile) and on a GPU."""
+plain attention over all the padded rows (plus, for I2V, plain attention over the image keys,
+summed), for the torch reference (CPU), the Triton kernel (Triton's interpreter on the CPU; sm_90
+compile) and on a GPU."""
 
 import pytest
 import torch
@@ -29,6 +30,18 @@ def full_attention(q, k, v):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
+def image_kv(q, li=11, seed=3):
+    """I2V's image keys and values [B, Li, H, D] for q's batch and heads (as the CLIP branch makes them)."""
+    g = torch.Generator().manual_seed(seed)
+    b, _, h, d = q.shape
+    return (torch.randn(b, li, h, d, generator=g).to(q.dtype) for _ in range(2))
+
+
+def two_branches(q, k, v, k_img, v_img):
+    """The model's I2V cross-attention before the collapse: text over every row + image, two softmaxes."""
+    return full_attention(q, k, v) + full_attention(q, k_img, v_img)
+
+
 def test_log_counts():
     bias = key_log_counts(torch.tensor([3, 5, 0]), 5)
     inf = float("-inf")
@@ -41,6 +54,24 @@ def test_log_counts():
 def test_reference_equals_attention_over_all_padded_rows(lengths):
     q, k, v, n = padded_text(lengths=lengths)
     torch.testing.assert_close(reference_text_attention(q, k, v, n), full_attention(q, k, v), atol=2e-6, rtol=2e-5)
+
+
+def test_reference_with_the_image_branch_is_the_sum_of_two_attentions():
+    q, k, v, n = padded_text()
+    k_img, v_img = image_kv(q)
+    want = two_branches(q, k, v, k_img, v_img)
+    torch.testing.assert_close(reference_text_attention(q, k, v, n, k_img, v_img), want, atol=4e-6, rtol=2e-5)
+    torch.testing.assert_close(text_attention(q, k, v, n, k_img, v_img), want, atol=4e-6, rtol=2e-5)
+    # one softmax over text and image keys together is not what the model computes
+    joint = full_attention(q, torch.cat([k, k_img], 1), torch.cat([v, v_img], 1))
+    assert (joint - want).abs().max() > 1e-1
+
+
+def test_image_branch_needs_both_keys_and_values():
+    q, k, v, n = padded_text()
+    k_img, _ = image_kv(q)
+    with pytest.raises(ValueError, match="both k_img and v_img"):
+        text_attention(q, k, v, n, k_img, None)
 
 
 def test_collapsing_is_wrong_when_the_padding_rows_differ():
@@ -57,13 +88,17 @@ sys.path[:0] = [{tests!r}, {root!r}]
 import triton_interp  # noqa: F401  (before any kernel is defined)
 import torch
 from wan_core.kernels import text_attention as ta
-from tests.test_text_attention import padded_text, full_attention
+from tests.test_text_attention import padded_text, full_attention, image_kv, two_branches
 errs = []
 for lengths in [(7, 40), (0, 39), (40, 1), (33, 32)]:
     q, k, v, n = padded_text(lengths=lengths, dtype=torch.bfloat16)
     out = ta._launch(q, k, v, n).float()
     ref = full_attention(q.float(), k.float(), v.float())
     errs.append((out - ref).abs().max().item())
+    for li in (11, 33):  # the image branch in the same program: one key tile and a partial second
+        ki, vi = image_kv(q, li)
+        out = ta._launch(q, k, v, n, ki, vi).float()
+        errs.append((out - two_branches(q.float(), k.float(), v.float(), ki.float(), vi.float())).abs().max().item())
 # strided q (a view of [B, L, H*D] with heads split), as the model hands it
 q, k, v, n = padded_text(dtype=torch.bfloat16)
 qs = torch.cat([q, q], dim=2)[:, :, ::2]
@@ -83,11 +118,13 @@ def test_kernel_equals_attention_over_all_padded_rows_in_the_interpreter():
 def test_kernel_compiles_for_hopper():
     from wan_core.kernels.text_attention_kernel import CONFIGS, text_attn_fwd
 
-    sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "N": "*i32", "O": "*bf16", "lq": "i32", "lk": "i32",
-           "heads": "i32", "scale_log2": "fp32"}
-    sig.update({f"s{t}_{a}": "i32" for t in "qkvo" for a in "blh"})
+    sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "N": "*i32", "K2": "*bf16", "V2": "*bf16", "O": "*bf16",
+           "lq": "i32", "lk": "i32", "lk2": "i32", "heads": "i32", "scale_log2": "fp32"}
+    sig.update({f"s{t}_{a}": "i32" for t in ("q", "k", "v", "k2", "v2", "o") for a in "blh"})
     for c in CONFIGS:
-        compile_for_hopper(text_attn_fwd, sig, dict(HEAD_DIM=128, **c.kwargs), c.num_warps, c.num_stages)
+        for img in (False, True):
+            consts = dict(HEAD_DIM=128, HAS_IMG=img, **c.kwargs)
+            compile_for_hopper(text_attn_fwd, sig, consts, c.num_warps, c.num_stages)
 
 
 def test_op_equals_attention_over_all_padded_rows_at_any_head_dim():
@@ -103,8 +140,8 @@ def test_host_picks_the_kernel_by_prompt_length(monkeypatch):
 
     calls = []
     monkeypatch.setattr(ta, "_use_triton", lambda q: True)
-    monkeypatch.setattr(ta, "_launch", lambda q, k, v, n: calls.append("kernel") or full_attention(q, k, v))
-    monkeypatch.setattr(ta, "_all_rows", lambda q, k, v: calls.append("all rows") or full_attention(q, k, v))
+    monkeypatch.setattr(ta, "_launch", lambda q, k, v, n, ki, vi: calls.append("kernel") or full_attention(q, k, v))
+    monkeypatch.setattr(ta, "_all_rows", lambda q, k, v, ki, vi: calls.append("all rows") or full_attention(q, k, v))
     q = torch.randn(1, 5, 2, 16)
     k = v = torch.randn(2, 512, 2, 16)
     limit = ta.COLLAPSE_MAX_KEYS
@@ -118,7 +155,8 @@ def test_host_picks_the_kernel_by_prompt_length(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_kernel_on_gpu_at_wan_sizes():
     """The op on a GPU at Wan's head count and text length, short prompts (the kernel) and long
-    ones (the exact backend over all rows), against float32 attention over all rows."""
+    ones (the exact backend over all rows), without and with I2V's 257 image keys, against
+    float32 attention over all rows."""
     from wan_core.kernels import text_attention as ta
 
     torch.manual_seed(0)
@@ -132,6 +170,10 @@ def test_kernel_on_gpu_at_wan_sizes():
         out = text_attention(q, k, v, torch.tensor([n], dtype=torch.int32))
         ref = full_attention(q.float(), k.float(), v.float())
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+        k_img, v_img = (torch.randn(1, 257, 40, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        out = text_attention(q, k, v, torch.tensor([n], dtype=torch.int32), k_img, v_img)
+        ref = two_branches(q.float(), k.float(), v.float(), k_img.float(), v_img.float())
+        torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=2e-2)
 
 
 def test_model_collapses_the_padding_only_behind_an_exact_cross_backend(monkeypatch):

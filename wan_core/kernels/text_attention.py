@@ -7,16 +7,19 @@ attending to one of them with its score raised by log m. A prompt of n < 512 tok
 n + 1 keys instead of 512: the same softmax, a fraction of the work (at 720p the 512-key
 cross-attention is ~1.5 % of a fast-mode forward; benchmarks/NOTES.md).
 
-`text_attention(q, k, v, lengths)`: q [B, Lq, H, D]; k, v [B, Lk, H, D] computed from the padded
-text (rows lengths[b].. of item b are its padding); lengths [B] int32 on the CPU. A custom op
-(opaque to torch.compile, which sees the lengths as a tensor: a new prompt length recompiles
-nothing). On CUDA the host reads the lengths and picks the kernel: the Triton kernel
-`text_attention_kernel` (head dims a power of two, as Wan's 128) while the keys it needs are
-at most `COLLAPSE_MAX_KEYS`; above, the cost of its keys passes FlashAttention-3's over all Lk rows
+`text_attention(q, k, v, lengths, k_img, v_img)`: q [B, Lq, H, D]; k, v [B, Lk, H, D] computed
+from the padded text (rows lengths[b].. of item b are its padding); lengths [B] int32 on the CPU;
+k_img, v_img [B, Li, H, D] (I2V's 257 CLIP tokens, or None): their attention, a softmax of its
+own, is added to the text's, as the model sums its two branches. A custom op (opaque to
+torch.compile, which sees the lengths as a tensor: a new prompt length recompiles nothing). On
+CUDA the host reads the lengths and picks the kernel: the Triton kernel `text_attention_kernel`
+(head dims a power of two, as Wan's 128; both branches in one program, so q is read once and
+the two outputs are summed before the one store) while the text keys it needs are at most
+`COLLAPSE_MAX_KEYS`; above, the cost of its keys passes FlashAttention-3's over all Lk rows
 (H100, 720p: 0.70 ms for a 12-token prompt, 2.35 ms for 512, FA3 1.32 ms whatever the prompt),
 so the device's exact "auto" backend (FA3 where installed, whatever exact backend the model
-names) attends to every row. Elsewhere `reference_text_attention` (SDPA over
-the n + 1 keys with the log-count bias).
+names) attends to every row, and to the image keys. Elsewhere `reference_text_attention` (SDPA
+over the n + 1 keys with the log-count bias, plus SDPA over the image keys).
 """
 
 from __future__ import annotations
@@ -45,11 +48,26 @@ def key_log_counts(lengths: torch.Tensor, lk: int) -> torch.Tensor:
     return torch.where(j < n, 0.0, torch.where(j == n, pad, float("-inf")))
 
 
-def reference_text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The op's math in torch: SDPA with the log-count bias (rows after the first padding row are masked out)."""
-    bias = key_log_counts(lengths.to(q.device), k.shape[1])[:, None, None, :].to(q.dtype)  # [B, 1, 1, Lk]
+def _sdpa(q, k, v, bias=None):
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
-    return out.transpose(1, 2).contiguous()  # [B, H, Lq, D] -> [B, Lq, H, D]
+    return out.transpose(1, 2)  # [B, H, Lq, D] -> [B, Lq, H, D]
+
+
+def reference_text_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    k_img: torch.Tensor | None = None,
+    v_img: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The op's math in torch: SDPA with the log-count bias (rows after the first padding row are
+    masked out), plus SDPA over the image keys when given."""
+    bias = key_log_counts(lengths.to(q.device), k.shape[1])[:, None, None, :].to(q.dtype)  # [B, 1, 1, Lk]
+    out = _sdpa(q, k, v, bias)
+    if k_img is not None:
+        out = out + _sdpa(q, k_img, v_img)
+    return out.contiguous()
 
 
 @functools.cache
@@ -59,12 +77,17 @@ def _exact_backend(device: str):
     return get_attention("auto", device)
 
 
-def _all_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention to every padded row through the device's exact "auto" backend (FA3 if installed)."""
-    return _exact_backend(str(q.device))(q, k, v).contiguous()
+def _all_rows(q, k, v, k_img=None, v_img=None) -> torch.Tensor:
+    """Attention to every padded row (plus the image keys') through the device's exact "auto"
+    backend (FA3 if installed)."""
+    attend = _exact_backend(str(q.device))
+    out = attend(q, k, v)
+    if k_img is not None:
+        out = out + attend(q, k_img, v_img)
+    return out.contiguous()
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _launch(q, k, v, lengths, k_img=None, v_img=None) -> torch.Tensor:
     import triton
 
     from . import text_attention_kernel as tk
@@ -72,12 +95,16 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Te
     b, lq, h, d = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lengths = lengths.to(device=q.device, dtype=torch.int32, non_blocking=True).contiguous()
-    args = (q, k, v, lengths, out, lq, k.shape[1], h, math.log2(math.e) / math.sqrt(d),
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])  # fmt: skip
+    has_img = k_img is not None
+    k2, v2 = (k_img, v_img) if has_img else (k, v)  # without the image branch: unread stand-ins
+    args = (q, k, v, lengths, k2, v2, out, lq, k.shape[1], k2.shape[1] if has_img else 0, h,
+            math.log2(math.e) / math.sqrt(d), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *k2.stride()[:3], *v2.stride()[:3], *out.stride()[:3])  # fmt: skip
     if q.device.type == "cuda":
-        tk.text_attn_fwd_tuned[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h)](*args, HEAD_DIM=d)
+        grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h)  # noqa: E731
+        tk.text_attn_fwd_tuned[grid](*args, HEAD_DIM=d, HAS_IMG=has_img)
     else:  # Triton's interpreter (tests)
-        tk.text_attn_fwd[(triton.cdiv(lq, 64), b * h)](*args, HEAD_DIM=d, BLOCK_M=64, BLOCK_N=32)
+        tk.text_attn_fwd[(triton.cdiv(lq, 64), b * h)](*args, HEAD_DIM=d, BLOCK_M=64, BLOCK_N=32, HAS_IMG=has_img)
     return out
 
 
@@ -87,21 +114,38 @@ def _use_triton(q: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("wan_core::text_attention", mutates_args=())
-def _text_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _text_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    k_img: torch.Tensor | None,
+    v_img: torch.Tensor | None,
+) -> torch.Tensor:
     if not _use_triton(q):
-        return reference_text_attention(q, k, v, lengths)
+        return reference_text_attention(q, k, v, lengths, k_img, v_img)
     if min(int(lengths.max()) + 1, k.shape[1]) > COLLAPSE_MAX_KEYS:  # lengths on the CPU: no device sync
-        return _all_rows(q, k, v)
-    return _launch(q, k, v, lengths)
+        return _all_rows(q, k, v, k_img, v_img)
+    return _launch(q, k, v, lengths, k_img, v_img)
 
 
 @_text_attention_op.register_fake
-def _(q, k, v, lengths):
+def _(q, k, v, lengths, k_img, v_img):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def text_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    k_img: torch.Tensor | None = None,
+    v_img: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Attention of q [B, Lq, H, D] to text keys k, v [B, Lk, H, D] whose rows from lengths[b] on
     are zero-padding rows (all equal): exactly the attention to all Lk rows, over n + 1 keys
-    (lengths: [B] int32 on the CPU)."""
-    return _text_attention_op(q, k, v, lengths)
+    (lengths: [B] int32 on the CPU); plus, when given, the attention to the image keys k_img,
+    v_img [B, Li, H, D] (I2V's second branch)."""
+    if (k_img is None) != (v_img is None):
+        raise ValueError("the image branch needs both k_img and v_img")
+    return _text_attention_op(q, k, v, lengths, k_img, v_img)

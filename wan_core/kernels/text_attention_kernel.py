@@ -1,10 +1,13 @@
 """The Triton kernel of `wan_core.kernels.text_attention`: cross-attention to the text tokens with
-the zero-padding collapsed into one key.
+the zero-padding collapsed into one key, plus (I2V) the image tokens' branch in the same program.
 
 One program computes BLOCK_M query rows of one (batch, head): a flash-attention loop over the
 keys [0, n] only, n = the batch item's real text tokens (read from memory, so one compiled kernel
 serves every prompt length). Key n, the first padding row, stands for all lk - n padding rows
 (they are equal): its score gets + log2(lk - n), i.e. it is counted lk - n times in the softmax.
+With HAS_IMG, a second loop attends to the lk2 image keys (its own softmax, as in the model) and
+the two results are summed in float32 before the one store: q is read once and no separate add
+pass runs over the two branches' outputs.
 Scores in the log2 domain (exp2), float32 online softmax, bf16 matmuls with float32 accumulation.
 """
 
@@ -15,9 +18,36 @@ __all__ = ["text_attn_fwd", "text_attn_fwd_tuned", "CONFIGS"]
 
 
 @triton.jit
-def text_attn_fwd(Q, K, V, N, O, lq, lk, heads, scale_log2,
-                  sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, so_b, so_l, so_h,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _branch(q, k_base, v_base, sk_l, sv_l, n_keys, bias_col, bias, scale_log2,
+            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """softmax(q·Kᵀ) V over keys [0, n_keys) of one (batch, head), key `bias_col`'s score raised by
+    `bias` (log2 domain): the normalised float32 result [BLOCK_M, D]."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start in range(0, n_keys, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        keys = offs_n < n_keys
+        k = tl.load(k_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=keys[:, None], other=0.0)  # [BLOCK_N, D]
+        v = tl.load(v_base + offs_n[:, None] * sv_l + offs_d[None, :], mask=keys[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N], log2 domain
+        s = s + tl.where(offs_n == bias_col, bias, 0.0)[None, :]
+        s = tl.where(keys[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc / l_i[:, None]
+
+
+@triton.jit
+def text_attn_fwd(Q, K, V, N, K2, V2, O, lq, lk, lk2, heads, scale_log2,
+                  sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, sk2_b, sk2_l, sk2_h, sv2_b, sv2_l, sv2_h,
+                  so_b, so_l, so_h,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_IMG: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // heads).to(tl.int64)
@@ -29,26 +59,11 @@ def text_attn_fwd(Q, K, V, N, O, lq, lk, heads, scale_log2,
     n = tl.load(N + b)  # real text tokens of this batch item; rows n..lk-1 are the padding
     n_keys = tl.minimum(n + 1, lk)  # the real keys and, when there is padding, its first row
     pad_bias = tl.log2(tl.maximum(lk - n, 1).to(tl.float32))  # the padding row counted lk - n times
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start in range(0, n_keys, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        keys = offs_n < n_keys
-        k = tl.load(k_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=keys[:, None], other=0.0)  # [BLOCK_N, D]
-        v = tl.load(v_base + offs_n[:, None] * sv_l + offs_d[None, :], mask=keys[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N], log2 domain
-        s = s + tl.where(offs_n == n, pad_bias, 0.0)[None, :]
-        s = tl.where(keys[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    out = acc / l_i[:, None]
+    out = _branch(q, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, sk_l, sv_l, n_keys, n, pad_bias, scale_log2,
+                  HEAD_DIM, BLOCK_M, BLOCK_N)
+    if HAS_IMG:  # the image branch: every key real, no bias (column -1 matches no key)
+        out += _branch(q, K2 + b * sk2_b + h * sk2_h, V2 + b * sv2_b + h * sv2_h, sk2_l, sv2_l, lk2, -1, 0.0,
+                       scale_log2, HEAD_DIM, BLOCK_M, BLOCK_N)
     tl.store(O + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_l + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=rows)
 
@@ -59,4 +74,4 @@ CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2)]
 ]
-text_attn_fwd_tuned = triton.autotune(CONFIGS, key=["lk", "HEAD_DIM"])(text_attn_fwd)
+text_attn_fwd_tuned = triton.autotune(CONFIGS, key=["lk", "lk2", "HEAD_DIM", "HAS_IMG"])(text_attn_fwd)

@@ -79,10 +79,12 @@ class TextContext(NamedTuple):
 
 
 def attend_all_text_rows(attn_fn: AttentionFn):
-    """A text-attention function that attends to every padded row with `attn_fn` (lengths unused)."""
+    """A text-attention function that attends to every padded row with `attn_fn` (lengths unused),
+    and to the image keys when given, each branch its own call, their results summed."""
 
-    def attend(q, k, v, lengths):
-        return attn_fn(q, k, v)
+    def attend(q, k, v, lengths, k_img=None, v_img=None):
+        out = attn_fn(q, k, v)
+        return out if k_img is None else out + attn_fn(q, k_img, v_img)
 
     return attend
 
@@ -115,9 +117,10 @@ class CrossAttention(SelfAttention):
     """Attention from the video tokens to the text tokens, plus (I2V) to the 257 CLIP tokens.
 
     The same projections as self-attention (so the same checkpoint names); the two branches share
-    the query and the output projection, and their results are summed. No RoPE here. The text
-    branch runs `text_attn_fn(q, k, v, lengths)`: with an exact backend (`set_attention`), the
-    padding collapsed into one key (`text_attention`), else `attn_fn` over every padded row.
+    the query and the output projection, and their results are summed. No RoPE here. Both
+    branches run in `text_attn_fn(q, k, v, lengths, k_img, v_img)`: with an exact backend
+    (`set_attention`) the padding collapsed into one key and, on CUDA, both branches in one kernel
+    (`text_attention`), else `attn_fn` over every padded row and over the image keys.
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, image: bool):
@@ -133,12 +136,11 @@ class CrossAttention(SelfAttention):
         q = self.norm_q(self.q(x)).view(b, -1, n, self.q.out_features // n)  # [B, L, H, D]
         k = self.norm_k(self.k(context.tokens)).view(b, -1, n, q.shape[-1])  # [B, Lt, H, D]
         v = self.v(context.tokens).view(b, -1, n, q.shape[-1])
-        out = self.text_attn_fn(q, k, v, context.lengths)
+        k_img = v_img = None
         if context_img is not None:
             k_img = self.norm_k_img(self.k_img(context_img)).view(b, -1, n, q.shape[-1])  # [B, 257, H, D]
             v_img = self.v_img(context_img).view(b, -1, n, q.shape[-1])
-            out = out + self.attn_fn(q, k_img, v_img)
-        return self.o(out.flatten(2))
+        return self.o(self.text_attn_fn(q, k, v, context.lengths, k_img, v_img).flatten(2))
 
 
 class Block(nn.Module):
