@@ -1,7 +1,8 @@
 """Sixteenth session's probe: (xattn) I2V cross-attention per layer, text + image branches in one
 kernel vs the text kernel, FA3 over the image keys and an add; (textacc) the text paths against
 float64 attention; (i2vstep) one compiled 720p I2V forward, fused vs separate branches;
-(vaeattn) the VAE's single-head attention (head dim 384) as SDPA vs two GEMMs and a softmax.
+(vaeattn) the VAE's single-head attention (head dim 384) as SDPA vs two GEMMs and a softmax;
+(gemm) the FP8 GEMMs at 720p, q/k/v as three GEMMs or one.
   python benchmarks/probe_sixteenth.py xattn,textacc,vaeattn,i2vstep"""
 
 import json
@@ -129,6 +130,36 @@ def part_vaeattn():
             row[f"{label}_rel"] = (err.norm() / ref.norm()).item()
         R[f"vaeattn_{name}"] = row
         log("vaeattn", name, json.dumps(row))
+
+
+def part_gemm():
+    """The fast mode's FP8 GEMMs at 720p (rowwise scales, fast accumulation, bias, bf16 out): q, k,
+    v as three GEMMs against one with the three weights stacked (N 15,360), and the other shapes."""
+    M = 75600
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def operands(k, n):
+        a = (torch.randn(M, k, device="cuda", generator=g) * 0.5).to(torch.float8_e4m3fn)
+        w = (torch.randn(n, k, device="cuda", generator=g) * 0.5).to(torch.float8_e4m3fn)
+        sa = torch.rand(M, 1, device="cuda", generator=g) + 0.5
+        sw = torch.rand(n, 1, device="cuda", generator=g) + 0.5
+        bias = torch.randn(n, device="cuda", generator=g).bfloat16()
+        return a, w, sa, sw, bias
+
+    def mm(a, w, sa, sw, bias):
+        return torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sw.t(), bias=bias, out_dtype=torch.bfloat16,
+                                use_fast_accum=True)
+
+    row = {}
+    for name, k, n in (("d5120", 5120, 5120), ("qkv15360", 5120, 15360), ("ffn1", 5120, 13824), ("ffn2", 13824, 5120)):
+        ops = operands(k, n)
+        ms = cuda_time(mm, reps=20, a=ops[0], w=ops[1], sa=ops[2], sw=ops[3], bias=ops[4])
+        row[f"{name}_ms"] = ms
+        row[f"{name}_tflops"] = 2 * M * k * n / ms / 1e9
+        del ops
+    row["qkv_three_ms"] = 3 * row["d5120_ms"]
+    R["gemm_720p"] = row
+    log("gemm", json.dumps({k_: round(v_, 3) for k_, v_ in row.items()}))
 
 
 def part_i2vstep():
