@@ -53,15 +53,8 @@ def _sdpa(q, k, v, bias=None):
     return out.transpose(1, 2)  # [B, H, Lq, D] -> [B, Lq, H, D]
 
 
-def reference_text_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lengths: torch.Tensor,
-    k_img: torch.Tensor | None = None,
-    v_img: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The op's math in torch: SDPA with the log-count bias (rows after the first padding row are
+def reference_text_attention(q, k, v, lengths, k_img=None, v_img=None) -> torch.Tensor:
+    """The op's math in torch (arguments as `text_attention`'s): SDPA with the log-count bias (rows after the first padding row are
     masked out), plus SDPA over the image keys when given."""
     bias = key_log_counts(lengths.to(q.device), k.shape[1])[:, None, None, :].to(q.dtype)  # [B, 1, 1, Lk]
     out = _sdpa(q, k, v, bias)
