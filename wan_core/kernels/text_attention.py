@@ -54,8 +54,8 @@ def _sdpa(q, k, v, bias=None):
 
 
 def reference_text_attention(q, k, v, lengths, k_img=None, v_img=None) -> torch.Tensor:
-    """The op's math in torch (arguments as `text_attention`'s): SDPA with the log-count bias (rows after the first padding row are
-    masked out), plus SDPA over the image keys when given."""
+    """The op's math in torch (arguments as `text_attention`'s): SDPA with the log-count bias
+    (rows after the first padding row are masked out), plus SDPA over the image keys when given."""
     bias = key_log_counts(lengths.to(q.device), k.shape[1])[:, None, None, :].to(q.dtype)  # [B, 1, 1, Lk]
     out = _sdpa(q, k, v, bias)
     if k_img is not None:
