@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .fp8_rows import HAS_TRITON
 
-__all__ = ["text_attention", "reference_text_attention", "key_log_counts", "COLLAPSE_MAX_KEYS"]
+__all__ = ["text_attention", "reference_text_attention", "attend_all_text_rows", "key_log_counts", "COLLAPSE_MAX_KEYS"]
 
 # The most keys (real tokens + the padding's one) the collapsed kernel runs; longer prompts go to
 # the exact backend over all rows (the crossover measured on an H100, benchmarks/NOTES.md).
@@ -63,21 +63,28 @@ def reference_text_attention(q, k, v, lengths, k_img=None, v_img=None) -> torch.
     return out.contiguous()
 
 
+def attend_all_text_rows(attn_fn):
+    """A text-attention function that attends to every padded row with `attn_fn` (lengths unused),
+    and to the image keys when given, each branch its own call, their results summed."""
+
+    def attend(q, k, v, lengths, k_img=None, v_img=None):
+        out = attn_fn(q, k, v)
+        return out if k_img is None else out + attn_fn(q, k_img, v_img)
+
+    return attend
+
+
 @functools.cache
-def _exact_backend(device: str):
+def _exact_all_rows(device: str):
     from .attention import get_attention
 
-    return get_attention("auto", device)
+    return attend_all_text_rows(get_attention("auto", device))
 
 
 def _all_rows(q, k, v, k_img=None, v_img=None) -> torch.Tensor:
     """Attention to every padded row (plus the image keys') through the device's exact "auto"
     backend (FA3 if installed)."""
-    attend = _exact_backend(str(q.device))
-    out = attend(q, k, v)
-    if k_img is not None:
-        out = out + attend(q, k_img, v_img)
-    return out.contiguous()
+    return _exact_all_rows(str(q.device))(q, k, v, None, k_img, v_img).contiguous()
 
 
 def _launch(q, k, v, lengths, k_img=None, v_img=None) -> torch.Tensor:

@@ -32,10 +32,10 @@ from ..kernels.attention import APPROXIMATE, AttentionFn, get_attention
 from ..kernels.attention_context import video_grid
 from ..kernels.block_ops import BlockOps, get_block_ops
 from ..kernels.rope import apply_rope, rope_tables
-from ..kernels.text_attention import text_attention
+from ..kernels.text_attention import attend_all_text_rows, text_attention
 from .config import WanConfig
 
-__all__ = ["WanModel", "TextContext", "rope_tables", "apply_rope", "sinusoidal_embedding", "FP32_PARAM_PATTERNS"]
+__all__ = ["WanModel", "TextContext", "attend_all_text_rows", "rope_tables", "apply_rope", "sinusoidal_embedding", "FP32_PARAM_PATTERNS"]
 
 # Parameters kept in float32 whatever the model dtype (small, and computed in float32 officially).
 FP32_PARAM_PATTERNS = ("modulation", "time_embedding.", "time_projection.", "head.head.", "norm")
@@ -76,17 +76,6 @@ class TextContext(NamedTuple):
 
     tokens: torch.Tensor
     lengths: torch.Tensor
-
-
-def attend_all_text_rows(attn_fn: AttentionFn):
-    """A text-attention function that attends to every padded row with `attn_fn` (lengths unused),
-    and to the image keys when given, each branch its own call, their results summed."""
-
-    def attend(q, k, v, lengths, k_img=None, v_img=None):
-        out = attn_fn(q, k, v)
-        return out if k_img is None else out + attn_fn(q, k_img, v_img)
-
-    return attend
 
 
 class SelfAttention(nn.Module):
