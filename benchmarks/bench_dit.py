@@ -242,6 +242,9 @@ def main():
                 ops = get_block_ops("fused")
                 if "noqk" in flags:  # "+noqk": q/k norm and RoPE left to inductor
                     ops = dataclasses.replace(ops, qk_norm_rope=get_block_ops("torch").qk_norm_rope)
+                if "nocodes" in flags:  # "+nocodes": attention outputs handed to the FP8 projections in
+                    # bf16 (each quantised by its projection), not stored as e4m3 codes by the kernels
+                    ops = dataclasses.replace(ops, attend=get_block_ops("torch").attend)
                 m.set_block_ops(ops)
             for blk in m.blocks:  # "+mk": inductor's multi-kernel (persistent reductions up to 16k wide
                 # where they time faster), "+mk2": persistent reductions forced; "+static": static

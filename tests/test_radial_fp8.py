@@ -133,7 +133,7 @@ def _signature(bm: int, bn: int, tma: bool, sparse: bool, qk: str = "fp8e4nv") -
                "VT": f"tensordesc<fp8e4nv[{d}, {bn}]>"}  # fmt: skip
     else:
         sig = {"Q": f"*{qk}", "K": f"*{qk}", "VT": "*fp8e4nv"}
-    sig.update(QS="*fp32", KS="*fp32", VS="*fp32", VM="*fp32", O="*bf16")
+    sig.update(QS="*fp32", KS="*fp32", VS="*fp32", VM="*fp32", O="*bf16", OS="*fp32")
     if sparse:
         sig.update(CNT="*i32", IDX="*i32")
     ints = ("lq", "lk", "lqp", "lkp", "heads", *(("max_cnt",) if sparse else ()), "stride_ob", "stride_ol", "stride_oh")

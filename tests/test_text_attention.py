@@ -114,13 +114,19 @@ def test_kernel_equals_attention_over_all_padded_rows_in_the_interpreter():
     assert max(errs) < 2e-2, errs
 
 
+def text_kernel_signature() -> dict:
+    """The text kernel's argument types for an sm_90 compile (bf16 in and out)."""
+    sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "N": "*i32", "K2": "*bf16", "V2": "*bf16", "O": "*bf16",
+           "OS": "*fp32", "lq": "i32", "lk": "i32", "lk2": "i32", "heads": "i32", "scale_log2": "fp32"}
+    sig.update({f"s{t}_{a}": "i32" for t in ("q", "k", "v", "k2", "v2", "o") for a in "blh"})
+    return sig
+
+
 @needs_triton
 def test_kernel_compiles_for_hopper():
     from wan_core.kernels.text_attention_kernel import CONFIGS, text_attn_fwd
 
-    sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "N": "*i32", "K2": "*bf16", "V2": "*bf16", "O": "*bf16",
-           "lq": "i32", "lk": "i32", "lk2": "i32", "heads": "i32", "scale_log2": "fp32"}
-    sig.update({f"s{t}_{a}": "i32" for t in ("q", "k", "v", "k2", "v2", "o") for a in "blh"})
+    sig = text_kernel_signature()
     for c in CONFIGS:
         for img in (False, True):
             consts = dict(HEAD_DIM=128, HAS_IMG=img, **c.kwargs)

@@ -5,6 +5,10 @@ and out: [B, Lq, H, D] in q's dtype. The model resolves its backend once, when i
 (`get_attention`), and stores the function; a backend whose package is missing is an error
 then, never a silent fallback in the middle of a run.
 
+A backend may also offer `attn.codes(q, k, v) -> (codes, row scales)`: its output as e4m3 codes
+[B, Lq, H, D] with one float32 scale per row [B·Lq, 1], the input an FP8 linear takes
+(`block_ops`' "fused" `attend` hands them to the output projection when it takes codes).
+
 One backend needs more than q, k, v: `radial_attn` (block-sparse, `radial_attention`) reads the
 video layout and the sampling step from `attention_context`, takes its options at build time
 (`get_attention(..., radial=RadialOptions(...))`), and runs self-attention only.
@@ -83,12 +87,16 @@ def _sage() -> AttentionFn:
 
 def _sage_triton(qk_int8: bool) -> Callable[[], AttentionFn]:
     def make():
-        from .sage_attention import sage_fp8_attention
+        from .sage_attention import sage_fp8_attention, sage_fp8_attention_codes
 
         def attn(q, k, v):
             return sage_fp8_attention(q, k, v, qk_int8=qk_int8)
 
+        def codes(q, k, v):
+            return sage_fp8_attention_codes(q, k, v, qk_int8=qk_int8)
+
         attn.__name__ = "sage_triton_int8" if qk_int8 else "sage_triton"
+        attn.codes = codes  # type: ignore[attr-defined]
         return attn
 
     return make

@@ -9,6 +9,8 @@ linears it calls the functions of a `BlockOps` stored on the block and its self-
   scale); h goes to the linears `feeds`.
 - `qk_norm_rope(u, norm, rope, heads) -> [B, L, H, D]`: q's or k's RMSNorm, then the 3-D RoPE.
 - `ffn(ffn, h) -> [B, L, C]`: the feed-forward (linear, tanh GELU, linear).
+- `attend(fn, o, *args) -> o's input`: an attention call `fn(*args)` ([B, L, H, D]) flattened to
+  [B, L, C] for the output projection `o`.
 
 Two implementations share these signatures:
 
@@ -19,8 +21,12 @@ Two implementations share these signatures:
   epilogue (bf16). Where every linear the output feeds is an FP8 linear whose kernel takes e4m3
   codes (`takes_codes`: an FP8 GEMM and no hooks), the op hands them the rows already quantised
   (`QuantRows`, one quantisation shared by q, k and v; the FFN's hidden row is quantised by its
-  GELU op). A linear with hooks (a LoRA branch, offload's weight streaming) gets bf16 as in
-  "torch": every feature keeps working, only the saving is lost. Why: benchmarks/NOTES.md.
+  GELU op). The same holds after attention: a backend with `fn.codes` (the 8-bit and the text
+  kernels, `attention.py`) stores its output as e4m3 codes for an output projection that takes
+  them, instead of bf16 that the projection would quantise in a pass of its own. A linear with
+  hooks (a LoRA branch, offload's weight streaming) or an attention function without `codes` (a
+  sequence-parallel wrapper) gets bf16 as in "torch": every feature keeps working, only the
+  saving is lost. Why: benchmarks/NOTES.md.
 
 "auto" is "fused" on a CUDA device when Triton is installed, else "torch".
 """
@@ -48,6 +54,7 @@ class BlockOps:
     add_norm_mod: Callable
     qk_norm_rope: Callable
     ffn: Callable
+    attend: Callable
 
 
 # ---- torch: the plain expressions --------------------------------------------------------------
@@ -67,6 +74,10 @@ def _torch_qk_norm_rope(u, norm, rope, heads):
 
 def _torch_ffn(ffn, h):
     return ffn(h)
+
+
+def _torch_attend(fn, o, *args):
+    return fn(*args).flatten(2)  # [B, L, H, D] -> [B, L, C]
 
 
 # ---- fused: single-pass custom ops -------------------------------------------------------------
@@ -109,9 +120,17 @@ def _fused_ffn(ffn, h):
     return ffn(h)
 
 
+def _fused_attend(fn, o, *args):
+    codes = getattr(fn, "codes", None)
+    if codes is None or not _takes_codes((o,)):
+        return _torch_attend(fn, o, *args)
+    out, scale = codes(*args)
+    return QuantRows(out.flatten(2), scale)  # codes [B, L, H, D] -> [B, L, C]
+
+
 BLOCK_OPS: dict[str, BlockOps] = {
-    "torch": BlockOps("torch", _torch_add_norm_mod, _torch_qk_norm_rope, _torch_ffn),
-    "fused": BlockOps("fused", _fused_add_norm_mod, _fused_qk_norm_rope, _fused_ffn),
+    "torch": BlockOps("torch", _torch_add_norm_mod, _torch_qk_norm_rope, _torch_ffn, _torch_attend),
+    "fused": BlockOps("fused", _fused_add_norm_mod, _fused_qk_norm_rope, _fused_ffn, _fused_attend),
 }
 
 

@@ -8,7 +8,8 @@ import importlib.util
 
 import torch
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "HAS_TRITON", "next_pow2", "quantize_rows", "quantize_rows_op", "launch_quant_rows"]
+__all__ = ["FP8_DTYPE", "FP8_MAX", "HAS_TRITON", "next_pow2", "quantize_rows", "quantize_rows_op", "launch_quant_rows",
+           "head_rows_codes", "row_scales"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
@@ -65,3 +66,17 @@ def quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @quantize_rows_op.register_fake
 def _(x):
     return torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device), x.new_empty(x.shape[0], 1, dtype=torch.float32)
+
+
+def head_rows_codes(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attention output [B, L, H, D] -> (e4m3 codes [B, L, H, D], scales [B·L, 1]), one scale per
+    token over all heads (`quantize_rows_op`): the `codes` of a backend path whose kernel stores bf16."""
+    b, l, h, d = out.shape
+    codes, scale = quantize_rows_op(out.reshape(b * l, h * d))
+    return codes.view(b, l, h, d), scale
+
+
+def row_scales(mult: torch.Tensor, rows: int) -> torch.Tensor:
+    """One e4m3 multiplier per batch item [B] -> each row's scale [B·rows, 1] (its inverse), the
+    form `QuantRows` carries: for an attention kernel that stores codes under one bound per item."""
+    return (1.0 / mult).repeat_interleave(rows)[:, None].contiguous()

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention_context import current_grid, current_step
+from .fp8_rows import FP8_DTYPE, head_rows_codes
 from .radial_mask import DECAY, RadialPlan, radial_plan
 
 __all__ = [
@@ -178,15 +179,17 @@ def radial_attention_triton(
 
 
 def radial_attention_fp8(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RadialPlan, config: dict | None = None
-) -> torch.Tensor:
-    """The block-sparse 8-bit kernel over the plan's kept blocks: [B, L, H, D] in q's dtype.
-    `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) skips the autotuner."""
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RadialPlan, config: dict | None = None,
+    codes: bool = False,
+):
+    """The block-sparse 8-bit kernel over the plan's kept blocks: [B, L, H, D] in q's dtype, or with
+    `codes` e4m3 codes and row scales (`sage_attention.sage_fp8_attention_codes`'s form). `config`
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) skips the autotuner."""
     from .sage_attention import sage_sparse_attention
 
     _check(q, k, v, plan)
     counts, indices = plan.counts.to(q.device), plan.indices.to(q.device)
-    return sage_sparse_attention(q, k, v, counts, indices, plan.block_size, config)
+    return sage_sparse_attention(q, k, v, counts, indices, plan.block_size, config, codes=codes)
 
 
 class RadialAttention:
@@ -225,10 +228,22 @@ class RadialAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return _radial_op(q, k, v, self._token)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def codes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output as e4m3 codes [B, L, H, D] and row scales [B·L, 1], for an FP8 output projection
+        (`attention.py`): stored so by the 8-bit kernels, quantised per token after the others."""
+        return _radial_codes_op(q, k, v, self._token)
+
+    def _attend_codes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         step = current_step()
         if step is not None and step < self.options.dense_timesteps:
-            return self.dense(q, k, v)
+            dense_codes = getattr(self.dense, "codes", None)
+            return dense_codes(q, k, v) if dense_codes is not None else head_rows_codes(self.dense(q, k, v))
+        if self.eight_bit:
+            return radial_attention_fp8(q, k, v, self._plan_for(q), codes=True)
+        return head_rows_codes(self._attend(q, k, v))
+
+    def _plan_for(self, q: torch.Tensor) -> RadialPlan:
+        """The plan of the declared video layout, checked against q's token count."""
         grid = current_grid()
         if grid is None:
             raise RuntimeError(
@@ -242,7 +257,13 @@ class RadialAttention:
                 f"{frames * tokens_per_frame}: it needs the whole sequence in one call (sequence parallel: Ulysses, "
                 "not ring)"
             )
-        plan = self.plan(frames, tokens_per_frame, q.device)
+        return self.plan(frames, tokens_per_frame, q.device)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        step = current_step()
+        if step is not None and step < self.options.dense_timesteps:
+            return self.dense(q, k, v)
+        plan = self._plan_for(q)
         if self.eight_bit:
             return radial_attention_fp8(q, k, v, plan)
         if self.use_triton and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
@@ -267,6 +288,18 @@ def _radial_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: int) 
 @_radial_op.register_fake
 def _(q, k, v, backend):
     return q.new_empty(q.shape)  # [B, L, H, D] in q's dtype, contiguous
+
+
+@torch.library.custom_op("wan_core::radial_attention_codes", mutates_args=())
+def _radial_codes_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: int) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, scale = _BACKENDS[backend]._attend_codes(q, k, v)
+    return codes.contiguous(), scale.contiguous()
+
+
+@_radial_codes_op.register_fake
+def _(q, k, v, backend):
+    b, length = q.shape[:2]
+    return q.new_empty(q.shape, dtype=FP8_DTYPE), q.new_empty(b * length, 1, dtype=torch.float32)
 
 
 def make_radial(options: RadialOptions | None, dense, device=None) -> RadialAttention:

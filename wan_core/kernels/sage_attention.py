@@ -29,7 +29,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["quantize", "reference", "sage_fp8_attention", "sage_sparse_attention", "available", "PAD"]
+from .fp8_rows import row_scales
+
+__all__ = ["quantize", "reference", "sage_fp8_attention", "sage_fp8_attention_codes", "sage_sparse_attention",
+           "out_multiplier", "available", "PAD"]
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -213,12 +216,14 @@ def _tma_possible(device: torch.device) -> bool:
 
 def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype, config: dict | None = None,
             use_tma: bool | None = None, pipeline: bool | None = None, warp_spec: bool | None = None,
-            blocks: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+            blocks: tuple[torch.Tensor, torch.Tensor, int] | None = None, out_mult: torch.Tensor | None = None
+            ) -> torch.Tensor:  # fmt: skip
     """Run the kernel; `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) skips the autotuner
     (which needs a GPU: the Triton interpreter used by the CPU tests runs one fixed config).
     `blocks` = (counts int32 [n], indices int32 [n, max count], mask block): the block-sparse
     variant (`sage_sparse_kernel`) over those key blocks (its own loop-form default, `SPARSE_OPTIONS`;
-    no warp specialisation there)."""
+    no warp specialisation there). `out_mult` (float32 [B], `out_multiplier`): the output is
+    stored as e4m3 codes, the rows times their batch item's multiplier (`out_dtype` unused)."""
     from . import sage_kernel
 
     use_tma = (KERNEL_OPTIONS["use_tma"] and _tma_possible(qc.device)) if use_tma is None else use_tma
@@ -229,7 +234,9 @@ def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype
         config = _sparse_config(qc.device, blocks[2])
     b, h, lqp, d = qc.shape
     lkp = kc.shape[2]
-    out = torch.empty(b, lq, h, d, dtype=out_dtype, device=qc.device)  # [B, Lq, H, D]
+    codes = out_mult is not None
+    out = torch.empty(b, lq, h, d, dtype=FP8 if codes else out_dtype, device=qc.device)  # [B, Lq, H, D]
+    os_ = out_mult if codes else vs  # unread without codes
     qv, kv, vv = qc.view(b * h * lqp, d), kc.view(b * h * lkp, d), vt.view(b * h * d, lkp)
     if use_tma:  # tile shapes are set per config (autotuner pre-hook, or below)
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -249,15 +256,15 @@ def _launch(qc, qs, kc, ks, vt, vs, vm, lq: int, lk: int, out_dtype: torch.dtype
         from . import sage_sparse_kernel
 
         counts, indices, mask_block = blocks
-        args = (qv, qs, kv, ks, vv, vs, vm, out, counts, indices, lq, lk, lqp, lkp, h, indices.shape[1], *strides)
+        args = (qv, qs, kv, ks, vv, vs, vm, out, os_, counts, indices, lq, lk, lqp, lkp, h, indices.shape[1], *strides)
         kernel = sage_sparse_kernel.attn_fwd_sparse if config is not None else sage_sparse_kernel.attn_fwd_sparse_tuned
         kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, USE_TMA=use_tma, KBLK=KBLK,
-                     MASK_BLOCK=mask_block, PIPELINE=pipeline, **(config or {}))  # fmt: skip
+                     MASK_BLOCK=mask_block, PIPELINE=pipeline, CODES=codes, **(config or {}))  # fmt: skip
         return out
-    args = (qv, qs, kv, ks, vv, vs, vm, out, lq, lk, lqp, lkp, h, *strides)
+    args = (qv, qs, kv, ks, vv, vs, vm, out, os_, lq, lk, lqp, lkp, h, *strides)
     kernel = sage_kernel.attn_fwd if config is not None else sage_kernel.attn_fwd_tuned
     kernel[grid](*args, HEAD_DIM=d, QK_INT8=qc.dtype == torch.int8, USE_TMA=use_tma, PIPELINE=pipeline, KBLK=KBLK,
-                 WARP_SPEC=warp_spec,
+                 WARP_SPEC=warp_spec, CODES=codes,
                  **(config or {}))
     return out
 
@@ -274,20 +281,58 @@ def _(qc, qs, kc, ks, vt, vs, vm, lq, lk, out_dtype):
     return qc.new_empty(b, lq, h, d, dtype=out_dtype)
 
 
+# ---- the output as e4m3 codes, for the FP8 linear after the attention ----------------------------
+def out_multiplier(vs: torch.Tensor, vm: torch.Tensor) -> torch.Tensor:
+    """The e4m3 multiplier of the kernel's output, one per batch item: 448 / bound, float32 [B].
+
+    Why not one per row, as an FP8 linear quantises its input (`fp8_rows`): a row's amax spans every
+    head, which no program of the kernel sees. But each output is a softmax average of the
+    dequantised values, so |out| <= |vm| + 448 · vs on every channel, a bound known before the kernel
+    runs. e4m3's relative step is the same at every magnitude down to 2^-6 of its range, so only
+    outputs more than 28,672 times below the bound are rounded more coarsely than a row's own scale
+    would round them (benchmarks/NOTES.md, seventeenth session)."""
+    bound = (vm.abs() + FP8_MAX * vs).amax(dim=(1, 2)).clamp(min=1e-12)  # [B, H, D] -> [B]
+    return (FP8_MAX / bound).float().contiguous()
+
+
+def _pack(q, k, v, qk_int8: bool, smooth_k: bool):
+    if q.shape == k.shape and not qk_int8 and smooth_k and TRITON_QUANTIZE:  # self-attention: one op
+        return _quantize_op(q, k, v)
+    return quantize(q, k, v, qk_int8=qk_int8, smooth_k=smooth_k)
+
+
+@torch.library.custom_op("wan_core::sage_attention_codes", mutates_args=())
+def _sage_codes_op(qc: torch.Tensor, qs: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vt: torch.Tensor,
+                   vs: torch.Tensor, vm: torch.Tensor, lq: int, lk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    mult = out_multiplier(vs, vm)
+    return _launch(qc, qs, kc, ks, vt, vs, vm, lq, lk, FP8, out_mult=mult), row_scales(mult, lq)
+
+
+@_sage_codes_op.register_fake
+def _(qc, qs, kc, ks, vt, vs, vm, lq, lk):
+    b, h, _, d = qc.shape
+    return qc.new_empty(b, lq, h, d, dtype=FP8), qc.new_empty(b * lq, 1, dtype=torch.float32)
+
+
 def sage_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_int8: bool = False,
                        smooth_k: bool = True) -> torch.Tensor:
     """Attention of q [B, Lq, H, D] over k/v [B, Lk, H, D] in 8 bits; [B, Lq, H, D] in q's dtype."""
-    if q.shape == k.shape and not qk_int8 and smooth_k and TRITON_QUANTIZE:  # self-attention: one op
-        packed = _quantize_op(q, k, v)
-    else:
-        packed = quantize(q, k, v, qk_int8=qk_int8, smooth_k=smooth_k)
-    return _sage_op(*packed, q.shape[1], k.shape[1], q.dtype)
+    return _sage_op(*_pack(q, k, v, qk_int8, smooth_k), q.shape[1], k.shape[1], q.dtype)
+
+
+def sage_fp8_attention_codes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_int8: bool = False,
+                             smooth_k: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sage_fp8_attention` with its output as e4m3 codes [B, Lq, H, D] and each row's scale
+    [B · Lq, 1] (one per batch item, `out_multiplier`): the input an FP8 linear takes, without
+    the bf16 output's write and the quantising pass over it."""
+    return _sage_codes_op(*_pack(q, k, v, qk_int8, smooth_k), q.shape[1], k.shape[1])
 
 
 def sage_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor,
-                          indices: torch.Tensor, block_size: int, config: dict | None = None) -> torch.Tensor:
+                          indices: torch.Tensor, block_size: int, config: dict | None = None, codes: bool = False):
     """Block-sparse self-attention in 8 bits: query block i of `block_size` tokens attends to the key
-    blocks indices[i, :counts[i]] (ascending) only. q/k/v [B, L, H, D]; [B, L, H, D] in q's dtype.
+    blocks indices[i, :counts[i]] (ascending) only. q/k/v [B, L, H, D]; [B, L, H, D] in q's dtype,
+    or with `codes` as `sage_fp8_attention_codes` returns it (e4m3 codes, row scales).
 
     The same quantisation as the dense kernel (one op on CUDA), then `sage_sparse_kernel`. The
     block size must be a multiple of the tiles run (`config`'s; the autotuner keeps those of its
@@ -304,4 +349,8 @@ def sage_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cou
         raise ValueError(f"sparse 8-bit attention: {counts.shape[0]} block rows for {length} tokens of {block_size}")
     packed = _quantize_op(q, k, v) if TRITON_QUANTIZE else quantize(q, k, v)
     blocks = (counts.to(q.device, torch.int32), indices.to(q.device, torch.int32).contiguous(), block_size)
+    if codes:
+        mult = out_multiplier(packed[5], packed[6])
+        out = _launch(*packed, length, length, FP8, config=config, blocks=blocks, out_mult=mult)
+        return out, row_scales(mult, length)
     return _launch(*packed, length, length, q.dtype, config=config, blocks=blocks)

@@ -104,10 +104,12 @@ def key_tile(q, qs, K, ks_ptr, VT, k_row, v_row, col, lk, lkp, acc, l_i, m_i, HE
 
 
 @triton.jit
-def store_out(acc, l_i, VS, VM, O, pid_m, bh, lq, heads, stride_ob, stride_ol, stride_oh, HEAD_DIM: tl.constexpr,
-              BLOCK_M: tl.constexpr):
+def store_out(acc, l_i, VS, VM, O, OS, pid_m, bh, lq, heads, stride_ob, stride_ol, stride_oh, HEAD_DIM: tl.constexpr,
+              BLOCK_M: tl.constexpr, CODES: tl.constexpr):
     """Dequantise (v scales, the 448 of P cancels in acc / l), add v's mean back, store the rows
-    below lq. A row that saw no key (l = 0: only a sparse mask's empty row) is stored as zeros."""
+    below lq. A row that saw no key (l = 0: only a sparse mask's empty row) is stored as zeros.
+    CODES: O is e4m3, the rows are stored times the batch item's multiplier OS[b] (the caller's
+    bound on |output|, `sage_attention.out_multiplier`), for the FP8 linear after the attention."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     vs = tl.load(VS + bh.to(tl.int64) * HEAD_DIM + offs_d)
@@ -117,14 +119,17 @@ def store_out(acc, l_i, VS, VM, O, pid_m, bh, lq, heads, stride_ob, stride_ol, s
     out = tl.where(seen[:, None], out, 0.0)
     b = bh // heads
     h = bh % heads
+    if CODES:
+        out = tl.clamp(out * tl.load(OS + b), -448.0, 448.0)
     o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < lq)
 
 
 @triton.jit
-def attn_fwd(Q, QS, K, KS, VT, VS, VM, O, lq, lk, lqp, lkp, heads, stride_ob, stride_ol, stride_oh,
+def attn_fwd(Q, QS, K, KS, VT, VS, VM, O, OS, lq, lk, lqp, lkp, heads, stride_ob, stride_ol, stride_oh,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr,
-             USE_TMA: tl.constexpr, PIPELINE: tl.constexpr, KBLK: tl.constexpr, WARP_SPEC: tl.constexpr = False):
+             USE_TMA: tl.constexpr, PIPELINE: tl.constexpr, KBLK: tl.constexpr, WARP_SPEC: tl.constexpr = False,
+             CODES: tl.constexpr = False):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     k_row = bh * lkp  # row in the [B·H·Lkp, D] view of k
@@ -149,7 +154,7 @@ def attn_fwd(Q, QS, K, KS, VT, VS, VM, O, lq, lk, lqp, lkp, heads, stride_ob, st
     if n_full < lk:
         acc, l_i, m_i = key_tile(q, qs, K, ks_ptr, VT, k_row, v_row, n_full, lk, lkp, acc, l_i, m_i, HEAD_DIM,
                                  BLOCK_N, QK_INT8, USE_TMA, True, KBLK)
-    store_out(acc, l_i, VS, VM, O, pid_m, bh, lq, heads, stride_ob, stride_ol, stride_oh, HEAD_DIM, BLOCK_M)
+    store_out(acc, l_i, VS, VM, O, OS, pid_m, bh, lq, heads, stride_ob, stride_ol, stride_oh, HEAD_DIM, BLOCK_M, CODES)
 
 
 def set_block_shapes(nargs):
@@ -167,4 +172,5 @@ CONFIGS = [
     for bm, bn, w, s in [(64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3),
                          (128, 64, 8, 3), (128, 128, 8, 4)]
 ]
-attn_fwd_tuned = triton.autotune(CONFIGS, key=["lkp", "HEAD_DIM", "QK_INT8", "USE_TMA", "PIPELINE", "WARP_SPEC"])(attn_fwd)
+attn_fwd_tuned = triton.autotune(CONFIGS, key=["lkp", "HEAD_DIM", "QK_INT8", "USE_TMA", "PIPELINE", "WARP_SPEC",
+                                                    "CODES"])(attn_fwd)

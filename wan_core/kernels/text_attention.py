@@ -30,9 +30,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .fp8_rows import HAS_TRITON
+from .fp8_rows import FP8_DTYPE, FP8_MAX, HAS_TRITON, head_rows_codes, row_scales
 
-__all__ = ["text_attention", "reference_text_attention", "attend_all_text_rows", "key_log_counts", "COLLAPSE_MAX_KEYS"]
+__all__ = ["text_attention", "text_attention_codes", "text_multiplier", "reference_text_attention", "attend_all_text_rows", "key_log_counts", "COLLAPSE_MAX_KEYS"]
 
 # The most keys (real tokens + the padding's one) the collapsed kernel runs; longer prompts go to
 # the exact backend over all rows (the crossover measured on an H100, benchmarks/NOTES.md).
@@ -87,30 +87,46 @@ def _all_rows(q, k, v, k_img=None, v_img=None) -> torch.Tensor:
     return _exact_all_rows(str(q.device))(q, k, v, None, k_img, v_img).contiguous()
 
 
-def _launch(q, k, v, lengths, k_img=None, v_img=None) -> torch.Tensor:
+def _launch(q, k, v, lengths, k_img=None, v_img=None, out_mult: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel; with `out_mult` (float32 [B]) its output is stored as e4m3 codes, each batch
+    item's rows times its multiplier."""
     import triton
 
     from . import text_attention_kernel as tk
 
     b, lq, h, d = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    codes = out_mult is not None
+    out = torch.empty(q.shape, dtype=FP8_DTYPE if codes else q.dtype, device=q.device)
     lengths = lengths.to(device=q.device, dtype=torch.int32, non_blocking=True).contiguous()
     has_img = k_img is not None
     k2, v2 = (k_img, v_img) if has_img else (k, v)  # without the image branch: unread stand-ins
-    args = (q, k, v, lengths, k2, v2, out, lq, k.shape[1], k2.shape[1] if has_img else 0, h,
+    mult = out_mult if codes else lengths  # unread without codes
+    args = (q, k, v, lengths, k2, v2, out, mult, lq, k.shape[1], k2.shape[1] if has_img else 0, h,
             math.log2(math.e) / math.sqrt(d), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *k2.stride()[:3], *v2.stride()[:3], *out.stride()[:3])  # fmt: skip
     if q.device.type == "cuda":
         grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h)  # noqa: E731
-        tk.text_attn_fwd_tuned[grid](*args, HEAD_DIM=d, HAS_IMG=has_img)
+        tk.text_attn_fwd_tuned[grid](*args, HEAD_DIM=d, HAS_IMG=has_img, CODES=codes)
     else:  # Triton's interpreter (tests)
-        tk.text_attn_fwd[(triton.cdiv(lq, 64), b * h)](*args, HEAD_DIM=d, BLOCK_M=64, BLOCK_N=32, HAS_IMG=has_img)
+        tk.text_attn_fwd[(triton.cdiv(lq, 64), b * h)](*args, HEAD_DIM=d, BLOCK_M=64, BLOCK_N=32, HAS_IMG=has_img,
+                                                       CODES=codes)  # fmt: skip
     return out
 
 
 def _use_triton(q: torch.Tensor) -> bool:
     d = q.shape[-1]
     return q.device.type == "cuda" and HAS_TRITON and d >= 16 and d & (d - 1) == 0  # tl.arange: a power of two
+
+
+def _runs_kernel(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor) -> bool:
+    """Whether the Triton kernel runs (else the torch reference off CUDA, or all rows for a long prompt)."""
+    return _use_triton(q) and min(int(lengths.max()) + 1, k.shape[1]) <= COLLAPSE_MAX_KEYS  # lengths on the CPU
+
+
+def _without_kernel(q, k, v, lengths, k_img, v_img) -> torch.Tensor:
+    if not _use_triton(q):
+        return reference_text_attention(q, k, v, lengths, k_img, v_img)
+    return _all_rows(q, k, v, k_img, v_img)
 
 
 @torch.library.custom_op("wan_core::text_attention", mutates_args=())
@@ -122,16 +138,45 @@ def _text_attention_op(
     k_img: torch.Tensor | None,
     v_img: torch.Tensor | None,
 ) -> torch.Tensor:
-    if not _use_triton(q):
-        return reference_text_attention(q, k, v, lengths, k_img, v_img)
-    if min(int(lengths.max()) + 1, k.shape[1]) > COLLAPSE_MAX_KEYS:  # lengths on the CPU: no device sync
-        return _all_rows(q, k, v, k_img, v_img)
-    return _launch(q, k, v, lengths, k_img, v_img)
+    if _runs_kernel(q, k, lengths):
+        return _launch(q, k, v, lengths, k_img, v_img)
+    return _without_kernel(q, k, v, lengths, k_img, v_img)
 
 
 @_text_attention_op.register_fake
 def _(q, k, v, lengths, k_img, v_img):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def text_multiplier(v: torch.Tensor, v_img: torch.Tensor | None = None) -> torch.Tensor:
+    """The e4m3 multiplier of the output, one per batch item: 448 / bound, float32 [B]. The text
+    branch is a softmax average of v's rows, the image branch one of v_img's, so max |v| (plus
+    max |v_img|) bounds every output (`sage_attention.out_multiplier` says why not one per row)."""
+    bound = v.abs().amax(dim=(1, 2, 3)).float()  # [B, Lk, H, D] -> [B]
+    if v_img is not None:
+        bound = bound + v_img.abs().amax(dim=(1, 2, 3)).float()
+    return (FP8_MAX / bound.clamp(min=1e-12)).contiguous()
+
+
+@torch.library.custom_op("wan_core::text_attention_codes", mutates_args=())
+def _text_attention_codes_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    k_img: torch.Tensor | None,
+    v_img: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not _runs_kernel(q, k, lengths):
+        return head_rows_codes(_without_kernel(q, k, v, lengths, k_img, v_img))
+    mult = text_multiplier(v, v_img)
+    return _launch(q, k, v, lengths, k_img, v_img, out_mult=mult), row_scales(mult, q.shape[1])
+
+
+@_text_attention_codes_op.register_fake
+def _(q, k, v, lengths, k_img, v_img):
+    b, lq = q.shape[:2]
+    return torch.empty(q.shape, dtype=FP8_DTYPE, device=q.device), q.new_empty(b * lq, 1, dtype=torch.float32)
 
 
 def text_attention(
@@ -149,3 +194,22 @@ def text_attention(
     if (k_img is None) != (v_img is None):
         raise ValueError("the image branch needs both k_img and v_img")
     return _text_attention_op(q, k, v, lengths, k_img, v_img)
+
+
+def text_attention_codes(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    k_img: torch.Tensor | None = None,
+    v_img: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`text_attention` with its output as e4m3 codes [B, Lq, H, D] and each row's scale [B·Lq, 1]
+    (one per batch item, `text_multiplier`, where the kernel runs; per token after the other
+    paths): the input of the FP8 output projection."""
+    if (k_img is None) != (v_img is None):
+        raise ValueError("the image branch needs both k_img and v_img")
+    return _text_attention_codes_op(q, k, v, lengths, k_img, v_img)
+
+
+text_attention.codes = text_attention_codes  # type: ignore[attr-defined]  (attention.py: a backend's codes)

@@ -7,7 +7,8 @@ serves every prompt length). Key n, the first padding row, stands for all lk - n
 (they are equal): its score gets + log2(lk - n), i.e. it is counted lk - n times in the softmax.
 With HAS_IMG, a second loop attends to the lk2 image keys (its own softmax, as in the model) and
 the two results are summed in float32 before the one store: q is read once and no separate add
-pass runs over the two branches' outputs.
+pass runs over the two branches' outputs. With CODES the store is e4m3 codes (the output times the
+batch item's multiplier OS[b], from the caller's bound on |output|), the FP8 projection's input.
 Scores in the log2 domain (exp2), float32 online softmax, bf16 matmuls with float32 accumulation.
 """
 
@@ -44,10 +45,11 @@ def _branch(q, k_base, v_base, sk_l, sv_l, n_keys, bias_col, bias, scale_log2,
 
 
 @triton.jit
-def text_attn_fwd(Q, K, V, N, K2, V2, O, lq, lk, lk2, heads, scale_log2,
+def text_attn_fwd(Q, K, V, N, K2, V2, O, OS, lq, lk, lk2, heads, scale_log2,
                   sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, sk2_b, sk2_l, sk2_h, sv2_b, sv2_l, sv2_h,
                   so_b, so_l, so_h,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_IMG: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_IMG: tl.constexpr,
+                  CODES: tl.constexpr = False):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // heads).to(tl.int64)
@@ -64,6 +66,8 @@ def text_attn_fwd(Q, K, V, N, K2, V2, O, lq, lk, lk2, heads, scale_log2,
     if HAS_IMG:  # the image branch: every key real, no bias (column -1 matches no key)
         out += _branch(q, K2 + b * sk2_b + h * sk2_h, V2 + b * sv2_b + h * sv2_h, sk2_l, sv2_l, lk2, -1, 0.0,
                        scale_log2, HEAD_DIM, BLOCK_M, BLOCK_N)
+    if CODES:  # e4m3 codes for the FP8 output projection: times the batch item's multiplier OS[b]
+        out = tl.clamp(out * tl.load(OS + b), -448.0, 448.0)
     tl.store(O + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_l + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=rows)
 
@@ -74,4 +78,4 @@ CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2)]
 ]
-text_attn_fwd_tuned = triton.autotune(CONFIGS, key=["lk", "lk2", "HEAD_DIM", "HAS_IMG"])(text_attn_fwd)
+text_attn_fwd_tuned = triton.autotune(CONFIGS, key=["lk", "lk2", "HEAD_DIM", "HAS_IMG", "CODES"])(text_attn_fwd)
