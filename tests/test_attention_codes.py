@@ -288,7 +288,7 @@ def test_fast_mode_forward_with_codes_equals_the_bf16_handover(attn):
             assert isinstance(o, FP8Linear) and o.takes_codes
             orig = FP8Linear.forward
 
-            def spy(self, inp, orig=orig):
+            def spy(self, inp, orig=orig, o=o):
                 if self is o:
                     seen.append(type(inp).__name__)
                 return orig(self, inp)

@@ -13,7 +13,9 @@ matmuls are done in 8 bits here:
   and added back to the output (exact, as the softmax weights sum to one); for values with a
   shared channel bias this cuts the error several-fold (benchmarks/NOTES.md log, "v smoothed").
   The row sums of P are taken in float32 before the rounding; the
-  accumulators are float32; the output is bf16.
+  accumulators are float32; the output is bf16, or e4m3 codes with one scale per batch item
+  (`sage_fp8_attention_codes`, `out_multiplier`) for an FP8 output projection, which then needs
+  no quantising pass of its own.
 
 The quantisation is `quantize` (torch code, the reference), run for self-attention on CUDA by two
 Triton kernels (`sage_quant_kernel`: one pass over k and v for the means and v's range, one over
