@@ -260,10 +260,11 @@ def test_codes_on_the_gpu_round_the_kernels_own_output():
 @pytest.mark.gpu
 @pytest.mark.skipif(not _GPU, reason="needs a CUDA GPU with FP8 and triton")
 @pytest.mark.parametrize("attn", ["sage_triton", "radial_attn"])
-def test_fast_mode_forward_with_codes_equals_the_bf16_handover(attn):
-    """A small fast-mode DiT (FP8 linears, the fused block ops, 8-bit or radial self-attention,
-    compiled blocks): handing the output projections codes instead of bf16 changes the forward by
-    about one e4m3 rounding (cosine to the bf16 handover >= 0.9995), and the projections get codes."""
+def test_fast_mode_forward_with_codes_is_as_accurate_as_the_bf16_handover(attn):
+    """A small fast-mode DiT (FP8 linears, the fused block ops, 8-bit or radial self-attention over
+    21 frames, compiled blocks): the output projections get codes, and the forward is as close to
+    the same model whose output projections take bf16 unquantised (kernel "dequant") as the bf16
+    handover (each projection quantising per token) is: the per-item scale costs no accuracy."""
     import dataclasses
 
     from wan_core.layers.fp8 import FP8Linear, quantize_model
@@ -274,15 +275,20 @@ def test_fast_mode_forward_with_codes_equals_the_bf16_handover(attn):
     cfg = tiny_cfg(dim=512, ffn_dim=1024, num_heads=4, num_layers=2)
     sd = random_state_dict(cfg)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 5, 32, 32, generator=g).cuda()  # 5 x 16 x 16 = 1280 tokens
+    x = torch.randn(1, 16, 21, 16, 16, generator=g).cuda()  # 21 x 8 x 8 = 1,344 tokens: a sparse radial mask
     t, ctx = torch.tensor([500.0]).cuda(), torch.randn(1, 7, cfg.text_dim, generator=g).cuda()
     fused = get_block_ops("fused")
+    bf16_handover = dataclasses.replace(fused, attend=get_block_ops("torch").attend)
     outs, seen = {}, []
-    for name, ops in (("codes", fused), ("bf16", dataclasses.replace(fused, attend=get_block_ops("torch").attend))):
+    for name, ops in (("codes", fused), ("bf16", bf16_handover), ("unquantised", bf16_handover)):
         m = build_model(cfg, sd, dtype=torch.bfloat16, device="cuda")
         quantize_model(m)
         m.set_attention(attn, radial=ra.RadialOptions(kernel="fp8") if attn == "radial_attn" else None)
         m.set_block_ops(ops)
+        if name == "unquantised":
+            for blk in m.blocks:
+                blk.self_attn.o.set_kernel("dequant")
+                blk.cross_attn.o.set_kernel("dequant")
         if name == "codes":  # the types the output projections get (a hook would make them take bf16)
             o = m.blocks[0].self_attn.o
             assert isinstance(o, FP8Linear) and o.takes_codes
@@ -303,6 +309,10 @@ def test_fast_mode_forward_with_codes_equals_the_bf16_handover(attn):
             blk.compile()
         with torch.inference_mode():
             outs[name] = m(x, t, ctx).float()
+        torch._dynamo.reset()
     assert seen == ["QuantRows"]
-    c = F.cosine_similarity(outs["codes"].flatten(), outs["bf16"].flatten(), 0).item()
-    assert c >= 0.9995, c
+
+    def err(name):
+        return 1 - F.cosine_similarity(outs[name].flatten(), outs["unquantised"].flatten(), 0).item()
+
+    assert 0 < err("codes") < 1.3 * err("bf16") + 1e-6, (err("codes"), err("bf16"))
