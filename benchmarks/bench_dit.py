@@ -203,11 +203,8 @@ def main():
         # `sparse_options`); a "+mk" suffix compiles with inductor's multi-kernel option
         try:
             torch._dynamo.reset()
-            base, *flags = variant.split("+")
-            from probe_seventeenth import unfold  # one-off: "+nofold", the DiT before the FFN residual fold
-
-            unfold("nofold" in flags)
             m = build_model(cfg, sd, dtype=torch.bfloat16, device="cuda")
+            base, *flags = variant.split("+")
             base, _, attn = base.partition("@")  # "bf16@flash_attn3", "fast@fa3_fp8": another self-attention
             radial = None
             if attn and "radial" in attn:  # "fast@radial_attn": the 8-bit sparse kernel, as fast mode's model
