@@ -316,3 +316,13 @@ def test_fast_mode_forward_with_codes_is_as_accurate_as_the_bf16_handover(attn):
         return 1 - F.cosine_similarity(outs[name].flatten(), outs["unquantised"].flatten(), 0).item()
 
     assert 0 < err("codes") < 1.3 * err("bf16") + 1e-6, (err("codes"), err("bf16"))
+
+
+@pytest.mark.parametrize("codes", [False, True])
+def test_text_op_fake_matches_real(codes):
+    """The text attention op, both outputs (off CUDA: its reference path), against its fake (what
+    torch.compile traces with): same shapes, dtypes and strides."""
+    from torch.library import opcheck
+
+    q, k, v, n = padded_text(dtype=torch.bfloat16)
+    opcheck(torch.ops.wan_core.text_attention.default, (q, k, v, n, None, None, codes))

@@ -137,15 +137,26 @@ def _text_attention_op(
     lengths: torch.Tensor,
     k_img: torch.Tensor | None,
     v_img: torch.Tensor | None,
-) -> torch.Tensor:
-    if _runs_kernel(q, k, lengths):
-        return _launch(q, k, v, lengths, k_img, v_img)
-    return _without_kernel(q, k, v, lengths, k_img, v_img)
+    codes: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output [B, Lq, H, D] in q's dtype, an empty scale), or with `codes` (its e4m3 codes, each
+    row's scale [B·Lq, 1]): one scale per batch item where the kernel runs, per token elsewhere."""
+    if not _runs_kernel(q, k, lengths):
+        out = _without_kernel(q, k, v, lengths, k_img, v_img)
+        return head_rows_codes(out) if codes else (out, out.new_empty(0))
+    if not codes:
+        out = _launch(q, k, v, lengths, k_img, v_img)
+        return out, out.new_empty(0)
+    mult = text_multiplier(v, v_img)
+    return _launch(q, k, v, lengths, k_img, v_img, out_mult=mult), row_scales(mult, q.shape[1])
 
 
 @_text_attention_op.register_fake
-def _(q, k, v, lengths, k_img, v_img):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+def _(q, k, v, lengths, k_img, v_img, codes):
+    b, lq = q.shape[:2]
+    if codes:
+        return torch.empty(q.shape, dtype=FP8_DTYPE, device=q.device), q.new_empty(b * lq, 1, dtype=torch.float32)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(0)
 
 
 def text_multiplier(v: torch.Tensor, v_img: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,25 +169,9 @@ def text_multiplier(v: torch.Tensor, v_img: torch.Tensor | None = None) -> torch
     return (FP8_MAX / bound.clamp(min=1e-12)).contiguous()
 
 
-@torch.library.custom_op("wan_core::text_attention_codes", mutates_args=())
-def _text_attention_codes_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lengths: torch.Tensor,
-    k_img: torch.Tensor | None,
-    v_img: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if not _runs_kernel(q, k, lengths):
-        return head_rows_codes(_without_kernel(q, k, v, lengths, k_img, v_img))
-    mult = text_multiplier(v, v_img)
-    return _launch(q, k, v, lengths, k_img, v_img, out_mult=mult), row_scales(mult, q.shape[1])
-
-
-@_text_attention_codes_op.register_fake
-def _(q, k, v, lengths, k_img, v_img):
-    b, lq = q.shape[:2]
-    return torch.empty(q.shape, dtype=FP8_DTYPE, device=q.device), q.new_empty(b * lq, 1, dtype=torch.float32)
+def _check_image_branch(k_img: torch.Tensor | None, v_img: torch.Tensor | None) -> None:
+    if (k_img is None) != (v_img is None):
+        raise ValueError("the image branch needs both k_img and v_img")
 
 
 def text_attention(
@@ -191,25 +186,16 @@ def text_attention(
     are zero-padding rows (all equal): exactly the attention to all Lk rows, over n + 1 keys
     (lengths: [B] int32 on the CPU); plus, when given, the attention to the image keys k_img,
     v_img [B, Li, H, D] (I2V's second branch)."""
-    if (k_img is None) != (v_img is None):
-        raise ValueError("the image branch needs both k_img and v_img")
-    return _text_attention_op(q, k, v, lengths, k_img, v_img)
+    _check_image_branch(k_img, v_img)
+    return _text_attention_op(q, k, v, lengths, k_img, v_img, False)[0]
 
 
-def text_attention_codes(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lengths: torch.Tensor,
-    k_img: torch.Tensor | None = None,
-    v_img: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def text_attention_codes(q, k, v, lengths, k_img=None, v_img=None) -> tuple[torch.Tensor, torch.Tensor]:
     """`text_attention` with its output as e4m3 codes [B, Lq, H, D] and each row's scale [B·Lq, 1]
     (one per batch item, `text_multiplier`, where the kernel runs; per token after the other
     paths): the input of the FP8 output projection."""
-    if (k_img is None) != (v_img is None):
-        raise ValueError("the image branch needs both k_img and v_img")
-    return _text_attention_codes_op(q, k, v, lengths, k_img, v_img)
+    _check_image_branch(k_img, v_img)
+    return _text_attention_op(q, k, v, lengths, k_img, v_img, True)
 
 
 text_attention.codes = text_attention_codes  # type: ignore[attr-defined]  (attention.py: a backend's codes)
