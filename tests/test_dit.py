@@ -131,7 +131,7 @@ def test_bf16_residual_stream_is_kept_and_close_to_float32():
     g = torch.Generator().manual_seed(3)
     x, ctx, t = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 10, cfg.text_dim, generator=g), torch.tensor([600.0])
     seen = []
-    m.blocks[0].register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out[0].dtype)))  # (x, pending)
+    m.blocks[0].register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out.dtype)))
     with torch.no_grad():
         ref = m(x.bfloat16(), t, ctx.bfloat16())
         m.set_residual_dtype(torch.bfloat16)

@@ -15,7 +15,7 @@ from wan_core.kernels.rope import rope_tables
 from wan_core.layers.compile import compile_blocks
 from wan_core.layers.fp8 import FP8Linear, _cpu_has_scaled_mm, quantize_model
 from wan_core.loading.dit import build_model
-from wan_core.models.dit import Block, SelfAttention, TextContext, settle
+from wan_core.models.dit import Block, SelfAttention, TextContext
 
 from .test_dit import random_state_dict, tiny_cfg
 from .triton_tools import ROOT, compile_for_hopper, needs_triton, run_interpreted
@@ -229,8 +229,7 @@ def test_no_module_swaps_its_class():
 
 def _one_block(cfg, fp8_kernel=None, seed=0):
     """Block 0 of a tiny bf16 DiT (FP8 linears with `fp8_kernel` if given), and its inputs: the
-    float32 residual stream x [B, L, C], e0 [B, 6, C], bf16 text context, I2V image tokens, rope,
-    and a previous block's pending term (its bf16 FFN output and gate)."""
+    float32 residual stream x [B, L, C], e0 [B, 6, C], bf16 text context, I2V image tokens, rope."""
     model = build_model(cfg, random_state_dict(cfg, seed), dtype=torch.bfloat16, device="cpu")
     if fp8_kernel is not None:
         quantize_model(model, kernel=fp8_kernel)
@@ -241,16 +240,13 @@ def _one_block(cfg, fp8_kernel=None, seed=0):
     e0 = torch.randn(b, 6, c, generator=g) * 0.3
     ctx = TextContext(torch.randn(b, 9, c, generator=g).bfloat16(), torch.tensor([9, 9], dtype=torch.int32))
     img = torch.randn(b, 5, c, generator=g).bfloat16() if cfg.is_i2v else None
-    pending = (torch.randn(b, l, c, generator=g).bfloat16(), torch.randn(b, 1, c, generator=g) * 0.5)
-    return model.blocks[0], (x, e0, ctx, img, rope_tables(grid, c // cfg.num_heads), pending)
+    return model.blocks[0], (x, e0, ctx, img, rope_tables(grid, c // cfg.num_heads))
 
 
 def _block_with(block, ops, args):
-    """The block's output residual stream (its FFN term settled) with the block ops `ops`; args end
-    with the pending term of a previous block, which its first pass adds."""
     block.ops = block.self_attn.ops = block.cross_attn.ops = get_block_ops(ops)
     with torch.no_grad():
-        return settle(*block(*args))
+        return block(*args)
 
 
 BLOCK_CASES = ["t2v", "i2v", "no_cross_norm", "no_qk_norm", "fp8_scaled_mm", "fp8_dequant", "fp8_dequant_res16"]

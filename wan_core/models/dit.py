@@ -35,7 +35,7 @@ from ..kernels.rope import apply_rope, rope_tables
 from ..kernels.text_attention import attend_all_text_rows, text_attention
 from .config import WanConfig
 
-__all__ = ["WanModel", "TextContext", "settle", "split_modulation", "attend_all_text_rows", "rope_tables", "apply_rope", "sinusoidal_embedding", "FP32_PARAM_PATTERNS"]
+__all__ = ["WanModel", "TextContext", "attend_all_text_rows", "rope_tables", "apply_rope", "sinusoidal_embedding", "FP32_PARAM_PATTERNS"]
 
 # Parameters kept in float32 whatever the model dtype (small, and computed in float32 officially).
 FP32_PARAM_PATTERNS = ("modulation", "time_embedding.", "time_projection.", "head.head.", "norm")
@@ -132,11 +132,6 @@ class CrossAttention(SelfAttention):
         return self.o(self.ops.attend(self.text_attn_fn, self.o, q, k, v, context.lengths, k_img, v_img))
 
 
-def split_modulation(m: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """A block's modulation, [B, 6, C] -> 6 x [B, 1, C], or per token [B, L, 6, C] -> 6 x [B, L, C] (views)."""
-    return m.unsqueeze(2).unbind(1) if m.dim() == 3 else m.unbind(2)
-
-
 class Block(nn.Module):
     def __init__(self, cfg: WanConfig):
         super().__init__()
@@ -150,34 +145,28 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         self.ops: BlockOps = get_block_ops("torch")
 
-    def forward(self, x, e0, context, context_img, rope, pending: tuple[torch.Tensor, torch.Tensor]):
-        """x: [B, L, C] residual stream (float32, or bf16: `set_residual_dtype`); e0: float32 time
-        projection, [B, 6, C] (one timestep per row) or [B, L, 6, C] (one per token, Wan2.2 TI2V);
-        pending: (delta, gate), the previous block's last residual term, not yet added to x.
+    def forward(self, x, e0, context, context_img, rope):
+        """x: [B, L, C] float32 residual stream; e0: float32 time projection, [B, 6, C] (one
+        timestep per row) or [B, L, 6, C] (one per token, Wan2.2 TI2V).
 
-        Returns (x, pending): this block's FFN output and gate are left for the next block's first
-        pass to add (`WanModel.forward_blocks`), which normalises the stream anyway: one pass over
-        the residual stream per block less. The linears' input dtype is the context's (the text
-        projection is never quantized, so this stays bf16/fp32 when FP8 linears are swapped in).
-        `self.ops` computes each residual add with the LayerNorm and modulation after it; `feeds`
-        names the linears h goes to.
+        The linears' input dtype is the context's (the text projection is never quantized, so this
+        stays bf16/fp32 when FP8 linears are swapped in). `self.ops` computes each residual add
+        with the LayerNorm and modulation after it; `feeds` names the linears h goes to.
         """
         dt, ops, sa, ca, ffn = context.tokens.dtype, self.ops, self.self_attn, self.cross_attn, self.ffn
-        shift1, scale1, gate1, shift2, scale2, gate2 = split_modulation(self.modulation.float() + e0)
-        # x = x + delta * gate (the previous block's FFN);  h = (norm1(x) * (1 + scale1) + shift1).to(dt)
-        x, h = ops.add_norm_mod(x, *pending, self.norm1, scale1, shift1, dt, feeds=(sa.q, sa.k, sa.v))
+        if e0.dim() == 3:
+            mods = (self.modulation.float() + e0).unsqueeze(2).unbind(1)  # 6 x [B, 1, C]
+        else:
+            mods = (self.modulation.float().unsqueeze(0) + e0).unbind(2)  # [1, 1, 6, C] + [B, L, 6, C] -> 6 x [B, L, C]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods
+        # h = (norm1(x) * (1 + scale1) + shift1).to(dt)
+        _, h = ops.add_norm_mod(x, None, None, self.norm1, scale1, shift1, dt, feeds=(sa.q, sa.k, sa.v))
         # x = x + self_attn(h) * gate1;  h = norm3(x).to(dt)
         x, h = ops.add_norm_mod(x, sa(h, rope), gate1, self.norm3, None, None, dt, feeds=(ca.q,))
         # x = x + cross_attn(h);  h = (norm2(x) * (1 + scale2) + shift2).to(dt)
         x, h = ops.add_norm_mod(x, ca(h, context, context_img), None, self.norm2, scale2, shift2, dt,
                                 feeds=(ffn[0], ffn[2]))
-        return x, (ops.ffn(ffn, h), gate2)  # x + ffn(h) * gate2: added by the next block, or `settle`
-
-
-def settle(x: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x + delta · gate in float32, stored in x's dtype (the residual stream keeps its dtype): one pass."""
-    delta, gate = pending
-    return torch.addcmul(x, delta, gate, out=torch.empty_like(x))
+        return (x + ops.ffn(ffn, h) * gate2).to(x.dtype)  # the residual stream keeps its dtype
 
 
 class Head(nn.Module):
@@ -340,16 +329,10 @@ class WanModel(nn.Module):
         return x.flatten(2).transpose(1, 2).to(self.residual_dtype).contiguous(), grid  # [B, L, C], rows contiguous
 
     def forward_blocks(self, x, e0, context, context_img, rope) -> torch.Tensor:
-        """The block stack on tokens [B, L, C]; the seam where sequence parallel and caching attach.
-        Each block adds the previous one's last residual term (block 0: x · 0, so that every block
-        runs the same compiled graph); the last block's is added here."""
-        # block 0's term has the later ones' dtypes and strides (one graph) and is not x itself (torch.compile
-        # specialises a graph on an argument passed twice): a view of x, or x cast when the stream is float32
-        dt = context.tokens.dtype
-        pending = (x.view(x.shape) if x.dtype == dt else x.to(dt), split_modulation(torch.zeros_like(e0))[5])
+        """The block stack on tokens [B, L, C]; the seam where sequence parallel and caching attach."""
         for block in self.blocks:
-            x, pending = block(x, e0, context, context_img, rope, pending)
-        return settle(x, pending)
+            x = block(x, e0, context, context_img, rope)
+        return x
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         b = x.shape[0]
