@@ -233,9 +233,13 @@ class RadialAttention:
         (`attention.py`): stored so by the 8-bit kernels, quantised per token after the others."""
         return _radial_codes_op(q, k, v, self._token)
 
-    def _attend_codes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dense_step(self) -> bool:
+        """Whether the sampling step declared now is one of the first `dense_timesteps`."""
         step = current_step()
-        if step is not None and step < self.options.dense_timesteps:
+        return step is not None and step < self.options.dense_timesteps
+
+    def _attend_codes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._dense_step():
             dense_codes = getattr(self.dense, "codes", None)
             return dense_codes(q, k, v) if dense_codes is not None else head_rows_codes(self.dense(q, k, v))
         if self.eight_bit:
@@ -260,8 +264,7 @@ class RadialAttention:
         return self.plan(frames, tokens_per_frame, q.device)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        step = current_step()
-        if step is not None and step < self.options.dense_timesteps:
+        if self._dense_step():
             return self.dense(q, k, v)
         plan = self._plan_for(q)
         if self.eight_bit:
