@@ -23,6 +23,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -221,6 +222,16 @@ def main():
 
                 for blk in m.blocks:
                     blk.cross_attn.text_attn_fn = attend_all_text_rows(blk.cross_attn.attn_fn)
+            if "noproj" in flags:  # "+noproj": a short prompt's cross-attention not through its output
+                # projection (`text_projected`): the text kernel's codes, then the FP8 projection
+                from wan_core.kernels.text_attention import text_attention
+
+                def text_plain(*a):
+                    return text_attention(*a)
+
+                text_plain.codes = text_attention.codes
+                for blk in m.blocks:
+                    blk.cross_attn.text_attn_fn = text_plain
             mk = 2 if "mk2" in flags else 1 if "mk" in flags else 0
             if "res16" in flags:  # "+res16": the residual stream in bf16 between the matmuls
                 m.set_residual_dtype(torch.bfloat16)
@@ -257,7 +268,12 @@ def main():
                 m(x, t, c)
             RESULTS[f"compile_{label}_s"] = time.time() - t0
             name = "ours[cudnn+compile]" if label == "bf16" else f"ours[{label}+compile]"
-            outputs["ours_compiled" if label == "bf16" else f"ours_{label}"] = run_model(name, m, cfg, resolutions)
+            fwd = m
+            text = [int(f[4:]) for f in flags if re.fullmatch(r"text\d+", f)]
+            if text:  # "+text16": a prompt of 16 T5 tokens (the model pads it to 512 rows, as a run
+                # does), not 512 random rows
+                fwd = lambda x, t, c, m=m, n=text[0]: m(x, t, [c[0, :n]])  # noqa: E731
+            outputs["ours_compiled" if label == "bf16" else f"ours_{label}"] = run_model(name, fwd, cfg, resolutions)
             del m
         except Exception:
             traceback.print_exc()

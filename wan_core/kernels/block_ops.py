@@ -9,8 +9,8 @@ linears it calls the functions of a `BlockOps` stored on the block and its self-
   scale); h goes to the linears `feeds`.
 - `qk_norm_rope(u, norm, rope, heads) -> [B, L, H, D]`: q's or k's RMSNorm, then the 3-D RoPE.
 - `ffn(ffn, h) -> [B, L, C]`: the feed-forward (linear, tanh GELU, linear).
-- `attend(fn, o, *args) -> o's input`: an attention call `fn(*args)` ([B, L, H, D]) flattened to
-  [B, L, C] for the output projection `o`.
+- `attend(fn, o, *args) -> o's output`: an attention call `fn(*args)` ([B, L, H, D]) flattened to
+  [B, L, C], through the output projection `o`.
 
 Two implementations share these signatures:
 
@@ -23,7 +23,10 @@ Two implementations share these signatures:
   (`QuantRows`, one quantisation shared by q, k and v; the FFN's hidden row is quantised by its
   GELU op). The same holds after attention: a backend with `fn.codes` (the 8-bit and the text
   kernels, `attention.py`) stores its output as e4m3 codes for an output projection that takes
-  them, instead of bf16 that the projection would quantise in a pass of its own. A linear with
+  them, instead of bf16 that the projection would quantise in a pass of its own. A backend with
+  `fn.projected` (the text attention, `text_projected`) computes its output projection itself
+  where `o` hands it its operands (a plain linear, an FP8 linear's `projection_operands`): for a
+  short prompt, the attention weights times the values already projected. A linear with
   hooks (a LoRA branch, offload's weight streaming) or an attention function without `codes` (a
   sequence-parallel wrapper) gets bf16 as in "torch": every feature keeps working, only the
   saving is lost. Why: benchmarks/NOTES.md.
@@ -77,7 +80,7 @@ def _torch_ffn(ffn, h):
 
 
 def _torch_attend(fn, o, *args):
-    return fn(*args).flatten(2)  # [B, L, H, D] -> [B, L, C]
+    return o(fn(*args).flatten(2))  # [B, L, H, D] -> [B, L, C]
 
 
 # ---- fused: single-pass custom ops -------------------------------------------------------------
@@ -120,12 +123,23 @@ def _fused_ffn(ffn, h):
     return ffn(h)
 
 
+def _projection_operands(o: nn.Module) -> tuple | None:
+    """(weight, weight_scale, bias, mm) of an output projection whose GEMM an attention op may run
+    itself (`text_projected.MM_KINDS`), or None."""
+    if _plain(o):
+        return o.weight, None, o.bias, "linear"
+    return getattr(o, "projection_operands", None)
+
+
 def _fused_attend(fn, o, *args):
+    projected = getattr(fn, "projected", None)
+    if projected is not None and (operands := _projection_operands(o)) is not None:
+        return projected(*args, *operands)
     codes = getattr(fn, "codes", None)
     if codes is None or not _takes_codes((o,)):
         return _torch_attend(fn, o, *args)
     out, scale = codes(*args)
-    return QuantRows(out.flatten(2), scale)  # codes [B, L, H, D] -> [B, L, C]
+    return o(QuantRows(out.flatten(2), scale))  # codes [B, L, H, D] -> [B, L, C]
 
 
 BLOCK_OPS: dict[str, BlockOps] = {

@@ -1,6 +1,7 @@
 """Per-token (per-row) e4m3 quantisation of activations, as the FP8 linears and the fused block ops
 need it: the torch math (`quantize_rows`) and the one-pass Triton kernel behind the custom op
-`wan_core::quantize_rows` (`quantize_rows_op`)."""
+`wan_core::quantize_rows` (`quantize_rows_op`); and the rowwise-scaled FP8 GEMM that takes such
+rows (`rowwise_scaled_mm`), shared by the FP8 linears and the ops that run a projection themselves."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import importlib.util
 import torch
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "HAS_TRITON", "next_pow2", "quantize_rows", "quantize_rows_op", "launch_quant_rows",
-           "head_rows_codes", "row_scales"]
+           "head_rows_codes", "row_scales", "rowwise_scaled_mm"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
@@ -80,3 +81,12 @@ def row_scales(mult: torch.Tensor, rows: int) -> torch.Tensor:
     """One e4m3 multiplier per batch item [B] -> each row's scale [B·rows, 1] (its inverse), the
     form `QuantRows` carries: for an attention kernel that stores codes under one bound per item."""
     return (1.0 / mult).repeat_interleave(rows)[:, None].contiguous()
+
+
+def rowwise_scaled_mm(codes, x_scale, weight, weight_scale, bias, out_dtype, fast_accum: bool) -> torch.Tensor:
+    """codes e4m3 [M, K] (rows · x_scale [M, 1]) times weight e4m3 [N, K] (rows · weight_scale [N, 1]),
+    transposed, plus bias [N]: [M, N] out_dtype, through `torch._scaled_mm` "rowwise" (with cuBLAS
+    fast accumulation when `fast_accum`)."""
+    # mat2 must be column-major [K, N]: the transpose of the row-major [N, K] weight is.
+    return torch._scaled_mm(codes, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), bias=bias,
+                            out_dtype=out_dtype, use_fast_accum=fast_accum)

@@ -10,12 +10,15 @@ the two results are summed in float32 before the one store: q is read once and n
 pass runs over the two branches' outputs. With CODES the store is e4m3 codes (the output times the
 batch item's multiplier OS[b], from the caller's bound on |output|), the FP8 projection's input.
 Scores in the log2 domain (exp2), float32 online softmax, bf16 matmuls with float32 accumulation.
+
+`text_probs_fwd` stops before the values: it stores each query's softmax weights over the same
+n + 1 keys (times a multiplier: 448 for e4m3 codes), the input of `text_projected`'s GEMM.
 """
 
 import triton
 import triton.language as tl
 
-__all__ = ["text_attn_fwd", "text_attn_fwd_tuned", "CONFIGS"]
+__all__ = ["text_attn_fwd", "text_attn_fwd_tuned", "CONFIGS", "text_probs_fwd", "text_probs_fwd_tuned"]
 
 
 @triton.jit
@@ -79,3 +82,35 @@ CONFIGS = [
     for bm, bn, w, s in [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2)]
 ]
 text_attn_fwd_tuned = triton.autotune(CONFIGS, key=["lk", "lk2", "HEAD_DIM", "HAS_IMG", "CODES"])(text_attn_fwd)
+
+
+@triton.jit
+def text_probs_fwd(Q, K, N, P, lq, lk, lp, heads, scale_log2, mult, sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sp_b, sp_l, sp_h,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, KEYS: tl.constexpr):
+    """P[b, l, h, j] = mult · softmax_j(q·k_j), j < lp: the weights of keys [0, n] of `text_attn_fwd`
+    (key n counted lk - n times), 0 for j > n. All KEYS (>= lp) keys in one tile."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, KEYS)
+    rows = offs_m[:, None] < lq
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_l + offs_d[None, :], mask=rows, other=0.0)
+    n = tl.load(N + b)
+    keys = offs_n < tl.minimum(n + 1, lk)
+    k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_l + offs_d[None, :], mask=keys[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, KEYS], log2 domain
+    s = s + tl.where(offs_n == n, tl.log2(tl.maximum(lk - n, 1).to(tl.float32)), 0.0)[None, :]
+    s = tl.where(keys[None, :], s, float("-inf"))
+    p = tl.math.exp2(s - tl.max(s, 1)[:, None])
+    p = tl.minimum(p * (mult / tl.sum(p, 1))[:, None], mult)  # the largest weight is 1 at most
+    tl.store(P + b * sp_b + h * sp_h + offs_m[:, None].to(tl.int64) * sp_l + offs_n[None, :],
+             p.to(P.dtype.element_ty), mask=rows & (offs_n[None, :] < lp))
+
+
+text_probs_fwd_tuned = triton.autotune(
+    [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in [(64, 4), (128, 4), (128, 8)]],
+    key=["lq", "KEYS", "HEAD_DIM"],
+)(text_probs_fwd)

@@ -40,7 +40,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.fp8_rows import _AMAX_FLOOR, FP8_DTYPE, FP8_MAX, HAS_TRITON, next_pow2, quantize_rows, quantize_rows_op  # noqa: F401
+from ..kernels.fp8_rows import (  # noqa: F401
+    _AMAX_FLOOR,
+    FP8_DTYPE,
+    FP8_MAX,
+    HAS_TRITON,
+    next_pow2,
+    quantize_rows,
+    quantize_rows_op,
+    rowwise_scaled_mm,
+)
 from .stack import layer_state
 
 __all__ = [
@@ -109,16 +118,7 @@ CodesFn = Callable[..., torch.Tensor]
 
 def _make_scaled_mm_codes(fast_accum: bool) -> CodesFn:
     def codes_kernel(codes, x_scale, weight, weight_scale, bias, out_dtype):
-        # mat2 must be column-major [K, N]: the transpose of the row-major [N, K] weight is.
-        return torch._scaled_mm(
-            codes,
-            weight.t(),
-            scale_a=x_scale,  # [M, 1]
-            scale_b=weight_scale.t(),  # [1, N]
-            bias=bias,
-            out_dtype=out_dtype,
-            use_fast_accum=fast_accum,
-        )
+        return rowwise_scaled_mm(codes, x_scale, weight, weight_scale, bias, out_dtype, fast_accum)
 
     return codes_kernel
 
@@ -304,6 +304,16 @@ class FP8Linear(nn.Module):
         """Whether forward accepts `QuantRows` (activations quantised by the op before it): a
         kernel with an FP8 GEMM, and no hooks that would need the bf16 input (LoRA, offload)."""
         return self._mm_codes is not None and not (self._forward_hooks or self._forward_pre_hooks)
+
+    @property
+    def projection_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str] | None:
+        """(weight, weight_scale, bias, kernel) for an op that runs this layer's GEMM on operands of
+        its own making (`wan_core.kernels.text_projected`), or None: only the `torch._scaled_mm`
+        kernels, and no hooks (a LoRA branch or offload needs the layer's own forward)."""
+        if not self.takes_codes or self.kernel not in ("scaled_mm", "scaled_mm_fast"):
+            return None
+        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
+        return self.weight, self.weight_scale, bias, self.kernel
 
     def _check_fp8_gemm_shapes(self, key: str) -> None:
         # cuBLASLt's FP8 GEMM (and torch's checks in front of it) need K and N to be multiples

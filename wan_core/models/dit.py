@@ -99,7 +99,7 @@ class SelfAttention(nn.Module):
         q = self.ops.qk_norm_rope(self.q(x), self.norm_q, rope, n)  # [B, L, C] -> [B, L, H, D]: RoPE(norm_q(q))
         k = self.ops.qk_norm_rope(self.k(x), self.norm_k, rope, n)
         v = self.v(x).view(b, s, n, -1)
-        return self.o(self.ops.attend(self.attn_fn, self.o, q, k, v))  # attn_fn(q, k, v).flatten(2), or its codes
+        return self.ops.attend(self.attn_fn, self.o, q, k, v)  # o(attn_fn(q, k, v).flatten(2)), or o of its codes
 
 
 class CrossAttention(SelfAttention):
@@ -129,7 +129,7 @@ class CrossAttention(SelfAttention):
         if context_img is not None:
             k_img = self.norm_k_img(self.k_img(context_img)).view(b, -1, n, q.shape[-1])  # [B, 257, H, D]
             v_img = self.v_img(context_img).view(b, -1, n, q.shape[-1])
-        return self.o(self.ops.attend(self.text_attn_fn, self.o, q, k, v, context.lengths, k_img, v_img))
+        return self.ops.attend(self.text_attn_fn, self.o, q, k, v, context.lengths, k_img, v_img)
 
 
 class Block(nn.Module):
