@@ -109,7 +109,9 @@ class CrossAttention(SelfAttention):
     the query and the output projection, and their results are summed. No RoPE here. Both
     branches run in `text_attn_fn(q, k, v, lengths, k_img, v_img)`: with an exact backend
     (`set_attention`) the padding collapsed into one key and, on CUDA, both branches in one kernel
-    (`text_attention`), else `attn_fn` over every padded row and over the image keys.
+    (`text_attention`), else `attn_fn` over every padded row and over the image keys. The fused
+    block ops may compute the output projection with it (`BlockOps.attend`): for a short prompt,
+    the attention weights times the values already projected (`text_projected`), the same sums.
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, image: bool):
