@@ -48,22 +48,30 @@ def _branch(q, k_base, v_base, sk_l, sv_l, n_keys, bias_col, bias, scale_log2,
 
 
 @triton.jit
+def _program_rows(Q, N, lq, lk, heads, sq_b, sq_l, sq_h, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's batch item and head, its query rows (offsets, mask [BLOCK_M, 1], the q tile
+    [BLOCK_M, D]), the item's real text tokens n (rows n..lk-1 are the padding), its keys (the real
+    ones and, when there is padding, its first row) and that row's log2 count."""
+    b = (tl.program_id(1) // heads).to(tl.int64)
+    h = (tl.program_id(1) % heads).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < lq
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_l + offs_d[None, :], mask=rows, other=0.0)
+    n = tl.load(N + b)
+    n_keys = tl.minimum(n + 1, lk)
+    pad_bias = tl.log2(tl.maximum(lk - n, 1).to(tl.float32))  # the padding row counted lk - n times
+    return b, h, offs_m, rows, q, n, n_keys, pad_bias
+
+
+@triton.jit
 def text_attn_fwd(Q, K, V, N, K2, V2, O, OS, lq, lk, lk2, heads, scale_log2,
                   sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, sk2_b, sk2_l, sk2_h, sv2_b, sv2_l, sv2_h,
                   so_b, so_l, so_h,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_IMG: tl.constexpr,
                   CODES: tl.constexpr = False):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, offs_m, rows, q, n, n_keys, pad_bias = _program_rows(Q, N, lq, lk, heads, sq_b, sq_l, sq_h, HEAD_DIM, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    rows = offs_m[:, None] < lq
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_l + offs_d[None, :], mask=rows, other=0.0)
-    n = tl.load(N + b)  # real text tokens of this batch item; rows n..lk-1 are the padding
-    n_keys = tl.minimum(n + 1, lk)  # the real keys and, when there is padding, its first row
-    pad_bias = tl.log2(tl.maximum(lk - n, 1).to(tl.float32))  # the padding row counted lk - n times
     out = _branch(q, K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, sk_l, sv_l, n_keys, n, pad_bias, scale_log2,
                   HEAD_DIM, BLOCK_M, BLOCK_N)
     if HAS_IMG:  # the image branch: every key real, no bias (column -1 matches no key)
@@ -89,20 +97,13 @@ def text_probs_fwd(Q, K, N, P, lq, lk, lp, heads, scale_log2, mult, sq_b, sq_l, 
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, KEYS: tl.constexpr):
     """P[b, l, h, j] = mult · softmax_j(q·k_j), j < lp: the weights of keys [0, n] of `text_attn_fwd`
     (key n counted lk - n times), 0 for j > n. All KEYS (>= lp) keys in one tile."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, offs_m, rows, q, n, n_keys, pad_bias = _program_rows(Q, N, lq, lk, heads, sq_b, sq_l, sq_h, HEAD_DIM, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, KEYS)
-    rows = offs_m[:, None] < lq
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_l + offs_d[None, :], mask=rows, other=0.0)
-    n = tl.load(N + b)
-    keys = offs_n < tl.minimum(n + 1, lk)
+    keys = offs_n < n_keys
     k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_l + offs_d[None, :], mask=keys[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, KEYS], log2 domain
-    s = s + tl.where(offs_n == n, tl.log2(tl.maximum(lk - n, 1).to(tl.float32)), 0.0)[None, :]
+    s = s + tl.where(offs_n == n, pad_bias, 0.0)[None, :]
     s = tl.where(keys[None, :], s, float("-inf"))
     p = tl.math.exp2(s - tl.max(s, 1)[:, None])
     p = tl.minimum(p * (mult / tl.sum(p, 1))[:, None], mult)  # the largest weight is 1 at most
