@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from wan_core.kernels.text_attention import key_log_counts, reference_text_attention, text_attention
+from wan_core.kernels.text_projected import cross_text_attention
 
 from .triton_tools import compile_for_hopper, needs_triton, run_interpreted
 
@@ -198,7 +199,7 @@ def test_model_collapses_the_padding_only_behind_an_exact_cross_backend(monkeypa
     ctx = [torch.randn(7, cfg.text_dim, generator=g), torch.randn(20, cfg.text_dim, generator=g)]
     kw = dict(clip_fea=torch.randn(2, 257, cfg.image_dim, generator=g), y=torch.randn(2, 20, 2, 4, 4, generator=g))
     model.set_attention("sdpa")
-    assert all(blk.cross_attn.text_attn_fn is text_attention for blk in model.blocks)
+    assert all(blk.cross_attn.text_attn_fn is cross_text_attention for blk in model.blocks)
     with torch.no_grad():
         collapsed = model(x, torch.tensor([500.0, 500.0]), ctx, **kw)
         for blk in model.blocks:

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from .fp8_rows import FP8_DTYPE, FP8_MAX, HAS_TRITON, head_rows_codes, row_scales
-from .text_projected import text_attention_projected
 
 __all__ = ["text_attention", "text_attention_codes", "text_multiplier", "reference_text_attention", "attend_all_text_rows", "key_log_counts", "COLLAPSE_MAX_KEYS"]
 
@@ -200,4 +199,3 @@ def text_attention_codes(q, k, v, lengths, k_img=None, v_img=None) -> tuple[torc
 
 
 text_attention.codes = text_attention_codes  # type: ignore[attr-defined]  (attention.py: a backend's codes)
-text_attention.projected = text_attention_projected  # type: ignore[attr-defined]  (block_ops: through the projection)

@@ -17,6 +17,9 @@ n + 1 ≤ `PROJECTED_MAX_KEYS`, and an output projection whose operands the op c
 linear, or an FP8 linear on `torch._scaled_mm`: `block_ops` checks). Otherwise the op computes
 `text_attention` and the projection as the plain path does. The host reads the lengths (on the
 CPU) and picks inside one custom op, so a prompt of another length recompiles nothing.
+
+`cross_text_attention` is `text_attention` as the DiT's cross-attention holds it: with both forms
+the fused block ops look for, `.codes` (its output as e4m3 codes) and `.projected` (this one).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from .fp8_rows import _AMAX_FLOOR, FP8_DTYPE, FP8_MAX, next_pow2, rowwise_scaled_mm
+from .text_attention import _text_attention_op, _use_triton, key_log_counts, text_attention, text_attention_codes
 
-__all__ = ["text_attention_projected", "text_probs", "launch_text_probs", "reference_text_probs", "value_projection",
+__all__ = ["cross_text_attention", "text_attention_projected", "text_probs", "launch_text_probs", "reference_text_probs", "value_projection",
            "projects", "PROJECTED_MAX_KEYS", "MM_KINDS"]
 
 # The most keys (real tokens + the padding's one) computed through the projection; above, the plain
@@ -48,8 +52,6 @@ def _padded_keys(lengths: torch.Tensor, lk: int) -> int:
 def reference_text_probs(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, lp: int) -> torch.Tensor:
     """The weights in torch: softmax over `text_attention`'s keys (log-count bias) -> float32
     [B, Lq, H, lp], zero beyond each item's keys (and beyond lk)."""
-    from .text_attention import key_log_counts
-
     bias = key_log_counts(lengths.to(q.device), k.shape[1])[:, None, None, :]  # [B, 1, 1, Lk]
     s = torch.einsum("blhd,bjhd->blhj", q.float(), k.float()) / math.sqrt(q.shape[-1]) + bias
     p = torch.softmax(s, dim=-1)[..., :lp]
@@ -116,8 +118,6 @@ def _projected(q, k, v, lengths, weight, weight_scale, bias, mm: str) -> torch.T
 
 def _plain(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm: str) -> torch.Tensor:
     """`text_attention`, then the projection, as the model's plain path computes them."""
-    from .text_attention import _text_attention_op
-
     b, lq = q.shape[:2]
     if mm == "linear":
         return F.linear(_text_attention_op(q, k, v, lengths, k_img, v_img, False)[0].flatten(2), weight, bias)
@@ -130,8 +130,6 @@ def _plain(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm: str) 
 def projects(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, k_img: torch.Tensor | None) -> bool:
     """Whether the op takes the projected form for these inputs (`PROJECTED_MAX_KEYS`; Triton on
     CUDA needs a power-of-two head dim)."""
-    from .text_attention import _use_triton
-
     if k_img is not None or min(int(lengths.max()) + 1, k.shape[1]) > PROJECTED_MAX_KEYS:
         return False
     return q.device.type != "cuda" or _use_triton(q)
@@ -171,3 +169,13 @@ def text_attention_projected(q, k, v, lengths, k_img, v_img, weight, weight_scal
     if weight.shape[1] != q.shape[2] * q.shape[3]:
         raise ValueError(f"weight {tuple(weight.shape)} does not take the {q.shape[2]} x {q.shape[3]} attention output")
     return _projected_op(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm)
+
+
+def cross_text_attention(q, k, v, lengths, k_img=None, v_img=None) -> torch.Tensor:
+    """`text_attention` (the same arguments and result), carrying the forms the fused block ops
+    use where the output projection allows: `.codes` and `.projected`."""
+    return text_attention(q, k, v, lengths, k_img, v_img)
+
+
+cross_text_attention.codes = text_attention_codes  # type: ignore[attr-defined]
+cross_text_attention.projected = text_attention_projected  # type: ignore[attr-defined]

@@ -32,7 +32,8 @@ from ..kernels.attention import APPROXIMATE, AttentionFn, get_attention
 from ..kernels.attention_context import video_grid
 from ..kernels.block_ops import BlockOps, get_block_ops
 from ..kernels.rope import apply_rope, rope_tables
-from ..kernels.text_attention import attend_all_text_rows, text_attention
+from ..kernels.text_attention import attend_all_text_rows
+from ..kernels.text_projected import cross_text_attention
 from .config import WanConfig
 
 __all__ = ["WanModel", "TextContext", "attend_all_text_rows", "rope_tables", "apply_rope", "sinusoidal_embedding", "FP32_PARAM_PATTERNS"]
@@ -116,7 +117,7 @@ class CrossAttention(SelfAttention):
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, image: bool):
         super().__init__(dim, num_heads, qk_norm, eps)
-        self.text_attn_fn = text_attention
+        self.text_attn_fn = cross_text_attention
         if image:
             self.k_img = nn.Linear(dim, dim)
             self.v_img = nn.Linear(dim, dim)
@@ -242,7 +243,7 @@ class WanModel(nn.Module):
         if getattr(fn_cross, "whole_sequence", False):
             raise ValueError(f"attention backend {cross_attn!r} is for self-attention over the video tokens; "
                              "cross-attention needs an exact backend (e.g. 'auto')")  # fmt: skip
-        fn_text = attend_all_text_rows(fn_cross) if fn_cross.backend_name in APPROXIMATE else text_attention
+        fn_text = attend_all_text_rows(fn_cross) if fn_cross.backend_name in APPROXIMATE else cross_text_attention
         for i, blk in enumerate(self.blocks):
             blk.self_attn.attn_fn = fn_self.for_layer(i) if hasattr(fn_self, "for_layer") else fn_self
             blk.cross_attn.attn_fn, blk.cross_attn.text_attn_fn = fn_cross, fn_text
