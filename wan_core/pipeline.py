@@ -40,6 +40,7 @@ file. `pipe.close()` leaves the process group the pipeline joined.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -522,13 +523,18 @@ class WanPipeline(LightX2VCalls):
             timings[name] = time.perf_counter() - t0
             log.info("%s: %.2f s", name.replace("_", " "), timings[name])
 
-        with stage("text_encode"):
-            cond, uncond = self.encode_text(prompt, negative_prompt)
-        image_cond = None
-        if self.task == "i2v":
-            with stage("image_encode"):
-                image_cond = self.encode_image(image)
-        noise = make_noise(self.latent_shape(image_cond), seed, device=dev)
+        # Without an image the noise's shape is known now: it is drawn (on the CPU, ~30 ms at 720p)
+        # on a worker thread while the encoders run on the device
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            drawn = pool.submit(make_noise, self.latent_shape(), seed) if image is None else None
+            with stage("text_encode"):
+                cond, uncond = self.encode_text(prompt, negative_prompt)
+            image_cond = None
+            if self.task == "i2v":
+                with stage("image_encode"):
+                    image_cond = self.encode_image(image)
+            noise = drawn.result() if drawn is not None else make_noise(self.latent_shape(image_cond), seed)
+        noise = noise.to(dev)
 
         step_times: list[float] = []
         bar = progress_bar(len(cfg.scheduler()), progress)
