@@ -84,9 +84,10 @@ def random_dit(variant: str, preset: str = "t2v-14b"):
     """bf16, fp8 (FP8 linears) or fast (FP8 linears + 8-bit Triton self-attention); compiled.
     "@name" picks the self-attention backend ("fast@fa3_fp8": FlashAttention-3's e4m3 kernel;
     "fast@radial_attn": the block-sparse 8-bit kernel, as the model cache gives an FP8 DiT; a
-    "+res16" suffix: the residual stream in bf16)."""
-    res16 = "+res16" in variant
-    variant, _, attn = variant.replace("+res16", "").partition("@")
+    "+res16" suffix: the residual stream in bf16; "+noproj": the cross-attention not through its
+    output projection, `text_projected`)."""
+    res16, noproj = "+res16" in variant, "+noproj" in variant
+    variant, _, attn = variant.replace("+res16", "").replace("+noproj", "").partition("@")
     attn = attn.split("-")[0]  # "fast@fa3_fp8-offload"
     fp8 = variant.startswith(("fp8", "fast"))
     cfg = PRESETS[preset]
@@ -107,6 +108,15 @@ def random_dit(variant: str, preset: str = "t2v-14b"):
     m.set_block_ops("auto")  # the fused ops, as a CUDA build chooses
     if res16:
         m.set_residual_dtype(torch.bfloat16)
+    if noproj:
+        from wan_core.kernels.text_attention import text_attention
+
+        def text_plain(*a):
+            return text_attention(*a)
+
+        text_plain.codes = text_attention.codes
+        for blk in m.blocks:
+            blk.cross_attn.text_attn_fn = text_plain
     compile_blocks(m)
     return m
 
