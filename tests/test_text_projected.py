@@ -34,13 +34,17 @@ def plain(q, k, v, n, w, bias, k_img=None, v_img=None):
     return F.linear(out.flatten(2), w, bias)
 
 
+@pytest.mark.parametrize("heads", [3, 8])
 @pytest.mark.parametrize("lengths", [(7, 40), (0, 39), (40, 1), (12, 3)])
-def test_projected_equals_the_projection_of_the_attention(lengths):
+def test_projected_equals_the_projection_of_the_attention(lengths, heads):
     """Short and empty prompts, one without padding, a batch of two lengths, and keys fewer than
-    the 16 the weights are padded to (lk = 13 below)."""
+    the count the weights are padded to (lk = 13 below: 16 for 3 heads, 14 for 8: heads x keys a
+    multiple of 16)."""
     lk = 13 if max(lengths) <= 12 else 40
-    q, k, v, n = padded_text(lk=lk, lengths=lengths, d=32)  # 3 heads of 32 -> C = 96
-    w, bias = projection()
+    q, k, v, n = padded_text(lk=lk, lengths=lengths, heads=heads, d=32)
+    if lk == 13:
+        assert tp._padded_keys(n, lk, heads) == {3: 16, 8: 14}[heads]
+    w, bias = projection(c=heads * 32)
     assert tp.projects(q, k, n, None)
     got = tp.text_attention_projected(q, k, v, n, None, None, w, None, bias, "linear")
     torch.testing.assert_close(got, plain(q, k, v, n, w, bias), atol=1e-5, rtol=1e-5)

@@ -5,8 +5,8 @@ n + 1 keys of `text_attention`), and the output projection sums the heads, out =
 (W_h: the projection's columns of head h). Taking U_h = V_h W_hᵀ first ([n + 1, N] per head, from
 the text alone: a few hundred MFLOP per block) leaves one GEMM of the weights [Lq, H·Lp] with U
 stacked [H·Lp, N], instead of the attention output [Lq, C] with the projection [C, N]: H·Lp / C of
-its multiply-adds (Lp: n + 1 rounded up to 16; Wan's heads of 128: Lp / 128, an eighth for a
-prompt of up to 15 tokens), and the kernel stores H·Lp values per query instead of C.
+its multiply-adds (Lp: n + 1, rounded up so that H·Lp is a multiple of 16; Wan's heads of 128:
+Lp / 128, a sixth for a 20-token prompt), and the kernel stores H·Lp values per query instead of C.
 
 Exact algebra. With FP8 linears the weights are e4m3 codes under one fixed scale (P ≤ 1, so
 1/448) and U is quantised per output channel, as W_o is: each operand carries one e4m3 rounding,
@@ -43,10 +43,12 @@ PROJECTED_MAX_KEYS = 64
 MM_KINDS = ("linear", "scaled_mm", "scaled_mm_fast")
 
 
-def _padded_keys(lengths: torch.Tensor, lk: int) -> int:
-    """n + 1 keys (capped at lk) of the longest prompt, rounded up to 16 (the FP8 GEMM's K step)."""
+def _padded_keys(lengths: torch.Tensor, lk: int, heads: int) -> int:
+    """n + 1 keys (capped at lk) of the longest prompt, rounded up so that heads x keys is a
+    multiple of 16 (the FP8 GEMM's K step): to an even count for Wan's 40 (or 24) heads."""
     keys = min(int(lengths.max()) + 1, lk)
-    return -(-keys // 16) * 16
+    step = 16 // math.gcd(heads, 16)
+    return -(-keys // step) * step
 
 
 def reference_text_probs(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, lp: int) -> torch.Tensor:
@@ -99,7 +101,7 @@ def value_projection(v: torch.Tensor, lp: int, weight: torch.Tensor) -> torch.Te
 
 def _projected(q, k, v, lengths, weight, weight_scale, bias, mm: str) -> torch.Tensor:
     b, lq = q.shape[:2]
-    lp = _padded_keys(lengths, k.shape[1])
+    lp = _padded_keys(lengths, k.shape[1], q.shape[2])
     fp8 = mm != "linear"
     p = text_probs(q, k, lengths, lp, codes=fp8).flatten(2)  # [B, Lq, H, lp] -> [B, Lq, H·lp]
     outs = []
