@@ -83,10 +83,10 @@ def row_scales(mult: torch.Tensor, rows: int) -> torch.Tensor:
     return (1.0 / mult).repeat_interleave(rows)[:, None].contiguous()
 
 
-def rowwise_scaled_mm(codes, x_scale, weight, weight_scale, bias, out_dtype, fast_accum: bool) -> torch.Tensor:
+def rowwise_scaled_mm(codes, x_scale, weight, weight_scale, bias, out_dtype, fast_accum: bool, out=None) -> torch.Tensor:
     """codes e4m3 [M, K] (rows · x_scale [M, 1]) times weight e4m3 [N, K] (rows · weight_scale [N, 1]),
-    transposed, plus bias [N]: [M, N] out_dtype, through `torch._scaled_mm` "rowwise" (with cuBLAS
-    fast accumulation when `fast_accum`)."""
+    transposed, plus bias [N]: [M, N] out_dtype (written into `out` when given), through
+    `torch._scaled_mm` "rowwise" (with cuBLAS fast accumulation when `fast_accum`)."""
     # mat2 must be column-major [K, N]: the transpose of the row-major [N, K] weight is.
     return torch._scaled_mm(codes, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(), bias=bias,
-                            out_dtype=out_dtype, use_fast_accum=fast_accum)
+                            out_dtype=out_dtype, use_fast_accum=fast_accum, out=out)

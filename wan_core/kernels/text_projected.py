@@ -104,18 +104,18 @@ def _projected(q, k, v, lengths, weight, weight_scale, bias, mm: str) -> torch.T
     lp = _padded_keys(lengths, k.shape[1], q.shape[2])
     fp8 = mm != "linear"
     p = text_probs(q, k, lengths, lp, codes=fp8).flatten(2)  # [B, Lq, H, lp] -> [B, Lq, H·lp]
-    outs = []
-    for i in range(b):
+    out = q.new_empty(b, lq, weight.shape[0])
+    for i in range(b):  # one U per prompt
         u = value_projection(v[i], lp, weight)  # [N, H·lp]
         if not fp8:
-            outs.append(F.linear(p[i], u, bias))
+            torch.addmm(bias, p[i], u.t(), out=out[i]) if bias is not None else torch.mm(p[i], u.t(), out=out[i])
             continue
         amax = u.abs().amax(dim=1, keepdim=True).float().clamp(min=_AMAX_FLOOR)  # [N, 1]
         u_codes = (u.float() * (FP8_MAX / amax)).to(FP8_DTYPE)
         p_scale = torch.full((lq, 1), 1.0 / FP8_MAX, dtype=torch.float32, device=q.device)
-        outs.append(rowwise_scaled_mm(p[i], p_scale, u_codes, weight_scale * (amax / FP8_MAX), bias, q.dtype,
-                                      fast_accum=mm == "scaled_mm_fast"))  # fmt: skip
-    return torch.stack(outs)
+        rowwise_scaled_mm(p[i], p_scale, u_codes, weight_scale * (amax / FP8_MAX), bias, q.dtype,
+                          fast_accum=mm == "scaled_mm_fast", out=out[i])  # fmt: skip
+    return out
 
 
 def _plain(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm: str) -> torch.Tensor:
