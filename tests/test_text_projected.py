@@ -74,7 +74,7 @@ def test_value_projection_is_each_heads_values_through_its_columns():
 
 def test_long_prompts_and_the_image_branch_take_the_plain_path(monkeypatch):
     """Above PROJECTED_MAX_KEYS, or with I2V's image keys, the op is the plain path bit for bit."""
-    q, k, v, n = padded_text(lk=80, lengths=(tp.PROJECTED_MAX_KEYS, 3))
+    q, k, v, n = padded_text(lk=tp.PROJECTED_MAX_KEYS + 20, lengths=(tp.PROJECTED_MAX_KEYS, 3))
     w, bias = projection()
     assert not tp.projects(q, k, n, None)
     got = tp.text_attention_projected(q, k, v, n, None, None, w, None, bias, "linear")
@@ -254,7 +254,7 @@ def test_projected_on_gpu_at_wan_sizes(monkeypatch):
     from wan_core.layers.fp8 import FP8Linear
 
     torch.manual_seed(0)
-    lin = nn.Linear(5120, 5120, device="cuda")
+    lin = nn.Linear(5120, 5120, device="cuda", dtype=torch.bfloat16)
     fp8 = FP8Linear.from_linear(lin)
     fp8.set_kernel("scaled_mm_fast")
     w, s, b, mm = fp8.projection_operands
@@ -265,8 +265,7 @@ def test_projected_on_gpu_at_wan_sizes(monkeypatch):
         k[:, n:], v[:, n:] = k[:, n].clone(), v[:, n].clone()
         lengths = torch.tensor([n], dtype=torch.int32)
         want = plain(q.float(), k.float(), v.float(), lengths, lin.weight.float(), lin.bias.float())
-        got = tp.text_attention_projected(q, k, v, lengths, None, None, lin.weight.bfloat16(), None,
-                                          lin.bias.bfloat16(), "linear")  # fmt: skip
+        got = tp.text_attention_projected(q, k, v, lengths, None, None, lin.weight, None, lin.bias, "linear")
         assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
         want = plain(q.float(), k.float(), v.float(), lengths, fp8.dequantized_weight(torch.float32), lin.bias.float())
         projected = tp.text_attention_projected(q, k, v, lengths, None, None, w, s, b, mm)
