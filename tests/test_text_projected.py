@@ -50,6 +50,13 @@ def test_projected_equals_the_projection_of_the_attention(lengths, heads):
     torch.testing.assert_close(got, plain(q, k, v, n, w, bias), atol=1e-5, rtol=1e-5)
 
 
+def test_projected_without_a_bias():
+    q, k, v, n = padded_text(lengths=(7, 9))
+    w, _ = projection()
+    got = tp.text_attention_projected(q, k, v, n, None, None, w, None, None, "linear")
+    torch.testing.assert_close(got, plain(q, k, v, n, w, None), atol=1e-5, rtol=1e-5)
+
+
 def test_weights_are_the_softmax_over_the_collapsed_keys():
     q, k, v, n = padded_text(lengths=(7, 40))
     p = tp.reference_text_probs(q, k, n, 48)  # [B, Lq, H, 48]
