@@ -122,6 +122,19 @@ def sparse_options(sage_attention, flags):
     sage_attention.SPARSE_OPTIONS.update(opts)
 
 
+def unproject_text(model) -> None:
+    """The model's cross-attention without its projected form (`text_projected`): `text_attention`
+    and its codes, then the output projection, as before the eighteenth session."""
+    from wan_core.kernels.text_attention import text_attention
+
+    def text_plain(*a):
+        return text_attention(*a)
+
+    text_plain.codes = text_attention.codes
+    for blk in model.blocks:
+        blk.cross_attn.text_attn_fn = text_plain
+
+
 def cos(a, b):
     a, b = a.flatten().double(), b.flatten().double()
     return (a @ b / (a.norm() * b.norm())).item()
@@ -224,14 +237,7 @@ def main():
                     blk.cross_attn.text_attn_fn = attend_all_text_rows(blk.cross_attn.attn_fn)
             if "noproj" in flags:  # "+noproj": a short prompt's cross-attention not through its output
                 # projection (`text_projected`): the text kernel's codes, then the FP8 projection
-                from wan_core.kernels.text_attention import text_attention
-
-                def text_plain(*a):
-                    return text_attention(*a)
-
-                text_plain.codes = text_attention.codes
-                for blk in m.blocks:
-                    blk.cross_attn.text_attn_fn = text_plain
+                unproject_text(m)
             mk = 2 if "mk2" in flags else 1 if "mk" in flags else 0
             if "res16" in flags:  # "+res16": the residual stream in bf16 between the matmuls
                 m.set_residual_dtype(torch.bfloat16)

@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_dit import log  # noqa: E402
+from benchmarks.bench_dit import log, unproject_text  # noqa: E402
 from wan_core import pipeline as wan_pipeline  # noqa: E402
 from wan_core.layers.compile import compile_blocks  # noqa: E402
 from wan_core.loading.dit import build_model  # noqa: E402
@@ -109,14 +109,7 @@ def random_dit(variant: str, preset: str = "t2v-14b"):
     if res16:
         m.set_residual_dtype(torch.bfloat16)
     if noproj:
-        from wan_core.kernels.text_attention import text_attention
-
-        def text_plain(*a):
-            return text_attention(*a)
-
-        text_plain.codes = text_attention.codes
-        for blk in m.blocks:
-            blk.cross_attn.text_attn_fn = text_plain
+        unproject_text(m)
     compile_blocks(m)
     return m
 
