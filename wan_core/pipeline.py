@@ -523,8 +523,8 @@ class WanPipeline(LightX2VCalls):
             timings[name] = time.perf_counter() - t0
             log.info("%s: %.2f s", name.replace("_", " "), timings[name])
 
-        # Without an image the noise's shape is known now: it is drawn (on the CPU, ~30 ms at 720p)
-        # on a worker thread while the encoders run on the device
+        # Without an image the noise's shape is known now: it is drawn on the CPU by a worker thread
+        # while the encoders run on the device, off the run's path
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             drawn = pool.submit(make_noise, self.latent_shape(), seed) if image is None else None
             with stage("text_encode"):

@@ -36,8 +36,9 @@ __all__ = ["cross_text_attention", "text_attention_projected", "text_probs", "la
            "value_projection", "projects", "PROJECTED_MAX_KEYS", "MM_KINDS"]
 
 # The most keys (real tokens + the padding's one) computed through the projection; above, the plain
-# path. On an H100 at 720p the FP8 form still beats the plain one at 112 keys (3.9 against 4.3 ms
-# per layer; 1.3 against 4.1 ms at 16: `bench_text_projected.py`, benchmarks/NOTES.md).
+# path. The GEMM's work grows with the keys while the projection's does not: this is the largest
+# count at which the projected form was still measured faster (`bench_text_projected.py`,
+# benchmarks/NOTES.md).
 PROJECTED_MAX_KEYS = 112
 # How the projection's GEMM runs: "linear" (weight in the compute dtype, `F.linear`), or an FP8
 # linear's `torch._scaled_mm` kernels (`wan_core.layers.fp8`; e4m3 weight, per-channel scale).
