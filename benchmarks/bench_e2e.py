@@ -114,6 +114,15 @@ def random_dit(variant: str, preset: str = "t2v-14b"):
     return m
 
 
+def random_pipeline(task: str, cfg: GenerationConfig, dit, t5, vae, clip) -> WanPipeline:
+    """A `WanPipeline` over models built here (no files): sampling leases `dit`."""
+    pipe = WanPipeline(dit_path="random", task=task, device="cuda")
+    pipe.spec, pipe.config = ModelSpec(dit="random", device="cuda", task=task), cfg
+    pipe.dit, pipe.text_encoder, pipe.vae, pipe.image_encoder = dit, t5, vae, clip
+    wan_pipeline.lease = lambda spec, dit=dit: contextlib.nullcontext(dit)
+    return pipe
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="bf16,fp8,fp8-offload")
@@ -161,10 +170,7 @@ def main():
         else:  # the base model's run: CFG at every step, the default shift
             cfg = GenerationConfig(infer_steps=args.steps, sample_guide_scale=args.cfg, target_height=height,
                                    target_width=width, feature_caching=args.cache)  # fmt: skip
-        pipe = WanPipeline(dit_path="random", task=args.task, device="cuda")
-        pipe.spec, pipe.config = ModelSpec(dit="random", device="cuda", task=args.task), cfg
-        pipe.dit, pipe.text_encoder, pipe.vae, pipe.image_encoder = dit, t5, vae, clip
-        wan_pipeline.lease = lambda spec, dit=dit: contextlib.nullcontext(dit)  # sampling leases the DiT: ours
+        pipe = random_pipeline(args.task, cfg, dit, t5, vae, clip)
         schedule = [(0, presets[0])] + [(run, p) for p in presets for run in range(1, args.runs + 1)]  # run 0 compiles
         for run, preset in schedule:
             if handle is not None:
