@@ -282,7 +282,9 @@ def test_vae_with_time_folded_convs_equals_plain(monkeypatch):
     folded = model.decode(latent), model.decode(latent, tile_size=2), model.encode(video)
     assert sum(seen) >= 10 * 3
     for a, b in zip(folded, plain):
-        assert _rel(a, b) < 1e-5, _rel(a, b)
+        # float32 sums in another order through the whole decoder (1e-5 on some CPUs' conv paths);
+        # a wrong fold is off by the signal itself
+        assert _rel(a, b) < 5e-5, _rel(a, b)
     assert all(m.folded is None for m in convs)  # dropped after each call
     with torch.no_grad():
         model.decoder.head[2].weight.mul_(2)
@@ -473,6 +475,7 @@ for dtype in (torch.float32, torch.bfloat16):
         want = yph.as_strided((3, 4, 2, 6, 2, c), (yph.stride(0), yph.stride(2), yph.stride(2) + 2 * c, yph.stride(3),
                                                   yph.stride(3) + c, 1)).reshape(3, 8, 12, c)
         ok = torch.equal(launch_subpixel_rows(yph, torch.empty(3, 8, 12, c, dtype=dtype)), want)
+        ok = ok and torch.equal(launch_subpixel_rows(yph, torch.empty(3, 8, 12, c, dtype=dtype), bias), want + bias)
         res[f"subpixel {{str(dtype)[6:]}} C={{c}}"] = dict(
             dense=True, exact=1.0, rel=0.0, into_buffer=ok, history_kept=True, tail=True, folded=ok)
         s = (torch.randn(x.shape, generator=g) * 3).to(dtype).contiguous(memory_format=torch.channels_last_3d)
@@ -522,8 +525,8 @@ def test_fused_rms_norm_compiles_for_hopper():
                "frame_rows": "i32"}
         fold_sig = {"x_ptr": f"*{t}", "o_ptr": f"*{t}", "R": "i32", "C": "i32", "x_bstride": "i64", "o_bstride": "i64",
                     "frame_rows": "i32", "out_rows": "i32", "shift_rows": "i32"}
-        sub_sig = {"y_ptr": f"*{t}", "o_ptr": f"*{t}", "H": "i32", "W": "i32", "O": "i32", "y_bstride": "i64",
-                   "o_bstride": "i64"}
+        sub_sig = {"y_ptr": f"*{t}", "bias_ptr": f"*{t}", "o_ptr": f"*{t}", "H": "i32", "W": "i32", "O": "i32",
+                   "y_bstride": "i64", "o_bstride": "i64"}
         res_sig = {"h_ptr": f"*{t}", "bias_ptr": f"*{t}", "s_ptr": f"*{t}", "R": "i32", "C": "i32", "h_bstride": "i64",
                    "s_bstride": "i64"}
         for block_c in (4, 128, 256, 512):
@@ -536,7 +539,8 @@ def test_fused_rms_norm_compiles_for_hopper():
             consts = {"BLOCK_R": 4096 // block_c, "BLOCK_C": block_c}
             assert "cubin" in compile_for_hopper(add_bias_residual, res_sig, consts, 4).asm
             assert "cubin" in compile_for_hopper(fold_rows, fold_sig, consts, 4).asm
-            assert "cubin" in compile_for_hopper(subpixel_rows, sub_sig, consts, 4).asm
+            for bias in (False, True):
+                assert "cubin" in compile_for_hopper(subpixel_rows, sub_sig, {**consts, "HAS_BIAS": bias}, 4).asm
 
 
 def test_dense_rows_accepts_only_the_layouts_the_kernel_indexes():

@@ -95,15 +95,17 @@ def fold_in(src: torch.Tensor, folded: torch.Tensor, shift: int) -> None:
             slots[:, i, :, f0 + j0 : f1 + j0].copy_(src[:, :, f0:f1])
 
 
-def gather_phases(y: torch.Tensor, out: torch.Tensor) -> None:
+def gather_phases(y: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     """The sub-pixel conv's `y` `[N, 4O, H+1, W+1]` (channels-last) -> its phases in place in `out`
     `[N, 2H, 2W, O]`: output pixel (2i + py, 2j + px), channel c is y[n, (2py + px) O + c, i + py,
-    j + px]; one strided copy."""
+    j + px]; one strided copy, then the conv's `bias` `[O]` added when given."""
     n, o = y.shape[0], y.shape[1] // 4
     h, w = out.shape[1] // 2, out.shape[2] // 2
     s_n, _, s_h, s_w = y.stride()
     phases = y.as_strided((n, h, 2, w, 2, o), (s_n, s_h, s_h + 2 * o, s_w, s_w + o, 1))
     out.view(n, h, 2, w, 2, o).copy_(phases)
+    if bias is not None:
+        out.add_(bias)
 
 
 # ---- per-pixel passes: Triton (`vae_kernels`), where the tensors have the layout it indexes --------
@@ -139,11 +141,11 @@ def fold_in_triton(src: torch.Tensor, folded: torch.Tensor, shift: int) -> None:
         fold_in(src, folded, shift)
 
 
-def gather_phases_triton(y: torch.Tensor, out: torch.Tensor) -> None:
-    """`gather_phases` as one row copy (`vae_kernels.subpixel_rows`)."""
+def gather_phases_triton(y: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """`gather_phases` as one row copy, the bias added on the way (`vae_kernels.subpixel_rows`)."""
     from . import vae_kernels
 
-    vae_kernels.launch_subpixel_rows(y, out)
+    vae_kernels.launch_subpixel_rows(y, out, bias)
 
 
 NormFn = Callable[..., torch.Tensor]  # the signature of `rms_norm`
@@ -161,7 +163,7 @@ class VAEOps:
     norm: NormFn
     add_residual: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
     fold_in: Callable[[torch.Tensor, torch.Tensor, int], None]
-    gather_phases: Callable[[torch.Tensor, torch.Tensor], None]
+    gather_phases: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]
 
 
 TORCH_OPS = VAEOps("torch", _never, rms_norm, add_residual, fold_in, gather_phases)
@@ -255,23 +257,24 @@ def phase_kernels(w: torch.Tensor) -> torch.Tensor:
 
 
 def subpixel_weights(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An upsampler's 3x3 conv -> (its `phase_kernels`, derived in float32, channels-last; the bias
-    once per phase `[4O]`), what `subpixel_conv` takes."""
+    """An upsampler's 3x3 conv -> (its `phase_kernels`, derived in float32, channels-last; its bias
+    `[O]`), what `subpixel_conv` takes."""
     w = phase_kernels(weight.detach().float()).to(weight.dtype)
-    return w.contiguous(memory_format=torch.channels_last), bias.detach().repeat(4)
+    return w.contiguous(memory_format=torch.channels_last), bias.detach()
 
 
 def subpixel_conv(
     x: torch.Tensor,
     frames: int,
     phase_w: torch.Tensor,
-    phase_b: torch.Tensor,
-    gather: Callable[[torch.Tensor, torch.Tensor], None],
+    bias: torch.Tensor,
+    gather: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None],
 ) -> torch.Tensor:
     """`conv3x3(nearest_upsample_2x(x))` per frame, computed at the source resolution: one 2x2
     conv with the four phases' kernels (`subpixel_weights`: 4/9 of the multiply-adds, no
-    upsampled copy of the input), then one pass that puts each phase's pixels in place (`gather`,
-    `VAEOps.gather_phases`).
+    upsampled copy of the input), then one pass that puts each phase's pixels in place and adds
+    the bias (`gather`, `VAEOps.gather_phases`: the Triton gather adds it on the way, where the
+    conv would add it in a broadcast pass of its own).
 
     `x` `[B, f*C, T, H, W]` channels-last, its channels f groups that become f consecutive frames
     (as `models.vae._upsample2x` does) -> `[B, O, f*T, 2H, 2W]` channels-last."""
@@ -282,11 +285,11 @@ def subpixel_conv(
         src = rows.reshape(b * t, h, w, c)  # a view
     else:  # the frame groups interleaved in time: one copy at the source resolution
         src = rows.reshape(b, t, h, w, frames, c).permute(0, 1, 4, 2, 3, 5).reshape(b * t * frames, h, w, c)
-    y = F.conv2d(src.permute(0, 3, 1, 2), phase_w, phase_b, padding=1)  # [N, 4O, H+1, W+1]
+    y = F.conv2d(src.permute(0, 3, 1, 2), phase_w, None, padding=1)  # [N, 4O, H+1, W+1]
     y = y.contiguous(memory_format=torch.channels_last)  # (cuDNN's layout already; the CPU's may differ)
     n, o = y.shape[0], y.shape[1] // 4
     out = torch.empty(b, frames * t, 2 * h, 2 * w, o, dtype=x.dtype, device=x.device)
-    gather(y, out.view(n, 2 * h, 2 * w, o))
+    gather(y, out.view(n, 2 * h, 2 * w, o), bias)
     return out.permute(0, 4, 1, 2, 3)  # [B, O, fT, 2H, 2W]
 
 

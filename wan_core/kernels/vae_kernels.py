@@ -118,11 +118,12 @@ def add_bias_residual(
 
 @triton.jit
 def subpixel_rows(
-    y_ptr, o_ptr, H, W, O, y_bstride, o_bstride,  # phase conv output [N, H+1, W+1, 4O], output [N, 2H, 2W, O]
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    y_ptr, bias_ptr, o_ptr, H, W, O, y_bstride, o_bstride,  # phase conv output [N, H+1, W+1, 4O], output [N, 2H, 2W, O]
+    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """BLOCK_R output pixels of one image of `vae_forms.subpixel_conv`: pixel (2i + py, 2j + px) is
-    channel block 2py + px of the phase conv's pixel (i + py, j + px)."""
+    channel block 2py + px of the phase conv's pixel (i + py, j + px), plus the conv's bias [O]
+    (HAS_BIAS; added in float32 and rounded once, as torch adds it after the conv)."""
     n = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # output pixels, row-major
     cols = tl.arange(0, BLOCK_C)
@@ -131,6 +132,9 @@ def subpixel_rows(
     src = (yy // 2 + py) * (W + 1) + (xx // 2 + px)  # the phase conv's pixel
     mask = (rows[:, None] < 4 * H * W) & (cols[None, :] < O)
     v = tl.load(y_ptr + n * y_bstride + src[:, None] * (4 * O) + ((2 * py + px) * O)[:, None] + cols[None, :], mask=mask)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=cols < O, other=0.0)
+        v = (v.to(tl.float32) + b.to(tl.float32)[None, :]).to(v.dtype)
     tl.store(o_ptr + n * o_bstride + rows[:, None] * O + cols[None, :], v, mask=mask)
 
 
@@ -210,16 +214,18 @@ def launch_fold_rows(x: torch.Tensor, folded: torch.Tensor, shift: int) -> torch
     return folded
 
 
-def launch_subpixel_rows(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def launch_subpixel_rows(y: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`y` `[N, 4O, H+1, W+1]` channels-last (the phase conv of `vae_forms.subpixel_conv`) -> its
-    phases in place in `out`, a contiguous `[N, 2H, 2W, O]`. Returns `out`."""
+    phases in place in `out`, a contiguous `[N, 2H, 2W, O]`, plus `bias` `[O]` when given. Returns `out`."""
     n, o4, h1, w1 = y.shape
     o, h, w = o4 // 4, h1 - 1, w1 - 1
     assert y.is_contiguous(memory_format=torch.channels_last) and out.shape == (n, 2 * h, 2 * w, o)
     assert out.is_contiguous() and out.dtype == y.dtype
     block_c = 1 << (o - 1).bit_length()
     block_r = max(1, 4096 // block_c)
+    assert bias is None or bias.shape == (o,)
     subpixel_rows[(triton.cdiv(4 * h * w, block_r), n)](
-        y, out, h, w, o, y.stride(0), out.stride(0), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        y, bias if bias is not None else y, out, h, w, o, y.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip
     return out
