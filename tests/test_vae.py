@@ -236,6 +236,31 @@ def test_subpixel_upsampler_equals_upsample_then_conv(mode, monkeypatch):
         assert torch.equal(on, up(x, {}))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mid_block_attention_as_gemms_equals_sdpa(dtype, monkeypatch):
+    """`vae_forms.attention_gemm` (scores and softmax in float32, a few query blocks at a time) is
+    the attention SDPA computes: to float32 rounding, and in bf16 as close to the float32 result
+    as SDPA's bf16 path; the CUDA table routes only head dims above 256 to it."""
+    from wan_core.kernels import vae_forms
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 1, 300, 384, generator=g) for _ in range(3))
+    truth = vae_forms.attention(q, k, v)
+    monkeypatch.setattr(vae_forms, "GEMM_SCORES", 300 * 64)  # 64 query rows a block: 5 blocks per image
+    q16, k16, v16 = (t.to(dtype) for t in (q, k, v))
+    got, sdpa = vae_forms.attention_gemm(q16, k16, v16), vae_forms.attention(q16, k16, v16)
+    assert got.dtype == dtype and got.shape == q.shape
+    if dtype == torch.float32:
+        assert _rel(got, truth) < 1e-5, _rel(got, truth)
+    else:
+        assert _rel(got.float(), truth) <= max(1.2 * _rel(sdpa.float(), truth), 1e-3), (_rel(got.float(), truth), _rel(sdpa.float(), truth))
+    assert vae_forms.TRITON_OPS.attention is vae_forms.attention_cuda and vae_forms.TORCH_OPS.attention is vae_forms.attention
+    calls = []
+    monkeypatch.setattr(vae_forms, "attention_gemm", lambda *a: calls.append(a[0].shape[-1]) or a[0])
+    vae_forms.attention_cuda(q, k, v), vae_forms.attention_cuda(q[..., :256], k[..., :256], v[..., :256])
+    assert calls == [384]
+
+
 def test_full_size_vae_folds_the_measured_convs():
     """At full size the time-folding rule picks what was measured to pay on the H100: the convs
     with 96 input channels (the full-resolution ones and the encoder's 96 -> 192) and the
@@ -553,6 +578,21 @@ def test_dense_rows_accepts_only_the_layouts_the_kernel_indexes():
     assert not dense_rows(buf[:, :4])  # a channel slice: rows no longer dense
     assert not dense_rows(buf[..., 1:])  # a width slice
     assert not dense_rows(torch.empty(2, 8, 4, 5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_mid_block_attention_as_gemms():
+    """On CUDA (float32 scores from the bf16 GEMM, Wan's head dim 384, a 720p frame's worth of
+    rows in query blocks): as close to the float32 attention as the memory-efficient SDPA kernel."""
+    from wan_core.kernels import vae_forms
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 1, 4000, 384, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    truth = vae_forms.attention(q.float(), k.float(), v.float())
+    got, sdpa = vae_forms.attention_cuda(q, k, v), vae_forms.attention(q, k, v)
+    assert got.dtype == torch.bfloat16
+    assert _rel(got.float(), truth) <= 1.2 * _rel(sdpa.float(), truth), (_rel(got.float(), truth), _rel(sdpa.float(), truth))
 
 
 @pytest.mark.gpu

@@ -6,7 +6,8 @@ activation layout are only known per encode/decode call.
 
 - `VAEOps`: the per-pixel passes: RMSNorm (+ the previous conv's bias, + SiLU, written straight
   into a causal conv's buffer), a residual block's end (+ the conv's bias), the copies into a
-  time-folded buffer, the sub-pixel phase gather. `TORCH_OPS` anywhere; `TRITON_OPS` on CUDA
+  time-folded buffer, the sub-pixel phase gather (+ the conv's bias); and the mid-block's
+  attention (head dim 384: on CUDA as GEMMs, `attention_gemm`). `TORCH_OPS` anywhere; `TRITON_OPS` on CUDA
   (`vae_ops`): one Triton pass each (`vae_kernels`) over activations in the layout the kernels
   index (channels-last rows, `dense_rows`), the torch pass for any other.
 - Time-folded causal convs (`time_folded_conv`): cuDNN runs 3-D convs with few channels far
@@ -33,7 +34,8 @@ from .fp8_rows import HAS_TRITON
 from .vae_layout import CL, dense_rows, empty_as
 
 __all__ = [
-    "VAEOps", "TORCH_OPS", "TRITON_OPS", "vae_ops", "rms_norm", "add_residual", "fold_in", "FOLD_TIME_CHANNELS",
+    "VAEOps", "TORCH_OPS", "TRITON_OPS", "vae_ops", "rms_norm", "add_residual", "fold_in", "attention", "attention_gemm",
+    "attention_cuda", "GEMM_SCORES", "FOLD_TIME_CHANNELS",
     "FOLD_MIN_OUT", "folds_time_on_cuda", "time_folded_weight", "time_folded_conv", "phase_kernels",
     "subpixel_weights", "subpixel_conv", "weight_in_layout",
 ]
@@ -148,6 +150,43 @@ def gather_phases_triton(y: torch.Tensor, out: torch.Tensor, bias: torch.Tensor 
     vae_kernels.launch_subpixel_rows(y, out, bias)
 
 
+# ---- the mid-block's single-head attention ---------------------------------------------------------
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of q, k, v `[N, 1, L, D]` (one head): SDPA."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+# the most float32 scores `attention_gemm` holds at once (256 MiB): a block of query rows at a time
+GEMM_SCORES = 1 << 26
+
+
+def attention_gemm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`attention` as two GEMMs per block of query rows: float32 scores (the GEMM's accumulator,
+    stored as it is), float32 softmax, the weights in q's dtype times v. Why: SDPA's fused
+    kernels stop at head dim 256 and the VAE's is 384, which leaves the memory-efficient kernel;
+    at its lowest resolution the scores fit in memory, a few query blocks per image
+    (`GEMM_SCORES`), and cuBLAS runs the two products at its GEMM rate."""
+    n, _, length, d = q.shape
+    out = torch.empty(n, 1, length, d, dtype=q.dtype, device=q.device)
+    rows = max(1, GEMM_SCORES // length)
+    for i in range(n):
+        kt = k[i, 0].t()  # [D, L]
+        for r in range(0, length, rows):
+            qi = q[i, 0, r : r + rows]  # [rows, D]
+            if q.device.type == "cuda":
+                s = torch.mm(qi, kt, out_dtype=torch.float32)  # [rows, L]
+            else:  # (the CPU's mm has no float32 output for bf16 inputs)
+                s = torch.mm(qi.float(), kt.float())
+            p = torch.softmax(s.mul_(d**-0.5), dim=-1).to(q.dtype)
+            torch.mm(p, v[i, 0], out=out[i, 0, r : r + rows])
+    return out
+
+
+def attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`attention` on CUDA: `attention_gemm` above head dim 256 (where SDPA has no fused kernel)."""
+    return attention_gemm(q, k, v) if q.shape[-1] > 256 else attention(q, k, v)
+
+
 NormFn = Callable[..., torch.Tensor]  # the signature of `rms_norm`
 
 
@@ -164,10 +203,12 @@ class VAEOps:
     add_residual: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
     fold_in: Callable[[torch.Tensor, torch.Tensor, int], None]
     gather_phases: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]
+    attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-TORCH_OPS = VAEOps("torch", _never, rms_norm, add_residual, fold_in, gather_phases)
-TRITON_OPS = VAEOps("triton", dense_rows, rms_norm_triton, add_residual_triton, fold_in_triton, gather_phases_triton)
+TORCH_OPS = VAEOps("torch", _never, rms_norm, add_residual, fold_in, gather_phases, attention)
+TRITON_OPS = VAEOps("triton", dense_rows, rms_norm_triton, add_residual_triton, fold_in_triton, gather_phases_triton,
+                    attention_cuda)  # fmt: skip
 
 
 def vae_ops(device: torch.device) -> VAEOps:

@@ -203,6 +203,7 @@ class AttentionBlock(nn.Module):
         self.norm = RMSNorm(dim, images=True)
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
+        self.ops: vae_forms.VAEOps = vae_forms.TORCH_OPS  # set per call by `WanVAE`
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         """`cache` is unused (attention stays within a frame); taken for a uniform call signature."""
@@ -211,7 +212,7 @@ class AttentionBlock(nn.Module):
         # [B, 3C, T, H, W] -> [B*T, 1 head, HW, 3C] (a view when channels-last)
         qkv = qkv.permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, 3 * c)
         q, k, v = qkv.chunk(3, dim=-1)
-        o = F.scaled_dot_product_attention(q, k, v)  # [B*T, 1, HW, C]
+        o = self.ops.attention(q, k, v)  # [B*T, 1, HW, C]
         o = F.linear(o, self.proj.weight.reshape(c, c), self.proj.bias)
         o = o.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # [B, C, T, H, W] (strided view)
         return torch.add(x, o, out=empty_as(x.shape, x))
@@ -369,7 +370,7 @@ class Decoder3d(nn.Module):
 
 
 # the modules that run per-pixel passes: `WanVAE` hands them the call's `VAEOps`
-_WITH_OPS = (CausalConv3d, RMSNorm, ResidualBlock, Resample)
+_WITH_OPS = (CausalConv3d, RMSNorm, ResidualBlock, Resample, AttentionBlock)
 
 
 def _conv_forms_per_call(method):
