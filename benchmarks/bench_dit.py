@@ -135,6 +135,20 @@ def unproject_text(model) -> None:
         blk.cross_attn.text_attn_fn = text_plain
 
 
+def unfold_query_norm(model) -> None:
+    """The model's fused cross-attention with q normalised first (a pass writing the normalised q)
+    instead of its RMSNorm folded into the projected form's rows' factors and keys."""
+    import dataclasses
+
+    from wan_core.kernels.block_ops import _fused_attend, _normed
+
+    def cross_attend(fn, o, norm_q, q, *args):
+        return _fused_attend(fn, o, _normed(norm_q, q), *args)
+
+    for blk in model.blocks:
+        blk.cross_attn.ops = dataclasses.replace(blk.cross_attn.ops, cross_attend=cross_attend)
+
+
 def cos(a, b):
     a, b = a.flatten().double(), b.flatten().double()
     return (a @ b / (a.norm() * b.norm())).item()
@@ -263,6 +277,9 @@ def main():
                     # bf16 (each quantised by its projection), not stored as e4m3 codes by the kernels
                     ops = dataclasses.replace(ops, attend=get_block_ops("torch").attend)
                 m.set_block_ops(ops)
+                if "nofold" in flags:  # "+nofold": cross-attention's q normalised in a pass of its own,
+                    # not its RMSNorm folded into the projected form (rows' factors, weight in the keys)
+                    unfold_query_norm(m)
             for blk in m.blocks:  # "+mk": inductor's multi-kernel (persistent reductions up to 16k wide
                 # where they time faster), "+mk2": persistent reductions forced; "+static": static
                 # shapes only, as the pipeline compiles (`compile_blocks`); without it a 720p run

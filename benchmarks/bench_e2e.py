@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_dit import log, unproject_text  # noqa: E402
+from benchmarks.bench_dit import log, unfold_query_norm, unproject_text  # noqa: E402
 from wan_core import pipeline as wan_pipeline  # noqa: E402
 from wan_core.layers.compile import compile_blocks  # noqa: E402
 from wan_core.loading.dit import build_model  # noqa: E402
@@ -85,9 +85,10 @@ def random_dit(variant: str, preset: str = "t2v-14b"):
     "@name" picks the self-attention backend ("fast@fa3_fp8": FlashAttention-3's e4m3 kernel;
     "fast@radial_attn": the block-sparse 8-bit kernel, as the model cache gives an FP8 DiT; a
     "+res16" suffix: the residual stream in bf16; "+noproj": the cross-attention not through its
-    output projection, `text_projected`)."""
-    res16, noproj = "+res16" in variant, "+noproj" in variant
-    variant, _, attn = variant.replace("+res16", "").replace("+noproj", "").partition("@")
+    output projection, `text_projected`; "+nofold": its q normalised in a pass of its own, not the
+    RMSNorm folded into the projected form)."""
+    res16, noproj, nofold = "+res16" in variant, "+noproj" in variant, "+nofold" in variant
+    variant, _, attn = variant.replace("+res16", "").replace("+noproj", "").replace("+nofold", "").partition("@")
     attn = attn.split("-")[0]  # "fast@fa3_fp8-offload"
     fp8 = variant.startswith(("fp8", "fast"))
     cfg = PRESETS[preset]
@@ -106,6 +107,8 @@ def random_dit(variant: str, preset: str = "t2v-14b"):
         radial = for_model(None, fp8, "cuda")
     m.set_attention(attn or ("sage_triton" if variant.startswith("fast") else "auto"), radial=radial)
     m.set_block_ops("auto")  # the fused ops, as a CUDA build chooses
+    if nofold:
+        unfold_query_norm(m)
     if res16:
         m.set_residual_dtype(torch.bfloat16)
     if noproj:

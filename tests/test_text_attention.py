@@ -104,6 +104,13 @@ for lengths in [(7, 40), (0, 39), (40, 1), (33, 32)]:
 q, k, v, n = padded_text(dtype=torch.bfloat16)
 qs = torch.cat([q, q], dim=2)[:, :, ::2]
 errs.append((ta._launch(qs, k, v, n).float() - full_attention(qs.float(), k.float(), v.float())).abs().max().item())
+# each row's scores times its factor (q's RMSNorm factor, block_ops): q read as q * r, both branches
+r = torch.rand(q.shape[:2], generator=torch.Generator().manual_seed(3)) * 2 + 0.1
+ki, vi = image_kv(q, 11)
+qr = q.float() * r[:, :, None, None]
+for out, ref in ((ta._launch(q, k, v, n, q_scale=r), full_attention(qr, k.float(), v.float())),
+                 (ta._launch(q, k, v, n, ki, vi, q_scale=r), two_branches(qr, k.float(), v.float(), ki.float(), vi.float()))):
+    errs.append((out.float() - ref).abs().max().item())
 print(json.dumps(errs))
 """
 
@@ -117,7 +124,7 @@ def test_kernel_equals_attention_over_all_padded_rows_in_the_interpreter():
 
 def text_kernel_signature() -> dict:
     """The text kernel's argument types for an sm_90 compile (bf16 in and out)."""
-    sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "N": "*i32", "K2": "*bf16", "V2": "*bf16", "O": "*bf16",
+    sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "N": "*i32", "R": "*fp32", "K2": "*bf16", "V2": "*bf16", "O": "*bf16",
            "OS": "*fp32", "lq": "i32", "lk": "i32", "lk2": "i32", "heads": "i32", "scale_log2": "fp32"}
     sig.update({f"s{t}_{a}": "i32" for t in ("q", "k", "v", "k2", "v2", "o") for a in "blh"})
     return sig
@@ -129,8 +136,8 @@ def test_kernel_compiles_for_hopper():
 
     sig = text_kernel_signature()
     for c in CONFIGS:
-        for img in (False, True):
-            consts = dict(HEAD_DIM=128, HAS_IMG=img, **c.kwargs)
+        for img, has_r in ((False, False), (True, False), (False, True), (True, True)):
+            consts = dict(HEAD_DIM=128, HAS_IMG=img, HAS_R=has_r, **c.kwargs)
             compile_for_hopper(text_attn_fwd, sig, consts, c.num_warps, c.num_stages)
 
 
@@ -147,7 +154,7 @@ def test_host_picks_the_kernel_by_prompt_length(monkeypatch):
 
     calls = []
     monkeypatch.setattr(ta, "_use_triton", lambda q: True)
-    monkeypatch.setattr(ta, "_launch", lambda q, k, v, n, ki, vi: calls.append("kernel") or full_attention(q, k, v))
+    monkeypatch.setattr(ta, "_launch", lambda q, k, v, n, ki, vi, **kw: calls.append("kernel") or full_attention(q, k, v))
     monkeypatch.setattr(ta, "_all_rows", lambda q, k, v, ki, vi: calls.append("all rows") or full_attention(q, k, v))
     q = torch.randn(1, 5, 2, 16)
     k = v = torch.randn(2, 512, 2, 16)

@@ -129,6 +129,79 @@ def test_fp8_projected_error_is_that_of_the_plain_codes(seed, monkeypatch):
     assert 0 < projected < 1.6 * plain_codes and plain_codes < 0.03, (projected, plain_codes)
 
 
+def _rms_parts(q, k, k_img=None, seed=4):
+    """q's RMSNorm over its channels split as the fused block ops use it: the rows' factors r
+    [B, Lq], the weight γ folded into k (and k_img); and the normalised q the plain path reads."""
+    g = torch.Generator().manual_seed(seed)
+    gamma = 1 + 0.5 * torch.randn(q.shape[2:], generator=g)  # [H, D]
+    r = torch.rsqrt(q.float().square().mean(dim=(2, 3)) + 1e-6)
+    qn = (q.float() * r[:, :, None, None] * gamma).to(q.dtype)
+
+    def fold(t):
+        return None if t is None else (t.float() * gamma).to(t.dtype)
+
+    return r, fold(k), fold(k_img), qn
+
+
+@pytest.mark.parametrize("lengths", [(7, 40), (12, 3)])
+def test_rows_factor_with_the_weight_in_the_keys_is_the_normalised_query(lengths):
+    """q_scale: text attention (both branches) and the projected form, fed q as the q linear wrote
+    it, its rows' RMS factors and the keys times the norm's weight, equal the same ops fed the
+    normalised q (float32: to rounding); a q_scale of another shape or dtype is refused."""
+    q, k, v, n = padded_text(lengths=lengths)
+    q = q * 3
+    w, bias = projection()
+    k_img, v_img = image_kv(q)
+    r, kg, kg_img, qn = _rms_parts(q, k, k_img)
+    tol = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(text_attention(q, kg, v, n, q_scale=r), text_attention(qn, k, v, n), **tol)
+    torch.testing.assert_close(text_attention(q, kg, v, n, kg_img, v_img, q_scale=r),
+                               text_attention(qn, k, v, n, k_img, v_img), **tol)  # fmt: skip
+    for ki, vi, kgi in ((None, None, None), (k_img, v_img, kg_img)):
+        got = tp.text_attention_projected(q, kg, v, n, kgi, vi, w, None, bias, "linear", q_scale=r)
+        torch.testing.assert_close(got, plain(qn, k, v, n, w, bias, ki, vi), **tol)
+    for bad in (r[:, :5], r.double()):
+        with pytest.raises(ValueError, match="q_scale must be float32 of shape"):
+            tp.text_attention_projected(q, kg, v, n, None, None, w, None, bias, "linear", q_scale=bad)
+
+
+def test_fused_cross_attention_folds_the_query_norm_only_with_the_projected_form(monkeypatch):
+    """The fused block ops hand the projected form q before its RMSNorm with the rows' factors
+    (the norm's weight in the keys): the torch ops' result to rounding. Without the projected form
+    (no operands, PROJECTED_MAX_KEYS 0) or without a q norm they normalise q as the torch ops do."""
+    from wan_core.models.dit import RMSNorm
+
+    q, k, v, n = padded_text(lengths=(7, 9))
+    q = q * 3
+    norm = RMSNorm(96)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(96, generator=torch.Generator().manual_seed(8)))
+    scales = []
+
+    def fn(*args):
+        return text_attention(*args)
+
+    def projected(*a, q_scale=None):
+        scales.append(q_scale)
+        return tp.text_attention_projected(*a, q_scale=q_scale)
+
+    fn.projected = projected
+    fused, torch_ops = get_block_ops("fused"), get_block_ops("torch")
+    o = nn.Linear(96, 48)
+    args = (q, k, v, n, None, None)
+    want = torch_ops.cross_attend(fn, o, norm, *args)
+    torch.testing.assert_close(fused.cross_attend(fn, o, norm, *args), want, atol=1e-5, rtol=1e-5)
+    assert len(scales) == 1 and scales[0].shape == (2, 37)
+    torch.testing.assert_close(scales[0], torch.rsqrt(q.square().mean(dim=(2, 3)) + norm.eps))
+    scales.clear()
+    torch.testing.assert_close(fused.cross_attend(fn, o, nn.Identity(), *args), torch_ops.cross_attend(fn, o, nn.Identity(), *args))
+    assert scales == [None]
+    monkeypatch.setattr(tp, "PROJECTED_MAX_KEYS", 0)
+    scales.clear()
+    assert torch.equal(fused.cross_attend(fn, o, norm, *args), torch_ops.cross_attend(fn, o, norm, *args))
+    assert scales == [None]
+
+
 def test_op_passes_opcheck():
     q, k, v, n = padded_text(lengths=(7, 9))
     w, bias = projection()
@@ -152,6 +225,13 @@ for lengths, lk, lp in [((7, 40), 40, 48), ((0, 39), 40, 48), ((12, 3), 13, 16),
     dist = (c.float() - (ref * 448).to(FP8_DTYPE).float()).abs() / (ref * 448).clamp(min=2**-6)
     res.append([(p - ref).abs().max().item(), dist.max().item(), c.dtype == FP8_DTYPE,
                 bool((p[0, ..., min(lengths[0] + 1, lk):] == 0).all())])
+    # each row's scores times its factor (q's RMSNorm factor): the weights of q * r
+    r = torch.rand(q.shape[:2], generator=torch.Generator().manual_seed(lk)) * 2 + 0.1
+    ref = tp.reference_text_probs(q.float() * r[:, :, None, None], k.float(), n, lp)
+    p = tp.launch_text_probs(q, k, n, lp, codes=False, q_scale=r).float()
+    c = tp.launch_text_probs(q, k, n, lp, codes=True, q_scale=r)
+    dist = (c.float() - (ref * 448).to(FP8_DTYPE).float()).abs() / (ref * 448).clamp(min=2**-6)
+    res.append([(p - ref).abs().max().item(), dist.max().item(), c.dtype == FP8_DTYPE, True])
 print(json.dumps(res))
 """
 
@@ -169,12 +249,12 @@ def test_weights_kernel_compiles_for_hopper():
     from wan_core.kernels.text_attention_kernel import text_probs_fwd, text_probs_fwd_tuned
 
     for out in ("*fp8e4nv", "*bf16"):
-        sig = {"Q": "*bf16", "K": "*bf16", "N": "*i32", "P": out, "lq": "i32", "lk": "i32", "lp": "i32", "heads": "i32",
-               "scale_log2": "fp32", "mult": "fp32"}
+        sig = {"Q": "*bf16", "K": "*bf16", "N": "*i32", "R": "*fp32", "P": out, "lq": "i32", "lk": "i32", "lp": "i32",
+               "heads": "i32", "scale_log2": "fp32", "mult": "fp32"}
         sig.update({f"s{t}_{a}": "i32" for t in "qkp" for a in "blh"})
         for c in text_probs_fwd_tuned.configs:
-            for keys in (16, 64):
-                compile_for_hopper(text_probs_fwd, sig, dict(HEAD_DIM=128, KEYS=keys, **c.kwargs), c.num_warps)
+            for keys, has_r in ((16, False), (64, False), (16, True)):
+                compile_for_hopper(text_probs_fwd, sig, dict(HEAD_DIM=128, KEYS=keys, HAS_R=has_r, **c.kwargs), c.num_warps)
 
 
 class _Hooked(nn.Linear):
@@ -246,7 +326,8 @@ def test_dit_forward_is_unchanged_by_the_projected_cross_attention():
     finally:
         tp_calls.undo()
     assert len(seen) == cfg.num_layers
-    model.set_block_ops(dataclasses.replace(fused, attend=get_block_ops("torch").attend))
+    plain_ops = get_block_ops("torch")
+    model.set_block_ops(dataclasses.replace(fused, attend=plain_ops.attend, cross_attend=plain_ops.cross_attend))
     with torch.no_grad():
         want = model(x, t, ctx)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -281,3 +362,36 @@ def test_projected_on_gpu_at_wan_sizes(monkeypatch):
             plain_codes = tp.text_attention_projected(q, k, v, lengths, None, None, w, s, b, mm)
         e_p, e_c = ((projected.float() - want).norm() / want.norm()).item(), ((plain_codes.float() - want).norm() / want.norm()).item()
         assert e_p < 1.6 * e_c and e_c < 0.05, (n, e_p, e_c)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+                    reason="needs a CUDA GPU with FP8")  # fmt: skip
+def test_query_norm_folded_on_gpu_at_wan_sizes():
+    """The fused cross-attention at Wan's sizes on the GPU (bf16, an FP8 output projection, a 12-
+    and a 150-token prompt: the weights kernel and the text kernel): q before its RMSNorm with
+    the rows' factors is as close to the float32 result as the torch ops' normalised q."""
+    from wan_core.models.dit import RMSNorm
+
+    torch.manual_seed(0)
+    fp8 = FP8Linear.from_linear(nn.Linear(5120, 5120, device="cuda", dtype=torch.bfloat16))
+    fp8.set_kernel("scaled_mm_fast")
+    norm = RMSNorm(5120).cuda()
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(5120, device="cuda"))
+    fused, torch_ops = get_block_ops("fused"), get_block_ops("torch")
+    for n in (12, 150):
+        q = torch.randn(1, 5000, 40, 128, device="cuda", dtype=torch.bfloat16) * 4
+        k = torch.randn(1, 512, 40, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, 512, 40, 128, device="cuda", dtype=torch.bfloat16)
+        k[:, n:], v[:, n:] = k[:, n].clone(), v[:, n].clone()
+        lengths = torch.tensor([n], dtype=torch.int32)
+        qn = norm(q.float().flatten(2)).view_as(q)
+        want = plain(qn, k.float(), v.float(), lengths, fp8.dequantized_weight(torch.float32), fp8.bias.float())
+        args = (tp.cross_text_attention, fp8, norm, q, k, v, lengths, None, None)
+
+        def err(out, want=want):
+            return ((out.float() - want).norm() / want.norm()).item()
+
+        e_fold, e_torch = err(fused.cross_attend(*args)), err(torch_ops.cross_attend(*args))
+        assert e_fold < 1.6 * e_torch and e_torch < 0.05, (n, e_fold, e_torch)

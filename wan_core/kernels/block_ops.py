@@ -11,6 +11,8 @@ linears it calls the functions of a `BlockOps` stored on the block and its self-
 - `ffn(ffn, h) -> [B, L, C]`: the feed-forward (linear, tanh GELU, linear).
 - `attend(fn, o, *args) -> o's output`: an attention call `fn(*args)` ([B, L, H, D]) flattened to
   [B, L, C], through the output projection `o`.
+- `cross_attend(fn, o, norm_q, q, k, v, lengths, k_img, v_img) -> o's output`: the same for the
+  cross-attention, q [B, L, H, D] as the q linear wrote it (before its RMSNorm `norm_q`).
 
 Two implementations share these signatures:
 
@@ -26,7 +28,9 @@ Two implementations share these signatures:
   them, instead of bf16 that the projection would quantise in a pass of its own. A backend with
   `fn.projected` (the text attention, `text_projected`) computes its output projection itself
   where `o` hands it its operands (a plain linear, an FP8 linear's `projection_operands`): for a
-  short prompt, the attention weights times the values already projected. A linear with
+  short prompt, the attention weights times the values already projected; it then also takes q
+  before its RMSNorm: the rows' factors (a reduction over q) with the norm's weight folded into
+  the keys, so q is read as the q linear wrote it and no normalised copy is written. A linear with
   hooks (a LoRA branch, offload's weight streaming) or an attention function without `codes` (a
   sequence-parallel wrapper) gets bf16 as in "torch": every feature keeps working, only the
   saving is lost. Why: benchmarks/NOTES.md.
@@ -42,6 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import text_projected
 from .fp8_rows import HAS_TRITON
 from .fused_ops import QuantRows, add_norm_mod, gelu_quant, linear_gelu, rms_norm_rope
 from .rope import apply_rope
@@ -58,6 +63,7 @@ class BlockOps:
     qk_norm_rope: Callable
     ffn: Callable
     attend: Callable
+    cross_attend: Callable
 
 
 # ---- torch: the plain expressions --------------------------------------------------------------
@@ -81,6 +87,14 @@ def _torch_ffn(ffn, h):
 
 def _torch_attend(fn, o, *args):
     return o(fn(*args).flatten(2))  # [B, L, H, D] -> [B, L, C]
+
+
+def _normed(norm_q, q):
+    return norm_q(q.flatten(2)).view_as(q)  # RMSNorm over the channels: [B, L, H, D] -> [B, L, C] -> back
+
+
+def _torch_cross_attend(fn, o, norm_q, q, *args):
+    return _torch_attend(fn, o, _normed(norm_q, q), *args)
 
 
 # ---- fused: single-pass custom ops -------------------------------------------------------------
@@ -142,9 +156,24 @@ def _fused_attend(fn, o, *args):
     return o(QuantRows(out.flatten(2), scale))  # codes [B, L, H, D] -> [B, L, C]
 
 
+def _fused_cross_attend(fn, o, norm_q, q, k, v, lengths, k_img, v_img):
+    projected = getattr(fn, "projected", None)
+    operands = _projection_operands(o) if projected is not None else None
+    if operands is None or isinstance(norm_q, nn.Identity) or text_projected.PROJECTED_MAX_KEYS == 0:
+        return _fused_attend(fn, o, _normed(norm_q, q), k, v, lengths, k_img, v_img)
+    # RMSNorm(q)·k = r (q · (γ ⊙ k)): each row's factor r here (inductor: one reduction reading q),
+    # the weight γ [H, D] into the keys (a few hundred rows)
+    r = torch.rsqrt(q.float().square().mean(dim=(2, 3)) + norm_q.eps)  # [B, L]
+    g = norm_q.weight.float().view(q.shape[2:])
+    k = (k.float() * g).to(k.dtype)
+    if k_img is not None:
+        k_img = (k_img.float() * g).to(k_img.dtype)
+    return projected(q, k, v, lengths, k_img, v_img, *operands, q_scale=r)
+
+
 BLOCK_OPS: dict[str, BlockOps] = {
-    "torch": BlockOps("torch", _torch_add_norm_mod, _torch_qk_norm_rope, _torch_ffn, _torch_attend),
-    "fused": BlockOps("fused", _fused_add_norm_mod, _fused_qk_norm_rope, _fused_ffn, _fused_attend),
+    "torch": BlockOps("torch", _torch_add_norm_mod, _torch_qk_norm_rope, _torch_ffn, _torch_attend, _torch_cross_attend),
+    "fused": BlockOps("fused", _fused_add_norm_mod, _fused_qk_norm_rope, _fused_ffn, _fused_attend, _fused_cross_attend),
 }
 
 

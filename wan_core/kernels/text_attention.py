@@ -10,7 +10,9 @@ cross-attention is ~1.5 % of a fast-mode forward; benchmarks/NOTES.md).
 `text_attention(q, k, v, lengths, k_img, v_img)`: q [B, Lq, H, D]; k, v [B, Lk, H, D] computed
 from the padded text (rows lengths[b].. of item b are its padding); lengths [B] int32 on the CPU;
 k_img, v_img [B, Li, H, D] (I2V's 257 CLIP tokens, or None): their attention, a softmax of its
-own, is added to the text's, as the model sums its two branches. A custom op (opaque to
+own, is added to the text's, as the model sums its two branches; q_scale [B, Lq] float32 (or
+None): each query row's scores multiplied by it, i.e. q read as q · q_scale (q's RMSNorm factor,
+the norm's weight folded into k and k_img by the caller: `block_ops`). A custom op (opaque to
 torch.compile, which sees the lengths as a tensor: a new prompt length recompiles nothing). On
 CUDA the host reads the lengths and picks the kernel: the Triton kernel `text_attention_kernel`
 (head dims a power of two, as Wan's 128; both branches in one program, so q is read once and
@@ -32,7 +34,8 @@ import torch.nn.functional as F
 
 from .fp8_rows import FP8_DTYPE, FP8_MAX, HAS_TRITON, head_rows_codes, row_scales
 
-__all__ = ["text_attention", "text_attention_codes", "text_multiplier", "reference_text_attention", "attend_all_text_rows", "key_log_counts", "COLLAPSE_MAX_KEYS"]
+__all__ = ["text_attention", "text_attention_codes", "text_multiplier", "reference_text_attention", "attend_all_text_rows",
+           "key_log_counts", "scaled_rows", "COLLAPSE_MAX_KEYS"]
 
 # The most keys (real tokens + the padding's one) the collapsed kernel runs; longer prompts go to
 # the exact backend over all rows (the crossover measured on an H100, benchmarks/NOTES.md).
@@ -53,9 +56,15 @@ def _sdpa(q, k, v, bias=None):
     return out.transpose(1, 2)  # [B, H, Lq, D] -> [B, Lq, H, D]
 
 
-def reference_text_attention(q, k, v, lengths, k_img=None, v_img=None) -> torch.Tensor:
+def scaled_rows(q: torch.Tensor, q_scale: torch.Tensor | None) -> torch.Tensor:
+    """q [B, Lq, H, D] times its rows' factors q_scale [B, Lq] (float32, rounded once), or q."""
+    return q if q_scale is None else (q.float() * q_scale[:, :, None, None]).to(q.dtype)
+
+
+def reference_text_attention(q, k, v, lengths, k_img=None, v_img=None, q_scale=None) -> torch.Tensor:
     """The op's math in torch (arguments as `text_attention`'s): SDPA with the log-count bias
     (rows after the first padding row are masked out), plus SDPA over the image keys when given."""
+    q = scaled_rows(q, q_scale)
     bias = key_log_counts(lengths.to(q.device), k.shape[1])[:, None, None, :].to(q.dtype)  # [B, 1, 1, Lk]
     out = _sdpa(q, k, v, bias)
     if k_img is not None:
@@ -87,9 +96,10 @@ def _all_rows(q, k, v, k_img=None, v_img=None) -> torch.Tensor:
     return _exact_all_rows(str(q.device))(q, k, v, None, k_img, v_img).contiguous()
 
 
-def _launch(q, k, v, lengths, k_img=None, v_img=None, out_mult: torch.Tensor | None = None) -> torch.Tensor:
+def _launch(q, k, v, lengths, k_img=None, v_img=None, out_mult: torch.Tensor | None = None,
+            q_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel; with `out_mult` (float32 [B]) its output is stored as e4m3 codes, each batch
-    item's rows times its multiplier."""
+    item's rows times its multiplier; with `q_scale` [B, Lq] each row's scores times its factor."""
     import triton
 
     from . import text_attention_kernel as tk
@@ -101,15 +111,16 @@ def _launch(q, k, v, lengths, k_img=None, v_img=None, out_mult: torch.Tensor | N
     has_img = k_img is not None
     k2, v2 = (k_img, v_img) if has_img else (k, v)  # without the image branch: unread stand-ins
     mult = out_mult if codes else lengths  # unread without codes
-    args = (q, k, v, lengths, k2, v2, out, mult, lq, k.shape[1], k2.shape[1] if has_img else 0, h,
+    rs = q_scale.contiguous() if q_scale is not None else lengths  # unread without q_scale
+    args = (q, k, v, lengths, rs, k2, v2, out, mult, lq, k.shape[1], k2.shape[1] if has_img else 0, h,
             math.log2(math.e) / math.sqrt(d), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *k2.stride()[:3], *v2.stride()[:3], *out.stride()[:3])  # fmt: skip
     if q.device.type == "cuda":
         grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h)  # noqa: E731
-        tk.text_attn_fwd_tuned[grid](*args, HEAD_DIM=d, HAS_IMG=has_img, CODES=codes)
+        tk.text_attn_fwd_tuned[grid](*args, HEAD_DIM=d, HAS_IMG=has_img, CODES=codes, HAS_R=q_scale is not None)
     else:  # Triton's interpreter (tests)
         tk.text_attn_fwd[(triton.cdiv(lq, 64), b * h)](*args, HEAD_DIM=d, BLOCK_M=64, BLOCK_N=32, HAS_IMG=has_img,
-                                                       CODES=codes)  # fmt: skip
+                                                       CODES=codes, HAS_R=q_scale is not None)  # fmt: skip
     return out
 
 
@@ -123,10 +134,10 @@ def _runs_kernel(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor) -> boo
     return _use_triton(q) and min(int(lengths.max()) + 1, k.shape[1]) <= COLLAPSE_MAX_KEYS  # lengths on the CPU
 
 
-def _without_kernel(q, k, v, lengths, k_img, v_img) -> torch.Tensor:
+def _without_kernel(q, k, v, lengths, k_img, v_img, q_scale) -> torch.Tensor:
     if not _use_triton(q):
-        return reference_text_attention(q, k, v, lengths, k_img, v_img)
-    return _all_rows(q, k, v, k_img, v_img)
+        return reference_text_attention(q, k, v, lengths, k_img, v_img, q_scale)
+    return _all_rows(scaled_rows(q, q_scale), k, v, k_img, v_img)
 
 
 @torch.library.custom_op("wan_core::text_attention", mutates_args=())
@@ -138,21 +149,22 @@ def _text_attention_op(
     k_img: torch.Tensor | None,
     v_img: torch.Tensor | None,
     codes: bool,
+    q_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output [B, Lq, H, D] in q's dtype, an empty scale), or with `codes` (its e4m3 codes, each
     row's scale [B·Lq, 1]): one scale per batch item where the kernel runs, per token elsewhere."""
     if not _runs_kernel(q, k, lengths):
-        out = _without_kernel(q, k, v, lengths, k_img, v_img)
+        out = _without_kernel(q, k, v, lengths, k_img, v_img, q_scale)
         return head_rows_codes(out) if codes else (out, out.new_empty(0))
     if not codes:
-        out = _launch(q, k, v, lengths, k_img, v_img)
+        out = _launch(q, k, v, lengths, k_img, v_img, q_scale=q_scale)
         return out, out.new_empty(0)
     mult = text_multiplier(v, v_img)
-    return _launch(q, k, v, lengths, k_img, v_img, out_mult=mult), row_scales(mult, q.shape[1])
+    return _launch(q, k, v, lengths, k_img, v_img, out_mult=mult, q_scale=q_scale), row_scales(mult, q.shape[1])
 
 
 @_text_attention_op.register_fake
-def _(q, k, v, lengths, k_img, v_img, codes):
+def _(q, k, v, lengths, k_img, v_img, codes, q_scale=None):
     b, lq = q.shape[:2]
     if codes:
         return torch.empty(q.shape, dtype=FP8_DTYPE, device=q.device), q.new_empty(b * lq, 1, dtype=torch.float32)
@@ -169,9 +181,13 @@ def text_multiplier(v: torch.Tensor, v_img: torch.Tensor | None = None) -> torch
     return (FP8_MAX / bound.clamp(min=1e-12)).contiguous()
 
 
-def _check_image_branch(k_img: torch.Tensor | None, v_img: torch.Tensor | None) -> None:
+def _check_inputs(q: torch.Tensor, k_img: torch.Tensor | None, v_img: torch.Tensor | None,
+                  q_scale: torch.Tensor | None) -> None:
     if (k_img is None) != (v_img is None):
         raise ValueError("the image branch needs both k_img and v_img")
+    if q_scale is not None and (q_scale.shape != q.shape[:2] or q_scale.dtype != torch.float32):
+        raise ValueError(f"q_scale must be float32 of shape {tuple(q.shape[:2])} (one factor per query row), "
+                         f"got {q_scale.dtype} {tuple(q_scale.shape)}")  # fmt: skip
 
 
 def text_attention(
@@ -181,21 +197,22 @@ def text_attention(
     lengths: torch.Tensor,
     k_img: torch.Tensor | None = None,
     v_img: torch.Tensor | None = None,
+    q_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q [B, Lq, H, D] to text keys k, v [B, Lk, H, D] whose rows from lengths[b] on
     are zero-padding rows (all equal): exactly the attention to all Lk rows, over n + 1 keys
     (lengths: [B] int32 on the CPU); plus, when given, the attention to the image keys k_img,
-    v_img [B, Li, H, D] (I2V's second branch)."""
-    _check_image_branch(k_img, v_img)
-    return _text_attention_op(q, k, v, lengths, k_img, v_img, False)[0]
+    v_img [B, Li, H, D] (I2V's second branch). q_scale [B, Lq] float32: q's rows read times it."""
+    _check_inputs(q, k_img, v_img, q_scale)
+    return _text_attention_op(q, k, v, lengths, k_img, v_img, False, q_scale)[0]
 
 
-def text_attention_codes(q, k, v, lengths, k_img=None, v_img=None) -> tuple[torch.Tensor, torch.Tensor]:
+def text_attention_codes(q, k, v, lengths, k_img=None, v_img=None, q_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
     """`text_attention` with its output as e4m3 codes [B, Lq, H, D] and each row's scale [B·Lq, 1]
     (one per batch item, `text_multiplier`, where the kernel runs; per token after the other
     paths): the input of the FP8 output projection."""
-    _check_image_branch(k_img, v_img)
-    return _text_attention_op(q, k, v, lengths, k_img, v_img, True)
+    _check_inputs(q, k_img, v_img, q_scale)
+    return _text_attention_op(q, k, v, lengths, k_img, v_img, True, q_scale)
 
 
 text_attention.codes = text_attention_codes  # type: ignore[attr-defined]  (attention.py: a backend's codes)

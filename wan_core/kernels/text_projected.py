@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from .fp8_rows import _AMAX_FLOOR, FP8_DTYPE, FP8_MAX, next_pow2, rowwise_scaled_mm
-from .text_attention import _text_attention_op, _use_triton, key_log_counts, text_attention, text_attention_codes
+from .text_attention import (
+    _check_inputs,
+    _text_attention_op,
+    _use_triton,
+    key_log_counts,
+    text_attention,
+    text_attention_codes,
+)
 
 __all__ = ["cross_text_attention", "text_attention_projected", "text_probs", "launch_text_probs", "reference_text_probs",
            "value_projection", "projects", "PROJECTED_MAX_KEYS", "MM_KINDS"]
@@ -53,24 +60,31 @@ def _padded_keys(lengths: torch.Tensor, lk: int, heads: int) -> int:
     return -(-keys // step) * step
 
 
-def reference_text_probs(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, lp: int) -> torch.Tensor:
-    """The weights in torch: softmax over `text_attention`'s keys (log-count bias) -> float32
-    [B, Lq, H, lp], zero beyond each item's keys (and beyond lk)."""
+def reference_text_probs(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, lp: int,
+                         q_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The weights in torch: softmax over `text_attention`'s keys (log-count bias; each row's scores
+    times q_scale [B, Lq] when given) -> float32 [B, Lq, H, lp], zero beyond each item's keys (and beyond lk)."""
     bias = key_log_counts(lengths.to(q.device), k.shape[1])[:, None, None, :]  # [B, 1, 1, Lk]
-    s = torch.einsum("blhd,bjhd->blhj", q.float(), k.float()) / math.sqrt(q.shape[-1]) + bias
+    s = torch.einsum("blhd,bjhd->blhj", q.float(), k.float()) / math.sqrt(q.shape[-1])
+    if q_scale is not None:
+        s = s * q_scale[:, :, None, None]
+    s = s + bias
     p = torch.softmax(s, dim=-1)[..., :lp]
     return F.pad(p, (0, lp - p.shape[-1]))
 
 
-def text_probs(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, lp: int, codes: bool) -> torch.Tensor:
+def text_probs(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, lp: int, codes: bool,
+               q_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Each query's weights over the text keys [B, Lq, H, lp]: e4m3 codes of 448·P when `codes`,
     else q's dtype. The Triton kernel on CUDA, torch elsewhere."""
     if q.device.type != "cuda":
-        return (reference_text_probs(q, k, lengths, lp) * (FP8_MAX if codes else 1.0)).to(FP8_DTYPE if codes else q.dtype)
-    return launch_text_probs(q, k, lengths, lp, codes)
+        p = reference_text_probs(q, k, lengths, lp, q_scale)
+        return (p * (FP8_MAX if codes else 1.0)).to(FP8_DTYPE if codes else q.dtype)
+    return launch_text_probs(q, k, lengths, lp, codes, q_scale)
 
 
-def launch_text_probs(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, lp: int, codes: bool) -> torch.Tensor:
+def launch_text_probs(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, lp: int, codes: bool,
+                      q_scale: torch.Tensor | None = None) -> torch.Tensor:
     """`text_probs` by the Triton kernel (`text_attention_kernel.text_probs_fwd`; on CPU tensors,
     Triton's interpreter: tests)."""
     import triton
@@ -80,14 +94,15 @@ def launch_text_probs(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, l
     b, lq, h, d = q.shape
     p = torch.empty(b, lq, h, lp, dtype=FP8_DTYPE if codes else q.dtype, device=q.device)
     n = lengths.to(device=q.device, dtype=torch.int32, non_blocking=True).contiguous()
-    args = (q, k, n, p, lq, k.shape[1], lp, h, math.log2(math.e) / math.sqrt(d), FP8_MAX if codes else 1.0,
+    rs = q_scale.contiguous() if q_scale is not None else n  # unread without q_scale
+    args = (q, k, n, rs, p, lq, k.shape[1], lp, h, math.log2(math.e) / math.sqrt(d), FP8_MAX if codes else 1.0,
             *q.stride()[:3], *k.stride()[:3], *p.stride()[:3])  # fmt: skip
-    keys = max(16, next_pow2(lp))
+    keys, has_r = max(16, next_pow2(lp)), q_scale is not None
     if q.device.type == "cuda":
         grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h)  # noqa: E731
-        tk.text_probs_fwd_tuned[grid](*args, HEAD_DIM=d, KEYS=keys)
+        tk.text_probs_fwd_tuned[grid](*args, HEAD_DIM=d, KEYS=keys, HAS_R=has_r)
     else:  # Triton's interpreter (tests)
-        tk.text_probs_fwd[(triton.cdiv(lq, 64), b * h)](*args, HEAD_DIM=d, BLOCK_M=64, KEYS=keys)
+        tk.text_probs_fwd[(triton.cdiv(lq, 64), b * h)](*args, HEAD_DIM=d, BLOCK_M=64, KEYS=keys, HAS_R=has_r)
     return p
 
 
@@ -101,12 +116,12 @@ def value_projection(v: torch.Tensor, lp: int, weight: torch.Tensor) -> torch.Te
     return u.transpose(0, 1).reshape(-1, h * lp)  # [N, H, lp] -> [N, H·lp]
 
 
-def _projected(q, k, v, lengths, weight, weight_scale, bias, mm: str) -> torch.Tensor:
+def _projected(q, k, v, lengths, weight, weight_scale, bias, mm: str, q_scale) -> torch.Tensor:
     """The weights P [Lq, H·lp] of each prompt times its U [H·lp, N] (+ bias) -> [B, Lq, N]."""
     b, lq = q.shape[:2]
     lp = _padded_keys(lengths, k.shape[1], q.shape[2])
     fp8 = mm != "linear"
-    p = text_probs(q, k, lengths, lp, codes=fp8).flatten(2)  # [B, Lq, H, lp] -> [B, Lq, H·lp]
+    p = text_probs(q, k, lengths, lp, fp8, q_scale).flatten(2)  # [B, Lq, H, lp] -> [B, Lq, H·lp]
     out = q.new_empty(b, lq, weight.shape[0])
     for i in range(b):  # one U per prompt
         u = value_projection(v[i], lp, weight)  # [N, H·lp]
@@ -124,12 +139,12 @@ def _projected(q, k, v, lengths, weight, weight_scale, bias, mm: str) -> torch.T
     return out
 
 
-def _plain(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm: str) -> torch.Tensor:
+def _plain(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm: str, q_scale) -> torch.Tensor:
     """`text_attention`, then the projection, as the model's plain path computes them."""
     b, lq = q.shape[:2]
     if mm == "linear":
-        return F.linear(_text_attention_op(q, k, v, lengths, k_img, v_img, False)[0].flatten(2), weight, bias)
-    codes, scale = _text_attention_op(q, k, v, lengths, k_img, v_img, True)
+        return F.linear(_text_attention_op(q, k, v, lengths, k_img, v_img, False, q_scale)[0].flatten(2), weight, bias)
+    codes, scale = _text_attention_op(q, k, v, lengths, k_img, v_img, True, q_scale)
     out = rowwise_scaled_mm(codes.reshape(b * lq, -1), scale, weight, weight_scale, bias, q.dtype,
                             fast_accum=mm == "scaled_mm_fast")  # fmt: skip
     return out.view(b, lq, -1)
@@ -155,34 +170,37 @@ def _projected_op(
     weight_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
     mm: str,
+    q_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if projects(q, k, lengths, k_img):
-        return _projected(q, k, v, lengths, weight, weight_scale, bias, mm)
-    return _plain(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm)
+        return _projected(q, k, v, lengths, weight, weight_scale, bias, mm, q_scale)
+    return _plain(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm, q_scale)
 
 
 @_projected_op.register_fake
-def _(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm):
+def _(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm, q_scale=None):
     return q.new_empty(q.shape[0], q.shape[1], weight.shape[0])
 
 
-def text_attention_projected(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm: str) -> torch.Tensor:
-    """The output projection of `text_attention(q, k, v, lengths, k_img, v_img)`: [B, Lq, N] in q's
-    dtype. weight [N, H·D] (with mm "linear": q's dtype; else e4m3 codes and weight_scale [N, 1],
-    an FP8 linear's), bias [N] or None; mm one of `MM_KINDS`."""
+def text_attention_projected(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm: str,
+                             q_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The output projection of `text_attention(q, k, v, lengths, k_img, v_img, q_scale)`: [B, Lq, N]
+    in q's dtype. weight [N, H·D] (with mm "linear": q's dtype; else e4m3 codes and weight_scale
+    [N, 1], an FP8 linear's), bias [N] or None; mm one of `MM_KINDS`."""
+    _check_inputs(q, k_img, v_img, q_scale)
     if mm not in MM_KINDS:
         raise ValueError(f"mm must be one of {MM_KINDS}, got {mm!r}")
     if (mm == "linear") != (weight_scale is None):
         raise ValueError("weight_scale goes with the FP8 kernels (mm 'scaled_mm' / 'scaled_mm_fast') only")
     if weight.shape[1] != q.shape[2] * q.shape[3]:
         raise ValueError(f"weight {tuple(weight.shape)} does not take the {q.shape[2]} x {q.shape[3]} attention output")
-    return _projected_op(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm)
+    return _projected_op(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm, q_scale)
 
 
-def cross_text_attention(q, k, v, lengths, k_img=None, v_img=None) -> torch.Tensor:
+def cross_text_attention(q, k, v, lengths, k_img=None, v_img=None, q_scale=None) -> torch.Tensor:
     """`text_attention` (the same arguments and result), carrying the forms the fused block ops
     use where the output projection allows: `.codes` and `.projected`."""
-    return text_attention(q, k, v, lengths, k_img, v_img)
+    return text_attention(q, k, v, lengths, k_img, v_img, q_scale)
 
 
 cross_text_attention.codes = text_attention_codes  # type: ignore[attr-defined]

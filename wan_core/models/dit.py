@@ -125,14 +125,14 @@ class CrossAttention(SelfAttention):
 
     def forward(self, x: torch.Tensor, context: TextContext, context_img: torch.Tensor | None) -> torch.Tensor:
         b, n = x.shape[0], self.num_heads
-        q = self.norm_q(self.q(x)).view(b, -1, n, self.q.out_features // n)  # [B, L, H, D]
+        q = self.q(x).view(b, -1, n, self.q.out_features // n)  # [B, L, H, D], before norm_q (applied by cross_attend)
         k = self.norm_k(self.k(context.tokens)).view(b, -1, n, q.shape[-1])  # [B, Lt, H, D]
         v = self.v(context.tokens).view(b, -1, n, q.shape[-1])
         k_img = v_img = None
         if context_img is not None:
             k_img = self.norm_k_img(self.k_img(context_img)).view(b, -1, n, q.shape[-1])  # [B, 257, H, D]
             v_img = self.v_img(context_img).view(b, -1, n, q.shape[-1])
-        return self.ops.attend(self.text_attn_fn, self.o, q, k, v, context.lengths, k_img, v_img)
+        return self.ops.cross_attend(self.text_attn_fn, self.o, self.norm_q, q, k, v, context.lengths, k_img, v_img)
 
 
 class Block(nn.Module):
