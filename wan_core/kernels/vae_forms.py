@@ -182,9 +182,13 @@ def attention_gemm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return out
 
 
+# torch.mm's float32 output for 16-bit inputs (`out_dtype`, newer torch builds)
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
 def attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`attention` on CUDA: `attention_gemm` above head dim 256 (where SDPA has no fused kernel)."""
-    return attention_gemm(q, k, v) if q.shape[-1] > 256 else attention(q, k, v)
+    return attention_gemm(q, k, v) if q.shape[-1] > 256 and _MM_OUT_DTYPE else attention(q, k, v)
 
 
 NormFn = Callable[..., torch.Tensor]  # the signature of `rms_norm`
