@@ -538,11 +538,41 @@ def test_fused_rms_norm_matches_the_torch_ops_in_the_interpreter():
             assert r["rel"] <= 2**-7 and r["exact"] > 0.97, (key, r)
 
 
+SOFTMAX_INTERP_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
+import triton_interp  # noqa: F401  (before any kernel is defined)
+import torch
+from wan_core.kernels.vae_kernels import launch_softmax_rows
+g = torch.Generator().manual_seed(0)
+res = []
+for rows, cols in ((3, 100), (2, 1000)):  # masked tails of 128- and 1024-wide tiles
+    s = torch.randn(rows, cols, generator=g) * 30
+    for dtype in (torch.float32, torch.bfloat16):
+        got = launch_softmax_rows(s, 0.05, dtype)
+        want = torch.softmax(s.double() * 0.05, dim=-1)
+        res.append([str(dtype), got.dtype == dtype, ((got.double() - want).abs() / want.clamp(min=1e-30)).max().item()])
+print(json.dumps(res))
+"""
+
+
+@needs_triton
+def test_attention_softmax_kernel_in_the_interpreter():
+    """The mid-block attention's one-pass softmax (scaled float32 scores in, weights out): float32
+    to float32 rounding of the exact softmax, bf16 to one bf16 rounding."""
+    for dtype, kept, rel in run_interpreted(SOFTMAX_INTERP_SCRIPT):
+        assert kept and rel < (1e-5 if dtype == "torch.float32" else 2**-8), (dtype, rel)
+
+
 @needs_triton
 def test_fused_rms_norm_compiles_for_hopper():
     """Every variant the VAE launches (bf16 and float32, with and without SiLU, bias and tail,
     time-folded or not, 96-384 channels; the residual kernel) compiles to an sm_90 cubin on this CPU machine."""
-    from wan_core.kernels.vae_kernels import add_bias_residual, fold_rows, rms_norm_silu, subpixel_rows
+    from wan_core.kernels.vae_kernels import add_bias_residual, fold_rows, rms_norm_silu, softmax_rows, subpixel_rows
+
+    for out, block, warps in (("*bf16", 16384, 16), ("*bf16", 8192, 8), ("*fp32", 1024, 4)):
+        sig = {"s_ptr": "*fp32", "p_ptr": out, "L": "i32", "scale_log2": "fp32"}
+        assert "cubin" in compile_for_hopper(softmax_rows, sig, {"BLOCK": block}, warps).asm
 
     for t in ("bf16", "fp32"):
         sig = {"x_ptr": f"*{t}", "bias_ptr": f"*{t}", "g_ptr": f"*{t}", "o_ptr": f"*{t}", "t_ptr": f"*{t}", "R": "i32",

@@ -160,9 +160,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 GEMM_SCORES = 1 << 26
 
 
+def _softmax(s: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """softmax(scale · s) of float32 scores [R, L] in `dtype`: one Triton pass on CUDA (the
+    scores read once, the weights written once in 16 bits), torch's three elsewhere."""
+    if s.is_cuda and HAS_TRITON:
+        from . import vae_kernels
+
+        if s.shape[-1] <= vae_kernels.SOFTMAX_MAX_COLS:
+            return vae_kernels.launch_softmax_rows(s, scale, dtype)
+    return torch.softmax(s * scale, dim=-1).to(dtype)
+
+
 def attention_gemm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`attention` as two GEMMs per block of query rows: float32 scores (the GEMM's accumulator,
-    stored as it is), float32 softmax, the weights in q's dtype times v. Why: SDPA's fused
+    stored as it is), their softmax in float32 (one pass on CUDA, `_softmax`), the weights in q's
+    dtype times v. Why: SDPA's fused
     kernels stop at head dim 256 and the VAE's is 384, which leaves the memory-efficient kernel;
     at its lowest resolution the scores fit in memory, a few query blocks per image
     (`GEMM_SCORES`), and cuBLAS runs the two products at its GEMM rate."""
@@ -177,7 +189,7 @@ def attention_gemm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
                 s = torch.mm(qi, kt, out_dtype=torch.float32)  # [rows, L]
             else:  # (the CPU's mm has no float32 output for bf16 inputs)
                 s = torch.mm(qi.float(), kt.float())
-            p = torch.softmax(s.mul_(d**-0.5), dim=-1).to(q.dtype)
+            p = _softmax(s, d**-0.5, q.dtype)
             torch.mm(p, v[i, 0], out=out[i, 0, r : r + rows])
     return out
 

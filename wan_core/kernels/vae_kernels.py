@@ -12,7 +12,9 @@ result once:
   causal conv's history + chunk buffer (or three times into its time-folded buffer, see
   `vae_forms.time_folded_conv`), and its last frames also into the next chunk's history;
 - `add_bias_residual`: a residual block's end, conv output + its bias + shortcut, in place;
-- `fold_rows`, `subpixel_rows`: the copies of the time-folded convs and sub-pixel upsamplers.
+- `fold_rows`, `subpixel_rows`: the copies of the time-folded convs and sub-pixel upsamplers;
+- `softmax_rows`: the mid-block attention's softmax (`vae_forms.attention_gemm`), the float32
+  scores scaled, normalised and stored in 16 bits in one pass.
 
 Rounding follows the torch code (`vae_forms.rms_norm`, a biased conv, `add_residual`): the norm
 in float32, 1/norm then x scale, that factor rounded to the activation dtype, each product and
@@ -26,8 +28,8 @@ import triton.language as tl
 from .vae_layout import dense_rows
 
 __all__ = [
-    "rms_norm_silu", "add_bias_residual", "fold_rows", "subpixel_rows", "launch_rms_norm_silu",
-    "launch_add_bias_residual", "launch_fold_rows", "launch_subpixel_rows",
+    "rms_norm_silu", "add_bias_residual", "fold_rows", "subpixel_rows", "softmax_rows", "launch_rms_norm_silu",
+    "launch_add_bias_residual", "launch_fold_rows", "launch_subpixel_rows", "launch_softmax_rows", "SOFTMAX_MAX_COLS",
 ]
 
 
@@ -138,6 +140,16 @@ def subpixel_rows(
     tl.store(o_ptr + n * o_bstride + rows[:, None] * O + cols[None, :], v, mask=mask)
 
 
+@triton.jit
+def softmax_rows(s_ptr, p_ptr, L, scale_log2, BLOCK: tl.constexpr):
+    """One row of scores [L] (float32): p = softmax(scale · s) in p's dtype, the whole row in one tile."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    x = tl.load(s_ptr + row * L + cols, mask=cols < L, other=float("-inf")) * scale_log2  # log2 domain
+    e = tl.math.exp2(x - tl.max(x, 0))
+    tl.store(p_ptr + row * L + cols, (e / tl.sum(e, 0)).to(p_ptr.dtype.element_ty), mask=cols < L)
+
+
 def _blocks(x: torch.Tensor) -> tuple[tuple[int, int], int, int, int]:
     """(grid, rows per batch item, BLOCK_R, BLOCK_C) for `[B, C, T, H, W]` x: ~4,096 values a program."""
     b, c, t, h, w = x.shape
@@ -229,3 +241,18 @@ def launch_subpixel_rows(y: torch.Tensor, out: torch.Tensor, bias: torch.Tensor 
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip
     return out
+
+
+# the longest row `softmax_rows` holds in one tile (a 1080p frame's latent pixels: 32,400)
+SOFTMAX_MAX_COLS = 1 << 15
+
+
+def launch_softmax_rows(s: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """softmax(scale · s) over the last dim of contiguous float32 scores `s` [R, L] (L at most
+    `SOFTMAX_MAX_COLS`), returned in `dtype`."""
+    r, n = s.shape
+    assert s.is_contiguous() and s.dtype == torch.float32 and n <= SOFTMAX_MAX_COLS
+    p = torch.empty(r, n, dtype=dtype, device=s.device)
+    block = triton.next_power_of_2(n)
+    softmax_rows[(r,)](s, p, n, scale * 1.4426950408889634, BLOCK=block, num_warps=16 if block >= 16384 else 8 if block >= 4096 else 4)
+    return p
