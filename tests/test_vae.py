@@ -618,7 +618,8 @@ def test_gpu_mid_block_attention_as_gemms():
     from wan_core.kernels import vae_forms
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(2, 1, 4000, 384, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qkv = torch.randn(2, 1, 4000, 3 * 384, generator=g, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.chunk(3, dim=-1)  # strided views, as the block hands them
     truth = vae_forms.attention(q.float(), k.float(), v.float())
     got, sdpa = vae_forms.attention_cuda(q, k, v), vae_forms.attention(q, k, v)
     assert got.dtype == torch.bfloat16
