@@ -332,7 +332,7 @@ def test_gpu_generate_page_locks_its_result_on_a_worker_while_sampling(models, m
     is made ahead (the result is not page-locked)."""
     import threading
 
-    from wan_core import vae_frames
+    from wan_core import pipeline as wan_pipeline
     from wan_core.vae_frames import result_buffer
 
     made = []
@@ -341,7 +341,7 @@ def test_gpu_generate_page_locks_its_result_on_a_worker_while_sampling(models, m
         made.append((threading.current_thread() is threading.main_thread(), result_buffer(*a, **kw)))
         return made[-1][1]
 
-    monkeypatch.setattr(vae_frames, "result_buffer", spy)
+    monkeypatch.setattr(wan_pipeline, "result_buffer", spy)
     pipe = WanPipeline(models["t2v", "wan"], dtype="fp32", device="cuda").create_generator(infer_steps=2, **T2V)
     res = pipe.generate(3, PROMPT, save_result_path=str(tmp_path / "a.mp4"))
     assert [main for main, _ in made] == [False]

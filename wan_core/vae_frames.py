@@ -6,14 +6,13 @@ chunk's decode.
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Callable
 
 import torch
 
 from .models.vae import WanVAE
 
-__all__ = ["decode_frames", "PIN_RESULT", "page_locks_result", "result_buffer", "result_shape", "buffer_ahead"]
+__all__ = ["decode_frames", "PIN_RESULT", "page_locks_result", "result_buffer", "result_shape"]
 
 # decode_frames on a GPU: the float32 result in page-locked memory, each chunk copied straight
 # into it (True), or staged through a pinned buffer and copied into pageable memory (False).
@@ -45,14 +44,6 @@ def result_buffer(vae: WanVAE, latent_shape, page_locked: bool) -> torch.Tensor:
     result go: the pipeline makes this buffer on a worker thread while the DiT samples, and passes
     it as `decode_frames(out=...)`."""
     return torch.empty(result_shape(vae, latent_shape), dtype=torch.float32, pin_memory=page_locked)
-
-
-def buffer_ahead(vae: WanVAE, latent_shape) -> concurrent.futures.Future:
-    """A page-locked `result_buffer` made on a worker thread (the CPU is idle while the DiT samples)."""
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    made = pool.submit(result_buffer, vae, latent_shape, True)
-    pool.shutdown(wait=False)  # the job runs on; the worker ends with it
-    return made
 
 
 def decode_frames(
