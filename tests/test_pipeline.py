@@ -305,51 +305,6 @@ def test_saved_video_is_encoded_while_decoding_and_a_failed_decode_leaves_no_fil
         pipe.config.use_tiling_vae = False
 
 
-def test_decode_into_a_result_made_beforehand(models):
-    """decode_frames(out=...) fills the given tensor (tiled or not) with the same frames as a
-    result it makes itself; a tensor of another shape, dtype or device is a clear error first."""
-    from wan_core.vae_frames import decode_frames, result_buffer, result_shape
-
-    pipe = WanPipeline(models["t2v", "wan"], dtype="fp32", device="cpu").create_generator(infer_steps=2, **T2V)
-    latent = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(5))
-    plain = decode_frames(pipe.vae, latent)
-    assert result_shape(pipe.vae, latent.shape) == tuple(plain.shape) == (9, 32, 48, 3)
-    for tile in (None, 4):
-        out = result_buffer(pipe.vae, latent.shape, page_locked=False).fill_(-1)
-        got = decode_frames(pipe.vae, latent, tile, out=out)
-        assert got.data_ptr() == out.data_ptr()
-        torch.testing.assert_close(got, plain, atol=1e-5 if tile else 0, rtol=0)
-    for bad in (torch.empty(8, 32, 48, 3), torch.empty(9, 32, 48, 3, dtype=torch.float64)):
-        with pytest.raises(ValueError, match=r"out must be a float32 CPU tensor of shape \(9, 32, 48, 3\)"):
-            decode_frames(pipe.vae, latent, out=bad)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_generate_page_locks_its_result_on_a_worker_while_sampling(models, monkeypatch, tmp_path):
-    """With an mp4 to write, generate's page-locked result is made on another thread before the
-    decode (while the DiT samples), and the decode fills that very buffer; without one, nothing
-    is made ahead (the result is not page-locked)."""
-    import threading
-
-    from wan_core import pipeline as wan_pipeline
-    from wan_core.vae_frames import result_buffer
-
-    made = []
-
-    def spy(*a, **kw):
-        made.append((threading.current_thread() is threading.main_thread(), result_buffer(*a, **kw)))
-        return made[-1][1]
-
-    monkeypatch.setattr(wan_pipeline, "result_buffer", spy)
-    pipe = WanPipeline(models["t2v", "wan"], dtype="fp32", device="cuda").create_generator(infer_steps=2, **T2V)
-    res = pipe.generate(3, PROMPT, save_result_path=str(tmp_path / "a.mp4"))
-    assert [main for main, _ in made] == [False]
-    assert res.frames.is_pinned() and res.frames.data_ptr() == made[0][1].data_ptr()
-    plain = pipe.generate(3, PROMPT)
-    assert len(made) == 1 and not plain.frames.is_pinned() and torch.equal(plain.frames, res.frames)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("pin_result", [False, True, None])

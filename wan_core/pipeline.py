@@ -68,7 +68,7 @@ from .sampling.first_frame import FirstFrame
 from .sampling.loop import Cond, StepInfo, latent_geometry, latent_shape, make_noise
 from .sampling.schedulers import DISTILL_STEPS
 from .spec import ModelSpec
-from .vae_frames import decode_frames, page_locks_result, result_buffer
+from .vae_frames import decode_frames
 from .wan22 import MOE_CLASSES, WAN22_CLASSES, expert_loras, expert_switch, model_defaults
 
 __all__ = ["WanPipeline", "GenerationResult", "MODEL_CLASSES"]
@@ -464,28 +464,12 @@ class WanPipeline(LightX2VCalls):
             log.info("%s", self.cache_report.summary())
         return latent
 
-    def decode(
-        self,
-        latent: torch.Tensor,
-        on_frames: Callable[[torch.Tensor], None] | None = None,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, on_frames: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Final latent -> frames [T, H, W, 3] float32 in [0, 1] on the CPU (`vae_frames.decode_frames`;
-        tiled when `use_tiling_vae`). on_frames: handed each decoded chunk, uint8 [t, H, W, 3] on the CPU;
-        out: the result tensor, made beforehand (`vae_frames.result_buffer`)."""
+        tiled when `use_tiling_vae`). on_frames: handed each decoded chunk, uint8 [t, H, W, 3] on the CPU."""
         tile = VAE_TILE if self.config.use_tiling_vae else None
         with component_loaded(self.vae, self._need_spec(), "vae"):
-            return decode_frames(self.vae, latent, tile, on_frames, out)
-
-    def _result_ahead(self, latent_shape, writer: bool) -> concurrent.futures.Future | None:
-        """The decode's page-locked result made on a worker thread (the CPU idles while the DiT
-        samples), where `decode_frames` would page-lock it: untiled, on a GPU, with a writer."""
-        if self.config.use_tiling_vae or not page_locks_result(torch.device(self.torch_device).type == "cuda", writer):
-            return None
-        pool = concurrent.futures.ThreadPoolExecutor(1)
-        made = pool.submit(result_buffer, self.vae, latent_shape, True)
-        pool.shutdown(wait=False)  # the job runs on; the worker ends with it
-        return made
+            return decode_frames(self.vae, latent, tile, on_frames)
 
     # ------------------------------------------------------------------ the whole run
     def generate(
@@ -551,8 +535,6 @@ class WanPipeline(LightX2VCalls):
                     image_cond = self.encode_image(image)
             noise = drawn.result() if drawn is not None else make_noise(self.latent_shape(image_cond), seed)
         noise = noise.to(dev)
-        saving = bool(save_result_path) and (self.parallel_run is None or self.parallel_run.is_main)
-        result_ahead = self._result_ahead(noise.shape, writer=saving)
 
         step_times: list[float] = []
         bar = progress_bar(len(cfg.scheduler()), progress)
@@ -575,7 +557,7 @@ class WanPipeline(LightX2VCalls):
             finally:
                 bar.close()
         writer = None
-        if saving:
+        if save_result_path and (self.parallel_run is None or self.parallel_run.is_main):
             from .video import VideoWriter
 
             os.makedirs(os.path.dirname(os.path.abspath(save_result_path)), exist_ok=True)
@@ -584,8 +566,7 @@ class WanPipeline(LightX2VCalls):
                                  preset=cfg.video_preset, background=True)  # fmt: skip
         try:
             with stage("vae_decode"):
-                out = result_ahead.result() if result_ahead is not None else None
-                frames = self.decode(latent, on_frames=writer.write if writer is not None else None, out=out)
+                frames = self.decode(latent, on_frames=writer.write if writer is not None else None)
         except BaseException:
             if writer is not None:
                 writer.abort()

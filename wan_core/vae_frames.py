@@ -12,7 +12,7 @@ import torch
 
 from .models.vae import WanVAE
 
-__all__ = ["decode_frames", "PIN_RESULT", "page_locks_result", "result_buffer", "result_shape"]
+__all__ = ["decode_frames", "PIN_RESULT"]
 
 # decode_frames on a GPU: the float32 result in page-locked memory, each chunk copied straight
 # into it (True), or staged through a pinned buffer and copied into pageable memory (False).
@@ -23,35 +23,11 @@ __all__ = ["decode_frames", "PIN_RESULT", "page_locks_result", "result_buffer", 
 PIN_RESULT: bool | None = None
 
 
-def page_locks_result(cuda: bool, writer: bool) -> bool:
-    """Whether `decode_frames` decodes into a page-locked result (`PIN_RESULT`): on a GPU, with a
-    writer taking the frames (`on_frames`) unless PIN_RESULT says otherwise."""
-    return cuda and (writer if PIN_RESULT is None else PIN_RESULT)
-
-
-def result_shape(vae: WanVAE, latent_shape) -> tuple[int, int, int, int]:
-    """[T', H, W, 3]: the frames a latent [1, C, T, h, w] decodes to."""
-    t, h, w = latent_shape[-3:]
-    r, s = vae.config.temporal_ratio, vae.config.spatial_ratio
-    return 1 + r * (t - 1), h * s, w * s, 3
-
-
-def result_buffer(vae: WanVAE, latent_shape, page_locked: bool) -> torch.Tensor:
-    """The empty float32 result [T', H, W, 3] of decoding a latent [1, C, T, h, w].
-
-    Page-locking fresh memory is slow (a few tenths of a second per GB of the CPU's time), and
-    torch's host cache hands a freed block back only once the caller has let the previous run's
-    result go: the pipeline makes this buffer on a worker thread while the DiT samples, and passes
-    it as `decode_frames(out=...)`."""
-    return torch.empty(result_shape(vae, latent_shape), dtype=torch.float32, pin_memory=page_locked)
-
-
 def decode_frames(
     vae: WanVAE,
     latent: torch.Tensor,
     tile_size: int | None = None,
     on_frames: Callable[[torch.Tensor], None] | None = None,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Normalised latent [1, 16, T, h, w] -> frames [T', H, W, 3] float32 in [0, 1] on the CPU
     (ComfyUI's IMAGE layout), decoded chunk by chunk; a NaN or infinite frame raises ValueError.
@@ -66,24 +42,21 @@ def decode_frames(
     one chunk late, once its copy is done, so the GPU always has the next chunk queued: waiting
     for every chunk's copy (as a plain `.cpu()` does) leaves it idle between chunks
     (benchmarks/NOTES.md log).
-
-    out: the result, made beforehand by `result_buffer` (page-locked or not: the copies follow
-    it); None: made here, page-locked as `page_locks_result` says.
     """
     from .video import frames_to_uint8, uint8_levels, wan_to_frames
 
-    want = result_shape(vae, latent.shape)
-    if out is not None and (out.shape != want or out.dtype != torch.float32 or out.device.type != "cpu"):
-        raise ValueError(f"out must be a float32 CPU tensor of shape {want}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    _, _, t, h, w = latent.shape
+    r, s = vae.config.temporal_ratio, vae.config.spatial_ratio
     with torch.no_grad():
         if tile_size is not None:
             video = vae.decode(latent, tile_size=tile_size, out_device="cpu")  # [1, 3, T, H, W]
             frames = wan_to_frames(video[0])
             if on_frames is not None:
                 on_frames(frames_to_uint8(frames))
-            return frames if out is None else out.copy_(frames)
+            return frames
         cuda = vae.device.type == "cuda"
-        frames = out if out is not None else result_buffer(vae, latent.shape, page_locks_result(cuda, on_frames is not None))
+        pin = cuda and (on_frames is not None if PIN_RESULT is None else PIN_RESULT)
+        frames = torch.empty(1 + r * (t - 1), h * s, w * s, 3, dtype=torch.float32, pin_memory=pin)
         done = 0
         pending: list[tuple] = []  # copies in flight: (result rows, float staging, uint8 staging, finite, event)
 
