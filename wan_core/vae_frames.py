@@ -15,12 +15,14 @@ from .models.vae import WanVAE
 __all__ = ["decode_frames", "PIN_RESULT"]
 
 # decode_frames on a GPU: the float32 result in page-locked memory, each chunk copied straight
-# into it (True), or staged through a pinned buffer and copied into pageable memory (False).
-# None (default): page-locked when a writer takes the frames, whose encoder the staged copies
-# compete with for the CPU; alone, staging is faster (locking fresh pages costs more than the
-# copies it saves; benchmarks/NOTES.md). A page-locked result stays page-locked while the
-# caller holds it; torch keeps freed ones cached.
-PIN_RESULT: bool | None = None
+# into it (True), or staged through small pinned buffers and copied into pageable memory (False,
+# the default); None: page-locked when a writer takes the frames. Staged, because a fresh
+# page-locked result costs more than the copies it saves: torch's host cache hands a freed one
+# back only once the caller has let the previous run's result go (a run whose caller keeps its
+# results, or a one-shot CLI run, locks fresh pages every time), and locking them on a worker
+# thread while the DiT samples stalls the GPU work instead (benchmarks/NOTES.md). A page-locked
+# result would also stay locked while the caller holds it.
+PIN_RESULT: bool | None = False
 
 
 def decode_frames(
