@@ -159,6 +159,7 @@ def _fused_attend(fn, o, *args):
 def _fused_cross_attend(fn, o, norm_q, q, k, v, lengths, k_img, v_img):
     projected = getattr(fn, "projected", None)
     operands = _projection_operands(o) if projected is not None else None
+    # (PROJECTED_MAX_KEYS 0 turns the projected form off, and the fold with it: the plain path's numbers)
     if operands is None or isinstance(norm_q, nn.Identity) or text_projected.PROJECTED_MAX_KEYS == 0:
         return _fused_attend(fn, o, _normed(norm_q, q), k, v, lengths, k_img, v_img)
     # RMSNorm(q)·k = r (q · (γ ⊙ k)): each row's factor r here (inductor: one reduction reading q),

@@ -45,7 +45,8 @@ __all__ = ["cross_text_attention", "text_attention_projected", "text_probs", "la
 # The most keys (real tokens + the padding's one) computed through the projection; above, the plain
 # path. The GEMM's work grows with the keys while the projection's does not: this is the largest
 # count at which the projected form was still measured faster (`bench_text_projected.py`,
-# benchmarks/NOTES.md).
+# benchmarks/NOTES.md). 0: never projected, and the fused block ops then normalise q as the plain
+# path does (no q-norm fold: `block_ops.cross_attend`).
 PROJECTED_MAX_KEYS = 112
 # How the projection's GEMM runs: "linear" (weight in the compute dtype, `F.linear`), or an FP8
 # linear's `torch._scaled_mm` kernels (`wan_core.layers.fp8`; e4m3 weight, per-channel scale).

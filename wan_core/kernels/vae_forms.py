@@ -174,10 +174,9 @@ def _softmax(s: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
 def attention_gemm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`attention` as two GEMMs per block of query rows: float32 scores (the GEMM's accumulator,
     stored as it is), their softmax in float32 (one pass on CUDA, `_softmax`), the weights in q's
-    dtype times v. Why: SDPA's fused
-    kernels stop at head dim 256 and the VAE's is 384, which leaves the memory-efficient kernel;
-    at its lowest resolution the scores fit in memory, a few query blocks per image
-    (`GEMM_SCORES`), and cuBLAS runs the two products at its GEMM rate."""
+    dtype times v. Why: SDPA's fused kernels stop at head dim 256 and the VAE's is 384, which
+    leaves the memory-efficient kernel; at the VAE's lowest resolution the scores fit in memory a
+    few query blocks per image (`GEMM_SCORES`), and cuBLAS runs the two products at its GEMM rate."""
     n, _, length, d = q.shape
     out = torch.empty(n, 1, length, d, dtype=q.dtype, device=q.device)
     rows = max(1, GEMM_SCORES // length)

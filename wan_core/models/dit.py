@@ -111,8 +111,10 @@ class CrossAttention(SelfAttention):
     branches run in `text_attn_fn(q, k, v, lengths, k_img, v_img)`: with an exact backend
     (`set_attention`) the padding collapsed into one key and, on CUDA, both branches in one kernel
     (`text_attention`), else `attn_fn` over every padded row and over the image keys. The fused
-    block ops may compute the output projection with it (`BlockOps.attend`): for a short prompt,
-    the attention weights times the values already projected (`text_projected`), the same sums.
+    block ops may compute the output projection with it (`BlockOps.cross_attend`): for a short
+    prompt, the attention weights times the values already projected (`text_projected`), the
+    same sums, with q's RMSNorm folded in (each row's factor on its scores, the norm's weight in
+    the keys); so `norm_q` is applied by the block ops, not here.
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, image: bool):
