@@ -275,7 +275,8 @@ def main():
                     ops = dataclasses.replace(ops, qk_norm_rope=get_block_ops("torch").qk_norm_rope)
                 if "nocodes" in flags:  # "+nocodes": attention outputs handed to the FP8 projections in
                     # bf16 (each quantised by its projection), not stored as e4m3 codes by the kernels
-                    ops = dataclasses.replace(ops, attend=get_block_ops("torch").attend)
+                    plain = get_block_ops("torch")
+                    ops = dataclasses.replace(ops, attend=plain.attend, cross_attend=plain.cross_attend)
                 m.set_block_ops(ops)
                 if "nofold" in flags:  # "+nofold": cross-attention's q normalised in a pass of its own,
                     # not its RMSNorm folded into the projected form (rows' factors, weight in the keys)

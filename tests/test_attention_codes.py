@@ -278,7 +278,8 @@ def test_fast_mode_forward_with_codes_is_as_accurate_as_the_bf16_handover(attn):
     x = torch.randn(1, 16, 21, 16, 16, generator=g).cuda()  # 21 x 8 x 8 = 1,344 tokens: a sparse radial mask
     t, ctx = torch.tensor([500.0]).cuda(), torch.randn(1, 7, cfg.text_dim, generator=g).cuda()
     fused = get_block_ops("fused")
-    bf16_handover = dataclasses.replace(fused, attend=get_block_ops("torch").attend)
+    plain = get_block_ops("torch")
+    bf16_handover = dataclasses.replace(fused, attend=plain.attend, cross_attend=plain.cross_attend)
     outs, seen = {}, []
     for name, ops in (("codes", fused), ("bf16", bf16_handover), ("unquantised", bf16_handover)):
         m = build_model(cfg, sd, dtype=torch.bfloat16, device="cuda")
