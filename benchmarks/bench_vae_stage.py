@@ -1,7 +1,7 @@
 """The VAE stage as `WanPipeline.generate` and ComfyUI's decode node run it: `vae_frames.decode_frames`
 (via `pipeline.decode`; 480x832x81, random bf16 VAE) alone and with the background mp4 writer beside
 it, per x264 preset, with the float32 result staged through pinned buffers (`PIN_RESULT` False) or
-page-locked itself (True); the default (None) page-locks it when a writer takes the frames.
+page-locked itself (True); staged is the default (None: page-locked when a writer takes the frames).
 "decode" is the stage, "tail" the encoder's time after it, as in bench_e2e. First row: the decode
 node's former path (the VAE's chunks copied synchronously into a CPU video, frames made on the CPU).
 `--alone`: x264 given the decoded frames at once, no decode beside it (submitting them, then the
