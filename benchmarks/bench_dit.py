@@ -140,13 +140,13 @@ def unfold_query_norm(model) -> None:
     instead of its RMSNorm folded into the projected form's rows' factors and keys."""
     import dataclasses
 
-    from wan_core.kernels.block_ops import _fused_attend, _normed
-
-    def cross_attend(fn, o, norm_q, q, *args):
-        return _fused_attend(fn, o, _normed(norm_q, q), *args)
-
     for blk in model.blocks:
-        blk.cross_attn.ops = dataclasses.replace(blk.cross_attn.ops, cross_attend=cross_attend)
+        ops = blk.cross_attn.ops
+
+        def cross_attend(fn, o, norm_q, q, *args, attend=ops.attend):
+            return attend(fn, o, norm_q(q.flatten(2)).view_as(q), *args)  # [B, L, H, D] normalised over C
+
+        blk.cross_attn.ops = dataclasses.replace(ops, cross_attend=cross_attend)
 
 
 def cos(a, b):

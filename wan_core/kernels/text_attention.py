@@ -57,8 +57,9 @@ def _sdpa(q, k, v, bias=None):
 
 
 def scaled_rows(q: torch.Tensor, q_scale: torch.Tensor | None) -> torch.Tensor:
-    """q [B, Lq, H, D] times its rows' factors q_scale [B, Lq] (float32, rounded once), or q."""
-    return q if q_scale is None else (q.float() * q_scale[:, :, None, None]).to(q.dtype)
+    """q [B, Lq, H, D] times its rows' factors q_scale [B, Lq], or q: one pass, each product in
+    float32 rounded once to q's dtype (no float32 copy of q)."""
+    return q if q_scale is None else torch.mul(q, q_scale[:, :, None, None], out=torch.empty_like(q))
 
 
 def reference_text_attention(q, k, v, lengths, k_img=None, v_img=None, q_scale=None) -> torch.Tensor:

@@ -21,6 +21,8 @@ in float32, 1/norm then x scale, that factor rounded to the activation dtype, ea
 sum rounded to it, SiLU from the rounded value. `vae_forms.TRITON_OPS` calls the launchers.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -254,5 +256,6 @@ def launch_softmax_rows(s: torch.Tensor, scale: float, dtype: torch.dtype) -> to
     assert s.is_contiguous() and s.dtype == torch.float32 and n <= SOFTMAX_MAX_COLS
     p = torch.empty(r, n, dtype=dtype, device=s.device)
     block = triton.next_power_of_2(n)
-    softmax_rows[(r,)](s, p, n, scale * 1.4426950408889634, BLOCK=block, num_warps=16 if block >= 16384 else 8 if block >= 4096 else 4)
+    warps = 16 if block >= 16384 else 8 if block >= 4096 else 4
+    softmax_rows[(r,)](s, p, n, scale * math.log2(math.e), BLOCK=block, num_warps=warps)
     return p
