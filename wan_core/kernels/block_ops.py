@@ -29,9 +29,8 @@ Two implementations share these signatures:
   `fn.projected` (the text attention, `text_projected`) computes its output projection itself
   where `o` hands it its operands (a plain linear, an FP8 linear's `projection_operands`): for a
   short prompt, the attention weights times the values already projected; it then also takes q
-  before its RMSNorm, which it folds into the text kernels' scores (the rows' factors, one
-  reduction over q, and the norm's weight in the keys: no normalised copy of q is written) or,
-  for a long prompt that goes to the exact backend, applies in one pass. A linear with
+  before its RMSNorm: the rows' factors (a reduction over q) with the norm's weight folded into
+  the keys, so q is read as the q linear wrote it and no normalised copy is written. A linear with
   hooks (a LoRA branch, offload's weight streaming) or an attention function without `codes` (a
   sequence-parallel wrapper) gets bf16 as in "torch": every feature keeps working, only the
   saving is lost. Why: benchmarks/NOTES.md.
@@ -163,7 +162,14 @@ def _fused_cross_attend(fn, o, norm_q, q, k, v, lengths, k_img, v_img):
     # (PROJECTED_MAX_KEYS 0 turns the projected form off, and the fold with it: the plain path's numbers)
     if operands is None or isinstance(norm_q, nn.Identity) or text_projected.PROJECTED_MAX_KEYS == 0:
         return _fused_attend(fn, o, _normed(norm_q, q), k, v, lengths, k_img, v_img)
-    return projected(q, k, v, lengths, k_img, v_img, *operands, q_norm=(norm_q.weight, norm_q.eps))  # the op folds it
+    # RMSNorm(q)·k = r (q · (γ ⊙ k)): each row's factor r here (inductor: one reduction reading q),
+    # the weight γ [H, D] into the keys (a few hundred rows)
+    r = torch.rsqrt(q.float().square().mean(dim=(2, 3)) + norm_q.eps)  # [B, L]
+    g = norm_q.weight.float().view(q.shape[2:])
+    k = (k.float() * g).to(k.dtype)
+    if k_img is not None:
+        k_img = (k_img.float() * g).to(k_img.dtype)
+    return projected(q, k, v, lengths, k_img, v_img, *operands, q_scale=r)
 
 
 BLOCK_OPS: dict[str, BlockOps] = {

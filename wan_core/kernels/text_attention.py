@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .fp8_rows import FP8_DTYPE, FP8_MAX, HAS_TRITON, head_rows_codes, row_scales
 
 __all__ = ["text_attention", "text_attention_codes", "text_multiplier", "reference_text_attention", "attend_all_text_rows",
-           "key_log_counts", "scaled_rows", "rows_rms_factors", "normalised_rows", "COLLAPSE_MAX_KEYS"]
+           "key_log_counts", "scaled_rows", "COLLAPSE_MAX_KEYS"]
 
 # The most keys (real tokens + the padding's one) the collapsed kernel runs; longer prompts go to
 # the exact backend over all rows (the crossover measured on an H100, benchmarks/NOTES.md).
@@ -60,20 +60,6 @@ def scaled_rows(q: torch.Tensor, q_scale: torch.Tensor | None) -> torch.Tensor:
     """q [B, Lq, H, D] times its rows' factors q_scale [B, Lq], or q: one pass, each product in
     float32 rounded once to q's dtype (no float32 copy of q)."""
     return q if q_scale is None else torch.mul(q, q_scale[:, :, None, None], out=torch.empty_like(q))
-
-
-def rows_rms_factors(q: torch.Tensor, eps: float) -> torch.Tensor:
-    """Each row's RMSNorm factor rsqrt(mean(q²) + eps) over its H·D values -> [B, Lq] float32: one
-    reduction reading q (no float32 copy of it)."""
-    sq = torch.linalg.vector_norm(q, dim=(2, 3), dtype=torch.float32).square_()  # [B, Lq]: Σ q²
-    return torch.rsqrt(sq.div_(q.shape[2] * q.shape[3]).add_(eps))
-
-
-def normalised_rows(q: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of each row's H·D values times weight [H·D], as the model's `RMSNorm` (float32
-    inside, rounded once to q's dtype): one pass."""
-    c = q.shape[2] * q.shape[3]
-    return F.rms_norm(q.flatten(2), (c,), weight.to(q.dtype), eps).view_as(q)  # [B, Lq, C] -> [B, Lq, H, D]
 
 
 def reference_text_attention(q, k, v, lengths, k_img=None, v_img=None, q_scale=None) -> torch.Tensor:

@@ -32,12 +32,9 @@ import torch.nn.functional as F
 from .fp8_rows import _AMAX_FLOOR, FP8_DTYPE, FP8_MAX, next_pow2, rowwise_scaled_mm
 from .text_attention import (
     _check_inputs,
-    _runs_kernel,
     _text_attention_op,
     _use_triton,
     key_log_counts,
-    normalised_rows,
-    rows_rms_factors,
     text_attention,
     text_attention_codes,
 )
@@ -162,22 +159,6 @@ def projects(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, k_img: tor
     return q.device.type != "cuda" or _use_triton(q)
 
 
-def _query_norm(q, k, k_img, lengths, weight, eps):
-    """(q, k, k_img, q_scale) that attend as RMSNorm(q) · k does, the norm's weight [H·D] given.
-    Where the text kernels run, RMSNorm(q)·k = r (q · (γ ⊙ k)): each row's factor r by one
-    reduction over q, the weight γ into the few hundred keys, and q is never rewritten (at 720p its
-    normalised copy is a 0.77 GB write per block). Where the exact backend attends to every row
-    (a long prompt), which takes no per-row factor, q is normalised in one pass instead."""
-    if not (projects(q, k, lengths, k_img) or _runs_kernel(q, k, lengths)):
-        return normalised_rows(q, weight, eps), k, k_img, None
-    g = weight.view(q.shape[2:])
-
-    def fold(t):  # each product in float32, rounded once to t's dtype
-        return None if t is None else torch.mul(t, g.float(), out=torch.empty_like(t))
-
-    return q, fold(k), fold(k_img), rows_rms_factors(q, eps)
-
-
 @torch.library.custom_op("wan_core::text_attention_projected", mutates_args=())
 def _projected_op(
     q: torch.Tensor,
@@ -191,42 +172,30 @@ def _projected_op(
     bias: torch.Tensor | None,
     mm: str,
     q_scale: torch.Tensor | None = None,
-    norm_weight: torch.Tensor | None = None,
-    norm_eps: float = 0.0,
 ) -> torch.Tensor:
-    if norm_weight is not None:
-        q, k, k_img, q_scale = _query_norm(q, k, k_img, lengths, norm_weight, norm_eps)
     if projects(q, k, lengths, k_img):
         return _projected(q, k, v, lengths, weight, weight_scale, bias, mm, q_scale)
     return _plain(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm, q_scale)
 
 
 @_projected_op.register_fake
-def _(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm, q_scale=None, norm_weight=None, norm_eps=0.0):
+def _(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm, q_scale=None):
     return q.new_empty(q.shape[0], q.shape[1], weight.shape[0])
 
 
 def text_attention_projected(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm: str,
-                             q_scale: torch.Tensor | None = None,
-                             q_norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+                             q_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The output projection of `text_attention(q, k, v, lengths, k_img, v_img, q_scale)`: [B, Lq, N]
     in q's dtype. weight [N, H·D] (with mm "linear": q's dtype; else e4m3 codes and weight_scale
-    [N, 1], an FP8 linear's), bias [N] or None; mm one of `MM_KINDS`. q_norm (weight [H·D], eps):
-    q is taken before the cross-attention's RMSNorm, which the op applies (`_query_norm`)."""
+    [N, 1], an FP8 linear's), bias [N] or None; mm one of `MM_KINDS`."""
     _check_inputs(q, k_img, v_img, q_scale)
-    if q_norm is not None and q_scale is not None:
-        raise ValueError("q_norm and q_scale both scale q's rows: give one")
-    if q_norm is not None and q_norm[0].numel() != q.shape[2] * q.shape[3]:
-        raise ValueError(f"q_norm's weight has {q_norm[0].numel()} values; q's rows have {q.shape[2] * q.shape[3]}")
-    norm_weight, norm_eps = q_norm if q_norm is not None else (None, 0.0)
     if mm not in MM_KINDS:
         raise ValueError(f"mm must be one of {MM_KINDS}, got {mm!r}")
     if (mm == "linear") != (weight_scale is None):
         raise ValueError("weight_scale goes with the FP8 kernels (mm 'scaled_mm' / 'scaled_mm_fast') only")
     if weight.shape[1] != q.shape[2] * q.shape[3]:
         raise ValueError(f"weight {tuple(weight.shape)} does not take the {q.shape[2]} x {q.shape[3]} attention output")
-    return _projected_op(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm, q_scale, norm_weight,
-                         float(norm_eps))  # fmt: skip
+    return _projected_op(q, k, v, lengths, k_img, v_img, weight, weight_scale, bias, mm, q_scale)
 
 
 def cross_text_attention(q, k, v, lengths, k_img=None, v_img=None, q_scale=None) -> torch.Tensor:
