@@ -368,9 +368,10 @@ def test_projected_on_gpu_at_wan_sizes(monkeypatch):
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
                     reason="needs a CUDA GPU with FP8")  # fmt: skip
 def test_query_norm_folded_on_gpu_at_wan_sizes():
-    """The fused cross-attention at Wan's sizes on the GPU (bf16, an FP8 output projection, a 12-
-    and a 150-token prompt: the weights kernel and the text kernel): q before its RMSNorm with
-    the rows' factors is as close to the float32 result as the torch ops' normalised q."""
+    """The fused cross-attention at Wan's sizes on the GPU (bf16, an FP8 output projection, a 12-,
+    a 150- and a 300-token prompt: the weights kernel, the text kernel, the exact backend over all
+    rows after `scale_rows`): q before its RMSNorm with the rows' factors is as close to the
+    float32 result as the torch ops' normalised q."""
     from wan_core.models.dit import RMSNorm
 
     torch.manual_seed(0)
@@ -380,7 +381,7 @@ def test_query_norm_folded_on_gpu_at_wan_sizes():
     with torch.no_grad():
         norm.weight.copy_(1 + 0.3 * torch.randn(5120, device="cuda"))
     fused, torch_ops = get_block_ops("fused"), get_block_ops("torch")
-    for n in (12, 150):
+    for n in (12, 150, 300):
         q = torch.randn(1, 5000, 40, 128, device="cuda", dtype=torch.bfloat16) * 4
         k = torch.randn(1, 512, 40, 128, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(1, 512, 40, 128, device="cuda", dtype=torch.bfloat16)

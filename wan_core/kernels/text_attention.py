@@ -56,10 +56,28 @@ def _sdpa(q, k, v, bias=None):
     return out.transpose(1, 2)  # [B, H, Lq, D] -> [B, Lq, H, D]
 
 
-def scaled_rows(q: torch.Tensor, q_scale: torch.Tensor | None) -> torch.Tensor:
+def scaled_rows(q: torch.Tensor, q_scale: torch.Tensor | None, interpret: bool = False) -> torch.Tensor:
     """q [B, Lq, H, D] times its rows' factors q_scale [B, Lq], or q: one pass, each product in
-    float32 rounded once to q's dtype (no float32 copy of q)."""
-    return q if q_scale is None else torch.mul(q, q_scale[:, :, None, None], out=torch.empty_like(q))
+    float32 rounded once to q's dtype (no float32 copy of q). A contiguous q on CUDA goes to the
+    Triton kernel `scale_rows` (with `interpret`, CPU tensors too: Triton's interpreter, tests)."""
+    if q_scale is None:
+        return q
+    if q.is_contiguous() and (interpret or q.device.type == "cuda" and HAS_TRITON):
+        return _launch_scale_rows(q, q_scale)
+    return torch.mul(q, q_scale[:, :, None, None], out=torch.empty_like(q))
+
+
+def _launch_scale_rows(q: torch.Tensor, q_scale: torch.Tensor) -> torch.Tensor:
+    import triton
+
+    from .text_attention_kernel import scale_rows
+
+    out = torch.empty_like(q)
+    rows, cols = q.shape[0] * q.shape[1], q.shape[2] * q.shape[3]  # [B, Lq, H, D] as [B·Lq, H·D]
+    block_c = min(1024, triton.next_power_of_2(cols))
+    grid = (triton.cdiv(rows, 8), triton.cdiv(cols, block_c))
+    scale_rows[grid](q, q_scale.contiguous(), out, rows, cols, BLOCK_R=8, BLOCK_C=block_c)
+    return out
 
 
 def reference_text_attention(q, k, v, lengths, k_img=None, v_img=None, q_scale=None) -> torch.Tensor:

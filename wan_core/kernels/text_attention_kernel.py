@@ -16,12 +16,16 @@ linear wrote it, not after a normalising pass of its own).
 
 `text_probs_fwd` stops before the values: it stores each query's softmax weights over the same
 n + 1 keys (times a multiplier: 448 for e4m3 codes), the input of `text_projected`'s GEMM.
+
+`scale_rows` writes q times its rows' factors R for the exact backend of a long prompt, which takes
+no per-row factor: one pass, each product in float32 rounded once (torch's mixed-dtype multiply
+takes a slow casting path over the 387 M values of a 720p q).
 """
 
 import triton
 import triton.language as tl
 
-__all__ = ["text_attn_fwd", "text_attn_fwd_tuned", "CONFIGS", "text_probs_fwd", "text_probs_fwd_tuned"]
+__all__ = ["text_attn_fwd", "text_attn_fwd_tuned", "CONFIGS", "text_probs_fwd", "text_probs_fwd_tuned", "scale_rows"]
 
 
 @triton.jit
@@ -129,3 +133,15 @@ text_probs_fwd_tuned = triton.autotune(
     [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in [(64, 4), (128, 4), (128, 8)]],
     key=["lq", "KEYS", "HEAD_DIM", "HAS_R"],
 )(text_probs_fwd)
+
+
+@triton.jit
+def scale_rows(X, R, O, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """O = X · R[row] over a contiguous [rows, cols] X (R float32 [rows]): a BLOCK_R x BLOCK_C tile."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    offs = r[:, None] * cols + c[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    f = tl.load(R + r, mask=r < rows, other=0.0)
+    tl.store(O + offs, (x * f[:, None]).to(O.dtype.element_ty), mask=mask)
