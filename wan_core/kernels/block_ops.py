@@ -30,7 +30,9 @@ Two implementations share these signatures:
   where `o` hands it its operands (a plain linear, an FP8 linear's `projection_operands`): for a
   short prompt, the attention weights times the values already projected; it then also takes q
   before its RMSNorm: the rows' factors (a reduction over q) with the norm's weight folded into
-  the keys, so q is read as the q linear wrote it and no normalised copy is written. A linear with
+  the keys, so the text kernels read q as the q linear wrote it and no normalised copy is written
+  (a prompt too long for them goes to the exact backend, which gets q times its factors in one
+  pass, `text_attention.scaled_rows`). A linear with
   hooks (a LoRA branch, offload's weight streaming) or an attention function without `codes` (a
   sequence-parallel wrapper) gets bf16 as in "torch": every feature keeps working, only the
   saving is lost. Why: benchmarks/NOTES.md.

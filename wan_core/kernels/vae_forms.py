@@ -180,14 +180,12 @@ def attention_gemm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     n, _, length, d = q.shape
     out = torch.empty(n, 1, length, d, dtype=q.dtype, device=q.device)
     rows = max(1, GEMM_SCORES // length)
+    cuda = q.device.type == "cuda"  # (the CPU's mm has no float32 output for bf16 inputs: float32 operands)
     for i in range(n):
-        kt = k[i, 0].t()  # [D, L]
+        kt = k[i, 0].t() if cuda else k[i, 0].t().float()  # [D, L]
         for r in range(0, length, rows):
             qi = q[i, 0, r : r + rows]  # [rows, D]
-            if q.device.type == "cuda":
-                s = torch.mm(qi, kt, out_dtype=torch.float32)  # [rows, L]
-            else:  # (the CPU's mm has no float32 output for bf16 inputs)
-                s = torch.mm(qi.float(), kt.float())
+            s = torch.mm(qi, kt, out_dtype=torch.float32) if cuda else torch.mm(qi.float(), kt)  # [rows, L]
             p = _softmax(s, d**-0.5, q.dtype)
             torch.mm(p, v[i, 0], out=out[i, 0, r : r + rows])
     return out
